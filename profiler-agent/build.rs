@@ -1,0 +1,40 @@
+//! Builds the eBPF object (`profiler-ebpf`) for `bpfel-unknown-none` with
+//! aya-build and bpf-linker, so `cargo build` is the only build command.
+//!
+//! The object is compiled by the pinned stable toolchain with
+//! `RUSTC_BOOTSTRAP=1` (needed for `-Z build-std=core`), so no nightly is
+//! required. `cargo xtask setup` installs `rust-src` and `bpf-linker`.
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let toolchain = std::env::var("PROFILER_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
+    println!("cargo:rerun-if-env-changed=PROFILER_EBPF_TOOLCHAIN");
+    // SAFETY: build scripts are single-threaded; the variable is only read by
+    // the nested cargo invocation aya-build spawns.
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    which_bpf_linker()?;
+    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiler-ebpf");
+    aya_build::build_ebpf(
+        [Package {
+            name: "profiler-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        Toolchain::Custom(&toolchain),
+    )
+    .context("building the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+}
+
+fn which_bpf_linker() -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file()))
+        .unwrap_or(false);
+    if std::env::var_os("AYA_BUILD_SKIP").is_some() || found {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "bpf-linker is not on PATH; run `cargo xtask setup` (installs bpf-linker 0.13 with LLVM 22)"
+        ))
+    }
+}

@@ -1,0 +1,1 @@
+fn main() { let o = include_bytes!(concat!(env!("OUT_DIR"), "/profiler")); println!("{}", o.len()); }

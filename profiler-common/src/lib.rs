@@ -1,0 +1,184 @@
+//! Plain-data types shared by the eBPF program (`profiler-ebpf`) and the
+//! userspace agent (`profiler-agent`).
+//!
+//! Everything here is `#[repr(C)]` with explicit widths and no implicit
+//! padding, because the kernel and userspace read the same bytes. The `user`
+//! feature adds `aya::Pod` impls so the agent can read the maps.
+#![no_std]
+
+/// Length of `task_struct::comm` (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Value stored in a [`StackKey`] stack id when that stack is absent
+/// (a user-mode sample has no kernel stack, a kernel thread no user stack).
+pub const NO_STACK: i32 = -1;
+
+/// Number of map sets the program alternates between (A/B double buffering).
+pub const MAP_SETS: u32 = 2;
+
+/// Default capacity of each stack-trace map (distinct stacks per window).
+pub const DEFAULT_STACK_MAP_ENTRIES: u32 = 16_384;
+/// Default capacity of each count map (distinct keys per window).
+pub const DEFAULT_COUNT_MAP_ENTRIES: u32 = 16_384;
+/// Capacity of the pid filter map (`record -p`).
+pub const MAX_FILTER_PIDS: u32 = 1_024;
+/// Capacity of the map of processes already announced to userspace.
+pub const KNOWN_PIDS_ENTRIES: u32 = 32_768;
+/// Size in bytes of the ring buffer that announces new processes.
+pub const NEW_PID_RING_BYTES: u32 = 64 * 1024;
+
+/// Key of the count maps: one entry per distinct (process, stacks, comm).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    /// Thread group id, i.e. the process id as userspace sees it.
+    pub tgid: u32,
+    /// Id in the stack-trace map of the user stack, or [`NO_STACK`].
+    pub user_stack_id: i32,
+    /// Id in the stack-trace map of the kernel stack, or [`NO_STACK`].
+    pub kernel_stack_id: i32,
+    /// `comm` of the sampled thread, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Run-time settings the program reads on every sample (index 0 of `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Which map set (0 = A, 1 = B) new samples go to. Userspace flips it
+    /// before draining the other set.
+    pub active_set: u32,
+    /// Non-zero: only count processes whose tgid is in `FILTER_PIDS`.
+    pub filter_pids: u32,
+    /// Non-zero: keep samples of the idle task (pid 0).
+    pub include_idle: u32,
+    /// Reserved, keeps the struct free of implicit padding.
+    pub reserved: u32,
+}
+
+/// A new process announced through the `NEW_PIDS` ring buffer at its first
+/// sample, so userspace can snapshot its mappings before it exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewPid {
+    pub tgid: u32,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+///
+/// Drops (a sample lost or degraded) and informational counts live side by
+/// side; [`Counter::is_drop`] tells them apart.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Counter {
+    /// Every time the program ran.
+    Samples = 0,
+    /// Samples recorded in a count map.
+    Recorded = 1,
+    /// Samples of the idle task, skipped (not a drop).
+    IdleSkipped = 2,
+    /// Samples of processes outside the pid filter (not a drop).
+    Filtered = 3,
+    /// User stack lost: stack-trace map bucket held another stack (`-EEXIST`).
+    UserStackCollision = 4,
+    /// Kernel stack lost: stack-trace map bucket held another stack (`-EEXIST`).
+    KernelStackCollision = 5,
+    /// A stack lost because the stack-trace map was full (`-ENOMEM`).
+    StackMapFull = 6,
+    /// A user-mode sample whose user stack could not be read (`-EFAULT`).
+    UserStackFault = 7,
+    /// A kernel-mode sample whose kernel stack could not be read (`-EFAULT`).
+    KernelStackFault = 8,
+    /// Any other `bpf_get_stackid` error.
+    StackOtherError = 9,
+    /// Sample lost because the count map was full.
+    CountMapFull = 10,
+    /// A new process could not be announced (ring buffer full); its frames
+    /// may stay unnamed if it exits before the drain.
+    NewPidLost = 11,
+    /// A kernel-mode sample without a user stack: kernel threads, or a
+    /// user stack the kernel could not walk (informational).
+    KernelOnly = 12,
+}
+
+/// Number of entries of the `COUNTERS` array.
+pub const COUNTER_COUNT: u32 = 13;
+
+impl Counter {
+    /// All counters, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Samples,
+        Counter::Recorded,
+        Counter::IdleSkipped,
+        Counter::Filtered,
+        Counter::UserStackCollision,
+        Counter::KernelStackCollision,
+        Counter::StackMapFull,
+        Counter::UserStackFault,
+        Counter::KernelStackFault,
+        Counter::StackOtherError,
+        Counter::CountMapFull,
+        Counter::NewPidLost,
+        Counter::KernelOnly,
+    ];
+
+    /// Whether this counter counts samples lost or degraded.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::UserStackCollision
+                | Counter::KernelStackCollision
+                | Counter::StackMapFull
+                | Counter::UserStackFault
+                | Counter::KernelStackFault
+                | Counter::StackOtherError
+                | Counter::CountMapFull
+                | Counter::NewPidLost
+        )
+    }
+
+    /// Stable snake_case name used in logs, summaries and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Samples => "samples",
+            Counter::Recorded => "recorded",
+            Counter::IdleSkipped => "idle_skipped",
+            Counter::Filtered => "filtered_out",
+            Counter::UserStackCollision => "user_stack_collision",
+            Counter::KernelStackCollision => "kernel_stack_collision",
+            Counter::StackMapFull => "stack_map_full",
+            Counter::UserStackFault => "user_stack_fault",
+            Counter::KernelStackFault => "kernel_stack_fault",
+            Counter::StackOtherError => "stack_other_error",
+            Counter::CountMapFull => "count_map_full",
+            Counter::NewPidLost => "new_pid_lost",
+            Counter::KernelOnly => "kernel_only",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` data without padding or pointers.
+    unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::NewPid {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 4 + COMM_LEN);
+        assert_eq!(core::mem::size_of::<Config>(), 16);
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The profiler's eBPF program.
+//!
+//! `profile` runs on every tick of the software `cpu-clock` perf event of each
+//! CPU. It records the kernel and user stacks of the interrupted task with
+//! `bpf_get_stackid` and counts (tgid, user stack, kernel stack, comm) in a
+//! per-CPU hash map.
+//!
+//! Maps come in two sets, A and B. `CONFIG.active_set` says which one new
+//! samples go to; userspace flips it, waits a grace period, then drains and
+//! clears the idle set, so nothing is deleted while the program writes to it.
+//! Every way a sample can be lost or degraded bumps a per-CPU counter.
+//!
+//! Minimum kernel: 5.8 (ring buffer); BTF is not required.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::{map, perf_event},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    programs::{PerfEventContext, tracing::StackIdContext},
+};
+use aya_log_ebpf::debug;
+use profiler_common::{
+    COMM_LEN, COUNTER_COUNT, Config, Counter, DEFAULT_COUNT_MAP_ENTRIES,
+    DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS, NEW_PID_RING_BYTES, NO_STACK,
+    NewPid, StackKey,
+};
+
+const EEXIST: i32 = 17;
+const ENOMEM: i32 = 12;
+const EFAULT: i32 = 14;
+const E2BIG: i32 = 7;
+const BPF_NOEXIST: u64 = 1;
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_PIDS, 0);
+
+#[map]
+static STACKS_A: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES, 0);
+#[map]
+static STACKS_B: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES, 0);
+
+#[map]
+static COUNTS_A: PerCpuHashMap<StackKey, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_COUNT_MAP_ENTRIES, 0);
+#[map]
+static COUNTS_B: PerCpuHashMap<StackKey, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_COUNT_MAP_ENTRIES, 0);
+
+/// Processes already announced through `NEW_PIDS`; userspace removes a pid
+/// when the process is gone so a reused pid is announced again.
+#[map]
+static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(KNOWN_PIDS_ENTRIES, 0);
+
+#[map]
+static NEW_PIDS: RingBuf = RingBuf::with_byte_size(NEW_PID_RING_BYTES, 0);
+
+#[perf_event]
+pub fn profile(ctx: PerfEventContext) -> u32 {
+    match try_profile(&ctx) {
+        Ok(()) => 0,
+        Err(err) => {
+            debug!(&ctx, "profile: unexpected error {}", err);
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Whether the interrupted context was in kernel mode.
+#[inline(always)]
+fn sampled_in_kernel(ctx: &PerfEventContext) -> bool {
+    // Kernel addresses have the top bit set on the 64-bit targets we support.
+    #[cfg(bpf_target_arch = "x86_64")]
+    let ip = unsafe { (*ctx.ctx).regs.rip };
+    #[cfg(bpf_target_arch = "aarch64")]
+    let ip = unsafe { (*ctx.ctx).regs.pc };
+    (ip as i64) < 0
+}
+
+fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
+    bump(Counter::Samples);
+    let config = match CONFIG.get(0) {
+        Some(config) => *config,
+        None => return Err(0),
+    };
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let pid = pid_tgid as u32;
+    if pid == 0 && config.include_idle == 0 {
+        bump(Counter::IdleSkipped);
+        return Ok(());
+    }
+    if config.filter_pids != 0 && FILTER_PIDS.get_ptr(tgid).is_none() {
+        bump(Counter::Filtered);
+        return Ok(());
+    }
+
+    let in_kernel = sampled_in_kernel(ctx);
+    let (stacks, counts) = if config.active_set == 0 {
+        (&STACKS_A, &COUNTS_A)
+    } else {
+        (&STACKS_B, &COUNTS_B)
+    };
+
+    // A user-mode sample has no kernel stack: don't ask for one.
+    let kernel_stack_id = if in_kernel {
+        match ctx.get_stackid(stacks, 0) {
+            Ok(id) => id as i32,
+            Err(err) => {
+                bump(match err {
+                    EEXIST => Counter::KernelStackCollision,
+                    ENOMEM => Counter::StackMapFull,
+                    EFAULT => Counter::KernelStackFault,
+                    _ => Counter::StackOtherError,
+                });
+                NO_STACK
+            }
+        }
+    } else {
+        NO_STACK
+    };
+
+    // Kernel threads (and tasks whose user stack the kernel cannot walk) only
+    // have a kernel stack; that is expected in kernel mode and not a drop.
+    let user_stack_id = if tgid == 0 {
+        NO_STACK
+    } else {
+        match ctx.get_stackid(stacks, BPF_F_USER_STACK as u64) {
+            Ok(id) => id as i32,
+            Err(err) => {
+                bump(match err {
+                    EEXIST => Counter::UserStackCollision,
+                    ENOMEM => Counter::StackMapFull,
+                    EFAULT if in_kernel => Counter::KernelOnly,
+                    EFAULT => Counter::UserStackFault,
+                    _ => Counter::StackOtherError,
+                });
+                NO_STACK
+            }
+        }
+    };
+
+    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    let key = StackKey {
+        tgid,
+        user_stack_id,
+        kernel_stack_id,
+        comm,
+    };
+
+    match counts.get_ptr_mut(&key) {
+        // Per-CPU value: this CPU is its only writer.
+        Some(count) => unsafe { *count += 1 },
+        None => match counts.insert(&key, &1, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(E2BIG) | Err(ENOMEM) => {
+                bump(Counter::CountMapFull);
+                return Ok(());
+            }
+            Err(err) => return Err(err as i64),
+        },
+    }
+    bump(Counter::Recorded);
+
+    if tgid != 0 && KNOWN_PIDS.get_ptr(tgid).is_none() {
+        announce(tgid);
+    }
+    Ok(())
+}
+
+/// Tells userspace about a process at its first sample.
+#[inline(always)]
+fn announce(tgid: u32) {
+    if KNOWN_PIDS.insert(tgid, 1u8, BPF_NOEXIST).is_err() {
+        // Another CPU announced it first.
+        return;
+    }
+    if NEW_PIDS.output::<NewPid>(&NewPid { tgid }, 0).is_err() {
+        bump(Counter::NewPidLost);
+        // Forget it so the next sample tries again.
+        let _ = KNOWN_PIDS.remove(tgid);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
