@@ -1,1 +1,18 @@
-pub fn x() {}
+//! The profiler agent as a library: sampling with eBPF, loss-free draining,
+//! process metadata, symbolization, folding and local flame graphs.
+//!
+//! `main.rs` is a thin clap front end over [`record::record`]; the privileged
+//! end-to-end tests drive the same functions.
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod fold;
+pub mod privileges;
+pub mod process;
+pub mod record;
+pub mod render;
+pub mod sampler;
+pub mod summary;
+pub mod symbolize;
+
+pub use error::{Error, Result};

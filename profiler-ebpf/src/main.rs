@@ -10,6 +10,8 @@
 //! clears the idle set, so nothing is deleted while the program writes to it.
 //! Every way a sample can be lost or degraded bumps a per-CPU counter.
 //!
+//! `on_exec` forgets a process at exec so its new image is announced again.
+//!
 //! Minimum kernel: 5.8 (ring buffer); BTF is not required.
 #![no_std]
 #![no_main]
@@ -17,9 +19,9 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, perf_event},
+    macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{PerfEventContext, tracing::StackIdContext},
+    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
@@ -183,6 +185,15 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
         announce(tgid);
     }
     Ok(())
+}
+
+/// `sched/sched_process_exec`: the process got a new image, so its next
+/// sample announces it again and userspace re-reads its mappings.
+#[tracepoint]
+pub fn on_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = KNOWN_PIDS.remove(tgid);
+    0
 }
 
 /// Tells userspace about a process at its first sample.

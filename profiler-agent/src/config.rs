@@ -1,0 +1,186 @@
+//! Options of a profiling session, validated when they are parsed.
+use std::{path::PathBuf, time::Duration};
+
+use crate::{Error, Result};
+
+/// Lowest sampling frequency accepted, in Hz.
+pub const MIN_FREQUENCY: u64 = 1;
+/// Highest sampling frequency accepted, in Hz.
+pub const MAX_FREQUENCY: u64 = 10_000;
+/// Default sampling frequency of `record`, in Hz (like `perf record -F 99`).
+pub const DEFAULT_FREQUENCY: u64 = 99;
+
+/// Settings of the sampler (kernel side).
+#[derive(Clone, Debug)]
+pub struct SamplerOptions {
+    /// Samples per second per CPU.
+    pub frequency: u64,
+    /// Only sample these processes (empty: every process).
+    pub pids: Vec<u32>,
+    /// Keep samples of the idle task.
+    pub include_idle: bool,
+    /// Capacity of each stack-trace map.
+    pub stack_map_entries: u32,
+    /// Capacity of each count map.
+    pub count_map_entries: u32,
+    /// Time between flipping the active map set and reading the idle one.
+    pub grace_period: Duration,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            frequency: DEFAULT_FREQUENCY,
+            pids: Vec::new(),
+            include_idle: false,
+            stack_map_entries: profiler_common::DEFAULT_STACK_MAP_ENTRIES,
+            count_map_entries: profiler_common::DEFAULT_COUNT_MAP_ENTRIES,
+            grace_period: Duration::from_millis(50),
+        }
+    }
+}
+
+impl SamplerOptions {
+    /// Checks ranges and that every requested process exists.
+    pub fn validate(&self) -> Result<()> {
+        check_frequency(self.frequency)?;
+        for (name, value) in [
+            ("stack map entries", self.stack_map_entries),
+            ("count map entries", self.count_map_entries),
+        ] {
+            if !(64..=1 << 20).contains(&value) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must be between 64 and 1048576, got {value}"
+                )));
+            }
+        }
+        if self.pids.len() > profiler_common::MAX_FILTER_PIDS as usize {
+            return Err(Error::InvalidArgument(format!(
+                "at most {} pids can be given, got {}",
+                profiler_common::MAX_FILTER_PIDS,
+                self.pids.len()
+            )));
+        }
+        for pid in &self.pids {
+            if *pid == 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(Error::InvalidArgument(format!("no process with pid {pid}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rejects a sampling frequency outside 1–10000 Hz.
+pub fn check_frequency(hz: u64) -> Result<u64> {
+    if (MIN_FREQUENCY..=MAX_FREQUENCY).contains(&hz) {
+        Ok(hz)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "frequency must be between {MIN_FREQUENCY} and {MAX_FREQUENCY} Hz, got {hz}"
+        )))
+    }
+}
+
+/// Parses `-F` for clap.
+pub fn parse_frequency(s: &str) -> Result<u64, String> {
+    let hz: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of Hz"))?;
+    check_frequency(hz).map_err(|e| e.to_string())
+}
+
+/// Parses a duration such as `10s`, `1m30s` or `500ms`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("`{s}` is not a duration like 10s or 1m: {e}"))?,
+    };
+    if d.is_zero() {
+        return Err("duration must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Everything `record` needs.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub sampler: SamplerOptions,
+    /// Stop after this long; `None`: until Ctrl-C.
+    pub duration: Option<Duration>,
+    /// Time between two drains of the kernel maps.
+    pub drain_interval: Duration,
+    /// Flame graph output.
+    pub svg: Option<PathBuf>,
+    /// Folded stacks output.
+    pub folded: Option<PathBuf>,
+    /// Show a progress line on stderr.
+    pub progress: bool,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        Self {
+            sampler: SamplerOptions::default(),
+            duration: None,
+            drain_interval: Duration::from_secs(10),
+            svg: None,
+            folded: None,
+            progress: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequency_range_is_enforced() {
+        assert_eq!(parse_frequency("99"), Ok(99));
+        assert_eq!(parse_frequency("1"), Ok(1));
+        assert_eq!(parse_frequency("10000"), Ok(10000));
+        let err = parse_frequency("0").unwrap_err();
+        assert!(err.contains("between 1 and 10000"), "{err}");
+        assert!(parse_frequency("10001").is_err());
+        assert!(parse_frequency("fast").unwrap_err().contains("not a whole number"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn unknown_pid_is_rejected() {
+        let opts = SamplerOptions {
+            pids: vec![u32::MAX - 1],
+            ..Default::default()
+        };
+        let err = opts.validate().unwrap_err().to_string();
+        assert!(err.contains("no process with pid"), "{err}");
+    }
+
+    #[test]
+    fn own_pid_is_accepted() {
+        let opts = SamplerOptions {
+            pids: vec![std::process::id()],
+            ..Default::default()
+        };
+        opts.validate().unwrap();
+    }
+
+    #[test]
+    fn map_sizes_are_checked() {
+        let opts = SamplerOptions {
+            count_map_entries: 1,
+            ..Default::default()
+        };
+        assert!(opts.validate().unwrap_err().to_string().contains("count map entries"));
+    }
+}

@@ -1,0 +1,212 @@
+//! Folded stacks: `process;root;...;leaf COUNT`, the FlameGraph/inferno
+//! input format, aggregated over a whole recording.
+use std::{collections::HashMap, io::Write};
+
+use crate::{
+    drain::RawWindow,
+    symbolize::{Symbolize, sanitize},
+};
+
+/// Frame used when a sample has neither a user nor a kernel stack, so its
+/// count is kept.
+pub const NO_STACK_FRAME: &str = "[no stack]";
+
+/// Folded stacks with their sample counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FoldedProfile {
+    stacks: HashMap<String, u64>,
+    total: u64,
+}
+
+impl FoldedProfile {
+    /// Adds `count` samples of a stack given root first (user frames, then
+    /// kernel frames above them, as in `perf script | stackcollapse-perf.pl`).
+    pub fn add(&mut self, process: &str, frames: &[String], count: u64) {
+        if count == 0 {
+            return;
+        }
+        let mut line = sanitize(process);
+        if frames.is_empty() {
+            line.push(';');
+            line.push_str(NO_STACK_FRAME);
+        }
+        for frame in frames {
+            line.push(';');
+            line.push_str(frame);
+        }
+        *self.stacks.entry(line).or_default() += count;
+        self.total += count;
+    }
+
+    /// Symbolizes and adds every sample of a drained window.
+    pub fn add_window(&mut self, window: &RawWindow, symbolizer: &mut dyn Symbolize) {
+        for sample in &window.samples {
+            let mut frames = symbolizer.user_stack(sample.tgid, &sample.user);
+            frames.extend(symbolizer.kernel_stack(&sample.kernel));
+            self.add(&sample.comm, &frames, sample.count);
+        }
+    }
+
+    /// Total samples.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Number of distinct stacks.
+    pub fn len(&self) -> usize {
+        self.stacks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+
+    /// Lines `stack COUNT`, sorted by stack (stable output, what inferno wants).
+    pub fn lines(&self) -> Vec<String> {
+        let mut entries: Vec<(&String, &u64)> = self.stacks.iter().collect();
+        entries.sort();
+        entries
+            .into_iter()
+            .map(|(stack, count)| format!("{stack} {count}"))
+            .collect()
+    }
+
+    /// Writes the folded text.
+    pub fn write_to(&self, mut out: impl Write) -> std::io::Result<()> {
+        for line in self.lines() {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    }
+
+    /// Iterates (stack, count).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.stacks.iter().map(|(s, c)| (s.as_str(), *c))
+    }
+
+    /// Functions by self samples (the leaf frame), most first, at most `n`.
+    pub fn top_self(&self, n: usize) -> Vec<(String, u64)> {
+        let mut by_leaf: HashMap<&str, u64> = HashMap::new();
+        for (stack, count) in &self.stacks {
+            let leaf = stack.rsplit(';').next().unwrap_or(stack);
+            *by_leaf.entry(leaf).or_default() += count;
+        }
+        let mut top: Vec<(String, u64)> = by_leaf
+            .into_iter()
+            .map(|(name, count)| (name.to_string(), count))
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
+    }
+}
+
+/// Parses folded text back (`stack COUNT` per line). Malformed lines are
+/// counted, not fatal.
+pub fn parse_folded(text: &str) -> (FoldedProfile, usize) {
+    let mut profile = FoldedProfile::default();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match line.rsplit_once(' ').and_then(|(s, c)| Some((s, c.parse::<u64>().ok()?))) {
+            Some((stack, count)) if !stack.is_empty() => {
+                *profile.stacks.entry(stack.to_string()).or_default() += count;
+                profile.total += count;
+            }
+            _ => bad += 1,
+        }
+    }
+    (profile, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::RawSample;
+
+    /// Names addresses `0xN` as `fN`, kernel ones as `kN_[k]`.
+    struct FakeSymbolizer;
+    impl Symbolize for FakeSymbolizer {
+        fn user_stack(&mut self, _pid: u32, ips: &[u64]) -> Vec<String> {
+            ips.iter().rev().map(|ip| format!("f{ip}")).collect()
+        }
+        fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String> {
+            ips.iter().rev().map(|ip| format!("k{ip}_[k]")).collect()
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn folds_user_then_kernel_root_first() {
+        let window = RawWindow {
+            samples: vec![
+                RawSample {
+                    tgid: 7,
+                    comm: "app".into(),
+                    user: vec![3, 2, 1],
+                    kernel: vec![20, 10],
+                    count: 4,
+                },
+                RawSample {
+                    tgid: 7,
+                    comm: "app".into(),
+                    user: vec![3, 2, 1],
+                    kernel: vec![20, 10],
+                    count: 1,
+                },
+                RawSample {
+                    tgid: 8,
+                    comm: "kworker/1:0".into(),
+                    user: vec![],
+                    kernel: vec![5],
+                    count: 2,
+                },
+            ],
+            missing_stacks: 0,
+        };
+        let mut profile = FoldedProfile::default();
+        profile.add_window(&window, &mut FakeSymbolizer);
+        assert_eq!(
+            profile.lines(),
+            vec!["app;f1;f2;f3;k10_[k];k20_[k] 5", "kworker/1:0;k5_[k] 2"]
+        );
+        assert_eq!(profile.total(), 7);
+    }
+
+    #[test]
+    fn separators_in_names_are_replaced_and_empty_stacks_kept() {
+        let mut profile = FoldedProfile::default();
+        profile.add("we;ird", &strings(&["a;b"]), 1);
+        profile.add("empty", &[], 3);
+        profile.add("zero", &strings(&["x"]), 0);
+        // Frame names are sanitized by the symbolizer; process names here.
+        assert_eq!(profile.lines(), vec!["empty;[no stack] 3", "we:ird;a;b 1"]);
+    }
+
+    #[test]
+    fn top_self_counts_leaves() {
+        let mut profile = FoldedProfile::default();
+        profile.add("p", &strings(&["main", "hot"]), 30);
+        profile.add("p", &strings(&["main", "other", "hot"]), 10);
+        profile.add("p", &strings(&["main", "cold"]), 5);
+        assert_eq!(
+            profile.top_self(2),
+            vec![("hot".to_string(), 40), ("cold".to_string(), 5)]
+        );
+    }
+
+    #[test]
+    fn folded_text_round_trips_and_counts_bad_lines() {
+        let mut profile = FoldedProfile::default();
+        profile.add("p", &strings(&["main", "with space"]), 3);
+        let mut buf = Vec::new();
+        profile.write_to(&mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text, "p;main;with space 3\n");
+        let (back, bad) = parse_folded(&format!("{text}garbage\n 4\nx y\n"));
+        assert_eq!(back, profile);
+        assert_eq!(bad, 3);
+    }
+}

@@ -1,0 +1,487 @@
+//! Process metadata cache: what is needed to symbolize a process, captured
+//! at first sight so processes that exit before the drain still get names.
+//!
+//! For each process we keep its executable mappings (from `/proc/PID/maps`)
+//! and an open handle to every mapped binary. The handle is opened through
+//! `/proc/PID/map_files/` (or `/proc/PID/root/PATH`), so binaries in other
+//! mount namespaces and deleted binaries resolve too. Binaries are shared by
+//! device and inode, so `libc` is opened once however many processes map it.
+//!
+//! Memory is bounded: at most `max_processes` processes and `max_binaries`
+//! open binaries; what does not fit is counted and its frames are shown as
+//! `module+0xOFFSET`.
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// Identity of a binary on disk: (device, inode) as `/proc/PID/maps` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BinaryKey {
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+}
+
+/// An open binary, kept open for as long as a cached process maps it.
+#[derive(Debug)]
+pub struct Binary {
+    pub key: BinaryKey,
+    /// The path the process saw (may be in another mount namespace).
+    pub path: PathBuf,
+    /// A path that reaches the open file from this process: `/proc/self/fd/N`.
+    pub symbol_path: PathBuf,
+    _file: File,
+}
+
+impl Binary {
+    /// Short name for `module+0xOFFSET` frames: the file name.
+    pub fn module_name(&self) -> String {
+        module_name(&self.path)
+    }
+}
+
+fn module_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string_lossy().into_owned())
+}
+
+/// One executable mapping of a process.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The mapped file, if it is a file we could open.
+    pub binary: Option<Arc<Binary>>,
+    /// Path or pseudo name (`[vdso]`, `[anon]`) of the mapping.
+    pub name: String,
+}
+
+/// Where an address of a process lives.
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// In an open binary, at this file offset.
+    Binary { binary: Arc<Binary>, file_offset: u64 },
+    /// In a mapping we cannot read symbols from.
+    Module { name: String, offset: u64 },
+    /// Outside every known mapping.
+    Unknown,
+}
+
+/// A parsed line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapsLine {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    pub offset: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    /// Path or pseudo name; empty for anonymous mappings.
+    pub pathname: String,
+}
+
+/// Parses one line of `/proc/PID/maps`; `None` if it is malformed.
+pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
+    let mut fields = line.splitn(6, |c: char| c == ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let dev = fields.next()?;
+    let inode = fields.next()?;
+    let pathname = fields.next().unwrap_or("").trim_start().to_string();
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev_major: u32::from_str_radix(major, 16).ok()?,
+        dev_minor: u32::from_str_radix(minor, 16).ok()?,
+        inode: inode.parse().ok()?,
+        pathname,
+    })
+}
+
+#[derive(Debug)]
+struct ProcessInfo {
+    /// Executable mappings, sorted by start address.
+    mappings: Vec<Mapping>,
+    /// Set at the drain that first found the process gone; the entry is
+    /// removed one drain later, once samples taken before its exit are read.
+    gone: bool,
+    /// Maps were re-read during the current drain (after an exec).
+    refreshed: bool,
+}
+
+/// Counts of what the cache could not do (each a reason frames stay unnamed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    /// Processes snapshotted.
+    pub snapshots: u64,
+    /// Processes that were gone before their mappings could be read.
+    pub snapshot_failed: u64,
+    /// Processes not cached because the cache was full.
+    pub process_cache_full: u64,
+    /// Binaries not opened because the cache was full.
+    pub binary_cache_full: u64,
+    /// Mapped files that could not be opened.
+    pub binary_open_failed: u64,
+    /// Binaries opened (each once, however many processes map it).
+    pub binaries_opened: u64,
+}
+
+/// The cache of process mappings and open binaries.
+#[derive(Debug)]
+pub struct ProcessCache {
+    proc_root: PathBuf,
+    max_processes: usize,
+    max_binaries: usize,
+    processes: HashMap<u32, ProcessInfo>,
+    binaries: HashMap<BinaryKey, Arc<Binary>>,
+    stats: ProcessStats,
+}
+
+impl Default for ProcessCache {
+    fn default() -> Self {
+        Self::new("/proc", 16_384, 4_096)
+    }
+}
+
+impl ProcessCache {
+    pub fn new(proc_root: impl Into<PathBuf>, max_processes: usize, max_binaries: usize) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            max_processes,
+            max_binaries,
+            processes: HashMap::new(),
+            binaries: HashMap::new(),
+            stats: ProcessStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &ProcessStats {
+        &self.stats
+    }
+
+    pub fn process_count(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn binary_count(&self) -> usize {
+        self.binaries.len()
+    }
+
+    pub fn contains(&self, pid: u32) -> bool {
+        self.processes.contains_key(&pid)
+    }
+
+    /// First sight of a process (or a fresh look after an exec): snapshot its
+    /// executable mappings and open its binaries. Returns whether it worked.
+    pub fn observe(&mut self, pid: u32) -> bool {
+        if !self.processes.contains_key(&pid) && self.processes.len() >= self.max_processes {
+            self.stats.process_cache_full += 1;
+            return false;
+        }
+        match self.read_mappings(pid) {
+            Some(mappings) => {
+                self.stats.snapshots += 1;
+                self.processes.insert(
+                    pid,
+                    ProcessInfo {
+                        mappings,
+                        gone: false,
+                        refreshed: false,
+                    },
+                );
+                true
+            }
+            None => {
+                self.stats.snapshot_failed += 1;
+                false
+            }
+        }
+    }
+
+    fn read_mappings(&mut self, pid: u32) -> Option<Vec<Mapping>> {
+        let maps_path = self.proc_root.join(pid.to_string()).join("maps");
+        let text = std::fs::read_to_string(&maps_path).ok()?;
+        let mut mappings = Vec::new();
+        for line in text.lines() {
+            let Some(line) = parse_maps_line(line) else {
+                continue;
+            };
+            if !line.executable {
+                continue;
+            }
+            let binary = if line.inode != 0 && line.pathname.starts_with('/') {
+                self.binary_for(pid, &line)
+            } else {
+                None
+            };
+            let name = if line.pathname.is_empty() {
+                "[anon]".to_string()
+            } else {
+                line.pathname.trim_end_matches(" (deleted)").to_string()
+            };
+            mappings.push(Mapping {
+                start: line.start,
+                end: line.end,
+                offset: line.offset,
+                binary,
+                name,
+            });
+        }
+        mappings.sort_by_key(|m| m.start);
+        Some(mappings)
+    }
+
+    fn binary_for(&mut self, pid: u32, line: &MapsLine) -> Option<Arc<Binary>> {
+        let key = BinaryKey {
+            dev_major: line.dev_major,
+            dev_minor: line.dev_minor,
+            inode: line.inode,
+        };
+        if let Some(binary) = self.binaries.get(&key) {
+            return Some(binary.clone());
+        }
+        if self.binaries.len() >= self.max_binaries {
+            self.stats.binary_cache_full += 1;
+            return None;
+        }
+        let path = PathBuf::from(line.pathname.trim_end_matches(" (deleted)"));
+        let pid_dir = self.proc_root.join(pid.to_string());
+        // map_files reaches the very file that is mapped, whatever mount
+        // namespace it is in and even if it was deleted; it needs
+        // CAP_SYS_ADMIN. The root link is the fallback.
+        let by_map_files = pid_dir
+            .join("map_files")
+            .join(format!("{:x}-{:x}", line.start, line.end));
+        let file = File::open(&by_map_files).ok().or_else(|| {
+            let relative = path.strip_prefix("/").ok()?;
+            let file = File::open(pid_dir.join("root").join(relative)).ok()?;
+            // A file replaced since it was mapped is not the mapped binary.
+            let same = file.metadata().ok()?.ino() == line.inode;
+            same.then_some(file)
+        });
+        let Some(file) = file else {
+            self.stats.binary_open_failed += 1;
+            return None;
+        };
+        let symbol_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let binary = Arc::new(Binary {
+            key,
+            path,
+            symbol_path,
+            _file: file,
+        });
+        self.stats.binaries_opened += 1;
+        self.binaries.insert(key, binary.clone());
+        Some(binary)
+    }
+
+    /// Where `addr` of process `pid` lives. An address outside every known
+    /// mapping of a live process triggers one re-read of its maps per drain
+    /// (the process may have exec'd or loaded a library since first sight).
+    pub fn locate(&mut self, pid: u32, addr: u64) -> Location {
+        if let Some(location) = self.lookup(pid, addr) {
+            return location;
+        }
+        let refresh = match self.processes.get(&pid) {
+            Some(info) => !info.refreshed && !info.gone,
+            None => true,
+        };
+        if refresh && self.observe(pid) {
+            if let Some(info) = self.processes.get_mut(&pid) {
+                info.refreshed = true;
+            }
+            if let Some(location) = self.lookup(pid, addr) {
+                return location;
+            }
+        }
+        Location::Unknown
+    }
+
+    fn lookup(&self, pid: u32, addr: u64) -> Option<Location> {
+        let info = self.processes.get(&pid)?;
+        let idx = info.mappings.partition_point(|m| m.start <= addr);
+        let mapping = info.mappings.get(idx.checked_sub(1)?)?;
+        if addr >= mapping.end {
+            return None;
+        }
+        let file_offset = addr - mapping.start + mapping.offset;
+        Some(match &mapping.binary {
+            Some(binary) => Location::Binary {
+                binary: binary.clone(),
+                file_offset,
+            },
+            None => Location::Module {
+                name: module_name(Path::new(&mapping.name)),
+                offset: file_offset,
+            },
+        })
+    }
+
+    /// Called after each drain: forgets processes found gone at the previous
+    /// drain, marks those gone now, closes binaries no process maps any more.
+    /// Returns the pids forgotten.
+    pub fn sweep(&mut self) -> Vec<u32> {
+        let mut forgotten = Vec::new();
+        let proc_root = self.proc_root.clone();
+        self.processes.retain(|pid, info| {
+            info.refreshed = false;
+            if info.gone {
+                forgotten.push(*pid);
+                return false;
+            }
+            if !proc_root.join(pid.to_string()).exists() {
+                info.gone = true;
+            }
+            true
+        });
+        self.binaries
+            .retain(|_, binary| Arc::strong_count(binary) > 1);
+        forgotten
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let l = parse_maps_line(
+            "55d0c0a00000-55d0c0a21000 r-xp 00002000 08:01 1234567                    /usr/bin/my prog",
+        )
+        .unwrap();
+        assert_eq!(l.start, 0x55d0c0a00000);
+        assert_eq!(l.end, 0x55d0c0a21000);
+        assert!(l.executable);
+        assert_eq!(l.offset, 0x2000);
+        assert_eq!((l.dev_major, l.dev_minor, l.inode), (8, 1, 1234567));
+        assert_eq!(l.pathname, "/usr/bin/my prog");
+
+        let anon = parse_maps_line("7ffd1000-7ffd3000 r-xp 00000000 00:00 0 ").unwrap();
+        assert_eq!(anon.pathname, "");
+        let vdso = parse_maps_line("7ffd1000-7ffd3000 r-xp 00000000 00:00 0  [vdso]").unwrap();
+        assert_eq!(vdso.pathname, "[vdso]");
+        assert!(!parse_maps_line("7ffd1000-7ffd3000 rw-p 0 00:00 0").unwrap().executable);
+        assert!(parse_maps_line("garbage").is_none());
+        assert!(parse_maps_line("zz-10 r-xp 0 00:00 0").is_none());
+    }
+
+    /// A fake /proc with one process whose mapping points at a real file.
+    fn fake_proc(dir: &Path, pid: u32, binary: &Path, deleted: bool) {
+        let pid_dir = dir.join(pid.to_string());
+        std::fs::create_dir_all(pid_dir.join("root")).unwrap();
+        let ino = std::fs::metadata(binary).unwrap().ino();
+        let suffix = if deleted { " (deleted)" } else { "" };
+        std::fs::write(
+            pid_dir.join("maps"),
+            format!(
+                "1000-2000 r-xp 00003000 fd:00 {ino} {}{suffix}\n\
+                 3000-4000 rw-p 00000000 00:00 0\n\
+                 5000-6000 r-xp 00000000 00:00 0  [vdso]\n",
+                binary.display()
+            ),
+        )
+        .unwrap();
+        // /proc/PID/root -> / (so the root fallback finds the binary)
+        std::fs::remove_dir(pid_dir.join("root")).unwrap();
+        std::os::unix::fs::symlink("/", pid_dir.join("root")).unwrap();
+    }
+
+    #[test]
+    fn locates_addresses_and_shares_binaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 10, &exe, false);
+        fake_proc(dir.path(), 11, &exe, false);
+        let mut cache = ProcessCache::new(dir.path(), 16, 16);
+        assert!(cache.observe(10));
+        assert!(cache.observe(11));
+        assert_eq!(cache.binary_count(), 1, "one binary opened for two processes");
+        assert_eq!(cache.stats().binaries_opened, 1);
+
+        match cache.locate(10, 0x1010) {
+            Location::Binary { binary, file_offset } => {
+                assert_eq!(file_offset, 0x3010);
+                assert_eq!(binary.path, exe);
+                assert!(binary.symbol_path.starts_with("/proc/self/fd"));
+            }
+            other => panic!("expected a binary, got {other:?}"),
+        }
+        match cache.locate(10, 0x5004) {
+            Location::Module { name, offset } => assert_eq!((name.as_str(), offset), ("[vdso]", 4)),
+            other => panic!("expected the vdso, got {other:?}"),
+        }
+        assert!(matches!(cache.locate(10, 0x3004), Location::Unknown));
+        assert!(matches!(cache.locate(10, 0x2000), Location::Unknown));
+    }
+
+    #[test]
+    fn exited_processes_are_kept_one_drain_then_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 20, &exe, false);
+        let mut cache = ProcessCache::new(dir.path(), 16, 16);
+        assert!(cache.observe(20));
+        std::fs::remove_dir_all(dir.path().join("20")).unwrap();
+        // Still symbolizable right after its exit...
+        assert!(cache.sweep().is_empty());
+        assert!(matches!(cache.locate(20, 0x1000), Location::Binary { .. }));
+        // ...and forgotten, with its binary closed, one drain later.
+        assert_eq!(cache.sweep(), vec![20]);
+        assert!(!cache.contains(20));
+        assert_eq!(cache.binary_count(), 0);
+    }
+
+    #[test]
+    fn replaced_file_is_not_trusted_through_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 30, &exe, false);
+        // Point the mapping's inode at something else.
+        let maps = dir.path().join("30/maps");
+        let text = std::fs::read_to_string(&maps).unwrap();
+        let ino = std::fs::metadata(&exe).unwrap().ino();
+        std::fs::write(&maps, text.replace(&ino.to_string(), "1")).unwrap();
+        let mut cache = ProcessCache::new(dir.path(), 16, 16);
+        assert!(cache.observe(30));
+        assert_eq!(cache.stats().binary_open_failed, 1);
+        assert!(matches!(cache.locate(30, 0x1000), Location::Module { .. }));
+    }
+
+    #[test]
+    fn bounded_by_process_and_binary_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        for pid in [40, 41] {
+            fake_proc(dir.path(), pid, &exe, false);
+        }
+        let mut cache = ProcessCache::new(dir.path(), 1, 0);
+        assert!(cache.observe(40));
+        assert!(!cache.observe(41));
+        assert_eq!(cache.stats().process_cache_full, 1);
+        assert_eq!(cache.stats().binary_cache_full, 1);
+        assert!(!cache.observe(99));
+        assert_eq!(cache.stats().process_cache_full, 2);
+    }
+
+    #[test]
+    fn missing_process_counts_a_failed_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = ProcessCache::new(dir.path(), 4, 4);
+        assert!(!cache.observe(77));
+        assert_eq!(cache.stats().snapshot_failed, 1);
+    }
+}

@@ -1,0 +1,418 @@
+//! The eBPF sampler: loads the program, attaches it to `cpu-clock` on every
+//! online CPU, and drains the A/B map sets without losing samples.
+//!
+//! Draining: flip `CONFIG.active_set`, wait a grace period so programs that
+//! read the old value finish, then read and clear the now idle set. Nothing
+//! is deleted from a map the program may be writing to, and
+//! `BPF_F_REUSE_STACKID` is never used (a collision is counted instead).
+//!
+//! A background thread ("announcer") reads the `NEW_PIDS` ring buffer and
+//! snapshots each new process into the [`ProcessCache`] at its first sample,
+//! and forwards the program's aya-log records to the agent's log.
+//!
+//! Minimum kernel: 5.8 (`CAP_BPF`/`CAP_PERFMON`, ring buffer).
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap,
+    },
+    programs::{
+        PerfEvent, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use profiler_common::{Config, Counter, NewPid, StackKey};
+
+use crate::{
+    Error, Result,
+    config::SamplerOptions,
+    drain::{Counters, RawWindow, SampleSource, decode_key},
+    privileges,
+    process::ProcessCache,
+};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+const MAP_SETS: [(&str, &str); 2] = [("COUNTS_A", "STACKS_A"), ("COUNTS_B", "STACKS_B")];
+
+/// A running sampler. Dropping it detaches the program.
+pub struct Sampler {
+    ebpf: Ebpf,
+    config: Config,
+    grace: Duration,
+    started: Instant,
+    attached_cpus: usize,
+    links: Vec<aya::programs::perf_event::PerfEventLinkId>,
+    stop: Arc<AtomicBool>,
+    announcer: Option<JoinHandle<()>>,
+}
+
+fn ebpf_error(what: impl Into<String>, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    let what = what.into();
+    // Name the privilege or kernel feature when the kernel said so.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    return Error::MissingPrivilege {
+                        what: "loading and attaching the eBPF profiler",
+                        capability: "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)",
+                    };
+                }
+                Some(libc::ENOSYS) => {
+                    return Error::KernelFeature {
+                        feature: "the bpf() system call",
+                        detail: format!("{what}: {io}"),
+                    };
+                }
+                Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::ENOTSUP)
+                    if what.contains("perf") =>
+                {
+                    return Error::KernelFeature {
+                        feature: "the software cpu-clock perf event",
+                        detail: format!("{what}: {io}"),
+                    };
+                }
+                _ => {}
+            }
+        }
+        source = e.source();
+    }
+    Error::Ebpf {
+        what,
+        source: Box::new(err),
+    }
+}
+
+impl Sampler {
+    /// Loads and attaches the profiler. `processes` receives a snapshot of
+    /// every process at its first sample.
+    pub fn start(options: &SamplerOptions, processes: Arc<Mutex<ProcessCache>>) -> Result<Self> {
+        options.validate()?;
+        privileges::check()?;
+        if !std::path::Path::new("/proc/sys/kernel/perf_event_paranoid").exists() {
+            return Err(Error::KernelFeature {
+                feature: "perf events",
+                detail: "/proc/sys/kernel/perf_event_paranoid is missing (CONFIG_PERF_EVENTS=n)"
+                    .into(),
+            });
+        }
+        raise_fd_limit();
+
+        let mut loader = EbpfLoader::new();
+        for (counts, stacks) in MAP_SETS {
+            loader.map_max_entries(counts, options.count_map_entries);
+            loader.map_max_entries(stacks, options.stack_map_entries);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_error("loading the eBPF object", e))?;
+
+        let config = Config {
+            active_set: 0,
+            filter_pids: u32::from(!options.pids.is_empty()),
+            include_idle: u32::from(options.include_idle),
+            reserved: 0,
+        };
+        {
+            let mut filter: BpfHashMap<_, u32, u8> = map_mut(&mut ebpf, "FILTER_PIDS")?;
+            for pid in &options.pids {
+                filter
+                    .insert(pid, 1, 0)
+                    .map_err(|e| ebpf_error("filling the pid filter", e))?;
+            }
+        }
+        write_config(&mut ebpf, config)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::debug!("eBPF log not available: {e}");
+                None
+            }
+        };
+        let ring: RingBuf<MapData> = ebpf
+            .take_map("NEW_PIDS")
+            .ok_or_else(|| missing_map("NEW_PIDS"))?
+            .try_into()
+            .map_err(|e| ebpf_error("opening the NEW_PIDS ring buffer", e))?;
+
+        let exec: &mut TracePoint = program(&mut ebpf, "on_exec")?;
+        exec.load()
+            .map_err(|e| ebpf_error("loading the on_exec program", e))?;
+        exec.attach("sched", "sched_process_exec")
+            .map_err(|e| ebpf_error("attaching to sched/sched_process_exec", e))?;
+
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::io(what, e))?;
+        let prog: &mut PerfEvent = program(&mut ebpf, "profile")?;
+        prog.load().map_err(|e| ebpf_error("loading the profile program (verifier)", e))?;
+        let mut links = Vec::with_capacity(cpus.len());
+        for cpu in &cpus {
+            let link = prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+                SamplePolicy::Frequency(options.frequency),
+                false,
+            )
+            .map_err(|e| ebpf_error(format!("attaching to the cpu-clock perf event of CPU {cpu}"), e))?;
+            links.push(link);
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let announcer = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("pid-announcer".into())
+                .spawn(move || announce_loop(ring, logger, processes, stop))
+                .map_err(|e| Error::io("starting the pid announcer thread", e))?
+        };
+        tracing::info!(
+            cpus = cpus.len(),
+            frequency = options.frequency,
+            "profiler attached to cpu-clock on every online CPU"
+        );
+        Ok(Self {
+            ebpf,
+            config,
+            grace: options.grace_period,
+            started: Instant::now(),
+            attached_cpus: cpus.len(),
+            links,
+            stop,
+            announcer: Some(announcer),
+        })
+    }
+
+    /// Number of CPUs the program is attached to.
+    pub fn attached_cpus(&self) -> usize {
+        self.attached_cpus
+    }
+
+    /// Detaches the sampling program from every CPU; the maps stay readable
+    /// so a final [`Sampler::drain_all`] leaves nothing behind.
+    pub fn stop_sampling(&mut self) -> Result<()> {
+        let links = std::mem::take(&mut self.links);
+        let prog: &mut PerfEvent = program(&mut self.ebpf, "profile")?;
+        for link in links {
+            prog.detach(link)
+                .map_err(|e| ebpf_error("detaching the profile program", e))?;
+        }
+        Ok(())
+    }
+
+    /// Drains both map sets (after [`Sampler::stop_sampling`]).
+    pub fn drain_all(&mut self) -> Result<RawWindow> {
+        let mut window = self.drain()?;
+        let second = self.drain()?;
+        window.samples.extend(second.samples);
+        window.missing_stacks += second.missing_stacks;
+        Ok(window)
+    }
+
+    /// Time since the program was attached.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Verifier statistics of the `profile` program: instructions processed
+    /// and program size in instructions, if the kernel reports them.
+    pub fn program_info(&self) -> Option<(u64, u64)> {
+        let prog: &PerfEvent = self.ebpf.program("profile")?.try_into().ok()?;
+        let info = prog.info().ok()?;
+        let size = info.size_translated().unwrap_or(0) as u64 / 8;
+        Some((info.verified_instruction_count().unwrap_or(0) as u64, size))
+    }
+
+    fn read_and_clear(&mut self, set: usize) -> Result<RawWindow> {
+        let (counts_name, stacks_name) = MAP_SETS[set];
+        let entries: Vec<(StackKey, u64)> = {
+            let counts: PerCpuHashMap<_, StackKey, u64> = map_mut(&mut self.ebpf, counts_name)?;
+            let mut entries = Vec::new();
+            for item in counts.iter() {
+                let (key, values) = item.map_err(|e| ebpf_error(format!("reading {counts_name}"), e))?;
+                entries.push((key, values.iter().sum()));
+            }
+            entries
+        };
+
+        let mut window = RawWindow::default();
+        {
+            let mut stacks: StackTraceMap<_> = map_mut(&mut self.ebpf, stacks_name)?;
+            let mut frames: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
+            for (key, count) in &entries {
+                let (sample, missing) = decode_key(key, *count, |id| {
+                    frames
+                        .entry(id)
+                        .or_insert_with(|| {
+                            stacks
+                                .get(&id, 0)
+                                .ok()
+                                .map(|t| t.frames().iter().map(|f| f.ip).collect())
+                        })
+                        .clone()
+                });
+                if missing {
+                    window.missing_stacks += count;
+                }
+                window.samples.push(sample);
+            }
+            let ids: Vec<u32> = stacks.stack_ids().filter_map(|id| id.ok()).collect();
+            for id in ids {
+                // An id already gone is fine: the goal is an empty map.
+                let _ = stacks.remove(&id);
+            }
+        }
+
+        let mut counts: PerCpuHashMap<_, StackKey, u64> = map_mut(&mut self.ebpf, counts_name)?;
+        for (key, _) in &entries {
+            let _ = counts.remove(key);
+        }
+        Ok(window)
+    }
+}
+
+impl SampleSource for Sampler {
+    fn drain(&mut self) -> Result<RawWindow> {
+        let idle = self.config.active_set as usize;
+        self.config.active_set ^= 1;
+        write_config(&mut self.ebpf, self.config)?;
+        // Programs that read the old active set run for microseconds.
+        std::thread::sleep(self.grace);
+        self.read_and_clear(idle)
+    }
+
+    fn counters(&self) -> Result<Counters> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or_else(|| missing_map("COUNTERS"))?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|e| ebpf_error("opening COUNTERS", e))?;
+        let mut out = Counters::default();
+        for counter in Counter::ALL {
+            let values = counters
+                .get(&(counter as u32), 0)
+                .map_err(|e| ebpf_error("reading COUNTERS", e))?;
+            out.0.insert(counter, values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    fn forget_pids(&mut self, pids: &[u32]) {
+        if let Ok(mut known) = map_mut::<BpfHashMap<_, u32, u8>>(&mut self.ebpf, "KNOWN_PIDS") {
+            for pid in pids {
+                let _ = known.remove(pid);
+            }
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.announcer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn missing_map(name: &str) -> Error {
+    Error::Ebpf {
+        what: format!("the eBPF object has no map {name}"),
+        source: "built object does not match the agent".into(),
+    }
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or_else(|| missing_map(name))?;
+    T::try_from(map).map_err(|e| ebpf_error(format!("opening map {name}"), e))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| Error::Ebpf {
+        what: format!("the eBPF object has no program {name}"),
+        source: "built object does not match the agent".into(),
+    })?;
+    prog.try_into()
+        .map_err(|e| ebpf_error(format!("program {name}"), e))
+}
+
+fn write_config(ebpf: &mut Ebpf, config: Config) -> Result<()> {
+    let mut map: Array<_, Config> = map_mut(ebpf, "CONFIG")?;
+    map.set(0, config, 0)
+        .map_err(|e| ebpf_error("writing CONFIG", e))
+}
+
+/// Binaries stay open while their processes are cached: allow many files.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+fn announce_loop(
+    mut ring: RingBuf<MapData>,
+    mut logger: Option<Logger>,
+    processes: Arc<Mutex<ProcessCache>>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = vec![libc::pollfd {
+            fd: ring.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(logger) = &logger {
+            fds.push(libc::pollfd {
+                fd: logger.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<NewPid>() {
+                // SAFETY: the program writes a NewPid; read unaligned.
+                let event: NewPid = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                processes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .observe(event.tgid);
+            }
+        }
+        if let Some(logger) = &mut logger {
+            logger.flush();
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The short report printed at the end of a recording.
+use std::{fmt::Write as _, path::PathBuf};
+
+use crate::record::Recording;
+
+/// Output files of a recording, for the summary.
+#[derive(Clone, Debug, Default)]
+pub struct Outputs {
+    pub svg: Option<PathBuf>,
+    pub folded: Option<PathBuf>,
+}
+
+/// Every drop counter that is not zero, kernel and userspace, by name.
+pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
+    let mut drops = recording.counters.nonzero_drops();
+    let p = &recording.process_stats;
+    for (name, value) in [
+        ("stack_missing_at_drain", recording.missing_stacks),
+        ("process_gone_before_snapshot", p.snapshot_failed),
+        ("process_cache_full", p.process_cache_full),
+        ("binary_cache_full", p.binary_cache_full),
+    ] {
+        if value > 0 {
+            drops.push((name, value));
+        }
+    }
+    drops
+}
+
+/// Renders the summary: samples, top functions, non-zero drops, outputs.
+pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
+    let mut s = String::new();
+    let total = recording.profile.total();
+    let secs = recording.duration.as_secs_f64();
+    let _ = writeln!(
+        s,
+        "Recorded {total} samples in {secs:.1} s at {} Hz on {} CPUs ({} distinct stacks, {} processes).",
+        recording.frequency,
+        recording.cpus,
+        recording.profile.len(),
+        recording.processes_seen,
+    );
+    if total > 0 {
+        let _ = writeln!(s, "Top functions by self samples:");
+        for (name, count) in recording.profile.top_self(top) {
+            let pct = 100.0 * count as f64 / total as f64;
+            let _ = writeln!(s, "  {pct:5.1}%  {count:>7}  {name}");
+        }
+    }
+    let drops = nonzero_drops(recording);
+    if drops.is_empty() {
+        let _ = writeln!(s, "Drops: none.");
+    } else {
+        let _ = writeln!(s, "Drops (samples lost or degraded):");
+        for (name, value) in drops {
+            let _ = writeln!(s, "  {name}: {value}");
+        }
+    }
+    if let Some(path) = &outputs.folded {
+        let _ = writeln!(s, "Folded stacks: {}", path.display());
+    }
+    if let Some(path) = &outputs.svg {
+        let _ = writeln!(s, "Flame graph:   {}", path.display());
+    }
+    s
+}
