@@ -4,7 +4,7 @@
 //! The object is compiled by the pinned stable toolchain with
 //! `RUSTC_BOOTSTRAP=1` (needed for `-Z build-std=core`), so no nightly is
 //! required. `cargo xtask setup` installs `rust-src` and `bpf-linker`.
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
-    .context("building the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+    .context(
+        "building the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
 }
 
 fn which_bpf_linker() -> anyhow::Result<()> {

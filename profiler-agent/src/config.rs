@@ -143,7 +143,9 @@ mod tests {
         let err = parse_frequency("0").unwrap_err();
         assert!(err.contains("between 1 and 10000"), "{err}");
         assert!(parse_frequency("10001").is_err());
-        assert!(parse_frequency("fast").unwrap_err().contains("not a whole number"));
+        assert!(parse_frequency("fast")
+            .unwrap_err()
+            .contains("not a whole number"));
     }
 
     #[test]
@@ -181,6 +183,10 @@ mod tests {
             count_map_entries: 1,
             ..Default::default()
         };
-        assert!(opts.validate().unwrap_err().to_string().contains("count map entries"));
+        assert!(opts
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("count map entries"));
     }
 }

@@ -4,7 +4,7 @@
 //! and by in-memory fakes in unit tests.
 use std::collections::BTreeMap;
 
-use profiler_common::{COMM_LEN, Counter, NO_STACK, StackKey};
+use profiler_common::{Counter, StackKey, COMM_LEN, NO_STACK};
 
 use crate::Result;
 

@@ -16,7 +16,10 @@ pub enum Error {
     },
     /// The running kernel lacks something the profiler needs.
     #[error("the running kernel does not support {feature}: {detail}")]
-    KernelFeature { feature: &'static str, detail: String },
+    KernelFeature {
+        feature: &'static str,
+        detail: String,
+    },
     /// A user-supplied argument is wrong.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

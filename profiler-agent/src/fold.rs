@@ -4,7 +4,7 @@ use std::{collections::HashMap, io::Write};
 
 use crate::{
     drain::RawWindow,
-    symbolize::{Symbolize, sanitize},
+    symbolize::{sanitize, Symbolize},
 };
 
 /// Frame used when a sample has neither a user nor a kernel stack, so its
@@ -107,7 +107,10 @@ pub fn parse_folded(text: &str) -> (FoldedProfile, usize) {
     let mut profile = FoldedProfile::default();
     let mut bad = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match line.rsplit_once(' ').and_then(|(s, c)| Some((s, c.parse::<u64>().ok()?))) {
+        match line
+            .rsplit_once(' ')
+            .and_then(|(s, c)| Some((s, c.parse::<u64>().ok()?)))
+        {
             Some((stack, count)) if !stack.is_empty() => {
                 *profile.stacks.entry(stack.to_string()).or_default() += count;
                 profile.total += count;

@@ -53,12 +53,18 @@ mod tests {
 
     #[test]
     fn names_the_missing_capability() {
-        assert_eq!(missing_capability(0), Some(("loading the eBPF program", "CAP_BPF")));
+        assert_eq!(
+            missing_capability(0),
+            Some(("loading the eBPF program", "CAP_BPF"))
+        );
         assert_eq!(
             missing_capability(1 << CAP_BPF),
             Some(("sampling every CPU with perf events", "CAP_PERFMON"))
         );
-        assert_eq!(missing_capability((1 << CAP_BPF) | (1 << CAP_PERFMON)), None);
+        assert_eq!(
+            missing_capability((1 << CAP_BPF) | (1 << CAP_PERFMON)),
+            None
+        );
         assert_eq!(missing_capability(1 << CAP_SYS_ADMIN), None);
     }
 

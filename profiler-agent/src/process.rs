@@ -67,7 +67,10 @@ pub struct Mapping {
 #[derive(Clone, Debug)]
 pub enum Location {
     /// In an open binary, at this file offset.
-    Binary { binary: Arc<Binary>, file_offset: u64 },
+    Binary {
+        binary: Arc<Binary>,
+        file_offset: u64,
+    },
     /// In a mapping we cannot read symbols from.
     Module { name: String, offset: u64 },
     /// Outside every known mapping.
@@ -374,7 +377,11 @@ mod tests {
         assert_eq!(anon.pathname, "");
         let vdso = parse_maps_line("7ffd1000-7ffd3000 r-xp 00000000 00:00 0  [vdso]").unwrap();
         assert_eq!(vdso.pathname, "[vdso]");
-        assert!(!parse_maps_line("7ffd1000-7ffd3000 rw-p 0 00:00 0").unwrap().executable);
+        assert!(
+            !parse_maps_line("7ffd1000-7ffd3000 rw-p 0 00:00 0")
+                .unwrap()
+                .executable
+        );
         assert!(parse_maps_line("garbage").is_none());
         assert!(parse_maps_line("zz-10 r-xp 0 00:00 0").is_none());
     }
@@ -409,11 +416,18 @@ mod tests {
         let mut cache = ProcessCache::new(dir.path(), 16, 16);
         assert!(cache.observe(10));
         assert!(cache.observe(11));
-        assert_eq!(cache.binary_count(), 1, "one binary opened for two processes");
+        assert_eq!(
+            cache.binary_count(),
+            1,
+            "one binary opened for two processes"
+        );
         assert_eq!(cache.stats().binaries_opened, 1);
 
         match cache.locate(10, 0x1010) {
-            Location::Binary { binary, file_offset } => {
+            Location::Binary {
+                binary,
+                file_offset,
+            } => {
                 assert_eq!(file_offset, 0x3010);
                 assert_eq!(binary.path, exe);
                 assert!(binary.symbol_path.starts_with("/proc/self/fd"));

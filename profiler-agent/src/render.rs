@@ -1,7 +1,7 @@
 //! Flame graph SVGs rendered by inferno from folded stacks.
 use std::io::Write;
 
-use crate::{Error, Result, fold::FoldedProfile};
+use crate::{fold::FoldedProfile, Error, Result};
 
 /// What the flame graph's title says about the recording.
 #[derive(Clone, Debug)]
@@ -30,8 +30,12 @@ pub fn write_svg(profile: &FoldedProfile, info: &RenderInfo, out: impl Write) ->
     if lines.is_empty() {
         // inferno refuses empty input; say so in the picture instead.
         options.subtitle = Some("no samples were recorded".into());
-        return inferno::flamegraph::from_lines(&mut options, ["[no samples] 1"].iter().copied(), out)
-            .map_err(|e| Error::Render(e.to_string()));
+        return inferno::flamegraph::from_lines(
+            &mut options,
+            ["[no samples] 1"].iter().copied(),
+            out,
+        )
+        .map_err(|e| Error::Render(e.to_string()));
     }
     inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)
         .map_err(|e| Error::Render(e.to_string()))
@@ -68,6 +72,8 @@ mod tests {
         };
         let mut svg = Vec::new();
         write_svg(&FoldedProfile::default(), &info, &mut svg).unwrap();
-        assert!(String::from_utf8(svg).unwrap().contains("no samples were recorded"));
+        assert!(String::from_utf8(svg)
+            .unwrap()
+            .contains("no samples were recorded"));
     }
 }

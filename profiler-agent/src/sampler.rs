@@ -16,41 +16,109 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     sync::{
-        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{
         Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap,
     },
     programs::{
-        PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent, RawTracePoint,
     },
+    Ebpf, EbpfLoader,
 };
-use profiler_common::{Config, Counter, NewPid, StackKey};
+use profiler_common::{Config, Counter, NewPid, StackKey, OVERFLOW_STACK_BIT};
 
 use crate::{
-    Error, Result,
     config::SamplerOptions,
-    drain::{Counters, RawWindow, SampleSource, decode_key},
+    drain::{decode_key, Counters, RawWindow, SampleSource},
     privileges,
     process::ProcessCache,
+    Error, Result,
 };
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
-const MAP_SETS: [(&str, &str); 2] = [("COUNTS_A", "STACKS_A"), ("COUNTS_B", "STACKS_B")];
+/// (count map, main stack map, overflow stack map) of the A and B sets.
+const MAP_SETS: [(&str, &str, &str); 2] = [
+    ("COUNTS_A", "STACKS_A", "STACKS_A_OVERFLOW"),
+    ("COUNTS_B", "STACKS_B", "STACKS_B_OVERFLOW"),
+];
+
+/// The maps of one set, owned by the sampler.
+struct MapSet {
+    counts: PerCpuHashMap<MapData, StackKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    overflow: StackTraceMap<MapData>,
+}
+
+impl MapSet {
+    fn take(ebpf: &mut Ebpf, (counts, stacks, overflow): (&str, &str, &str)) -> Result<Self> {
+        Ok(Self {
+            counts: take_map(ebpf, counts)?,
+            stacks: take_map(ebpf, stacks)?,
+            overflow: take_map(ebpf, overflow)?,
+        })
+    }
+
+    /// Frames of a stack id, leaf first; ids tagged with
+    /// [`OVERFLOW_STACK_BIT`] live in the overflow map.
+    fn frames(&self, id: u32) -> Option<Vec<u64>> {
+        let (map, id) = if id & OVERFLOW_STACK_BIT as u32 != 0 {
+            (&self.overflow, id & !(OVERFLOW_STACK_BIT as u32))
+        } else {
+            (&self.stacks, id)
+        };
+        let trace = map.get(&id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// Reads every entry, then empties the set. Only called on the idle set.
+    fn read_and_clear(&mut self) -> Result<RawWindow> {
+        let mut entries: Vec<(StackKey, u64)> = Vec::new();
+        for item in self.counts.iter() {
+            let (key, values) = item.map_err(|e| ebpf_error("reading a count map", e))?;
+            entries.push((key, values.iter().sum()));
+        }
+        let mut window = RawWindow::default();
+        let mut cache: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
+        for (key, count) in &entries {
+            let (sample, missing) = decode_key(key, *count, |id| {
+                cache.entry(id).or_insert_with(|| self.frames(id)).clone()
+            });
+            if missing {
+                window.missing_stacks += count;
+            }
+            window.samples.push(sample);
+        }
+        for map in [&mut self.stacks, &mut self.overflow] {
+            let ids: Vec<u32> = map.stack_ids().filter_map(|id| id.ok()).collect();
+            for id in ids {
+                // An id already gone is fine: the goal is an empty map.
+                let _ = map.remove(&id);
+            }
+        }
+        for (key, _) in &entries {
+            let _ = self.counts.remove(key);
+        }
+        Ok(window)
+    }
+}
 
 /// A running sampler. Dropping it detaches the program.
 pub struct Sampler {
     ebpf: Ebpf,
+    sets: [MapSet; 2],
+    config_map: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    known_pids: BpfHashMap<MapData, u32, u8>,
     config: Config,
     grace: Duration,
     started: Instant,
@@ -60,7 +128,10 @@ pub struct Sampler {
     announcer: Option<JoinHandle<()>>,
 }
 
-fn ebpf_error(what: impl Into<String>, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+fn ebpf_error(
+    what: impl Into<String>,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     let what = what.into();
     // Name the privilege or kernel feature when the kernel said so.
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
@@ -114,9 +185,10 @@ impl Sampler {
         raise_fd_limit();
 
         let mut loader = EbpfLoader::new();
-        for (counts, stacks) in MAP_SETS {
+        for (counts, stacks, overflow) in MAP_SETS {
             loader.map_max_entries(counts, options.count_map_entries);
             loader.map_max_entries(stacks, options.stack_map_entries);
+            loader.map_max_entries(overflow, (options.stack_map_entries / 4).max(64));
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -128,15 +200,20 @@ impl Sampler {
             include_idle: u32::from(options.include_idle),
             reserved: 0,
         };
-        {
-            let mut filter: BpfHashMap<_, u32, u8> = map_mut(&mut ebpf, "FILTER_PIDS")?;
-            for pid in &options.pids {
-                filter
-                    .insert(pid, 1, 0)
-                    .map_err(|e| ebpf_error("filling the pid filter", e))?;
-            }
+        let mut filter: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "FILTER_PIDS")?;
+        for pid in &options.pids {
+            filter
+                .insert(pid, 1, 0)
+                .map_err(|e| ebpf_error("filling the pid filter", e))?;
         }
-        write_config(&mut ebpf, config)?;
+        let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, "CONFIG")?;
+        write_config(&mut config_map, config)?;
+        let sets = [
+            MapSet::take(&mut ebpf, MAP_SETS[0])?,
+            MapSet::take(&mut ebpf, MAP_SETS[1])?,
+        ];
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let known_pids = take_map(&mut ebpf, "KNOWN_PIDS")?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -151,24 +228,31 @@ impl Sampler {
             .try_into()
             .map_err(|e| ebpf_error("opening the NEW_PIDS ring buffer", e))?;
 
-        let exec: &mut TracePoint = program(&mut ebpf, "on_exec")?;
+        let exec: &mut RawTracePoint = program(&mut ebpf, "on_exec")?;
         exec.load()
             .map_err(|e| ebpf_error("loading the on_exec program", e))?;
-        exec.attach("sched", "sched_process_exec")
-            .map_err(|e| ebpf_error("attaching to sched/sched_process_exec", e))?;
+        exec.attach("sched_process_exec")
+            .map_err(|e| ebpf_error("attaching to the sched_process_exec raw tracepoint", e))?;
 
         let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::io(what, e))?;
         let prog: &mut PerfEvent = program(&mut ebpf, "profile")?;
-        prog.load().map_err(|e| ebpf_error("loading the profile program (verifier)", e))?;
+        prog.load()
+            .map_err(|e| ebpf_error("loading the profile program (verifier)", e))?;
         let mut links = Vec::with_capacity(cpus.len());
         for cpu in &cpus {
-            let link = prog.attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
-                SamplePolicy::Frequency(options.frequency),
-                false,
-            )
-            .map_err(|e| ebpf_error(format!("attaching to the cpu-clock perf event of CPU {cpu}"), e))?;
+            let link = prog
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+                    SamplePolicy::Frequency(options.frequency),
+                    false,
+                )
+                .map_err(|e| {
+                    ebpf_error(
+                        format!("attaching to the cpu-clock perf event of CPU {cpu}"),
+                        e,
+                    )
+                })?;
             links.push(link);
         }
 
@@ -187,6 +271,10 @@ impl Sampler {
         );
         Ok(Self {
             ebpf,
+            sets,
+            config_map,
+            counters,
+            known_pids,
             config,
             grace: options.grace_period,
             started: Instant::now(),
@@ -236,72 +324,20 @@ impl Sampler {
         let size = info.size_translated().unwrap_or(0) as u64 / 8;
         Some((info.verified_instruction_count().unwrap_or(0) as u64, size))
     }
-
-    fn read_and_clear(&mut self, set: usize) -> Result<RawWindow> {
-        let (counts_name, stacks_name) = MAP_SETS[set];
-        let entries: Vec<(StackKey, u64)> = {
-            let counts: PerCpuHashMap<_, StackKey, u64> = map_mut(&mut self.ebpf, counts_name)?;
-            let mut entries = Vec::new();
-            for item in counts.iter() {
-                let (key, values) = item.map_err(|e| ebpf_error(format!("reading {counts_name}"), e))?;
-                entries.push((key, values.iter().sum()));
-            }
-            entries
-        };
-
-        let mut window = RawWindow::default();
-        {
-            let mut stacks: StackTraceMap<_> = map_mut(&mut self.ebpf, stacks_name)?;
-            let mut frames: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
-            for (key, count) in &entries {
-                let (sample, missing) = decode_key(key, *count, |id| {
-                    frames
-                        .entry(id)
-                        .or_insert_with(|| {
-                            stacks
-                                .get(&id, 0)
-                                .ok()
-                                .map(|t| t.frames().iter().map(|f| f.ip).collect())
-                        })
-                        .clone()
-                });
-                if missing {
-                    window.missing_stacks += count;
-                }
-                window.samples.push(sample);
-            }
-            let ids: Vec<u32> = stacks.stack_ids().filter_map(|id| id.ok()).collect();
-            for id in ids {
-                // An id already gone is fine: the goal is an empty map.
-                let _ = stacks.remove(&id);
-            }
-        }
-
-        let mut counts: PerCpuHashMap<_, StackKey, u64> = map_mut(&mut self.ebpf, counts_name)?;
-        for (key, _) in &entries {
-            let _ = counts.remove(key);
-        }
-        Ok(window)
-    }
 }
 
 impl SampleSource for Sampler {
     fn drain(&mut self) -> Result<RawWindow> {
         let idle = self.config.active_set as usize;
         self.config.active_set ^= 1;
-        write_config(&mut self.ebpf, self.config)?;
+        write_config(&mut self.config_map, self.config)?;
         // Programs that read the old active set run for microseconds.
         std::thread::sleep(self.grace);
-        self.read_and_clear(idle)
+        self.sets[idle].read_and_clear()
     }
 
     fn counters(&self) -> Result<Counters> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .ok_or_else(|| missing_map("COUNTERS"))?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|e| ebpf_error("opening COUNTERS", e))?;
+        let counters = &self.counters;
         let mut out = Counters::default();
         for counter in Counter::ALL {
             let values = counters
@@ -313,10 +349,8 @@ impl SampleSource for Sampler {
     }
 
     fn forget_pids(&mut self, pids: &[u32]) {
-        if let Ok(mut known) = map_mut::<BpfHashMap<_, u32, u8>>(&mut self.ebpf, "KNOWN_PIDS") {
-            for pid in pids {
-                let _ = known.remove(pid);
-            }
+        for pid in pids {
+            let _ = self.known_pids.remove(pid);
         }
     }
 }
@@ -337,11 +371,11 @@ fn missing_map(name: &str) -> Error {
     }
 }
 
-fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
-    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.map_mut(name).ok_or_else(|| missing_map(name))?;
+    let map = ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
     T::try_from(map).map_err(|e| ebpf_error(format!("opening map {name}"), e))
 }
 
@@ -357,8 +391,7 @@ where
         .map_err(|e| ebpf_error(format!("program {name}"), e))
 }
 
-fn write_config(ebpf: &mut Ebpf, config: Config) -> Result<()> {
-    let mut map: Array<_, Config> = map_mut(ebpf, "CONFIG")?;
+fn write_config(map: &mut Array<MapData, Config>, config: Config) -> Result<()> {
     map.set(0, config, 0)
         .map_err(|e| ebpf_error("writing CONFIG", e))
 }
@@ -371,7 +404,8 @@ fn raise_fd_limit() {
     };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

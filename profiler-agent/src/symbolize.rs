@@ -14,8 +14,8 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    Input, Symbolized, Symbolizer,
     source::{Elf, Kernel, Source},
+    Input, Symbolized, Symbolizer,
 };
 
 use crate::process::{BinaryKey, Location, ProcessCache};
@@ -36,7 +36,11 @@ pub trait Symbolize {
 
 /// The address to look up for the `index`-th frame of a leaf-first stack.
 pub fn lookup_address(index: usize, ip: u64) -> u64 {
-    if index == 0 { ip } else { ip.saturating_sub(1) }
+    if index == 0 {
+        ip
+    } else {
+        ip.saturating_sub(1)
+    }
 }
 
 /// Replaces characters that would break a folded line (`;` separates frames,
@@ -319,10 +323,17 @@ mod tests {
 
         let again = sym.user_stack(pid, &[addr]);
         assert_eq!(again, frames);
-        assert_eq!(sym.stats().lookups, 1, "second lookup must come from the cache");
+        assert_eq!(
+            sym.stats().lookups,
+            1,
+            "second lookup must come from the cache"
+        );
         assert_eq!(sym.stats().cache_hits, 1);
         let processes = processes.lock().unwrap();
-        assert_eq!(processes.binary_count() as u64, processes.stats().binaries_opened);
+        assert_eq!(
+            processes.binary_count() as u64,
+            processes.stats().binaries_opened
+        );
     }
 
     #[test]

@@ -13,10 +13,16 @@ pub const COMM_LEN: usize = 16;
 /// (a user-mode sample has no kernel stack, a kernel thread no user stack).
 pub const NO_STACK: i32 = -1;
 
+/// Set in a stack id that refers to the overflow stack-trace map of its set
+/// (used when the main map's bucket for that stack held another stack).
+pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
+
 /// Number of map sets the program alternates between (A/B double buffering).
 pub const MAP_SETS: u32 = 2;
 
-/// Default capacity of each stack-trace map (distinct stacks per window).
+/// Default capacity of each main stack-trace map (distinct stacks per
+/// window). Each entry preallocates about 1 KiB of kernel memory; the
+/// overflow map of each set has a quarter of the entries.
 pub const DEFAULT_STACK_MAP_ENTRIES: u32 = 16_384;
 /// Default capacity of each count map (distinct keys per window).
 pub const DEFAULT_COUNT_MAP_ENTRIES: u32 = 16_384;
@@ -79,9 +85,10 @@ pub enum Counter {
     IdleSkipped = 2,
     /// Samples of processes outside the pid filter (not a drop).
     Filtered = 3,
-    /// User stack lost: stack-trace map bucket held another stack (`-EEXIST`).
+    /// User stack lost: its bucket held another stack in both the main and
+    /// the overflow stack-trace map (`-EEXIST`).
     UserStackCollision = 4,
-    /// Kernel stack lost: stack-trace map bucket held another stack (`-EEXIST`).
+    /// Kernel stack lost: its bucket held another stack in both maps (`-EEXIST`).
     KernelStackCollision = 5,
     /// A stack lost because the stack-trace map was full (`-ENOMEM`).
     StackMapFull = 6,

@@ -19,21 +19,22 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, perf_event, tracepoint},
+    macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
+    programs::{tracing::StackIdContext, PerfEventContext, RawTracePointContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    COMM_LEN, COUNTER_COUNT, Config, Counter, DEFAULT_COUNT_MAP_ENTRIES,
+    Config, Counter, NewPid, StackKey, COMM_LEN, COUNTER_COUNT, DEFAULT_COUNT_MAP_ENTRIES,
     DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS, NEW_PID_RING_BYTES, NO_STACK,
-    NewPid, StackKey,
+    OVERFLOW_STACK_BIT,
 };
 
-const EEXIST: i32 = 17;
-const ENOMEM: i32 = 12;
-const EFAULT: i32 = 14;
-const E2BIG: i32 = 7;
+// Helpers return negated errno values.
+const EEXIST: i32 = -17;
+const ENOMEM: i32 = -12;
+const EFAULT: i32 = -14;
+const E2BIG: i32 = -7;
 const BPF_NOEXIST: u64 = 1;
 
 #[map]
@@ -49,6 +50,16 @@ static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_PIDS
 static STACKS_A: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES, 0);
 #[map]
 static STACKS_B: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES, 0);
+
+/// Second chance for a stack whose bucket in the main map holds another
+/// stack (`-EEXIST`). Ids from here carry [`OVERFLOW_STACK_BIT`]. Its bucket
+/// count differs from the main map's, so the two rarely collide together.
+#[map]
+static STACKS_A_OVERFLOW: StackTrace =
+    StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES / 4, 0);
+#[map]
+static STACKS_B_OVERFLOW: StackTrace =
+    StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES / 4, 0);
 
 #[map]
 static COUNTS_A: PerCpuHashMap<StackKey, u64> =
@@ -115,22 +126,25 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     }
 
     let in_kernel = sampled_in_kernel(ctx);
-    let (stacks, counts) = if config.active_set == 0 {
-        (&STACKS_A, &COUNTS_A)
+    let (stacks, overflow, counts) = if config.active_set == 0 {
+        (&STACKS_A, &STACKS_A_OVERFLOW, &COUNTS_A)
     } else {
-        (&STACKS_B, &COUNTS_B)
+        (&STACKS_B, &STACKS_B_OVERFLOW, &COUNTS_B)
     };
 
     // A user-mode sample has no kernel stack: don't ask for one.
     let kernel_stack_id = if in_kernel {
-        match ctx.get_stackid(stacks, 0) {
-            Ok(id) => id as i32,
+        match stack_id(ctx, stacks, overflow, 0) {
+            Ok(id) => id,
             Err(err) => {
                 bump(match err {
                     EEXIST => Counter::KernelStackCollision,
                     ENOMEM => Counter::StackMapFull,
                     EFAULT => Counter::KernelStackFault,
-                    _ => Counter::StackOtherError,
+                    _ => {
+                        debug!(ctx, "kernel bpf_get_stackid failed: {}", err);
+                        Counter::StackOtherError
+                    }
                 });
                 NO_STACK
             }
@@ -144,15 +158,18 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     let user_stack_id = if tgid == 0 {
         NO_STACK
     } else {
-        match ctx.get_stackid(stacks, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as i32,
+        match stack_id(ctx, stacks, overflow, BPF_F_USER_STACK as u64) {
+            Ok(id) => id,
             Err(err) => {
                 bump(match err {
                     EEXIST => Counter::UserStackCollision,
                     ENOMEM => Counter::StackMapFull,
                     EFAULT if in_kernel => Counter::KernelOnly,
                     EFAULT => Counter::UserStackFault,
-                    _ => Counter::StackOtherError,
+                    _ => {
+                        debug!(ctx, "user bpf_get_stackid failed: {}", err);
+                        Counter::StackOtherError
+                    }
                 });
                 NO_STACK
             }
@@ -187,10 +204,29 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// `sched/sched_process_exec`: the process got a new image, so its next
-/// sample announces it again and userspace re-reads its mappings.
-#[tracepoint]
-pub fn on_exec(_ctx: TracePointContext) -> u32 {
+/// Stack id in the main map, or in the overflow map (tagged) when the main
+/// map's bucket holds another stack.
+#[inline(always)]
+fn stack_id(
+    ctx: &PerfEventContext,
+    main: &StackTrace,
+    overflow: &StackTrace,
+    flags: u64,
+) -> Result<i32, i32> {
+    match ctx.get_stackid(main, flags) {
+        Ok(id) => Ok(id as i32),
+        Err(EEXIST) => ctx
+            .get_stackid(overflow, flags)
+            .map(|id| id as i32 | OVERFLOW_STACK_BIT),
+        Err(err) => Err(err),
+    }
+}
+
+/// Raw tracepoint `sched_process_exec` (no tracefs needed): the process got
+/// a new image, so its next sample announces it again and userspace re-reads
+/// its mappings.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = KNOWN_PIDS.remove(tgid);
     0

@@ -1,0 +1,323 @@
+//! End-to-end: the real agent profiles real workloads, and we check what a
+//! user would check in the flame graph. Needs root (see `support::privileged`).
+mod support;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use support::*;
+
+/// C built with frame pointers: the hot path main -> outer -> inner_hot
+/// appears in that order under the process name.
+#[test]
+fn c_call_chain_in_order() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("chain");
+    let w = Workload::spawn(&bin, &["6"]);
+    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let (matching, total) = count_where(&rec.profile, "chain", |f| {
+        has_chain(f, &["main", "outer", "inner_hot"]) && f.last() == Some(&"inner_hot")
+    });
+    assert!(
+        total >= 200,
+        "too few samples of chain: {total}\n{}",
+        dump(&rec.profile, "chain")
+    );
+    assert!(
+        matching * 100 >= total * 90,
+        "main;outer;inner_hot in {matching} of {total} samples\n{}",
+        dump(&rec.profile, "chain")
+    );
+    // Only the filtered process is in the profile.
+    assert!(rec.profile.iter().all(|(s, _)| s.starts_with("chain;")));
+}
+
+/// Time split 3:1 between work_a and work_b: the measured share is within
+/// 5 percentage points of 75 %.
+#[test]
+fn ratio_of_two_functions_within_five_points() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("ratio");
+    let w = Workload::spawn(&bin, &["8"]);
+    let (rec, _) = record_with(&options(vec![w.pid()], 4.0, 499), || ());
+    let (a, _) = count_where(&rec.profile, "ratio", |f| f.contains(&"work_a"));
+    let (b, _) = count_where(&rec.profile, "ratio", |f| f.contains(&"work_b"));
+    assert!(
+        a + b >= 1000,
+        "too few samples: a={a} b={b}\n{}",
+        dump(&rec.profile, "ratio")
+    );
+    let share = 100.0 * a as f64 / (a + b) as f64;
+    assert!(
+        (share - 75.0).abs() <= 5.0,
+        "work_a share {share:.1}% (a={a}, b={b}), expected 75 ± 5\n{}",
+        dump(&rec.profile, "ratio")
+    );
+}
+
+/// Rust with frame pointers: function names appear demangled.
+#[test]
+fn rust_names_are_demangled() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("rustwork");
+    let w = Workload::spawn(&bin, &["6"]);
+    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    // Inlined callees of the hot loop may sit above it as `_[i]` frames.
+    let (hot, total) = count_where(&rec.profile, "rustwork", |f| {
+        has_chain(f, &["rustwork::main", "rustwork::crunch::hot_rust_loop"])
+            && f.iter()
+                .skip_while(|x| **x != "rustwork::crunch::hot_rust_loop")
+                .skip(1)
+                .all(|x| x.ends_with("_[i]"))
+    });
+    assert!(
+        total > 100 && hot * 100 >= total * 80,
+        "rustwork::main -> rustwork::crunch::hot_rust_loop in {hot} of {total} samples\n{}",
+        dump(&rec.profile, "rustwork")
+    );
+    assert!(
+        rec.profile.iter().all(|(s, _)| !s.contains("_ZN")),
+        "mangled names left:\n{}",
+        dump(&rec.profile, "rustwork")
+    );
+}
+
+/// Go (Debian's golang-go): main.hotGoLoop under main.main.
+#[test]
+fn go_hot_function_under_main_main() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("gowork");
+    let w = Workload::spawn(&bin, &["6"]);
+    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let (hot, total) = count_where(&rec.profile, "gowork", |f| {
+        has_chain(f, &["main.main", "main.hotGoLoop"])
+    });
+    assert!(
+        total > 100 && hot * 100 >= total * 80,
+        "main.main;main.hotGoLoop in {hot} of {total} samples\n{}",
+        dump(&rec.profile, "gowork")
+    );
+}
+
+/// A process that runs ~300 ms and exits long before the drain still gets
+/// named frames: its mappings were captured at its first sample.
+#[test]
+fn short_lived_process_is_still_named() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    // A distinct comm, so we find it among everything on the host.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("shortlived");
+    std::fs::copy(workload("chain"), &bin).unwrap();
+    let mut opts = options(vec![], 3.0, 999);
+    opts.drain_interval = Duration::from_secs(60); // only the final drain
+    let (rec, status) = record_with(&opts, || {
+        std::thread::sleep(Duration::from_millis(200));
+        let w = Workload::spawn(&bin, &["0.3"]);
+        w.wait()
+    });
+    assert!(status.success());
+    let (named, total) = count_where(&rec.profile, "shortlived", |f| {
+        has_chain(f, &["main", "outer", "inner_hot"])
+    });
+    assert!(
+        total >= 50,
+        "too few samples of the short-lived process: {total}\n{}",
+        dump(&rec.profile, "shortlived")
+    );
+    assert!(
+        named * 100 >= total * 80,
+        "named in {named} of {total} samples\n{}",
+        dump(&rec.profile, "shortlived")
+    );
+}
+
+/// A binary that only exists in another mount namespace (a private tmpfs)
+/// is still read, through /proc/PID/map_files.
+#[test]
+fn binary_in_other_mount_namespace_is_named() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("chain");
+    let mnt = tempfile::tempdir().unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs {mnt} && cp {bin} {mnt}/nsworkload && exec {mnt}/nsworkload 6",
+        mnt = mnt.path().display(),
+        bin = bin.display()
+    );
+    let w = Workload::spawn_command(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(&script),
+    );
+    // Wait until the workload runs from its private tmpfs.
+    let exe = format!("/proc/{}/exe", w.pid());
+    let mut running = false;
+    for _ in 0..100 {
+        if std::fs::read_link(&exe).is_ok_and(|p| p.ends_with("nsworkload")) {
+            running = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(running, "the workload did not start in its mount namespace");
+    assert!(
+        !mnt.path().join("nsworkload").exists(),
+        "the binary must not be visible from the host's mount namespace"
+    );
+    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let (named, total) = count_where(&rec.profile, "nsworkload", |f| {
+        has_chain(f, &["main", "outer", "inner_hot"])
+    });
+    assert!(
+        total > 100 && named * 100 >= total * 80,
+        "named in {named} of {total} samples\n{}",
+        dump(&rec.profile, "nsworkload")
+    );
+}
+
+/// A syscall-heavy workload shows kernel frames, suffixed `_[k]`, above its
+/// user frames. (libc's syscall wrappers set up no frame, so the walk skips
+/// their caller `copy_chunk`: the documented frame-pointer leaf caveat.)
+#[test]
+fn kernel_frames_for_syscalls() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("syscalls");
+    let w = Workload::spawn(&bin, &["6"]);
+    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let (in_kernel, total) = count_where(&rec.profile, "syscalls", |f| {
+        let Some(first_k) = f.iter().position(|x| x.ends_with("_[k]")) else {
+            return false;
+        };
+        // User frames below, kernel frames above, never mixed.
+        f[..first_k].contains(&"main") && f[first_k..].iter().all(|x| x.ends_with("_[k]"))
+    });
+    let (read_path, _) = count_where(&rec.profile, "syscalls", |f| {
+        has_chain(f, &["vfs_read_[k]", "read_zero_[k]"])
+    });
+    assert!(
+        total > 100 && in_kernel * 100 >= total * 50 && read_path > 0,
+        "copy_chunk -> kernel frames in {in_kernel} of {total} samples, read path in {read_path}\n{}",
+        dump(&rec.profile, "syscalls")
+    );
+}
+
+/// A normal whole-host run: every drop counter reads zero, and every sample
+/// the kernel recorded is in the profile (the A/B drain loses nothing).
+#[test]
+fn normal_run_has_no_drops_and_loses_nothing() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("chain");
+    let _w = Workload::spawn(&bin, &["6"]);
+    let (rec, _) = record_with(&options(vec![], 3.0, 99), || ());
+    let drops = profiler_agent::summary::nonzero_drops(&rec);
+    assert!(drops.is_empty(), "drops in a normal run: {drops:?}");
+    let recorded = rec.counters.get(profiler_common::Counter::Recorded);
+    assert!(recorded > 250, "recorded only {recorded} samples");
+    assert_eq!(
+        rec.profile.total(),
+        recorded,
+        "samples recorded by the kernel vs samples in the profile"
+    );
+    // ~99 Hz on the busy CPU for 3 s, plus whatever else ran.
+    let (chain, _) = count_where(&rec.profile, "chain", |_| true);
+    assert!(
+        (250..=320).contains(&chain),
+        "chain got {chain} samples in 3 s at 99 Hz"
+    );
+}
+
+/// The command line: `record -p PID` writes the SVG and folded files and
+/// prints the summary; bad arguments give clear errors.
+#[test]
+fn cli_record_and_errors() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let agent = agent_binary();
+    let bin = workload("chain");
+    let w = Workload::spawn(&bin, &["5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("flame.svg");
+    let folded = dir.path().join("out.folded");
+    let out = Command::new(&agent)
+        .args([
+            "record",
+            "-d",
+            "2s",
+            "-F",
+            "199",
+            "-p",
+            &w.pid().to_string(),
+            "-o",
+        ])
+        .arg(&svg)
+        .arg("--folded")
+        .arg(&folded)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "agent failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("inner_hot"),
+        "summary lacks the top function:\n{stdout}"
+    );
+    assert!(stdout.contains("Drops: none."), "{stdout}");
+    assert!(stdout.contains(&svg.display().to_string()));
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.contains("inner_hot"));
+    assert!(svg_text.contains("at 199 Hz"));
+    let folded_text = std::fs::read_to_string(&folded).unwrap();
+    assert!(folded_text
+        .lines()
+        .any(|l| l.starts_with("chain;") && l.contains("main;outer;inner_hot")));
+
+    let fail = |args: &[&str]| {
+        let out = Command::new(&agent).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = fail(&["record", "-F", "0", "-d", "1s"]);
+    assert!(err.contains("between 1 and 10000"), "{err}");
+    let err = fail(&["record", "-F", "20000", "-d", "1s"]);
+    assert!(err.contains("between 1 and 10000"), "{err}");
+    let err = fail(&[
+        "record",
+        "-p",
+        "999999999",
+        "-d",
+        "1s",
+        "-o",
+        &dir.path().join("x.svg").display().to_string(),
+    ]);
+    assert!(err.contains("no process with pid 999999999"), "{err}");
+    let err = fail(&["record", "-d", "1s", "-o", "/nonexistent-dir/x.svg"]);
+    assert!(err.contains("cannot write /nonexistent-dir/x.svg"), "{err}");
+    assert!(!Path::new("/nonexistent-dir").exists());
+}

@@ -1,0 +1,237 @@
+//! Shared helpers of the end-to-end tests: privilege checks, workload
+//! builds, running the agent and reading its profile like a user would.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use profiler_agent::{
+    config::{RecordOptions, SamplerOptions},
+    fold::FoldedProfile,
+    record::{Recorder, Recording},
+};
+
+/// Whether the privileged tests can run here. Without root they are skipped
+/// with a printed reason, except in CI (`CI` set), where that is a failure.
+/// Root on a kernel with BPF and perf events always runs them: a load or
+/// attach failure then fails the test.
+pub fn privileged() -> bool {
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root (the tests load eBPF programs)")
+    } else if !Path::new("/sys/fs/bpf").exists()
+        && !Path::new("/proc/sys/kernel/bpf_stats_enabled").exists()
+    {
+        Some("the kernel has no BPF support (CONFIG_BPF_SYSCALL)")
+    } else if !Path::new("/proc/sys/kernel/perf_event_paranoid").exists() {
+        Some("the kernel has no perf events (CONFIG_PERF_EVENTS)")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if std::env::var_os("CI").is_some() => {
+            panic!("privileged test cannot run in CI: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED: {reason}");
+            false
+        }
+    }
+}
+
+/// Profiling tests run one at a time: they share two CPUs.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn workloads_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads")
+}
+
+fn build_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("workloads");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_build(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the build of {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds (once per test run) the workload `name` and returns its path.
+/// C and Rust are built with frame pointers; Go keeps them by default.
+pub fn workload(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(n, _)| n == name) {
+        return path.clone();
+    }
+    let src = workloads_src();
+    let out = build_dir().join(name);
+    match name {
+        "chain" | "ratio" | "syscalls" => run_build(
+            Command::new("gcc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+                .arg(&out)
+                .arg(src.join(format!("{name}.c"))),
+            name,
+        ),
+        "rustwork" => run_build(
+            Command::new("rustc")
+                .args([
+                    "--edition=2021",
+                    "-C",
+                    "opt-level=1",
+                    "-C",
+                    "force-frame-pointers=yes",
+                    "-g",
+                    "-o",
+                ])
+                .arg(&out)
+                .arg(src.join("rustwork.rs")),
+            name,
+        ),
+        "gowork" => {
+            let cache = build_dir().join("go-cache");
+            run_build(
+                Command::new("go")
+                    .args(["build", "-o"])
+                    .arg(&out)
+                    .arg(src.join("gowork.go"))
+                    .env("GOCACHE", &cache)
+                    .env("GOPATH", build_dir().join("go-path"))
+                    .env("GO111MODULE", "off"),
+                name,
+            )
+        }
+        other => panic!("unknown workload {other}"),
+    }
+    built.push((name.to_string(), out.clone()));
+    out
+}
+
+/// A child process killed when dropped.
+pub struct Workload(pub Child);
+
+impl Workload {
+    pub fn spawn(path: &Path, args: &[&str]) -> Self {
+        Self::spawn_command(Command::new(path).args(args))
+    }
+
+    pub fn spawn_command(cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start workload {cmd:?}: {e}"));
+        Workload(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Record options for a test: short drain interval so several drains happen.
+pub fn options(pids: Vec<u32>, seconds: f64, frequency: u64) -> RecordOptions {
+    RecordOptions {
+        sampler: SamplerOptions {
+            frequency,
+            pids,
+            ..SamplerOptions::default()
+        },
+        duration: Some(Duration::from_secs_f64(seconds)),
+        drain_interval: Duration::from_secs(1),
+        ..RecordOptions::default()
+    }
+}
+
+/// Records with `options`; `during` runs once the sampler is attached.
+pub fn record_with<T>(options: &RecordOptions, during: impl FnOnce() -> T) -> (Recording, T) {
+    let recorder = Recorder::start(options).expect("the profiler must load and attach as root");
+    let value = during();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let recording = recorder.run(&stop).expect("recording failed");
+    (recording, value)
+}
+
+/// Stacks of one process as (frames root first, count); the process name
+/// (first frame) is left out.
+pub fn stacks_of<'a>(profile: &'a FoldedProfile, process: &str) -> Vec<(Vec<&'a str>, u64)> {
+    profile
+        .iter()
+        .filter_map(|(stack, count)| {
+            let mut frames = stack.split(';');
+            (frames.next() == Some(process)).then(|| (frames.collect(), count))
+        })
+        .collect()
+}
+
+/// Samples of a process whose stack satisfies `pred`, and all its samples.
+pub fn count_where(
+    profile: &FoldedProfile,
+    process: &str,
+    pred: impl Fn(&[&str]) -> bool,
+) -> (u64, u64) {
+    let stacks = stacks_of(profile, process);
+    let total = stacks.iter().map(|(_, c)| c).sum();
+    let matching = stacks.iter().filter(|(f, _)| pred(f)).map(|(_, c)| c).sum();
+    (matching, total)
+}
+
+/// Whether `chain` appears as consecutive frames in `frames`.
+pub fn has_chain(frames: &[&str], chain: &[&str]) -> bool {
+    frames.windows(chain.len()).any(|w| w == chain)
+}
+
+/// A readable dump of a process's stacks for assertion messages.
+pub fn dump(profile: &FoldedProfile, process: &str) -> String {
+    let mut stacks = stacks_of(profile, process);
+    stacks.sort_by(|a, b| b.1.cmp(&a.1));
+    stacks
+        .iter()
+        .take(15)
+        .map(|(f, c)| format!("  {c:>6} {}", f.join(";")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The agent binary built next to this test (by `cargo xtask test`).
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/profiler-agent
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("profiler-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p profiler-agent`, done by `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
