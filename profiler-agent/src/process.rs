@@ -93,7 +93,7 @@ pub struct MapsLine {
 
 /// Parses one line of `/proc/PID/maps`; `None` if it is malformed.
 pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
-    let mut fields = line.splitn(6, |c: char| c == ' ');
+    let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
     let perms = fields.next()?;
     let offset = fields.next()?;

@@ -1,1 +1,306 @@
-fn main() {}
+//! Developer entry points: `cargo xtask setup | build | run | test`.
+//!
+//! - `setup` installs what a fresh machine lacks (LLVM 22, rust-src,
+//!   bpf-linker, gcc and Go for the test workloads); idempotent and fast when
+//!   everything is there.
+//! - `run` profiles this host and writes a flame graph under `target/profiles/`.
+//! - `test` is what CI runs: set-up, fmt, clippy, unit and privileged tests.
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The pinned toolchain (keep in sync with rust-toolchain.toml).
+const TOOLCHAIN: &str = "1.95.0";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for the profiler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks to build and test the profiler.
+    Setup,
+    /// Build the agent (release) with its eBPF program.
+    Build,
+    /// Profile the whole host and write a flame graph (needs root; re-runs with sudo -E).
+    Run {
+        /// Stop after this long (e.g. 10s); default: until Ctrl-C.
+        #[arg(short = 'd', long)]
+        duration: Option<String>,
+        /// Arguments for `profiler-agent record`, after `--` (e.g. -- -p 1234 -F 999).
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// Set-up, fmt check, clippy, unit tests and privileged end-to-end tests.
+    Test,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root())?;
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "profiler-agent"])
+        }
+        Task::Run {
+            duration,
+            agent_args,
+        } => run(duration, agent_args),
+        Task::Test => test(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed with {st}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command as root: directly, or through `sudo -E`.
+fn as_root(program: &str, args: &[&str]) -> Command {
+    if is_root() {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        cmd
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(program).args(args);
+        cmd
+    }
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!(
+            "missing {}: install them with your package manager (this set-up knows apt only)",
+            packages.join(", ")
+        );
+    }
+    step(&format!("installing {} with apt-get", packages.join(" ")));
+    // The package lists of a fresh machine may be empty or stale.
+    status(&mut as_root("apt-get", &["update", "-q"]))
+        .context("apt-get update failed: are Debian's package mirrors reachable?")?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    status(as_root("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("apt-get install {} failed", packages.join(" ")))
+}
+
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    let mut packages = Vec::new();
+    if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        packages.push("llvm-22-dev");
+    }
+    for (tool, package) in [
+        ("gcc", "gcc"),
+        ("go", "golang-go"),
+        ("unshare", "util-linux"),
+    ] {
+        if !succeeds("sh", &["-c", &format!("command -v {tool}")]) {
+            packages.push(package);
+        }
+    }
+    if !is_root() && !succeeds("sh", &["-c", "command -v sudo"]) {
+        bail!("not root and no sudo: run `cargo xtask setup` as root");
+    }
+    if !packages.is_empty() {
+        apt_install(&packages)?;
+    }
+
+    // rust-src: -Z build-std=core compiles `core` for the BPF target.
+    let sysroot = output("rustup", &["run", TOOLCHAIN, "rustc", "--print", "sysroot"])
+        .with_context(|| {
+            format!("the pinned toolchain {TOOLCHAIN} is missing: `rustup toolchain install {TOOLCHAIN}`")
+        })?;
+    let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    if !core_src.exists() {
+        step("adding rust-src to the pinned toolchain");
+        // A linked toolchain (1.95.0 -> stable) takes components through its target.
+        let target = std::fs::canonicalize(sysroot.trim())
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| TOOLCHAIN.into());
+        let toolchain = target
+            .trim_end_matches("-x86_64-unknown-linux-gnu")
+            .to_string();
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &toolchain,
+        ]))
+        .context("rustup could not add rust-src")?;
+    }
+
+    let linker_ok =
+        output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22), about 90 s"
+        ));
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )
+        .context("installing bpf-linker failed")?;
+    }
+    eprintln!(
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
+    setup()?;
+    step("building the agent (release)");
+    cargo(&["build", "--release", "-p", "profiler-agent"])?;
+    let agent = workspace_root().join("target/release/profiler-agent");
+    let dir = workspace_root().join("target/profiles");
+    std::fs::create_dir_all(&dir)?;
+
+    let mut args: Vec<OsString> = vec!["record".into()];
+    if let Some(d) = duration {
+        args.extend(["--duration".into(), d.into()]);
+    }
+    let has = |flags: &[&str]| {
+        agent_args.iter().any(|a| {
+            flags
+                .iter()
+                .any(|f| a == f || a.starts_with(&format!("{f}=")))
+        })
+    };
+    if !has(&["-o", "--output"]) {
+        let svg = dir.join("flamegraph.svg");
+        args.extend(["-o".into(), svg.into()]);
+    }
+    if !has(&["--folded"]) {
+        args.extend(["--folded".into(), dir.join("stacks.folded").into()]);
+    }
+    args.extend(agent_args.into_iter().map(OsString::from));
+
+    let mut cmd = if is_root() {
+        Command::new(&agent)
+    } else {
+        eprintln!("profiling needs root: re-running the agent with sudo -E");
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(&agent);
+        cmd
+    };
+    cmd.args(&args);
+    step(&format!(
+        "profiling this host ({})",
+        if args.iter().any(|a| a == "--duration" || a == "-d") {
+            "until the duration ends or Ctrl-C"
+        } else {
+            "until Ctrl-C"
+        }
+    ));
+    // Replace xtask, so Ctrl-C reaches the agent alone and it writes its output.
+    Err(cmd.exec()).context("cannot start the agent")
+}
+
+fn test() -> Result<()> {
+    let started = Instant::now();
+    setup()?;
+    step("cargo fmt --check");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    step("cargo clippy -D warnings");
+    cargo(&[
+        "clippy",
+        "-p",
+        "profiler-common",
+        "-p",
+        "profiler-agent",
+        "-p",
+        "xtask",
+        "-p",
+        "profiler-tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step("unit tests (no root needed)");
+    cargo(&["test"])?;
+    step("privileged end-to-end tests (real eBPF, real workloads)");
+    cargo(&["build", "-p", "profiler-agent"])?;
+    if is_root() {
+        cargo(&["test", "-p", "profiler-tests", "--", "--test-threads=1"])?;
+    } else {
+        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        status(&mut as_root(
+            &cargo_bin,
+            &["test", "-p", "profiler-tests", "--", "--test-threads=1"],
+        ))?;
+    }
+    eprintln!(
+        "all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -209,7 +209,7 @@ pub fn has_chain(frames: &[&str], chain: &[&str]) -> bool {
 /// A readable dump of a process's stacks for assertion messages.
 pub fn dump(profile: &FoldedProfile, process: &str) -> String {
     let mut stacks = stacks_of(profile, process);
-    stacks.sort_by(|a, b| b.1.cmp(&a.1));
+    stacks.sort_by_key(|s| std::cmp::Reverse(s.1));
     stacks
         .iter()
         .take(15)
