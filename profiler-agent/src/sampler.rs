@@ -264,12 +264,7 @@ impl Sampler {
                 .spawn(move || announce_loop(ring, logger, processes, stop))
                 .map_err(|e| Error::io("starting the pid announcer thread", e))?
         };
-        tracing::info!(
-            cpus = cpus.len(),
-            frequency = options.frequency,
-            "profiler attached to cpu-clock on every online CPU"
-        );
-        Ok(Self {
+        let sampler = Self {
             ebpf,
             sets,
             config_map,
@@ -282,7 +277,16 @@ impl Sampler {
             links,
             stop,
             announcer: Some(announcer),
-        })
+        };
+        let (verified, size) = sampler.program_info().unwrap_or_default();
+        tracing::info!(
+            cpus = sampler.attached_cpus,
+            frequency = options.frequency,
+            verified_instructions = verified,
+            program_instructions = size,
+            "profiler attached to cpu-clock on every online CPU"
+        );
+        Ok(sampler)
     }
 
     /// Number of CPUs the program is attached to.
