@@ -454,3 +454,34 @@ fn announce_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] io::Error);
+
+    #[test]
+    fn kernel_answers_become_named_errors() {
+        let eperm = ebpf_error(
+            "loading",
+            Wrapper(io::Error::from_raw_os_error(libc::EPERM)),
+        );
+        assert!(matches!(eperm, Error::MissingPrivilege { .. }), "{eperm}");
+        assert!(eperm.to_string().contains("CAP_BPF"));
+        let enosys = ebpf_error("loading", io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(matches!(enosys, Error::KernelFeature { .. }), "{enosys}");
+        let enoent = ebpf_error(
+            "attaching to the cpu-clock perf event of CPU 0",
+            io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert!(
+            enoent.to_string().contains("cpu-clock perf event"),
+            "{enoent}"
+        );
+        let other = ebpf_error("reading", io::Error::from_raw_os_error(libc::EBADF));
+        assert!(matches!(other, Error::Ebpf { .. }));
+    }
+}
