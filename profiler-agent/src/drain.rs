@@ -29,12 +29,24 @@ pub struct RawWindow {
     /// Samples whose key named a stack id that was not in the stack map
     /// (should not happen; counted rather than guessed).
     pub missing_stacks: u64,
+    /// Samples with a stack cut at the kernel's depth limit (root frames lost).
+    pub truncated_stacks: u64,
 }
+
+/// Depth at which the kernel cuts stacks (`PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
 
 impl RawWindow {
     /// Total number of samples in the window.
     pub fn total(&self) -> u64 {
         self.samples.iter().map(|s| s.count).sum()
+    }
+
+    /// Adds another window's samples and counts to this one.
+    pub fn merge(&mut self, other: RawWindow) {
+        self.samples.extend(other.samples);
+        self.missing_stacks += other.missing_stacks;
+        self.truncated_stacks += other.truncated_stacks;
     }
 }
 
@@ -47,13 +59,37 @@ impl Counters {
         self.0.get(&counter).copied().unwrap_or(0)
     }
 
-    /// The drop counters that are not zero, by name.
+    /// The drop counters that are not zero, by name, plus samples the
+    /// program saw but neither recorded, skipped nor counted as a drop.
     pub fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
-        self.0
+        let mut drops: Vec<(&'static str, u64)> = self
+            .0
             .iter()
             .filter(|(c, v)| c.is_drop() && **v > 0)
             .map(|(c, v)| (c.name(), *v))
-            .collect()
+            .collect();
+        let unaccounted = self.unaccounted();
+        if unaccounted > 0 {
+            drops.push(("unaccounted_samples", unaccounted));
+        }
+        drops
+    }
+
+    /// Samples that did not end recorded, skipped or in a drop counter of
+    /// lost samples. Zero unless the program has a path that loses samples
+    /// silently.
+    pub fn unaccounted(&self) -> u64 {
+        let accounted = [
+            Counter::Recorded,
+            Counter::IdleSkipped,
+            Counter::Filtered,
+            Counter::CountMapFull,
+            Counter::CountOtherError,
+        ]
+        .iter()
+        .map(|c| self.get(*c))
+        .sum::<u64>();
+        self.get(Counter::Samples).saturating_sub(accounted)
     }
 }
 
@@ -177,6 +213,13 @@ mod tests {
         c.0.insert(Counter::Samples, 100);
         c.0.insert(Counter::CountMapFull, 2);
         c.0.insert(Counter::UserStackCollision, 0);
+        c.0.insert(Counter::Recorded, 90);
+        c.0.insert(Counter::IdleSkipped, 8);
         assert_eq!(c.nonzero_drops(), vec![("count_map_full", 2)]);
+        c.0.insert(Counter::Samples, 105);
+        assert_eq!(
+            c.nonzero_drops(),
+            vec![("count_map_full", 2), ("unaccounted_samples", 5)]
+        );
     }
 }

@@ -167,7 +167,7 @@ mod tests {
                     count: 2,
                 },
             ],
-            missing_stacks: 0,
+            ..RawWindow::default()
         };
         let mut profile = FoldedProfile::default();
         profile.add_window(&window, &mut FakeSymbolizer);

@@ -11,7 +11,7 @@
 //! open binaries; what does not fit is counted and its frames are shown as
 //! `module+0xOFFSET`.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
@@ -116,6 +116,8 @@ pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
 
 #[derive(Debug)]
 struct ProcessInfo {
+    /// The process's name (`/proc/PID/comm` of its main thread).
+    name: Option<String>,
     /// Executable mappings, sorted by start address.
     mappings: Vec<Mapping>,
     /// Set at the drain that first found the process gone; the entry is
@@ -142,6 +144,17 @@ pub struct ProcessStats {
     pub binaries_opened: u64,
 }
 
+/// What a [`ProcessCache::sweep`] let go of.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Processes forgotten (gone since the previous drain).
+    pub pids: Vec<u32>,
+    /// Binaries closed, with the path their symbols were read through: a
+    /// symbolizer must forget what it cached for them, since the fd number
+    /// (and so the path) will be reused for another file.
+    pub binaries: Vec<(BinaryKey, PathBuf)>,
+}
+
 /// The cache of process mappings and open binaries.
 #[derive(Debug)]
 pub struct ProcessCache {
@@ -150,6 +163,9 @@ pub struct ProcessCache {
     max_binaries: usize,
     processes: HashMap<u32, ProcessInfo>,
     binaries: HashMap<BinaryKey, Arc<Binary>>,
+    /// Pids whose snapshot failed during the current drain: not retried
+    /// frame by frame.
+    unavailable: HashSet<u32>,
     stats: ProcessStats,
 }
 
@@ -167,6 +183,7 @@ impl ProcessCache {
             max_binaries,
             processes: HashMap::new(),
             binaries: HashMap::new(),
+            unavailable: HashSet::new(),
             stats: ProcessStats::default(),
         }
     }
@@ -197,9 +214,16 @@ impl ProcessCache {
         match self.read_mappings(pid) {
             Some(mappings) => {
                 self.stats.snapshots += 1;
+                self.unavailable.remove(&pid);
+                let name =
+                    std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+                        .ok()
+                        .map(|n| n.trim_end_matches('\n').to_string())
+                        .filter(|n| !n.is_empty());
                 self.processes.insert(
                     pid,
                     ProcessInfo {
+                        name,
                         mappings,
                         gone: false,
                         refreshed: false,
@@ -209,9 +233,15 @@ impl ProcessCache {
             }
             None => {
                 self.stats.snapshot_failed += 1;
+                self.unavailable.insert(pid);
                 false
             }
         }
+    }
+
+    /// The name of a cached process, if known.
+    pub fn name(&self, pid: u32) -> Option<&str> {
+        self.processes.get(&pid)?.name.as_deref()
     }
 
     fn read_mappings(&mut self, pid: u32) -> Option<Vec<Mapping>> {
@@ -300,7 +330,7 @@ impl ProcessCache {
         }
         let refresh = match self.processes.get(&pid) {
             Some(info) => !info.refreshed && !info.gone,
-            None => true,
+            None => !self.unavailable.contains(&pid),
         };
         if refresh && self.observe(pid) {
             if let Some(info) = self.processes.get_mut(&pid) {
@@ -335,9 +365,9 @@ impl ProcessCache {
 
     /// Called after each drain: forgets processes found gone at the previous
     /// drain, marks those gone now, closes binaries no process maps any more.
-    /// Returns the pids forgotten.
-    pub fn sweep(&mut self) -> Vec<u32> {
+    pub fn sweep(&mut self) -> Swept {
         let mut forgotten = Vec::new();
+        self.unavailable.clear();
         let proc_root = self.proc_root.clone();
         self.processes.retain(|pid, info| {
             info.refreshed = false;
@@ -350,9 +380,18 @@ impl ProcessCache {
             }
             true
         });
-        self.binaries
-            .retain(|_, binary| Arc::strong_count(binary) > 1);
-        forgotten
+        let mut closed = Vec::new();
+        self.binaries.retain(|key, binary| {
+            let used = Arc::strong_count(binary) > 1;
+            if !used {
+                closed.push((*key, binary.symbol_path.clone()));
+            }
+            used
+        });
+        Swept {
+            pids: forgotten,
+            binaries: closed,
+        }
     }
 }
 
@@ -451,10 +490,13 @@ mod tests {
         assert!(cache.observe(20));
         std::fs::remove_dir_all(dir.path().join("20")).unwrap();
         // Still symbolizable right after its exit...
-        assert!(cache.sweep().is_empty());
+        assert!(cache.sweep().pids.is_empty());
         assert!(matches!(cache.locate(20, 0x1000), Location::Binary { .. }));
         // ...and forgotten, with its binary closed, one drain later.
-        assert_eq!(cache.sweep(), vec![20]);
+        let swept = cache.sweep();
+        assert_eq!(swept.pids, vec![20]);
+        assert_eq!(swept.binaries.len(), 1);
+        assert!(swept.binaries[0].1.starts_with("/proc/self/fd"));
         assert!(!cache.contains(20));
         assert_eq!(cache.binary_count(), 0);
     }
@@ -492,10 +534,27 @@ mod tests {
     }
 
     #[test]
-    fn missing_process_counts_a_failed_snapshot() {
+    fn missing_process_counts_one_failed_snapshot_per_drain() {
         let dir = tempfile::tempdir().unwrap();
         let mut cache = ProcessCache::new(dir.path(), 4, 4);
-        assert!(!cache.observe(77));
+        for addr in [0x1000, 0x2000, 0x3000] {
+            assert!(matches!(cache.locate(77, addr), Location::Unknown));
+        }
         assert_eq!(cache.stats().snapshot_failed, 1);
+        cache.sweep();
+        cache.locate(77, 0x1000);
+        assert_eq!(cache.stats().snapshot_failed, 2);
+    }
+
+    #[test]
+    fn process_name_comes_from_comm() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 50, &exe, false);
+        std::fs::write(dir.path().join("50/comm"), "my-server\n").unwrap();
+        let mut cache = ProcessCache::new(dir.path(), 4, 4);
+        assert!(cache.observe(50));
+        assert_eq!(cache.name(50), Some("my-server"));
+        assert_eq!(cache.name(51), None);
     }
 }

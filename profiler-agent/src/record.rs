@@ -1,9 +1,9 @@
 //! One-shot recording: sample the host (or some processes) for a while,
 //! drain on an interval, and write folded stacks and a flame graph.
 use std::{
-    fs::File,
-    io::{BufWriter, IsTerminal, Write},
-    path::Path,
+    fs::{File, OpenOptions},
+    io::{BufWriter, IsTerminal, Seek, Write},
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     config::RecordOptions,
-    drain::{Counters, SampleSource},
+    drain::{Counters, RawWindow, SampleSource},
     fold::FoldedProfile,
     process::{ProcessCache, ProcessStats},
     render::{write_svg, RenderInfo},
@@ -32,6 +32,8 @@ pub struct Recording {
     pub symbolizer_stats: SymbolizerStats,
     /// Samples whose stack id had vanished from the stack map.
     pub missing_stacks: u64,
+    /// Samples whose stack was cut at the kernel's depth limit.
+    pub truncated_stacks: u64,
     pub duration: Duration,
     pub frequency: u64,
     pub cpus: usize,
@@ -49,21 +51,63 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn create_output(path: &Path) -> Result<BufWriter<File>> {
-    File::create(path)
-        .map(BufWriter::new)
-        .map_err(|source| Error::Output {
-            path: path.to_path_buf(),
+/// An output file opened (not truncated) at start, so an unwritable path
+/// fails before profiling and a failed start leaves an old file intact.
+struct Output {
+    path: PathBuf,
+    file: File,
+    created: bool,
+}
+
+impl Output {
+    fn open(path: &Path) -> Result<Self> {
+        let created = !path.exists();
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(|file| Output {
+                path: path.to_path_buf(),
+                file,
+                created,
+            })
+            .map_err(|source| Error::Output {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// Replaces the file's content with what `write` produces.
+    fn write_with(
+        mut self,
+        write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
+    ) -> Result<()> {
+        let err = |source| Error::Output {
+            path: self.path.clone(),
             source,
-        })
+        };
+        self.file.set_len(0).map_err(err)?;
+        self.file.rewind().map_err(err)?;
+        let mut out = BufWriter::new(&mut self.file);
+        write(&mut out)?;
+        out.flush().map_err(err)
+    }
+
+    /// Removes the file if this run created it (start failed).
+    fn abandon(self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// A recording in progress: the sampler is attached from
 /// [`Recorder::start`] on, so callers can start workloads before [`Recorder::run`].
 pub struct Recorder {
     options: RecordOptions,
-    svg_out: Option<BufWriter<File>>,
-    folded_out: Option<BufWriter<File>>,
+    svg_out: Option<Output>,
+    folded_out: Option<Output>,
     processes: Arc<Mutex<ProcessCache>>,
     sampler: Sampler,
     started: Instant,
@@ -75,14 +119,49 @@ pub fn record(options: &RecordOptions, stop: &AtomicBool) -> Result<Recording> {
     Recorder::start(options)?.run(stop)
 }
 
+/// Symbolizes a drained window into `profile`, naming each sample after its
+/// process (`/proc/PID/comm` at first sight; the thread's comm otherwise).
+fn fold_window(
+    mut window: RawWindow,
+    processes: &Mutex<ProcessCache>,
+    symbolizer: &mut BlazeSymbolizer,
+    profile: &mut FoldedProfile,
+) {
+    {
+        let cache = processes.lock().unwrap_or_else(|e| e.into_inner());
+        for sample in &mut window.samples {
+            if let Some(name) = cache.name(sample.tgid) {
+                if name != sample.comm {
+                    sample.comm = name.to_string();
+                }
+            }
+        }
+    }
+    profile.add_window(&window, symbolizer);
+}
+
 impl Recorder {
     /// Checks the outputs are writable, then loads and attaches the sampler.
     pub fn start(options: &RecordOptions) -> Result<Self> {
-        // Fail on an unwritable output before profiling, not after.
-        let svg_out = options.svg.as_deref().map(create_output).transpose()?;
-        let folded_out = options.folded.as_deref().map(create_output).transpose()?;
+        let svg_out = options.svg.as_deref().map(Output::open).transpose()?;
+        let folded_out = match options.folded.as_deref().map(Output::open).transpose() {
+            Ok(out) => out,
+            Err(e) => {
+                svg_out.into_iter().for_each(Output::abandon);
+                return Err(e);
+            }
+        };
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
-        let sampler = Sampler::start(&options.sampler, processes.clone())?;
+        let sampler = match Sampler::start(&options.sampler, processes.clone()) {
+            Ok(sampler) => sampler,
+            Err(e) => {
+                svg_out
+                    .into_iter()
+                    .chain(folded_out)
+                    .for_each(Output::abandon);
+                return Err(e);
+            }
+        };
         Ok(Self {
             options: options.clone(),
             svg_out,
@@ -98,16 +177,15 @@ impl Recorder {
     pub fn run(self, stop: &AtomicBool) -> Result<Recording> {
         let Recorder {
             options,
-            mut svg_out,
-            mut folded_out,
+            svg_out,
+            folded_out,
             processes,
             mut sampler,
             started,
         } = self;
-        let options = &options;
         let mut symbolizer = BlazeSymbolizer::new(processes.clone());
         let mut profile = FoldedProfile::default();
-        let mut missing_stacks = 0;
+        let (mut missing_stacks, mut truncated_stacks) = (0, 0);
 
         let deadline = options.duration.map(|d| started + d);
         let mut next_drain = started + options.drain_interval;
@@ -121,10 +199,12 @@ impl Recorder {
             if now >= next_drain {
                 let window = sampler.drain()?;
                 missing_stacks += window.missing_stacks;
-                profile.add_window(&window, &mut symbolizer);
-                let gone = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
-                sampler.forget_pids(&gone);
+                truncated_stacks += window.truncated_stacks;
                 tracing::debug!(samples = window.total(), "drained a window");
+                fold_window(window, &processes, &mut symbolizer, &mut profile);
+                let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
+                symbolizer.forget_binaries(&swept.binaries);
+                sampler.forget_pids(&swept.pids);
                 next_drain += options.drain_interval;
             }
             if progress && now >= next_progress {
@@ -156,7 +236,8 @@ impl Recorder {
         sampler.stop_sampling()?;
         let window = sampler.drain_all()?;
         missing_stacks += window.missing_stacks;
-        profile.add_window(&window, &mut symbolizer);
+        truncated_stacks += window.truncated_stacks;
+        fold_window(window, &processes, &mut symbolizer, &mut profile);
         let counters = sampler.counters()?;
         let program_info = sampler.program_info();
         let cpus = sampler.attached_cpus();
@@ -174,6 +255,7 @@ impl Recorder {
             process_stats,
             symbolizer_stats: symbolizer.stats().clone(),
             missing_stacks,
+            truncated_stacks,
             duration,
             frequency: options.sampler.frequency,
             cpus,
@@ -181,26 +263,22 @@ impl Recorder {
             host: hostname(),
         };
 
-        if let (Some(out), Some(path)) = (folded_out.as_mut(), options.folded.as_deref()) {
-            recording
-                .profile
-                .write_to(out)
-                .map_err(|source| Error::Output {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+        if let Some(out) = folded_out {
+            let path = out.path.clone();
+            out.write_with(|w| {
+                recording
+                    .profile
+                    .write_to(w)
+                    .map_err(|source| Error::Output { path, source })
+            })?;
         }
-        if let (Some(out), Some(path)) = (svg_out.as_mut(), options.svg.as_deref()) {
+        if let Some(out) = svg_out {
             let info = RenderInfo {
                 host: recording.host.clone(),
                 duration_secs: duration.as_secs_f64(),
                 frequency: recording.frequency,
             };
-            write_svg(&recording.profile, &info, &mut *out)?;
-            out.flush().map_err(|source| Error::Output {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            out.write_with(|w| write_svg(&recording.profile, &info, w))?;
         }
         Ok(recording)
     }

@@ -37,7 +37,7 @@ use profiler_common::{Config, Counter, NewPid, StackKey, OVERFLOW_STACK_BIT};
 
 use crate::{
     config::SamplerOptions,
-    drain::{decode_key, Counters, RawWindow, SampleSource},
+    drain::{decode_key, Counters, RawWindow, SampleSource, MAX_STACK_DEPTH},
     privileges,
     process::ProcessCache,
     Error, Result,
@@ -95,6 +95,9 @@ impl MapSet {
             });
             if missing {
                 window.missing_stacks += count;
+            }
+            if sample.user.len() >= MAX_STACK_DEPTH || sample.kernel.len() >= MAX_STACK_DEPTH {
+                window.truncated_stacks += count;
             }
             window.samples.push(sample);
         }
@@ -309,9 +312,7 @@ impl Sampler {
     /// Drains both map sets (after [`Sampler::stop_sampling`]).
     pub fn drain_all(&mut self) -> Result<RawWindow> {
         let mut window = self.drain()?;
-        let second = self.drain()?;
-        window.samples.extend(second.samples);
-        window.missing_stacks += second.missing_stacks;
+        window.merge(self.drain()?);
         Ok(window)
     }
 

@@ -16,9 +16,11 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
     let p = &recording.process_stats;
     for (name, value) in [
         ("stack_missing_at_drain", recording.missing_stacks),
+        ("stack_truncated", recording.truncated_stacks),
         ("process_gone_before_snapshot", p.snapshot_failed),
         ("process_cache_full", p.process_cache_full),
         ("binary_cache_full", p.binary_cache_full),
+        ("binary_open_failed", p.binary_open_failed),
     ] {
         if value > 0 {
             drops.push((name, value));

@@ -4,8 +4,9 @@
 //!
 //! Naming rules (FlameGraph/inferno conventions):
 //! - kernel frames end in `_[k]`, inlined frames in `_[i]`;
-//! - a frame that cannot be named is `module+0xOFFSET` (file offset), never a
-//!   bare address and never dropped;
+//! - a frame that cannot be named is `module+0xOFFSET` (file offset in that
+//!   module), or `[unknown]` when the address is in no executable mapping
+//!   (a stale frame pointer); never a bare address and never dropped;
 //! - every frame but the leaf is a return address: it is looked up minus one
 //!   so it lands in the calling instruction (and the right inlined scope).
 use std::{
@@ -14,6 +15,7 @@ use std::{
 };
 
 use blazesym::symbolize::{
+    evict,
     source::{Elf, Kernel, Source},
     Input, Symbolized, Symbolizer,
 };
@@ -22,6 +24,8 @@ use crate::process::{BinaryKey, Location, ProcessCache};
 
 /// Suffix of kernel frames.
 pub const KERNEL_SUFFIX: &str = "_[k]";
+/// A frame outside every known mapping (user) or symbol (kernel).
+pub const UNKNOWN_FRAME: &str = "[unknown]";
 /// Suffix of inlined frames.
 pub const INLINED_SUFFIX: &str = "_[i]";
 
@@ -131,13 +135,28 @@ impl BlazeSymbolizer {
             processes,
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
-            max_cached: 1 << 20,
+            max_cached: 1 << 18,
             stats: SymbolizerStats::default(),
         }
     }
 
     pub fn stats(&self) -> &SymbolizerStats {
         &self.stats
+    }
+
+    /// Forgets closed binaries: blazesym's parsed file (its path, an fd
+    /// number, will name another file next) and our names for them.
+    pub fn forget_binaries(&mut self, closed: &[(BinaryKey, std::path::PathBuf)]) {
+        if closed.is_empty() {
+            return;
+        }
+        for (_, path) in closed {
+            let _ = self
+                .symbolizer
+                .evict(&evict::Evict::Elf(evict::Elf::new(path)));
+        }
+        let keys: std::collections::HashSet<BinaryKey> = closed.iter().map(|(k, _)| *k).collect();
+        self.user_cache.retain(|(key, _), _| !keys.contains(key));
     }
 
     fn keep_bounded(&mut self) {
@@ -209,7 +228,7 @@ impl Symbolize for BlazeSymbolizer {
         }
 
         let mut frames = Vec::new();
-        for (location, ip) in locations.iter().zip(ips).rev() {
+        for location in locations.iter().rev() {
             match location {
                 Location::Binary {
                     binary,
@@ -227,7 +246,7 @@ impl Symbolize for BlazeSymbolizer {
                 }
                 Location::Unknown => {
                     self.stats.unnamed_frames += 1;
-                    frames.push(unknown_frame("[unknown]", *ip));
+                    frames.push(UNKNOWN_FRAME.to_string());
                 }
             }
         }
@@ -264,7 +283,7 @@ impl Symbolize for BlazeSymbolizer {
             for (i, addr) in misses.iter().enumerate() {
                 let names: Vec<String> = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => vec![kernel_frame(&sym.name)],
-                    _ => vec![kernel_frame(&unknown_frame("[kernel]", *addr))],
+                    _ => vec![kernel_frame(UNKNOWN_FRAME)],
                 };
                 self.kernel_cache.insert(*addr, names.into());
             }
@@ -343,7 +362,7 @@ mod tests {
         processes.lock().unwrap().observe(pid);
         let mut sym = BlazeSymbolizer::new(processes);
         let frames = sym.user_stack(pid, &[0x10]);
-        assert_eq!(frames, vec!["[unknown]+0x10"]);
+        assert_eq!(frames, vec!["[unknown]"]);
         assert_eq!(sym.stats().unnamed_frames, 1);
     }
 }

@@ -106,10 +106,12 @@ pub enum Counter {
     /// A kernel-mode sample without a user stack: kernel threads, or a
     /// user stack the kernel could not walk (informational).
     KernelOnly = 12,
+    /// Sample lost: any other error while counting it (logged at debug level).
+    CountOtherError = 13,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     /// All counters, in index order.
@@ -127,6 +129,7 @@ impl Counter {
         Counter::CountMapFull,
         Counter::NewPidLost,
         Counter::KernelOnly,
+        Counter::CountOtherError,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -141,6 +144,7 @@ impl Counter {
                 | Counter::StackOtherError
                 | Counter::CountMapFull
                 | Counter::NewPidLost
+                | Counter::CountOtherError
         )
     }
 
@@ -160,6 +164,7 @@ impl Counter {
             Counter::CountMapFull => "count_map_full",
             Counter::NewPidLost => "new_pid_lost",
             Counter::KernelOnly => "kernel_only",
+            Counter::CountOtherError => "count_other_error",
         }
     }
 }

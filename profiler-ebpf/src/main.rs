@@ -52,8 +52,10 @@ static STACKS_A: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENT
 static STACKS_B: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES, 0);
 
 /// Second chance for a stack whose bucket in the main map holds another
-/// stack (`-EEXIST`). Ids from here carry [`OVERFLOW_STACK_BIT`]. Its bucket
-/// count differs from the main map's, so the two rarely collide together.
+/// stack (`-EEXIST`). Ids from here carry [`OVERFLOW_STACK_BIT`]. Both maps
+/// hash alike, so each overflow bucket serves four main buckets: a stack is
+/// lost only when its overflow bucket is taken too, by another stack that
+/// also overflowed (rare while main-map collisions are few).
 #[map]
 static STACKS_A_OVERFLOW: StackTrace =
     StackTrace::with_max_entries(DEFAULT_STACK_MAP_ENTRIES / 4, 0);
@@ -81,7 +83,8 @@ pub fn profile(ctx: PerfEventContext) -> u32 {
     match try_profile(&ctx) {
         Ok(()) => 0,
         Err(err) => {
-            debug!(&ctx, "profile: unexpected error {}", err);
+            bump(Counter::CountOtherError);
+            debug!(&ctx, "profile: sample lost, error {}", err);
             0
         }
     }
@@ -153,8 +156,9 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
         NO_STACK
     };
 
-    // Kernel threads (and tasks whose user stack the kernel cannot walk) only
-    // have a kernel stack; that is expected in kernel mode and not a drop.
+    // Kernel threads (tgid != 0, but no user memory) only have a kernel
+    // stack: a user-stack fault in kernel mode is counted as informational
+    // `KernelOnly`, since telling kthreads apart needs task_struct offsets.
     let user_stack_id = if tgid == 0 {
         NO_STACK
     } else {
@@ -189,6 +193,11 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
         Some(count) => unsafe { *count += 1 },
         None => match counts.insert(&key, &1, BPF_NOEXIST) {
             Ok(()) => {}
+            // Another CPU inserted the key between our lookup and insert.
+            Err(EEXIST) => match counts.get_ptr_mut(&key) {
+                Some(count) => unsafe { *count += 1 },
+                None => return Err(EEXIST as i64),
+            },
             Err(E2BIG) | Err(ENOMEM) => {
                 bump(Counter::CountMapFull);
                 return Ok(());
@@ -198,7 +207,8 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     }
     bump(Counter::Recorded);
 
-    if tgid != 0 && KNOWN_PIDS.get_ptr(tgid).is_none() {
+    // Only processes with a user stack need their mappings read.
+    if user_stack_id != NO_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
         announce(tgid);
     }
     Ok(())
