@@ -130,7 +130,10 @@ impl BlazeSymbolizer {
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
                 .enable_demangling(true)
-                .enable_auto_reload(false)
+                // blazesym caches parsed files by path; our paths are fd
+                // numbers, reused once a binary is closed. Reloading checks
+                // the file's identity (a stat, on our cache misses only).
+                .enable_auto_reload(true)
                 .build(),
             processes,
             user_cache: HashMap::new(),
@@ -352,6 +355,28 @@ mod tests {
         assert_eq!(
             processes.binary_count() as u64,
             processes.stats().binaries_opened
+        );
+    }
+
+    #[test]
+    fn forgetting_a_binary_drops_its_cached_names() {
+        let addr = a_function_to_find as *const () as u64 + 1;
+        let processes = Arc::new(Mutex::new(ProcessCache::default()));
+        let pid = std::process::id();
+        assert!(processes.lock().unwrap().observe(pid));
+        let mut sym = BlazeSymbolizer::new(processes.clone());
+        sym.user_stack(pid, &[addr]);
+        let key = match processes.lock().unwrap().locate(pid, addr) {
+            Location::Binary { binary, .. } => (binary.key, binary.symbol_path.clone()),
+            other => panic!("expected a binary, got {other:?}"),
+        };
+        sym.forget_binaries(&[key]);
+        let frames = sym.user_stack(pid, &[addr]);
+        assert!(frames.last().unwrap().contains("a_function_to_find"));
+        assert_eq!(
+            sym.stats().lookups,
+            2,
+            "names of a forgotten binary are looked up again"
         );
     }
 

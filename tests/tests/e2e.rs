@@ -110,38 +110,51 @@ fn go_hot_function_under_main_main() {
     );
 }
 
-/// A process that runs ~300 ms and exits long before the drain still gets
-/// named frames: its mappings were captured at its first sample.
+/// A process that runs ~300 ms and exits before the drain still gets named
+/// frames: its mappings were captured at its first sample. A second one,
+/// started after the first was forgotten (its binary closed, its fd number
+/// free for reuse), must get its own names, not the first one's.
 #[test]
-fn short_lived_process_is_still_named() {
+fn short_lived_processes_are_still_named() {
     if !privileged() {
         return;
     }
     let _serial = serial();
-    // A distinct comm, so we find it among everything on the host.
+    // Distinct names, so we find them among everything on the host.
     let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("shortlived");
-    std::fs::copy(workload("chain"), &bin).unwrap();
-    let mut opts = options(vec![], 3.0, 999);
-    opts.drain_interval = Duration::from_secs(60); // only the final drain
-    let (rec, status) = record_with(&opts, || {
+    let first = dir.path().join("shortlived");
+    let second = dir.path().join("shortlived2");
+    std::fs::copy(workload("chain"), &first).unwrap();
+    std::fs::copy(workload("ratio"), &second).unwrap();
+    // Drains at 1, 2, 3 s: the first process exits at ~0.5 s, is marked gone
+    // at the 1 s drain and forgotten at the 2 s drain; the second runs after.
+    let opts = options(vec![], 4.0, 999);
+    let (rec, statuses) = record_with(&opts, || {
         std::thread::sleep(Duration::from_millis(200));
-        let w = Workload::spawn(&bin, &["0.3"]);
-        w.wait()
+        let a = Workload::spawn(&first, &["0.3"]).wait();
+        std::thread::sleep(Duration::from_millis(2_000));
+        let b = Workload::spawn(&second, &["0.5"]).wait();
+        (a, b)
     });
-    assert!(status.success());
+    assert!(statuses.0.success() && statuses.1.success());
     let (named, total) = count_where(&rec.profile, "shortlived", |f| {
         has_chain(f, &["main", "outer", "inner_hot"])
     });
     assert!(
-        total >= 50,
-        "too few samples of the short-lived process: {total}\n{}",
+        total >= 50 && named * 100 >= total * 80,
+        "first process named in {named} of {total} samples\n{}",
         dump(&rec.profile, "shortlived")
     );
+    let (named, total) = count_where(&rec.profile, "shortlived2", |f| {
+        f.contains(&"main") && (f.contains(&"work_a") || f.contains(&"work_b"))
+    });
+    let (wrong, _) = count_where(&rec.profile, "shortlived2", |f| {
+        f.iter().any(|x| *x == "inner_hot" || *x == "outer")
+    });
     assert!(
-        named * 100 >= total * 80,
-        "named in {named} of {total} samples\n{}",
-        dump(&rec.profile, "shortlived")
+        total >= 50 && named * 100 >= total * 80 && wrong == 0,
+        "second process named in {named} of {total} samples, {wrong} with the first one's names\n{}",
+        dump(&rec.profile, "shortlived2")
     );
 }
 

@@ -17,11 +17,17 @@ __attribute__((noinline)) unsigned long spin(unsigned long units) {
 __attribute__((noinline)) unsigned long work_a(unsigned long n) { return spin(3 * n); }
 __attribute__((noinline)) unsigned long work_b(unsigned long n) { return spin(n); }
 
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 3.0;
-    time_t end = time(NULL) + (time_t)seconds + 1;
+    double end = now() + seconds;
     volatile unsigned long sink = 0;
-    while (time(NULL) < end) {
+    while (now() < end) {
         for (int r = 0; r < 50; r++) {
             rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
             unsigned long n = 20000 + rng % 200000;
