@@ -4,6 +4,10 @@ use crate::{Error, Result};
 
 /// `CAP_SYS_ADMIN`: covers BPF and perf events on kernels before 5.8.
 pub const CAP_SYS_ADMIN: u32 = 21;
+/// `CAP_SYSLOG`: real addresses in `/proc/kallsyms` (kernel frame names).
+pub const CAP_SYSLOG: u32 = 34;
+/// `CAP_CHECKPOINT_RESTORE` (Linux 5.9+): opening `/proc/PID/map_files/`.
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
 /// `CAP_PERFMON` (Linux 5.8+): perf events and stack walking.
 pub const CAP_PERFMON: u32 = 38;
 /// `CAP_BPF` (Linux 5.8+): loading programs and creating maps.
@@ -39,12 +43,39 @@ pub fn missing_capability(caps: u64) -> Option<(&'static str, &'static str)> {
     None
 }
 
-/// Fails with the name of the missing capability.
-pub fn check() -> Result<()> {
-    match effective_capabilities().and_then(missing_capability) {
-        Some((what, capability)) => Err(Error::MissingPrivilege { what, capability }),
-        None => Ok(()),
+/// Capabilities whose absence degrades the profile without stopping it:
+/// (capability, what is lost).
+pub fn degraded_without(caps: u64) -> Vec<(&'static str, &'static str)> {
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_SYSLOG) {
+        missing.push((
+            "CAP_SYSLOG",
+            "kallsyms shows no addresses: kernel frames stay unnamed",
+        ));
     }
+    if !has(CAP_SYS_ADMIN) && !has(CAP_CHECKPOINT_RESTORE) {
+        missing.push((
+            "CAP_CHECKPOINT_RESTORE",
+            "/proc/PID/map_files is closed: deleted binaries and exited containers resolve less often",
+        ));
+    }
+    missing
+}
+
+/// Fails with the name of the missing capability; warns about those whose
+/// absence only degrades the profile.
+pub fn check() -> Result<()> {
+    let Some(caps) = effective_capabilities() else {
+        return Ok(());
+    };
+    if let Some((what, capability)) = missing_capability(caps) {
+        return Err(Error::MissingPrivilege { what, capability });
+    }
+    for (capability, lost) in degraded_without(caps) {
+        tracing::warn!("without {capability}: {lost}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -66,6 +97,17 @@ mod tests {
             None
         );
         assert_eq!(missing_capability(1 << CAP_SYS_ADMIN), None);
+    }
+
+    #[test]
+    fn names_capabilities_that_only_degrade() {
+        let all = u64::MAX;
+        assert!(degraded_without(all).is_empty());
+        let no_syslog = all & !(1 << CAP_SYSLOG);
+        assert_eq!(degraded_without(no_syslog)[0].0, "CAP_SYSLOG");
+        let minimal = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        let names: Vec<_> = degraded_without(minimal).iter().map(|d| d.0).collect();
+        assert_eq!(names, vec!["CAP_SYSLOG", "CAP_CHECKPOINT_RESTORE"]);
     }
 
     #[test]

@@ -185,7 +185,8 @@ impl Sampler {
                     .into(),
             });
         }
-        raise_fd_limit();
+        check_sample_rate(options.frequency)?;
+        raise_limits();
 
         let mut loader = EbpfLoader::new();
         for (counts, stacks, overflow) in MAP_SETS {
@@ -401,18 +402,42 @@ fn write_config(map: &mut Array<MapData, Config>, config: Config) -> Result<()> 
         .map_err(|e| ebpf_error("writing CONFIG", e))
 }
 
+/// The kernel refuses perf events above `kernel.perf_event_max_sample_rate`
+/// with a bare `EINVAL`: say so before trying.
+fn check_sample_rate(frequency: u64) -> Result<()> {
+    let path = "/proc/sys/kernel/perf_event_max_sample_rate";
+    let max = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match max {
+        Some(max) if frequency > max => Err(Error::InvalidArgument(format!(
+            "frequency {frequency} Hz is above the kernel's limit of {max} Hz \
+             (sysctl kernel.perf_event_max_sample_rate)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Binaries stay open while their processes are cached: allow many files.
-fn raise_fd_limit() {
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`: lift it.
+fn raise_limits() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain syscalls on a local struct.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscalls on local structs.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
         {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+            tracing::debug!("could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
         }
     }
 }
