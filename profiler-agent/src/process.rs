@@ -114,12 +114,38 @@ pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
     })
 }
 
+/// The mapping of a sorted list that contains `addr`.
+fn find_mapping(mappings: &[Mapping], addr: u64) -> Option<&Mapping> {
+    let idx = mappings.partition_point(|m| m.start <= addr);
+    let mapping = mappings.get(idx.checked_sub(1)?)?;
+    (addr < mapping.end).then_some(mapping)
+}
+
+/// Field 22 of `/proc/PID/stat`: start time in clock ticks after boot.
+fn read_start_time(pid_dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(pid_dir.join("stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Parses the start time out of a `/proc/PID/stat` text. The command name
+/// (field 2) may hold spaces and parentheses, so fields are counted after
+/// its closing parenthesis.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 #[derive(Debug)]
 struct ProcessInfo {
     /// The process's name (`/proc/PID/comm` of its main thread).
     name: Option<String>,
+    /// Start time (clock ticks after boot), to tell a reused pid apart.
+    start_time: Option<u64>,
     /// Executable mappings, sorted by start address.
     mappings: Vec<Mapping>,
+    /// Mappings before the last exec or refresh, kept until the next sweep
+    /// for samples taken before it that are still being drained.
+    previous: Vec<Mapping>,
     /// Set at the drain that first found the process gone; the entry is
     /// removed one drain later, once samples taken before its exit are read.
     gone: bool,
@@ -215,16 +241,25 @@ impl ProcessCache {
             Some(mappings) => {
                 self.stats.snapshots += 1;
                 self.unavailable.remove(&pid);
-                let name =
-                    std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
-                        .ok()
-                        .map(|n| n.trim_end_matches('\n').to_string())
-                        .filter(|n| !n.is_empty());
+                let pid_dir = self.proc_root.join(pid.to_string());
+                let name = std::fs::read_to_string(pid_dir.join("comm"))
+                    .ok()
+                    .map(|n| n.trim_end_matches('\n').to_string())
+                    .filter(|n| !n.is_empty());
+                let start_time = read_start_time(&pid_dir);
+                // Same process (exec or new libraries): keep the old mappings
+                // for samples taken before; a reused pid starts afresh.
+                let previous = match self.processes.remove(&pid) {
+                    Some(old) if old.start_time == start_time => old.mappings,
+                    _ => Vec::new(),
+                };
                 self.processes.insert(
                     pid,
                     ProcessInfo {
                         name,
+                        start_time,
                         mappings,
+                        previous,
                         gone: false,
                         refreshed: false,
                     },
@@ -345,11 +380,8 @@ impl ProcessCache {
 
     fn lookup(&self, pid: u32, addr: u64) -> Option<Location> {
         let info = self.processes.get(&pid)?;
-        let idx = info.mappings.partition_point(|m| m.start <= addr);
-        let mapping = info.mappings.get(idx.checked_sub(1)?)?;
-        if addr >= mapping.end {
-            return None;
-        }
+        let mapping =
+            find_mapping(&info.mappings, addr).or_else(|| find_mapping(&info.previous, addr))?;
         let file_offset = addr - mapping.start + mapping.offset;
         Some(match &mapping.binary {
             Some(binary) => Location::Binary {
@@ -371,11 +403,14 @@ impl ProcessCache {
         let proc_root = self.proc_root.clone();
         self.processes.retain(|pid, info| {
             info.refreshed = false;
+            info.previous.clear();
             if info.gone {
                 forgotten.push(*pid);
                 return false;
             }
-            if !proc_root.join(pid.to_string()).exists() {
+            // Gone, or its pid now belongs to another process.
+            let pid_dir = proc_root.join(pid.to_string());
+            if !pid_dir.exists() || read_start_time(&pid_dir) != info.start_time {
                 info.gone = true;
             }
             true
@@ -544,6 +579,48 @@ mod tests {
         cache.sweep();
         cache.locate(77, 0x1000);
         assert_eq!(cache.stats().snapshot_failed, 2);
+    }
+
+    #[test]
+    fn parses_start_time_after_odd_comm() {
+        let stat = "1234 (we ird) (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 987654 1000 200";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn exec_keeps_old_mappings_until_the_next_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 60, &exe, false);
+        let mut cache = ProcessCache::new(dir.path(), 4, 4);
+        assert!(cache.observe(60));
+        // The process execs: new mappings elsewhere.
+        let maps = dir.path().join("60/maps");
+        let text = std::fs::read_to_string(&maps).unwrap();
+        std::fs::write(&maps, text.replace("1000-2000", "8000-9000")).unwrap();
+        assert!(cache.observe(60));
+        assert!(matches!(cache.locate(60, 0x8010), Location::Binary { .. }));
+        assert!(
+            matches!(cache.locate(60, 0x1010), Location::Binary { .. }),
+            "pre-exec samples"
+        );
+        cache.sweep();
+        assert!(matches!(cache.locate(60, 0x1010), Location::Unknown));
+    }
+
+    #[test]
+    fn reused_pid_is_treated_as_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        fake_proc(dir.path(), 70, &exe, false);
+        let stat = |start: u64| format!("70 (x) S {} {start} 0", "0 ".repeat(18));
+        std::fs::write(dir.path().join("70/stat"), stat(100)).unwrap();
+        let mut cache = ProcessCache::new(dir.path(), 4, 4);
+        assert!(cache.observe(70));
+        std::fs::write(dir.path().join("70/stat"), stat(200)).unwrap();
+        assert!(cache.sweep().pids.is_empty());
+        assert_eq!(cache.sweep().pids, vec![70]);
     }
 
     #[test]
