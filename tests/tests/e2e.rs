@@ -14,9 +14,7 @@ fn c_call_chain_in_order() {
         return;
     }
     let _serial = serial();
-    let bin = workload("chain");
-    let w = Workload::spawn(&bin, &["6"]);
-    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let rec = profile_workload("chain", 3.0, 99);
     let (matching, total) = count_where(&rec.profile, "chain", |f| {
         has_chain(f, &["main", "outer", "inner_hot"]) && f.last() == Some(&"inner_hot")
     });
@@ -42,9 +40,7 @@ fn ratio_of_two_functions_within_five_points() {
         return;
     }
     let _serial = serial();
-    let bin = workload("ratio");
-    let w = Workload::spawn(&bin, &["8"]);
-    let (rec, _) = record_with(&options(vec![w.pid()], 4.0, 499), || ());
+    let rec = profile_workload("ratio", 4.0, 499);
     let (a, _) = count_where(&rec.profile, "ratio", |f| f.contains(&"work_a"));
     let (b, _) = count_where(&rec.profile, "ratio", |f| f.contains(&"work_b"));
     assert!(
@@ -67,9 +63,7 @@ fn rust_names_are_demangled() {
         return;
     }
     let _serial = serial();
-    let bin = workload("rustwork");
-    let w = Workload::spawn(&bin, &["6"]);
-    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let rec = profile_workload("rustwork", 3.0, 99);
     // Inlined callees of the hot loop may sit above it as `_[i]` frames.
     let (hot, total) = count_where(&rec.profile, "rustwork", |f| {
         has_chain(f, &["rustwork::main", "rustwork::crunch::hot_rust_loop"])
@@ -97,9 +91,7 @@ fn go_hot_function_under_main_main() {
         return;
     }
     let _serial = serial();
-    let bin = workload("gowork");
-    let w = Workload::spawn(&bin, &["6"]);
-    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let rec = profile_workload("gowork", 3.0, 99);
     let (hot, total) = count_where(&rec.profile, "gowork", |f| {
         has_chain(f, &["main.main", "main.hotGoLoop"])
     });
@@ -213,9 +205,7 @@ fn kernel_frames_for_syscalls() {
         return;
     }
     let _serial = serial();
-    let bin = workload("syscalls");
-    let w = Workload::spawn(&bin, &["6"]);
-    let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
+    let rec = profile_workload("syscalls", 3.0, 99);
     let (in_kernel, total) = count_where(&rec.profile, "syscalls", |f| {
         let Some(first_k) = f.iter().position(|x| x.ends_with("_[k]")) else {
             return false;

@@ -177,6 +177,16 @@ pub fn record_with<T>(options: &RecordOptions, during: impl FnOnce() -> T) -> (R
     (recording, value)
 }
 
+/// Runs workload `name` for longer than the recording and records only its
+/// process for `seconds` at `frequency` Hz.
+pub fn profile_workload(name: &str, seconds: f64, frequency: u64) -> Recording {
+    let bin = workload(name);
+    let runtime = format!("{}", seconds * 2.0);
+    let w = Workload::spawn(&bin, &[&runtime]);
+    let (recording, _) = record_with(&options(vec![w.pid()], seconds, frequency), || ());
+    recording
+}
+
 /// Stacks of one process as (frames root first, count); the process name
 /// (first frame) is left out.
 pub fn stacks_of<'a>(profile: &'a FoldedProfile, process: &str) -> Vec<(Vec<&'a str>, u64)> {
