@@ -36,7 +36,7 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let secs = recording.duration.as_secs_f64();
     let _ = writeln!(
         s,
-        "Recorded {total} samples in {secs:.1} s at {} Hz on {} CPUs ({} distinct stacks, {} processes).",
+        "Recorded {total} samples in {secs:.1} s at {} Hz on {} CPUs ({} distinct stacks, {} processes seen).",
         recording.frequency,
         recording.cpus,
         recording.profile.len(),
