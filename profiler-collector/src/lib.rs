@@ -1,0 +1,5 @@
+//! The collector: gRPC ingest of agents' batches, storage, and the HTTP
+//! query API with its web UI.
+pub mod model;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,44 @@
+//! Storage behind one trait, so the query and ingest code do not care which
+//! database holds the data. The embedded default is [`sqlite::SqliteStore`].
+pub mod sqlite;
+
+use crate::model::{Profile, Selector, Stored, ValidBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Schema(String),
+    #[error("batch window ends before the retention cutoff")]
+    TooOld,
+}
+
+/// Size and content of a store, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub batches: u64,
+    pub sample_rows: u64,
+    pub stacks: u64,
+    pub bytes: u64,
+}
+
+/// What every store does.
+pub trait Store: Send {
+    /// Stores a validated batch atomically, once per (agent, sequence).
+    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError>;
+    /// Label names of samples in `[start_ns, end_ns)`.
+    fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError>;
+    /// Values of label `name` in `[start_ns, end_ns)`.
+    fn label_values(
+        &self,
+        name: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Folded stacks and counts of the samples a selector picks.
+    fn profile(&self, selector: &Selector) -> Result<Profile, StoreError>;
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Deletes data whose window ended before `cutoff_ns`; returns rows deleted.
+    fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,314 @@
+//! Validation of incoming batches: every index in range, every string UTF-8,
+//! every count positive and the total without overflow, a sane window.
+//! A batch is accepted whole or rejected whole, with a reason.
+use profiler_proto::v1::Batch;
+
+use crate::model::{BatchSample, Labels, ValidBatch};
+
+/// Limits applied to batches.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most frames in one stack.
+    pub max_frames: usize,
+    /// How far in the future a window may end (clock skew), in nanoseconds.
+    pub max_future_ns: i64,
+    /// Most samples in one batch.
+    pub max_samples: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frames: 1024,
+            max_future_ns: 10 * 60 * 1_000_000_000,
+            max_samples: 1_000_000,
+        }
+    }
+}
+
+/// Why a batch was rejected. The reason names go to `/metrics`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("missing agent_id")]
+    MissingAgentId,
+    #[error("window: {0}")]
+    Window(String),
+    #[error("frequency_hz must be 1-10000, got {0}")]
+    Frequency(u32),
+    #[error("strings[{0}] is not valid UTF-8")]
+    InvalidUtf8(usize),
+    #[error("{what} index {index} out of range (table has {len} entries)")]
+    IndexOutOfRange {
+        what: &'static str,
+        index: u32,
+        len: usize,
+    },
+    #[error("stacks[{0}] is empty")]
+    EmptyStack(usize),
+    #[error("stacks[{index}] has {frames} frames, more than the limit of {limit}")]
+    StackTooDeep {
+        index: usize,
+        frames: usize,
+        limit: usize,
+    },
+    #[error("samples[{index}] count {count} is not positive")]
+    NonPositiveCount { index: usize, count: i64 },
+    #[error("sample counts overflow")]
+    CountOverflow,
+    #[error("label: {0}")]
+    Label(String),
+    #[error("{0} samples, more than the limit of {1}")]
+    TooManySamples(usize, usize),
+}
+
+impl Rejection {
+    /// Short reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::MissingAgentId => "missing_agent_id",
+            Rejection::Window(_) => "bad_window",
+            Rejection::Frequency(_) => "bad_frequency",
+            Rejection::InvalidUtf8(_) => "invalid_utf8",
+            Rejection::IndexOutOfRange { .. } => "index_out_of_range",
+            Rejection::EmptyStack(_) => "empty_stack",
+            Rejection::StackTooDeep { .. } => "stack_too_deep",
+            Rejection::NonPositiveCount { .. } => "bad_count",
+            Rejection::CountOverflow => "count_overflow",
+            Rejection::Label(_) => "bad_label",
+            Rejection::TooManySamples(..) => "too_many_samples",
+        }
+    }
+}
+
+/// Whether `name` is a valid label name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn index<'a, T>(table: &'a [T], index: u32, what: &'static str) -> Result<&'a T, Rejection> {
+    table.get(index as usize).ok_or(Rejection::IndexOutOfRange {
+        what,
+        index,
+        len: table.len(),
+    })
+}
+
+/// Checks a batch and resolves its tables; `now_ns` bounds the window.
+pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatch, Rejection> {
+    if batch.agent_id.trim().is_empty() {
+        return Err(Rejection::MissingAgentId);
+    }
+    let (start, end) = (batch.window_start_unix_nanos, batch.window_end_unix_nanos);
+    if start <= 0 || end < start {
+        return Err(Rejection::Window(format!(
+            "start {start} and end {end} are not a time range"
+        )));
+    }
+    if end > now_ns.saturating_add(limits.max_future_ns) {
+        return Err(Rejection::Window(format!("end {end} is in the future")));
+    }
+    if !(1..=10_000).contains(&batch.frequency_hz) {
+        return Err(Rejection::Frequency(batch.frequency_hz));
+    }
+    if batch.samples.len() > limits.max_samples {
+        return Err(Rejection::TooManySamples(
+            batch.samples.len(),
+            limits.max_samples,
+        ));
+    }
+    let strings: Vec<&str> = batch
+        .strings
+        .iter()
+        .enumerate()
+        .map(|(i, s)| std::str::from_utf8(s).map_err(|_| Rejection::InvalidUtf8(i)))
+        .collect::<Result<_, _>>()?;
+
+    let mut stacks = Vec::with_capacity(batch.stacks.len());
+    for (i, stack) in batch.stacks.iter().enumerate() {
+        if stack.frames.is_empty() {
+            return Err(Rejection::EmptyStack(i));
+        }
+        if stack.frames.len() > limits.max_frames {
+            return Err(Rejection::StackTooDeep {
+                index: i,
+                frames: stack.frames.len(),
+                limit: limits.max_frames,
+            });
+        }
+        let mut folded = String::new();
+        for (n, frame) in stack.frames.iter().enumerate() {
+            let name = index(&strings, *frame, "frame string")?;
+            if n > 0 {
+                folded.push(';');
+            }
+            // `;` separates frames and a newline ends a folded line.
+            folded.extend(name.chars().map(|c| match c {
+                ';' => ':',
+                c if c.is_control() => ' ',
+                c => c,
+            }));
+        }
+        stacks.push(folded);
+    }
+
+    let mut label_sets: Vec<Labels> = Vec::with_capacity(batch.label_sets.len());
+    for set in &batch.label_sets {
+        let mut labels: Labels = Vec::with_capacity(set.labels.len());
+        for label in &set.labels {
+            let name = index(&strings, label.name, "label name string")?;
+            let value = index(&strings, label.value, "label value string")?;
+            if !valid_label_name(name) {
+                return Err(Rejection::Label(format!("invalid label name {name:?}")));
+            }
+            labels.push((name.to_string(), value.to_string()));
+        }
+        labels.sort();
+        if labels.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Rejection::Label(
+                "a label name appears twice in a set".into(),
+            ));
+        }
+        label_sets.push(labels);
+    }
+
+    let mut total: u64 = 0;
+    let mut samples = Vec::with_capacity(batch.samples.len());
+    for (i, sample) in batch.samples.iter().enumerate() {
+        if sample.count <= 0 {
+            return Err(Rejection::NonPositiveCount {
+                index: i,
+                count: sample.count,
+            });
+        }
+        let count = sample.count as u64;
+        total = total.checked_add(count).ok_or(Rejection::CountOverflow)?;
+        if total > i64::MAX as u64 {
+            return Err(Rejection::CountOverflow);
+        }
+        let labels = index(&label_sets, sample.label_set, "label set")?.clone();
+        let stack = index(&stacks, sample.stack, "stack")?.clone();
+        samples.push(BatchSample {
+            labels,
+            stack,
+            count,
+        });
+    }
+    Ok(ValidBatch {
+        agent_id: batch.agent_id.clone(),
+        sequence: batch.sequence,
+        node: batch.node.clone(),
+        agent_version: batch.agent_version.clone(),
+        window_start_ns: start,
+        window_end_ns: end,
+        frequency_hz: batch.frequency_hz,
+        samples,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use profiler_proto::v1::{Label, LabelSet, Sample, Stack};
+
+    use super::*;
+
+    pub const NOW: i64 = 1_800_000_000_000_000_000;
+
+    /// A valid batch: process "app", stacks main;hot (3) and main;cold (1).
+    pub fn batch() -> Batch {
+        let strings = ["", "main", "hot", "cold", "process", "app", "node", "n1"];
+        Batch {
+            agent_id: "agent-1".into(),
+            sequence: 1,
+            node: "n1".into(),
+            agent_version: "0.1.0".into(),
+            window_start_unix_nanos: NOW - 10_000_000_000,
+            window_end_unix_nanos: NOW,
+            frequency_hz: 99,
+            strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            stacks: vec![Stack { frames: vec![1, 2] }, Stack { frames: vec![1, 3] }],
+            label_sets: vec![LabelSet {
+                labels: vec![Label { name: 4, value: 5 }, Label { name: 6, value: 7 }],
+            }],
+            samples: vec![
+                Sample {
+                    label_set: 0,
+                    stack: 0,
+                    count: 3,
+                },
+                Sample {
+                    label_set: 0,
+                    stack: 1,
+                    count: 1,
+                },
+            ],
+        }
+    }
+
+    fn reject(batch: Batch) -> Rejection {
+        validate(&batch, &Limits::default(), NOW).unwrap_err()
+    }
+
+    #[test]
+    fn accepts_a_good_batch() {
+        let v = validate(&batch(), &Limits::default(), NOW).unwrap();
+        assert_eq!(v.total(), 4);
+        assert_eq!(v.samples[0].stack, "main;hot");
+        assert_eq!(
+            v.samples[0].labels,
+            vec![
+                ("node".into(), "n1".into()),
+                ("process".into(), "app".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_batches_with_reasons() {
+        let mut b = batch();
+        b.samples[0].stack = 9;
+        assert_eq!(reject(b).reason(), "index_out_of_range");
+        let mut b = batch();
+        b.stacks[0].frames.push(42);
+        assert!(reject(b)
+            .to_string()
+            .contains("frame string index 42 out of range"));
+        let mut b = batch();
+        b.stacks[1].frames.clear();
+        assert_eq!(reject(b), Rejection::EmptyStack(1));
+        let mut b = batch();
+        b.stacks[0].frames = vec![1; 10_000];
+        assert_eq!(reject(b).reason(), "stack_too_deep");
+        let mut b = batch();
+        b.samples[1].count = -5;
+        assert_eq!(reject(b).reason(), "bad_count");
+        let mut b = batch();
+        b.samples[0].count = i64::MAX;
+        assert_eq!(reject(b), Rejection::CountOverflow);
+        let mut b = batch();
+        b.window_end_unix_nanos = NOW + 3_600_000_000_000;
+        assert!(reject(b).to_string().contains("in the future"));
+        let mut b = batch();
+        b.strings[2] = vec![0xff, 0xfe];
+        assert_eq!(reject(b), Rejection::InvalidUtf8(2));
+        let mut b = batch();
+        b.agent_id.clear();
+        assert_eq!(reject(b), Rejection::MissingAgentId);
+        let mut b = batch();
+        b.strings[4] = b"bad name".to_vec();
+        assert_eq!(reject(b).reason(), "bad_label");
+        let mut b = batch();
+        b.frequency_hz = 0;
+        assert_eq!(reject(b).reason(), "bad_frequency");
+    }
+
+    #[test]
+    fn label_names() {
+        assert!(valid_label_name("container_id"));
+        assert!(valid_label_name("_x1"));
+        assert!(!valid_label_name("1x"));
+        assert!(!valid_label_name("a-b"));
+        assert!(!valid_label_name(""));
+    }
+}

@@ -1,0 +1,14 @@
+//! The profiler's wire formats, generated at build time from `proto/`:
+//! - [`v1`]: the agent → collector gRPC service (`profiler.v1.Ingest`);
+//! - [`pprof`]: the pprof profile format the collector serves.
+#![allow(clippy::all)]
+
+/// `profiler.v1`: batches of folded stacks with labels, and their acks.
+pub mod v1 {
+    tonic::include_proto!("profiler.v1");
+}
+
+/// The pprof `Profile` message (the subset the collector writes).
+pub mod pprof {
+    tonic::include_proto!("pprof");
+}
