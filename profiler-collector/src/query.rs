@@ -1,0 +1,377 @@
+//! Turning a stored [`Profile`] into what users read: flame graph SVGs
+//! (inferno), differential flame graphs, gzipped pprof, top-N functions; and
+//! parsing the query parameters that pick the samples.
+use std::{collections::HashMap, io::Write};
+
+use profiler_proto::pprof;
+use prost::Message;
+
+use crate::{model::Profile, validate::valid_label_name};
+
+/// Options of a rendered flame graph.
+#[derive(Clone, Debug)]
+pub struct SvgOptions {
+    pub title: String,
+    /// Frames narrower than this many pixels are left out.
+    pub min_width: f64,
+    /// Keep only this many of the heaviest stacks (the rest are summed into
+    /// `[other stacks]`), to bound the SVG's size.
+    pub max_stacks: Option<usize>,
+}
+
+impl Default for SvgOptions {
+    fn default() -> Self {
+        Self {
+            title: "CPU profile".into(),
+            min_width: 0.1,
+            max_stacks: None,
+        }
+    }
+}
+
+/// Keeps the `max` heaviest stacks and sums the rest into one frame.
+pub fn limit_stacks(profile: &Profile, max: usize) -> Profile {
+    if profile.stacks.len() <= max {
+        return profile.clone();
+    }
+    let mut by_weight: Vec<(&String, &u64)> = profile.stacks.iter().collect();
+    by_weight.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let mut out = Profile::default();
+    for (stack, count) in &by_weight[..max] {
+        out.add(stack, **count);
+    }
+    let rest: u64 = by_weight[max..].iter().map(|(_, c)| **c).sum();
+    out.add("[other stacks]", rest);
+    out
+}
+
+fn inferno_options(opts: &SvgOptions) -> inferno::flamegraph::Options<'static> {
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = opts.title.clone();
+    options.count_name = "samples".into();
+    options.min_width = opts.min_width;
+    options.hash = true;
+    options.deterministic = true;
+    options
+}
+
+/// A flame graph SVG of `profile`.
+pub fn svg(profile: &Profile, opts: &SvgOptions) -> Result<Vec<u8>, String> {
+    let profile = match opts.max_stacks {
+        Some(max) => limit_stacks(profile, max),
+        None => profile.clone(),
+    };
+    let mut options = inferno_options(opts);
+    let folded = profile.folded();
+    let mut out = Vec::new();
+    let lines: Vec<&str> = if folded.is_empty() {
+        options.subtitle = Some("no samples match this selection".into());
+        vec!["[no samples] 1"]
+    } else {
+        folded.lines().collect()
+    };
+    inferno::flamegraph::from_lines(&mut options, lines, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A differential flame graph: the shape of `after`, red where it grew
+/// against `before`, blue where it shrank (counts normalized).
+pub fn diff_svg(before: &Profile, after: &Profile, opts: &SvgOptions) -> Result<Vec<u8>, String> {
+    let mut diff = Vec::new();
+    inferno::differential::from_readers(
+        inferno::differential::Options {
+            normalize: true,
+            ..Default::default()
+        },
+        before.folded().as_bytes(),
+        after.folded().as_bytes(),
+        &mut diff,
+    )
+    .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&diff).into_owned();
+    let mut options = inferno_options(opts);
+    let mut out = Vec::new();
+    let lines: Vec<&str> = if text.trim().is_empty() {
+        options.subtitle = Some("no samples in either selection".into());
+        vec!["[no samples] 1 1"]
+    } else {
+        text.lines().collect()
+    };
+    inferno::flamegraph::from_lines(&mut options, lines, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A gzipped pprof profile (`go tool pprof` reads it): one function and one
+/// location per distinct frame name, samples leaf first.
+pub fn pprof_gz(profile: &Profile, duration_ns: i64, time_ns: i64) -> Vec<u8> {
+    let mut strings: Vec<String> = vec![String::new()];
+    let mut string_ids: HashMap<String, i64> = HashMap::new();
+    let mut intern = |s: &str, strings: &mut Vec<String>| -> i64 {
+        if let Some(id) = string_ids.get(s) {
+            return *id;
+        }
+        strings.push(s.to_string());
+        let id = strings.len() as i64 - 1;
+        string_ids.insert(s.to_string(), id);
+        id
+    };
+    let samples_type = pprof::ValueType {
+        r#type: intern("samples", &mut strings),
+        unit: intern("count", &mut strings),
+    };
+    let mut functions = Vec::new();
+    let mut locations = Vec::new();
+    let mut location_ids: HashMap<&str, u64> = HashMap::new();
+    let mut samples = Vec::new();
+    for (stack, count) in &profile.stacks {
+        let mut ids = Vec::new();
+        for frame in stack.split(';').rev() {
+            let id = match location_ids.get(frame) {
+                Some(id) => *id,
+                None => {
+                    let id = location_ids.len() as u64 + 1;
+                    let name = intern(frame, &mut strings);
+                    functions.push(pprof::Function {
+                        id,
+                        name,
+                        system_name: name,
+                        filename: 0,
+                        start_line: 0,
+                    });
+                    locations.push(pprof::Location {
+                        id,
+                        mapping_id: 0,
+                        address: 0,
+                        line: vec![pprof::Line {
+                            function_id: id,
+                            line: 0,
+                        }],
+                        is_folded: false,
+                    });
+                    location_ids.insert(frame, id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        samples.push(pprof::Sample {
+            location_id: ids,
+            value: vec![*count as i64],
+            label: Vec::new(),
+        });
+    }
+    let profile = pprof::Profile {
+        sample_type: vec![samples_type],
+        sample: samples,
+        mapping: Vec::new(),
+        location: locations,
+        function: functions,
+        string_table: strings,
+        time_nanos: time_ns,
+        duration_nanos: duration_ns,
+        period_type: Some(samples_type),
+        period: 1,
+        comment: Vec::new(),
+        default_sample_type: 0,
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&profile.encode_to_vec())
+        .expect("writing to memory");
+    gz.finish().expect("writing to memory")
+}
+
+/// A function's share of a profile.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TopEntry {
+    pub function: String,
+    /// Samples where it is the leaf.
+    #[serde(rename = "self")]
+    pub self_samples: u64,
+    /// Samples where it is anywhere on the stack.
+    pub total: u64,
+}
+
+/// The `n` functions with the most self samples (ties by total, then name).
+/// The first frame of a stack (the process) is not a function.
+pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
+    let mut by_name: HashMap<&str, (u64, u64)> = HashMap::new();
+    for (stack, count) in &profile.stacks {
+        let frames: Vec<&str> = stack.split(';').skip(1).collect();
+        if let Some(leaf) = frames.last() {
+            by_name.entry(leaf).or_default().0 += count;
+        }
+        let mut seen: Vec<&str> = Vec::with_capacity(frames.len());
+        for frame in frames {
+            if !seen.contains(&frame) {
+                seen.push(frame);
+                by_name.entry(frame).or_default().1 += count;
+            }
+        }
+    }
+    let mut entries: Vec<TopEntry> = by_name
+        .into_iter()
+        .map(|(f, (s, t))| TopEntry {
+            function: f.to_string(),
+            self_samples: s,
+            total: t,
+        })
+        .collect();
+    entries.sort_by(|a, b| {
+        b.self_samples
+            .cmp(&a.self_samples)
+            .then(b.total.cmp(&a.total))
+            .then_with(|| a.function.cmp(&b.function))
+    });
+    entries.truncate(n);
+    entries
+}
+
+/// Parses a label selector `{name="value", ...}` (the braces are optional;
+/// `\"` and `\\` escape inside values).
+pub fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut s = text.trim();
+    if let Some(inner) = s.strip_prefix('{') {
+        s = inner
+            .strip_suffix('}')
+            .ok_or_else(|| format!("selector {text:?} has no closing brace"))?;
+    }
+    let mut matchers = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut name = String::new();
+        while let Some(c) = chars.peek().copied() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            name.push(c);
+            chars.next();
+        }
+        if !valid_label_name(&name) {
+            return Err(format!("invalid label name {name:?} in selector"));
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next() != Some('=') || chars.next() != Some('"') {
+            return Err(format!("expected {name}=\"value\" in selector"));
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next() {
+                Some('\\') => match chars.next() {
+                    Some(c) => value.push(c),
+                    None => return Err("selector ends inside an escape".into()),
+                },
+                Some('"') => break,
+                Some(c) => value.push(c),
+                None => return Err(format!("unterminated value for label {name}")),
+            }
+        }
+        matchers.push((name, value));
+    }
+    Ok(matchers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> Profile {
+        let mut p = Profile::default();
+        p.add("app;main;hot", 6);
+        p.add("app;main;cold", 2);
+        p.add("app;main;hot;memcpy", 2);
+        p
+    }
+
+    #[test]
+    fn selectors_parse_and_reject_garbage() {
+        assert_eq!(
+            parse_selector(r#"{process="chain", node="vm"}"#).unwrap(),
+            vec![
+                ("process".into(), "chain".into()),
+                ("node".into(), "vm".into())
+            ]
+        );
+        assert_eq!(parse_selector("").unwrap(), vec![]);
+        assert_eq!(parse_selector("{}").unwrap(), vec![]);
+        assert_eq!(
+            parse_selector(r#"process="a\"b\\c""#).unwrap(),
+            vec![("process".into(), r#"a"b\c"#.into())]
+        );
+        assert_eq!(
+            parse_selector(r#"{process="'; DROP TABLE samples; --"}"#).unwrap()[0].1,
+            "'; DROP TABLE samples; --"
+        );
+        assert!(parse_selector(r#"{process="x""#).is_err());
+        assert!(parse_selector(r#"{pro cess="x"}"#).is_err());
+        assert!(parse_selector(r#"{process=x}"#).is_err());
+        assert!(parse_selector(r#"{1x="y"}"#).is_err());
+    }
+
+    #[test]
+    fn top_counts_self_and_total() {
+        let t = top(&profile(), 10);
+        assert_eq!(
+            t[0],
+            TopEntry {
+                function: "hot".into(),
+                self_samples: 6,
+                total: 8
+            }
+        );
+        let main = t.iter().find(|e| e.function == "main").unwrap();
+        assert_eq!((main.self_samples, main.total), (0, 10));
+        assert!(
+            t.iter().all(|e| e.function != "app"),
+            "the process is not a function"
+        );
+        assert_eq!(top(&profile(), 1).len(), 1);
+    }
+
+    #[test]
+    fn svg_and_diff_render() {
+        let text = String::from_utf8(svg(&profile(), &SvgOptions::default()).unwrap()).unwrap();
+        assert!(text.contains("hot (8 samples, 80.00%)"), "{text}");
+        let mut after = profile();
+        after.add("app;main;cold", 10);
+        let diff = String::from_utf8(diff_svg(&profile(), &after, &SvgOptions::default()).unwrap())
+            .unwrap();
+        assert!(diff.contains("cold"));
+        let empty =
+            String::from_utf8(svg(&Profile::default(), &SvgOptions::default()).unwrap()).unwrap();
+        assert!(empty.contains("no samples match"));
+    }
+
+    #[test]
+    fn limit_keeps_heaviest_and_sums_the_rest() {
+        let l = limit_stacks(&profile(), 1);
+        assert_eq!(l.folded(), "[other stacks] 4\napp;main;hot 6\n");
+        assert_eq!(l.total(), profile().total());
+    }
+
+    #[test]
+    fn pprof_decodes_back() {
+        let gz = pprof_gz(&profile(), 10_000_000_000, 1);
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+        let p = pprof::Profile::decode(&raw[..]).unwrap();
+        assert_eq!(p.sample.len(), 3);
+        let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
+        assert_eq!(total, 10);
+        // Leaf first: the first location of the memcpy sample names memcpy.
+        let name = |loc: u64| {
+            let f = &p.function[(loc - 1) as usize];
+            p.string_table[f.name as usize].clone()
+        };
+        let memcpy = p.sample.iter().find(|s| s.location_id.len() == 4).unwrap();
+        assert_eq!(name(memcpy.location_id[0]), "memcpy");
+        assert_eq!(name(*memcpy.location_id.last().unwrap()), "app");
+    }
+}
