@@ -1,6 +1,10 @@
-//! The collector: gRPC ingest of agents' batches, storage, and the HTTP
-//! query API with its web UI.
+//! The collector: gRPC ingest of agents' batches into a store, and the HTTP
+//! query API with its web UI. See [`server::start`].
+pub mod http;
+pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod query;
+pub mod server;
 pub mod store;
 pub mod validate;

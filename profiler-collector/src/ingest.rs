@@ -1,0 +1,113 @@
+//! The gRPC ingest service: validate, store once, acknowledge.
+use std::{
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use profiler_proto::v1::{ingest_server::Ingest, Ack, Batch};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    metrics::Metrics,
+    model::Stored,
+    store::{Store, StoreError},
+    validate::{validate, Limits},
+};
+
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub struct IngestService {
+    pub store: SharedStore,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Largest accepted batch, encoded, in bytes.
+    pub max_message_bytes: usize,
+    /// Batches whose window ended longer ago than this are refused.
+    pub retention_ns: i64,
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn push_batch(&self, request: Request<Batch>) -> Result<Response<Ack>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let batch = request.into_inner();
+        let size = batch.encoded_len();
+        if size > self.max_message_bytes {
+            self.metrics.reject("too_large");
+            tracing::warn!(%peer, size, "batch rejected: too large");
+            return Err(Status::resource_exhausted(format!(
+                "batch of {size} bytes is larger than the limit of {} bytes",
+                self.max_message_bytes
+            )));
+        }
+        let now = now_ns();
+        let valid = validate(&batch, &self.limits, now).map_err(|r| {
+            self.metrics.reject(r.reason());
+            tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
+            Status::invalid_argument(r.to_string())
+        })?;
+        if valid.window_end_ns < now - self.retention_ns {
+            self.metrics.reject("older_than_retention");
+            return Err(Status::invalid_argument(
+                "window ended before the retention period: not stored",
+            ));
+        }
+        let store = self.store.clone();
+        let insert = tokio::task::spawn_blocking(move || {
+            let outcome = store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(&valid);
+            (outcome, valid)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
+        match insert {
+            (Ok(Stored::New { samples }), valid) => {
+                self.metrics.batches_stored.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .samples_stored
+                    .fetch_add(samples, Ordering::Relaxed);
+                Ok(Response::new(Ack {
+                    agent_id: valid.agent_id,
+                    sequence: valid.sequence,
+                    newly_stored: true,
+                    samples,
+                }))
+            }
+            (Ok(Stored::Duplicate), valid) => {
+                self.metrics
+                    .batches_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(Ack {
+                    agent_id: valid.agent_id,
+                    sequence: valid.sequence,
+                    newly_stored: false,
+                    samples: 0,
+                }))
+            }
+            (Err(StoreError::TooOld), _) => {
+                self.metrics.reject("older_than_retention");
+                Err(Status::invalid_argument(
+                    "window ended before the retention period",
+                ))
+            }
+            (Err(e), _) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("store failed: {e}");
+                Err(Status::unavailable(format!("store failed, try again: {e}")))
+            }
+        }
+    }
+}
