@@ -116,6 +116,8 @@ pub struct RecordOptions {
     pub folded: Option<PathBuf>,
     /// Show a progress line on stderr.
     pub progress: bool,
+    /// Ship every window to a collector (`run` mode).
+    pub export: Option<crate::export::ExportOptions>,
 }
 
 impl Default for RecordOptions {
@@ -127,6 +129,7 @@ impl Default for RecordOptions {
             svg: None,
             folded: None,
             progress: false,
+            export: None,
         }
     }
 }

@@ -11,6 +11,37 @@ use crate::{
 /// count is kept.
 pub const NO_STACK_FRAME: &str = "[no stack]";
 
+/// A sample with its frames named, root first (user, then kernel frames).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolizedSample {
+    pub tgid: u32,
+    /// Process name (the sample's `comm` unless the caller renamed it).
+    pub process: String,
+    pub frames: Vec<String>,
+    pub count: u64,
+}
+
+/// Names the frames of every sample of a window, once.
+pub fn symbolize_window(
+    window: &RawWindow,
+    symbolizer: &mut dyn Symbolize,
+) -> Vec<SymbolizedSample> {
+    window
+        .samples
+        .iter()
+        .map(|sample| {
+            let mut frames = symbolizer.user_stack(sample.tgid, &sample.user);
+            frames.extend(symbolizer.kernel_stack(&sample.kernel));
+            SymbolizedSample {
+                tgid: sample.tgid,
+                process: sample.comm.clone(),
+                frames,
+                count: sample.count,
+            }
+        })
+        .collect()
+}
+
 /// Folded stacks with their sample counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FoldedProfile {
@@ -40,10 +71,8 @@ impl FoldedProfile {
 
     /// Symbolizes and adds every sample of a drained window.
     pub fn add_window(&mut self, window: &RawWindow, symbolizer: &mut dyn Symbolize) {
-        for sample in &window.samples {
-            let mut frames = symbolizer.user_stack(sample.tgid, &sample.user);
-            frames.extend(symbolizer.kernel_stack(&sample.kernel));
-            self.add(&sample.comm, &frames, sample.count);
+        for sample in symbolize_window(window, symbolizer) {
+            self.add(&sample.process, &sample.frames, sample.count);
         }
     }
 

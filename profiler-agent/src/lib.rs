@@ -6,6 +6,7 @@
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod export;
 pub mod fold;
 pub mod privileges;
 pub mod process;

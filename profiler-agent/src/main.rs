@@ -9,6 +9,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     config::{self, RecordOptions, SamplerOptions},
+    export::ExportOptions,
     record, summary,
 };
 
@@ -23,30 +24,53 @@ struct Cli {
 enum Command {
     /// Profile the whole host (or some processes) once and write a flame graph,
     /// like `perf record -a -g` + `stackcollapse` + `flamegraph.pl` in one step.
-    Record(RecordArgs),
+    Record {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Flame graph SVG to write.
+        #[arg(short = 'o', long, default_value = "profile.svg")]
+        output: PathBuf,
+        /// Sampling frequency on every CPU (1-10000 Hz).
+        #[arg(short = 'F', long, default_value_t = config::DEFAULT_FREQUENCY, value_parser = config::parse_frequency)]
+        frequency: u64,
+    },
+    /// Profile continuously and stream every window to a collector.
+    Run {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// gRPC address of the collector, e.g. http://127.0.0.1:7070.
+        #[arg(long)]
+        collector: String,
+        /// Node name for the `node` label (default: the host name).
+        #[arg(long, env = "NODE_NAME")]
+        node: Option<String>,
+        /// Bound of the queue of batches not yet acknowledged, in MiB.
+        #[arg(long, default_value_t = 16)]
+        queue_mib: usize,
+        /// Also write a flame graph of the whole run at exit.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Sampling frequency on every CPU (1-10000 Hz); low by default, to be always on.
+        #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
+        frequency: u64,
+    },
 }
 
 #[derive(Args)]
-struct RecordArgs {
+struct SamplingArgs {
     /// Only profile this process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pids: Vec<u32>,
     /// Stop after this long (e.g. 30s, 2m); default: until Ctrl-C.
     #[arg(short = 'd', long, value_parser = config::parse_duration)]
     duration: Option<Duration>,
-    /// Samples per second on every CPU (1-10000).
-    #[arg(short = 'F', long, default_value_t = config::DEFAULT_FREQUENCY, value_parser = config::parse_frequency)]
-    frequency: u64,
-    /// Flame graph SVG to write.
-    #[arg(short = 'o', long, default_value = "profile.svg")]
-    output: PathBuf,
     /// Also write the folded stacks here.
     #[arg(long, value_name = "OUT.txt")]
     folded: Option<PathBuf>,
     /// Keep samples of the idle task (CPU idle time).
     #[arg(long)]
     include_idle: bool,
-    /// How often the kernel maps are drained.
+    /// How often the kernel maps are drained (and, in `run`, a batch is sent).
     #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
     drain_interval: Duration,
     /// Capacity of each stack-trace map (distinct stacks per drain interval).
@@ -58,6 +82,27 @@ struct RecordArgs {
     /// Do not show the progress line.
     #[arg(long)]
     no_progress: bool,
+}
+
+impl SamplingArgs {
+    fn options(self, frequency: u64, svg: Option<PathBuf>) -> RecordOptions {
+        RecordOptions {
+            sampler: SamplerOptions {
+                frequency,
+                pids: self.pids,
+                include_idle: self.include_idle,
+                stack_map_entries: self.stack_map_entries,
+                count_map_entries: self.count_map_entries,
+                ..SamplerOptions::default()
+            },
+            duration: self.duration,
+            drain_interval: self.drain_interval,
+            svg,
+            folded: self.folded,
+            progress: !self.no_progress,
+            export: None,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -79,34 +124,42 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Record(args) => {
-            let stop = Arc::new(AtomicBool::new(false));
-            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(signal, stop.clone())?;
-            }
-            let options = RecordOptions {
-                sampler: SamplerOptions {
-                    frequency: args.frequency,
-                    pids: args.pids,
-                    include_idle: args.include_idle,
-                    stack_map_entries: args.stack_map_entries,
-                    count_map_entries: args.count_map_entries,
-                    ..SamplerOptions::default()
-                },
-                duration: args.duration,
-                drain_interval: args.drain_interval,
-                svg: Some(args.output.clone()),
-                folded: args.folded.clone(),
-                progress: !args.no_progress,
-            };
-            let recording = record::record(&options, &stop)?;
-            let outputs = summary::Outputs {
-                svg: Some(args.output),
-                folded: args.folded,
-            };
-            print!("{}", summary::render(&recording, &outputs, 10));
-            Ok(())
-        }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
     }
+    let options = match cli.command {
+        Command::Record {
+            sampling,
+            output,
+            frequency,
+        } => sampling.options(frequency, Some(output)),
+        Command::Run {
+            sampling,
+            collector,
+            node,
+            queue_mib,
+            output,
+            frequency,
+        } => {
+            if !(1..=4096).contains(&queue_mib) {
+                anyhow::bail!("--queue-mib must be 1-4096, got {queue_mib}");
+            }
+            let mut options = sampling.options(frequency, output);
+            options.export = Some(ExportOptions {
+                collector,
+                node: node.unwrap_or_else(record::hostname),
+                queue_bytes: queue_mib << 20,
+                flush_timeout: Duration::from_secs(10),
+            });
+            options
+        }
+    };
+    let recording = record::record(&options, &stop)?;
+    let outputs = summary::Outputs {
+        svg: options.svg.clone(),
+        folded: options.folded.clone(),
+    };
+    print!("{}", summary::render(&recording, &outputs, 10));
+    Ok(())
 }

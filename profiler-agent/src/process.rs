@@ -139,6 +139,8 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
 struct ProcessInfo {
     /// The process's name (`/proc/PID/comm` of its main thread).
     name: Option<String>,
+    /// Path of its executable, as the process sees it.
+    exe: Option<String>,
     /// Start time (clock ticks after boot), to tell a reused pid apart.
     start_time: Option<u64>,
     /// Executable mappings, sorted by start address.
@@ -247,6 +249,11 @@ impl ProcessCache {
                     .map(|n| n.trim_end_matches('\n').to_string())
                     .filter(|n| !n.is_empty());
                 let start_time = read_start_time(&pid_dir);
+                let exe = std::fs::read_link(pid_dir.join("exe")).ok().map(|p| {
+                    p.to_string_lossy()
+                        .trim_end_matches(" (deleted)")
+                        .to_string()
+                });
                 // Same process (exec or new libraries): keep the old mappings
                 // for samples taken before; a reused pid starts afresh.
                 let previous = match self.processes.remove(&pid) {
@@ -257,6 +264,7 @@ impl ProcessCache {
                     pid,
                     ProcessInfo {
                         name,
+                        exe,
                         start_time,
                         mappings,
                         previous,
@@ -272,6 +280,11 @@ impl ProcessCache {
                 false
             }
         }
+    }
+
+    /// The executable path of a cached process, if known.
+    pub fn exe(&self, pid: u32) -> Option<&str> {
+        self.processes.get(&pid)?.exe.as_deref()
     }
 
     /// The name of a cached process, if known.

@@ -8,13 +8,14 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
     config::RecordOptions,
     drain::{Counters, RawWindow, SampleSource},
-    fold::FoldedProfile,
+    export::{BatchBuilder, ExportStats, Exporter},
+    fold::{symbolize_window, FoldedProfile},
     process::{ProcessCache, ProcessStats},
     render::{write_svg, RenderInfo},
     sampler::Sampler,
@@ -42,6 +43,8 @@ pub struct Recording {
     /// Verifier's processed instruction count and program size, if known.
     pub program_info: Option<(u64, u64)>,
     pub host: String,
+    /// What was shipped to the collector, in `run` mode.
+    pub export: Option<Arc<ExportStats>>,
 }
 
 /// The host name, for titles and labels.
@@ -110,7 +113,9 @@ pub struct Recorder {
     folded_out: Option<Output>,
     processes: Arc<Mutex<ProcessCache>>,
     sampler: Sampler,
+    exporter: Option<Exporter>,
     started: Instant,
+    window_start: SystemTime,
 }
 
 /// Records until `options.duration` passes or `stop` is set (Ctrl-C), then
@@ -119,25 +124,61 @@ pub fn record(options: &RecordOptions, stop: &AtomicBool) -> Result<Recording> {
     Recorder::start(options)?.run(stop)
 }
 
-/// Symbolizes a drained window into `profile`, naming each sample after its
-/// process (`/proc/PID/comm` at first sight; the thread's comm otherwise).
-fn fold_window(
-    mut window: RawWindow,
-    processes: &Mutex<ProcessCache>,
-    symbolizer: &mut BlazeSymbolizer,
-    profile: &mut FoldedProfile,
-) {
-    {
-        let cache = processes.lock().unwrap_or_else(|e| e.into_inner());
-        for sample in &mut window.samples {
+/// Where a drained window goes: the local profile, and the collector.
+struct Sinks<'a> {
+    processes: &'a Mutex<ProcessCache>,
+    symbolizer: &'a mut BlazeSymbolizer,
+    profile: &'a mut FoldedProfile,
+    exporter: Option<&'a mut Exporter>,
+    frequency: u32,
+}
+
+impl Sinks<'_> {
+    /// Symbolizes a window once, names each sample after its process
+    /// (`/proc/PID/comm` at first sight; the thread's comm otherwise), adds it
+    /// to the local profile and ships it as one batch.
+    fn take(&mut self, window: RawWindow, start: SystemTime, end: SystemTime) {
+        let mut samples = symbolize_window(&window, self.symbolizer);
+        let cache = self.processes.lock().unwrap_or_else(|e| e.into_inner());
+        for sample in &mut samples {
             if let Some(name) = cache.name(sample.tgid) {
-                if name != sample.comm {
-                    sample.comm = name.to_string();
+                if name != sample.process {
+                    sample.process = name.to_string();
                 }
             }
+            self.profile
+                .add(&sample.process, &sample.frames, sample.count);
         }
+        let Some(exporter) = self.exporter.as_deref_mut() else {
+            return;
+        };
+        let mut batch = BatchBuilder::new();
+        let node = exporter.node().to_string();
+        let mut frames = Vec::new();
+        for sample in &samples {
+            let pid = sample.tgid.to_string();
+            let mut labels = vec![
+                ("node", node.as_str()),
+                ("process", sample.process.as_str()),
+                ("pid", pid.as_str()),
+            ];
+            if let Some(exe) = cache.exe(sample.tgid) {
+                labels.push(("exe", exe));
+            }
+            // The process is the root frame, as in the local folded output.
+            frames.clear();
+            frames.push(sample.process.clone());
+            frames.extend(sample.frames.iter().cloned());
+            batch.add(&labels, &frames, sample.count);
+        }
+        drop(cache);
+        let size = exporter.send(batch, start, end, self.frequency);
+        tracing::debug!(
+            bytes = size,
+            samples = window.total(),
+            "window queued for the collector"
+        );
     }
-    profile.add_window(&window, symbolizer);
 }
 
 impl Recorder {
@@ -152,8 +193,13 @@ impl Recorder {
             }
         };
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
-        let sampler = match Sampler::start(&options.sampler, processes.clone()) {
-            Ok(sampler) => sampler,
+        let started = (|| {
+            let exporter = options.export.clone().map(Exporter::start).transpose()?;
+            let sampler = Sampler::start(&options.sampler, processes.clone())?;
+            Ok((sampler, exporter))
+        })();
+        let (sampler, exporter) = match started {
+            Ok(s) => s,
             Err(e) => {
                 svg_out
                     .into_iter()
@@ -168,7 +214,9 @@ impl Recorder {
             folded_out,
             processes,
             sampler,
+            exporter,
             started: Instant::now(),
+            window_start: SystemTime::now(),
         })
     }
 
@@ -181,10 +229,14 @@ impl Recorder {
             folded_out,
             processes,
             mut sampler,
+            mut exporter,
             started,
+            mut window_start,
         } = self;
         let mut symbolizer = BlazeSymbolizer::new(processes.clone());
         let mut profile = FoldedProfile::default();
+        let export_stats = exporter.as_ref().map(|e| e.stats().clone());
+        let frequency = options.sampler.frequency as u32;
         let (mut missing_stacks, mut truncated_stacks) = (0, 0);
 
         let deadline = options.duration.map(|d| started + d);
@@ -201,7 +253,16 @@ impl Recorder {
                 missing_stacks += window.missing_stacks;
                 truncated_stacks += window.truncated_stacks;
                 tracing::debug!(samples = window.total(), "drained a window");
-                fold_window(window, &processes, &mut symbolizer, &mut profile);
+                let window_end = SystemTime::now();
+                Sinks {
+                    processes: &processes,
+                    symbolizer: &mut symbolizer,
+                    profile: &mut profile,
+                    exporter: exporter.as_mut(),
+                    frequency,
+                }
+                .take(window, window_start, window_end);
+                window_start = window_end;
                 let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
                 symbolizer.forget_binaries(&swept.binaries);
                 sampler.forget_pids(&swept.pids);
@@ -237,7 +298,17 @@ impl Recorder {
         let window = sampler.drain_all()?;
         missing_stacks += window.missing_stacks;
         truncated_stacks += window.truncated_stacks;
-        fold_window(window, &processes, &mut symbolizer, &mut profile);
+        Sinks {
+            processes: &processes,
+            symbolizer: &mut symbolizer,
+            profile: &mut profile,
+            exporter: exporter.as_mut(),
+            frequency,
+        }
+        .take(window, window_start, SystemTime::now());
+        if let Some(exporter) = exporter.take() {
+            exporter.finish();
+        }
         let counters = sampler.counters()?;
         let program_info = sampler.program_info();
         let cpus = sampler.attached_cpus();
@@ -261,6 +332,7 @@ impl Recorder {
             cpus,
             program_info,
             host: hostname(),
+            export: export_stats,
         };
 
         if let Some(out) = folded_out {

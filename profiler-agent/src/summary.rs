@@ -26,6 +26,9 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
             drops.push((name, value));
         }
     }
+    if let Some(export) = &recording.export {
+        drops.extend(export.nonzero_drops());
+    }
     drops
 }
 
@@ -48,6 +51,19 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
             let pct = 100.0 * count as f64 / total as f64;
             let _ = writeln!(s, "  {pct:5.1}%  {count:>7}  {name}");
         }
+    }
+    if let Some(e) = &recording.export {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(
+            s,
+            "Collector: {} batches sent, {} acknowledged ({} re-sends already stored), {} samples stored, {} send failures retried; last batch {} bytes.",
+            load(&e.batches_queued),
+            load(&e.batches_acked),
+            load(&e.batches_duplicate),
+            load(&e.samples_acked),
+            load(&e.send_failures),
+            load(&e.last_batch_bytes),
+        );
     }
     let drops = nonzero_drops(recording);
     if drops.is_empty() {
