@@ -1,0 +1,334 @@
+//! The collector end to end, without root: gRPC ingest on loopback into a
+//! real SQLite file, then the HTTP API, as a client would use them.
+use std::{process::Command, time::Duration};
+
+use profiler_collector::server::{self, CollectorConfig, RunningCollector, StoreLocation};
+use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
+use tonic::{codec::CompressionEncoding, Code};
+
+const NOW_MARGIN: i64 = 5_000_000_000;
+
+fn now_ns() -> i64 {
+    profiler_collector::ingest::now_ns()
+}
+
+/// A batch of process `app` (pid 42): main;hot x3, main;cold x1.
+fn batch(seq: u64) -> Batch {
+    let strings = [
+        "", "app", "main", "hot", "cold", "process", "node", "n1", "pid", "42",
+    ];
+    let end = now_ns() - NOW_MARGIN;
+    Batch {
+        agent_id: "agent-a".into(),
+        sequence: seq,
+        node: "n1".into(),
+        agent_version: "test".into(),
+        window_start_unix_nanos: end - 10_000_000_000,
+        window_end_unix_nanos: end,
+        frequency_hz: 99,
+        strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        stacks: vec![
+            Stack {
+                frames: vec![1, 2, 3],
+            },
+            Stack {
+                frames: vec![1, 2, 4],
+            },
+        ],
+        label_sets: vec![LabelSet {
+            labels: vec![
+                Label { name: 5, value: 1 },
+                Label { name: 6, value: 7 },
+                Label { name: 8, value: 9 },
+            ],
+        }],
+        samples: vec![
+            Sample {
+                label_set: 0,
+                stack: 0,
+                count: 3,
+            },
+            Sample {
+                label_set: 0,
+                stack: 1,
+                count: 1,
+            },
+        ],
+    }
+}
+
+async fn start(db: &std::path::Path) -> RunningCollector {
+    server::start(CollectorConfig {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        store: StoreLocation::Sqlite(db.to_path_buf()),
+        max_message_bytes: 1 << 20,
+        ..CollectorConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn client(c: &RunningCollector) -> IngestClient<tonic::transport::Channel> {
+    IngestClient::connect(format!("http://{}", c.grpc_addr))
+        .await
+        .unwrap()
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// GET on the HTTP API: (status, body).
+async fn get(c: &RunningCollector, path: &str) -> (u16, Vec<u8>) {
+    let url = format!("http://{}{}", c.http_addr, path);
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().unwrap();
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .unwrap();
+        (status, body)
+    })
+    .await
+    .unwrap()
+}
+
+async fn text(c: &RunningCollector, path: &str) -> String {
+    let (status, body) = get(c, path).await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+async fn total(c: &RunningCollector) -> u64 {
+    let body = text(c, "/api/v1/top?start=now-1h&end=now").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["total"].as_u64().unwrap()
+}
+
+const APP: &str = "query=%7Bprocess%3D%22app%22%7D";
+
+#[tokio::test]
+async fn ingest_then_query_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    let mut cl = client(&c).await;
+    let ack = cl.push_batch(batch(1)).await.unwrap().into_inner();
+    assert!(ack.newly_stored);
+    assert_eq!(
+        (ack.agent_id.as_str(), ack.sequence, ack.samples),
+        ("agent-a", 1, 4)
+    );
+
+    // A batch received twice is stored once.
+    let again = cl.push_batch(batch(1)).await.unwrap().into_inner();
+    assert!(!again.newly_stored);
+    assert_eq!(total(&c).await, 4);
+
+    assert_eq!(
+        text(&c, &format!("/api/v1/folded?{APP}")).await,
+        "app;main;cold 1\napp;main;hot 3\n"
+    );
+    let labels: Vec<String> = serde_json::from_str(&text(&c, "/api/v1/labels").await).unwrap();
+    assert_eq!(labels, ["node", "pid", "process"]);
+    let values: Vec<String> =
+        serde_json::from_str(&text(&c, "/api/v1/labels/process/values").await).unwrap();
+    assert_eq!(values, ["app"]);
+
+    let svg = text(
+        &c,
+        &format!("/api/v1/flamegraph.svg?{APP}&min_width=0&max_stacks=10"),
+    )
+    .await;
+    assert!(svg.contains("hot (3 samples, 75.00%)"), "{svg}");
+
+    let top: serde_json::Value =
+        serde_json::from_str(&text(&c, &format!("/api/v1/top?n=2&{APP}")).await).unwrap();
+    assert_eq!(top["functions"][0]["function"], "hot");
+    assert_eq!(top["functions"][0]["self"], 3);
+    assert_eq!(top["functions"][0]["total"], 3);
+    assert_eq!(top["functions"][1]["function"], "cold");
+
+    let diff = text(
+        &c,
+        &format!("/api/v1/diff.svg?{APP}&base_query=%7B%7D&base_start=now-2h&base_end=now-1h"),
+    )
+    .await;
+    assert!(diff.contains("hot"));
+
+    let metrics = text(&c, "/metrics").await;
+    assert!(
+        metrics.contains("profiler_batches_stored_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("profiler_batches_duplicate_total 1"));
+    assert!(metrics.contains("profiler_samples_stored_total 4"));
+    assert!(metrics.contains("profiler_store_bytes "));
+    assert_eq!(text(&c, "/healthz").await, "ok\n");
+    assert!(text(&c, "/").await.contains("<title>profiler"));
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn pprof_opens_in_go_tool_pprof() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    client(&c).await.push_batch(batch(1)).await.unwrap();
+    let (status, gz) = get(&c, &format!("/api/v1/pprof?{APP}")).await;
+    assert_eq!(status, 200);
+    let file = dir.path().join("profile.pb.gz");
+    std::fs::write(&file, gz).unwrap();
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .arg(&file)
+        .env("HOME", dir.path())
+        .output()
+        .expect("`go` (Debian's golang-go, installed by `cargo xtask setup`) must be on PATH");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Total samples = 4"), "{stdout}");
+    let hot = stdout
+        .lines()
+        .find(|l| l.trim_end().ends_with(" hot"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(hot.trim_start().starts_with("3 75.00%"), "{hot}");
+    assert!(stdout.lines().any(|l| l.trim_end().ends_with(" cold")));
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_batches_are_rejected_whole_and_the_collector_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    let mut cl = client(&c).await;
+    cl.push_batch(batch(1)).await.unwrap();
+    let before = total(&c).await;
+
+    let mut cases: Vec<(&str, Batch, Code, &str)> = Vec::new();
+    let mut b = batch(10);
+    b.samples[1].stack = 7;
+    cases.push((
+        "out-of-range table index",
+        b,
+        Code::InvalidArgument,
+        "out of range",
+    ));
+    let mut b = batch(11);
+    b.stacks[1].frames.clear();
+    cases.push(("empty stack", b, Code::InvalidArgument, "empty"));
+    let mut b = batch(12);
+    b.stacks[0].frames = vec![2; 10_000];
+    cases.push(("10,000-frame stack", b, Code::InvalidArgument, "frames"));
+    let mut b = batch(13);
+    b.samples[1].count = -1;
+    cases.push(("negative count", b, Code::InvalidArgument, "not positive"));
+    let mut b = batch(14);
+    b.samples[0].count = i64::MAX;
+    cases.push(("overflowing count", b, Code::InvalidArgument, "overflow"));
+    let mut b = batch(15);
+    b.window_end_unix_nanos = now_ns() + 24 * 3_600_000_000_000;
+    cases.push((
+        "window in the far future",
+        b,
+        Code::InvalidArgument,
+        "future",
+    ));
+    let mut b = batch(16);
+    b.strings[3] = vec![b'h', 0xff, 0xfe];
+    cases.push(("invalid UTF-8", b, Code::InvalidArgument, "UTF-8"));
+    let mut b = batch(17);
+    b.strings.push(vec![b'x'; 2 << 20]);
+    cases.push((
+        "oversized message",
+        b,
+        Code::ResourceExhausted,
+        "larger than the limit",
+    ));
+
+    for (what, b, code, reason) in cases {
+        let status = cl.push_batch(b).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(reason),
+            "{what}: {}",
+            status.message()
+        );
+        assert_eq!(total(&c).await, before, "{what} changed the stored totals");
+    }
+    // Still serving, and a good batch still goes in.
+    cl.push_batch(batch(2)).await.unwrap();
+    assert_eq!(total(&c).await, before + 4);
+    let metrics = text(&c, "/metrics").await;
+    for reason in [
+        "index_out_of_range",
+        "empty_stack",
+        "stack_too_deep",
+        "bad_count",
+        "count_overflow",
+        "bad_window",
+        "invalid_utf8",
+        "too_large",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "profiler_batches_rejected_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn query_parameters_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    client(&c).await.push_batch(batch(1)).await.unwrap();
+    // A hostile value is just a value that matches nothing.
+    let hostile = "query=%7Bprocess%3D%22%27%3B%20DROP%20TABLE%20samples%3B%20--%22%7D";
+    assert_eq!(text(&c, &format!("/api/v1/folded?{hostile}")).await, "");
+    assert_eq!(total(&c).await, 4, "nothing was dropped");
+    for bad in [
+        "/api/v1/folded?query=%7Bprocess",
+        "/api/v1/folded?start=yesterday",
+        "/api/v1/folded?start=20&end=10",
+        "/api/v1/top?n=0",
+        "/api/v1/flamegraph.svg?min_width=abc",
+        "/api/v1/diff.svg?query=%7B%7D",
+    ] {
+        let (status, body) = get(&c, bad).await;
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}");
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn restart_keeps_acknowledged_batches_and_dedups_resends() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let c = start(&db).await;
+    client(&c).await.push_batch(batch(1)).await.unwrap();
+    c.shutdown().await.unwrap();
+
+    let c = start(&db).await;
+    let mut cl = client(&c).await;
+    // The agent did not see the ack and re-sends: still stored once.
+    let ack = cl.push_batch(batch(1)).await.unwrap().into_inner();
+    assert!(!ack.newly_stored);
+    cl.push_batch(batch(2)).await.unwrap();
+    assert_eq!(total(&c).await, 8);
+    c.shutdown().await.unwrap();
+}
