@@ -83,7 +83,7 @@ pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
         return Ok(now - d.as_nanos() as i64);
     }
     if let Ok(secs) = t.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e11 {
+        if secs.is_finite() && (0.0..1e11).contains(&secs) {
             return Ok((secs * 1e9) as i64);
         }
         return Err(format!("time {t:?} is out of range"));

@@ -1,0 +1,283 @@
+//! End-to-end always-on mode: the real agent profiles real workloads and
+//! streams them to a real collector on loopback (SQLite); the HTTP API, `go
+//! tool pprof` and the web UI in headless Chromium show what a user checks.
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use profiler_agent::export::ExportOptions;
+use profiler_collector::server::{self, CollectorConfig, RunningCollector, StoreLocation};
+use support::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn start_collector(
+    rt: &tokio::runtime::Runtime,
+    db: &Path,
+    grpc: &str,
+    http: &str,
+) -> RunningCollector {
+    rt.block_on(server::start(CollectorConfig {
+        grpc_listen: grpc.parse().unwrap(),
+        http_listen: http.parse().unwrap(),
+        store: StoreLocation::Sqlite(db.to_path_buf()),
+        ..CollectorConfig::default()
+    }))
+    .expect("collector starts")
+}
+
+fn export_to(c: &RunningCollector) -> ExportOptions {
+    ExportOptions {
+        collector: format!("http://{}", c.grpc_addr),
+        node: "test-node".into(),
+        queue_bytes: 16 << 20,
+        flush_timeout: Duration::from_secs(20),
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut resp = agent.get(&format!("http://{addr}{path}")).call().unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .unwrap();
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    body
+}
+
+fn folded(addr: std::net::SocketAddr, query: &str) -> profiler_agent::fold::FoldedProfile {
+    let text = String::from_utf8(http_get(
+        addr,
+        &format!("/api/v1/folded?start=now-1h&query={query}"),
+    ))
+    .unwrap();
+    let (profile, bad) = profiler_agent::fold::parse_folded(&text);
+    assert_eq!(bad, 0);
+    profile
+}
+
+const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
+const RATIO: &str = "%7Bprocess%3D%22ratio%22%7D";
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn chromium(args: &[&str], url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=8000",
+            "--window-size=1400,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("Debian's chromium (installed by `cargo xtask setup`) must be on PATH");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two workloads → agent (run mode) → collector → HTTP: the call chain, the
+/// 3:1 share, totals equal to what the kernel recorded, pprof that `go tool
+/// pprof` reads, and the web UI in Chromium.
+#[test]
+fn agent_streams_windows_that_the_collector_serves() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    let chain = Workload::spawn(&workload("chain"), &["8"]);
+    let ratio = Workload::spawn(&workload("ratio"), &["8"]);
+    let mut opts = options(vec![chain.pid(), ratio.pid()], 4.0, 499);
+    opts.export = Some(export_to(&c));
+    let (rec, _) = record_with(&opts, || ());
+
+    let stats = rec.export.as_ref().unwrap();
+    let queued = stats.batches_queued.load(Ordering::Relaxed);
+    assert!(queued >= 4, "one batch per 1 s window: {queued}");
+    assert_eq!(stats.batches_acked.load(Ordering::Relaxed), queued);
+    assert!(
+        stats.nonzero_drops().is_empty(),
+        "{:?}",
+        stats.nonzero_drops()
+    );
+    let recorded = rec.counters.get(profiler_common::Counter::Recorded);
+    let all = folded(c.http_addr, "%7B%7D");
+    assert_eq!(
+        all.total(),
+        recorded,
+        "collector total vs samples the kernel recorded"
+    );
+    assert_eq!(all.total(), rec.profile.total());
+
+    let chain_profile = folded(c.http_addr, CHAIN);
+    let (hot, total) = count_where(&chain_profile, "chain", |f| {
+        has_chain(f, &["main", "outer", "inner_hot"])
+    });
+    assert!(
+        total > 500 && hot * 100 >= total * 90,
+        "{hot} of {total}\n{}",
+        dump(&chain_profile, "chain")
+    );
+
+    let ratio_profile = folded(c.http_addr, RATIO);
+    let (a, _) = count_where(&ratio_profile, "ratio", |f| f.contains(&"work_a"));
+    let (b, _) = count_where(&ratio_profile, "ratio", |f| f.contains(&"work_b"));
+    let share = 100.0 * a as f64 / (a + b).max(1) as f64;
+    assert!(
+        a + b > 1000 && (share - 75.0).abs() <= 5.0,
+        "work_a {share:.1}% (a={a}, b={b})"
+    );
+
+    // Labels: node, process, pid, exe.
+    let labels: Vec<String> =
+        serde_json::from_slice(&http_get(c.http_addr, "/api/v1/labels")).unwrap();
+    for name in ["exe", "node", "pid", "process"] {
+        assert!(labels.iter().any(|l| l == name), "{labels:?}");
+    }
+    let pids: Vec<String> =
+        serde_json::from_slice(&http_get(c.http_addr, "/api/v1/labels/pid/values")).unwrap();
+    assert!(pids.contains(&chain.pid().to_string()));
+
+    // pprof, read by Go's own tool.
+    let pprof = dir.path().join("chain.pb.gz");
+    std::fs::write(
+        &pprof,
+        http_get(c.http_addr, &format!("/api/v1/pprof?query={CHAIN}")),
+    )
+    .unwrap();
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .arg(&pprof)
+        .env("HOME", dir.path())
+        .output()
+        .expect("go on PATH");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && top.contains("inner_hot"),
+        "{top}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The web UI: the page loads the profile; the flame graph shows the function.
+    let ui = format!("http://{}/?process=chain&start=now-10m", c.http_addr);
+    let dom = chromium(&["--dump-dom"], &ui);
+    assert!(dom.contains("samples for {process=\"chain\"}"), "{dom}");
+    assert!(dom.contains("<td>inner_hot</td>"), "top table: {dom}");
+    assert!(dom.contains("/api/v1/flamegraph.svg?query="), "{dom}");
+    let svg_dom = chromium(
+        &["--dump-dom"],
+        &format!(
+            "http://{}/api/v1/flamegraph.svg?query={CHAIN}&start=now-10m",
+            c.http_addr
+        ),
+    );
+    assert!(svg_dom.contains("inner_hot"), "{svg_dom}");
+    let shot = artifacts().join("ui-flamegraph.png");
+    chromium(&[&format!("--screenshot={}", shot.display())], &ui);
+    assert!(std::fs::metadata(&shot)
+        .map(|m| m.len() > 10_000)
+        .unwrap_or(false));
+    eprintln!("UI screenshot: {}", shot.display());
+    rt.block_on(c.shutdown()).unwrap();
+}
+
+/// The collector goes away in the middle of a run and comes back on the same
+/// store: the agent retries, and in the end every sample is stored exactly
+/// once (collector total = kernel's recorded count).
+#[test]
+fn collector_restart_mid_run_loses_and_doubles_nothing() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let c = start_collector(&rt, &db, "127.0.0.1:0", "127.0.0.1:0");
+    let (grpc, http) = (c.grpc_addr.to_string(), c.http_addr.to_string());
+    let chain = Workload::spawn(&workload("chain"), &["10"]);
+    let mut opts = options(vec![chain.pid()], 6.0, 99);
+    opts.export = Some(export_to(&c));
+
+    let recorder = profiler_agent::record::Recorder::start(&opts).expect("profiler attaches");
+    let handle = rt.handle().clone();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        handle.block_on(c.shutdown()).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let rt_db = db.clone();
+        handle
+            .block_on(server::start(CollectorConfig {
+                grpc_listen: grpc.parse().unwrap(),
+                http_listen: http.parse().unwrap(),
+                store: StoreLocation::Sqlite(rt_db),
+                ..CollectorConfig::default()
+            }))
+            .expect("collector restarts on the same ports and store")
+    });
+    let rec = recorder
+        .run(&std::sync::atomic::AtomicBool::new(false))
+        .unwrap();
+    let c = restarter.join().unwrap();
+
+    let stats = rec.export.as_ref().unwrap();
+    assert!(
+        stats.send_failures.load(Ordering::Relaxed) > 0,
+        "the outage was seen"
+    );
+    assert!(
+        stats.nonzero_drops().is_empty(),
+        "{:?}",
+        stats.nonzero_drops()
+    );
+    assert_eq!(
+        stats.batches_acked.load(Ordering::Relaxed),
+        stats.batches_queued.load(Ordering::Relaxed)
+    );
+    let recorded = rec.counters.get(profiler_common::Counter::Recorded);
+    let stored = folded(c.http_addr, "%7B%7D").total();
+    assert_eq!(
+        stored, recorded,
+        "stored vs recorded samples after the restart"
+    );
+    rt.block_on(c.shutdown()).unwrap();
+}
