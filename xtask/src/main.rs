@@ -7,6 +7,7 @@
 //! - `test` is what CI runs: set-up, fmt, clippy, unit and privileged tests.
 use std::{
     ffi::OsString,
+    io::IsTerminal,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
@@ -34,7 +35,8 @@ enum Task {
     Setup,
     /// Build the agent (release) with its eBPF program.
     Build,
-    /// Profile the whole host and write a flame graph (needs root; re-runs with sudo -E).
+    /// Start the collector and the agent: live flame graphs in the browser, and a
+    /// flame graph file at the end (needs root; runs the agent with sudo -E).
     Run {
         /// Stop after this long (e.g. 10s); default: until Ctrl-C.
         #[arg(short = 'd', long)]
@@ -150,6 +152,7 @@ fn setup() -> Result<()> {
         ("gcc", "gcc"),
         ("go", "golang-go"),
         ("unshare", "util-linux"),
+        ("chromium", "chromium"),
     ] {
         if !succeeds("sh", &["-c", &format!("command -v {tool}")]) {
             packages.push(package);
@@ -209,21 +212,76 @@ fn setup() -> Result<()> {
         .context("installing bpf-linker failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
+const UI_ADDR: &str = "127.0.0.1:7080";
+const GRPC_ADDR: &str = "127.0.0.1:7070";
+
+/// Waits until something accepts connections on `addr`.
+fn wait_for_port(addr: &str, child: &mut std::process::Child) -> Result<()> {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the collector exited ({status}) before serving: is {addr} already in use?");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("the collector did not start serving on {addr} within 10 s")
+}
+
 fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+
     setup()?;
-    step("building the agent (release)");
-    cargo(&["build", "--release", "-p", "profiler-agent"])?;
-    let agent = workspace_root().join("target/release/profiler-agent");
-    let dir = workspace_root().join("target/profiles");
+    step("building the agent and the collector (release)");
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "profiler-agent",
+        "-p",
+        "profiler-collector",
+    ])?;
+    let root = workspace_root();
+    let dir = root.join("target/profiles");
     std::fs::create_dir_all(&dir)?;
 
-    let mut args: Vec<OsString> = vec!["record".into()];
+    // Ctrl-C stops the agent (which writes its outputs); xtask only notes
+    // it, then stops the collector, which runs in its own process group.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+
+    step(&format!(
+        "starting the collector (store: {})",
+        dir.join("profiles.db").display()
+    ));
+    let mut collector = Command::new(root.join("target/release/profiler-collector"))
+        .arg("--store")
+        .arg(format!("sqlite:{}", dir.join("profiles.db").display()))
+        .args(["--grpc-listen", GRPC_ADDR, "--http-listen", UI_ADDR])
+        .process_group(0)
+        .spawn()
+        .context("cannot start the collector")?;
+    if let Err(e) = wait_for_port(UI_ADDR, &mut collector) {
+        let _ = collector.kill();
+        return Err(e);
+    }
+    eprintln!("\n    Live flame graphs: http://{UI_ADDR}/  (new data every 5 s)\n");
+
+    let mut args: Vec<OsString> = vec![
+        "run".into(),
+        "--collector".into(),
+        format!("http://{GRPC_ADDR}").into(),
+    ];
     if let Some(d) = duration {
         args.extend(["--duration".into(), d.into()]);
     }
@@ -235,33 +293,46 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         })
     };
     if !has(&["-o", "--output"]) {
-        let svg = dir.join("flamegraph.svg");
-        args.extend(["-o".into(), svg.into()]);
+        args.extend(["-o".into(), dir.join("flamegraph.svg").into()]);
     }
     if !has(&["--folded"]) {
         args.extend(["--folded".into(), dir.join("stacks.folded").into()]);
     }
+    if !has(&["-F", "--frequency"]) {
+        args.extend(["-F".into(), "99".into()]);
+    }
+    if !has(&["--drain-interval"]) {
+        args.extend(["--drain-interval".into(), "5s".into()]);
+    }
     args.extend(agent_args.into_iter().map(OsString::from));
 
+    let agent = root.join("target/release/profiler-agent");
     let mut cmd = if is_root() {
         Command::new(&agent)
     } else {
-        eprintln!("profiling needs root: re-running the agent with sudo -E");
+        eprintln!("profiling needs root: running the agent with sudo -E");
         let mut cmd = Command::new("sudo");
         cmd.arg("-E").arg(&agent);
         cmd
     };
     cmd.args(&args);
-    step(&format!(
-        "profiling this host ({})",
-        if args.iter().any(|a| a == "--duration" || a == "-d") {
-            "until the duration ends or Ctrl-C"
-        } else {
-            "until Ctrl-C"
+    step("profiling this host (Ctrl-C to stop)");
+    let agent_status = cmd.status().context("cannot start the agent");
+
+    if std::io::stdin().is_terminal() && !interrupted.load(Ordering::Relaxed) {
+        eprintln!("\nThe collector keeps serving http://{UI_ADDR}/ — Ctrl-C to stop it.");
+        while !interrupted.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
-    ));
-    // Replace xtask, so Ctrl-C reaches the agent alone and it writes its output.
-    Err(cmd.exec()).context("cannot start the agent")
+    }
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(collector.id() as i32, libc::SIGINT) };
+    let _ = collector.wait();
+    let status = agent_status?;
+    if !status.success() {
+        bail!("the agent failed ({status})");
+    }
+    Ok(())
 }
 
 fn test() -> Result<()> {
