@@ -53,6 +53,8 @@ pub struct ExportStats {
     pub dropped_at_exit: AtomicU64,
     /// Encoded size of the last batch, before compression.
     pub last_batch_bytes: AtomicU64,
+    /// Size of the last batch compressed with zstd, as on the wire.
+    pub last_batch_wire_bytes: AtomicU64,
 }
 
 impl ExportStats {
