@@ -51,10 +51,10 @@ pub struct ExportStats {
     pub dropped_queue_full: AtomicU64,
     pub dropped_rejected: AtomicU64,
     pub dropped_at_exit: AtomicU64,
-    /// Encoded size of the last batch, before compression.
-    pub last_batch_bytes: AtomicU64,
-    /// Size of the last batch compressed with zstd, as on the wire.
-    pub last_batch_wire_bytes: AtomicU64,
+    /// Encoded size of the largest batch, before compression.
+    pub largest_batch_bytes: AtomicU64,
+    /// Size of the largest batch compressed with zstd, as on the wire.
+    pub largest_batch_wire_bytes: AtomicU64,
 }
 
 impl ExportStats {
@@ -284,10 +284,21 @@ impl Exporter {
             frequency_hz,
         });
         self.next_sequence += 1;
-        let size = batch.encoded_len();
-        self.stats
-            .last_batch_bytes
-            .store(size as u64, Ordering::Relaxed);
+        let encoded = batch.encode_to_vec();
+        let size = encoded.len();
+        let largest = self
+            .stats
+            .largest_batch_bytes
+            .fetch_max(size as u64, Ordering::Relaxed)
+            < size as u64;
+        // One window a drain interval: measuring the compressed size is cheap.
+        if largest {
+            if let Ok(wire) = zstd::bulk::compress(&encoded, 0) {
+                self.stats
+                    .largest_batch_wire_bytes
+                    .store(wire.len() as u64, Ordering::Relaxed);
+            }
+        }
         ExportStats::bump(&self.stats.batches_queued);
         let _ = self.tx.send(Msg::Batch(batch));
         size
