@@ -1,5 +1,6 @@
 //! The collector: gRPC ingest of agents' batches into a store, and the HTTP
 //! query API with its web UI. See [`server::start`].
+pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

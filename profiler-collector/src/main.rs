@@ -1,30 +1,37 @@
 //! `profiler-collector`: the central store of the profiler.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use profiler_collector::server::{self, CollectorConfig, StoreLocation};
+use profiler_collector::{
+    config::{check_message_mib, FileConfig},
+    server::{self, CollectorConfig, StoreLocation},
+};
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Stores profiles sent by agents and serves flame graphs"
+    about = "Stores profiles sent by agents and serves flame graphs",
+    after_help = "Defaults: gRPC 127.0.0.1:7070, HTTP 127.0.0.1:7080, store sqlite:profiles.db, retention 7d, 16 MiB batches."
 )]
 struct Cli {
+    /// TOML file with any of: grpc_listen, http_listen, store, retention, max_message_mib.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
     /// gRPC address agents send batches to.
-    #[arg(long, default_value = server::DEFAULT_GRPC_LISTEN)]
-    grpc_listen: SocketAddr,
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
     /// HTTP address of the API and web UI.
-    #[arg(long, default_value = server::DEFAULT_HTTP_LISTEN)]
-    http_listen: SocketAddr,
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// Where to store profiles: sqlite:PATH.
-    #[arg(long, default_value = "sqlite:profiles.db")]
-    store: StoreLocation,
+    #[arg(long)]
+    store: Option<StoreLocation>,
     /// Delete data older than this (e.g. 7d, 24h).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
-    retention: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
     /// Largest accepted batch in MiB.
-    #[arg(long, default_value_t = 16)]
-    max_message_mib: usize,
+    #[arg(long, value_parser = |s: &str| s.parse::<usize>().map_err(|e| e.to_string()).and_then(check_message_mib))]
+    max_message_mib: Option<usize>,
 }
 
 #[tokio::main]
@@ -37,17 +44,27 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if !(1..=1024).contains(&cli.max_message_mib) {
-        anyhow::bail!("--max-message-mib must be 1-1024");
+    let mut config = CollectorConfig::default();
+    if let Some(path) = &cli.config {
+        FileConfig::load(path)
+            .and_then(|file| file.apply(&mut config))
+            .map_err(anyhow::Error::msg)?;
     }
-    let config = CollectorConfig {
-        grpc_listen: cli.grpc_listen,
-        http_listen: cli.http_listen,
-        store: cli.store,
-        retention: cli.retention,
-        max_message_bytes: cli.max_message_mib << 20,
-        ..CollectorConfig::default()
-    };
+    if let Some(a) = cli.grpc_listen {
+        config.grpc_listen = a;
+    }
+    if let Some(a) = cli.http_listen {
+        config.http_listen = a;
+    }
+    if let Some(s) = cli.store {
+        config.store = s;
+    }
+    if let Some(r) = cli.retention {
+        config.retention = r;
+    }
+    if let Some(m) = cli.max_message_mib {
+        config.max_message_bytes = m << 20;
+    }
     let running = server::start(config).await?;
     eprintln!(
         "collector: gRPC ingest on {}, UI and API on http://{}/",
