@@ -333,6 +333,19 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
+/// Whether the collector refused the batch itself (retrying cannot help):
+/// invalid, or larger than it accepts. Anything else is retried.
+fn is_rejection(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => true,
+        Code::ResourceExhausted => {
+            let m = status.message();
+            m.contains("too large") || m.contains("size limit")
+        }
+        _ => false,
+    }
+}
+
 struct Queue {
     batches: VecDeque<(Batch, usize)>,
     bytes: usize,
@@ -422,7 +435,7 @@ async fn upload_loop(
                     .fetch_add(ack.samples, Ordering::Relaxed);
                 queue.pop();
             }
-            Err(status) if status.code() == Code::InvalidArgument => {
+            Err(status) if is_rejection(&status) => {
                 ExportStats::bump(&stats.dropped_rejected);
                 tracing::error!("collector rejected a batch: {}", status.message());
                 queue.pop();
@@ -532,6 +545,22 @@ mod tests {
         }
         assert!(backoff(1) <= Duration::from_millis(150));
         assert!(backoff(8) >= Duration::from_millis(6_000));
+    }
+
+    #[test]
+    fn rejections_are_not_retried() {
+        use tonic::Status;
+        assert!(is_rejection(&Status::invalid_argument("bad")));
+        assert!(is_rejection(&Status::resource_exhausted(
+            "batch too large: 20 bytes, the limit is 10 bytes"
+        )));
+        assert!(is_rejection(&Status::out_of_range(
+            "decoded message length too large"
+        )));
+        assert!(!is_rejection(&Status::resource_exhausted(
+            "overloaded, retry later"
+        )));
+        assert!(!is_rejection(&Status::unavailable("down")));
     }
 
     #[test]

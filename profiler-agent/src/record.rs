@@ -26,7 +26,11 @@ use crate::{
 /// What a recording produced.
 #[derive(Clone, Debug)]
 pub struct Recording {
+    /// The whole run's folded stacks (empty in `run` mode without `-o` or
+    /// `--folded`: an always-on agent keeps no history).
     pub profile: FoldedProfile,
+    /// Samples drained, in all windows.
+    pub samples: u64,
     /// Kernel counters at the end.
     pub counters: Counters,
     pub process_stats: ProcessStats,
@@ -128,7 +132,9 @@ pub fn record(options: &RecordOptions, stop: &AtomicBool) -> Result<Recording> {
 struct Sinks<'a> {
     processes: &'a Mutex<ProcessCache>,
     symbolizer: &'a mut BlazeSymbolizer,
-    profile: &'a mut FoldedProfile,
+    /// The whole run's profile; `None` in `run` mode without local outputs,
+    /// so an always-on agent does not grow with every distinct stack.
+    profile: Option<&'a mut FoldedProfile>,
     exporter: Option<&'a mut Exporter>,
     frequency: u32,
 }
@@ -146,8 +152,9 @@ impl Sinks<'_> {
                     sample.process = name.to_string();
                 }
             }
-            self.profile
-                .add(&sample.process, &sample.frames, sample.count);
+            if let Some(profile) = self.profile.as_deref_mut() {
+                profile.add(&sample.process, &sample.frames, sample.count);
+            }
         }
         let Some(exporter) = self.exporter.as_deref_mut() else {
             return;
@@ -168,6 +175,9 @@ impl Sinks<'_> {
             // The process is the root frame, as in the local folded output.
             frames.clear();
             frames.push(sample.process.clone());
+            if sample.frames.is_empty() {
+                frames.push(crate::fold::NO_STACK_FRAME.to_string());
+            }
             frames.extend(sample.frames.iter().cloned());
             batch.add(&labels, &frames, sample.count);
         }
@@ -236,6 +246,8 @@ impl Recorder {
         let mut symbolizer = BlazeSymbolizer::new(processes.clone());
         let mut profile = FoldedProfile::default();
         let export_stats = exporter.as_ref().map(|e| e.stats().clone());
+        let keep_profile = exporter.is_none() || options.svg.is_some() || options.folded.is_some();
+        let mut samples = 0u64;
         let frequency = options.sampler.frequency as u32;
         let (mut missing_stacks, mut truncated_stacks) = (0, 0);
 
@@ -254,10 +266,11 @@ impl Recorder {
                 truncated_stacks += window.truncated_stacks;
                 tracing::debug!(samples = window.total(), "drained a window");
                 let window_end = SystemTime::now();
+                samples += window.total();
                 Sinks {
                     processes: &processes,
                     symbolizer: &mut symbolizer,
-                    profile: &mut profile,
+                    profile: keep_profile.then_some(&mut profile),
                     exporter: exporter.as_mut(),
                     frequency,
                 }
@@ -298,10 +311,11 @@ impl Recorder {
         let window = sampler.drain_all()?;
         missing_stacks += window.missing_stacks;
         truncated_stacks += window.truncated_stacks;
+        samples += window.total();
         Sinks {
             processes: &processes,
             symbolizer: &mut symbolizer,
-            profile: &mut profile,
+            profile: keep_profile.then_some(&mut profile),
             exporter: exporter.as_mut(),
             frequency,
         }
@@ -321,6 +335,7 @@ impl Recorder {
             .clone();
         let recording = Recording {
             profile,
+            samples,
             counters,
             processes_seen: process_stats.snapshots,
             process_stats,

@@ -35,7 +35,7 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
 /// Renders the summary: samples, top functions, non-zero drops, outputs.
 pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let mut s = String::new();
-    let total = recording.profile.total();
+    let total = recording.samples;
     let secs = recording.duration.as_secs_f64();
     let _ = writeln!(
         s,
@@ -45,7 +45,7 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
         recording.profile.len(),
         recording.processes_seen,
     );
-    if total > 0 {
+    if recording.profile.total() > 0 {
         let _ = writeln!(s, "Top functions by self samples:");
         for (name, count) in recording.profile.top_self(top) {
             let pct = 100.0 * count as f64 / total as f64;

@@ -7,14 +7,15 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/v1/labels` | label names (JSON) |
 //! | `GET /api/v1/labels/{name}/values` | values of a label (JSON) |
-//! | `GET /api/v1/flamegraph.svg` | flame graph (inferno SVG) |
+//! | `GET /api/v1/flamegraph.svg` | flame graph (inferno SVG); `min_width`, `max_nodes` |
 //! | `GET /api/v1/folded` | folded stacks (text) |
 //! | `GET /api/v1/pprof` | gzipped pprof (`go tool pprof` reads it) |
 //! | `GET /api/v1/top` | top-N functions, self and total (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
 //!
 //! Selections: `query={name="value",...}` (all must match), `start`, `end`
-//! as Unix seconds, RFC 3339, `now` or `now-15m` (default: the last hour).
+//! as Unix seconds, RFC 3339, `now` or `now-15m` (default: the last hour);
+//! a window belongs to the range its end falls in.
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
@@ -78,22 +79,28 @@ pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
     if t == "now" {
         return Ok(now);
     }
+    let out_of_range = || format!("time {t:?} is out of range");
     if let Some(ago) = t.strip_prefix("now-") {
         let d = humantime::parse_duration(ago).map_err(|e| format!("bad time {t:?}: {e}"))?;
-        return Ok(now - d.as_nanos() as i64);
+        let ago = i64::try_from(d.as_nanos()).map_err(|_| out_of_range())?;
+        return now
+            .checked_sub(ago)
+            .filter(|t| *t >= 0)
+            .ok_or_else(out_of_range);
     }
     if let Ok(secs) = t.parse::<f64>() {
-        if secs.is_finite() && (0.0..1e11).contains(&secs) {
+        // Up to the year 2262, where nanoseconds leave an i64.
+        if secs.is_finite() && (0.0..9.2e9).contains(&secs) {
             return Ok((secs * 1e9) as i64);
         }
-        return Err(format!("time {t:?} is out of range"));
+        return Err(out_of_range());
     }
     humantime::parse_rfc3339_weak(t)
         .map_err(|e| format!("bad time {t:?}: {e} (use Unix seconds, RFC 3339 or now-1h)"))
         .and_then(|st| {
             st.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
                 .map_err(|_| format!("time {t:?} is before 1970"))
+                .and_then(|d| i64::try_from(d.as_nanos()).map_err(|_| out_of_range()))
         })
 }
 
@@ -108,14 +115,18 @@ pub fn selector(params: &HashMap<String, String>, prefix: &str) -> Result<Select
     let start = get("start")
         .map(|t| parse_time(t, now))
         .transpose()?
-        .unwrap_or(end - 3600 * 1_000_000_000);
+        .unwrap_or(end.saturating_sub(3600 * 1_000_000_000));
     if start >= end {
         return Err(format!("{prefix}start must be before {prefix}end"));
     }
-    if end - start > MAX_RANGE_NS {
+    if end.saturating_sub(start) > MAX_RANGE_NS {
         return Err("time range longer than 400 days".into());
     }
-    let matchers = query::parse_selector(get("query").unwrap_or(""))?;
+    // A baseline without its own query compares the same selection.
+    let query = get("query")
+        .or_else(|| params.get("query").map(String::as_str))
+        .unwrap_or("");
+    let matchers = query::parse_selector(query)?;
     Ok(Selector {
         matchers,
         start_ns: start,
@@ -221,12 +232,12 @@ fn svg_options(params: &HashMap<String, String>, title: String) -> Result<SvgOpt
             .filter(|w| w.is_finite() && (0.0..=1000.0).contains(w))
             .ok_or_else(|| format!("min_width {w:?} must be a number of pixels 0-1000"))?;
     }
-    if let Some(n) = params.get("max_stacks") {
-        opts.max_stacks = Some(
+    if let Some(n) = params.get("max_nodes") {
+        opts.max_nodes = Some(
             n.parse::<usize>()
                 .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| format!("max_stacks {n:?} must be a positive integer"))?,
+                .filter(|n| *n >= 2)
+                .ok_or_else(|| format!("max_nodes {n:?} must be an integer of 2 or more"))?,
         );
     }
     Ok(opts)
@@ -330,6 +341,9 @@ mod tests {
         assert!(parse_time("yesterday", now).is_err());
         assert!(parse_time("-5", now).is_err());
         assert!(parse_time("1e300", now).is_err());
+        assert!(parse_time("99999999999", now).is_err());
+        assert!(parse_time("now-300y", now).is_err());
+        assert!(parse_time("now-100000000000y", now).is_err());
     }
 
     #[test]
@@ -353,7 +367,20 @@ mod tests {
         assert_eq!(s.matchers, vec![("process".into(), "x".into())]);
         assert!(selector(&p(&[("start", "20"), ("end", "10")]), "").is_err());
         assert!(selector(&p(&[("query", "{bad")]), "").is_err());
-        let b = selector(&p(&[("base_start", "1"), ("base_end", "2")]), "base_").unwrap();
+        let b = selector(
+            &p(&[
+                ("base_start", "1"),
+                ("base_end", "2"),
+                ("query", r#"{process="x"}"#),
+            ]),
+            "base_",
+        )
+        .unwrap();
         assert_eq!(b.end_ns, 2_000_000_000);
+        assert_eq!(
+            b.matchers,
+            vec![("process".into(), "x".into())],
+            "baseline defaults to the query"
+        );
     }
 }

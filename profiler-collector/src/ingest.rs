@@ -47,7 +47,7 @@ impl Ingest for IngestService {
             self.metrics.reject("too_large");
             tracing::warn!(%peer, size, "batch rejected: too large");
             return Err(Status::resource_exhausted(format!(
-                "batch of {size} bytes is larger than the limit of {} bytes",
+                "batch too large: {size} bytes, the limit is {} bytes",
                 self.max_message_bytes
             )));
         }
@@ -59,6 +59,7 @@ impl Ingest for IngestService {
         })?;
         if valid.window_end_ns < now - self.retention_ns {
             self.metrics.reject("older_than_retention");
+            tracing::warn!(%peer, agent = %valid.agent_id, seq = valid.sequence, "batch rejected: older than the retention period");
             return Err(Status::invalid_argument(
                 "window ended before the retention period: not stored",
             ));

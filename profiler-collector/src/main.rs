@@ -70,9 +70,13 @@ async fn main() -> anyhow::Result<()> {
         "collector: gRPC ingest on {}, UI and API on http://{}/",
         running.grpc_addr, running.http_addr
     );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     running
-        .run_until(async {
-            let _ = tokio::signal::ctrl_c().await;
+        .run_until(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         })
         .await
 }

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 /// Labels of a sample, sorted by name (names unique).
 pub type Labels = Vec<(String, String)>;
 
-/// One sample line of a batch after validation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One sample line of a batch after validation: indexes into the batch's
+/// (resolved, de-duplicated) label sets and stacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchSample {
-    pub labels: Labels,
-    /// Folded stack, root first, frames joined by `;`.
-    pub stack: String,
+    pub label_set: usize,
+    pub stack: usize,
     pub count: u64,
 }
 
@@ -24,17 +24,24 @@ pub struct ValidBatch {
     pub window_start_ns: i64,
     pub window_end_ns: i64,
     pub frequency_hz: u32,
+    /// Label sets, each sorted by name.
+    pub label_sets: Vec<Labels>,
+    /// Folded stacks, root first, frames joined by `;`.
+    pub stacks: Vec<String>,
     pub samples: Vec<BatchSample>,
 }
 
 impl ValidBatch {
     pub fn total(&self) -> u64 {
-        self.samples.iter().map(|s| s.count).sum()
+        self.samples
+            .iter()
+            .fold(0u64, |t, s| t.saturating_add(s.count))
     }
 }
 
 /// Which samples a query wants: every `name = value` pair must match, and the
-/// sample's window must overlap `[start_ns, end_ns)`.
+/// sample's window must end in `(start_ns, end_ns]`, so adjacent ranges never
+/// count a window twice.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selector {
     pub matchers: Vec<(String, String)>,
@@ -50,11 +57,12 @@ pub struct Profile {
 
 impl Profile {
     pub fn total(&self) -> u64 {
-        self.stacks.values().sum()
+        self.stacks.values().fold(0u64, |t, c| t.saturating_add(*c))
     }
 
     pub fn add(&mut self, stack: &str, count: u64) {
-        *self.stacks.entry(stack.to_string()).or_default() += count;
+        let entry = self.stacks.entry(stack.to_string()).or_default();
+        *entry = entry.saturating_add(count);
     }
 
     /// `stack COUNT` lines, sorted.

@@ -14,9 +14,10 @@ pub struct SvgOptions {
     pub title: String,
     /// Frames narrower than this many pixels are left out.
     pub min_width: f64,
-    /// Keep only this many of the heaviest stacks (the rest are summed into
-    /// `[other stacks]`), to bound the SVG's size.
-    pub max_stacks: Option<usize>,
+    /// Keep at most about this many frames (nodes of the graph): the heaviest
+    /// stacks are kept whole while they fit, the rest are summed into
+    /// `[other stacks]`. Bounds the SVG's size.
+    pub max_nodes: Option<usize>,
 }
 
 impl Default for SvgOptions {
@@ -24,24 +25,38 @@ impl Default for SvgOptions {
         Self {
             title: "CPU profile".into(),
             min_width: 0.1,
-            max_stacks: None,
+            max_nodes: None,
         }
     }
 }
 
-/// Keeps the `max` heaviest stacks and sums the rest into one frame.
-pub fn limit_stacks(profile: &Profile, max: usize) -> Profile {
-    if profile.stacks.len() <= max {
-        return profile.clone();
-    }
+/// Keeps the heaviest stacks while the graph has at most `max_nodes` frames
+/// (one more for `[other stacks]`, where the rest is summed).
+pub fn limit_nodes(profile: &Profile, max_nodes: usize) -> Profile {
     let mut by_weight: Vec<(&String, &u64)> = profile.stacks.iter().collect();
     by_weight.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    // A node is a distinct stack prefix.
+    let mut nodes: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut out = Profile::default();
-    for (stack, count) in &by_weight[..max] {
-        out.add(stack, **count);
+    let mut rest = 0u64;
+    let budget = max_nodes.saturating_sub(1);
+    for (stack, count) in by_weight {
+        let prefixes: Vec<&str> = stack
+            .match_indices(';')
+            .map(|(i, _)| &stack[..i])
+            .chain(std::iter::once(stack.as_str()))
+            .filter(|p| !nodes.contains(p))
+            .collect();
+        if nodes.len() + prefixes.len() <= budget {
+            nodes.extend(prefixes);
+            out.add(stack, *count);
+        } else {
+            rest = rest.saturating_add(*count);
+        }
     }
-    let rest: u64 = by_weight[max..].iter().map(|(_, c)| **c).sum();
-    out.add("[other stacks]", rest);
+    if rest > 0 {
+        out.add("[other stacks]", rest);
+    }
     out
 }
 
@@ -57,8 +72,8 @@ fn inferno_options(opts: &SvgOptions) -> inferno::flamegraph::Options<'static> {
 
 /// A flame graph SVG of `profile`.
 pub fn svg(profile: &Profile, opts: &SvgOptions) -> Result<Vec<u8>, String> {
-    let profile = match opts.max_stacks {
-        Some(max) => limit_stacks(profile, max),
+    let profile = match opts.max_nodes {
+        Some(max) => limit_nodes(profile, max),
         None => profile.clone(),
     };
     let mut options = inferno_options(opts);
@@ -77,6 +92,10 @@ pub fn svg(profile: &Profile, opts: &SvgOptions) -> Result<Vec<u8>, String> {
 /// A differential flame graph: the shape of `after`, red where it grew
 /// against `before`, blue where it shrank (counts normalized).
 pub fn diff_svg(before: &Profile, after: &Profile, opts: &SvgOptions) -> Result<Vec<u8>, String> {
+    let (before, after) = match opts.max_nodes {
+        Some(max) => (limit_nodes(before, max), limit_nodes(after, max)),
+        None => (before.clone(), after.clone()),
+    };
     let mut diff = Vec::new();
     inferno::differential::from_readers(
         inferno::differential::Options {
@@ -351,9 +370,14 @@ mod tests {
 
     #[test]
     fn limit_keeps_heaviest_and_sums_the_rest() {
-        let l = limit_stacks(&profile(), 1);
+        // app;main;hot is 3 nodes; +1 for [other stacks].
+        let l = limit_nodes(&profile(), 4);
         assert_eq!(l.folded(), "[other stacks] 4\napp;main;hot 6\n");
         assert_eq!(l.total(), profile().total());
+        // memcpy adds one node under hot, cold one under main.
+        let l = limit_nodes(&profile(), 6);
+        assert_eq!(l.stacks.len(), 3);
+        assert_eq!(limit_nodes(&profile(), 100), profile());
     }
 
     #[test]

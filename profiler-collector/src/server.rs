@@ -11,6 +11,7 @@ use anyhow::Context;
 use profiler_proto::v1::ingest_server::IngestServer;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::codec::CompressionEncoding;
+use tonic::codegen::http::{HeaderValue, Response};
 
 use crate::{
     http::{router, AppState},
@@ -85,13 +86,40 @@ impl RunningCollector {
         Ok(())
     }
 
-    /// Waits until a server stops (an error) or `signal` resolves.
+    /// Serves until `signal` resolves (then shuts down gracefully), or until
+    /// a server stops on its own (an error, returned).
     pub async fn run_until(
-        self,
+        mut self,
         signal: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        signal.await;
-        self.shutdown().await
+        let (grpc, http) = (self.tasks.remove(0), self.tasks.remove(0));
+        tokio::pin!(signal, grpc, http);
+        let stopped_alone =
+            |r: Result<anyhow::Result<()>, tokio::task::JoinError>, what: &str| match r {
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::Error::from(e),
+                Ok(Ok(())) => anyhow::anyhow!("the {what} server stopped"),
+            };
+        tokio::select! {
+            _ = &mut signal => {}
+            r = &mut grpc => return Err(stopped_alone(r, "gRPC")),
+            r = &mut http => return Err(stopped_alone(r, "HTTP")),
+        }
+        let _ = self.stop.send(true);
+        grpc.await??;
+        http.await??;
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    /// Stops at once, as a crash would: connections are dropped, in-flight
+    /// batches may or may not be stored, none is acknowledged.
+    pub fn abort(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -103,6 +131,37 @@ fn open_store(location: &StoreLocation) -> anyhow::Result<Box<dyn Store>> {
             })?))
         }
     }
+}
+
+/// Batches decoded and stored at the same time, at most.
+const MAX_CONCURRENT_BATCHES: usize = 8;
+
+/// tonic answers a message over the size limit with `OUT_OF_RANGE` (or,
+/// when it only grows past the limit while being decompressed, with
+/// `RESOURCE_EXHAUSTED`); gRPC says `RESOURCE_EXHAUSTED`, which agents treat
+/// as "too large, drop it". Both are counted as `too_large`.
+fn too_large_is_resource_exhausted(
+    mut response: Response<tonic::body::Body>,
+    metrics: &Metrics,
+) -> Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let status = headers.get("grpc-status").map(|s| s.as_bytes().to_vec());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
+    let too_large = match status.as_deref() {
+        Some(b"11") => message.contains("length too large"),
+        Some(b"8") => message.contains("size limit"),
+        _ => false,
+    };
+    if too_large {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        metrics.reject("too_large");
+        tracing::warn!("batch rejected: larger than the message size limit");
+    }
+    response
 }
 
 /// Opens the store, binds both ports and starts serving.
@@ -128,16 +187,26 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         max_message_bytes: config.max_message_bytes,
         retention_ns,
     })
-    // The service answers RESOURCE_EXHAUSTED up to 4x the limit; beyond
-    // that tonic refuses to buffer the message at all.
-    .max_decoding_message_size(config.max_message_bytes.saturating_mul(4))
+    // tonic refuses a larger message before buffering it; see
+    // `too_large_is_resource_exhausted` for the status the agent gets.
+    .max_decoding_message_size(config.max_message_bytes)
     .accept_compressed(CompressionEncoding::Gzip)
     .accept_compressed(CompressionEncoding::Zstd)
     .send_compressed(CompressionEncoding::Zstd);
 
+    let size_metrics = metrics.clone();
     let mut grpc_stop = stopped.clone();
     let grpc = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            // Bounds the batches decoded at once, so their memory is bounded.
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                MAX_CONCURRENT_BATCHES,
+            ))
+            .layer(tower::util::MapResponseLayer::new(
+                move |response: Response<tonic::body::Body>| {
+                    too_large_is_resource_exhausted(response, &size_metrics)
+                },
+            ))
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc_listener),

@@ -14,6 +14,18 @@ pub struct Limits {
     pub max_future_ns: i64,
     /// Most samples in one batch.
     pub max_samples: usize,
+    /// Longest string (frame name, label name or value), in bytes.
+    pub max_string_bytes: usize,
+    /// Longest folded stack, in bytes.
+    pub max_stack_bytes: usize,
+    /// Most bytes of resolved stacks and labels per batch: a small message
+    /// cannot make the collector build a huge one.
+    pub max_resolved_bytes: usize,
+    /// Largest sample count of one batch (all samples together). Keeps sums
+    /// over many batches far from overflowing.
+    pub max_batch_count: u64,
+    /// Longest window.
+    pub max_window_ns: i64,
 }
 
 impl Default for Limits {
@@ -22,6 +34,11 @@ impl Default for Limits {
             max_frames: 1024,
             max_future_ns: 10 * 60 * 1_000_000_000,
             max_samples: 1_000_000,
+            max_string_bytes: 4096,
+            max_stack_bytes: 64 * 1024,
+            max_resolved_bytes: 64 << 20,
+            max_batch_count: 1 << 40,
+            max_window_ns: 24 * 3600 * 1_000_000_000,
         }
     }
 }
@@ -59,6 +76,8 @@ pub enum Rejection {
     Label(String),
     #[error("{0} samples, more than the limit of {1}")]
     TooManySamples(usize, usize),
+    #[error("{0}")]
+    TooBig(String),
 }
 
 impl Rejection {
@@ -76,6 +95,7 @@ impl Rejection {
             Rejection::CountOverflow => "count_overflow",
             Rejection::Label(_) => "bad_label",
             Rejection::TooManySamples(..) => "too_many_samples",
+            Rejection::TooBig(_) => "too_big",
         }
     }
 }
@@ -109,6 +129,12 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
     if end > now_ns.saturating_add(limits.max_future_ns) {
         return Err(Rejection::Window(format!("end {end} is in the future")));
     }
+    if end - start > limits.max_window_ns {
+        return Err(Rejection::Window(format!(
+            "a window of {} s is longer than a day",
+            (end - start) / 1_000_000_000
+        )));
+    }
     if !(1..=10_000).contains(&batch.frequency_hz) {
         return Err(Rejection::Frequency(batch.frequency_hz));
     }
@@ -122,8 +148,29 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
         .strings
         .iter()
         .enumerate()
-        .map(|(i, s)| std::str::from_utf8(s).map_err(|_| Rejection::InvalidUtf8(i)))
+        .map(|(i, s)| {
+            if s.len() > limits.max_string_bytes {
+                return Err(Rejection::TooBig(format!(
+                    "strings[{i}] has {} bytes, more than the limit of {}",
+                    s.len(),
+                    limits.max_string_bytes
+                )));
+            }
+            std::str::from_utf8(s).map_err(|_| Rejection::InvalidUtf8(i))
+        })
         .collect::<Result<_, _>>()?;
+    let mut resolved: usize = 0;
+    let mut charge = |bytes: usize| {
+        resolved += bytes;
+        if resolved > limits.max_resolved_bytes {
+            Err(Rejection::TooBig(format!(
+                "stacks and labels resolve to more than {} bytes",
+                limits.max_resolved_bytes
+            )))
+        } else {
+            Ok(())
+        }
+    };
 
     let mut stacks = Vec::with_capacity(batch.stacks.len());
     for (i, stack) in batch.stacks.iter().enumerate() {
@@ -140,6 +187,12 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
         let mut folded = String::new();
         for (n, frame) in stack.frames.iter().enumerate() {
             let name = index(&strings, *frame, "frame string")?;
+            if folded.len() + name.len() + 1 > limits.max_stack_bytes {
+                return Err(Rejection::TooBig(format!(
+                    "stacks[{i}] is longer than {} bytes",
+                    limits.max_stack_bytes
+                )));
+            }
             if n > 0 {
                 folded.push(';');
             }
@@ -150,6 +203,7 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
                 c => c,
             }));
         }
+        charge(folded.len())?;
         stacks.push(folded);
     }
 
@@ -162,6 +216,7 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
             if !valid_label_name(name) {
                 return Err(Rejection::Label(format!("invalid label name {name:?}")));
             }
+            charge(name.len() + value.len())?;
             labels.push((name.to_string(), value.to_string()));
         }
         labels.sort();
@@ -183,15 +238,15 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
             });
         }
         let count = sample.count as u64;
-        total = total.checked_add(count).ok_or(Rejection::CountOverflow)?;
-        if total > i64::MAX as u64 {
+        total = total.saturating_add(count);
+        if total > limits.max_batch_count {
             return Err(Rejection::CountOverflow);
         }
-        let labels = index(&label_sets, sample.label_set, "label set")?.clone();
-        let stack = index(&stacks, sample.stack, "stack")?.clone();
+        index(&label_sets, sample.label_set, "label set")?;
+        index(&stacks, sample.stack, "stack")?;
         samples.push(BatchSample {
-            labels,
-            stack,
+            label_set: sample.label_set as usize,
+            stack: sample.stack as usize,
             count,
         });
     }
@@ -203,6 +258,8 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
         window_start_ns: start,
         window_end_ns: end,
         frequency_hz: batch.frequency_hz,
+        label_sets,
+        stacks,
         samples,
     })
 }
@@ -254,9 +311,9 @@ pub(crate) mod tests {
     fn accepts_a_good_batch() {
         let v = validate(&batch(), &Limits::default(), NOW).unwrap();
         assert_eq!(v.total(), 4);
-        assert_eq!(v.samples[0].stack, "main;hot");
+        assert_eq!(v.stacks[v.samples[0].stack], "main;hot");
         assert_eq!(
-            v.samples[0].labels,
+            v.label_sets[v.samples[0].label_set],
             vec![
                 ("node".into(), "n1".into()),
                 ("process".into(), "app".into())
@@ -301,6 +358,33 @@ pub(crate) mod tests {
         let mut b = batch();
         b.frequency_hz = 0;
         assert_eq!(reject(b).reason(), "bad_frequency");
+        let mut b = batch();
+        b.samples[0].count = 1 << 41;
+        assert_eq!(reject(b), Rejection::CountOverflow);
+        let mut b = batch();
+        b.window_start_unix_nanos = 1;
+        assert!(reject(b).to_string().contains("longer than a day"));
+    }
+
+    #[test]
+    fn small_messages_cannot_resolve_to_huge_ones() {
+        // One long string referenced by every frame of a deep stack.
+        let mut b = batch();
+        b.strings[2] = vec![b'x'; 4000];
+        b.stacks[0].frames = vec![2; 1000];
+        assert!(reject(b).to_string().contains("longer than 65536 bytes"));
+        let mut b = batch();
+        b.strings[2] = vec![b'x'; 5000];
+        assert_eq!(reject(b).reason(), "too_big");
+        // Many stacks, each near the limit.
+        let mut b = batch();
+        b.strings[2] = vec![b'x'; 4000];
+        b.stacks = (0..5000)
+            .map(|_| Stack {
+                frames: vec![2; 16],
+            })
+            .collect();
+        assert!(reject(b).to_string().contains("resolve to more than"));
     }
 
     #[test]

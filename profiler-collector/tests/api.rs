@@ -144,7 +144,7 @@ async fn ingest_then_query_every_format() {
 
     let svg = text(
         &c,
-        &format!("/api/v1/flamegraph.svg?{APP}&min_width=0&max_stacks=10"),
+        &format!("/api/v1/flamegraph.svg?{APP}&min_width=0&max_nodes=10"),
     )
     .await;
     assert!(svg.contains("hot (3 samples, 75.00%)"), "{svg}");
@@ -247,14 +247,14 @@ async fn bad_batches_are_rejected_whole_and_the_collector_keeps_serving() {
     let mut b = batch(16);
     b.strings[3] = vec![b'h', 0xff, 0xfe];
     cases.push(("invalid UTF-8", b, Code::InvalidArgument, "UTF-8"));
+    // Over the 1 MiB limit (compressed, it only grows past it while being
+    // decompressed), and far over it.
     let mut b = batch(17);
     b.strings.push(vec![b'x'; 2 << 20]);
-    cases.push((
-        "oversized message",
-        b,
-        Code::ResourceExhausted,
-        "larger than the limit",
-    ));
+    cases.push(("oversized message", b, Code::ResourceExhausted, "limit"));
+    let mut b = batch(18);
+    b.strings.push(vec![b'y'; 8 << 20]);
+    cases.push(("message 8x the limit", b, Code::ResourceExhausted, "limit"));
 
     for (what, b, code, reason) in cases {
         let status = cl.push_batch(b).await.expect_err(what);
@@ -266,6 +266,24 @@ async fn bad_batches_are_rejected_whole_and_the_collector_keeps_serving() {
         );
         assert_eq!(total(&c).await, before, "{what} changed the stored totals");
     }
+    // Uncompressed and 8x the limit: tonic refuses it before buffering it.
+    let mut plain = IngestClient::connect(format!("http://{}", c.grpc_addr))
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let mut b = batch(19);
+    b.strings.push(vec![b'z'; 8 << 20]);
+    let status = plain.push_batch(b).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("too large"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(total(&c).await, before);
+    assert!(text(&c, "/metrics")
+        .await
+        .contains("profiler_batches_rejected_total{reason=\"too_large\"} 3"));
     // Still serving, and a good batch still goes in.
     cl.push_batch(batch(2)).await.unwrap();
     assert_eq!(total(&c).await, before + 4);
@@ -278,7 +296,6 @@ async fn bad_batches_are_rejected_whole_and_the_collector_keeps_serving() {
         "count_overflow",
         "bad_window",
         "invalid_utf8",
-        "too_large",
     ] {
         assert!(
             metrics.contains(&format!(

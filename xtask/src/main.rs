@@ -3,7 +3,8 @@
 //! - `setup` installs what a fresh machine lacks (LLVM 22, rust-src,
 //!   bpf-linker, gcc and Go for the test workloads); idempotent and fast when
 //!   everything is there.
-//! - `run` profiles this host and writes a flame graph under `target/profiles/`.
+//! - `run` starts the collector and the agent: live flame graphs in the browser,
+//!   and a flame graph of the whole run under `target/profiles/` at the end.
 //! - `test` is what CI runs: set-up, fmt, clippy, unit and privileged tests.
 use std::{
     ffi::OsString,
@@ -41,7 +42,7 @@ enum Task {
         /// Stop after this long (e.g. 10s); default: until Ctrl-C.
         #[arg(short = 'd', long)]
         duration: Option<String>,
-        /// Arguments for `profiler-agent record`, after `--` (e.g. -- -p 1234 -F 999).
+        /// Arguments for `profiler-agent run`, after `--` (e.g. -- -p 1234 -F 999).
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
@@ -347,6 +348,10 @@ fn test() -> Result<()> {
         "profiler-common",
         "-p",
         "profiler-agent",
+        "-p",
+        "profiler-proto",
+        "-p",
+        "profiler-collector",
         "-p",
         "xtask",
         "-p",

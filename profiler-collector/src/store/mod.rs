@@ -27,9 +27,10 @@ pub struct StoreStats {
 pub trait Store: Send {
     /// Stores a validated batch atomically, once per (agent, sequence).
     fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError>;
-    /// Label names of samples in `[start_ns, end_ns)`.
+    /// Label names of samples whose window ends in `(start_ns, end_ns]`
+    /// (every window belongs to exactly one of two adjacent ranges).
     fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError>;
-    /// Values of label `name` in `[start_ns, end_ns)`.
+    /// Values of label `name` in windows ending in `(start_ns, end_ns]`.
     fn label_values(
         &self,
         name: &str,

@@ -153,25 +153,37 @@ impl Store for SqliteStore {
                 "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            let mut set_ids = std::collections::HashMap::new();
+            // Database ids of the batch's label sets and stacks, resolved
+            // once each on first use.
+            let mut set_ids: Vec<Option<i64>> = vec![None; batch.label_sets.len()];
+            let mut stack_ids: Vec<Option<i64>> = vec![None; batch.stacks.len()];
             for sample in &batch.samples {
-                let text = canonical(&sample.labels);
-                let set = match set_ids.get(&text) {
-                    Some(id) => *id,
+                let set = match set_ids[sample.label_set] {
+                    Some(id) => id,
                     None => {
+                        let labels = &batch.label_sets[sample.label_set];
+                        let text = canonical(labels);
                         let new = set_insert.execute([&text])? > 0;
                         let id: i64 = set_id.query_row([&text], |r| r.get(0))?;
                         if new {
-                            for (name, value) in &sample.labels {
+                            for (name, value) in labels {
                                 label_insert.execute(params![name, value, id])?;
                             }
                         }
-                        set_ids.insert(text, id);
+                        set_ids[sample.label_set] = Some(id);
                         id
                     }
                 };
-                stack_insert.execute([&sample.stack])?;
-                let stack: i64 = stack_id.query_row([&sample.stack], |r| r.get(0))?;
+                let stack = match stack_ids[sample.stack] {
+                    Some(id) => id,
+                    None => {
+                        let folded = &batch.stacks[sample.stack];
+                        stack_insert.execute([folded])?;
+                        let id: i64 = stack_id.query_row([folded], |r| r.get(0))?;
+                        stack_ids[sample.stack] = Some(id);
+                        id
+                    }
+                };
                 sample_insert.execute(params![
                     batch.window_start_ns,
                     batch.window_end_ns,
@@ -190,7 +202,7 @@ impl Store for SqliteStore {
     fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT DISTINCT name FROM labels WHERE label_set_id IN
-               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?1 AND window_start < ?2)
+               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?1 AND window_end <= ?2)
              ORDER BY name",
         )?;
         let rows = stmt.query_map(params![start_ns, end_ns], |r| r.get(0))?;
@@ -205,7 +217,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT DISTINCT value FROM labels WHERE name = ?1 AND label_set_id IN
-               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?2 AND window_start < ?3)
+               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?2 AND window_end <= ?3)
              ORDER BY value",
         )?;
         let rows = stmt.query_map(params![name, start_ns, end_ns], |r| r.get(0))?;
@@ -216,7 +228,7 @@ impl Store for SqliteStore {
         // Label sets that match every matcher; values are bound, never spliced.
         let mut sql = String::from(
             "SELECT s.folded, SUM(x.count) FROM samples x JOIN stacks s ON s.id = x.stack_id
-             WHERE x.window_end > ?1 AND x.window_start < ?2",
+             WHERE x.window_end > ?1 AND x.window_end <= ?2",
         );
         let mut args: Vec<rusqlite::types::Value> =
             vec![selector.start_ns.into(), selector.end_ns.into()];
@@ -333,9 +345,11 @@ mod tests {
             window_start_ns: (end_s - 10) * 1_000_000_000,
             window_end_ns: end_s * 1_000_000_000,
             frequency_hz: 99,
+            label_sets: vec![labels(&[("node", "n1"), ("process", process)])],
+            stacks: vec![stack.into()],
             samples: vec![BatchSample {
-                labels: labels(&[("node", "n1"), ("process", process)]),
-                stack: stack.into(),
+                label_set: 0,
+                stack: 0,
                 count,
             }],
         }
@@ -370,7 +384,7 @@ mod tests {
         let p = store.profile(&all(0, 300, &[("process", "app")])).unwrap();
         assert_eq!(p.folded(), "main;hot 5\n");
         let p = store.profile(&all(0, 150, &[])).unwrap();
-        assert_eq!(p.total(), 3, "only the first window overlaps [0, 150)");
+        assert_eq!(p.total(), 3, "only the first window ends in (0, 150]");
         let p = store.profile(&all(0, 300, &[])).unwrap();
         assert_eq!(p.total(), 10);
         assert_eq!(store.stats().unwrap().stacks, 2, "stacks are stored once");
