@@ -3,6 +3,7 @@
 //!
 //! `main.rs` is a thin clap front end over [`record::record`]; the privileged
 //! end-to-end tests drive the same functions.
+pub mod cgroup;
 pub mod config;
 pub mod drain;
 pub mod error;

@@ -10,6 +10,7 @@
 //! Memory is bounded: at most `max_processes` processes and `max_binaries`
 //! open binaries; what does not fit is counted and its frames are shown as
 //! `module+0xOFFSET`.
+use crate::cgroup::{parse_proc_cgroup, CgroupInfo};
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
@@ -141,6 +142,8 @@ struct ProcessInfo {
     name: Option<String>,
     /// Path of its executable, as the process sees it.
     exe: Option<String>,
+    /// Container, pod and systemd unit, from `/proc/PID/cgroup`.
+    cgroup: CgroupInfo,
     /// Start time (clock ticks after boot), to tell a reused pid apart.
     start_time: Option<u64>,
     /// Executable mappings, sorted by start address.
@@ -249,6 +252,9 @@ impl ProcessCache {
                     .map(|n| n.trim_end_matches('\n').to_string())
                     .filter(|n| !n.is_empty());
                 let start_time = read_start_time(&pid_dir);
+                let cgroup = std::fs::read_to_string(pid_dir.join("cgroup"))
+                    .map(|t| parse_proc_cgroup(&t))
+                    .unwrap_or_default();
                 let exe = std::fs::read_link(pid_dir.join("exe")).ok().map(|p| {
                     p.to_string_lossy()
                         .trim_end_matches(" (deleted)")
@@ -265,6 +271,7 @@ impl ProcessCache {
                     ProcessInfo {
                         name,
                         exe,
+                        cgroup,
                         start_time,
                         mappings,
                         previous,
@@ -280,6 +287,11 @@ impl ProcessCache {
                 false
             }
         }
+    }
+
+    /// Container, pod and systemd unit of a cached process.
+    pub fn cgroup(&self, pid: u32) -> Option<&CgroupInfo> {
+        self.processes.get(&pid).map(|p| &p.cgroup)
     }
 
     /// The executable path of a cached process, if known.

@@ -169,8 +169,17 @@ impl Sinks<'_> {
                 ("process", sample.process.as_str()),
                 ("pid", pid.as_str()),
             ];
-            if let Some(exe) = cache.exe(sample.tgid) {
+            let exe = cache.exe(sample.tgid);
+            if let Some(exe) = exe {
                 labels.push(("exe", exe));
+            }
+            let cgroup = cache.cgroup(sample.tgid);
+            if let Some(id) = cgroup.and_then(|c| c.container_id.as_deref()) {
+                labels.push(("container_id", id));
+            }
+            let service = cgroup.and_then(|c| crate::cgroup::fallback_service(c, exe));
+            if let Some(service) = service.as_deref() {
+                labels.push(("service", service));
             }
             // The process is the root frame, as in the local folded output.
             frames.clear();
