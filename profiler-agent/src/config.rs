@@ -118,6 +118,8 @@ pub struct RecordOptions {
     pub progress: bool,
     /// Ship every window to a collector (`run` mode).
     pub export: Option<crate::export::ExportOptions>,
+    /// Label samples with their pods' metadata from this API server.
+    pub kube: Option<crate::kube::KubeConfig>,
 }
 
 impl Default for RecordOptions {
@@ -130,6 +132,7 @@ impl Default for RecordOptions {
             folded: None,
             progress: false,
             export: None,
+            kube: None,
         }
     }
 }

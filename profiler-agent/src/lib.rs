@@ -9,6 +9,7 @@ pub mod drain;
 pub mod error;
 pub mod export;
 pub mod fold;
+pub mod kube;
 pub mod privileges;
 pub mod process;
 pub mod record;

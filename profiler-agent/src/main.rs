@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     config::{self, RecordOptions, SamplerOptions},
     export::ExportOptions,
+    kube::KubeConfig,
     record, summary,
 };
 
@@ -47,6 +48,13 @@ enum Command {
         /// Bound of the queue of batches not yet acknowledged, in MiB.
         #[arg(long, default_value_t = 16)]
         queue_mib: usize,
+        /// Kubernetes API server for pod labels (default: in-cluster, when
+        /// KUBERNETES_SERVICE_HOST is set). Plain http:// is for tests.
+        #[arg(long)]
+        kube_api: Option<String>,
+        /// Do not label samples with Kubernetes metadata.
+        #[arg(long)]
+        no_kube: bool,
         /// Also write a flame graph of the whole run at exit.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -101,6 +109,7 @@ impl SamplingArgs {
             folded: self.folded,
             progress: !self.no_progress,
             export: None,
+            kube: None,
         }
     }
 }
@@ -139,6 +148,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             collector,
             node,
             queue_mib,
+            kube_api,
+            no_kube,
             output,
             frequency,
         } => {
@@ -146,9 +157,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--queue-mib must be 1-4096, got {queue_mib}");
             }
             let mut options = sampling.options(frequency, output);
+            let node = node.unwrap_or_else(record::hostname);
+            options.kube = match (no_kube, kube_api) {
+                (true, _) => None,
+                (false, Some(api_url)) => Some(KubeConfig {
+                    api_url,
+                    token: None,
+                    ca_pem: None,
+                    node: node.clone(),
+                }),
+                (false, None) => KubeConfig::in_cluster(&node),
+            };
             options.export = Some(ExportOptions {
                 collector,
-                node: node.unwrap_or_else(record::hostname),
+                node,
                 queue_bytes: queue_mib << 20,
                 flush_timeout: Duration::from_secs(10),
             });

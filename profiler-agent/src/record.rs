@@ -16,6 +16,7 @@ use crate::{
     drain::{Counters, RawWindow, SampleSource},
     export::{BatchBuilder, ExportStats, Exporter},
     fold::{symbolize_window, FoldedProfile},
+    kube::{PodCache, Watcher},
     process::{ProcessCache, ProcessStats},
     render::{write_svg, RenderInfo},
     sampler::Sampler,
@@ -118,6 +119,7 @@ pub struct Recorder {
     processes: Arc<Mutex<ProcessCache>>,
     sampler: Sampler,
     exporter: Option<Exporter>,
+    pods: Option<PodCache>,
     started: Instant,
     window_start: SystemTime,
 }
@@ -136,6 +138,7 @@ struct Sinks<'a> {
     /// so an always-on agent does not grow with every distinct stack.
     profile: Option<&'a mut FoldedProfile>,
     exporter: Option<&'a mut Exporter>,
+    pods: Option<&'a PodCache>,
     frequency: u32,
 }
 
@@ -174,11 +177,28 @@ impl Sinks<'_> {
                 labels.push(("exe", exe));
             }
             let cgroup = cache.cgroup(sample.tgid);
-            if let Some(id) = cgroup.and_then(|c| c.container_id.as_deref()) {
+            let container_id = cgroup.and_then(|c| c.container_id.as_deref());
+            if let Some(id) = container_id {
                 labels.push(("container_id", id));
             }
-            let service = cgroup.and_then(|c| crate::cgroup::fallback_service(c, exe));
-            if let Some(service) = service.as_deref() {
+            // Pod labels only when the watch knows the pod: never guessed.
+            let pod = cgroup
+                .and_then(|c| c.pod_uid.as_deref())
+                .zip(self.pods)
+                .and_then(|(uid, pods)| pods.lookup(uid, container_id));
+            if let Some(pod) = &pod {
+                labels.push(("pod", pod.pod.as_str()));
+                labels.push(("namespace", pod.namespace.as_str()));
+                if let Some(container) = &pod.container {
+                    labels.push(("container", container.as_str()));
+                }
+            }
+            let fallback = cgroup.and_then(|c| crate::cgroup::fallback_service(c, exe));
+            let service = pod
+                .as_ref()
+                .map(|p| p.service.as_str())
+                .or(fallback.as_deref());
+            if let Some(service) = service {
                 labels.push(("service", service));
             }
             // The process is the root frame, as in the local folded output.
@@ -214,10 +234,19 @@ impl Recorder {
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
         let started = (|| {
             let exporter = options.export.clone().map(Exporter::start).transpose()?;
+            let pods = match &options.kube {
+                Some(kube) => {
+                    let pods = PodCache::default();
+                    Watcher::new(kube.clone(), pods.clone())?.spawn()?;
+                    tracing::info!(api = %kube.api_url, node = %kube.node, "watching this node's pods");
+                    Some(pods)
+                }
+                None => None,
+            };
             let sampler = Sampler::start(&options.sampler, processes.clone())?;
-            Ok((sampler, exporter))
+            Ok((sampler, exporter, pods))
         })();
-        let (sampler, exporter) = match started {
+        let (sampler, exporter, pods) = match started {
             Ok(s) => s,
             Err(e) => {
                 svg_out
@@ -234,6 +263,7 @@ impl Recorder {
             processes,
             sampler,
             exporter,
+            pods,
             started: Instant::now(),
             window_start: SystemTime::now(),
         })
@@ -249,6 +279,7 @@ impl Recorder {
             processes,
             mut sampler,
             mut exporter,
+            pods,
             started,
             mut window_start,
         } = self;
@@ -281,6 +312,7 @@ impl Recorder {
                     symbolizer: &mut symbolizer,
                     profile: keep_profile.then_some(&mut profile),
                     exporter: exporter.as_mut(),
+                    pods: pods.as_ref(),
                     frequency,
                 }
                 .take(window, window_start, window_end);
@@ -326,6 +358,7 @@ impl Recorder {
             symbolizer: &mut symbolizer,
             profile: keep_profile.then_some(&mut profile),
             exporter: exporter.as_mut(),
+            pods: pods.as_ref(),
             frequency,
         }
         .take(window, window_start, SystemTime::now());
