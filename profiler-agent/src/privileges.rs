@@ -4,6 +4,12 @@ use crate::{Error, Result};
 
 /// `CAP_SYS_ADMIN`: covers BPF and perf events on kernels before 5.8.
 pub const CAP_SYS_ADMIN: u32 = 21;
+/// `CAP_DAC_OVERRIDE`: read any file (implies what DAC_READ_SEARCH gives).
+pub const CAP_DAC_OVERRIDE: u32 = 1;
+/// `CAP_DAC_READ_SEARCH`: read binaries that are not world-readable.
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+/// `CAP_SYS_PTRACE`: open the binaries of other users' processes.
+pub const CAP_SYS_PTRACE: u32 = 19;
 /// `CAP_SYSLOG`: real addresses in `/proc/kallsyms` (kernel frame names).
 pub const CAP_SYSLOG: u32 = 34;
 /// `CAP_CHECKPOINT_RESTORE` (Linux 5.9+): opening `/proc/PID/map_files/`.
@@ -60,6 +66,18 @@ pub fn degraded_without(caps: u64) -> Vec<(&'static str, &'static str)> {
             "/proc/PID/map_files is closed: deleted binaries and exited containers resolve less often",
         ));
     }
+    if !has(CAP_SYS_PTRACE) {
+        missing.push((
+            "CAP_SYS_PTRACE",
+            "binaries of other users' processes cannot be opened: their frames stay unnamed",
+        ));
+    }
+    if !has(CAP_DAC_READ_SEARCH) && !has(CAP_DAC_OVERRIDE) {
+        missing.push((
+            "CAP_DAC_READ_SEARCH",
+            "binaries that are not world-readable cannot be read: their frames stay unnamed",
+        ));
+    }
     missing
 }
 
@@ -107,7 +125,15 @@ mod tests {
         assert_eq!(degraded_without(no_syslog)[0].0, "CAP_SYSLOG");
         let minimal = (1 << CAP_BPF) | (1 << CAP_PERFMON);
         let names: Vec<_> = degraded_without(minimal).iter().map(|d| d.0).collect();
-        assert_eq!(names, vec!["CAP_SYSLOG", "CAP_CHECKPOINT_RESTORE"]);
+        assert_eq!(
+            names,
+            vec![
+                "CAP_SYSLOG",
+                "CAP_CHECKPOINT_RESTORE",
+                "CAP_SYS_PTRACE",
+                "CAP_DAC_READ_SEARCH"
+            ]
+        );
     }
 
     #[test]

@@ -192,6 +192,20 @@ fn setup() -> Result<()> {
         .context("rustup could not add rust-src")?;
     }
 
+    // The offline Kubernetes schema validator for the deploy/ manifests test.
+    if !succeeds("kubernetes-validate", &["--version"]) {
+        step("installing kubernetes-validate (PyPI) for the manifest tests");
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]))
+        .context("pip could not install kubernetes-validate")?;
+    }
+
     let linker_ok =
         output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
@@ -213,7 +227,7 @@ fn setup() -> Result<()> {
         .context("installing bpf-linker failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium, kubernetes-validate)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
