@@ -84,34 +84,6 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-fn chromium(args: &[&str], url: &str) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=8000",
-            "--window-size=1400,1000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("Debian's chromium (installed by `cargo xtask setup`) must be on PATH");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Two workloads → agent (run mode) → collector → HTTP: the call chain, the
 /// 3:1 share, totals equal to what the kernel recorded, pprof that `go tool
 /// pprof` reads, and the web UI in Chromium.

@@ -246,30 +246,10 @@ fn containerised_workload_gets_pod_labels() {
     );
 
     // The UI offers the pod labels as pickers.
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=6000",
-            "--dump-dom",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            dir.path().join("chrome").display()
-        ))
-        .arg(format!(
-            "http://{}/?start=now-10m&service=checkout",
-            c.http_addr
-        ))
-        .output()
-        .expect("chromium");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let dom = chromium(
+        &["--dump-dom"],
+        &format!("http://{}/?start=now-10m&service=checkout", c.http_addr),
+    );
     for want in [
         "<option value=\"checkout\">",
         &format!("<option value=\"{POD}\">"),
