@@ -154,6 +154,8 @@ mod tests {
             (format!("9:devices:/docker/{ID}\n0::/\n"), info(Some(ID), None, None)),
             // podman
             (format!("0::/machine.slice/libpod-{ID}.scope/container\n"), info(Some(ID), None, None)),
+            // what an agent in its own cgroup namespace reads for another pod
+            (format!("0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{ID}.scope\n"), info(Some(ID), Some(UID), None)),
             // a plain systemd service, and a login session
             ("0::/system.slice/nginx.service\n".to_string(), info(None, None, Some("nginx.service"))),
             ("0::/user.slice/user-1000.slice/session-3.scope\n".to_string(), info(None, None, None)),

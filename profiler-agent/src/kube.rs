@@ -30,7 +30,10 @@ pub struct KubeConfig {
     /// e.g. `https://10.0.0.1:443`, or `http://127.0.0.1:PORT` in tests.
     pub api_url: String,
     pub token: Option<String>,
-    /// PEM of the CA that signed the API server's certificate.
+    /// File to read the bearer token from at every request (service-account
+    /// tokens are rotated); takes precedence over `token`.
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM of the CA(s) that signed the API server's certificate.
     pub ca_pem: Option<Vec<u8>>,
     /// This node's name (`spec.nodeName` of its pods).
     pub node: String,
@@ -49,9 +52,8 @@ impl KubeConfig {
         };
         Some(Self {
             api_url: format!("https://{host}:{port}"),
-            token: std::fs::read_to_string(format!("{SERVICE_ACCOUNT}/token"))
-                .ok()
-                .map(|t| t.trim().to_string()),
+            token: None,
+            token_file: Some(format!("{SERVICE_ACCOUNT}/token").into()),
             ca_pem: std::fs::read(format!("{SERVICE_ACCOUNT}/ca.crt")).ok(),
             node: node.to_string(),
         })
@@ -77,17 +79,37 @@ pub struct ContainerMeta {
     pub service: String,
 }
 
+/// How long a deleted pod stays resolvable: samples taken before its
+/// deletion are drained up to a drain interval later.
+const DELETED_GRACE: Duration = Duration::from_secs(120);
+
+struct Entry {
+    meta: PodMeta,
+    /// UID of the static pod this mirror pod stands for (`kubernetes.io/config.mirror`):
+    /// the kubelet names the cgroup after it.
+    mirror_of: Option<String>,
+    deleted: Option<std::time::Instant>,
+}
+
 /// The node's pods by UID, shared between the watcher and the agent.
 #[derive(Clone, Default)]
 pub struct PodCache {
-    pods: Arc<RwLock<HashMap<String, PodMeta>>>,
+    pods: Arc<RwLock<HashMap<String, Entry>>>,
 }
 
 impl PodCache {
     /// Labels for the container `container_id` of pod `pod_uid`, if known.
     pub fn lookup(&self, pod_uid: &str, container_id: Option<&str>) -> Option<ContainerMeta> {
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
-        let pod = pods.get(pod_uid)?;
+        let pod = match pods.get(pod_uid) {
+            Some(entry) => &entry.meta,
+            None => {
+                &pods
+                    .values()
+                    .find(|e| e.mirror_of.as_deref() == Some(pod_uid))?
+                    .meta
+            }
+        };
         Some(ContainerMeta {
             pod: pod.name.clone(),
             namespace: pod.namespace.clone(),
@@ -104,24 +126,58 @@ impl PodCache {
         self.len() == 0
     }
 
-    fn replace(&self, pods: HashMap<String, PodMeta>) {
-        *self.pods.write().unwrap_or_else(|e| e.into_inner()) = pods;
+    /// A fresh list: pods no longer listed are kept as deleted for a while.
+    fn replace(&self, listed: Vec<(String, PodMeta, Option<String>)>) {
+        let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let listed_uids: std::collections::HashSet<&String> =
+            listed.iter().map(|(uid, _, _)| uid).collect();
+        for (uid, entry) in pods.iter_mut() {
+            if !listed_uids.contains(uid) && entry.deleted.is_none() {
+                entry.deleted = Some(now);
+            }
+        }
+        for (uid, meta, mirror_of) in listed {
+            pods.insert(
+                uid,
+                Entry {
+                    meta,
+                    mirror_of,
+                    deleted: None,
+                },
+            );
+        }
+        Self::expire(&mut pods);
     }
 
-    fn upsert(&self, uid: String, pod: PodMeta) {
+    fn upsert(&self, uid: String, meta: PodMeta, mirror_of: Option<String>) {
         let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        Self::expire(&mut pods);
         if pods.len() < MAX_PODS || pods.contains_key(&uid) {
-            pods.insert(uid, pod);
+            pods.insert(
+                uid,
+                Entry {
+                    meta,
+                    mirror_of,
+                    deleted: None,
+                },
+            );
         } else {
             tracing::warn!("pod cache full ({MAX_PODS} pods): {uid} not cached");
         }
     }
 
+    /// Marks a pod deleted; it stays resolvable for `DELETED_GRACE`.
     fn remove(&self, uid: &str) {
-        self.pods
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid);
+        let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = pods.get_mut(uid) {
+            entry.deleted.get_or_insert_with(std::time::Instant::now);
+        }
+        Self::expire(&mut pods);
+    }
+
+    fn expire(pods: &mut HashMap<String, Entry>) {
+        pods.retain(|_, e| e.deleted.is_none_or(|at| at.elapsed() < DELETED_GRACE));
     }
 }
 
@@ -161,6 +217,8 @@ struct ObjectMeta {
     #[serde(default)]
     labels: HashMap<String, String>,
     #[serde(default)]
+    annotations: HashMap<String, String>,
+    #[serde(default)]
     owner_references: Vec<OwnerReference>,
 }
 
@@ -168,6 +226,8 @@ struct ObjectMeta {
 struct OwnerReference {
     kind: String,
     name: String,
+    #[serde(default)]
+    controller: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -195,8 +255,9 @@ struct WatchEvent {
 }
 
 /// The `service` of a pod: `app.kubernetes.io/name`, then `app`, then the
-/// workload that owns it (a ReplicaSet's Deployment, a StatefulSet, ...),
-/// then the pod's own name.
+/// workload that controls it (a ReplicaSet's Deployment, a CronJob's Job,
+/// a StatefulSet, ...), then the pod's own name. `owners` lists the
+/// controller first.
 pub fn service_of(
     labels: &HashMap<String, String>,
     owners: &[(String, String)],
@@ -217,15 +278,23 @@ pub fn service_of(
                 }
             }
         }
+        if kind == "Job" {
+            // A CronJob's runs are <cronjob>-<scheduled minute>.
+            if let Some((cronjob, stamp)) = name.rsplit_once('-') {
+                if stamp.len() >= 8 && stamp.bytes().all(|b| b.is_ascii_digit()) {
+                    return cronjob.to_string();
+                }
+            }
+        }
         return name.clone();
     }
     pod.to_string()
 }
 
 fn pod_meta(pod: &Pod) -> PodMeta {
-    let owners: Vec<(String, String)> = pod
-        .metadata
-        .owner_references
+    let mut refs: Vec<&OwnerReference> = pod.metadata.owner_references.iter().collect();
+    refs.sort_by_key(|o| o.controller != Some(true));
+    let owners: Vec<(String, String)> = refs
         .iter()
         .map(|o| (o.kind.clone(), o.name.clone()))
         .collect();
@@ -267,16 +336,29 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn new(config: KubeConfig, cache: PodCache) -> Result<Self> {
+        // A dead connection must not hang the watch: the server ends
+        // watches after `timeoutSeconds=300`, so no body lasts longer.
         let mut builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(5)));
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            .timeout_recv_body(Some(Duration::from_secs(330)));
         if let Some(pem) = &config.ca_pem {
-            let cert = ureq::tls::Certificate::from_pem(pem)
-                .map_err(|e| Error::InvalidArgument(format!("the service account's CA: {e}")))?
-                .to_owned();
+            // During a CA rotation the bundle holds several certificates.
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the service account's CA bundle holds no certificate".into(),
+                ));
+            }
             builder = builder.tls_config(
                 ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]))
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
                     .build(),
             );
         }
@@ -295,7 +377,13 @@ impl Watcher {
             url_encode(&selector)
         );
         let mut req = self.agent.get(&url);
-        if let Some(token) = &self.config.token {
+        let token = match &self.config.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .ok()
+                .map(|t| t.trim().to_string()),
+            None => self.config.token.clone(),
+        };
+        if let Some(token) = token {
             req = req.header("Authorization", format!("Bearer {token}"));
         }
         req.call().map_err(|e| format!("GET {url}: {e}"))
@@ -326,7 +414,7 @@ impl Watcher {
             .items
             .iter()
             .take(MAX_PODS)
-            .map(|p| (p.metadata.uid.clone(), pod_meta(p)))
+            .map(|p| (p.metadata.uid.clone(), pod_meta(p), mirror_of(p)))
             .collect();
         self.cache.replace(pods);
         Ok(list.metadata.resource_version)
@@ -370,7 +458,10 @@ impl Watcher {
                 *version = pod.metadata.resource_version.clone();
             }
             match event.kind.as_str() {
-                "ADDED" | "MODIFIED" => self.cache.upsert(pod.metadata.uid.clone(), pod_meta(&pod)),
+                "ADDED" | "MODIFIED" => {
+                    self.cache
+                        .upsert(pod.metadata.uid.clone(), pod_meta(&pod), mirror_of(&pod))
+                }
                 "DELETED" => self.cache.remove(&pod.metadata.uid),
                 _ => {} // BOOKMARK: only the version moves
             }
@@ -378,11 +469,13 @@ impl Watcher {
         Ok(WatchEnd::Closed)
     }
 
-    /// Lists, then watches forever; relists when the version is gone, backs
-    /// off on errors.
+    /// Lists, then watches forever. Relists when the version is gone or
+    /// after three failed watches in a row; backs off on errors and on
+    /// repeated relists, so a misbehaving API server is not hammered.
     pub fn run(self) {
         let mut version: Option<String> = None;
         let mut failures = 0u32;
+        let mut relists = 0u32;
         loop {
             let result = match version.as_mut() {
                 None => self.list().map(|v| {
@@ -393,18 +486,26 @@ impl Watcher {
             };
             match result {
                 Ok(Some(WatchEnd::Gone)) => {
-                    tracing::info!("pod watch too old: listing again");
+                    relists += 1;
                     version = None;
-                    failures = 0;
+                    if relists > 1 {
+                        let wait = crate::export::backoff(relists.min(8));
+                        tracing::info!("pod watch too old again: listing in {wait:?}");
+                        std::thread::sleep(wait);
+                    }
                 }
                 Ok(Some(WatchEnd::Closed)) => {
                     failures = 0;
+                    relists = 0;
                     // A server that closes watches at once must not spin us.
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Ok(None) => failures = 0,
                 Err(e) => {
                     failures += 1;
+                    if failures >= 3 {
+                        version = None;
+                    }
                     let wait = crate::export::backoff(failures.min(8));
                     tracing::warn!("Kubernetes API: {e}; retrying in {wait:?}");
                     std::thread::sleep(wait);
@@ -421,6 +522,14 @@ impl Watcher {
             .map(|_| ())
             .map_err(|e| Error::io("starting the Kubernetes watcher", e))
     }
+}
+
+/// The static pod a mirror pod stands for (its cgroup carries that UID).
+fn mirror_of(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .annotations
+        .get("kubernetes.io/config.mirror")
+        .cloned()
 }
 
 fn url_encode(s: &str) -> String {
@@ -474,6 +583,10 @@ mod tests {
         );
         let sts = vec![("StatefulSet".to_string(), "db".to_string())];
         assert_eq!(service_of(&labels(&[]), &sts, "db-0"), "db");
+        let job = vec![("Job".to_string(), "nightly-report-29412345".to_string())];
+        assert_eq!(service_of(&labels(&[]), &job, "p"), "nightly-report");
+        let plain_job = vec![("Job".to_string(), "migrate".to_string())];
+        assert_eq!(service_of(&labels(&[]), &plain_job, "p"), "migrate");
         assert_eq!(service_of(&labels(&[]), &[], "lonely"), "lonely");
     }
 
@@ -526,6 +639,7 @@ mod tests {
             KubeConfig {
                 api_url: format!("http://{addr}"),
                 token: Some("t0ken".into()),
+                token_file: None,
                 ca_pem: None,
                 node: "node-1".into(),
             },
@@ -550,10 +664,13 @@ mod tests {
         assert_eq!(cache.lookup("uid-b", None).unwrap().service, "cart");
 
         assert_eq!(watcher.watch(&mut version).unwrap(), WatchEnd::Gone);
-        assert!(cache.lookup("uid-a", None).is_none(), "deleted");
+        assert!(
+            cache.lookup("uid-a", None).is_some(),
+            "a deleted pod stays resolvable for samples still being drained"
+        );
         let version = watcher.list().unwrap();
         assert_eq!(version, "200");
-        assert_eq!(cache.len(), 1);
+        assert!(cache.lookup("uid-b", None).is_some());
         server.join().unwrap();
 
         let requests = requests.lock().unwrap();

@@ -163,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, Some(api_url)) => Some(KubeConfig {
                     api_url,
                     token: None,
+                    token_file: None,
                     ca_pem: None,
                     node: node.clone(),
                 }),

@@ -193,7 +193,13 @@ impl Sinks<'_> {
                     labels.push(("container", container.as_str()));
                 }
             }
-            let fallback = cgroup.and_then(|c| crate::cgroup::fallback_service(c, exe));
+            // A pod the watch does not know yet gets no service rather than
+            // a made-up one; host processes get their unit or executable.
+            let in_unknown_pod =
+                pod.is_none() && self.pods.is_some() && cgroup.is_some_and(|c| c.pod_uid.is_some());
+            let fallback = cgroup
+                .filter(|_| !in_unknown_pod)
+                .and_then(|c| crate::cgroup::fallback_service(c, exe));
             let service = pod
                 .as_ref()
                 .map(|p| p.service.as_str())

@@ -202,6 +202,7 @@ fn containerised_workload_gets_pod_labels() {
     opts.kube = Some(KubeConfig {
         api_url: format!("http://{api}"),
         token: Some("test-token".into()),
+        token_file: None,
         ca_pem: None,
         node: "test-node".into(),
     });
