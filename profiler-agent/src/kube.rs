@@ -559,6 +559,67 @@ mod tests {
         )
     }
 
+    /// `run` lists again after three failed watches in a row.
+    #[test]
+    fn run_relists_after_repeated_watch_errors() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).unwrap();
+                let line = String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let list = !line.contains("watch=1");
+                seen.lock().unwrap().push(line);
+                let (status, body) = if list {
+                    (
+                        "200 OK",
+                        r#"{"metadata":{"resourceVersion":"5"},"items":[]}"#,
+                    )
+                } else {
+                    ("500 Internal Server Error", "{}")
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let watcher = Watcher::new(
+            KubeConfig {
+                api_url: format!("http://{addr}"),
+                token: None,
+                token_file: None,
+                ca_pem: None,
+                node: "n".into(),
+            },
+            PodCache::default(),
+        )
+        .unwrap();
+        std::thread::spawn(move || watcher.run());
+        for _ in 0..100 {
+            if requests.lock().unwrap().len() >= 5 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let requests = requests.lock().unwrap();
+        let kinds: Vec<bool> = requests.iter().map(|r| r.contains("watch=1")).collect();
+        assert_eq!(
+            kinds,
+            [false, true, true, true, false],
+            "list, 3 failed watches, list: {requests:?}"
+        );
+    }
+
     #[test]
     fn service_names() {
         let labels = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
