@@ -24,7 +24,10 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tonic::{codec::CompressionEncoding, transport::Endpoint, Code};
 
-use crate::{Error, Result};
+use crate::{
+    spill::{Spill, SpillStats},
+    Error, Result,
+};
 
 /// Where and how to ship batches.
 #[derive(Clone, Debug)]
@@ -37,6 +40,11 @@ pub struct ExportOptions {
     pub queue_bytes: usize,
     /// How long to wait at exit for the queue to be acknowledged.
     pub flush_timeout: Duration,
+    /// Where batches go when the memory queue is full (and at exit, if the
+    /// collector is unreachable); `None`: they are dropped and counted.
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Cap of the spill directory, in bytes; past it the oldest are dropped.
+    pub spill_bytes: u64,
 }
 
 /// Counters of the exporter (all totals since start).
@@ -55,6 +63,8 @@ pub struct ExportStats {
     pub largest_batch_bytes: AtomicU64,
     /// Size of the largest batch compressed with zstd, as on the wire.
     pub largest_batch_wire_bytes: AtomicU64,
+    /// The spill directory's counters.
+    pub spill: SpillStats,
 }
 
 impl ExportStats {
@@ -68,6 +78,12 @@ impl ExportStats {
             ("batches_dropped_queue_full", &self.dropped_queue_full),
             ("batches_rejected_by_collector", &self.dropped_rejected),
             ("batches_unsent_at_exit", &self.dropped_at_exit),
+            ("batches_dropped_spill_cap", &self.spill.dropped_cap),
+            ("batches_dropped_spill_corrupt", &self.spill.dropped_corrupt),
+            (
+                "batches_dropped_spill_write_error",
+                &self.spill.dropped_write_error,
+            ),
         ]
         .into_iter()
         .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
@@ -227,6 +243,11 @@ impl Exporter {
         let started = unix_nanos(SystemTime::now());
         let agent_id = format!("{}-{}-{:x}", options.node, std::process::id(), started);
         let stats = Arc::new(ExportStats::default());
+        let spill = options
+            .spill_dir
+            .as_deref()
+            .map(|dir| Spill::open(dir, options.spill_bytes))
+            .transpose()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = {
             let stats = stats.clone();
@@ -239,7 +260,14 @@ impl Exporter {
                         .enable_all()
                         .build()
                         .expect("a tokio runtime for the exporter");
-                    runtime.block_on(upload_loop(endpoint, rx, stats, queue_bytes, flush_timeout));
+                    runtime.block_on(upload_loop(
+                        endpoint,
+                        rx,
+                        stats,
+                        queue_bytes,
+                        spill,
+                        flush_timeout,
+                    ));
                 })
                 .map_err(|e| Error::io("starting the exporter thread", e))?
         };
@@ -346,10 +374,14 @@ fn is_rejection(status: &tonic::Status) -> bool {
     }
 }
 
+/// Unacknowledged batches: in memory up to `limit` bytes; past that the
+/// oldest go to the spill directory if there is one, else are dropped.
+/// Spilled batches are always older than those in memory.
 struct Queue {
     batches: VecDeque<(Batch, usize)>,
     bytes: usize,
     limit: usize,
+    spill: Option<Spill>,
 }
 
 impl Queue {
@@ -357,24 +389,65 @@ impl Queue {
         let size = batch.encoded_len();
         self.batches.push_back((batch, size));
         self.bytes += size;
-        // Keep the newest: drop the oldest until within the bound (the one
-        // just queued stays even if it alone is over the bound).
+        // Keep the newest in memory (the one just queued stays even if it
+        // alone is over the bound).
         while self.bytes > self.limit && self.batches.len() > 1 {
             if let Some((old, size)) = self.batches.pop_front() {
                 self.bytes -= size;
+                self.overflow(old, stats);
+            }
+        }
+    }
+
+    fn overflow(&mut self, batch: Batch, stats: &ExportStats) {
+        match &mut self.spill {
+            Some(spill) => spill.push(&batch, &stats.spill),
+            None => {
                 ExportStats::bump(&stats.dropped_queue_full);
                 tracing::warn!(
-                    sequence = old.sequence,
+                    sequence = batch.sequence,
                     "export queue full: dropped the oldest batch"
                 );
             }
         }
     }
 
-    fn pop(&mut self) {
-        if let Some((_, size)) = self.batches.pop_front() {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.spill.as_ref().is_none_or(Spill::is_empty)
+    }
+
+    /// The oldest batch, and whether it comes from the spill directory.
+    fn front(&mut self, stats: &ExportStats) -> Option<(Batch, bool)> {
+        if let Some(spill) = &mut self.spill {
+            if let Some(batch) = spill.front(&stats.spill) {
+                return Some((batch, true));
+            }
+        }
+        self.batches.front().map(|(b, _)| (b.clone(), false))
+    }
+
+    fn pop(&mut self, spilled: bool, stats: &ExportStats) {
+        if spilled {
+            if let Some(spill) = &mut self.spill {
+                spill.pop();
+                ExportStats::bump(&stats.spill.replayed);
+            }
+        } else if let Some((_, size)) = self.batches.pop_front() {
             self.bytes -= size;
         }
+    }
+
+    /// At exit: what memory holds goes to disk when there is a spill
+    /// directory (the next run sends it); returns what is lost.
+    fn park(&mut self, stats: &ExportStats) -> u64 {
+        if self.spill.is_none() {
+            return self.batches.len() as u64;
+        }
+        while let Some((batch, size)) = self.batches.pop_front() {
+            self.bytes -= size;
+            self.overflow(batch, stats);
+        }
+        0
     }
 }
 
@@ -383,6 +456,7 @@ async fn upload_loop(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     stats: Arc<ExportStats>,
     queue_bytes: usize,
+    spill: Option<Spill>,
     flush_timeout: Duration,
 ) {
     let mut client = IngestClient::new(endpoint.connect_lazy())
@@ -392,6 +466,7 @@ async fn upload_loop(
         batches: VecDeque::new(),
         bytes: 0,
         limit: queue_bytes,
+        spill,
     };
     let mut flush_deadline: Option<Instant> = None;
     let mut attempt = 0u32;
@@ -405,7 +480,22 @@ async fn upload_loop(
         while let Ok(msg) = rx.try_recv() {
             accept(Some(msg), &mut queue, &mut flush_deadline);
         }
-        let Some((batch, _)) = queue.batches.front() else {
+        if flush_deadline.is_some_and(|d| Instant::now() >= d) {
+            let lost = queue.park(&stats);
+            if lost > 0 {
+                stats.dropped_at_exit.fetch_add(lost, Ordering::Relaxed);
+                tracing::warn!(
+                    batches = lost,
+                    "collector unreachable at exit: batches not delivered"
+                );
+            } else if !queue.is_empty() {
+                tracing::warn!(
+                    "collector unreachable at exit: batches kept in the spill directory"
+                );
+            }
+            return;
+        }
+        let Some((batch, spilled)) = queue.front(&stats) else {
             if flush_deadline.is_some() {
                 return;
             }
@@ -413,16 +503,7 @@ async fn upload_loop(
             accept(msg, &mut queue, &mut flush_deadline);
             continue;
         };
-        if flush_deadline.is_some_and(|d| Instant::now() >= d) {
-            let left = queue.batches.len() as u64;
-            stats.dropped_at_exit.fetch_add(left, Ordering::Relaxed);
-            tracing::warn!(
-                batches = left,
-                "collector unreachable at exit: batches not delivered"
-            );
-            return;
-        }
-        match client.push_batch(batch.clone()).await {
+        match client.push_batch(batch).await {
             Ok(ack) => {
                 let ack = ack.into_inner();
                 attempt = 0;
@@ -433,12 +514,12 @@ async fn upload_loop(
                 stats
                     .samples_acked
                     .fetch_add(ack.samples, Ordering::Relaxed);
-                queue.pop();
+                queue.pop(spilled, &stats);
             }
             Err(status) if is_rejection(&status) => {
                 ExportStats::bump(&stats.dropped_rejected);
                 tracing::error!("collector rejected a batch: {}", status.message());
-                queue.pop();
+                queue.pop(spilled, &stats);
             }
             Err(status) => {
                 attempt += 1;
@@ -522,6 +603,7 @@ mod tests {
             batches: VecDeque::new(),
             bytes: 0,
             limit: one * 2,
+            spill: None,
         };
         for seq in 1..=3 {
             q.push(batch(seq), &stats);
@@ -533,8 +615,51 @@ mod tests {
             stats.nonzero_drops(),
             vec![("batches_dropped_queue_full", 1)]
         );
-        q.pop();
+        q.pop(false, &stats);
         assert_eq!(q.bytes, one);
+        assert_eq!(
+            q.park(&stats),
+            1,
+            "without a spill directory the rest is lost at exit"
+        );
+    }
+
+    #[test]
+    fn overflow_spills_and_replays_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = ExportStats::default();
+        let batch = |seq: u64| Batch {
+            sequence: seq,
+            agent_id: "x".repeat(100),
+            ..Default::default()
+        };
+        let one = batch(1).encoded_len();
+        let mut q = Queue {
+            batches: VecDeque::new(),
+            bytes: 0,
+            limit: one * 2,
+            spill: Some(Spill::open(dir.path(), 1 << 20).unwrap()),
+        };
+        for seq in 1..=5 {
+            q.push(batch(seq), &stats);
+        }
+        assert!(q.bytes <= one * 2, "memory stays within its bound");
+        assert_eq!(stats.spill.spilled.load(Ordering::Relaxed), 3);
+        assert!(stats.nonzero_drops().is_empty());
+        let mut order = Vec::new();
+        while let Some((b, spilled)) = q.front(&stats) {
+            order.push((b.sequence, spilled));
+            q.pop(spilled, &stats);
+        }
+        assert_eq!(
+            order,
+            vec![(1, true), (2, true), (3, true), (4, false), (5, false)]
+        );
+        assert_eq!(stats.spill.replayed.load(Ordering::Relaxed), 3);
+        // At exit, what memory holds is parked on disk for the next run.
+        q.push(batch(6), &stats);
+        assert_eq!(q.park(&stats), 0);
+        assert_eq!(Spill::open(dir.path(), 1 << 20).unwrap().len(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod process;
 pub mod record;
 pub mod render;
 pub mod sampler;
+pub mod spill;
 pub mod summary;
 pub mod symbolize;
 

@@ -48,6 +48,13 @@ enum Command {
         /// Bound of the queue of batches not yet acknowledged, in MiB.
         #[arg(long, default_value_t = 16)]
         queue_mib: usize,
+        /// Directory for batches that overflow the queue while the collector
+        /// is unreachable (replayed oldest first, also after a restart).
+        #[arg(long)]
+        spill_dir: Option<PathBuf>,
+        /// Cap of the spill directory in MiB; past it the oldest batches are dropped.
+        #[arg(long, default_value_t = 256)]
+        spill_mib: u64,
         /// Kubernetes API server for pod labels (default: in-cluster, when
         /// KUBERNETES_SERVICE_HOST is set). Plain http:// is for tests.
         #[arg(long)]
@@ -148,6 +155,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             collector,
             node,
             queue_mib,
+            spill_dir,
+            spill_mib,
             kube_api,
             no_kube,
             output,
@@ -174,6 +183,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node,
                 queue_bytes: queue_mib << 20,
                 flush_timeout: Duration::from_secs(10),
+                spill_dir,
+                spill_bytes: spill_mib << 20,
             });
             options
         }

@@ -113,14 +113,6 @@ impl RunningCollector {
         }
         Ok(())
     }
-
-    /// Stops at once, as a crash would: connections are dropped, in-flight
-    /// batches may or may not be stored, none is acknowledged.
-    pub fn abort(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
 fn open_store(location: &StoreLocation) -> anyhow::Result<Box<dyn Store>> {

@@ -43,6 +43,8 @@ fn export_to(c: &RunningCollector) -> ExportOptions {
         node: "test-node".into(),
         queue_bytes: 16 << 20,
         flush_timeout: Duration::from_secs(20),
+        spill_dir: None,
+        spill_bytes: 0,
     }
 }
 
@@ -207,9 +209,9 @@ fn agent_streams_windows_that_the_collector_serves() {
     rt.block_on(c.shutdown()).unwrap();
 }
 
-/// The collector dies in the middle of a run (tasks aborted: connections
-/// dropped, in-flight batches maybe stored but not acknowledged) and comes
-/// back on the same store: the agent retries, and in the end every sample is
+/// The collector stops in the middle of a run for several drain intervals
+/// and comes back on the same store: the agent spills what overflows its
+/// (tiny) memory queue, retries, replays, and in the end every sample is
 /// stored exactly once (collector total = the kernel's recorded count).
 #[test]
 fn collector_restart_mid_run_loses_and_doubles_nothing() {
@@ -222,16 +224,24 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     let db = dir.path().join("p.db");
     let c = start_collector(&rt, &db, "127.0.0.1:0", "127.0.0.1:0");
     let (grpc, http) = (c.grpc_addr.to_string(), c.http_addr.to_string());
-    let chain = Workload::spawn(&workload("chain"), &["10"]);
-    let mut opts = options(vec![chain.pid()], 6.0, 99);
-    opts.export = Some(export_to(&c));
+    let chain = Workload::spawn(&workload("chain"), &["14"]);
+    let mut opts = options(vec![chain.pid()], 7.0, 99);
+    // A memory queue of 1 KiB: during the outage batches go to the spill
+    // directory and are replayed from it.
+    let spill = dir.path().join("spill");
+    opts.export = Some(ExportOptions {
+        queue_bytes: 1 << 10,
+        spill_dir: Some(spill.clone()),
+        spill_bytes: 16 << 20,
+        ..export_to(&c)
+    });
 
     let recorder = profiler_agent::record::Recorder::start(&opts).expect("profiler attaches");
     let handle = rt.handle().clone();
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        c.abort();
-        std::thread::sleep(Duration::from_millis(2500));
+        handle.block_on(c.shutdown()).unwrap();
+        std::thread::sleep(Duration::from_millis(3500));
         let rt_db = db.clone();
         handle
             .block_on(server::start(CollectorConfig {
@@ -260,6 +270,14 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     assert_eq!(
         stats.batches_acked.load(Ordering::Relaxed),
         stats.batches_queued.load(Ordering::Relaxed)
+    );
+    let spilled = stats.spill.spilled.load(Ordering::Relaxed);
+    assert!(spilled > 0, "batches overflowed to the spill directory");
+    assert_eq!(stats.spill.replayed.load(Ordering::Relaxed), spilled);
+    assert_eq!(
+        std::fs::read_dir(&spill).unwrap().count(),
+        0,
+        "all replayed"
     );
     let recorded = rec.counters.get(profiler_common::Counter::Recorded);
     let stored = folded(c.http_addr, "%7B%7D").total();

@@ -198,6 +198,8 @@ fn containerised_workload_gets_pod_labels() {
         node: "test-node".into(),
         queue_bytes: 16 << 20,
         flush_timeout: Duration::from_secs(10),
+        spill_dir: None,
+        spill_bytes: 0,
     });
     opts.kube = Some(KubeConfig {
         api_url: format!("http://{api}"),
