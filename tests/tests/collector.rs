@@ -226,11 +226,11 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     let (grpc, http) = (c.grpc_addr.to_string(), c.http_addr.to_string());
     let chain = Workload::spawn(&workload("chain"), &["14"]);
     let mut opts = options(vec![chain.pid()], 7.0, 99);
-    // A memory queue of 1 KiB: during the outage batches go to the spill
-    // directory and are replayed from it.
+    // A memory queue that holds only the newest batch: during the outage
+    // the others go to the spill directory and are replayed from it.
     let spill = dir.path().join("spill");
     opts.export = Some(ExportOptions {
-        queue_bytes: 1 << 10,
+        queue_bytes: 1,
         spill_dir: Some(spill.clone()),
         spill_bytes: 16 << 20,
         ..export_to(&c)
@@ -286,4 +286,174 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
         "stored vs recorded samples after the restart"
     );
     rt.block_on(c.shutdown()).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The collector as its own process, killed with SIGKILL on drop.
+struct CollectorProcess(std::process::Child);
+
+impl CollectorProcess {
+    fn start(db: &Path, grpc: u16, http: u16) -> Self {
+        let child = Command::new(collector_binary())
+            .arg("--store")
+            .arg(format!("sqlite:{}", db.display()))
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the collector");
+        let process = Self(child); // killed on drop, whatever happens next
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+                return process;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the collector did not come up");
+    }
+
+    fn kill9(mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for CollectorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A synthetic agent: pushes `batches` batches of `count` samples for node
+/// `node`, each retried until acknowledged (as new or as already stored);
+/// returns the samples of the acknowledged batches.
+fn synthetic_agent(grpc: u16, node: &str, batches: u64, count: i64) -> u64 {
+    use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5));
+        let mut client = IngestClient::new(endpoint.connect_lazy());
+        let mut acked = 0;
+        for seq in 1..=batches {
+            let now = profiler_collector::ingest::now_ns();
+            let strings = ["", "node", node, "process", "synthetic", "main", "work"];
+            let batch = Batch {
+                agent_id: format!("synthetic-{node}"),
+                sequence: seq,
+                node: node.into(),
+                agent_version: "test".into(),
+                window_start_unix_nanos: now - 100_000_000,
+                window_end_unix_nanos: now,
+                frequency_hz: 99,
+                strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                stacks: vec![Stack {
+                    frames: vec![4, 5, 6],
+                }],
+                label_sets: vec![LabelSet {
+                    labels: vec![Label { name: 1, value: 2 }, Label { name: 3, value: 4 }],
+                }],
+                samples: vec![Sample {
+                    label_set: 0,
+                    stack: 0,
+                    count,
+                }],
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match client.push_batch(batch.clone()).await {
+                    // A re-send of a batch stored before the kill is
+                    // acknowledged as already stored: it still counts once.
+                    Ok(_) => {
+                        acked += count as u64;
+                        break;
+                    }
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("batch {seq} never acknowledged: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        acked
+    })
+}
+
+/// `kill -9` of the collector process while a real agent and two synthetic
+/// agents stream, then a restart on the same store: per node, the stored
+/// totals equal what each agent sent (re-sends of batches stored but not
+/// acknowledged before the kill count once).
+#[test]
+fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let (grpc, http) = (free_port(), free_port());
+    let collector = CollectorProcess::start(&db, grpc, http);
+
+    let pushers: Vec<_> = ["syn-1", "syn-2"]
+        .into_iter()
+        .map(|node| std::thread::spawn(move || (node, synthetic_agent(grpc, node, 60, 7))))
+        .collect();
+    let db_restart = db.clone();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1200));
+        collector.kill9();
+        std::thread::sleep(Duration::from_millis(1500));
+        CollectorProcess::start(&db_restart, grpc, http)
+    });
+
+    let chain = Workload::spawn(&workload("chain"), &["10"]);
+    let mut opts = options(vec![chain.pid()], 5.0, 99);
+    opts.export = Some(ExportOptions {
+        collector: format!("http://127.0.0.1:{grpc}"),
+        node: "real-agent".into(),
+        queue_bytes: 16 << 20,
+        flush_timeout: Duration::from_secs(20),
+        spill_dir: None,
+        spill_bytes: 0,
+    });
+    let (rec, _) = record_with(&opts, || ());
+    let _collector = killer.join().unwrap();
+    let synthetic: Vec<(&str, u64)> = pushers.into_iter().map(|p| p.join().unwrap()).collect();
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    let stats = rec.export.as_ref().unwrap();
+    assert!(
+        stats.nonzero_drops().is_empty(),
+        "{:?}",
+        stats.nonzero_drops()
+    );
+    assert!(
+        stats.send_failures.load(Ordering::Relaxed) > 0,
+        "the agent saw the collector die"
+    );
+    let real = folded(addr, "%7Bnode%3D%22real-agent%22%7D").total();
+    assert_eq!(
+        real,
+        rec.counters.get(profiler_common::Counter::Recorded),
+        "real agent"
+    );
+    for (node, sent) in synthetic {
+        assert_eq!(sent, 60 * 7, "{node}: every batch acknowledged");
+        let stored = folded(addr, &format!("%7Bnode%3D%22{node}%22%7D")).total();
+        assert_eq!(stored, sent, "{node}: stored vs sent");
+    }
 }

@@ -378,7 +378,7 @@ fn test() -> Result<()> {
     step("unit tests (no root needed)");
     cargo(&["test"])?;
     step("privileged end-to-end tests (real eBPF, real workloads)");
-    cargo(&["build", "-p", "profiler-agent"])?;
+    cargo(&["build", "-p", "profiler-agent", "-p", "profiler-collector"])?;
     if is_root() {
         cargo(&["test", "-p", "profiler-tests", "--", "--test-threads=1"])?;
     } else {

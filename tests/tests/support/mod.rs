@@ -230,17 +230,21 @@ pub fn dump(profile: &FoldedProfile, process: &str) -> String {
 
 /// The agent binary built next to this test (by `cargo xtask test`).
 pub fn agent_binary() -> PathBuf {
+    built_binary("profiler-agent")
+}
+
+/// The collector binary built next to this test (by `cargo xtask test`).
+pub fn collector_binary() -> PathBuf {
+    built_binary("profiler-collector")
+}
+
+fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/profiler-agent
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("profiler-agent");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it first (`cargo build -p profiler-agent`, done by `cargo xtask test`)",
+        "{} is missing: build it first (`cargo build -p {name}`, done by `cargo xtask test`)",
         path.display()
     );
     path
