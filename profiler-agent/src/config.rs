@@ -120,6 +120,9 @@ pub struct RecordOptions {
     pub export: Option<crate::export::ExportOptions>,
     /// Label samples with their pods' metadata from this API server.
     pub kube: Option<crate::kube::KubeConfig>,
+    /// Drop the capabilities no longer needed once attached (the agent
+    /// binary does; tests that load the program again in-process do not).
+    pub drop_capabilities: bool,
 }
 
 impl Default for RecordOptions {
@@ -133,6 +136,7 @@ impl Default for RecordOptions {
             progress: false,
             export: None,
             kube: None,
+            drop_capabilities: false,
         }
     }
 }

@@ -117,6 +117,7 @@ impl SamplingArgs {
             progress: !self.no_progress,
             export: None,
             kube: None,
+            drop_capabilities: true,
         }
     }
 }

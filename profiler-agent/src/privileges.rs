@@ -19,6 +19,49 @@ pub const CAP_PERFMON: u32 = 38;
 /// `CAP_BPF` (Linux 5.8+): loading programs and creating maps.
 pub const CAP_BPF: u32 = 39;
 
+/// Capabilities still used once the programs are loaded and attached: map
+/// operations on the fds we hold (`CAP_BPF`, while the kernel disallows
+/// unprivileged `bpf()`), and reading other processes' files and kallsyms.
+const KEPT_AFTER_ATTACH: &[caps::Capability] = &[
+    caps::Capability::CAP_BPF,
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_CHECKPOINT_RESTORE,
+    caps::Capability::CAP_SYSLOG,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+];
+
+/// After load and attach: drops every capability not in
+/// `KEPT_AFTER_ATTACH` from the effective, permitted, inheritable, ambient
+/// and bounding sets, and returns the names of those kept.
+pub fn drop_unneeded() -> Result<Vec<String>> {
+    use caps::CapSet;
+    let permitted = caps::read(None, CapSet::Permitted)
+        .map_err(|e| Error::InvalidArgument(format!("reading capabilities: {e}")))?;
+    let keep: caps::CapsHashSet = KEPT_AFTER_ATTACH
+        .iter()
+        .copied()
+        .filter(|c| permitted.contains(c))
+        .collect();
+    let fail = |what: &str, e: caps::errors::CapsError| {
+        Error::InvalidArgument(format!("dropping capabilities ({what}): {e}"))
+    };
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            // The bounding set needs CAP_SETPCAP; without it, the permitted
+            // set (below) is what matters.
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| fail("ambient", e))?;
+    caps::set(None, CapSet::Inheritable, &caps::CapsHashSet::new())
+        .map_err(|e| fail("inheritable", e))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| fail("effective", e))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| fail("permitted", e))?;
+    let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Effective capability set of this process, from `/proc/self/status`.
 pub fn effective_capabilities() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -250,6 +250,10 @@ impl Recorder {
                 None => None,
             };
             let sampler = Sampler::start(&options.sampler, processes.clone())?;
+            if options.drop_capabilities {
+                let kept = crate::privileges::drop_unneeded()?;
+                tracing::info!(kept = %kept.join(","), "loaded and attached: dropped every other capability");
+            }
             Ok((sampler, exporter, pods))
         })();
         let (sampler, exporter, pods) = match started {

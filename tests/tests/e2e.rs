@@ -343,3 +343,72 @@ fn cli_record_and_errors() {
         "{err}"
     );
 }
+
+/// Once loaded and attached, the agent keeps only the capabilities it still
+/// uses, says which in its log, and still profiles correctly.
+#[test]
+fn agent_drops_capabilities_after_attach() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let w = Workload::spawn(&workload("chain"), &["8"]);
+    let dir = tempfile::tempdir().unwrap();
+    let folded = dir.path().join("out.folded");
+    let agent = Command::new(agent_binary())
+        .args([
+            "record",
+            "-d",
+            "3s",
+            "--drain-interval",
+            "1s",
+            "--no-progress",
+            "-p",
+            &w.pid().to_string(),
+            "-o",
+        ])
+        .arg(dir.path().join("out.svg"))
+        .arg("--folded")
+        .arg(&folded)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap();
+    let effective = profiler_agent::privileges::parse_cap_eff(&status).unwrap();
+    let out = agent.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    use profiler_agent::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
+    assert_eq!(
+        effective & (1 << CAP_PERFMON),
+        0,
+        "PERFMON dropped: {effective:x}"
+    );
+    assert_eq!(
+        effective & (1 << CAP_SYS_ADMIN),
+        0,
+        "SYS_ADMIN dropped: {effective:x}"
+    );
+    assert_ne!(
+        effective & (1 << CAP_BPF),
+        0,
+        "BPF kept for the maps: {effective:x}"
+    );
+    assert_ne!(
+        effective & (1 << CAP_SYS_PTRACE),
+        0,
+        "SYS_PTRACE kept: {effective:x}"
+    );
+    assert!(
+        log.contains("dropped every other capability") && log.contains("CAP_SYS_PTRACE"),
+        "{log}"
+    );
+    let text = std::fs::read_to_string(&folded).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("main;outer;inner_hot")),
+        "{text}"
+    );
+}
