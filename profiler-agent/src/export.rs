@@ -590,14 +590,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn queue_drops_oldest_when_full() {
-        let stats = ExportStats::default();
-        let batch = |seq: u64| Batch {
+    /// A batch of about 110 bytes.
+    fn batch(seq: u64) -> Batch {
+        Batch {
             sequence: seq,
             agent_id: "x".repeat(100),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn queue_drops_oldest_when_full() {
+        let stats = ExportStats::default();
         let one = batch(1).encoded_len();
         let mut q = Queue {
             batches: VecDeque::new(),
@@ -628,11 +632,6 @@ mod tests {
     fn overflow_spills_and_replays_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let stats = ExportStats::default();
-        let batch = |seq: u64| Batch {
-            sequence: seq,
-            agent_id: "x".repeat(100),
-            ..Default::default()
-        };
         let one = batch(1).encoded_len();
         let mut q = Queue {
             batches: VecDeque::new(),

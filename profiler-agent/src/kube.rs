@@ -91,6 +91,16 @@ struct Entry {
     deleted: Option<std::time::Instant>,
 }
 
+impl Entry {
+    fn live(meta: PodMeta, mirror_of: Option<String>) -> Self {
+        Self {
+            meta,
+            mirror_of,
+            deleted: None,
+        }
+    }
+}
+
 /// The node's pods by UID, shared between the watcher and the agent.
 #[derive(Clone, Default)]
 pub struct PodCache {
@@ -138,14 +148,7 @@ impl PodCache {
             }
         }
         for (uid, meta, mirror_of) in listed {
-            pods.insert(
-                uid,
-                Entry {
-                    meta,
-                    mirror_of,
-                    deleted: None,
-                },
-            );
+            pods.insert(uid, Entry::live(meta, mirror_of));
         }
         Self::expire(&mut pods);
     }
@@ -154,14 +157,7 @@ impl PodCache {
         let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
         Self::expire(&mut pods);
         if pods.len() < MAX_PODS || pods.contains_key(&uid) {
-            pods.insert(
-                uid,
-                Entry {
-                    meta,
-                    mirror_of,
-                    deleted: None,
-                },
-            );
+            pods.insert(uid, Entry::live(meta, mirror_of));
         } else {
             tracing::warn!("pod cache full ({MAX_PODS} pods): {uid} not cached");
         }
