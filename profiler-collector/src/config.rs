@@ -7,9 +7,23 @@
 //! store = "sqlite:/var/lib/profiler/profiles.db"
 //! retention = "14d"
 //! max_message_mib = 16
+//! # TLS on both ports; agents must present a certificate from client_ca.
+//! tls_cert = "/etc/profiler/tls/tls.crt"
+//! tls_key = "/etc/profiler/tls/tls.key"
+//! tls_client_ca = "/etc/profiler/tls/ca.crt"
+//! # or, explicitly: plaintext = true
+//! token_file = "/etc/profiler/agent-tokens"
+//! http_token_file = "/etc/profiler/ui-tokens"
+//! agent_rate_limit = 10.0   # batches per second per agent; 0: none
+//! agent_rate_burst = 60
+//! max_concurrent_batches = 8
 //! ```
-use std::{net::SocketAddr, path::Path};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
+use profiler_security::ServerTlsFiles;
 use serde::Deserialize;
 
 use crate::server::{CollectorConfig, StoreLocation};
@@ -22,6 +36,59 @@ pub struct FileConfig {
     pub store: Option<String>,
     pub retention: Option<String>,
     pub max_message_mib: Option<usize>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub plaintext: Option<bool>,
+    pub token_file: Option<PathBuf>,
+    pub http_token_file: Option<PathBuf>,
+    pub agent_rate_limit: Option<f64>,
+    pub agent_rate_burst: Option<u32>,
+    pub max_concurrent_batches: Option<usize>,
+}
+
+/// How the ports are secured, as asked for (file, then command line).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Transport {
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub plaintext: Option<bool>,
+}
+
+impl Transport {
+    /// Settings present in `other` win.
+    pub fn merge(&mut self, other: Transport) {
+        self.tls_cert = other.tls_cert.or(self.tls_cert.take());
+        self.tls_key = other.tls_key.or(self.tls_key.take());
+        self.tls_client_ca = other.tls_client_ca.or(self.tls_client_ca.take());
+        self.plaintext = other.plaintext.or(self.plaintext);
+    }
+
+    /// TLS files, or `None` for plain text, which must be asked for.
+    pub fn resolve(&self) -> Result<Option<ServerTlsFiles>, String> {
+        let plaintext = self.plaintext.unwrap_or(false);
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), Some(_)) if plaintext => {
+                Err("plaintext and a TLS certificate are both set: choose one".into())
+            }
+            (Some(cert), Some(key)) => Ok(Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            (Some(_), None) => Err("tls_cert needs tls_key (--tls-key)".into()),
+            (None, Some(_)) => Err("tls_key needs tls_cert (--tls-cert)".into()),
+            (None, None) if self.tls_client_ca.is_some() => {
+                Err("tls_client_ca needs tls_cert and tls_key".into())
+            }
+            (None, None) if plaintext => Ok(None),
+            (None, None) => Err("no TLS certificate: set tls_cert and tls_key \
+                 (--tls-cert, --tls-key), or ask for plain text with plaintext = true \
+                 (--plaintext)"
+                .into()),
+        }
+    }
 }
 
 impl FileConfig {
@@ -36,7 +103,18 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Applies the settings present in the file, checking each.
+    /// The file's TLS settings.
+    pub fn transport(&self) -> Transport {
+        Transport {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            plaintext: self.plaintext,
+        }
+    }
+
+    /// Applies the settings present in the file, checking each (TLS
+    /// settings are resolved with the command line's: see [`Transport`]).
     pub fn apply(&self, config: &mut CollectorConfig) -> Result<(), String> {
         if let Some(a) = self.grpc_listen {
             config.grpc_listen = a;
@@ -54,6 +132,21 @@ impl FileConfig {
         if let Some(m) = self.max_message_mib {
             config.max_message_bytes = check_message_mib(m)? << 20;
         }
+        if let Some(p) = &self.token_file {
+            config.token_file = Some(p.clone());
+        }
+        if let Some(p) = &self.http_token_file {
+            config.http_token_file = Some(p.clone());
+        }
+        if let Some(r) = self.agent_rate_limit {
+            config.agent_rate_limit = check_rate(r)?;
+        }
+        if let Some(b) = self.agent_rate_burst {
+            config.agent_rate_burst = b.max(1);
+        }
+        if let Some(n) = self.max_concurrent_batches {
+            config.max_concurrent_batches = check_concurrency(n)?;
+        }
         Ok(())
     }
 }
@@ -64,6 +157,24 @@ pub fn check_message_mib(mib: usize) -> Result<usize, String> {
         Ok(mib)
     } else {
         Err(format!("max_message_mib must be 1-1024, got {mib}"))
+    }
+}
+
+/// Batches per second per agent: 0 (no limit) or positive.
+pub fn check_rate(rate: f64) -> Result<f64, String> {
+    if rate.is_finite() && rate >= 0.0 {
+        Ok(rate)
+    } else {
+        Err(format!("agent_rate_limit must be 0 or more, got {rate}"))
+    }
+}
+
+/// Batches handled at once: 1-1024.
+pub fn check_concurrency(n: usize) -> Result<usize, String> {
+    if (1..=1024).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("max_concurrent_batches must be 1-1024, got {n}"))
     }
 }
 
@@ -118,5 +229,75 @@ mod tests {
         assert!(FileConfig::load(Path::new("/nonexistent.toml"))
             .unwrap_err()
             .contains("cannot read"));
+        let e = FileConfig::parse("agent_rate_limit = -1.0")
+            .unwrap()
+            .apply(&mut config)
+            .unwrap_err();
+        assert!(e.contains("agent_rate_limit"), "{e}");
+    }
+
+    #[test]
+    fn security_settings_apply() {
+        let file = FileConfig::parse(
+            r#"
+            tls_cert = "/c.pem"
+            tls_key = "/k.pem"
+            tls_client_ca = "/ca.pem"
+            token_file = "/tokens"
+            http_token_file = "/ui-tokens"
+            agent_rate_limit = 2.5
+            agent_rate_burst = 7
+            max_concurrent_batches = 3
+            "#,
+        )
+        .unwrap();
+        let mut config = CollectorConfig::default();
+        file.apply(&mut config).unwrap();
+        assert_eq!(config.token_file, Some("/tokens".into()));
+        assert_eq!(config.http_token_file, Some("/ui-tokens".into()));
+        assert_eq!(config.agent_rate_limit, 2.5);
+        assert_eq!(config.agent_rate_burst, 7);
+        assert_eq!(config.max_concurrent_batches, 3);
+        assert_eq!(
+            file.transport().resolve().unwrap(),
+            Some(ServerTlsFiles {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                client_ca: Some("/ca.pem".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn plain_text_must_be_asked_for() {
+        let none = Transport::default();
+        assert!(none.resolve().unwrap_err().contains("--plaintext"));
+        let plain = Transport {
+            plaintext: Some(true),
+            ..Transport::default()
+        };
+        assert_eq!(plain.resolve().unwrap(), None);
+        let mut both = plain.clone();
+        both.merge(Transport {
+            tls_cert: Some("/c".into()),
+            tls_key: Some("/k".into()),
+            ..Transport::default()
+        });
+        assert!(both.resolve().unwrap_err().contains("choose one"));
+        let half = Transport {
+            tls_cert: Some("/c".into()),
+            ..Transport::default()
+        };
+        assert!(half.resolve().unwrap_err().contains("tls_key"));
+        // The command line overrides the file.
+        let mut file = Transport {
+            plaintext: Some(true),
+            ..Transport::default()
+        };
+        file.merge(Transport {
+            plaintext: Some(false),
+            ..Transport::default()
+        });
+        assert!(file.resolve().is_err());
     }
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     metrics::Metrics,
     model::Stored,
+    overload::{push_back, RateLimiter},
     store::{Store, StoreError},
     validate::{validate, Limits},
 };
@@ -32,6 +33,7 @@ pub struct IngestService {
     pub max_message_bytes: usize,
     /// Batches whose window ended longer ago than this are refused.
     pub retention_ns: i64,
+    pub rate: RateLimiter,
 }
 
 #[tonic::async_trait]
@@ -50,6 +52,14 @@ impl Ingest for IngestService {
                 "batch too large: {size} bytes, the limit is {} bytes",
                 self.max_message_bytes
             )));
+        }
+        if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
+            self.metrics.reject("rate_limited");
+            tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: agent over its rate limit");
+            return Err(push_back(
+                format!("agent {:?} is over its rate limit", batch.agent_id),
+                wait,
+            ));
         }
         let now = now_ns();
         let valid = validate(&batch, &self.limits, now).map_err(|r| {

@@ -1,10 +1,12 @@
 //! The collector: gRPC ingest of agents' batches into a store, and the HTTP
 //! query API with its web UI. See [`server::start`].
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod overload;
 pub mod query;
 pub mod server;
 pub mod store;

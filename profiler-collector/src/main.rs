@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use profiler_collector::{
-    config::{check_message_mib, FileConfig},
+    config::{check_concurrency, check_message_mib, check_rate, FileConfig, Transport},
     server::{self, CollectorConfig, StoreLocation},
 };
 
@@ -11,12 +11,39 @@ use profiler_collector::{
 #[command(
     version,
     about = "Stores profiles sent by agents and serves flame graphs",
-    after_help = "Defaults: gRPC 127.0.0.1:7070, HTTP 127.0.0.1:7080, store sqlite:profiles.db, retention 7d, 16 MiB batches."
+    after_help = "Defaults: gRPC 127.0.0.1:7070, HTTP 127.0.0.1:7080, store sqlite:profiles.db, retention 7d, 16 MiB batches, 10 batches/s per agent (burst 60), 8 batches at once.\nTLS (--tls-cert, --tls-key) or --plaintext must be given."
 )]
 struct Cli {
-    /// TOML file with any of: grpc_listen, http_listen, store, retention, max_message_mib.
+    /// TOML file with any of the settings below (snake_case names, e.g. tls_cert).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
+    /// PEM certificate (chain) of both ports.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: agents must present a client certificate it signed (mutual TLS).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS (a warning is logged). Needed when no certificate is set.
+    #[arg(long)]
+    plaintext: bool,
+    /// File of bearer tokens agents must send, one per line (re-read when it changes).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// File of bearer tokens the HTTP API and UI require (browsers: any user, token as password).
+    #[arg(long)]
+    http_token_file: Option<PathBuf>,
+    /// Batches per second one agent may send; 0: no limit.
+    #[arg(long, value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(check_rate))]
+    agent_rate_limit: Option<f64>,
+    /// Batches one agent may send at once before its rate limit applies.
+    #[arg(long)]
+    agent_rate_burst: Option<u32>,
+    /// Batches decoded and stored at once; more are pushed back with a retry hint.
+    #[arg(long, value_parser = |s: &str| s.parse::<usize>().map_err(|e| e.to_string()).and_then(check_concurrency))]
+    max_concurrent_batches: Option<usize>,
     /// gRPC address agents send batches to.
     #[arg(long)]
     grpc_listen: Option<SocketAddr>,
@@ -45,10 +72,34 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let mut config = CollectorConfig::default();
+    let mut transport = Transport::default();
     if let Some(path) = &cli.config {
-        FileConfig::load(path)
-            .and_then(|file| file.apply(&mut config))
-            .map_err(anyhow::Error::msg)?;
+        let file = FileConfig::load(path).map_err(anyhow::Error::msg)?;
+        file.apply(&mut config)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        transport = file.transport();
+    }
+    transport.merge(Transport {
+        tls_cert: cli.tls_cert,
+        tls_key: cli.tls_key,
+        tls_client_ca: cli.tls_client_ca,
+        plaintext: cli.plaintext.then_some(true),
+    });
+    config.tls = transport.resolve().map_err(anyhow::Error::msg)?;
+    if let Some(p) = cli.token_file {
+        config.token_file = Some(p);
+    }
+    if let Some(p) = cli.http_token_file {
+        config.http_token_file = Some(p);
+    }
+    if let Some(r) = cli.agent_rate_limit {
+        config.agent_rate_limit = r;
+    }
+    if let Some(b) = cli.agent_rate_burst {
+        config.agent_rate_burst = b.max(1);
+    }
+    if let Some(n) = cli.max_concurrent_batches {
+        config.max_concurrent_batches = n;
     }
     if let Some(a) = cli.grpc_listen {
         config.grpc_listen = a;

@@ -18,16 +18,41 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     pub queries: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// HTTP requests refused, by reason.
+    http_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// TLS handshakes refused, by server and reason.
+    connections_rejected: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
+    *map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default() += 1;
 }
 
 impl Metrics {
     pub fn reject(&self, reason: &'static str) {
-        *self
-            .rejected
+        bump(&self.rejected, reason);
+    }
+
+    pub fn reject_http(&self, reason: &'static str) {
+        bump(&self.http_rejected, reason);
+    }
+
+    pub fn reject_connection(&self, server: &'static str, reason: &'static str) {
+        bump(&self.connections_rejected, (server, reason));
+    }
+
+    /// TLS handshakes refused for `reason`, on either server.
+    pub fn connections_rejected(&self, reason: &str) -> u64 {
+        self.connections_rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
+            .iter()
+            .filter(|((_, r), _)| *r == reason)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn rejected(&self, reason: &str) -> u64 {
@@ -92,6 +117,36 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "profiler_batches_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP profiler_http_requests_rejected_total HTTP requests refused, by reason.\n# TYPE profiler_http_requests_rejected_total counter"
+        );
+        for (reason, n) in self
+            .http_rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "profiler_http_requests_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP profiler_connections_rejected_total TLS handshakes refused, by server and reason.\n# TYPE profiler_connections_rejected_total counter"
+        );
+        for ((server, reason), n) in self
+            .connections_rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "profiler_connections_rejected_total{{server=\"{server}\",reason=\"{reason}\"}} {n}"
             );
         }
         if let Some(st) = store {

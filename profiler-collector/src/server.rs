@@ -9,14 +9,28 @@ use std::{
 
 use anyhow::Context;
 use profiler_proto::v1::ingest_server::IngestServer;
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use profiler_security::{
+    accept::{spawn_acceptor, Accepted, ServerTlsStream},
+    tls::server_config,
+    ServerTlsFiles, TokenFile,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_stream::StreamExt as _;
 use tonic::codec::CompressionEncoding;
 use tonic::codegen::http::{HeaderValue, Response};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
+    auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
     http::{router, AppState},
     ingest::{now_ns, IngestService, SharedStore},
     metrics::Metrics,
+    overload::{RateLimiter, ShedLayer},
     store::{sqlite::SqliteStore, Store},
     validate::Limits,
 };
@@ -52,6 +66,21 @@ pub struct CollectorConfig {
     /// Largest accepted batch, encoded, in bytes.
     pub max_message_bytes: usize,
     pub limits: Limits,
+    /// TLS on both servers (client certificates on gRPC when `client_ca`
+    /// is set). `None`: plain text, with a warning; the command line and
+    /// the configuration file only allow that when asked explicitly.
+    pub tls: Option<ServerTlsFiles>,
+    /// Bearer tokens agents must send; re-read when the file changes.
+    pub token_file: Option<PathBuf>,
+    /// Bearer tokens the HTTP API and UI require (not `/healthz`).
+    pub http_token_file: Option<PathBuf>,
+    /// Batches per second one agent may send (0: no limit); past the burst,
+    /// it is pushed back with a retry hint.
+    pub agent_rate_limit: f64,
+    pub agent_rate_burst: u32,
+    /// Batches decoded and stored at once; more wait briefly, then are
+    /// pushed back.
+    pub max_concurrent_batches: usize,
 }
 
 impl Default for CollectorConfig {
@@ -63,6 +92,12 @@ impl Default for CollectorConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_message_bytes: 16 << 20,
             limits: Limits::default(),
+            tls: None,
+            token_file: None,
+            http_token_file: None,
+            agent_rate_limit: 10.0,
+            agent_rate_burst: 60,
+            max_concurrent_batches: 8,
         }
     }
 }
@@ -125,9 +160,6 @@ fn open_store(location: &StoreLocation) -> anyhow::Result<Box<dyn Store>> {
     }
 }
 
-/// Batches decoded and stored at the same time, at most.
-const MAX_CONCURRENT_BATCHES: usize = 8;
-
 /// tonic answers a message over the size limit with `OUT_OF_RANGE` (or,
 /// when it only grows past the limit while being decompressed, with
 /// `RESOURCE_EXHAUSTED`); gRPC says `RESOURCE_EXHAUSTED`, which agents treat
@@ -156,8 +188,118 @@ fn too_large_is_resource_exhausted(
     response
 }
 
+/// A TLS connection as tonic sees it: its peer address is the TCP one.
+struct TlsConn(ServerTlsStream<TcpStream>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The HTTP server's TLS listener: connections already through the handshake.
+struct TlsListener {
+    accepted: mpsc::Receiver<Accepted>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = ServerTlsStream<TcpStream>;
+    type Addr = SocketAddr;
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// Starts the TLS handshakes of a port, counting each rejected client.
+fn tls_acceptor(
+    listener: TcpListener,
+    files: &ServerTlsFiles,
+    alpn: &[&[u8]],
+    server: &'static str,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<mpsc::Receiver<Accepted>> {
+    let config = server_config(files, alpn).context("TLS configuration")?;
+    let metrics = metrics.clone();
+    Ok(spawn_acceptor(listener, config, server, move |failure| {
+        metrics.reject_connection(server, failure.reason())
+    }))
+}
+
+fn open_tokens(path: Option<&PathBuf>, what: &str) -> anyhow::Result<Option<Arc<TokenFile>>> {
+    path.map(|p| TokenFile::open(p).map(Arc::new))
+        .transpose()
+        .with_context(|| format!("the {what} token file"))
+}
+
 /// Opens the store, binds both ports and starts serving.
 pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> {
+    let agent_tokens = open_tokens(config.token_file.as_ref(), "agent")?;
+    let http_tokens = open_tokens(config.http_token_file.as_ref(), "HTTP")?;
+    if let Some(files) = &config.tls {
+        // Fail now, on a bad file, rather than at the first connection.
+        server_config(files, &[]).context("TLS configuration")?;
+    } else {
+        tracing::warn!("TLS is off: agents and browsers talk to this collector in plain text");
+    }
+    if agent_tokens.is_none() {
+        tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
+    }
     let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store)?));
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = watch::channel(false);
@@ -178,6 +320,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
         retention_ns,
+        rate: RateLimiter::new(config.agent_rate_limit, config.agent_rate_burst),
     })
     // tonic refuses a larger message before buffering it; see
     // `too_large_is_resource_exhausted` for the status the agent gets.
@@ -185,44 +328,105 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     .accept_compressed(CompressionEncoding::Gzip)
     .accept_compressed(CompressionEncoding::Zstd)
     .send_compressed(CompressionEncoding::Zstd);
+    // The token is checked on the headers, before the body is read.
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        GrpcTokenCheck {
+            tokens: agent_tokens,
+            metrics: metrics.clone(),
+        },
+    );
 
     let size_metrics = metrics.clone();
+    let grpc_router = tonic::transport::Server::builder()
+        // Bounds the batches decoded at once, so their memory is bounded;
+        // past it, agents are told to come back later.
+        .layer(ShedLayer::new(
+            config.max_concurrent_batches.max(1),
+            metrics.clone(),
+        ))
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: Response<tonic::body::Body>| {
+                too_large_is_resource_exhausted(response, &size_metrics)
+            },
+        ))
+        .add_service(service);
     let mut grpc_stop = stopped.clone();
-    let grpc = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            // Bounds the batches decoded at once, so their memory is bounded.
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                MAX_CONCURRENT_BATCHES,
-            ))
-            .layer(tower::util::MapResponseLayer::new(
-                move |response: Response<tonic::body::Body>| {
-                    too_large_is_resource_exhausted(response, &size_metrics)
-                },
-            ))
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc_listener),
-                async move {
-                    let _ = grpc_stop.wait_for(|s| *s).await;
-                },
-            )
-            .await
-            .context("gRPC server")
-    });
+    let grpc_stopped = async move {
+        let _ = grpc_stop.wait_for(|s| *s).await;
+    };
+    let grpc = match &config.tls {
+        None => tokio::spawn(async move {
+            grpc_router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc_listener),
+                    grpc_stopped,
+                )
+                .await
+                .context("gRPC server")
+        }),
+        Some(files) => {
+            let accepted = tls_acceptor(grpc_listener, files, &[b"h2"], "gRPC", &metrics)?;
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted)
+                .map(|(conn, _)| Ok::<_, std::io::Error>(TlsConn(conn)));
+            tokio::spawn(async move {
+                grpc_router
+                    .serve_with_incoming_shutdown(incoming, grpc_stopped)
+                    .await
+                    .context("gRPC server")
+            })
+        }
+    };
 
-    let app = router(AppState {
+    let mut app = router(AppState {
         store: store.clone(),
         metrics: metrics.clone(),
     });
+    if let Some(tokens) = http_tokens {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            HttpTokenCheck {
+                tokens,
+                metrics: metrics.clone(),
+            },
+            require_http_token,
+        ));
+    }
+    let app = app.into_make_service_with_connect_info::<PeerAddr>();
     let mut http_stop = stopped.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
+    let http_stopped = async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    };
+    let http = match &config.tls {
+        None => tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(http_stopped)
+                .await
+                .context("HTTP server")
+        }),
+        Some(files) => {
+            // No client certificates here: browsers use the token instead.
+            let files = ServerTlsFiles {
+                client_ca: None,
+                ..files.clone()
+            };
+            let listener = TlsListener {
+                accepted: tls_acceptor(
+                    http_listener,
+                    &files,
+                    &[b"h2", b"http/1.1"],
+                    "HTTP",
+                    &metrics,
+                )?,
+                local: http_addr,
+            };
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_stopped)
+                    .await
+                    .context("HTTP server")
             })
-            .await
-            .context("HTTP server")
-    });
+        }
+    };
 
     let mut retention_stop = stopped.clone();
     let retention_store = store.clone();
