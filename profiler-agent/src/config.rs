@@ -123,6 +123,8 @@ pub struct RecordOptions {
     /// Drop the capabilities no longer needed once attached (the agent
     /// binary does; tests that load the program again in-process do not).
     pub drop_capabilities: bool,
+    /// Time budget per window and DWARF size limit of the symbolizer.
+    pub symbolize: crate::symbolize::SymbolizeLimits,
 }
 
 impl Default for RecordOptions {
@@ -137,6 +139,7 @@ impl Default for RecordOptions {
             export: None,
             kube: None,
             drop_capabilities: false,
+            symbolize: crate::symbolize::SymbolizeLimits::default(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub fn symbolize_window(
     window: &RawWindow,
     symbolizer: &mut dyn Symbolize,
 ) -> Vec<SymbolizedSample> {
+    symbolizer.start_window();
     window
         .samples
         .iter()

@@ -97,6 +97,13 @@ struct SamplingArgs {
     /// Do not show the progress line.
     #[arg(long)]
     no_progress: bool,
+    /// Time each window may spend naming frames; past it, frames not yet
+    /// named stay `module+0xOFFSET` for that window (and are counted).
+    #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
+    symbolize_budget: Duration,
+    /// Binaries larger than this (MiB) are named from ELF symbols only (no DWARF).
+    #[arg(long, default_value_t = profiler_agent::symbolize::DEFAULT_MAX_DWARF_BYTES >> 20)]
+    max_dwarf_mib: u64,
 }
 
 impl SamplingArgs {
@@ -118,6 +125,10 @@ impl SamplingArgs {
             export: None,
             kube: None,
             drop_capabilities: true,
+            symbolize: profiler_agent::symbolize::SymbolizeLimits {
+                budget: self.symbolize_budget,
+                max_dwarf_bytes: self.max_dwarf_mib.saturating_mul(1 << 20),
+            },
         }
     }
 }

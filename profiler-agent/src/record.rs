@@ -293,7 +293,8 @@ impl Recorder {
             started,
             mut window_start,
         } = self;
-        let mut symbolizer = BlazeSymbolizer::new(processes.clone());
+        let mut symbolizer =
+            BlazeSymbolizer::with_limits(processes.clone(), options.symbolize.clone());
         let mut profile = FoldedProfile::default();
         let export_stats = exporter.as_ref().map(|e| e.stats().clone());
         let keep_profile = exporter.is_none() || options.svg.is_some() || options.folded.is_some();

@@ -14,6 +14,7 @@ pub struct Outputs {
 pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
     let mut drops = recording.counters.nonzero_drops();
     let p = &recording.process_stats;
+    let s = &recording.symbolizer_stats;
     for (name, value) in [
         ("stack_missing_at_drain", recording.missing_stacks),
         ("stack_truncated", recording.truncated_stacks),
@@ -21,6 +22,11 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
         ("process_cache_full", p.process_cache_full),
         ("binary_cache_full", p.binary_cache_full),
         ("binary_open_failed", p.binary_open_failed),
+        ("symbolize_windows_over_budget", s.windows_over_budget),
+        ("frames_unsymbolized_over_budget", s.frames_over_budget),
+        ("binary_dwarf_skipped_large", s.dwarf_skipped_large),
+        ("binary_unreadable", s.binaries_unreadable),
+        ("symbolizer_panics", s.panics),
     ] {
         if value > 0 {
             drops.push((name, value));

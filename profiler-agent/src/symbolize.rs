@@ -9,9 +9,25 @@
 //!   (a stale frame pointer); never a bare address and never dropped;
 //! - every frame but the leaf is a return address: it is looked up minus one
 //!   so it lands in the calling instruction (and the right inlined scope).
+//!
+//! Hostile binaries (corrupt, truncated, huge, deleted, changed on disk) and
+//! slow ones never stop a drain for long: each window has a time budget
+//! ([`SymbolizeLimits::budget`]) checked between blazesym calls, which are
+//! cut into chunks of [`CHUNK`] addresses; once it is spent the remaining
+//! frames keep their `module+0xOFFSET` name for this window (they are looked
+//! up again in the next one). DWARF of binaries over
+//! [`SymbolizeLimits::max_dwarf_bytes`] is not read (names then come from
+//! the ELF symbol table), a binary blazesym cannot read is not retried, and
+//! a panic inside blazesym is caught. Each of these is counted in
+//! [`SymbolizerCounters`].
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use blazesym::symbolize::{
@@ -31,6 +47,8 @@ pub const INLINED_SUFFIX: &str = "_[i]";
 
 /// Turns stacks into frame names.
 pub trait Symbolize {
+    /// Called before the stacks of each drain window: starts its time budget.
+    fn start_window(&mut self) {}
     /// Names of a user stack of process `pid`, given leaf first as sampled;
     /// returned root first, inlined frames expanded.
     fn user_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<String>;
@@ -96,17 +114,113 @@ fn names_of(result: &Symbolized<'_>) -> Option<Vec<String>> {
     }
 }
 
-/// Counters of the symbolizer's work.
+/// Default time one drain window may spend naming frames: a fifth of the
+/// default 10 s drain interval, so a slow window still leaves the drain
+/// loop most of its interval (and the next drain starts on time).
+pub const DEFAULT_SYMBOLIZE_BUDGET: Duration = Duration::from_secs(2);
+/// Default size above which a binary's DWARF is not read.
+pub const DEFAULT_MAX_DWARF_BYTES: u64 = 512 << 20;
+/// Addresses per blazesym call; the window's budget is checked between calls.
+pub const CHUNK: usize = 256;
+
+/// Bounds on the time and work spent naming frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolizeLimits {
+    /// Time each window may spend in symbolization. Once spent, frames not
+    /// yet named keep their `module+0xOFFSET` name for that window. Zero:
+    /// no user frame is looked up.
+    pub budget: Duration,
+    /// Binaries larger than this (bytes) are named from ELF symbols only:
+    /// no DWARF, so no inlined frames.
+    pub max_dwarf_bytes: u64,
+}
+
+impl Default for SymbolizeLimits {
+    fn default() -> Self {
+        Self {
+            budget: DEFAULT_SYMBOLIZE_BUDGET,
+            max_dwarf_bytes: DEFAULT_MAX_DWARF_BYTES,
+        }
+    }
+}
+
+/// The symbolizer's counters, readable while it runs (e.g. by `/metrics`)
+/// through [`BlazeSymbolizer::counters`].
+#[derive(Debug, Default)]
+pub struct SymbolizerCounters {
+    /// Addresses answered from the cache.
+    pub cache_hits: AtomicU64,
+    /// Addresses looked up with blazesym.
+    pub lookups: AtomicU64,
+    /// Frames shown as `module+0xOFFSET` or `[unknown]`, for any reason.
+    pub unnamed_frames: AtomicU64,
+    /// Times the cache was emptied to stay within its bound.
+    pub cache_resets: AtomicU64,
+    /// Windows whose time budget ran out before every frame was named.
+    pub windows_over_budget: AtomicU64,
+    /// Frames left as `module+0xOFFSET` because the window's budget was spent.
+    pub frames_over_budget: AtomicU64,
+    /// Binaries named without DWARF because they exceed `max_dwarf_bytes`.
+    pub dwarf_skipped_large: AtomicU64,
+    /// Binaries blazesym could not read (corrupt or truncated ELF, changed
+    /// on disk): their frames are `module+0xOFFSET`, and they are not retried.
+    pub binaries_unreadable: AtomicU64,
+    /// Panics inside blazesym, caught; the binary is then treated as unreadable.
+    pub panics: AtomicU64,
+}
+
+impl SymbolizerCounters {
+    fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> SymbolizerStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SymbolizerStats {
+            cache_hits: load(&self.cache_hits),
+            lookups: load(&self.lookups),
+            unnamed_frames: load(&self.unnamed_frames),
+            cache_resets: load(&self.cache_resets),
+            windows_over_budget: load(&self.windows_over_budget),
+            frames_over_budget: load(&self.frames_over_budget),
+            dwarf_skipped_large: load(&self.dwarf_skipped_large),
+            binaries_unreadable: load(&self.binaries_unreadable),
+            panics: load(&self.panics),
+        }
+    }
+}
+
+/// Counters of the symbolizer's work (a copy of [`SymbolizerCounters`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SymbolizerStats {
-    /// Addresses answered from the cache.
     pub cache_hits: u64,
-    /// Addresses looked up with blazesym.
     pub lookups: u64,
-    /// Frames shown as `module+0xOFFSET`.
     pub unnamed_frames: u64,
-    /// Times the cache was emptied to stay within its bound.
     pub cache_resets: u64,
+    pub windows_over_budget: u64,
+    pub frames_over_budget: u64,
+    pub dwarf_skipped_large: u64,
+    pub binaries_unreadable: u64,
+    pub panics: u64,
+}
+
+/// Runs `f`, turning a panic into `None`.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    catch_unwind(AssertUnwindSafe(f)).ok()
+}
+
+fn new_blazesym() -> Symbolizer {
+    Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        // blazesym caches parsed files by path; our paths are fd numbers,
+        // reused once a binary is closed. Reloading checks the file's
+        // identity (a stat, on our cache misses only); a file changed on
+        // disk is parsed again rather than read through a stale mapping.
+        .enable_auto_reload(true)
+        .build()
 }
 
 /// The real symbolizer: blazesym over the process cache's open binaries.
@@ -119,32 +233,77 @@ pub struct BlazeSymbolizer {
     processes: Arc<Mutex<ProcessCache>>,
     user_cache: HashMap<(BinaryKey, u64), Arc<[String]>>,
     kernel_cache: HashMap<u64, Arc<[String]>>,
+    /// Binaries blazesym failed on: not looked up again while open.
+    unreadable: HashSet<BinaryKey>,
+    /// Binaries over `max_dwarf_bytes`: named from ELF symbols only.
+    no_dwarf: HashSet<BinaryKey>,
     max_cached: usize,
-    stats: SymbolizerStats,
+    limits: SymbolizeLimits,
+    counters: Arc<SymbolizerCounters>,
+    clock: Box<dyn Fn() -> Instant + Send>,
+    /// Start of the current window; `None` before the first window (no budget).
+    window_start: Option<Instant>,
+    /// The current window already ran out of budget (counted once).
+    window_over: bool,
 }
 
 impl BlazeSymbolizer {
+    /// A symbolizer with the default limits.
     pub fn new(processes: Arc<Mutex<ProcessCache>>) -> Self {
+        Self::with_limits(processes, SymbolizeLimits::default())
+    }
+
+    pub fn with_limits(processes: Arc<Mutex<ProcessCache>>, limits: SymbolizeLimits) -> Self {
         Self {
-            symbolizer: Symbolizer::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(true)
-                // blazesym caches parsed files by path; our paths are fd
-                // numbers, reused once a binary is closed. Reloading checks
-                // the file's identity (a stat, on our cache misses only).
-                .enable_auto_reload(true)
-                .build(),
+            symbolizer: new_blazesym(),
             processes,
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
+            unreadable: HashSet::new(),
+            no_dwarf: HashSet::new(),
             max_cached: 1 << 18,
-            stats: SymbolizerStats::default(),
+            limits,
+            counters: Arc::default(),
+            clock: Box::new(Instant::now),
+            window_start: None,
+            window_over: false,
         }
     }
 
-    pub fn stats(&self) -> &SymbolizerStats {
-        &self.stats
+    /// Replaces the clock the budget is measured with (for tests).
+    pub fn with_clock(mut self, clock: impl Fn() -> Instant + Send + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    /// Counts into `counters` (e.g. created up front for `/metrics`).
+    pub fn with_counters(mut self, counters: Arc<SymbolizerCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> SymbolizerStats {
+        self.counters.snapshot()
+    }
+
+    /// The live counters, shared (for `/metrics`).
+    pub fn counters(&self) -> Arc<SymbolizerCounters> {
+        self.counters.clone()
+    }
+
+    /// Whether the current window's budget is spent (counting the window the
+    /// first time). Outside a window there is no budget.
+    fn over_budget(&mut self) -> bool {
+        let Some(start) = self.window_start else {
+            return false;
+        };
+        let over = (self.clock)().saturating_duration_since(start) >= self.limits.budget;
+        if over && !self.window_over {
+            self.window_over = true;
+            SymbolizerCounters::bump(&self.counters.windows_over_budget, 1);
+        }
+        over
     }
 
     /// Forgets closed binaries: blazesym's parsed file (its path, an fd
@@ -158,19 +317,23 @@ impl BlazeSymbolizer {
                 .symbolizer
                 .evict(&evict::Evict::Elf(evict::Elf::new(path)));
         }
-        let keys: std::collections::HashSet<BinaryKey> = closed.iter().map(|(k, _)| *k).collect();
+        let keys: HashSet<BinaryKey> = closed.iter().map(|(k, _)| *k).collect();
         self.user_cache.retain(|(key, _), _| !keys.contains(key));
+        self.unreadable.retain(|key| !keys.contains(key));
+        self.no_dwarf.retain(|key| !keys.contains(key));
     }
 
     fn keep_bounded(&mut self) {
         if self.user_cache.len() + self.kernel_cache.len() > self.max_cached {
             self.user_cache.clear();
             self.kernel_cache.clear();
-            self.stats.cache_resets += 1;
+            SymbolizerCounters::bump(&self.counters.cache_resets, 1);
         }
     }
 
-    /// Symbolizes file offsets of one binary, filling the cache.
+    /// Symbolizes file offsets of one binary, filling the cache, a chunk at
+    /// a time until the window's budget is spent: offsets left out are not
+    /// cached, so the caller names them `module+0xOFFSET` for this window.
     fn symbolize_binary(
         &mut self,
         key: BinaryKey,
@@ -178,18 +341,58 @@ impl BlazeSymbolizer {
         module: &str,
         offsets: &[u64],
     ) {
-        self.stats.lookups += offsets.len() as u64;
-        let src = Source::Elf(Elf::new(path));
-        let results = self
-            .symbolizer
-            .symbolize(&src, Input::FileOffset(offsets))
-            .unwrap_or_default();
-        for (i, offset) in offsets.iter().enumerate() {
-            let names = results
-                .get(i)
-                .and_then(names_of)
-                .unwrap_or_else(|| vec![unknown_frame(module, *offset)]);
-            self.user_cache.insert((key, *offset), names.into());
+        let mut elf = Elf::new(path);
+        if !self.no_dwarf.contains(&key)
+            && !self.unreadable.contains(&key)
+            && std::fs::metadata(path).is_ok_and(|m| m.len() > self.limits.max_dwarf_bytes)
+        {
+            self.no_dwarf.insert(key);
+            SymbolizerCounters::bump(&self.counters.dwarf_skipped_large, 1);
+        }
+        elf.debug_syms = !self.no_dwarf.contains(&key);
+        let src = Source::Elf(elf);
+        for chunk in offsets.chunks(CHUNK) {
+            if self.unreadable.contains(&key) {
+                // Named `module+0xOFFSET` without asking blazesym again.
+                for offset in chunk {
+                    let names = vec![unknown_frame(module, *offset)];
+                    self.user_cache.insert((key, *offset), names.into());
+                }
+                continue;
+            }
+            if self.over_budget() {
+                return;
+            }
+            SymbolizerCounters::bump(&self.counters.lookups, chunk.len() as u64);
+            let symbolizer = &self.symbolizer;
+            let results = match guarded(|| symbolizer.symbolize(&src, Input::FileOffset(chunk))) {
+                Some(Ok(results)) => results,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, module, "binary not symbolizable");
+                    self.unreadable.insert(key);
+                    SymbolizerCounters::bump(&self.counters.binaries_unreadable, 1);
+                    Vec::new()
+                }
+                None => {
+                    tracing::warn!(
+                        module,
+                        "blazesym panicked; the binary's frames stay unnamed"
+                    );
+                    // Its caches may be half-updated: start from a fresh one.
+                    self.symbolizer = new_blazesym();
+                    self.unreadable.insert(key);
+                    SymbolizerCounters::bump(&self.counters.panics, 1);
+                    SymbolizerCounters::bump(&self.counters.binaries_unreadable, 1);
+                    Vec::new()
+                }
+            };
+            for (i, offset) in chunk.iter().enumerate() {
+                let names = results
+                    .get(i)
+                    .and_then(names_of)
+                    .unwrap_or_else(|| vec![unknown_frame(module, *offset)]);
+                self.user_cache.insert((key, *offset), names.into());
+            }
         }
     }
 }
@@ -222,7 +425,7 @@ impl Symbolize for BlazeSymbolizer {
                         entry.1.push(*file_offset);
                     }
                 } else {
-                    self.stats.cache_hits += 1;
+                    SymbolizerCounters::bump(&self.counters.cache_hits, 1);
                 }
             }
         }
@@ -230,30 +433,45 @@ impl Symbolize for BlazeSymbolizer {
             self.symbolize_binary(key, &binary.symbol_path, &binary.module_name(), &offsets);
         }
 
+        let (mut unnamed, mut over_budget) = (0, 0);
         let mut frames = Vec::new();
         for location in locations.iter().rev() {
             match location {
                 Location::Binary {
                     binary,
                     file_offset,
-                } => {
-                    let names = &self.user_cache[&(binary.key, *file_offset)];
-                    if names.len() == 1 && names[0].contains("+0x") {
-                        self.stats.unnamed_frames += 1;
+                } => match self.user_cache.get(&(binary.key, *file_offset)) {
+                    Some(names) => {
+                        if names.len() == 1 && names[0].contains("+0x") {
+                            unnamed += 1;
+                        }
+                        frames.extend(names.iter().cloned());
                     }
-                    frames.extend(names.iter().cloned());
-                }
+                    // Not looked up: the window's budget was spent.
+                    None => {
+                        unnamed += 1;
+                        over_budget += 1;
+                        frames.push(unknown_frame(&binary.module_name(), *file_offset));
+                    }
+                },
                 Location::Module { name, offset } => {
-                    self.stats.unnamed_frames += 1;
+                    unnamed += 1;
                     frames.push(unknown_frame(name, *offset));
                 }
                 Location::Unknown => {
-                    self.stats.unnamed_frames += 1;
+                    unnamed += 1;
                     frames.push(UNKNOWN_FRAME.to_string());
                 }
             }
         }
+        SymbolizerCounters::bump(&self.counters.unnamed_frames, unnamed);
+        SymbolizerCounters::bump(&self.counters.frames_over_budget, over_budget);
         frames
+    }
+
+    fn start_window(&mut self) {
+        self.window_start = Some((self.clock)());
+        self.window_over = false;
     }
 
     fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String> {
@@ -268,21 +486,33 @@ impl Symbolize for BlazeSymbolizer {
             .copied()
             .filter(|a| !self.kernel_cache.contains_key(a))
             .collect();
-        self.stats.cache_hits += (addrs.len() - misses.len()) as u64;
+        SymbolizerCounters::bump(
+            &self.counters.cache_hits,
+            (addrs.len() - misses.len()) as u64,
+        );
         misses.sort_unstable();
         misses.dedup();
+        // Not cut by the budget: kallsyms is parsed once per run and then
+        // searched in memory, so these calls stay short (their time still
+        // counts against the window's budget).
         if !misses.is_empty() {
-            self.stats.lookups += misses.len() as u64;
+            SymbolizerCounters::bump(&self.counters.lookups, misses.len() as u64);
             let src = Source::Kernel(Kernel {
                 // kallsyms is always there; a vmlinux search costs time and
                 // rarely finds anything on production hosts.
                 vmlinux: blazesym::MaybeDefault::None,
                 ..Kernel::default()
             });
-            let results = self
-                .symbolizer
-                .symbolize(&src, Input::AbsAddr(&misses))
-                .unwrap_or_default();
+            let symbolizer = &self.symbolizer;
+            let results = match guarded(|| symbolizer.symbolize(&src, Input::AbsAddr(&misses))) {
+                Some(results) => results.unwrap_or_default(),
+                None => {
+                    tracing::warn!("blazesym panicked on kernel addresses");
+                    self.symbolizer = new_blazesym();
+                    SymbolizerCounters::bump(&self.counters.panics, 1);
+                    Vec::new()
+                }
+            };
             for (i, addr) in misses.iter().enumerate() {
                 let names: Vec<String> = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => vec![kernel_frame(&sym.name)],
@@ -389,5 +619,158 @@ mod tests {
         let frames = sym.user_stack(pid, &[0x10]);
         assert_eq!(frames, vec!["[unknown]"]);
         assert_eq!(sym.stats().unnamed_frames, 1);
+    }
+
+    #[inline(never)]
+    fn another_function_to_find(x: u64) -> u64 {
+        std::hint::black_box(x.wrapping_add(17).rotate_right(3))
+    }
+
+    /// This process, observed, and the module name and file offset of `addr`.
+    fn own_process(addr: u64) -> (Arc<Mutex<ProcessCache>>, u32, String) {
+        let processes = Arc::new(Mutex::new(ProcessCache::default()));
+        let pid = std::process::id();
+        assert!(processes.lock().unwrap().observe(pid));
+        let fallback = match processes.lock().unwrap().locate(pid, addr) {
+            Location::Binary {
+                binary,
+                file_offset,
+            } => unknown_frame(&binary.module_name(), file_offset),
+            other => panic!("expected a binary, got {other:?}"),
+        };
+        (processes, pid, fallback)
+    }
+
+    /// A clock the test moves by hand.
+    fn manual_clock() -> (Arc<Mutex<Instant>>, impl Fn() -> Instant + Send + 'static) {
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let read = now.clone();
+        (now, move || *read.lock().unwrap())
+    }
+
+    #[test]
+    fn zero_budget_keeps_every_frame_as_module_offset_and_counts_it() {
+        let addr = a_function_to_find as *const () as u64;
+        std::hint::black_box(a_function_to_find(1));
+        let (processes, pid, fallback) = own_process(addr);
+        let limits = SymbolizeLimits {
+            budget: Duration::ZERO,
+            ..SymbolizeLimits::default()
+        };
+        let mut sym = BlazeSymbolizer::with_limits(processes, limits);
+        let window = crate::drain::RawWindow {
+            samples: vec![
+                crate::drain::RawSample {
+                    tgid: pid,
+                    comm: "me".into(),
+                    user: vec![addr, addr],
+                    kernel: vec![],
+                    count: 3,
+                },
+                crate::drain::RawSample {
+                    tgid: pid,
+                    comm: "me".into(),
+                    user: vec![addr],
+                    kernel: vec![],
+                    count: 2,
+                },
+            ],
+            ..Default::default()
+        };
+        let samples = crate::fold::symbolize_window(&window, &mut sym);
+        // The window is produced, every frame kept, none named.
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples.iter().map(|s| s.count).sum::<u64>(), 5);
+        assert_eq!(samples[1].frames, vec![fallback.clone()]);
+        assert_eq!(samples[0].frames.len(), 2);
+        assert!(samples[0].frames.iter().all(|f| f.contains("+0x")));
+        let stats = sym.stats();
+        assert_eq!(stats.lookups, 0, "nothing looked up with a zero budget");
+        assert_eq!(stats.windows_over_budget, 1);
+        assert_eq!(stats.frames_over_budget, 3);
+        assert_eq!(stats.unnamed_frames, 3);
+
+        crate::fold::symbolize_window(&window, &mut sym);
+        assert_eq!(
+            sym.stats().windows_over_budget,
+            2,
+            "counted once per window"
+        );
+        assert_eq!(sym.stats().frames_over_budget, 6);
+    }
+
+    #[test]
+    fn spent_budget_cuts_the_rest_of_the_window_only() {
+        let first = a_function_to_find as *const () as u64;
+        let second = another_function_to_find as *const () as u64;
+        std::hint::black_box((a_function_to_find(1), another_function_to_find(2)));
+        let (processes, pid, _) = own_process(first);
+        let second_fallback = own_process(second).2;
+        let (now, clock) = manual_clock();
+        let limits = SymbolizeLimits {
+            budget: Duration::from_secs(2),
+            ..SymbolizeLimits::default()
+        };
+        let mut sym = BlazeSymbolizer::with_limits(processes, limits).with_clock(clock);
+        let advance = |secs| *now.lock().unwrap() += Duration::from_secs(secs);
+
+        sym.start_window();
+        let named = sym.user_stack(pid, &[first]);
+        assert!(named[0].contains("a_function_to_find"), "{named:?}");
+        advance(3);
+        // Budget spent: a new address stays unnamed, a cached one is still named.
+        assert_eq!(
+            sym.user_stack(pid, &[second]),
+            vec![second_fallback.clone()]
+        );
+        assert_eq!(sym.user_stack(pid, &[first]), named);
+        let stats = sym.stats();
+        assert_eq!(
+            (stats.windows_over_budget, stats.frames_over_budget),
+            (1, 1)
+        );
+
+        // The next window has a fresh budget, and the frame cut before is named.
+        sym.start_window();
+        advance(1);
+        let frames = sym.user_stack(pid, &[second]);
+        assert!(frames[0].contains("another_function_to_find"), "{frames:?}");
+        let stats = sym.stats();
+        assert_eq!(
+            (stats.windows_over_budget, stats.frames_over_budget),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn no_budget_outside_a_window() {
+        let addr = a_function_to_find as *const () as u64;
+        let (processes, pid, _) = own_process(addr);
+        let limits = SymbolizeLimits {
+            budget: Duration::ZERO,
+            ..SymbolizeLimits::default()
+        };
+        let mut sym = BlazeSymbolizer::with_limits(processes, limits);
+        let frames = sym.user_stack(pid, &[addr]);
+        assert!(frames[0].contains("a_function_to_find"), "{frames:?}");
+        assert_eq!(sym.stats().windows_over_budget, 0);
+    }
+
+    #[test]
+    fn a_panic_is_caught() {
+        assert_eq!(guarded(|| 7), Some(7));
+        assert_eq!(guarded(|| -> u32 { panic!("boom") }), None);
+    }
+
+    #[test]
+    fn shared_counters_are_live() {
+        let counters = Arc::new(SymbolizerCounters::default());
+        let addr = a_function_to_find as *const () as u64;
+        let (processes, pid, _) = own_process(addr);
+        let mut sym = BlazeSymbolizer::new(processes).with_counters(counters.clone());
+        sym.user_stack(pid, &[addr, 0x10]);
+        assert_eq!(counters.lookups.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.unnamed_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(sym.stats(), counters.snapshot());
     }
 }
