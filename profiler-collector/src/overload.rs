@@ -211,6 +211,39 @@ mod tests {
         }
     }
 
+    /// With one slot busy, a second batch waits briefly, then is answered
+    /// `RESOURCE_EXHAUSTED` with the hint, without reaching the service.
+    #[tokio::test]
+    async fn a_full_house_pushes_back() {
+        use tower::{Layer, Service, ServiceExt};
+        let metrics = Arc::new(Metrics::default());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let slow = tower::service_fn(move |_: http::Request<()>| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            }
+        });
+        let mut shed = ShedLayer::new(1, metrics.clone()).layer(slow);
+        let first = shed.ready().await.unwrap().call(http::Request::new(()));
+        let first = tokio::spawn(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = shed
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(second.headers()["grpc-status"], "8");
+        assert_eq!(second.headers()[RETRY_AFTER_MS], "1000");
+        assert_eq!(metrics.rejected("overloaded"), 1);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    }
+
     #[test]
     fn the_hint_is_in_the_metadata() {
         let status = push_back("slow down".into(), Duration::from_millis(1500));

@@ -349,3 +349,52 @@ async fn restart_keeps_acknowledged_batches_and_dedups_resends() {
     assert_eq!(total(&c).await, 8);
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_agent_over_its_rate_limit_is_pushed_back_with_a_retry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = server::start(CollectorConfig {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        store: StoreLocation::Sqlite(dir.path().join("p.db")),
+        agent_rate_limit: 1.0,
+        agent_rate_burst: 2,
+        ..CollectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut client = client(&c).await;
+    for seq in 1..=2 {
+        client.push_batch(batch(seq)).await.unwrap();
+    }
+    let pushed_back = client.push_batch(batch(3)).await.unwrap_err();
+    assert_eq!(pushed_back.code(), Code::ResourceExhausted);
+    assert!(
+        pushed_back.message().contains("rate limit"),
+        "{}",
+        pushed_back.message()
+    );
+    let hint: u64 = pushed_back
+        .metadata()
+        .get("retry-after-ms")
+        .expect("a retry hint")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&hint), "{hint} ms");
+    // Another agent has its own allowance.
+    let mut other = batch(1);
+    other.agent_id = "agent-b".into();
+    client.push_batch(other).await.unwrap();
+    // After the hinted wait the batch goes through.
+    tokio::time::sleep(Duration::from_millis(hint + 50)).await;
+    client.push_batch(batch(3)).await.unwrap();
+    assert_eq!(total(&c).await, 4 * 4);
+    let metrics = text(&c, "/metrics").await;
+    assert!(
+        metrics.contains("profiler_batches_rejected_total{reason=\"rate_limited\"} 1"),
+        "{metrics}"
+    );
+    c.shutdown().await.unwrap();
+}
