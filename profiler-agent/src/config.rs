@@ -102,6 +102,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Parses a size in MiB, fractions allowed (`0.25` is 256 KiB), to bytes.
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let mib: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if !mib.is_finite() || mib <= 0.0 || mib > (1u64 << 24) as f64 {
+        return Err(format!(
+            "{s} MiB is out of range (more than 0, at most 16 TiB)"
+        ));
+    }
+    Ok(((mib * (1u64 << 20) as f64) as u64).max(1))
+}
+
 /// Everything `record` needs.
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -123,6 +136,10 @@ pub struct RecordOptions {
     /// Drop the capabilities no longer needed once attached (the agent
     /// binary does; tests that load the program again in-process do not).
     pub drop_capabilities: bool,
+    /// Serve the agent's metrics (Prometheus text) at `/metrics` here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// RSS ceiling: near it the memory watchdog sheds memory (`run` mode).
+    pub memory_limit_bytes: Option<u64>,
     /// Time budget per window and DWARF size limit of the symbolizer.
     pub symbolize: crate::symbolize::SymbolizeLimits,
 }
@@ -139,6 +156,8 @@ impl Default for RecordOptions {
             export: None,
             kube: None,
             drop_capabilities: false,
+            metrics_listen: None,
+            memory_limit_bytes: None,
             symbolize: crate::symbolize::SymbolizeLimits::default(),
         }
     }
@@ -169,6 +188,16 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes_in_mib_parse() {
+        assert_eq!(parse_mib("64"), Ok(64 << 20));
+        assert_eq!(parse_mib("0.25"), Ok(256 << 10));
+        assert!(parse_mib("0").is_err());
+        assert!(parse_mib("-1").is_err());
+        assert!(parse_mib("lots").is_err());
+        assert!(parse_mib("inf").is_err());
     }
 
     #[test]

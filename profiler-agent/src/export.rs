@@ -65,6 +65,40 @@ pub struct ExportStats {
     pub largest_batch_wire_bytes: AtomicU64,
     /// The spill directory's counters.
     pub spill: SpillStats,
+    /// Encoded bytes (before compression) of the batches queued.
+    pub bytes_queued: AtomicU64,
+    /// Encoded bytes of the batches acknowledged.
+    pub bytes_acked: AtomicU64,
+    /// Samples in the batches queued.
+    pub samples_queued: AtomicU64,
+    /// Batches waiting in memory now, and their encoded bytes (gauges).
+    pub queue_batches: AtomicU64,
+    pub queue_bytes: AtomicU64,
+    /// 1 while the last send reached the collector, 0 after a failure.
+    pub collector_up: AtomicU64,
+    /// Batches the memory watchdog moved from memory to the spill directory.
+    pub parked_memory_limit: AtomicU64,
+    /// Batches the memory watchdog dropped (no spill directory).
+    pub dropped_memory_limit: AtomicU64,
+    /// Samples in the batches dropped, by reason (see [`Self::drops`]).
+    pub samples_dropped_queue_full: AtomicU64,
+    pub samples_dropped_rejected: AtomicU64,
+    pub samples_dropped_at_exit: AtomicU64,
+    pub samples_dropped_memory_limit: AtomicU64,
+}
+
+/// Batches (and the samples in them) dropped for one reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropCount {
+    pub reason: &'static str,
+    pub batches: u64,
+    /// Unknown (0) for corrupt spill records.
+    pub samples: u64,
+}
+
+/// Samples in a batch.
+pub fn batch_samples(batch: &Batch) -> u64 {
+    batch.samples.iter().map(|s| s.count.max(0) as u64).sum()
 }
 
 impl ExportStats {
@@ -72,23 +106,83 @@ impl ExportStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Batch drops by reason, the non-zero ones.
-    pub fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
+    /// Every drop reason with its batches and samples (zeros included):
+    /// the `reason` labels on `/metrics`.
+    pub fn drops(&self) -> [DropCount; 7] {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let d = |reason, batches: &AtomicU64, samples: Option<&AtomicU64>| DropCount {
+            reason,
+            batches: load(batches),
+            samples: samples.map_or(0, load),
+        };
+        let s = &self.spill;
         [
-            ("batches_dropped_queue_full", &self.dropped_queue_full),
-            ("batches_rejected_by_collector", &self.dropped_rejected),
-            ("batches_unsent_at_exit", &self.dropped_at_exit),
-            ("batches_dropped_spill_cap", &self.spill.dropped_cap),
-            ("batches_dropped_spill_corrupt", &self.spill.dropped_corrupt),
-            (
-                "batches_dropped_spill_write_error",
-                &self.spill.dropped_write_error,
+            d(
+                "queue_full",
+                &self.dropped_queue_full,
+                Some(&self.samples_dropped_queue_full),
+            ),
+            d(
+                "rejected_by_collector",
+                &self.dropped_rejected,
+                Some(&self.samples_dropped_rejected),
+            ),
+            d(
+                "unsent_at_exit",
+                &self.dropped_at_exit,
+                Some(&self.samples_dropped_at_exit),
+            ),
+            d(
+                "memory_limit",
+                &self.dropped_memory_limit,
+                Some(&self.samples_dropped_memory_limit),
+            ),
+            d("spill_cap", &s.dropped_cap, Some(&s.samples_dropped_cap)),
+            d("spill_corrupt", &s.dropped_corrupt, None),
+            d(
+                "spill_write_error",
+                &s.dropped_write_error,
+                Some(&s.samples_dropped_write_error),
             ),
         ]
-        .into_iter()
-        .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
+    }
+
+    /// Batch drops (`batches_dropped_REASON`) and the samples in them
+    /// (`samples_dropped_REASON`), the non-zero ones.
+    pub fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
+        let mut out = Vec::new();
+        for d in self.drops() {
+            let (batches, samples) = match d.reason {
+                "queue_full" => ("batches_dropped_queue_full", "samples_dropped_queue_full"),
+                "rejected_by_collector" => (
+                    "batches_rejected_by_collector",
+                    "samples_rejected_by_collector",
+                ),
+                "unsent_at_exit" => ("batches_unsent_at_exit", "samples_unsent_at_exit"),
+                "memory_limit" => (
+                    "batches_dropped_memory_limit",
+                    "samples_dropped_memory_limit",
+                ),
+                "spill_cap" => ("batches_dropped_spill_cap", "samples_dropped_spill_cap"),
+                "spill_corrupt" => ("batches_dropped_spill_corrupt", ""),
+                _ => (
+                    "batches_dropped_spill_write_error",
+                    "samples_dropped_spill_write_error",
+                ),
+            };
+            if d.batches > 0 {
+                out.push((batches, d.batches));
+            }
+            if d.samples > 0 {
+                out.push((samples, d.samples));
+            }
+        }
+        out
+    }
+
+    /// Samples in all dropped batches.
+    pub fn samples_dropped(&self) -> u64 {
+        self.drops().iter().map(|d| d.samples).sum()
     }
 }
 
@@ -208,6 +302,9 @@ fn unix_nanos(t: SystemTime) -> i64 {
 enum Msg {
     Batch(Batch),
     Flush,
+    /// From the memory watchdog: empty the memory queue (to the spill
+    /// directory, or drop its oldest half); answered when done.
+    Shed(std::sync::mpsc::SyncSender<()>),
 }
 
 /// The sending side: a thread with a small runtime that owns the queue.
@@ -328,8 +425,24 @@ impl Exporter {
             }
         }
         ExportStats::bump(&self.stats.batches_queued);
+        self.stats
+            .bytes_queued
+            .fetch_add(size as u64, Ordering::Relaxed);
+        self.stats
+            .samples_queued
+            .fetch_add(batch_samples(&batch), Ordering::Relaxed);
         let _ = self.tx.send(Msg::Batch(batch));
         size
+    }
+
+    /// Asks the sender to empty its memory queue (the memory watchdog's
+    /// first step) and waits at most `wait` for it to be done; a sender
+    /// busy with a send does it right after.
+    pub fn park_queue(&self, wait: Duration) {
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Shed(done)).is_ok() {
+            let _ = answer.recv_timeout(wait);
+        }
     }
 
     /// Waits (at most the flush timeout) for every queued batch to be
@@ -382,9 +495,35 @@ struct Queue {
     bytes: usize,
     limit: usize,
     spill: Option<Spill>,
+    /// Batches have overflowed memory since the queue was last empty (logs
+    /// say so once, not for every batch).
+    overflowing: bool,
 }
 
 impl Queue {
+    fn new(limit: usize, spill: Option<Spill>) -> Self {
+        Self {
+            batches: VecDeque::new(),
+            bytes: 0,
+            limit,
+            spill,
+            overflowing: false,
+        }
+    }
+
+    /// Updates the queue gauges.
+    fn publish(&self, stats: &ExportStats) {
+        stats
+            .queue_batches
+            .store(self.batches.len() as u64, Ordering::Relaxed);
+        stats
+            .queue_bytes
+            .store(self.bytes as u64, Ordering::Relaxed);
+        if let Some(spill) = &self.spill {
+            spill.publish(&stats.spill);
+        }
+    }
+
     fn push(&mut self, batch: Batch, stats: &ExportStats) {
         let size = batch.encoded_len();
         self.batches.push_back((batch, size));
@@ -400,16 +539,75 @@ impl Queue {
     }
 
     fn overflow(&mut self, batch: Batch, stats: &ExportStats) {
+        if !self.overflowing {
+            self.overflowing = true;
+            match &self.spill {
+                Some(_) => tracing::warn!(
+                    limit_bytes = self.limit,
+                    "export queue full: the oldest batches go to the spill directory"
+                ),
+                None => tracing::warn!(
+                    limit_bytes = self.limit,
+                    "export queue full and no spill directory: the oldest batches are dropped"
+                ),
+            }
+        }
         match &mut self.spill {
             Some(spill) => spill.push(&batch, &stats.spill),
             None => {
                 ExportStats::bump(&stats.dropped_queue_full);
-                tracing::warn!(
+                stats
+                    .samples_dropped_queue_full
+                    .fetch_add(batch_samples(&batch), Ordering::Relaxed);
+                tracing::debug!(
                     sequence = batch.sequence,
                     "export queue full: dropped the oldest batch"
                 );
             }
         }
+    }
+
+    /// The memory watchdog's request: every batch in memory goes to the
+    /// spill directory; without one, the oldest half (in bytes) is dropped.
+    fn shed(&mut self, stats: &ExportStats) {
+        if self.spill.is_some() {
+            let parked = self.batches.len() as u64;
+            while let Some((batch, size)) = self.batches.pop_front() {
+                self.bytes -= size;
+                if let Some(spill) = &mut self.spill {
+                    spill.push(&batch, &stats.spill);
+                }
+            }
+            stats
+                .parked_memory_limit
+                .fetch_add(parked, Ordering::Relaxed);
+            tracing::info!(
+                batches = parked,
+                "memory limit: export queue parked on disk"
+            );
+            return;
+        }
+        let keep = self.bytes / 2;
+        let (mut batches, mut samples) = (0, 0);
+        while self.bytes > keep {
+            let Some((batch, size)) = self.batches.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+            batches += 1;
+            samples += batch_samples(&batch);
+        }
+        stats
+            .dropped_memory_limit
+            .fetch_add(batches, Ordering::Relaxed);
+        stats
+            .samples_dropped_memory_limit
+            .fetch_add(samples, Ordering::Relaxed);
+        tracing::warn!(
+            batches,
+            samples,
+            "memory limit: dropped the oldest half of the export queue"
+        );
     }
 
     fn is_empty(&self) -> bool {
@@ -435,19 +633,25 @@ impl Queue {
         } else if let Some((_, size)) = self.batches.pop_front() {
             self.bytes -= size;
         }
+        if self.overflowing && self.is_empty() {
+            self.overflowing = false;
+            tracing::info!("export queue drained: every waiting batch was delivered");
+        }
     }
 
     /// At exit: what memory holds goes to disk when there is a spill
-    /// directory (the next run sends it); returns what is lost.
-    fn park(&mut self, stats: &ExportStats) -> u64 {
+    /// directory (the next run sends it); returns what is lost (batches,
+    /// samples).
+    fn park(&mut self, stats: &ExportStats) -> (u64, u64) {
         if self.spill.is_none() {
-            return self.batches.len() as u64;
+            let samples = self.batches.iter().map(|(b, _)| batch_samples(b)).sum();
+            return (self.batches.len() as u64, samples);
         }
         while let Some((batch, size)) = self.batches.pop_front() {
             self.bytes -= size;
             self.overflow(batch, stats);
         }
-        0
+        (0, 0)
     }
 }
 
@@ -462,30 +666,40 @@ async fn upload_loop(
     let mut client = IngestClient::new(endpoint.connect_lazy())
         .send_compressed(CompressionEncoding::Zstd)
         .accept_compressed(CompressionEncoding::Zstd);
-    let mut queue = Queue {
-        batches: VecDeque::new(),
-        bytes: 0,
-        limit: queue_bytes,
-        spill,
-    };
+    let mut queue = Queue::new(queue_bytes, spill);
     let mut flush_deadline: Option<Instant> = None;
     let mut attempt = 0u32;
-    let accept = |msg: Option<Msg>, queue: &mut Queue, deadline: &mut Option<Instant>| match msg {
-        Some(Msg::Batch(b)) => queue.push(b, &stats),
-        Some(Msg::Flush) | None => {
-            deadline.get_or_insert_with(|| Instant::now() + flush_timeout);
+    // Since when the collector is unreachable, and how many sends failed:
+    // logged when the state changes, not at every retry.
+    let mut outage: Option<(Instant, u64)> = None;
+    let accept = |msg: Option<Msg>, queue: &mut Queue, deadline: &mut Option<Instant>| {
+        match msg {
+            Some(Msg::Batch(b)) => queue.push(b, &stats),
+            Some(Msg::Shed(done)) => {
+                queue.shed(&stats);
+                let _ = done.try_send(());
+            }
+            Some(Msg::Flush) | None => {
+                deadline.get_or_insert_with(|| Instant::now() + flush_timeout);
+            }
         }
+        queue.publish(&stats);
     };
     loop {
         while let Ok(msg) = rx.try_recv() {
             accept(Some(msg), &mut queue, &mut flush_deadline);
         }
         if flush_deadline.is_some_and(|d| Instant::now() >= d) {
-            let lost = queue.park(&stats);
+            let (lost, samples) = queue.park(&stats);
+            queue.publish(&stats);
             if lost > 0 {
                 stats.dropped_at_exit.fetch_add(lost, Ordering::Relaxed);
+                stats
+                    .samples_dropped_at_exit
+                    .fetch_add(samples, Ordering::Relaxed);
                 tracing::warn!(
                     batches = lost,
+                    samples,
                     "collector unreachable at exit: batches not delivered"
                 );
             } else if !queue.is_empty() {
@@ -503,11 +717,31 @@ async fn upload_loop(
             accept(msg, &mut queue, &mut flush_deadline);
             continue;
         };
-        match client.push_batch(batch).await {
+        let (size, samples) = (batch.encoded_len() as u64, batch_samples(&batch));
+        let result = client.push_batch(batch).await;
+        let reached = !matches!(&result, Err(status) if !is_rejection(status));
+        stats
+            .collector_up
+            .store(u64::from(reached), Ordering::Relaxed);
+        match (&mut outage, reached) {
+            (Some((since, failures)), true) => {
+                tracing::info!(
+                    failed_attempts = *failures,
+                    "collector reachable again after {:.1?}",
+                    since.elapsed()
+                );
+                outage = None;
+            }
+            (Some((_, failures)), false) => *failures += 1,
+            (None, false) => outage = Some((Instant::now(), 1)),
+            (None, true) => {}
+        }
+        match result {
             Ok(ack) => {
                 let ack = ack.into_inner();
                 attempt = 0;
                 ExportStats::bump(&stats.batches_acked);
+                stats.bytes_acked.fetch_add(size, Ordering::Relaxed);
                 if !ack.newly_stored {
                     ExportStats::bump(&stats.batches_duplicate);
                 }
@@ -515,21 +749,37 @@ async fn upload_loop(
                     .samples_acked
                     .fetch_add(ack.samples, Ordering::Relaxed);
                 queue.pop(spilled, &stats);
+                queue.publish(&stats);
             }
             Err(status) if is_rejection(&status) => {
                 ExportStats::bump(&stats.dropped_rejected);
-                tracing::error!("collector rejected a batch: {}", status.message());
+                stats
+                    .samples_dropped_rejected
+                    .fetch_add(samples, Ordering::Relaxed);
+                tracing::error!(samples, "collector rejected a batch: {}", status.message());
                 queue.pop(spilled, &stats);
+                queue.publish(&stats);
             }
             Err(status) => {
                 attempt += 1;
                 ExportStats::bump(&stats.send_failures);
                 let wait = backoff(attempt);
-                tracing::warn!(
-                    code = ?status.code(),
-                    "sending to the collector failed ({}); retrying in {wait:?}",
-                    status.message()
-                );
+                // The first failure of an outage is a warning; the retries
+                // are in the periodic summary and at debug level.
+                if attempt == 1 {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        "sending to the collector failed ({}); batches wait in the queue, retrying with backoff",
+                        status.message()
+                    );
+                } else {
+                    tracing::debug!(
+                        code = ?status.code(),
+                        attempt,
+                        "sending to the collector failed ({}); retrying in {wait:?}",
+                        status.message()
+                    );
+                }
                 let sleep = tokio::time::sleep(match flush_deadline {
                     Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
                     None => wait,
@@ -603,12 +853,7 @@ mod tests {
     fn queue_drops_oldest_when_full() {
         let stats = ExportStats::default();
         let one = batch(1).encoded_len();
-        let mut q = Queue {
-            batches: VecDeque::new(),
-            bytes: 0,
-            limit: one * 2,
-            spill: None,
-        };
+        let mut q = Queue::new(one * 2, None);
         for seq in 1..=3 {
             q.push(batch(seq), &stats);
         }
@@ -623,7 +868,7 @@ mod tests {
         assert_eq!(q.bytes, one);
         assert_eq!(
             q.park(&stats),
-            1,
+            (1, 0),
             "without a spill directory the rest is lost at exit"
         );
     }
@@ -633,12 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stats = ExportStats::default();
         let one = batch(1).encoded_len();
-        let mut q = Queue {
-            batches: VecDeque::new(),
-            bytes: 0,
-            limit: one * 2,
-            spill: Some(Spill::open(dir.path(), 1 << 20).unwrap()),
-        };
+        let mut q = Queue::new(one * 2, Some(Spill::open(dir.path(), 1 << 20).unwrap()));
         for seq in 1..=5 {
             q.push(batch(seq), &stats);
         }
@@ -657,8 +897,73 @@ mod tests {
         assert_eq!(stats.spill.replayed.load(Ordering::Relaxed), 3);
         // At exit, what memory holds is parked on disk for the next run.
         q.push(batch(6), &stats);
-        assert_eq!(q.park(&stats), 0);
+        assert_eq!(q.park(&stats), (0, 0));
         assert_eq!(Spill::open(dir.path(), 1 << 20).unwrap().len(), 1);
+    }
+
+    /// A batch of `samples` samples in one entry.
+    fn batch_of(seq: u64, samples: i64) -> Batch {
+        Batch {
+            samples: vec![Sample {
+                label_set: 0,
+                stack: 0,
+                count: samples,
+            }],
+            ..batch(seq)
+        }
+    }
+
+    #[test]
+    fn dropped_samples_are_counted_by_reason() {
+        let stats = ExportStats::default();
+        let one = batch_of(1, 5).encoded_len();
+        let mut q = Queue::new(one * 2, None);
+        for seq in 1..=3 {
+            q.push(batch_of(seq, 5), &stats);
+        }
+        q.publish(&stats);
+        assert_eq!(stats.queue_batches.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.queue_bytes.load(Ordering::Relaxed), 2 * one as u64);
+        assert_eq!(
+            stats.nonzero_drops(),
+            vec![
+                ("batches_dropped_queue_full", 1),
+                ("samples_dropped_queue_full", 5)
+            ]
+        );
+        assert_eq!(q.park(&stats), (2, 10));
+        assert_eq!(stats.samples_dropped(), 5);
+    }
+
+    #[test]
+    fn shedding_parks_the_queue_or_drops_its_oldest_half() {
+        let stats = ExportStats::default();
+        let mut q = Queue::new(1 << 20, None);
+        for seq in 1..=4 {
+            q.push(batch_of(seq, 3), &stats);
+        }
+        q.shed(&stats);
+        let seqs: Vec<u64> = q.batches.iter().map(|(b, _)| b.sequence).collect();
+        assert_eq!(seqs, vec![3, 4], "the oldest half is dropped");
+        assert_eq!(stats.dropped_memory_limit.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.samples_dropped(), 6);
+
+        let dir = tempfile::tempdir().unwrap();
+        let stats = ExportStats::default();
+        let mut q = Queue::new(1 << 20, Some(Spill::open(dir.path(), 1 << 20).unwrap()));
+        for seq in 1..=4 {
+            q.push(batch_of(seq, 3), &stats);
+        }
+        q.shed(&stats);
+        assert!(q.batches.is_empty() && q.bytes == 0);
+        assert_eq!(stats.parked_memory_limit.load(Ordering::Relaxed), 4);
+        assert!(stats.nonzero_drops().is_empty());
+        let mut order = Vec::new();
+        while let Some((b, spilled)) = q.front(&stats) {
+            order.push((b.sequence, spilled));
+            q.pop(spilled, &stats);
+        }
+        assert_eq!(order, vec![(1, true), (2, true), (3, true), (4, true)]);
     }
 
     #[test]

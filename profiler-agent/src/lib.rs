@@ -10,6 +10,8 @@ pub mod error;
 pub mod export;
 pub mod fold;
 pub mod kube;
+pub mod memory;
+pub mod metrics;
 pub mod privileges;
 pub mod process;
 pub mod record;

@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `Run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Profile the whole host (or some processes) once and write a flame graph,
@@ -45,16 +47,26 @@ enum Command {
         /// Node name for the `node` label (default: the host name).
         #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
-        /// Bound of the queue of batches not yet acknowledged, in MiB.
-        #[arg(long, default_value_t = 16)]
-        queue_mib: usize,
+        /// Bound of the queue of batches not yet acknowledged, in MiB
+        /// (fractions allowed: 0.25 is 256 KiB).
+        #[arg(long = "queue-mib", default_value = "16", value_parser = config::parse_mib)]
+        queue_bytes: u64,
         /// Directory for batches that overflow the queue while the collector
         /// is unreachable (replayed oldest first, also after a restart).
         #[arg(long)]
         spill_dir: Option<PathBuf>,
-        /// Cap of the spill directory in MiB; past it the oldest batches are dropped.
-        #[arg(long, default_value_t = 256)]
-        spill_mib: u64,
+        /// Cap of the spill directory in MiB (fractions allowed); past it the
+        /// oldest batches are dropped.
+        #[arg(long = "spill-mib", default_value = "256", value_parser = config::parse_mib)]
+        spill_bytes: u64,
+        /// Serve the agent's metrics (Prometheus text) at http://ADDR/metrics,
+        /// e.g. 127.0.0.1:9464. Off by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// RSS ceiling in MiB: past 90 % of it the agent parks its queue on
+        /// disk, empties its symbolizer caches and trims its heap.
+        #[arg(long = "memory-limit-mib", default_value = "64", value_parser = config::parse_mib)]
+        memory_limit_bytes: u64,
         /// Kubernetes API server for pod labels (default: in-cluster, when
         /// KUBERNETES_SERVICE_HOST is set). Plain http:// is for tests.
         #[arg(long)]
@@ -125,6 +137,8 @@ impl SamplingArgs {
             export: None,
             kube: None,
             drop_capabilities: true,
+            metrics_listen: None,
+            memory_limit_bytes: None,
             symbolize: profiler_agent::symbolize::SymbolizeLimits {
                 budget: self.symbolize_budget,
                 max_dwarf_bytes: self.max_dwarf_mib.saturating_mul(1 << 20),
@@ -166,18 +180,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sampling,
             collector,
             node,
-            queue_mib,
+            queue_bytes,
             spill_dir,
-            spill_mib,
+            spill_bytes,
+            metrics_listen,
+            memory_limit_bytes,
             kube_api,
             no_kube,
             output,
             frequency,
         } => {
-            if !(1..=4096).contains(&queue_mib) {
-                anyhow::bail!("--queue-mib must be 1-4096, got {queue_mib}");
+            if queue_bytes > 4096 << 20 {
+                anyhow::bail!("--queue-mib must be at most 4096");
             }
             let mut options = sampling.options(frequency, output);
+            options.metrics_listen = metrics_listen;
+            options.memory_limit_bytes = Some(memory_limit_bytes);
             let node = node.unwrap_or_else(record::hostname);
             options.kube = match (no_kube, kube_api) {
                 (true, _) => None,
@@ -193,10 +211,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.export = Some(ExportOptions {
                 collector,
                 node,
-                queue_bytes: queue_mib << 20,
+                queue_bytes: queue_bytes as usize,
                 flush_timeout: Duration::from_secs(10),
                 spill_dir,
-                spill_bytes: spill_mib << 20,
+                spill_bytes,
             });
             options
         }

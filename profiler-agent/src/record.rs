@@ -17,6 +17,8 @@ use crate::{
     export::{BatchBuilder, ExportStats, Exporter},
     fold::{symbolize_window, FoldedProfile},
     kube::{PodCache, Watcher},
+    memory::{SelfWatchdog, Shedder},
+    metrics::{AgentMetrics, LogSummary, MetricsServer, ProcessGauges, SymbolizerCounter},
     process::{ProcessCache, ProcessStats},
     render::{write_svg, RenderInfo},
     sampler::Sampler,
@@ -120,8 +122,123 @@ pub struct Recorder {
     sampler: Sampler,
     exporter: Option<Exporter>,
     pods: Option<PodCache>,
+    metrics: Arc<AgentMetrics>,
+    metrics_server: Option<MetricsServer>,
     started: Instant,
     window_start: SystemTime,
+}
+
+/// What the memory watchdog acts on.
+struct AgentShedder<'a> {
+    exporter: Option<&'a Exporter>,
+    symbolizer: &'a mut BlazeSymbolizer,
+}
+
+impl Shedder for AgentShedder<'_> {
+    fn park_queue(&mut self) {
+        if let Some(exporter) = self.exporter {
+            exporter.park_queue(Duration::from_secs(2));
+        }
+    }
+
+    fn evict_symbolizer(&mut self) {
+        self.symbolizer.evict_caches();
+    }
+}
+
+/// The symbolizer's counters as `/metrics` shows them
+/// (`profiler_agent_symbolizer_NAME`).
+fn symbolizer_metrics(s: &SymbolizerStats) -> Vec<SymbolizerCounter> {
+    vec![
+        (
+            "lookups_total",
+            "Addresses looked up with blazesym.",
+            s.lookups,
+        ),
+        (
+            "cache_hits_total",
+            "Addresses named from the cache.",
+            s.cache_hits,
+        ),
+        (
+            "unnamed_frames_total",
+            "Frames shown as module+0xOFFSET or [unknown].",
+            s.unnamed_frames,
+        ),
+        (
+            "cache_resets_total",
+            "Times the name cache was emptied to stay within its bound.",
+            s.cache_resets,
+        ),
+        // The symbolization budget (symbolize.rs).
+        (
+            "windows_over_budget_total",
+            "Windows whose symbolization time budget ran out.",
+            s.windows_over_budget,
+        ),
+        (
+            "frames_over_budget_total",
+            "Frames left unnamed because the window's budget was spent.",
+            s.frames_over_budget,
+        ),
+        (
+            "dwarf_skipped_large_total",
+            "Binaries named without DWARF because of their size.",
+            s.dwarf_skipped_large,
+        ),
+        (
+            "binaries_unreadable_total",
+            "Binaries blazesym could not read.",
+            s.binaries_unreadable,
+        ),
+        ("panics_total", "Panics inside blazesym, caught.", s.panics),
+    ]
+}
+
+/// Once a window: publishes the figures `/metrics` shows and runs the
+/// memory watchdog.
+struct Monitor {
+    metrics: Arc<AgentMetrics>,
+    watchdog: Option<SelfWatchdog>,
+    summary: LogSummary,
+}
+
+impl Monitor {
+    fn window(
+        &mut self,
+        sampler: &Sampler,
+        processes: &Mutex<ProcessCache>,
+        symbolizer: &mut BlazeSymbolizer,
+        pods: Option<&PodCache>,
+        exporter: Option<&Exporter>,
+    ) {
+        match sampler.counters() {
+            Ok(counters) => self.metrics.set_kernel(counters),
+            Err(e) => tracing::debug!("reading the kernel counters: {e}"),
+        }
+        {
+            let cache = processes.lock().unwrap_or_else(|e| e.into_inner());
+            self.metrics.set_processes(ProcessGauges {
+                stats: cache.stats().clone(),
+                processes: cache.process_count() as u64,
+                binaries: cache.binary_count() as u64,
+            });
+        }
+        if let Some(pods) = pods {
+            self.metrics
+                .pods
+                .store(pods.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.check(&mut AgentShedder {
+                exporter,
+                symbolizer: &mut *symbolizer,
+            });
+        }
+        self.metrics
+            .set_symbolizer(symbolizer_metrics(&symbolizer.stats()));
+        self.summary.tick(&self.metrics);
+    }
 }
 
 /// Records until `options.duration` passes or `stop` is set (Ctrl-C), then
@@ -254,9 +371,17 @@ impl Recorder {
                 let kept = crate::privileges::drop_unneeded()?;
                 tracing::info!(kept = %kept.join(","), "loaded and attached: dropped every other capability");
             }
-            Ok((sampler, exporter, pods))
+            let metrics = Arc::new(AgentMetrics::new(
+                exporter.as_ref().map(|e| e.stats().clone()),
+                Arc::default(),
+            ));
+            let metrics_server = options
+                .metrics_listen
+                .map(|addr| MetricsServer::start(addr, metrics.clone()))
+                .transpose()?;
+            Ok((sampler, exporter, pods, metrics, metrics_server))
         })();
-        let (sampler, exporter, pods) = match started {
+        let (sampler, exporter, pods, metrics, metrics_server) = match started {
             Ok(s) => s,
             Err(e) => {
                 svg_out
@@ -274,9 +399,16 @@ impl Recorder {
             sampler,
             exporter,
             pods,
+            metrics,
+            metrics_server,
             started: Instant::now(),
             window_start: SystemTime::now(),
         })
+    }
+
+    /// The address `/metrics` is served on, if it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::addr)
     }
 
     /// Samples until the duration passes or `stop` is set, drains on the
@@ -290,9 +422,20 @@ impl Recorder {
             mut sampler,
             mut exporter,
             pods,
+            metrics,
+            metrics_server,
             started,
             mut window_start,
         } = self;
+        // Serves until the end of the run, final counters included.
+        let _metrics_server = metrics_server;
+        let mut monitor = Monitor {
+            watchdog: options
+                .memory_limit_bytes
+                .map(|limit| SelfWatchdog::for_self(limit, metrics.memory.clone())),
+            summary: LogSummary::new(crate::metrics::SUMMARY_INTERVAL, &metrics),
+            metrics: metrics.clone(),
+        };
         let mut symbolizer =
             BlazeSymbolizer::with_limits(processes.clone(), options.symbolize.clone());
         let mut profile = FoldedProfile::default();
@@ -318,6 +461,11 @@ impl Recorder {
                 tracing::debug!(samples = window.total(), "drained a window");
                 let window_end = SystemTime::now();
                 samples += window.total();
+                metrics.add_window(
+                    window.total(),
+                    window.missing_stacks,
+                    window.truncated_stacks,
+                );
                 Sinks {
                     processes: &processes,
                     symbolizer: &mut symbolizer,
@@ -331,6 +479,13 @@ impl Recorder {
                 let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
                 symbolizer.forget_binaries(&swept.binaries);
                 sampler.forget_pids(&swept.pids);
+                monitor.window(
+                    &sampler,
+                    &processes,
+                    &mut symbolizer,
+                    pods.as_ref(),
+                    exporter.as_ref(),
+                );
                 next_drain += options.drain_interval;
             }
             if progress && now >= next_progress {
@@ -364,6 +519,11 @@ impl Recorder {
         missing_stacks += window.missing_stacks;
         truncated_stacks += window.truncated_stacks;
         samples += window.total();
+        metrics.add_window(
+            window.total(),
+            window.missing_stacks,
+            window.truncated_stacks,
+        );
         Sinks {
             processes: &processes,
             symbolizer: &mut symbolizer,
@@ -377,6 +537,7 @@ impl Recorder {
             exporter.finish();
         }
         let counters = sampler.counters()?;
+        metrics.set_kernel(counters.clone());
         let program_info = sampler.program_info();
         let cpus = sampler.attached_cpus();
         drop(sampler);

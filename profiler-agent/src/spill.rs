@@ -7,6 +7,9 @@
 //! renamed, so a crash leaves whole records or none. A record that fails its
 //! checksum is deleted and counted, and the rest replays. Files left by an
 //! earlier run are replayed too (the collector de-duplicates re-sends).
+//!
+//! Memory stays small whatever the outage: the index holds 24 bytes a
+//! record, at most [`MAX_RECORDS`] records, and one record is read at a time.
 use std::{
     collections::VecDeque,
     fs::File,
@@ -23,6 +26,9 @@ use crate::{Error, Result};
 const MAGIC: &[u8; 6] = b"PBAT01";
 const HEADER: usize = MAGIC.len() + 8;
 const SUFFIX: &str = "batch";
+/// Most records kept (past it the oldest are dropped like over the cap):
+/// bounds the index in memory when batches are tiny.
+pub const MAX_RECORDS: usize = 100_000;
 
 /// Counters of the spill (totals since start).
 #[derive(Debug, Default)]
@@ -35,15 +41,33 @@ pub struct SpillStats {
     pub dropped_corrupt: AtomicU64,
     /// Batches that could not be written (disk full, I/O error).
     pub dropped_write_error: AtomicU64,
+    /// Samples in the batches dropped at the cap, and not written.
+    pub samples_dropped_cap: AtomicU64,
+    pub samples_dropped_write_error: AtomicU64,
+    /// Records on disk now, and their bytes (gauges).
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// One record on disk: `{seq:020}.batch`.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    seq: u64,
+    size: u64,
+    /// Samples in it; `None` for records of an earlier run (read when dropped).
+    samples: Option<u64>,
 }
 
 /// Batches on disk, oldest first.
 pub struct Spill {
     dir: PathBuf,
     cap_bytes: u64,
-    files: VecDeque<(PathBuf, u64)>,
+    files: VecDeque<Record>,
     bytes: u64,
     next: u64,
+    /// Records were dropped at the cap since the spill was last empty (the
+    /// log says so once).
+    capped: bool,
 }
 
 fn encode_record(batch: &Batch) -> Vec<u8> {
@@ -76,22 +100,24 @@ impl Spill {
     pub fn open(dir: &Path, cap_bytes: u64) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating the spill directory {}", dir.display()), e))?;
-        let mut files: Vec<(PathBuf, u64)> = std::fs::read_dir(dir)
+        let mut files: Vec<Record> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == SUFFIX))
-            .map(|p| {
+            .filter_map(|p| {
+                let seq = p.file_stem()?.to_str()?.parse::<u64>().ok()?;
                 let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                (p, size)
+                Some(Record {
+                    seq,
+                    size,
+                    samples: None,
+                })
             })
             .collect();
-        files.sort();
-        let next = files
-            .last()
-            .and_then(|(p, _)| p.file_stem()?.to_str()?.parse::<u64>().ok())
-            .map_or(0, |n| n + 1);
-        let bytes = files.iter().map(|(_, s)| s).sum();
+        files.sort_by_key(|r| r.seq);
+        let next = files.last().map_or(0, |r| r.seq + 1);
+        let bytes = files.iter().map(|r| r.size).sum();
         if !files.is_empty() {
             tracing::info!(
                 records = files.len(),
@@ -105,7 +131,20 @@ impl Spill {
             files: files.into(),
             bytes,
             next,
+            capped: false,
         })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.{SUFFIX}"))
+    }
+
+    /// Updates the gauges.
+    pub fn publish(&self, stats: &SpillStats) {
+        stats
+            .records
+            .store(self.files.len() as u64, Ordering::Relaxed);
+        stats.bytes.store(self.bytes, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -124,7 +163,8 @@ impl Spill {
     /// over the cap.
     pub fn push(&mut self, batch: &Batch, stats: &SpillStats) {
         let record = encode_record(batch);
-        let path = self.dir.join(format!("{:020}.{SUFFIX}", self.next));
+        let samples = crate::export::batch_samples(batch);
+        let path = self.path(self.next);
         let tmp = self.dir.join(format!("{:020}.tmp", self.next));
         let written = (|| -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
@@ -135,25 +175,61 @@ impl Spill {
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             stats.dropped_write_error.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("could not spill a batch to {}: {e}", self.dir.display());
+            stats
+                .samples_dropped_write_error
+                .fetch_add(samples, Ordering::Relaxed);
+            tracing::warn!(
+                samples,
+                "could not spill a batch to {}: {e}",
+                self.dir.display()
+            );
             return;
         }
+        self.files.push_back(Record {
+            seq: self.next,
+            size: record.len() as u64,
+            samples: Some(samples),
+        });
         self.next += 1;
-        self.files.push_back((path, record.len() as u64));
         self.bytes += record.len() as u64;
         stats.spilled.fetch_add(1, Ordering::Relaxed);
-        while self.bytes > self.cap_bytes && self.files.len() > 1 {
+        while (self.bytes > self.cap_bytes || self.files.len() > MAX_RECORDS)
+            && self.files.len() > 1
+        {
+            let dropped = self.files.front().copied();
+            let samples =
+                dropped.map_or(0, |r| r.samples.unwrap_or_else(|| self.samples_of(r.seq)));
             self.pop();
             stats.dropped_cap.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("spill directory over its cap: dropped the oldest batch");
+            stats
+                .samples_dropped_cap
+                .fetch_add(samples, Ordering::Relaxed);
+            if !self.capped {
+                self.capped = true;
+                tracing::warn!(
+                    cap_bytes = self.cap_bytes,
+                    "spill directory full: dropping the oldest batches (counted)"
+                );
+            } else {
+                tracing::debug!(samples, "spill directory full: dropped the oldest batch");
+            }
         }
+    }
+
+    /// Samples of a record of an earlier run (0 if it cannot be read).
+    fn samples_of(&self, seq: u64) -> u64 {
+        std::fs::read(self.path(seq))
+            .ok()
+            .and_then(|bytes| decode_record(&bytes))
+            .map_or(0, |b| crate::export::batch_samples(&b))
     }
 
     /// The oldest valid record; corrupt ones on the way are deleted and counted.
     pub fn front(&mut self, stats: &SpillStats) -> Option<Batch> {
-        while let Some((path, _)) = self.files.front() {
+        while let Some(record) = self.files.front() {
+            let path = self.path(record.seq);
             let mut bytes = Vec::new();
-            let read = File::open(path).and_then(|mut f| f.read_to_end(&mut bytes));
+            let read = File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes));
             match read.ok().and_then(|_| decode_record(&bytes)) {
                 Some(batch) => return Some(batch),
                 None => {
@@ -168,9 +244,12 @@ impl Spill {
 
     /// Deletes the oldest record (it was acknowledged, or dropped).
     pub fn pop(&mut self) {
-        if let Some((path, size)) = self.files.pop_front() {
-            let _ = std::fs::remove_file(&path);
-            self.bytes -= size;
+        if let Some(record) = self.files.pop_front() {
+            let _ = std::fs::remove_file(self.path(record.seq));
+            self.bytes -= record.size;
+        }
+        if self.files.is_empty() {
+            self.capped = false;
         }
     }
 }
@@ -228,6 +307,34 @@ mod tests {
     }
 
     #[test]
+    fn cap_counts_the_samples_dropped_also_of_an_earlier_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = SpillStats::default();
+        let with_samples = |seq| Batch {
+            samples: vec![profiler_proto::v1::Sample {
+                label_set: 0,
+                stack: 0,
+                count: 4,
+            }],
+            ..batch(seq)
+        };
+        let one = encode_record(&with_samples(1)).len() as u64;
+        let mut spill = Spill::open(dir.path(), one * 2).unwrap();
+        spill.push(&with_samples(1), &stats);
+        drop(spill);
+        // The next run knows the old record only by its file.
+        let mut spill = Spill::open(dir.path(), one * 2).unwrap();
+        for seq in 2..=4 {
+            spill.push(&with_samples(seq), &stats);
+        }
+        spill.publish(&stats);
+        assert_eq!(stats.dropped_cap.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.samples_dropped_cap.load(Ordering::Relaxed), 8);
+        assert_eq!(stats.records.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.bytes.load(Ordering::Relaxed), one * 2);
+    }
+
+    #[test]
     fn corrupt_records_are_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let stats = SpillStats::default();
@@ -236,12 +343,12 @@ mod tests {
             spill.push(&batch(seq), &stats);
         }
         // Flip a payload byte of the first record, truncate the second.
-        let first = spill.files[0].0.clone();
+        let first = spill.path(spill.files[0].seq);
         let mut bytes = std::fs::read(&first).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         std::fs::write(&first, bytes).unwrap();
-        let second = spill.files[1].0.clone();
+        let second = spill.path(spill.files[1].seq);
         let bytes = std::fs::read(&second).unwrap();
         std::fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
         assert_eq!(spill.front(&stats).unwrap().sequence, 3);

@@ -292,6 +292,14 @@ impl BlazeSymbolizer {
         self.counters.clone()
     }
 
+    /// Empties every cache, ours and blazesym's parsed files (the memory
+    /// watchdog's second step); names are looked up again when needed.
+    pub fn evict_caches(&mut self) {
+        self.user_cache = HashMap::new();
+        self.kernel_cache = HashMap::new();
+        self.symbolizer = new_blazesym();
+    }
+
     /// Whether the current window's budget is spent (counting the window the
     /// first time). Outside a window there is no budget.
     fn over_budget(&mut self) -> bool {
