@@ -1,0 +1,372 @@
+//! Fault injection: the collector is down for a long outage (compressed:
+//! 200 ms windows, a queue and a spill cap of a few KiB) while the real agent
+//! binary profiles busy workloads. Its own `/metrics` is polled throughout:
+//! the agent stays under its RSS ceiling, the batches past the spill cap are
+//! dropped and counted with their samples, and once the collector is up
+//! everything within the cap arrives: collector total = samples drained −
+//! samples counted as dropped, exactly.
+mod support;
+
+use std::{
+    io::Read,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const CEILING_MIB: u64 = 64;
+
+/// Metric names `docs/agent.md` documents (a sample of each family).
+const DOCUMENTED: &[&str] = &[
+    "profiler_agent_samples_total",
+    "profiler_agent_samples_recorded_total",
+    "profiler_agent_samples_skipped_total",
+    "profiler_agent_samples_dropped_total",
+    "profiler_agent_samples_degraded_total",
+    "profiler_agent_samples_drained_total",
+    "profiler_agent_windows_total",
+    "profiler_agent_export_batches_total",
+    "profiler_agent_export_batches_acked_total",
+    "profiler_agent_export_send_failures_total",
+    "profiler_agent_export_batches_dropped_total",
+    "profiler_agent_export_samples_dropped_total",
+    "profiler_agent_export_bytes_total",
+    "profiler_agent_export_queue_bytes",
+    "profiler_agent_export_collector_up",
+    "profiler_agent_spill_writes_total",
+    "profiler_agent_spill_replays_total",
+    "profiler_agent_spill_records",
+    "profiler_agent_spill_bytes",
+    "profiler_agent_resident_memory_bytes",
+    "profiler_agent_resident_memory_peak_bytes",
+    "profiler_agent_memory_limit_bytes",
+    "profiler_agent_memory_shed_total",
+    "profiler_agent_process_cache_processes",
+    "profiler_agent_symbolizer_lookups_total",
+    "profiler_agent_symbolizer_windows_over_budget_total",
+];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped, whatever happens.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_collector(db: &Path, grpc: u16, http: u16) -> Killed {
+    let child = Command::new(collector_binary())
+        .arg("--store")
+        .arg(format!("sqlite:{}", db.display()))
+        .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        // Loopback test: no TLS, and the replay is not slowed by the rate limit.
+        .args(["--plaintext", "--agent-rate-limit", "0"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start the collector");
+    let collector = Killed(child);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+            return collector;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the collector did not come up");
+}
+
+fn get(url: &str) -> Option<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().ok()?;
+    resp.body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .ok()
+}
+
+/// The sum of a family's samples (`name` or `name{...}` lines), or of one
+/// series when `name` has labels.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            *series == name || (!name.contains('{') && series.starts_with(&format!("{name}{{")))
+        })
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+fn vm_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+#[test]
+fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_drop() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http, metrics_port) = (free_port(), free_port(), free_port());
+    let chain = workload("chain");
+    let workloads: Vec<Workload> = (0..2).map(|_| Workload::spawn(&chain, &["16"])).collect();
+
+    let mut args: Vec<String> = [
+        "run",
+        "--collector",
+        &format!("http://127.0.0.1:{grpc}"),
+        "--plaintext",
+        "--node",
+        "outage-node",
+        "--no-kube",
+        "--no-progress",
+        "--drain-interval",
+        "200ms",
+        "-F",
+        "999",
+        // A few windows fill the queue (4 KiB), a few more the spill cap (16 KiB).
+        "--queue-mib",
+        "0.004",
+        "--spill-mib",
+        "0.016",
+        "--memory-limit-mib",
+        &CEILING_MIB.to_string(),
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--spill-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(dir.path().join("spill").display().to_string());
+    for w in &workloads {
+        args.extend(["-p".to_string(), w.pid().to_string()]);
+    }
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut agent = Killed(
+        Command::new(agent_binary())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent"),
+    );
+    let agent_pid = agent.0.id();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let scrape = || get(&metrics_url);
+    let log_path = dir.path().join("agent.log");
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // The outage: the collector is not running until the spill cap has
+    // dropped a few batches. RSS is polled all along.
+    let mut peak_polled = 0u64;
+    let mut watch = |text: &str| {
+        peak_polled = peak_polled
+            .max(metric(text, "profiler_agent_resident_memory_bytes"))
+            .max(vm_hwm(agent_pid));
+    };
+    let outage_start = Instant::now();
+    let during = loop {
+        assert!(
+            outage_start.elapsed() < Duration::from_secs(30),
+            "the spill cap never overflowed: {}\n{}",
+            scrape().unwrap_or_default(),
+            agent_log()
+        );
+        if let Some(text) = scrape() {
+            watch(&text);
+            if metric(
+                &text,
+                "profiler_agent_export_batches_dropped_total{reason=\"spill_cap\"}",
+            ) >= 5
+            {
+                break text;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let outage = outage_start.elapsed();
+    let outage_windows = metric(&during, "profiler_agent_windows_total");
+    assert_eq!(
+        metric(&during, "profiler_agent_export_batches_acked_total"),
+        0
+    );
+    assert_eq!(metric(&during, "profiler_agent_export_collector_up"), 0);
+    assert!(metric(&during, "profiler_agent_export_send_failures_total") > 0);
+
+    // The collector comes up; the agent replays what is within the cap.
+    let _collector = start_collector(&dir.path().join("p.db"), grpc, http);
+    let replay_start = Instant::now();
+    let settled = loop {
+        assert!(
+            replay_start.elapsed() < Duration::from_secs(40),
+            "the agent did not deliver everything: {}\n{}",
+            scrape().unwrap_or_default(),
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        let Some(text) = scrape() else { continue };
+        watch(&text);
+        let m = |n| metric(&text, n);
+        let workloads_done = workloads
+            .iter()
+            .all(|w| !Path::new(&format!("/proc/{}", w.pid())).exists() || is_zombie(w.pid()));
+        if workloads_done
+            && m("profiler_agent_export_queue_batches") == 0
+            && m("profiler_agent_spill_records") == 0
+            && m("profiler_agent_samples_drained_total")
+                == m("profiler_agent_samples_recorded_total")
+            && m("profiler_agent_export_batches_acked_total")
+                + m("profiler_agent_export_batches_dropped_total")
+                == m("profiler_agent_export_batches_total")
+        {
+            break text;
+        }
+    };
+    let m = |n| metric(&settled, n);
+    for name in DOCUMENTED {
+        assert!(
+            settled.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics:\n{settled}"
+        );
+    }
+
+    // Stop the agent; its summary must agree with /metrics.
+    unsafe { libc::kill(agent_pid as i32, libc::SIGTERM) };
+    let exit_deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < exit_deadline, "the agent did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut summary = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut summary)
+        .unwrap();
+    let log = agent_log();
+    assert!(status.success(), "{summary}\n{log}");
+
+    let drained = m("profiler_agent_samples_drained_total");
+    let dropped_samples = m("profiler_agent_export_samples_dropped_total");
+    let dropped_cap = m("profiler_agent_export_samples_dropped_total{reason=\"spill_cap\"}");
+    let batches_cap = m("profiler_agent_export_batches_dropped_total{reason=\"spill_cap\"}");
+    let peak_metric = m("profiler_agent_resident_memory_peak_bytes");
+    let (spilled, replayed) = (
+        m("profiler_agent_spill_writes_total"),
+        m("profiler_agent_spill_replays_total"),
+    );
+    let url = format!(
+        "http://127.0.0.1:{http}/api/v1/folded?start=now-1h&query=%7Bnode%3D%22outage-node%22%7D"
+    );
+    let (stored, bad) = profiler_agent::fold::parse_folded(&get(&url).expect("folded"));
+    assert_eq!(bad, 0);
+    let stored = stored.total();
+    eprintln!(
+        "outage: {:.1} s, {outage_windows} windows of 200 ms; peak RSS {:.1} MiB (metric) / {:.1} MiB \
+         (polled) of {CEILING_MIB} MiB; spilled {spilled}, replayed {replayed}, dropped at the spill \
+         cap {batches_cap} batches ({dropped_cap} samples); drained {drained}, stored {stored}; \
+         test took {:.1} s",
+        outage.as_secs_f64(),
+        peak_metric as f64 / MIB,
+        peak_polled as f64 / MIB,
+        started.elapsed().as_secs_f64(),
+    );
+
+    // Memory: under the ceiling all along.
+    let ceiling = CEILING_MIB << 20;
+    assert!(
+        peak_metric > 0 && peak_metric < ceiling,
+        "peak {peak_metric}"
+    );
+    assert!(peak_polled < ceiling, "peak polled {peak_polled}");
+    assert_eq!(m("profiler_agent_memory_limit_bytes"), ceiling);
+
+    // Drops: only at the spill cap, counted in batches and samples.
+    assert!(batches_cap >= 5 && dropped_cap > 0, "{settled}");
+    assert_eq!(dropped_samples, dropped_cap, "no other reason: {settled}");
+    assert_eq!(
+        m("profiler_agent_export_batches_dropped_total"),
+        batches_cap,
+        "{settled}"
+    );
+    assert_eq!(
+        spilled,
+        replayed + batches_cap,
+        "every spilled batch was replayed or dropped at the cap"
+    );
+    assert!(replayed > 0);
+    assert_eq!(m("profiler_agent_export_collector_up"), 1);
+
+    // Everything within the cap arrived, exactly once.
+    assert!(drained > 1000, "busy workloads: {drained}");
+    assert_eq!(
+        stored,
+        drained - dropped_samples,
+        "collector total = drained − counted drops"
+    );
+
+    // The exit summary agrees, and the log told the story without flooding.
+    assert!(
+        summary.contains(&format!("Recorded {drained} samples")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("samples_dropped_spill_cap: {dropped_cap}")),
+        "{summary}"
+    );
+    for needle in [
+        "sending to the collector failed",
+        "export queue full: the oldest batches go to the spill directory",
+        "spill directory full",
+        "collector reachable again",
+    ] {
+        assert!(log.contains(needle), "log lacks {needle:?}:\n{log}");
+    }
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warnings <= 10, "{warnings} warnings for one outage:\n{log}");
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
