@@ -15,4 +15,4 @@ RUN cargo build --release --locked -p profiler-agent
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/profiler-agent /usr/local/bin/profiler-agent
 ENTRYPOINT ["/usr/local/bin/profiler-agent"]
-CMD ["run", "--collector", "http://profiler-collector.profiler.svc:7070"]
+CMD ["run", "--collector", "http://profiler-collector.profiler.svc:7070", "--plaintext"]

@@ -18,14 +18,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
+use profiler_proto::v1::{Batch, Label, LabelSet, Sample, Stack};
 use prost::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tonic::{codec::CompressionEncoding, transport::Endpoint, Code};
+use tonic::{codec::CompressionEncoding, Code};
 
 use crate::{
     spill::{Spill, SpillStats},
+    transport::{retry_hint, Security, Transport},
     Error, Result,
 };
 
@@ -45,6 +46,8 @@ pub struct ExportOptions {
     pub spill_dir: Option<std::path::PathBuf>,
     /// Cap of the spill directory, in bytes; past it the oldest are dropped.
     pub spill_bytes: u64,
+    /// TLS files and bearer token for the collector.
+    pub security: Security,
 }
 
 /// Counters of the exporter (all totals since start).
@@ -56,6 +59,9 @@ pub struct ExportStats {
     pub batches_duplicate: AtomicU64,
     pub samples_acked: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Sends the collector pushed back (overloaded, or over this agent's
+    /// rate limit): retried after the wait it asked for.
+    pub pushed_back: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_rejected: AtomicU64,
     pub dropped_at_exit: AtomicU64,
@@ -331,11 +337,7 @@ impl Exporter {
     /// is retried, and batches wait in the queue meanwhile.
     pub fn start(options: ExportOptions) -> Result<Self> {
         let url = collector_url(&options.collector);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::InvalidArgument(format!("collector address {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30))
-            .tcp_keepalive(Some(Duration::from_secs(30)));
+        let transport = Transport::new(&url, &options.security)?;
         // An id per agent run, so sequences never repeat under one id.
         let started = unix_nanos(SystemTime::now());
         let agent_id = format!("{}-{}-{:x}", options.node, std::process::id(), started);
@@ -358,7 +360,7 @@ impl Exporter {
                         .build()
                         .expect("a tokio runtime for the exporter");
                     runtime.block_on(upload_loop(
-                        endpoint,
+                        transport,
                         rx,
                         stats,
                         queue_bytes,
@@ -475,11 +477,12 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 /// Whether the collector refused the batch itself (retrying cannot help):
-/// invalid, or larger than it accepts. Anything else is retried.
+/// invalid, or larger than it accepts. Anything else is retried; a push-back
+/// (`RESOURCE_EXHAUSTED` with a retry hint) after the wait it asks for.
 fn is_rejection(status: &tonic::Status) -> bool {
     match status.code() {
         Code::InvalidArgument | Code::OutOfRange => true,
-        Code::ResourceExhausted => {
+        Code::ResourceExhausted if retry_hint(status).is_none() => {
             let m = status.message();
             m.contains("too large") || m.contains("size limit")
         }
@@ -656,19 +659,22 @@ impl Queue {
 }
 
 async fn upload_loop(
-    endpoint: Endpoint,
+    transport: Transport,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     stats: Arc<ExportStats>,
     queue_bytes: usize,
     spill: Option<Spill>,
     flush_timeout: Duration,
 ) {
-    let mut client = IngestClient::new(endpoint.connect_lazy())
+    let mut client = transport
+        .client()
         .send_compressed(CompressionEncoding::Zstd)
         .accept_compressed(CompressionEncoding::Zstd);
     let mut queue = Queue::new(queue_bytes, spill);
     let mut flush_deadline: Option<Instant> = None;
     let mut attempt = 0u32;
+    // Why the last send failed: a new reason is a warning, a repeat is not.
+    let mut last_failure = String::new();
     // Since when the collector is unreachable, and how many sends failed:
     // logged when the state changes, not at every retry.
     let mut outage: Option<(Instant, u64)> = None;
@@ -719,7 +725,10 @@ async fn upload_loop(
         };
         let (size, samples) = (batch.encoded_len() as u64, batch_samples(&batch));
         let result = client.push_batch(batch).await;
-        let reached = !matches!(&result, Err(status) if !is_rejection(status));
+        let reached = match &result {
+            Ok(_) => true,
+            Err(status) => is_rejection(status) || retry_hint(status).is_some(),
+        };
         stats
             .collector_up
             .store(u64::from(reached), Ordering::Relaxed);
@@ -760,41 +769,62 @@ async fn upload_loop(
                 queue.pop(spilled, &stats);
                 queue.publish(&stats);
             }
+            Err(status) if retry_hint(&status).is_some() => {
+                // Pushed back: the collector is up but busy, or this agent
+                // is over its rate limit. Wait as asked (with jitter).
+                ExportStats::bump(&stats.pushed_back);
+                let wait = retry_hint(&status)
+                    .unwrap_or_default()
+                    .mul_f64(rand::rng().random_range(1.0..1.2));
+                tracing::info!(
+                    "collector pushed back ({}); sending again in {wait:.1?}",
+                    status.message()
+                );
+                wait_accepting(wait, &mut rx, &mut queue, &mut flush_deadline, &accept).await;
+            }
             Err(status) => {
                 attempt += 1;
                 ExportStats::bump(&stats.send_failures);
                 let wait = backoff(attempt);
                 // The first failure of an outage is a warning; the retries
                 // are in the periodic summary and at debug level.
-                if attempt == 1 {
+                let why = transport.explain(&status);
+                if attempt == 1 || why != last_failure {
                     tracing::warn!(
                         code = ?status.code(),
-                        "sending to the collector failed ({}); batches wait in the queue, retrying with backoff",
-                        status.message()
+                        "sending to the collector failed: {why}; batches wait in the queue, retrying with backoff"
                     );
                 } else {
                     tracing::debug!(
                         code = ?status.code(),
                         attempt,
-                        "sending to the collector failed ({}); retrying in {wait:?}",
-                        status.message()
+                        "sending to the collector failed: {why}; retrying in {wait:?}"
                     );
                 }
-                let sleep = tokio::time::sleep(match flush_deadline {
-                    Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
-                    None => wait,
-                });
-                tokio::pin!(sleep);
-                // Keep accepting batches while waiting.
-                loop {
-                    tokio::select! {
-                        _ = &mut sleep => break,
-                        msg = rx.recv(), if flush_deadline.is_none() => {
-                            accept(msg, &mut queue, &mut flush_deadline);
-                        }
-                    }
-                }
+                last_failure = why;
+                wait_accepting(wait, &mut rx, &mut queue, &mut flush_deadline, &accept).await;
             }
+        }
+    }
+}
+
+/// Sleeps `wait` (cut short by the exit deadline), still taking batches in.
+async fn wait_accepting(
+    wait: Duration,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    queue: &mut Queue,
+    flush_deadline: &mut Option<Instant>,
+    accept: &impl Fn(Option<Msg>, &mut Queue, &mut Option<Instant>),
+) {
+    let sleep = tokio::time::sleep(match flush_deadline {
+        Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
+        None => wait,
+    });
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => break,
+            msg = rx.recv(), if flush_deadline.is_none() => accept(msg, queue, flush_deadline),
         }
     }
 }

@@ -20,5 +20,6 @@ pub mod sampler;
 pub mod spill;
 pub mod summary;
 pub mod symbolize;
+pub mod transport;
 
 pub use error::{Error, Result};

@@ -9,10 +9,12 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     config::{self, RecordOptions, SamplerOptions},
-    export::ExportOptions,
+    export::{self, ExportOptions},
     kube::KubeConfig,
     record, summary,
+    transport::Security,
 };
+use profiler_security::ClientTlsFiles;
 
 #[derive(Parser)]
 #[command(version, about = "eBPF CPU profiler for Linux")]
@@ -41,9 +43,12 @@ enum Command {
     Run {
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// gRPC address of the collector, e.g. http://127.0.0.1:7070.
+        /// gRPC address of the collector: https://HOST:PORT (TLS), or
+        /// http://HOST:PORT with --plaintext.
         #[arg(long)]
         collector: String,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Node name for the `node` label (default: the host name).
         #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
@@ -81,6 +86,50 @@ enum Command {
         #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
         frequency: u64,
     },
+}
+
+#[derive(Args)]
+struct SecurityArgs {
+    /// PEM CA bundle the collector's certificate must chain to (default: the
+    /// public web PKI roots).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a collector that requires one (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// File whose first line is the bearer token to send (re-read when it changes).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Allow a plain-text (http://) collector address; a warning is logged.
+    #[arg(long)]
+    plaintext: bool,
+}
+
+impl SecurityArgs {
+    /// Plain text only when asked for.
+    fn resolve(self, collector: &str) -> anyhow::Result<Security> {
+        let url = export::collector_url(collector);
+        if url.starts_with("http://") && !self.plaintext {
+            anyhow::bail!(
+                "the collector address {url} is plain text: use https:// (TLS), \
+                 or pass --plaintext to send profiles unencrypted"
+            );
+        }
+        if url.starts_with("https://") && self.plaintext {
+            anyhow::bail!("--plaintext with an https:// collector address: choose one");
+        }
+        Ok(Security {
+            tls: ClientTlsFiles {
+                ca: self.tls_ca,
+                cert: self.tls_cert,
+                key: self.tls_key,
+            },
+            token_file: self.token_file,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -179,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             sampling,
             collector,
+            security,
             node,
             queue_bytes,
             spill_dir,
@@ -208,8 +258,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 (false, None) => KubeConfig::in_cluster(&node),
             };
+            let security = security.resolve(&collector)?;
             options.export = Some(ExportOptions {
                 collector,
+                security,
                 node,
                 queue_bytes: queue_bytes as usize,
                 flush_timeout: Duration::from_secs(10),

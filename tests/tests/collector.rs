@@ -11,71 +11,8 @@ use std::{
 };
 
 use profiler_agent::export::ExportOptions;
-use profiler_collector::server::{self, CollectorConfig, RunningCollector, StoreLocation};
-use support::*;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn start_collector(
-    rt: &tokio::runtime::Runtime,
-    db: &Path,
-    grpc: &str,
-    http: &str,
-) -> RunningCollector {
-    rt.block_on(server::start(CollectorConfig {
-        grpc_listen: grpc.parse().unwrap(),
-        http_listen: http.parse().unwrap(),
-        store: StoreLocation::Sqlite(db.to_path_buf()),
-        ..CollectorConfig::default()
-    }))
-    .expect("collector starts")
-}
-
-fn export_to(c: &RunningCollector) -> ExportOptions {
-    ExportOptions {
-        collector: format!("http://{}", c.grpc_addr),
-        node: "test-node".into(),
-        queue_bytes: 16 << 20,
-        flush_timeout: Duration::from_secs(20),
-        spill_dir: None,
-        spill_bytes: 0,
-    }
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    let mut resp = agent.get(&format!("http://{addr}{path}")).call().unwrap();
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .unwrap();
-    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
-    body
-}
-
-fn folded(addr: std::net::SocketAddr, query: &str) -> profiler_agent::fold::FoldedProfile {
-    let text = String::from_utf8(http_get(
-        addr,
-        &format!("/api/v1/folded?start=now-1h&query={query}"),
-    ))
-    .unwrap();
-    let (profile, bad) = profiler_agent::fold::parse_folded(&text);
-    assert_eq!(bad, 0);
-    profile
-}
+use profiler_collector::server::{self, CollectorConfig, StoreLocation};
+use support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
 const RATIO: &str = "%7Bprocess%3D%22ratio%22%7D";
@@ -233,6 +170,7 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
         queue_bytes: 1,
         spill_dir: Some(spill.clone()),
         spill_bytes: 16 << 20,
+        security: Default::default(),
         ..export_to(&c)
     });
 
@@ -288,20 +226,13 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     rt.block_on(c.shutdown()).unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The collector as its own process, killed with SIGKILL on drop.
 struct CollectorProcess(std::process::Child);
 
 impl CollectorProcess {
     fn start(db: &Path, grpc: u16, http: u16) -> Self {
         let child = Command::new(collector_binary())
+            .arg("--plaintext")
             .arg("--store")
             .arg(format!("sqlite:{}", db.display()))
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
@@ -429,6 +360,7 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
         flush_timeout: Duration::from_secs(20),
         spill_dir: None,
         spill_bytes: 0,
+        security: Default::default(),
     });
     let (rec, _) = record_with(&opts, || ());
     let _collector = killer.join().unwrap();

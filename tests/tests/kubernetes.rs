@@ -200,6 +200,7 @@ fn containerised_workload_gets_pod_labels() {
         flush_timeout: Duration::from_secs(10),
         spill_dir: None,
         spill_bytes: 0,
+        security: Default::default(),
     });
     opts.kube = Some(KubeConfig {
         api_url: format!("http://{api}"),

@@ -283,6 +283,8 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         .arg("--store")
         .arg(format!("sqlite:{}", dir.join("profiles.db").display()))
         .args(["--grpc-listen", GRPC_ADDR, "--http-listen", UI_ADDR])
+        // Loopback only, for one machine: no certificates needed.
+        .arg("--plaintext")
         .process_group(0)
         .spawn()
         .context("cannot start the collector")?;
@@ -296,6 +298,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         "run".into(),
         "--collector".into(),
         format!("http://{GRPC_ADDR}").into(),
+        "--plaintext".into(),
     ];
     if let Some(d) = duration {
         args.extend(["--duration".into(), d.into()]);

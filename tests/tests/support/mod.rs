@@ -2,6 +2,8 @@
 //! builds, running the agent and reading its profile like a user would.
 #![allow(dead_code)]
 
+pub mod collector;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

@@ -1,0 +1,342 @@
+//! The connection to the collector: plain text or TLS (with an optional
+//! client certificate), a bearer token on every request, and failures told
+//! in words an operator can act on.
+//!
+//! TLS is done here rather than inside tonic so that a failed handshake
+//! keeps its cause (unknown CA, expired certificate, client certificate
+//! required) all the way to the log line.
+use std::{
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use hyper_util::rt::TokioIo;
+use profiler_proto::v1::ingest_client::IngestClient;
+use profiler_security::{
+    rustls::{pki_types::ServerName, ClientConfig},
+    tls::client_config,
+    tokio_rustls::TlsConnector,
+    ClientTlsFiles, TlsFailure, TokenFile,
+};
+use tonic::{
+    codegen::http::Uri,
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+    Code, Status,
+};
+
+use crate::{Error, Result};
+
+/// How to reach the collector securely.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// CA, client certificate and key for an `https://` collector.
+    pub tls: ClientTlsFiles,
+    /// Bearer token file (its first token is sent; re-read when it changes).
+    pub token_file: Option<PathBuf>,
+}
+
+/// The metadata key of the collector's retry hint, in milliseconds.
+const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+pub type Client = IngestClient<InterceptedService<Channel, AddToken>>;
+
+/// Adds `authorization: Bearer TOKEN` to each request.
+#[derive(Clone)]
+pub struct AddToken(Option<Arc<TokenFile>>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0.as_ref().and_then(|t| t.current()) {
+            let value = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| Status::unauthenticated("the token file holds an unusable token"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// The last TLS failure seen on a connection after its handshake, and
+/// when. With TLS 1.3 the collector refuses a client certificate only after
+/// the agent's side of the handshake is over, so the refusal arrives as a
+/// read error that HTTP/2 reports only as "connection closed".
+type LastFailure = Arc<Mutex<Option<(Instant, TlsFailure)>>>;
+
+/// A TLS stream that remembers the TLS failure behind a read error.
+struct Observed<S> {
+    inner: S,
+    last_failure: LastFailure,
+}
+
+impl<S> Observed<S> {
+    fn note<T>(&self, result: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &result {
+            if let Some(failure) = TlsFailure::find(e) {
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), failure));
+            }
+        }
+        result
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Observed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(result)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Observed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(result)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(result)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A collector address with what is needed to talk to it.
+pub struct Transport {
+    endpoint: Endpoint,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    token: Option<Arc<TokenFile>>,
+    last_failure: LastFailure,
+    pub url: String,
+}
+
+impl Transport {
+    /// `url` is `https://host:port` (TLS) or `http://host:port` (plain text).
+    /// Certificates and the token file are read now, so a bad file is an
+    /// error at start-up, naming the file.
+    pub fn new(url: &str, security: &Security) -> Result<Self> {
+        let invalid = |what: String| Error::InvalidArgument(format!("collector {url:?}: {what}"));
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .tcp_keepalive(Some(Duration::from_secs(30)));
+        let uri = endpoint.uri().clone();
+        let tls = match uri.scheme_str() {
+            Some("https") => {
+                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|e| invalid(format!("host name {host:?}: {e}")))?;
+                let config = client_config(&security.tls)
+                    .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
+                Some((config, name))
+            }
+            Some("http") => {
+                if security.tls != ClientTlsFiles::default() {
+                    return Err(invalid(
+                        "TLS files given for a plain-text (http://) address: use https://".into(),
+                    ));
+                }
+                tracing::warn!(collector = url, "sending profiles in plain text (no TLS)");
+                None
+            }
+            other => return Err(invalid(format!("unsupported scheme {other:?}"))),
+        };
+        let token = security
+            .token_file
+            .as_deref()
+            .map(TokenFile::open)
+            .transpose()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .map(Arc::new);
+        Ok(Self {
+            endpoint,
+            tls,
+            token,
+            last_failure: LastFailure::default(),
+            url: url.to_string(),
+        })
+    }
+
+    /// A client that connects on first use and reconnects by itself (needs
+    /// a tokio runtime).
+    pub fn client(&self) -> Client {
+        let channel = match &self.tls {
+            None => self.endpoint.connect_lazy(),
+            Some((config, name)) => {
+                let (connector, name) = (TlsConnector::from(config.clone()), name.clone());
+                let last_failure = self.last_failure.clone();
+                self.endpoint
+                    .connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+                        let (connector, name) = (connector.clone(), name.clone());
+                        let last_failure = last_failure.clone();
+                        async move {
+                            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                            let port = uri.port_u16().unwrap_or(443);
+                            let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+                            tcp.set_nodelay(true)?;
+                            let tls = connector.connect(name, tcp).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(Observed {
+                                inner: tls,
+                                last_failure,
+                            }))
+                        }
+                    }))
+            }
+        };
+        IngestClient::with_interceptor(channel, AddToken(self.token.clone()))
+    }
+
+    /// Why a send failed, in words; a refused token makes the token file be
+    /// looked at again before the next try (it may have been rotated).
+    pub fn explain(&self, status: &Status) -> String {
+        if status.code() == Code::Unauthenticated {
+            if let Some(t) = &self.token {
+                t.recheck();
+            }
+            return format!(
+                "the collector refused our bearer token ({}): check --token-file",
+                status.message()
+            );
+        }
+        let recent = || {
+            let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+            match last.take() {
+                Some((at, failure)) if at.elapsed() < Duration::from_secs(60) => Some(failure),
+                _ => None,
+            }
+        };
+        match find_tls_failure(status).or_else(recent) {
+            Some(failure) => {
+                let hint = match failure {
+                    TlsFailure::UnknownCa => ": check --tls-ca",
+                    TlsFailure::Expired | TlsFailure::NotYetValid => {
+                        ": the collector needs a new certificate"
+                    }
+                    TlsFailure::WrongName => ": connect by a name the certificate lists",
+                    TlsFailure::PeerRequiresCertificate => ": set --tls-cert and --tls-key",
+                    TlsFailure::PeerSaysUnknownCa => {
+                        ": --tls-cert must be signed by the collector's client CA"
+                    }
+                    TlsFailure::PeerSaysExpired => ": renew --tls-cert",
+                    _ => "",
+                };
+                format!("TLS: {}{hint}", failure.describe("the collector"))
+            }
+            None => status.message().to_string(),
+        }
+    }
+}
+
+/// The TLS failure behind a failed call, through tonic's and hyper's errors;
+/// by its message where a layer kept only that.
+fn find_tls_failure(status: &Status) -> Option<TlsFailure> {
+    if let Some(f) = TlsFailure::find(status) {
+        return Some(f);
+    }
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        text.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    [
+        ("CertificateRequired", TlsFailure::PeerRequiresCertificate),
+        ("UnknownCA", TlsFailure::PeerSaysUnknownCa),
+        ("CertificateExpired", TlsFailure::PeerSaysExpired),
+        ("UnknownIssuer", TlsFailure::UnknownCa),
+    ]
+    .into_iter()
+    .find(|(needle, _)| text.contains(needle))
+    .map(|(_, f)| f)
+}
+
+/// The collector's push-back: `RESOURCE_EXHAUSTED` with a retry hint means
+/// "overloaded or over the rate limit, come back after this long".
+pub fn retry_hint(status: &Status) -> Option<Duration> {
+    if status.code() != Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.clamp(1, 60_000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_back_carries_its_wait() {
+        let mut s = Status::resource_exhausted("overloaded");
+        s.metadata_mut()
+            .insert(RETRY_AFTER_MS, "1500".parse().unwrap());
+        assert_eq!(retry_hint(&s), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_hint(&Status::resource_exhausted("too large")), None);
+        assert_eq!(retry_hint(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn plain_text_and_tls_addresses() {
+        assert!(Transport::new("http://127.0.0.1:7070", &Security::default()).is_ok());
+        assert!(Transport::new("https://127.0.0.1:7070", &Security::default()).is_ok());
+        let e = Transport::new("ftp://x:1", &Security::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("scheme"), "{e}");
+        let with_files = Security {
+            tls: ClientTlsFiles {
+                ca: Some("/nonexistent/ca.pem".into()),
+                ..Default::default()
+            },
+            token_file: None,
+        };
+        let e = Transport::new("http://127.0.0.1:7070", &with_files)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("https://"), "{e}");
+        let e = Transport::new("https://127.0.0.1:7070", &with_files)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let no_token = Security {
+            token_file: Some("/nonexistent/token".into()),
+            ..Default::default()
+        };
+        let e = Transport::new("http://127.0.0.1:7070", &no_token)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/token"), "{e}");
+    }
+
+    #[test]
+    fn auth_failures_are_told_apart() {
+        let t = Transport::new("http://127.0.0.1:7070", &Security::default()).unwrap();
+        let m = t.explain(&Status::unauthenticated("wrong bearer token"));
+        assert!(
+            m.contains("bearer token") && m.contains("--token-file"),
+            "{m}"
+        );
+        let m = t.explain(&Status::unavailable(
+            "tcp connect error: received fatal alert: CertificateRequired",
+        ));
+        assert!(m.contains("requires a client certificate"), "{m}");
+    }
+}
