@@ -106,6 +106,7 @@ impl AgentMetrics {
         out.push(("stack_missing_at_drain".into(), load(&self.missing_stacks)));
         if let Some(e) = self.export() {
             out.push(("send_failures".into(), load(&e.send_failures)));
+            out.push(("sends_pushed_back".into(), load(&e.pushed_back)));
             out.push(("spill_writes".into(), load(&e.spill.spilled)));
             out.push(("spill_replays".into(), load(&e.spill.replayed)));
             out.push(("batches_parked".into(), load(&e.parked_memory_limit)));
@@ -270,6 +271,12 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
             "counter",
             "Sends that failed and were retried with backoff.",
             load(&e.send_failures),
+        );
+        t.one(
+            "export_pushed_back_total",
+            "counter",
+            "Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for.",
+            load(&e.pushed_back),
         );
         let drops = e.drops();
         let batches: Vec<(&str, u64)> = drops.iter().map(|d| (d.reason, d.batches)).collect();
@@ -629,6 +636,7 @@ mod tests {
         export.batches_queued.store(12, Ordering::Relaxed);
         export.batches_acked.store(9, Ordering::Relaxed);
         export.send_failures.store(4, Ordering::Relaxed);
+        export.pushed_back.store(5, Ordering::Relaxed);
         export.spill.dropped_cap.store(2, Ordering::Relaxed);
         export
             .spill
@@ -707,6 +715,7 @@ mod tests {
             "profiler_agent_export_batches_total 12",
             "profiler_agent_export_batches_acked_total 9",
             "profiler_agent_export_send_failures_total 4",
+            "profiler_agent_export_pushed_back_total 5",
             "profiler_agent_export_batches_dropped_total{reason=\"spill_cap\"} 2",
             "profiler_agent_export_batches_dropped_total{reason=\"spill_corrupt\"} 1",
             "profiler_agent_export_batches_dropped_total{reason=\"queue_full\"} 0",

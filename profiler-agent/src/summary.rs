@@ -62,12 +62,13 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let _ = writeln!(
             s,
-            "Collector: {} batches sent, {} acknowledged ({} re-sends already stored), {} samples stored, {} send failures retried; largest batch {} bytes ({} with zstd).",
+            "Collector: {} batches sent, {} acknowledged ({} re-sends already stored), {} samples stored, {} send failures retried, {} pushed back; largest batch {} bytes ({} with zstd).",
             load(&e.batches_queued),
             load(&e.batches_acked),
             load(&e.batches_duplicate),
             load(&e.samples_acked),
             load(&e.send_failures),
+            load(&e.pushed_back),
             load(&e.largest_batch_bytes),
             load(&e.largest_batch_wire_bytes),
         );

@@ -341,3 +341,54 @@ fn a_corrupted_spill_file_is_skipped_and_counted_and_the_rest_replays() {
     assert_eq!(std::fs::read_dir(&spill_dir).unwrap().count(), 0);
     rt.block_on(c.shutdown()).unwrap();
 }
+
+/// The collector allows this agent 2 batches a second while it drains every
+/// 100 ms: the agent is pushed back, waits as told, and in the end every
+/// sample is stored once and nothing is dropped.
+#[test]
+fn an_agent_pushed_back_by_the_rate_limit_waits_and_delivers_everything() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = rt
+        .block_on(profiler_collector::server::start(
+            profiler_collector::server::CollectorConfig {
+                grpc_listen: "127.0.0.1:0".parse().unwrap(),
+                http_listen: "127.0.0.1:0".parse().unwrap(),
+                store: profiler_collector::server::StoreLocation::Sqlite(dir.path().join("p.db")),
+                agent_rate_limit: 2.0,
+                agent_rate_burst: 2,
+                ..Default::default()
+            },
+        ))
+        .expect("collector starts");
+    let chain = Workload::spawn(&workload("chain"), &["8"]);
+    let mut opts = options(vec![chain.pid()], 2.0, 99);
+    opts.drain_interval = Duration::from_millis(100);
+    opts.export = Some(ExportOptions {
+        flush_timeout: Duration::from_secs(30),
+        ..export_to(&c)
+    });
+    let rec = Recorder::start(&opts)
+        .expect("profiler attaches")
+        .run(&AtomicBool::new(false))
+        .unwrap();
+    let stats = rec.export.as_ref().unwrap();
+    assert!(stats.pushed_back.load(Ordering::Relaxed) > 0, "pushed back");
+    assert!(
+        stats.nonzero_drops().is_empty(),
+        "{:?}",
+        stats.nonzero_drops()
+    );
+    assert_eq!(
+        stats.batches_acked.load(Ordering::Relaxed),
+        stats.batches_queued.load(Ordering::Relaxed)
+    );
+    assert!(c.metrics.rejected("rate_limited") > 0);
+    let (recorded, _) = recorded_and_dropped(&rec);
+    assert_eq!(stored_total(&c), recorded, "stored vs recorded samples");
+    rt.block_on(c.shutdown()).unwrap();
+}
