@@ -119,7 +119,8 @@ impl FoldedProfile {
         let mut by_leaf: HashMap<&str, u64> = HashMap::new();
         for (stack, count) in &self.stacks {
             let leaf = stack.rsplit(';').next().unwrap_or(stack);
-            *by_leaf.entry(leaf).or_default() += count;
+            let entry = by_leaf.entry(leaf).or_default();
+            *entry = entry.saturating_add(*count);
         }
         let mut top: Vec<(String, u64)> = by_leaf
             .into_iter()
@@ -142,8 +143,10 @@ pub fn parse_folded(text: &str) -> (FoldedProfile, usize) {
             .and_then(|(s, c)| Some((s, c.parse::<u64>().ok()?)))
         {
             Some((stack, count)) if !stack.is_empty() => {
-                *profile.stacks.entry(stack.to_string()).or_default() += count;
-                profile.total += count;
+                // Counts come from the file: huge ones saturate, not overflow.
+                let entry = profile.stacks.entry(stack.to_string()).or_default();
+                *entry = entry.saturating_add(count);
+                profile.total = profile.total.saturating_add(count);
             }
             _ => bad += 1,
         }
@@ -241,5 +244,22 @@ mod tests {
         let (back, bad) = parse_folded(&format!("{text}garbage\n 4\nx y\n"));
         assert_eq!(back, profile);
         assert_eq!(bad, 3);
+    }
+
+    /// Found by the `parse_folded` fuzz target: counts whose sum overflows.
+    #[test]
+    fn huge_counts_saturate() {
+        let (profile, bad) = parse_folded(
+            "a 18446744073709551615
+b 1
+a 2
+",
+        );
+        assert_eq!(bad, 0);
+        assert_eq!(profile.total(), u64::MAX);
+        assert_eq!(profile.lines(), vec!["a 18446744073709551615", "b 1"]);
+        // Two stacks with the same leaf.
+        let (profile, _) = parse_folded("p;a;x 18446744073709551615\np;b;x 1\n");
+        assert_eq!(profile.top_self(1), vec![("x".to_string(), u64::MAX)]);
     }
 }
