@@ -8,6 +8,11 @@ use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    // cargo-fuzz builds (`--cfg fuzzing`) need no eBPF object: see sampler.rs.
+    println!("cargo::rustc-check-cfg=cfg(fuzzing)");
+    if std::env::var_os("CARGO_CFG_FUZZING").is_some() {
+        return Ok(());
+    }
     let toolchain = std::env::var("PROFILER_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
     println!("cargo:rerun-if-env-changed=PROFILER_EBPF_TOOLCHAIN");
     // SAFETY: build scripts are single-threaded; the variable is only read by

@@ -44,7 +44,11 @@ use crate::{
 };
 
 /// The eBPF object built by `build.rs`.
+#[cfg(not(fuzzing))]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+/// Fuzz builds (`fuzz/`) test parsers only and never load the program.
+#[cfg(fuzzing)]
+static EBPF_OBJECT: &[u8] = &[];
 
 /// (count map, main stack map, overflow stack map) of the A and B sets.
 const MAP_SETS: [(&str, &str, &str); 2] = [

@@ -220,7 +220,8 @@ fn title(sel: &Selector, what: &str) -> String {
     )
 }
 
-fn svg_options(params: &HashMap<String, String>, title: String) -> Result<SvgOptions, String> {
+/// Flame graph options from the `min_width` and `max_nodes` parameters.
+pub fn svg_options(params: &HashMap<String, String>, title: String) -> Result<SvgOptions, String> {
     let mut opts = SvgOptions {
         title,
         ..SvgOptions::default()
@@ -289,11 +290,19 @@ async fn pprof(State(state): State<AppState>, Query(params): Params) -> Response
     }
 }
 
+/// How many functions `/api/v1/top` lists: the `n` parameter, 1-10000, default 20.
+pub fn top_n(params: &HashMap<String, String>) -> Result<usize, String> {
+    match params.get("n").map(|n| n.parse::<usize>()) {
+        None => Ok(20),
+        Some(Ok(n)) if (1..=10_000).contains(&n) => Ok(n),
+        Some(_) => Err("n must be 1-10000".into()),
+    }
+}
+
 async fn top(State(state): State<AppState>, Query(params): Params) -> Response {
-    let n = match params.get("n").map(|n| n.parse::<usize>()) {
-        None => 20,
-        Some(Ok(n)) if (1..=10_000).contains(&n) => n,
-        Some(_) => return BadRequest("n must be 1-10000".into()).into_response(),
+    let n = match top_n(&params) {
+        Ok(n) => n,
+        Err(e) => return BadRequest(e).into_response(),
     };
     match profile_for(&state, &params, "").await {
         Ok((_, profile)) => Json(serde_json::json!({
