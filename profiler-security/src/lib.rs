@@ -12,6 +12,6 @@ pub mod tls;
 pub mod token;
 
 pub use rustls;
-pub use tokio_rustls;
 pub use tls::{ClientTlsFiles, ServerTlsFiles, TlsError, TlsFailure};
 pub use token::TokenFile;
+pub use tokio_rustls;
