@@ -200,15 +200,7 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
         stats.send_failures.load(Ordering::Relaxed) > 0,
         "the outage was seen"
     );
-    assert!(
-        stats.nonzero_drops().is_empty(),
-        "{:?}",
-        stats.nonzero_drops()
-    );
-    assert_eq!(
-        stats.batches_acked.load(Ordering::Relaxed),
-        stats.batches_queued.load(Ordering::Relaxed)
-    );
+    assert_all_delivered(stats);
     let spilled = stats.spill.spilled.load(Ordering::Relaxed);
     assert!(spilled > 0, "batches overflowed to the spill directory");
     assert_eq!(stats.spill.replayed.load(Ordering::Relaxed), spilled);

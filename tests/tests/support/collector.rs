@@ -78,3 +78,19 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// What the agent's export counters say when it recovered from every fault:
+/// nothing dropped, and every batch it queued acknowledged.
+pub fn assert_all_delivered(stats: &profiler_agent::export::ExportStats) {
+    use std::sync::atomic::Ordering;
+    assert!(
+        stats.nonzero_drops().is_empty(),
+        "{:?}",
+        stats.nonzero_drops()
+    );
+    assert_eq!(
+        stats.batches_acked.load(Ordering::Relaxed),
+        stats.batches_queued.load(Ordering::Relaxed),
+        "batches acknowledged vs queued"
+    );
+}
