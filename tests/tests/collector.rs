@@ -11,7 +11,7 @@ use std::{
 };
 
 use profiler_agent::export::ExportOptions;
-use profiler_collector::server::{self, CollectorConfig, StoreLocation};
+use profiler_collector::server;
 use support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
@@ -182,12 +182,7 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_millis(3500));
         let rt_db = db.clone();
         handle
-            .block_on(server::start(CollectorConfig {
-                grpc_listen: grpc.parse().unwrap(),
-                http_listen: http.parse().unwrap(),
-                store: StoreLocation::Sqlite(rt_db),
-                ..CollectorConfig::default()
-            }))
+            .block_on(server::start(collector_config(&rt_db, &grpc, &http)))
             .expect("collector restarts on the same ports and store")
     });
     let rec = recorder

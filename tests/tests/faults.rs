@@ -214,7 +214,13 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
     let db = dir.path().join("p.db");
     let starter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(3000));
-        start_collector_on(&handle, &db, &grpc)
+        handle
+            .block_on(profiler_collector::server::start(collector_config(
+                &db,
+                &grpc,
+                "127.0.0.1:0",
+            )))
+            .expect("collector starts")
     });
     let rec = recorder.run(&AtomicBool::new(false)).unwrap();
     let c = starter.join().unwrap();
@@ -239,24 +245,6 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
         "stored = recorded - counted drops ({write_errors} batches, {dropped} samples)"
     );
     rt.block_on(c.shutdown()).unwrap();
-}
-
-fn start_collector_on(
-    handle: &tokio::runtime::Handle,
-    db: &Path,
-    grpc: &str,
-) -> profiler_collector::server::RunningCollector {
-    let rt_db = db.to_path_buf();
-    handle
-        .block_on(profiler_collector::server::start(
-            profiler_collector::server::CollectorConfig {
-                grpc_listen: grpc.parse().unwrap(),
-                http_listen: "127.0.0.1:0".parse().unwrap(),
-                store: profiler_collector::server::StoreLocation::Sqlite(rt_db),
-                ..Default::default()
-            },
-        ))
-        .expect("collector starts")
 }
 
 /// A first run with the collector down leaves its batches in the spill
@@ -345,12 +333,9 @@ fn an_agent_pushed_back_by_the_rate_limit_waits_and_delivers_everything() {
     let c = rt
         .block_on(profiler_collector::server::start(
             profiler_collector::server::CollectorConfig {
-                grpc_listen: "127.0.0.1:0".parse().unwrap(),
-                http_listen: "127.0.0.1:0".parse().unwrap(),
-                store: profiler_collector::server::StoreLocation::Sqlite(dir.path().join("p.db")),
                 agent_rate_limit: 2.0,
                 agent_rate_burst: 2,
-                ..Default::default()
+                ..collector_config(&dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0")
             },
         ))
         .expect("collector starts");

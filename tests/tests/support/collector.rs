@@ -14,19 +14,25 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A collector on `grpc` and `http` (`127.0.0.1:0`: any free port) storing
+/// into the SQLite file `db`.
+pub fn collector_config(db: &Path, grpc: &str, http: &str) -> CollectorConfig {
+    CollectorConfig {
+        grpc_listen: grpc.parse().unwrap(),
+        http_listen: http.parse().unwrap(),
+        store: StoreLocation::Sqlite(db.to_path_buf()),
+        ..CollectorConfig::default()
+    }
+}
+
 pub fn start_collector(
     rt: &tokio::runtime::Runtime,
     db: &Path,
     grpc: &str,
     http: &str,
 ) -> RunningCollector {
-    rt.block_on(server::start(CollectorConfig {
-        grpc_listen: grpc.parse().unwrap(),
-        http_listen: http.parse().unwrap(),
-        store: StoreLocation::Sqlite(db.to_path_buf()),
-        ..CollectorConfig::default()
-    }))
-    .expect("collector starts")
+    rt.block_on(server::start(collector_config(db, grpc, http)))
+        .expect("collector starts")
 }
 
 pub fn export_to(c: &RunningCollector) -> ExportOptions {
