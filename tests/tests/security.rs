@@ -409,7 +409,7 @@ fn tls_mutual_tls_and_tokens_accept_the_right_peers_and_name_every_refusal() {
     drop(c);
 
     // 6. The collector's certificate has expired.
-    let c = start_collector(dir, "expired", &expired_server, &ca_pem);
+    let c = start_collector(dir, "collector-expired", &expired_server, &ca_pem);
     let mut flags = vec!["--tls-ca".into(), os(&ca_pem)];
     flags.extend(good_identity.iter().cloned());
     let refs: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
