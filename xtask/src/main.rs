@@ -1,4 +1,4 @@
-//! Developer entry points: `cargo xtask setup | build | run | test | fuzz`.
+//! Developer entry points: `cargo xtask setup | build | run | test | fuzz | bench`.
 //!
 //! - `setup` installs what a fresh machine lacks (LLVM 22, rust-src,
 //!   bpf-linker, gcc and Go for the test workloads); idempotent and fast when
@@ -8,6 +8,9 @@
 //! - `test` is what CI runs: set-up, fmt, clippy, unit tests, a short
 //!   fuzzing run and privileged tests.
 //! - `fuzz` runs the fuzz targets of `fuzz/` for longer (cargo-fuzz, libFuzzer).
+//! - `bench` measures the profiler's overhead against perf (see `bench.rs`).
+mod bench;
+
 use std::{
     ffi::OsString,
     io::IsTerminal,
@@ -59,6 +62,17 @@ enum Task {
         /// One target (default: all of them).
         target: Option<String>,
     },
+    /// Benchmarks against perf and bcc; the report goes to docs/benchmarks.md
+    /// (needs root; about 12 minutes).
+    Bench {
+        /// A smoke run of every case (well under 2 minutes); report in
+        /// target/bench/report.md.
+        #[arg(long)]
+        quick: bool,
+        /// One benchmark only: overhead or kernel-cost.
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -79,6 +93,7 @@ fn main() -> Result<()> {
             setup()?;
             fuzz(seconds, target.as_deref())
         }
+        Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
     }
 }
 
