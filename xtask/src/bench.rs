@@ -93,6 +93,10 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(o) = only {
         command += &format!(" --only {o}");
     }
+    report += "\n## Not measured yet\n\n\
+        Agent footprint (CPU and peak RSS with ~200 processes, start-up time), \
+        symbolization rate, collector ingest and query latency: issue 6, parts 3-5. \
+        Their targets are neither met nor missed until then.\n";
     let doc = format!(
         "{}{report}\nThe whole run took {:.0} s.\n",
         header(&command),
