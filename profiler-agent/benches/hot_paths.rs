@@ -29,7 +29,7 @@ const FUNCTIONS: usize = 3_000;
 const CPUS: usize = 2;
 
 fn user_depth(s: usize) -> usize {
-    20 + (s * 7) % 21
+    20 + (s * 11) % 21
 }
 
 fn kernel_depth(s: usize) -> usize {

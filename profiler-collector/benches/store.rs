@@ -23,7 +23,7 @@ const FUNCTIONS: usize = 3_000;
 const WINDOW_END_NS: i64 = 1_700_000_010_000_000_000;
 
 fn depth(s: usize) -> usize {
-    20 + (s * 7) % 21
+    20 + (s * 11) % 21
 }
 
 /// A batch as the agent builds it: interned strings, one label set per
