@@ -63,7 +63,7 @@ enum Task {
         target: Option<String>,
     },
     /// Benchmarks against perf and bcc; the report goes to docs/benchmarks.md
-    /// (needs root; about 12 minutes).
+    /// (needs root; about 10-15 minutes).
     Bench {
         /// A smoke run of every case (well under 2 minutes); report in
         /// target/bench/report.md.
