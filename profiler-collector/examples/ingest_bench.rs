@@ -507,7 +507,9 @@ async fn main() -> anyhow::Result<()> {
         windows,
     )
     .await?;
-    report_ingest(&format!("{} clients", args.clients), many, secs2, cpu2);
+    if many.batches > 0 {
+        report_ingest(&format!("{} clients", args.clients), many, secs2, cpu2);
+    }
     let samples = one.samples + many.samples;
     println!(
         "load: {samples} samples in {:.1} s",
