@@ -225,10 +225,14 @@ impl Store for SqliteStore {
     }
 
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
-        // Label sets that match every matcher; values are bound, never spliced.
+        // Sum per stack id first, then join the stack text once per stack:
+        // joining first would carry every row's text through the grouping
+        // (5-10x slower, docs/collector-benchmarks.md). Label sets must match
+        // every matcher; values are bound, never spliced.
         let mut sql = String::from(
-            "SELECT s.folded, SUM(x.count) FROM samples x JOIN stacks s ON s.id = x.stack_id
-             WHERE x.window_end > ?1 AND x.window_end <= ?2",
+            "SELECT s.folded, t.total FROM (
+               SELECT x.stack_id, SUM(x.count) AS total FROM samples x
+               WHERE x.window_end > ?1 AND x.window_end <= ?2",
         );
         let mut args: Vec<rusqlite::types::Value> =
             vec![selector.start_ns.into(), selector.end_ns.into()];
@@ -249,7 +253,7 @@ impl Store for SqliteStore {
             }
             sql.push(')');
         }
-        sql.push_str(" GROUP BY x.stack_id");
+        sql.push_str(" GROUP BY x.stack_id) t JOIN stacks s ON s.id = t.stack_id");
         let mut stmt = self.conn.prepare(&sql)?;
         let mut profile = Profile::default();
         let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
