@@ -441,9 +441,7 @@ impl Recorder {
         let mut profile = FoldedProfile::default();
         let export_stats = exporter.as_ref().map(|e| e.stats().clone());
         let keep_profile = exporter.is_none() || options.svg.is_some() || options.folded.is_some();
-        let mut samples = 0u64;
         let frequency = options.sampler.frequency as u32;
-        let (mut missing_stacks, mut truncated_stacks) = (0, 0);
 
         let deadline = options.duration.map(|d| started + d);
         let mut next_drain = started + options.drain_interval;
@@ -456,11 +454,8 @@ impl Recorder {
             }
             if now >= next_drain {
                 let window = sampler.drain()?;
-                missing_stacks += window.missing_stacks;
-                truncated_stacks += window.truncated_stacks;
                 tracing::debug!(samples = window.total(), "drained a window");
                 let window_end = SystemTime::now();
-                samples += window.total();
                 metrics.add_window(
                     window.total(),
                     window.missing_stacks,
@@ -516,9 +511,6 @@ impl Recorder {
         // Stop sampling, then empty both map sets: nothing is left behind.
         sampler.stop_sampling()?;
         let window = sampler.drain_all()?;
-        missing_stacks += window.missing_stacks;
-        truncated_stacks += window.truncated_stacks;
-        samples += window.total();
         metrics.add_window(
             window.total(),
             window.missing_stacks,
@@ -547,15 +539,17 @@ impl Recorder {
             .unwrap_or_else(|e| e.into_inner())
             .stats()
             .clone();
+        // Totals of every window, as `/metrics` shows them.
+        let total = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let recording = Recording {
             profile,
-            samples,
+            samples: total(&metrics.samples_drained),
             counters,
             processes_seen: process_stats.snapshots,
             process_stats,
             symbolizer_stats: symbolizer.stats().clone(),
-            missing_stacks,
-            truncated_stacks,
+            missing_stacks: total(&metrics.missing_stacks),
+            truncated_stacks: total(&metrics.truncated_stacks),
             duration,
             frequency: options.sampler.frequency,
             cpus,
