@@ -11,6 +11,7 @@ use anyhow::Context;
 use profiler_proto::v1::ingest_server::IngestServer;
 use profiler_security::{
     accept::{spawn_acceptor, Accepted, ServerTlsStream},
+    rustls,
     tls::server_config,
     ServerTlsFiles, TokenFile,
 };
@@ -269,16 +270,28 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpL
 /// Starts the TLS handshakes of a port, counting each rejected client.
 fn tls_acceptor(
     listener: TcpListener,
-    files: &ServerTlsFiles,
-    alpn: &[&[u8]],
+    config: Arc<rustls::ServerConfig>,
     server: &'static str,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<mpsc::Receiver<Accepted>> {
-    let config = server_config(files, alpn).context("TLS configuration")?;
+) -> mpsc::Receiver<Accepted> {
     let metrics = metrics.clone();
-    Ok(spawn_acceptor(listener, config, server, move |failure| {
+    spawn_acceptor(listener, config, server, move |failure| {
         metrics.reject_connection(server, failure.reason())
-    }))
+    })
+}
+
+/// The TLS configurations of the gRPC port (client certificates when a
+/// client CA is set) and of the HTTP port (none: browsers use the token).
+type PortsTls = (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>);
+
+fn ports_tls(files: &ServerTlsFiles) -> anyhow::Result<PortsTls> {
+    let grpc = server_config(files, &[b"h2"]).context("TLS configuration")?;
+    let http_files = ServerTlsFiles {
+        client_ca: None,
+        ..files.clone()
+    };
+    let http = server_config(&http_files, &[b"h2", b"http/1.1"]).context("TLS configuration")?;
+    Ok((grpc, http))
 }
 
 fn open_tokens(path: Option<&PathBuf>, what: &str) -> anyhow::Result<Option<Arc<TokenFile>>> {
@@ -291,12 +304,12 @@ fn open_tokens(path: Option<&PathBuf>, what: &str) -> anyhow::Result<Option<Arc<
 pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> {
     let agent_tokens = open_tokens(config.token_file.as_ref(), "agent")?;
     let http_tokens = open_tokens(config.http_token_file.as_ref(), "HTTP")?;
-    if let Some(files) = &config.tls {
-        // Fail now, on a bad file, rather than at the first connection.
-        server_config(files, &[]).context("TLS configuration")?;
-    } else {
+    // Read now: a bad file fails start-up, not the first connection.
+    let tls = config.tls.as_ref().map(ports_tls).transpose()?;
+    if tls.is_none() {
         tracing::warn!("TLS is off: agents and browsers talk to this collector in plain text");
     }
+    let (grpc_tls, http_tls) = tls.unzip();
     if agent_tokens.is_none() {
         tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
     }
@@ -355,7 +368,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let grpc_stopped = async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
     };
-    let grpc = match &config.tls {
+    let grpc = match grpc_tls {
         None => tokio::spawn(async move {
             grpc_router
                 .serve_with_incoming_shutdown(
@@ -365,8 +378,8 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
                 .await
                 .context("gRPC server")
         }),
-        Some(files) => {
-            let accepted = tls_acceptor(grpc_listener, files, &[b"h2"], "gRPC", &metrics)?;
+        Some(tls) => {
+            let accepted = tls_acceptor(grpc_listener, tls, "gRPC", &metrics);
             let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted)
                 .map(|(conn, _)| Ok::<_, std::io::Error>(TlsConn(conn)));
             tokio::spawn(async move {
@@ -396,27 +409,16 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let http_stopped = async move {
         let _ = http_stop.wait_for(|s| *s).await;
     };
-    let http = match &config.tls {
+    let http = match http_tls {
         None => tokio::spawn(async move {
             axum::serve(http_listener, app)
                 .with_graceful_shutdown(http_stopped)
                 .await
                 .context("HTTP server")
         }),
-        Some(files) => {
-            // No client certificates here: browsers use the token instead.
-            let files = ServerTlsFiles {
-                client_ca: None,
-                ..files.clone()
-            };
+        Some(tls) => {
             let listener = TlsListener {
-                accepted: tls_acceptor(
-                    http_listener,
-                    &files,
-                    &[b"h2", b"http/1.1"],
-                    "HTTP",
-                    &metrics,
-                )?,
+                accepted: tls_acceptor(http_listener, tls, "HTTP", &metrics),
                 local: http_addr,
             };
             tokio::spawn(async move {
