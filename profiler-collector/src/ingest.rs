@@ -1,4 +1,5 @@
-//! The gRPC ingest service: validate, store once, acknowledge.
+//! The gRPC ingest service: validate, store once (through the group-commit
+//! [`StoreWriter`]), acknowledge after the commit.
 use std::{
     sync::{atomic::Ordering, Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -14,6 +15,7 @@ use crate::{
     overload::{push_back, RateLimiter},
     store::{Store, StoreError},
     validate::{validate, Limits},
+    writer::StoreWriter,
 };
 
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
@@ -26,7 +28,7 @@ pub fn now_ns() -> i64 {
 }
 
 pub struct IngestService {
-    pub store: SharedStore,
+    pub writer: StoreWriter,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     /// Largest accepted batch, encoded, in bytes.
@@ -74,47 +76,38 @@ impl Ingest for IngestService {
                 "window ended before the retention period: not stored",
             ));
         }
-        let store = self.store.clone();
-        let insert = tokio::task::spawn_blocking(move || {
-            let outcome = store
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(&valid);
-            (outcome, valid)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
-        match insert {
-            (Ok(Stored::New { samples }), valid) => {
+        let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
+        match self.writer.insert(valid).await {
+            Ok(Stored::New { samples }) => {
                 self.metrics.batches_stored.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .samples_stored
                     .fetch_add(samples, Ordering::Relaxed);
                 Ok(Response::new(Ack {
-                    agent_id: valid.agent_id,
-                    sequence: valid.sequence,
+                    agent_id,
+                    sequence,
                     newly_stored: true,
                     samples,
                 }))
             }
-            (Ok(Stored::Duplicate), valid) => {
+            Ok(Stored::Duplicate) => {
                 self.metrics
                     .batches_duplicate
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(Response::new(Ack {
-                    agent_id: valid.agent_id,
-                    sequence: valid.sequence,
+                    agent_id,
+                    sequence,
                     newly_stored: false,
                     samples: 0,
                 }))
             }
-            (Err(StoreError::TooOld), _) => {
+            Err(StoreError::TooOld) => {
                 self.metrics.reject("older_than_retention");
                 Err(Status::invalid_argument(
                     "window ended before the retention period",
                 ))
             }
-            (Err(e), _) => {
+            Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("store failed: {e}");
                 Err(Status::unavailable(format!("store failed, try again: {e}")))

@@ -11,3 +11,4 @@ pub mod query;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod writer;

@@ -34,6 +34,7 @@ use crate::{
     overload::{RateLimiter, ShedLayer},
     store::{sqlite::SqliteStore, Store},
     validate::Limits,
+    writer::StoreWriter,
 };
 
 /// Default gRPC ingest address.
@@ -327,8 +328,12 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let http_addr = http_listener.local_addr()?;
 
     let retention_ns = config.retention.as_nanos().min(i64::MAX as u128) as i64;
+    // One writer thread stores every batch, in groups (group commit).
+    let (writer, writer_thread) =
+        StoreWriter::spawn(store.clone(), config.max_concurrent_batches.max(1))
+            .context("starting the store writer thread")?;
     let service = IngestServer::new(IngestService {
-        store: store.clone(),
+        writer,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
@@ -455,12 +460,20 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         }
     });
 
+    // Ends once the gRPC server (holding the writer's handles) has stopped
+    // and the last group is written.
+    let writer = tokio::task::spawn_blocking(move || {
+        writer_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the store writer thread panicked"))
+    });
+
     tracing::info!(%grpc_addr, %http_addr, "collector serving");
     Ok(RunningCollector {
         grpc_addr,
         http_addr,
         metrics,
         stop,
-        tasks: vec![grpc, http, retention],
+        tasks: vec![grpc, http, retention, writer],
     })
 }

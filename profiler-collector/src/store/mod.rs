@@ -12,6 +12,9 @@ pub enum StoreError {
     Schema(String),
     #[error("batch window ends before the retention cutoff")]
     TooOld,
+    /// The write of a whole group failed (each batch of it gets this).
+    #[error("store write failed: {0}")]
+    Write(String),
 }
 
 /// Size and content of a store, for `/metrics`.
@@ -27,6 +30,15 @@ pub struct StoreStats {
 pub trait Store: Send {
     /// Stores a validated batch atomically, once per (agent, sequence).
     fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError>;
+    /// Stores several batches, one outcome each, in order. When it returns,
+    /// every batch reported stored is durable; a failing batch must not
+    /// fail the others, and the same (agent, sequence) twice in `batches`
+    /// is stored once. A store that can commit a group at once (one
+    /// transaction, one sync) overrides this loop: see
+    /// [`crate::writer::StoreWriter`], which gathers the groups.
+    fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
+        batches.iter().map(|b| self.insert(b)).collect()
+    }
     /// Label names of samples whose window ends in `(start_ns, end_ns]`
     /// (every window belongs to exactly one of two adjacent ranges).
     fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError>;

@@ -4,15 +4,36 @@
 //! Stacks and label sets are stored once and samples reference them; a batch
 //! is stored in one transaction together with its (agent, sequence) id, so a
 //! batch is either fully stored once or not at all, even across a crash.
-use std::path::Path;
+//!
+//! Group commit: [`Store::insert_many`] writes many batches in one
+//! transaction (one sync), each inside a savepoint so a failing batch leaves
+//! the others stored. Stack and label-set ids are cached in memory (bounded)
+//! so a known stack is not looked up by its text.
+//!
+//! Rollups: the counts are also summed per hour (per label set and stack,
+//! and per stack alone) and per minute (per stack), in the same transaction
+//! as the raw rows, so they always agree with them. A query reads the
+//! coarsest rollup for the whole buckets inside its range and finer ones,
+//! then raw rows, only for the ragged ends (see [`plan`]). Bucket `k` of a
+//! grain `g` holds the windows ending in `(k g, (k + 1) g]`, the same
+//! `(start, end]` rule as queries.
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    path::Path,
+};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, types::Value, Connection, OptionalExtension};
 
 use super::{Store, StoreError, StoreStats};
-use crate::model::{Profile, Selector, Stored, ValidBatch};
+use crate::model::{Labels, Profile, Selector, Stored, ValidBatch};
+
+const MINUTE_NS: i64 = 60_000_000_000;
+const HOUR_NS: i64 = 3_600_000_000_000;
 
 /// Schema migrations; entry N brings the schema from version N to N + 1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE batches (
         agent_id TEXT NOT NULL,
         sequence INTEGER NOT NULL,
@@ -47,10 +68,304 @@ const MIGRATIONS: &[&str] = &[r#"
         count INTEGER NOT NULL
     );
     CREATE INDEX samples_by_time ON samples (window_end, label_set_id);
-"#];
+"#,
+    // Rollups, built from the samples already stored (window_end >= 1, so
+    // the integer division is the floor).
+    r#"
+    CREATE TABLE rollup_h (
+        hour INTEGER NOT NULL,
+        label_set_id INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (hour, label_set_id, stack_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_stack_h (
+        hour INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (hour, stack_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_stack_m (
+        minute INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (minute, stack_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rollup_h
+        SELECT (window_end - 1) / 3600000000000, label_set_id, stack_id, SUM(count)
+        FROM samples GROUP BY 1, 2, 3;
+    INSERT INTO rollup_stack_h
+        SELECT hour, stack_id, SUM(count) FROM rollup_h GROUP BY 1, 2;
+    INSERT INTO rollup_stack_m
+        SELECT (window_end - 1) / 60000000000, stack_id, SUM(count)
+        FROM samples GROUP BY 1, 2;
+"#,
+];
+
+/// A rollup table: counts per bucket of `grain` nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rollup {
+    pub table: &'static str,
+    /// The bucket column.
+    pub column: &'static str,
+    pub grain: i64,
+    /// Keyed by label set too (selector queries can use it).
+    pub per_label_set: bool,
+}
+
+pub const ROLLUP_H: Rollup = Rollup {
+    table: "rollup_h",
+    column: "hour",
+    grain: HOUR_NS,
+    per_label_set: true,
+};
+pub const ROLLUP_STACK_H: Rollup = Rollup {
+    table: "rollup_stack_h",
+    column: "hour",
+    grain: HOUR_NS,
+    per_label_set: false,
+};
+pub const ROLLUP_STACK_M: Rollup = Rollup {
+    table: "rollup_stack_m",
+    column: "minute",
+    grain: MINUTE_NS,
+    per_label_set: false,
+};
+pub const ROLLUPS: [Rollup; 3] = [ROLLUP_H, ROLLUP_STACK_H, ROLLUP_STACK_M];
+
+/// The bucket of `grain` holding a window that ends at `window_end_ns`.
+pub fn bucket(window_end_ns: i64, grain: i64) -> i64 {
+    window_end_ns.saturating_sub(1).div_euclid(grain)
+}
+
+/// The whole buckets `[lo, hi)` of `grain` inside `(start, end]`: they hold
+/// the windows ending in `(lo grain, hi grain]`.
+fn whole_buckets(start: i64, end: i64, grain: i64) -> Option<(i64, i64)> {
+    let lo = start.div_euclid(grain) + i64::from(start.rem_euclid(grain) != 0);
+    let hi = end.div_euclid(grain);
+    (lo < hi).then_some((lo, hi))
+}
+
+/// One piece of a query's range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Buckets `[lo, hi)` of a rollup.
+    Rollup { rollup: Rollup, lo: i64, hi: i64 },
+    /// Raw samples whose window ends in `(start, end]`.
+    Raw { start: i64, end: i64 },
+}
+
+/// Splits `(start, end]` into the whole buckets of the first (coarsest)
+/// rollup, then of the next ones for what is left at the ends, and raw
+/// ranges for the rest. The parts are disjoint and cover the range.
+pub fn plan(start: i64, end: i64, rollups: &[Rollup]) -> Vec<Part> {
+    fn split(start: i64, end: i64, rollups: &[Rollup], out: &mut Vec<Part>) {
+        if start >= end {
+            return;
+        }
+        let Some((first, rest)) = rollups.split_first() else {
+            out.push(Part::Raw { start, end });
+            return;
+        };
+        match whole_buckets(start, end, first.grain) {
+            None => split(start, end, rest, out),
+            Some((lo, hi)) => {
+                split(start, lo * first.grain, rest, out);
+                out.push(Part::Rollup {
+                    rollup: *first,
+                    lo,
+                    hi,
+                });
+                split(hi * first.grain, end, rest, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    split(start, end, rollups, &mut out);
+    out
+}
+
+/// Ids of known stacks and label sets, by a 128-bit hash of their text (two
+/// SipHash keys drawn at random, so a client cannot aim at a collision).
+/// Bounded: emptied when full. Entries added by a write that is rolled back
+/// are forgotten with it.
+struct IdCache {
+    ids: HashMap<u128, i64>,
+    cap: usize,
+}
+
+impl IdCache {
+    fn new(cap: usize) -> Self {
+        Self {
+            ids: HashMap::new(),
+            cap,
+        }
+    }
+    fn insert(&mut self, key: u128, id: i64) {
+        if self.ids.len() >= self.cap {
+            self.ids.clear();
+        }
+        self.ids.insert(key, id);
+    }
+}
+
+/// Most ids cached per kind (~32 bytes each).
+const ID_CACHE_CAP: usize = 1 << 18;
+
+struct Caches {
+    keys: (RandomState, RandomState),
+    stacks: IdCache,
+    sets: IdCache,
+    /// Windows ending before this were deleted by retention: refused.
+    retained_from: i64,
+}
+
+/// A cache entry made by the batch being written.
+enum Fresh {
+    Stack(u128),
+    Set(u128),
+}
+
+impl Caches {
+    fn key<T: std::hash::Hash + ?Sized>(&self, value: &T) -> u128 {
+        (u128::from(self.keys.0.hash_one(value)) << 64) | u128::from(self.keys.1.hash_one(value))
+    }
+
+    fn clear(&mut self) {
+        self.stacks.ids.clear();
+        self.sets.ids.clear();
+    }
+
+    fn forget(&mut self, fresh: &[Fresh]) {
+        for f in fresh {
+            match f {
+                Fresh::Stack(k) => self.stacks.ids.remove(k),
+                Fresh::Set(k) => self.sets.ids.remove(k),
+            };
+        }
+    }
+
+    fn stack_id(
+        &mut self,
+        conn: &Connection,
+        folded: &str,
+        fresh: &mut Vec<Fresh>,
+    ) -> Result<i64, StoreError> {
+        let key = self.key(folded);
+        if let Some(&id) = self.stacks.ids.get(&key) {
+            return Ok(id);
+        }
+        let found = conn
+            .prepare_cached("SELECT id FROM stacks WHERE folded = ?1")?
+            .query_row([folded], |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                conn.prepare_cached("INSERT INTO stacks (folded) VALUES (?1)")?
+                    .execute([folded])?;
+                fresh.push(Fresh::Stack(key));
+                conn.last_insert_rowid()
+            }
+        };
+        self.stacks.insert(key, id);
+        Ok(id)
+    }
+
+    fn set_id(
+        &mut self,
+        conn: &Connection,
+        labels: &Labels,
+        fresh: &mut Vec<Fresh>,
+    ) -> Result<i64, StoreError> {
+        let key = self.key(labels);
+        if let Some(&id) = self.sets.ids.get(&key) {
+            return Ok(id);
+        }
+        let text = canonical(labels);
+        let found = conn
+            .prepare_cached("SELECT id FROM label_sets WHERE canonical = ?1")?
+            .query_row([&text], |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                conn.prepare_cached("INSERT INTO label_sets (canonical) VALUES (?1)")?
+                    .execute([&text])?;
+                let id = conn.last_insert_rowid();
+                let mut label = conn.prepare_cached(
+                    "INSERT OR IGNORE INTO labels (name, value, label_set_id) VALUES (?1, ?2, ?3)",
+                )?;
+                for (name, value) in labels {
+                    label.execute(params![name, value, id])?;
+                }
+                fresh.push(Fresh::Set(key));
+                id
+            }
+        };
+        self.sets.insert(key, id);
+        Ok(id)
+    }
+}
+
+/// The rollup rows of a commit group, summed in memory before they are
+/// upserted (one upsert per distinct key instead of one per sample row).
+#[derive(Default)]
+struct GroupRollups {
+    per_set: HashMap<(i64, i64, i64), i64>,
+    stack_h: HashMap<(i64, i64), i64>,
+    stack_m: HashMap<(i64, i64), i64>,
+}
+
+impl GroupRollups {
+    /// Adds a stored batch's rows: (label set id, stack id, count).
+    fn add(&mut self, window_end_ns: i64, rows: &[(i64, i64, i64)]) {
+        let h = bucket(window_end_ns, HOUR_NS);
+        let m = bucket(window_end_ns, MINUTE_NS);
+        for &(set, stack, n) in rows {
+            *self.per_set.entry((h, set, stack)).or_default() += n;
+            *self.stack_h.entry((h, stack)).or_default() += n;
+            *self.stack_m.entry((m, stack)).or_default() += n;
+        }
+    }
+
+    fn write(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        // In key order, so the upserts walk each B-tree once.
+        let mut per_set: Vec<_> = self.per_set.drain().collect();
+        per_set.sort_unstable();
+        let mut up = conn.prepare_cached(
+            "INSERT INTO rollup_h (hour, label_set_id, stack_id, count) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (hour, label_set_id, stack_id) DO UPDATE SET count = count + excluded.count",
+        )?;
+        for ((h, set, stack), n) in per_set {
+            up.execute(params![h, set, stack, n])?;
+        }
+        for (rollup, rows) in [
+            (ROLLUP_STACK_H, &mut self.stack_h),
+            (ROLLUP_STACK_M, &mut self.stack_m),
+        ] {
+            let mut rows: Vec<_> = rows.drain().collect();
+            rows.sort_unstable();
+            let mut up = conn.prepare_cached(&format!(
+                "INSERT INTO {t} ({c}, stack_id, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT ({c}, stack_id) DO UPDATE SET count = count + excluded.count",
+                t = rollup.table,
+                c = rollup.column
+            ))?;
+            for ((b, stack), n) in rows {
+                up.execute(params![b, stack, n])?;
+            }
+        }
+        Ok(())
+    }
+}
 
 pub struct SqliteStore {
     conn: Connection,
+    caches: Caches,
+    rollups: GroupRollups,
+    /// Resolved (label set, stack, count) of the batch being written.
+    rows: Vec<(i64, i64, i64)>,
 }
 
 impl SqliteStore {
@@ -73,8 +388,22 @@ impl SqliteStore {
         // Durable at commit: an acknowledged batch survives a crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // 64 MiB of page cache (the default is 2 MiB): the current hour's
+        // rollup rows and the recent index pages stay in memory.
+        conn.pragma_update(None, "cache_size", -65536)?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Self { conn };
+        let mut store = Self {
+            conn,
+            caches: Caches {
+                keys: (RandomState::new(), RandomState::new()),
+                stacks: IdCache::new(ID_CACHE_CAP),
+                sets: IdCache::new(ID_CACHE_CAP),
+                retained_from: i64::MIN,
+            },
+            rollups: GroupRollups::default(),
+            rows: Vec::new(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -103,6 +432,183 @@ impl SqliteStore {
         }
         Ok(())
     }
+
+    /// The connection, for benchmarks and diagnostics (not for writing
+    /// samples: the rollups must stay in step with them).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Writes a group in one transaction; `Err` when the whole group failed.
+    fn write_group(
+        &mut self,
+        batches: &[ValidBatch],
+    ) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
+        let Self {
+            conn,
+            caches,
+            rollups,
+            rows,
+        } = self;
+        let tx = conn.transaction()?;
+        let mut results = Vec::with_capacity(batches.len());
+        let mut fresh = Vec::new();
+        for batch in batches {
+            fresh.clear();
+            tx.prepare_cached("SAVEPOINT batch")?.execute([])?;
+            match insert_batch(&tx, caches, batch, rows, &mut fresh) {
+                Ok(stored) => {
+                    tx.prepare_cached("RELEASE batch")?.execute([])?;
+                    if let Stored::New { .. } = stored {
+                        rollups.add(batch.window_end_ns, rows);
+                    }
+                    results.push(Ok(stored));
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO batch; RELEASE batch")?;
+                    caches.forget(&fresh);
+                    results.push(Err(e));
+                }
+            }
+        }
+        rollups.write(&tx)?;
+        tx.commit()?;
+        Ok(results)
+    }
+
+    /// Sums per stack id of the samples a selector picks, from the parts of
+    /// `plan` (rollups) or from raw rows only.
+    fn stack_totals(
+        &self,
+        selector: &Selector,
+        use_rollups: bool,
+    ) -> Result<HashMap<i64, i64>, StoreError> {
+        let selected = !selector.matchers.is_empty();
+        let rollups: &[Rollup] = match (use_rollups, selected) {
+            (false, _) => &[],
+            (true, true) => &[ROLLUP_H],
+            (true, false) => &[ROLLUP_STACK_H, ROLLUP_STACK_M],
+        };
+        // Label sets matching every matcher; values are bound, never spliced.
+        // Arguments ?1 and ?2 are the part's bounds, the matchers follow.
+        let mut sets = String::new();
+        let mut matcher_args: Vec<Value> = Vec::new();
+        for (i, (name, value)) in selector.matchers.iter().enumerate() {
+            if i > 0 {
+                sets.push_str(" INTERSECT ");
+            }
+            let n = 3 + 2 * i;
+            sets.push_str(&format!(
+                "SELECT label_set_id FROM labels WHERE name = ?{n} AND value = ?{}",
+                n + 1
+            ));
+            matcher_args.push(name.clone().into());
+            matcher_args.push(value.clone().into());
+        }
+        let mut totals: HashMap<i64, i64> = HashMap::new();
+        for part in plan(selector.start_ns, selector.end_ns, rollups) {
+            let (sql, a, b) = match part {
+                Part::Raw { start, end } if selected => (
+                    format!(
+                        "SELECT stack_id, SUM(count) FROM samples
+                         WHERE window_end > ?1 AND window_end <= ?2 AND label_set_id IN ({sets})
+                         GROUP BY stack_id"
+                    ),
+                    start,
+                    end,
+                ),
+                Part::Raw { start, end } => (
+                    "SELECT stack_id, SUM(count) FROM samples
+                     WHERE window_end > ?1 AND window_end <= ?2 GROUP BY stack_id"
+                        .to_string(),
+                    start,
+                    end,
+                ),
+                // One seek per (hour, matching label set): the hours are
+                // listed so that both key columns are equalities.
+                Part::Rollup { rollup, lo, hi } if selected => (
+                    format!(
+                        "WITH RECURSIVE h(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM h WHERE b + 1 < ?2),
+                         m(id) AS ({sets})
+                         SELECT r.stack_id, SUM(r.count) FROM h, m, {t} r
+                         WHERE r.{c} = h.b AND r.label_set_id = m.id GROUP BY r.stack_id",
+                        t = rollup.table,
+                        c = rollup.column
+                    ),
+                    lo,
+                    hi,
+                ),
+                Part::Rollup { rollup, lo, hi } => (
+                    format!(
+                        "SELECT stack_id, SUM(count) FROM {t} WHERE {c} >= ?1 AND {c} < ?2
+                         GROUP BY stack_id",
+                        t = rollup.table,
+                        c = rollup.column
+                    ),
+                    lo,
+                    hi,
+                ),
+            };
+            let mut stmt = self.conn.prepare_cached(&sql)?;
+            let args = [Value::from(a), Value::from(b)]
+                .into_iter()
+                .chain(matcher_args.iter().cloned());
+            let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+            while let Some(row) = rows.next()? {
+                *totals.entry(row.get(0)?).or_default() += row.get::<_, i64>(1)?;
+            }
+        }
+        Ok(totals)
+    }
+
+    fn profile_from(&self, totals: HashMap<i64, i64>) -> Result<Profile, StoreError> {
+        let mut text = self
+            .conn
+            .prepare_cached("SELECT folded FROM stacks WHERE id = ?1")?;
+        let mut profile = Profile::default();
+        for (id, count) in totals {
+            let stack: String = text.query_row([id], |r| r.get(0))?;
+            profile.add(&stack, count as u64);
+        }
+        Ok(profile)
+    }
+
+    /// The profile from raw samples alone (what the rollups must agree
+    /// with; for tests and benchmarks).
+    pub fn profile_raw(&self, selector: &Selector) -> Result<Profile, StoreError> {
+        self.profile_from(self.stack_totals(selector, false)?)
+    }
+
+    /// SQL selecting the ids of label sets with samples in `(?1, ?2]`.
+    fn sets_in_range(start: i64, end: i64) -> (String, Vec<Value>) {
+        let mut sql = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        for part in plan(start, end, &[ROLLUP_H]) {
+            let n = args.len() + 1;
+            match part {
+                Part::Raw { start, end } => {
+                    sql.push(format!(
+                        "SELECT label_set_id FROM samples WHERE window_end > ?{n} AND window_end <= ?{}",
+                        n + 1
+                    ));
+                    args.extend([start.into(), end.into()]);
+                }
+                Part::Rollup { rollup, lo, hi } => {
+                    sql.push(format!(
+                        "SELECT label_set_id FROM {t} WHERE {c} >= ?{n} AND {c} < ?{}",
+                        n + 1,
+                        t = rollup.table,
+                        c = rollup.column
+                    ));
+                    args.extend([lo.into(), hi.into()]);
+                }
+            }
+        }
+        if sql.is_empty() {
+            sql.push("SELECT NULL WHERE 0".into());
+        }
+        (sql.join(" UNION "), args)
+    }
 }
 
 /// `name=value` lines: one text per distinct label set.
@@ -118,94 +624,107 @@ fn canonical(labels: &[(String, String)]) -> String {
     out
 }
 
-impl Store for SqliteStore {
-    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
-        let tx = self.conn.transaction()?;
-        let inserted = tx.execute(
+/// Stores one batch's id and raw rows (not its rollups), leaving its
+/// resolved rows in `rows`.
+fn insert_batch(
+    conn: &Connection,
+    caches: &mut Caches,
+    batch: &ValidBatch,
+    rows: &mut Vec<(i64, i64, i64)>,
+    fresh: &mut Vec<Fresh>,
+) -> Result<Stored, StoreError> {
+    rows.clear();
+    if batch.window_end_ns < caches.retained_from {
+        return Err(StoreError::TooOld);
+    }
+    let inserted = conn
+        .prepare_cached(
             "INSERT OR IGNORE INTO batches
              (agent_id, sequence, node, agent_version, window_start, window_end, frequency_hz, samples)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                batch.agent_id,
-                batch.sequence as i64,
-                batch.node,
-                batch.agent_version,
-                batch.window_start_ns,
-                batch.window_end_ns,
-                batch.frequency_hz,
-                batch.total() as i64,
-            ],
-        )?;
-        if inserted == 0 {
-            return Ok(Stored::Duplicate);
-        }
-        {
-            let mut stack_insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO stacks (folded) VALUES (?1)")?;
-            let mut stack_id = tx.prepare_cached("SELECT id FROM stacks WHERE folded = ?1")?;
-            let mut set_insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO label_sets (canonical) VALUES (?1)")?;
-            let mut set_id = tx.prepare_cached("SELECT id FROM label_sets WHERE canonical = ?1")?;
-            let mut label_insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO labels (name, value, label_set_id) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut sample_insert = tx.prepare_cached(
-                "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            // Database ids of the batch's label sets and stacks, resolved
-            // once each on first use.
-            let mut set_ids: Vec<Option<i64>> = vec![None; batch.label_sets.len()];
-            let mut stack_ids: Vec<Option<i64>> = vec![None; batch.stacks.len()];
-            for sample in &batch.samples {
-                let set = match set_ids[sample.label_set] {
-                    Some(id) => id,
-                    None => {
-                        let labels = &batch.label_sets[sample.label_set];
-                        let text = canonical(labels);
-                        let new = set_insert.execute([&text])? > 0;
-                        let id: i64 = set_id.query_row([&text], |r| r.get(0))?;
-                        if new {
-                            for (name, value) in labels {
-                                label_insert.execute(params![name, value, id])?;
-                            }
-                        }
-                        set_ids[sample.label_set] = Some(id);
-                        id
-                    }
-                };
-                let stack = match stack_ids[sample.stack] {
-                    Some(id) => id,
-                    None => {
-                        let folded = &batch.stacks[sample.stack];
-                        stack_insert.execute([folded])?;
-                        let id: i64 = stack_id.query_row([folded], |r| r.get(0))?;
-                        stack_ids[sample.stack] = Some(id);
-                        id
-                    }
-                };
-                sample_insert.execute(params![
-                    batch.window_start_ns,
-                    batch.window_end_ns,
-                    set,
-                    stack,
-                    sample.count as i64
-                ])?;
+        )?
+        .execute(params![
+            batch.agent_id,
+            batch.sequence as i64,
+            batch.node,
+            batch.agent_version,
+            batch.window_start_ns,
+            batch.window_end_ns,
+            batch.frequency_hz,
+            batch.total() as i64,
+        ])?;
+    if inserted == 0 {
+        return Ok(Stored::Duplicate);
+    }
+    let mut sample_insert = conn.prepare_cached(
+        "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    // Database ids of the batch's label sets and stacks, resolved once each
+    // on first use.
+    let mut set_ids: Vec<Option<i64>> = vec![None; batch.label_sets.len()];
+    let mut stack_ids: Vec<Option<i64>> = vec![None; batch.stacks.len()];
+    for sample in &batch.samples {
+        let set = match set_ids[sample.label_set] {
+            Some(id) => id,
+            None => {
+                let id = caches.set_id(conn, &batch.label_sets[sample.label_set], fresh)?;
+                set_ids[sample.label_set] = Some(id);
+                id
+            }
+        };
+        let stack = match stack_ids[sample.stack] {
+            Some(id) => id,
+            None => {
+                let id = caches.stack_id(conn, &batch.stacks[sample.stack], fresh)?;
+                stack_ids[sample.stack] = Some(id);
+                id
+            }
+        };
+        let count = sample.count as i64;
+        sample_insert.execute(params![
+            batch.window_start_ns,
+            batch.window_end_ns,
+            set,
+            stack,
+            count
+        ])?;
+        rows.push((set, stack, count));
+    }
+    Ok(Stored::New {
+        samples: batch.total(),
+    })
+}
+
+impl Store for SqliteStore {
+    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
+        self.insert_many(std::slice::from_ref(batch))
+            .pop()
+            .unwrap_or(Err(StoreError::Write("no outcome".into())))
+    }
+
+    fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
+        match self.write_group(batches) {
+            Ok(results) => results,
+            Err(e) => {
+                // Rolled back: ids cached by this group may not exist.
+                self.caches.clear();
+                self.rollups = GroupRollups::default();
+                let message = e.to_string();
+                batches
+                    .iter()
+                    .map(|_| Err(StoreError::Write(message.clone())))
+                    .collect()
             }
         }
-        tx.commit()?;
-        Ok(Stored::New {
-            samples: batch.total(),
-        })
     }
 
     fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT DISTINCT name FROM labels WHERE label_set_id IN
-               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?1 AND window_end <= ?2)
-             ORDER BY name",
-        )?;
-        let rows = stmt.query_map(params![start_ns, end_ns], |r| r.get(0))?;
+        let (sets, args) = Self::sets_in_range(start_ns, end_ns);
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT DISTINCT name FROM labels WHERE label_set_id IN ({sets}) ORDER BY name"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -215,55 +734,21 @@ impl Store for SqliteStore {
         start_ns: i64,
         end_ns: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT DISTINCT value FROM labels WHERE name = ?1 AND label_set_id IN
-               (SELECT DISTINCT label_set_id FROM samples WHERE window_end > ?2 AND window_end <= ?3)
-             ORDER BY value",
-        )?;
-        let rows = stmt.query_map(params![name, start_ns, end_ns], |r| r.get(0))?;
+        let (sets, mut args) = Self::sets_in_range(start_ns, end_ns);
+        let n = args.len() + 1;
+        args.push(name.to_string().into());
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT DISTINCT value FROM labels WHERE name = ?{n} AND label_set_id IN ({sets})
+             ORDER BY value"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
-        // Sum per stack id first, then join the stack text once per stack:
-        // joining first would carry every row's text through the grouping
-        // (5-10x slower, docs/collector-benchmarks.md). Label sets must match
-        // every matcher; values are bound, never spliced.
-        let mut sql = String::from(
-            "SELECT s.folded, t.total FROM (
-               SELECT x.stack_id, SUM(x.count) AS total FROM samples x
-               WHERE x.window_end > ?1 AND x.window_end <= ?2",
-        );
-        let mut args: Vec<rusqlite::types::Value> =
-            vec![selector.start_ns.into(), selector.end_ns.into()];
-        if !selector.matchers.is_empty() {
-            sql.push_str(" AND x.label_set_id IN (");
-            for (i, (name, value)) in selector.matchers.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(" INTERSECT ");
-                }
-                let n = args.len();
-                sql.push_str(&format!(
-                    "SELECT label_set_id FROM labels WHERE name = ?{} AND value = ?{}",
-                    n + 1,
-                    n + 2
-                ));
-                args.push(name.clone().into());
-                args.push(value.clone().into());
-            }
-            sql.push(')');
-        }
-        sql.push_str(" GROUP BY x.stack_id) t JOIN stacks s ON s.id = t.stack_id");
-        let mut stmt = self.conn.prepare(&sql)?;
-        let mut profile = Profile::default();
-        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        for row in rows {
-            let (stack, count) = row?;
-            profile.add(&stack, count as u64);
-        }
-        Ok(profile)
+        // Sum per stack id first, then join the stack text once per stack
+        // (docs/collector-benchmarks.md).
+        self.profile_from(self.stack_totals(selector, true)?)
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -290,23 +775,61 @@ impl Store for SqliteStore {
 
     fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
+        // Rollups first, from the raw rows about to go: buckets wholly
+        // before the cutoff are deleted, the one the cutoff splits loses
+        // the counts of its deleted windows.
+        for rollup in ROLLUPS {
+            let (t, c, g) = (rollup.table, rollup.column, rollup.grain);
+            let split = bucket(cutoff_ns.saturating_sub(1), g);
+            tx.execute(&format!("DELETE FROM {t} WHERE {c} < ?1"), [split])?;
+            let key = if rollup.per_label_set {
+                "label_set_id, stack_id"
+            } else {
+                "stack_id"
+            };
+            let on = if rollup.per_label_set {
+                "r.label_set_id = d.label_set_id AND r.stack_id = d.stack_id"
+            } else {
+                "r.stack_id = d.stack_id"
+            };
+            tx.execute(
+                &format!(
+                    "UPDATE {t} AS r SET count = r.count - d.n
+                     FROM (SELECT {key}, SUM(count) AS n FROM samples
+                           WHERE window_end > ?1 AND window_end < ?2 GROUP BY {key}) AS d
+                     WHERE r.{c} = ?3 AND {on}"
+                ),
+                params![split.saturating_mul(g), cutoff_ns, split],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM {t} WHERE {c} = ?1 AND count <= 0"),
+                [split],
+            )?;
+        }
         let samples = tx.execute("DELETE FROM samples WHERE window_end < ?1", [cutoff_ns])?;
         tx.execute("DELETE FROM batches WHERE window_end < ?1", [cutoff_ns])?;
         if samples > 0 {
+            // The rollups name exactly the stacks and label sets that
+            // samples do, and are far smaller to search.
             tx.execute(
-                "DELETE FROM stacks WHERE id NOT IN (SELECT DISTINCT stack_id FROM samples)",
+                "DELETE FROM stacks WHERE id NOT IN (SELECT stack_id FROM rollup_stack_h)",
                 [],
             )?;
             tx.execute(
-                "DELETE FROM labels WHERE label_set_id NOT IN (SELECT DISTINCT label_set_id FROM samples)",
+                "DELETE FROM labels WHERE label_set_id NOT IN (SELECT label_set_id FROM rollup_h)",
                 [],
             )?;
             tx.execute(
-                "DELETE FROM label_sets WHERE id NOT IN (SELECT DISTINCT label_set_id FROM samples)",
+                "DELETE FROM label_sets WHERE id NOT IN (SELECT label_set_id FROM rollup_h)",
                 [],
             )?;
         }
         tx.commit()?;
+        // Deleted stacks and label sets must not be found in the caches.
+        if samples > 0 {
+            self.caches.clear();
+        }
+        self.caches.retained_from = self.caches.retained_from.max(cutoff_ns);
         Ok(samples as u64)
     }
 }
@@ -323,6 +846,35 @@ impl SqliteStore {
             )
             .optional()?
             .is_some())
+    }
+
+    /// Rows where a rollup differs from the sums of the raw samples (0 when
+    /// consistent); for tests and after bulk changes.
+    pub fn rollup_mismatches(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for rollup in ROLLUPS {
+            let (t, c, g) = (rollup.table, rollup.column, rollup.grain);
+            let key = if rollup.per_label_set {
+                "label_set_id, stack_id"
+            } else {
+                "stack_id"
+            };
+            let raw = format!(
+                "SELECT (window_end - 1) / {g} AS {c}, {key}, SUM(count) AS count FROM samples
+                 GROUP BY 1, {key}"
+            );
+            let stored = format!("SELECT {c}, {key}, count FROM {t}");
+            let n: i64 = self.conn.query_row(
+                &format!(
+                    "SELECT (SELECT COUNT(*) FROM ({raw} EXCEPT {stored}))
+                          + (SELECT COUNT(*) FROM ({stored} EXCEPT {raw}))"
+                ),
+                [],
+                |r| r.get(0),
+            )?;
+            total += n as u64;
+        }
+        Ok(total)
     }
 }
 
@@ -455,5 +1007,314 @@ mod tests {
         drop(store);
         let err = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(err.contains("newer than this collector supports"), "{err}");
+    }
+}
+
+/// Group commit and rollups against the raw rows.
+#[cfg(test)]
+mod rollup_tests {
+    use super::*;
+    use crate::model::BatchSample;
+
+    const S: i64 = 1_000_000_000;
+
+    /// xorshift64*, reproducible.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: i64) -> i64 {
+            (self.next() % n as u64) as i64
+        }
+    }
+
+    const T0: i64 = 1_700_000_000 * S - 1_700_000_000 * S % HOUR_NS;
+
+    /// A batch of agent `agent` ending at `end`: random processes, pods and
+    /// stacks.
+    fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch {
+        let mut label_sets = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let mut l = vec![
+                ("node".to_string(), format!("n{agent}")),
+                ("process".to_string(), format!("p{}", rng.below(4))),
+            ];
+            if rng.below(2) == 0 {
+                l.push(("pod".to_string(), format!("pod{}", rng.below(3))));
+            }
+            l.sort();
+            l.dedup_by(|a, b| a.0 == b.0);
+            if !label_sets.contains(&l) {
+                label_sets.push(l);
+            }
+        }
+        let mut stacks = Vec::new();
+        for _ in 0..1 + rng.below(4) {
+            let s = format!("main;f{};g{}", rng.below(5), rng.below(3));
+            if !stacks.contains(&s) {
+                stacks.push(s);
+            }
+        }
+        let mut samples = Vec::new();
+        for l in 0..label_sets.len() {
+            for s in 0..stacks.len() {
+                if rng.below(3) > 0 {
+                    samples.push(BatchSample {
+                        label_set: l,
+                        stack: s,
+                        count: 1 + rng.below(9) as u64,
+                    });
+                }
+            }
+        }
+        if samples.is_empty() {
+            samples.push(BatchSample {
+                label_set: 0,
+                stack: 0,
+                count: 1,
+            });
+        }
+        ValidBatch {
+            agent_id: format!("a{agent}"),
+            sequence: seq,
+            node: format!("n{agent}"),
+            agent_version: "0".into(),
+            window_start_ns: end - 10 * S,
+            window_end_ns: end,
+            frequency_hz: 19,
+            label_sets,
+            stacks,
+            samples,
+        }
+    }
+
+    /// A time near the data: often exactly on an hour or minute boundary.
+    fn random_time(rng: &mut Rng, hours: i64) -> i64 {
+        match rng.below(4) {
+            0 => T0 + rng.below(hours + 2) * HOUR_NS,
+            1 => T0 + rng.below((hours + 2) * 60) * MINUTE_NS,
+            2 => T0 + rng.below((hours + 2) * 360) * 10 * S,
+            _ => T0 + rng.below((hours + 2) * HOUR_NS),
+        }
+    }
+
+    fn selectors(rng: &mut Rng, start: i64, end: i64) -> Vec<Selector> {
+        let sel = |m: &[(&str, String)]| Selector {
+            matchers: m.iter().map(|(a, b)| (a.to_string(), b.clone())).collect(),
+            start_ns: start,
+            end_ns: end,
+        };
+        vec![
+            sel(&[]),
+            sel(&[("process", format!("p{}", rng.below(4)))]),
+            sel(&[
+                ("node", format!("n{}", rng.below(3))),
+                ("pod", format!("pod{}", rng.below(3))),
+            ]),
+        ]
+    }
+
+    fn check_queries(store: &SqliteStore, rng: &mut Rng, hours: i64, queries: usize) {
+        let mut fixed = vec![
+            (T0, T0 + HOUR_NS),                               // one whole hour
+            (T0, T0 + hours * HOUR_NS),                       // aligned, all
+            (T0 + 10 * S, T0 + HOUR_NS - 10 * S),             // inside one hour
+            (T0 - HOUR_NS, T0 + (hours + 1) * HOUR_NS),       // wider than the data
+            (T0 + HOUR_NS - 1, T0 + 2 * HOUR_NS + 1),         // one ns past each end
+            (T0 + 30 * MINUTE_NS, T0 + 2 * HOUR_NS + 30 * S), // ragged, minute tiers
+        ];
+        for _ in 0..queries {
+            let (a, b) = (random_time(rng, hours), random_time(rng, hours));
+            if a != b {
+                fixed.push((a.min(b), a.max(b)));
+            }
+        }
+        for (start, end) in fixed {
+            for sel in selectors(rng, start, end) {
+                assert_eq!(
+                    store.profile(&sel).unwrap(),
+                    store.profile_raw(&sel).unwrap(),
+                    "rollups and raw rows differ for {sel:?}: plan {:?}",
+                    plan(start, end, &[ROLLUP_STACK_H, ROLLUP_STACK_M])
+                );
+            }
+            assert_eq!(
+                store.label_values("pod", start, end).unwrap(),
+                raw_label_values(store, "pod", start, end)
+            );
+        }
+    }
+
+    fn raw_label_values(store: &SqliteStore, name: &str, start: i64, end: i64) -> Vec<String> {
+        let mut stmt = store
+            .conn
+            .prepare(
+                "SELECT DISTINCT value FROM labels WHERE name = ?1 AND label_set_id IN
+                 (SELECT label_set_id FROM samples WHERE window_end > ?2 AND window_end <= ?3)
+                 ORDER BY value",
+            )
+            .unwrap();
+        stmt.query_map(params![name, start, end], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_plan_covers_the_range_once() {
+        let tiers = [ROLLUP_STACK_H, ROLLUP_STACK_M];
+        let mut rng = Rng(7);
+        for _ in 0..2000 {
+            let (a, b) = (random_time(&mut rng, 4), random_time(&mut rng, 4));
+            let (start, end) = (a.min(b), a.max(b));
+            let mut at = start;
+            for part in plan(start, end, &tiers) {
+                let (s, e) = match part {
+                    Part::Raw { start, end } => (start, end),
+                    Part::Rollup { rollup, lo, hi } => (lo * rollup.grain, hi * rollup.grain),
+                };
+                assert_eq!(s, at, "parts are contiguous: {start}..{end}");
+                assert!(e > s);
+                at = e;
+            }
+            assert!(at == end || start == end);
+        }
+        // A window ending exactly on the hour belongs to the hour before.
+        assert_eq!(bucket(T0 + HOUR_NS, HOUR_NS), bucket(T0 + 1, HOUR_NS));
+        assert_eq!(
+            plan(T0, T0 + HOUR_NS, &tiers),
+            vec![Part::Rollup {
+                rollup: ROLLUP_STACK_H,
+                lo: T0 / HOUR_NS,
+                hi: T0 / HOUR_NS + 1
+            }]
+        );
+    }
+
+    #[test]
+    fn rollups_answer_like_raw_rows_and_survive_retention() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut rng = Rng(42);
+        let hours = 5;
+        // Three agents, windows of 10 s (some end exactly on the hour),
+        // sent in groups of random size, with duplicates.
+        let mut pending = Vec::new();
+        for w in 1..=hours * 360 {
+            for agent in 0..3 {
+                let end = T0 + w * 10 * S - if agent == 2 { 3 * S } else { 0 };
+                pending.push(random_batch(&mut rng, agent, w as u64, end));
+                if rng.below(5) == 0 {
+                    pending.push(pending[pending.len() - 1].clone());
+                }
+                if rng.below(4) == 0 {
+                    let results = store.insert_many(&pending);
+                    assert!(results.iter().all(|r| r.is_ok()));
+                    pending.clear();
+                }
+            }
+        }
+        store.insert_many(&pending);
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
+        check_queries(&store, &mut rng, hours, 150);
+
+        // Retention at an unaligned time, on the hour, on a minute.
+        for cutoff in [
+            T0 + HOUR_NS + 17 * MINUTE_NS + 5 * S,
+            T0 + 2 * HOUR_NS,
+            T0 + 2 * HOUR_NS + 30 * MINUTE_NS,
+        ] {
+            store.retain(cutoff).unwrap();
+            assert_eq!(
+                store.rollup_mismatches().unwrap(),
+                0,
+                "after retain({cutoff})"
+            );
+            check_queries(&store, &mut rng, hours, 40);
+        }
+        // What retention deleted stays deleted, and ids stay right for new
+        // batches after the cache was emptied.
+        let b = random_batch(&mut rng, 1, 100_000, T0 + hours * HOUR_NS + 5 * S);
+        assert!(matches!(store.insert(&b), Ok(Stored::New { .. })));
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
+        check_queries(&store, &mut rng, hours + 1, 40);
+    }
+
+    #[test]
+    fn a_failing_batch_leaves_its_group_stored() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut rng = Rng(3);
+        let old = random_batch(&mut rng, 0, 1, T0 + 10 * S);
+        store.insert(&old).unwrap();
+        store.retain(T0 + HOUR_NS).unwrap();
+        let a = random_batch(&mut rng, 0, 2, T0 + 2 * HOUR_NS);
+        let mut too_old = random_batch(&mut rng, 1, 3, T0 + 20 * S);
+        too_old.stacks.push("only;in;the;failing;batch".into());
+        too_old.samples.push(BatchSample {
+            label_set: 0,
+            stack: too_old.stacks.len() - 1,
+            count: 1,
+        });
+        let b = random_batch(&mut rng, 2, 4, T0 + 2 * HOUR_NS);
+        let results = store.insert_many(&[a.clone(), too_old, b.clone(), a.clone()]);
+        assert!(matches!(results[0], Ok(Stored::New { .. })));
+        assert!(matches!(results[1], Err(StoreError::TooOld)));
+        assert!(matches!(results[2], Ok(Stored::New { .. })));
+        assert!(
+            matches!(results[3], Ok(Stored::Duplicate)),
+            "same batch twice in a group"
+        );
+        let all = Selector {
+            matchers: vec![],
+            start_ns: 0,
+            end_ns: T0 + 3 * HOUR_NS,
+        };
+        assert_eq!(store.profile(&all).unwrap().total(), a.total() + b.total());
+        assert_eq!(store.stats().unwrap().batches, 2);
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
+        // The stack of the failed batch was rolled back with it.
+        let n: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM stacks WHERE folded = 'only;in;the;failing;batch'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn the_migration_builds_rollups_for_existing_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let mut rng = Rng(9);
+        {
+            // A version-1 database: raw rows only.
+            let mut store = SqliteStore::open(&path).unwrap();
+            for w in 1..=400 {
+                let b = random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S);
+                store.insert(&b).unwrap();
+            }
+            store
+                .conn
+                .execute_batch(
+                    "DROP TABLE rollup_h; DROP TABLE rollup_stack_h; DROP TABLE rollup_stack_m;
+                     PRAGMA user_version = 1;",
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
+        let n: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM rollup_h", [], |r| r.get(0))
+            .unwrap();
+        assert!(n > 0);
+        check_queries(&store, &mut rng, 2, 40);
     }
 }
