@@ -6,9 +6,12 @@
 //! - `run` starts the collector and the agent: live flame graphs in the browser,
 //!   and a flame graph of the whole run under `target/profiles/` at the end.
 //! - `test` is what CI runs: set-up, fmt, clippy, unit tests, a short
-//!   fuzzing run and privileged tests.
+//!   fuzzing run, privileged tests and a smoke run of the benchmarks.
 //! - `fuzz` runs the fuzz targets of `fuzz/` for longer (cargo-fuzz, libFuzzer).
-//! - `bench` measures the profiler's overhead against perf (see `bench.rs`).
+//! - `bench` measures what the profiler costs (overhead against perf, kernel
+//!   cost per sample, agent footprint and start-up) and runs the
+//!   micro-benchmarks and the collector and symbolization benchmarks, for the
+//!   targets of issue 6 (see `bench/mod.rs`).
 mod bench;
 
 use std::{
@@ -52,7 +55,8 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
-    /// Set-up, fmt check, clippy, unit tests and privileged end-to-end tests.
+    /// Set-up, fmt check, clippy, unit tests, privileged end-to-end tests and
+    /// a smoke run of the benchmarks.
     Test,
     /// Build the fuzz targets (fuzz/) and run each, or one, for a while.
     Fuzz {
@@ -62,16 +66,21 @@ enum Task {
         /// One target (default: all of them).
         target: Option<String>,
     },
-    /// Benchmarks against perf and bcc; the report goes to docs/benchmarks.md
-    /// (needs root; about 10-15 minutes).
+    /// Every benchmark of issue 6; the report goes to docs/benchmarks.md
+    /// (needs root; about 14 minutes from a fresh clone).
     Bench {
-        /// A smoke run of every case (well under 2 minutes); report in
+        /// A short run of every case (about 3-4 minutes); report in
         /// target/bench/report.md.
         #[arg(long)]
         quick: bool,
-        /// One benchmark only: overhead or kernel-cost.
+        /// One benchmark only: overhead, kernel-cost, footprint, startup,
+        /// criterion, collector or symbolize (report in target/bench/report.md).
         #[arg(long, value_name = "NAME")]
         only: Option<String>,
+        /// Run the debug binaries instead of release ones, as the smoke run of
+        /// `cargo xtask test` does: the figures mean nothing.
+        #[arg(long)]
+        debug_build: bool,
     },
 }
 
@@ -93,7 +102,15 @@ fn main() -> Result<()> {
             setup()?;
             fuzz(seconds, target.as_deref())
         }
-        Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
+        Task::Bench {
+            quick,
+            only,
+            debug_build,
+        } => bench::bench(bench::Options {
+            quick,
+            only,
+            debug_build,
+        }),
     }
 }
 
@@ -433,6 +450,18 @@ fn test() -> Result<()> {
         status(&mut as_root(
             &cargo_bin,
             &["test", "-p", "profiler-tests", "--", "--test-threads=1"],
+        ))?;
+    }
+    // Every benchmark, briefly, on the debug build: breaks show in CI, the
+    // figures (target/bench/report.md) mean nothing.
+    step("smoke run of the benchmarks (debug build; report in target/bench/report.md)");
+    if is_root() {
+        bench::smoke()?;
+    } else {
+        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        status(&mut as_root(
+            &cargo_bin,
+            &["xtask", "bench", "--quick", "--debug-build"],
         ))?;
     }
     eprintln!(

@@ -1,23 +1,38 @@
 //! `cargo xtask bench`: what the profiler costs, measured side by side with
-//! what operators would use instead (issue 6).
+//! what operators would use instead, and every performance target of issue 6.
 //!
-//! - `overhead`: a fixed amount of CPU-bound work on every CPU (C with shallow
-//!   and deep stacks, Go, a syscall-heavy C loop), timed with no profiler, the
-//!   agent at 19 and 99 Hz, `perf record -F 99 -a -g` and bcc's `profile` (when
-//!   it works here). The cases run interleaved (A B C A B C ...) so a drift of
-//!   the machine hits every case alike; medians and ratios to the unprofiled
-//!   run are reported.
-//! - `kernel-cost`: with `kernel.bpf_stats_enabled=1`, the kernel's own
-//!   run_time_ns / run_cnt of the agent's perf_event program while workloads
-//!   with about 5, 30 and 120 frames run on every CPU.
+//! - `overhead`: a fixed amount of CPU-bound work on every CPU, timed with no
+//!   profiler, the agent at 19 and 99 Hz and `perf record -F 99 -a -g`
+//!   (`overhead.rs`).
+//! - `kernel-cost`: the kernel's own run_time_ns / run_cnt of the agent's
+//!   perf_event program at about 5, 30 and 120 frames (`overhead.rs`).
+//! - `footprint`: the always-on agent's CPU and peak RSS on a busy host with
+//!   ~200 processes, some spawned continuously (`footprint.rs`).
+//! - `startup`: exec of the agent to its program attached on every CPU
+//!   (`footprint.rs`).
+//! - `criterion`: the Criterion micro-benchmarks of the hot paths, shortened
+//!   (`suites.rs`).
+//! - `collector`, `symbolize`: the example programs `ingest_bench`
+//!   (profiler-collector) and `symbolize_bench` (profiler-agent), each of
+//!   which writes a markdown section that the report includes verbatim
+//!   (`suites.rs`).
 //!
 //! The full run writes `docs/benchmarks.md`; `--quick` and `--only` write
 //! `target/bench/report.md` instead, so a smoke run never replaces the report.
+//! `cargo xtask test` ends with [`smoke`]: `--quick` on the debug binaries.
+mod footprint;
+mod overhead;
+mod suites;
+
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
+    io::{BufRead, BufReader, Read, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -25,21 +40,120 @@ use anyhow::{bail, Context, Result};
 
 use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root};
 
-/// The benchmarks `--only` can name.
-const BENCHMARKS: [&str; 2] = ["overhead", "kernel-cost"];
+/// The benchmarks, in the order they run; `--only` names one.
+const BENCHMARKS: [&str; 7] = [
+    "overhead",
+    "kernel-cost",
+    "footprint",
+    "startup",
+    "criterion",
+    "collector",
+    "symbolize",
+];
+
+/// How `cargo xtask bench` was asked to run.
+pub struct Options {
+    /// A short run of every case (smoke); report in target/bench/report.md.
+    pub quick: bool,
+    /// One benchmark only.
+    pub only: Option<String>,
+    /// Use the debug binaries (already built by `cargo xtask test`): the
+    /// figures mean nothing, only that every benchmark still runs.
+    pub debug_build: bool,
+}
 
 /// Sizes of one run: full, or the `--quick` smoke variant.
-struct Plan {
-    /// Rounds of the interleaved cases.
+pub(crate) struct Plan {
+    quick: bool,
+    /// Rounds of the interleaved overhead cases.
     rounds: usize,
-    /// Work per process, as a fraction of the full size (~3 s on this class
-    /// of machine).
+    /// Work per overhead process, as a fraction of the full size (~3 s on
+    /// this class of machine).
     scale: f64,
     /// How long each stack depth is sampled for the kernel cost.
     cost_seconds: u64,
+    /// How long the agent runs at each frequency in the footprint benchmark.
+    footprint_seconds: u64,
+    /// Long-lived processes of the footprint benchmark's busy host.
+    fleet_size: usize,
+    /// Agent start-ups timed.
+    startup_runs: usize,
+    /// Whether to try (and maybe install) bcc's `profile`.
+    try_bcc: bool,
 }
 
-pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+impl Plan {
+    fn new(quick: bool, debug_build: bool) -> Self {
+        if quick {
+            Plan {
+                quick,
+                rounds: 1,
+                scale: 0.1,
+                cost_seconds: 2,
+                footprint_seconds: 8,
+                fleet_size: 60,
+                startup_runs: 2,
+                try_bcc: !debug_build,
+            }
+        } else {
+            Plan {
+                quick,
+                rounds: 4,
+                scale: 0.6,
+                cost_seconds: 8,
+                footprint_seconds: 60,
+                fleet_size: 200,
+                startup_runs: 5,
+                try_bcc: true,
+            }
+        }
+    }
+}
+
+/// What the benchmarks share: sizes, paths and the binaries under test.
+pub(crate) struct Ctx {
+    plan: Plan,
+    root: PathBuf,
+    /// target/bench: logs, outputs, temporary files.
+    dir: PathBuf,
+    /// `--release`, or the debug binaries.
+    release: bool,
+    agent: PathBuf,
+    collector: PathBuf,
+    bins: Option<Workloads>,
+}
+
+impl Ctx {
+    /// target/release or target/debug.
+    fn target_dir(&self) -> PathBuf {
+        self.root
+            .join("target")
+            .join(if self.release { "release" } else { "debug" })
+    }
+
+    fn bins(&self) -> &Workloads {
+        self.bins.as_ref().expect("workloads are built first")
+    }
+}
+
+/// What the benchmarks measured, for the table of targets.
+#[derive(Default)]
+pub(crate) struct Figures {
+    overhead: Option<overhead::Verdict>,
+    /// Mean ns per sample at ~30 frames.
+    kernel_ns_30: Option<f64>,
+    /// Agent CPU at 19 Hz, % of one core.
+    agent_cpu_19: Option<f64>,
+    /// Highest VmHWM of the footprint runs, MiB, and the processes then.
+    peak_rss_mib: Option<(f64, usize)>,
+    /// Median exec-to-attached time, ms.
+    startup_ms: Option<f64>,
+    /// `BENCH key=value` figures of the example programs.
+    keys: BTreeMap<String, f64>,
+}
+
+pub fn bench(opts: Options) -> Result<()> {
+    let only = opts.only.as_deref();
     if let Some(name) = only {
         if !BENCHMARKS.contains(&name) {
             bail!("no benchmark {name:?}; there are {}", BENCHMARKS.join(", "));
@@ -49,81 +163,171 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         bail!("the benchmarks load eBPF programs and run perf -a: run `cargo xtask bench` as root");
     }
     let started = Instant::now();
-    let plan = if quick {
-        Plan {
-            rounds: 1,
-            scale: 0.1,
-            cost_seconds: 2,
+    let selected: Vec<&str> = BENCHMARKS
+        .iter()
+        .copied()
+        .filter(|b| only.is_none_or(|o| o == *b))
+        .collect();
+    let wants = |name: &str| selected.contains(&name);
+    let root = workspace_root();
+    // The example programs are other people's work in progress: say at once,
+    // not after ten minutes, that one is missing.
+    for (bench, package, example) in suites::EXAMPLES {
+        if wants(bench) && !suites::example_exists(&root, package, example) {
+            bail!(
+                "benchmark `{bench}` runs the example `{example}` of {package} \
+                 ({package}/examples/{example}.rs), which this checkout does not have; \
+                 run the others one by one with --only NAME"
+            );
         }
-    } else {
-        Plan {
-            rounds: 5,
-            scale: 1.0,
-            cost_seconds: 10,
-        }
-    };
+    }
     setup()?;
-    if !succeeds("sh", &["-c", "command -v perf && perf --version"]) {
+    if wants("overhead") && !succeeds("sh", &["-c", "command -v perf && perf --version"]) {
         apt_install(&["linux-perf"])?;
     }
-    if !succeeds("sh", &["-c", "command -v bpftool"]) {
+    if (wants("overhead") || wants("kernel-cost")) && !succeeds("sh", &["-c", "command -v bpftool"])
+    {
         apt_install(&["bpftool"])?;
     }
-    step("building the agent (release)");
-    cargo(&["build", "--release", "-p", "profiler-agent"])?;
-    let root = workspace_root();
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
-    let bins = build_workloads(&root, &dir)?;
-    let agent = root.join("target/release/profiler-agent");
+    let profile = if opts.debug_build { "debug" } else { "release" };
+    let mut ctx = Ctx {
+        plan: Plan::new(opts.quick, opts.debug_build),
+        agent: root.join("target").join(profile).join("profiler-agent"),
+        collector: root.join("target").join(profile).join("profiler-collector"),
+        root,
+        dir,
+        release: !opts.debug_build,
+        bins: None,
+    };
 
-    let mut report = String::new();
-    let run = |name: &str| only.is_none_or(|o| o == name);
-    if run("overhead") {
-        report += &overhead(&plan, &agent, &bins, &dir)?;
-    }
-    if run("kernel-cost") {
-        report += &kernel_cost(&plan, &agent, &bins, &dir)?;
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let t = Instant::now();
+    build(&mut ctx, &wants)?;
+    timings.push((
+        format!("build ({profile} binaries, workloads)"),
+        t.elapsed().as_secs_f64(),
+    ));
+
+    let mut figures = Figures::default();
+    let mut sections = String::new();
+    for name in &selected {
+        let t = Instant::now();
+        let section = match *name {
+            "overhead" => overhead::overhead(&ctx, &mut figures)?,
+            "kernel-cost" => overhead::kernel_cost(&ctx, &mut figures)?,
+            "footprint" => footprint::footprint(&ctx, &mut figures)?,
+            "startup" => footprint::startup(&ctx, &mut figures)?,
+            "criterion" => suites::criterion(&ctx)?,
+            "collector" | "symbolize" => suites::example_report(&ctx, name, &mut figures)?,
+            _ => unreachable!("checked above"),
+        };
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("    {name} took {secs:.0} s");
+        sections += &section;
+        timings.push(((*name).to_string(), secs));
     }
 
     let mut command = String::from("cargo xtask bench");
-    if quick {
+    if opts.quick {
         command += " --quick";
+    }
+    if opts.debug_build {
+        command += " --debug-build";
     }
     if let Some(o) = only {
         command += &format!(" --only {o}");
     }
-    report += "\n## Not measured yet\n\n\
-        Agent footprint (CPU and peak RSS with ~200 processes, start-up time), \
-        symbolization rate, collector ingest and query latency: issue 6, parts 3-5. \
-        Their targets are neither met nor missed until then.\n";
-    let doc = format!(
-        "{}{report}\nThe whole run took {:.0} s.\n",
-        header(&command),
-        started.elapsed().as_secs_f64()
-    );
-    let path = if quick || only.is_some() {
-        dir.join("report.md")
+    let total = started.elapsed().as_secs_f64();
+    let mut doc = header(&command, opts.quick, opts.debug_build);
+    doc += &targets_table(&figures, &selected);
+    doc += &timing_table(&timings, total);
+    doc += &sections;
+    let path = if opts.quick || only.is_some() || opts.debug_build {
+        ctx.dir.join("report.md")
     } else {
-        root.join("docs/benchmarks.md")
+        ctx.root.join("docs/benchmarks.md")
     };
     fs::write(&path, doc).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!(
-        "benchmarks done in {:.0} s: report in {}",
-        started.elapsed().as_secs_f64(),
+        "benchmarks done in {total:.0} s: report in {}",
         path.display()
     );
     Ok(())
 }
 
-/// The compiled workloads.
-struct Workloads {
-    /// `work DEPTH MILLIONS`: recursion to DEPTH, then an LCG loop.
+/// The smoke run at the end of `cargo xtask test`: every benchmark, briefly,
+/// on the debug binaries that the tests built. Fails if one breaks.
+pub fn smoke() -> Result<()> {
+    bench(Options {
+        quick: true,
+        only: None,
+        debug_build: true,
+    })
+}
+
+/// Builds what the selected benchmarks run, all before the first
+/// measurement, so no compiler competes with them.
+fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
+    let mut args: Vec<&str> = vec!["build"];
+    if ctx.release {
+        args.push("--release");
+    }
+    let mut packages = vec![];
+    let mut targets = vec![];
+    if ["overhead", "kernel-cost", "footprint", "startup"]
+        .iter()
+        .any(|b| wants(b))
+    {
+        packages.push("profiler-agent");
+        targets.extend(["--bin", "profiler-agent"]);
+    }
+    if wants("footprint") {
+        packages.push("profiler-collector");
+        targets.extend(["--bin", "profiler-collector"]);
+    }
+    for (bench, package, example) in suites::EXAMPLES {
+        if wants(bench) {
+            packages.push(package);
+            targets.extend(["--example", example]);
+        }
+    }
+    if !targets.is_empty() {
+        packages.sort_unstable();
+        packages.dedup();
+        for p in &packages {
+            args.extend(["-p", p]);
+        }
+        args.extend(&targets);
+        step(&format!(
+            "building what the benchmarks run ({})",
+            if ctx.release { "release" } else { "debug" }
+        ));
+        cargo(&args)?;
+    }
+    if wants("criterion") {
+        suites::build_criterion(ctx)?;
+    }
+    if ["overhead", "kernel-cost", "footprint"]
+        .iter()
+        .any(|b| wants(b))
+    {
+        ctx.bins = Some(build_workloads(&ctx.root, &ctx.dir)?);
+    }
+    Ok(())
+}
+
+/// The compiled workloads (xtask/workloads/).
+pub(crate) struct Workloads {
+    /// `work DEPTH MILLIONS`: recursion to DEPTH, then an LCG loop (0: forever).
     work: PathBuf,
     /// `sys THOUSANDS`: 4 KiB read + write pairs.
     sys: PathBuf,
     /// `gowork MILLIONS`.
     gowork: PathBuf,
+    /// `tick PERIOD_MS WORK_US`: wakes, works a little, sleeps; forever.
+    tick: PathBuf,
 }
 
 fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
@@ -133,8 +337,13 @@ fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
         work: dir.join("work"),
         sys: dir.join("sys"),
         gowork: dir.join("gowork"),
+        tick: dir.join("tick"),
     };
-    for (c, bin) in [("work.c", &bins.work), ("sys.c", &bins.sys)] {
+    for (c, bin) in [
+        ("work.c", &bins.work),
+        ("sys.c", &bins.sys),
+        ("tick.c", &bins.tick),
+    ] {
         super::status(
             Command::new("gcc")
                 .args(["-O0", "-fno-omit-frame-pointer", "-o"])
@@ -152,7 +361,7 @@ fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
 }
 
 /// Describes the machine and how to reproduce the figures.
-fn header(command: &str) -> String {
+fn header(command: &str, quick: bool, debug_build: bool) -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -178,26 +387,245 @@ fn header(command: &str) -> String {
     let date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let commit = output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
     let perf = output("perf", &["--version"]).unwrap_or_default();
+    let rustc = output("rustc", &["--version"]).unwrap_or_default();
     // Other work on the machine skews wall times: say how busy it was.
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "# Benchmarks\n\n\
-         What the profiler costs the machine it profiles, next to the tools an operator \
-         would otherwise use. Produced by `{command}` (as root; about 10-15 minutes on \
-         2 cores; needs the machine otherwise idle) from commit {commit}.\n\n\
+    let mut s = String::from("# Benchmarks\n\n");
+    if debug_build {
+        s += "**Smoke run on debug binaries: the figures below mean nothing.** It only shows \
+              that every benchmark still runs (`cargo xtask test` ends with it). The real \
+              report is docs/benchmarks.md, from `cargo xtask bench`.\n\n";
+    } else if quick {
+        s += "**Quick run: a few seconds per case, the figures are rough.** The real report \
+              is docs/benchmarks.md, from `cargo xtask bench`.\n\n";
+    }
+    let _ = write!(
+        s,
+        "What the profiler costs the machine it profiles, next to the tools an operator \
+         would otherwise use, and every performance target of issue 6. Produced by \
+         `{command}` (as root; about 14 minutes on 2 cores from a fresh clone, builds \
+         included; needs the machine otherwise idle) from commit {commit}.\n\n\
+         To reproduce: `git clone` this repository, then `cargo xtask bench` as root \
+         (`--only NAME` runs one of {names}; `--quick` runs all briefly).\n\n\
          | machine | |\n|---|---|\n\
          | CPU | {cpu} |\n| cores | {cores} |\n| RAM | {mem_gib:.1} GiB |\n\
-         | kernel | {kernel} |\n| system | {distro} |\n| perf | {perf} |\n| date | {date} |\n\
-         | load average at the end (1, 5, 15 min) | {load} |\n\n\
+         | kernel | {kernel} |\n| system | {distro} |\n| compiler | {rustc} |\n| perf | {perf} |\n\
+         | date | {date} |\n| load average at the end (1, 5, 15 min) | {load} |\n\n\
          Perf events here are software only (`cpu-clock`): the VM has no PMU.\n",
+        names = BENCHMARKS.join(", "),
         kernel = kernel.trim(),
         perf = perf.trim(),
+        rustc = rustc.trim(),
         date = date.trim(),
         commit = commit.trim(),
         cores = cores(),
         load = load.join(" "),
-    )
+    );
+    s
+}
+
+/// `met`, or `missed by ...`, for a figure against a limit.
+fn verdict(value: f64, limit: f64, at_most: bool, unit: &dyn Fn(f64) -> String) -> String {
+    let met = if at_most {
+        value <= limit
+    } else {
+        value >= limit
+    };
+    if met {
+        "**met**".into()
+    } else {
+        format!(
+            "**missed** by {} ({:.0} %)",
+            unit((value - limit).abs()),
+            ((value - limit).abs() / limit) * 100.0
+        )
+    }
+}
+
+/// The summary of every target of issue 6: what was measured and whether it
+/// is met.
+fn targets_table(f: &Figures, selected: &[&str]) -> String {
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let not = |bench: &str| {
+        if selected.contains(&bench) {
+            "not measured (see its section)".to_string()
+        } else {
+            format!("not measured (run without `--only`, or `--only {bench}`)")
+        }
+    };
+    let na = || "—".to_string();
+    let mut push = |what: &str, target: &str, measured: String, verdict: String| {
+        rows.push([what.into(), target.into(), measured, verdict]);
+    };
+
+    match &f.overhead {
+        Some(o) => {
+            let mut verdict = if o.agent <= 0.005 && o.agent < o.perf {
+                "**met**".to_string()
+            } else if o.agent > 0.005 {
+                format!("**missed** by {:.2} points", (o.agent - 0.005) * 100.0)
+            } else {
+                "**missed**: within 0.5 % but not below perf".to_string()
+            };
+            if o.busy_share < 0.9 {
+                verdict += &format!(
+                    " (machine busy: the workloads got {:.0} % of the CPUs, so this is noise)",
+                    o.busy_share * 100.0
+                );
+            }
+            push(
+                "workload slowdown, agent at 99 Hz",
+                "≤ 0.5 % and lower than `perf record -g` at 99 Hz",
+                format!(
+                    "worst {:+.2} % ({}); perf worst {:+.2} %; median over workloads {:+.2} % vs perf {:+.2} %",
+                    o.agent * 100.0,
+                    o.agent_workload,
+                    o.perf * 100.0,
+                    o.agent_median * 100.0,
+                    o.perf_median * 100.0
+                ),
+                verdict,
+            );
+        }
+        None => push(
+            "workload slowdown, agent at 99 Hz",
+            "≤ 0.5 % and lower than `perf record -g` at 99 Hz",
+            not("overhead"),
+            na(),
+        ),
+    }
+    match f.kernel_ns_30 {
+        Some(ns) => push(
+            "kernel cost per sample, 30 frames",
+            "≤ 2 µs mean",
+            format!("{:.2} µs", ns / 1000.0),
+            verdict(ns / 1000.0, 2.0, true, &|d| format!("{d:.2} µs")),
+        ),
+        None => push(
+            "kernel cost per sample, 30 frames",
+            "≤ 2 µs mean",
+            not("kernel-cost"),
+            na(),
+        ),
+    }
+    match f.agent_cpu_19 {
+        Some(pct) => push(
+            "agent CPU at 19 Hz, 2 busy CPUs",
+            "≤ 0.2 % of one core",
+            format!("{pct:.3} % of one core"),
+            verdict(pct, 0.2, true, &|d| format!("{d:.3} points")),
+        ),
+        None => push(
+            "agent CPU at 19 Hz, 2 busy CPUs",
+            "≤ 0.2 % of one core",
+            not("footprint"),
+            na(),
+        ),
+    }
+    match f.peak_rss_mib {
+        Some((mib, procs)) => push(
+            "agent peak RSS, 200 processes",
+            "≤ 48 MiB",
+            format!("{mib:.1} MiB ({procs} processes on the host)"),
+            verdict(mib, 48.0, true, &|d| format!("{d:.1} MiB")),
+        ),
+        None => push(
+            "agent peak RSS, 200 processes",
+            "≤ 48 MiB",
+            not("footprint"),
+            na(),
+        ),
+    }
+    match f.startup_ms {
+        Some(ms) => push(
+            "start-up (load + attach)",
+            "≤ 300 ms",
+            format!("{ms:.0} ms (median)"),
+            verdict(ms, 300.0, true, &|d| format!("{d:.0} ms")),
+        ),
+        None => push("start-up (load + attach)", "≤ 300 ms", not("startup"), na()),
+    }
+    let key = |k: &str| f.keys.get(k).copied();
+    match key("warm_frames_per_s") {
+        Some(v) => {
+            let cold = key("cold_frames_per_s")
+                .map(|c| format!(" (cold: {})", si(c, "frames/s")))
+                .unwrap_or_default();
+            push(
+                "warm symbolization",
+                "≥ 2 M frames/s",
+                format!("{}{cold}", si(v, "frames/s")),
+                verdict(v, 2e6, false, &|d| si(d, "frames/s")),
+            )
+        }
+        None => push(
+            "warm symbolization",
+            "≥ 2 M frames/s",
+            not("symbolize"),
+            na(),
+        ),
+    }
+    match key("ingest_samples_per_s") {
+        Some(v) => push(
+            "collector ingest",
+            "≥ 500 k samples/s on one core",
+            si(v, "samples/s"),
+            verdict(v, 5e5, false, &|d| si(d, "samples/s")),
+        ),
+        None => push(
+            "collector ingest",
+            "≥ 500 k samples/s on one core",
+            not("collector"),
+            na(),
+        ),
+    }
+    match key("query_24h_100_s") {
+        Some(v) => push(
+            "flame graph query, 24 h × 100 agents",
+            "≤ 1 s",
+            format!("{v:.3} s"),
+            verdict(v, 1.0, true, &|d| format!("{d:.3} s")),
+        ),
+        None => push(
+            "flame graph query, 24 h × 100 agents",
+            "≤ 1 s",
+            not("collector"),
+            na(),
+        ),
+    }
+    let mut s = String::from(
+        "\n## Targets (issue 6)\n\n| what | target | measured | verdict |\n|---|---|---|---|\n",
+    );
+    for [a, b, c, d] in rows {
+        let _ = writeln!(s, "| {a} | {b} | {c} | {d} |");
+    }
+    s += "\nEach figure comes from the section of its benchmark below, which says how it \
+          was measured; \"missed\" says by how much.\n";
+    s
+}
+
+fn timing_table(timings: &[(String, f64)], total: f64) -> String {
+    let mut s = String::from("\n## Time taken\n\n| step | seconds |\n|---|---:|\n");
+    for (name, secs) in timings {
+        let _ = writeln!(s, "| {name} | {secs:.0} |");
+    }
+    let _ = writeln!(
+        s,
+        "| **whole run** (set-up checks included) | **{total:.0}** |"
+    );
+    s
+}
+
+/// `1.23 M unit`, `456 k unit`.
+fn si(v: f64, unit: &str) -> String {
+    if v >= 1e6 {
+        format!("{:.2} M {unit}", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0} k {unit}", v / 1e3)
+    } else {
+        format!("{v:.1} {unit}")
+    }
 }
 
 fn cores() -> usize {
@@ -214,111 +642,157 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Waits for `pid` and returns its CPU time (user + system) in seconds, from
-/// wait4's rusage: the child's own figure, not the parent's running total.
-fn wait_cpu(child: Child) -> Result<(std::process::ExitStatus, f64)> {
+/// Waits for a child and returns its CPU time (user + system) in seconds,
+/// from wait4's rusage: the child's own figure, not the parent's running
+/// total. Past `timeout` the child is killed and this fails.
+fn wait_cpu(child: Child, timeout: Duration) -> Result<(ExitStatus, f64)> {
     use std::os::unix::process::ExitStatusExt;
     let pid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + timeout;
     let mut status = 0;
     // SAFETY: rusage is plain data, filled by the kernel.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; `child` is not waited on again.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if r != pid {
-        bail!("wait4({pid}): {}", std::io::Error::last_os_error());
+    loop {
+        // SAFETY: waits for our own child; `child` is not waited on again.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        if r != 0 {
+            bail!("wait4({pid}): {}", std::io::Error::last_os_error());
+        }
+        if Instant::now() > deadline {
+            // SAFETY: plain kill(2) and a blocking wait on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::wait4(pid, &mut status, 0, &mut usage);
+            }
+            bail!("process {pid} did not exit within {timeout:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok((
-        std::process::ExitStatus::from_raw(status),
+        ExitStatus::from_raw(status),
         secs(usage.ru_utime) + secs(usage.ru_stime),
     ))
 }
 
-/// A profiler running in the background during a run.
-struct Running {
-    child: Child,
+/// What the agent logs (at info) once its program is attached on every CPU.
+const ATTACHED: &str = "profiler attached to cpu-clock on every online CPU";
+
+/// The agent, started and attached; killed if dropped without [`AgentRun::stop`].
+pub(crate) struct AgentRun {
+    child: Option<Child>,
+    /// Spawn (fork + exec) to the attached line on stderr.
+    attach: Duration,
+    log: Option<JoinHandle<()>>,
+    err_path: PathBuf,
 }
 
-impl Running {
-    /// Stops it with SIGINT (so it writes its output, outside the timed
-    /// window) and returns its CPU seconds.
-    fn stop(self) -> Result<f64> {
-        use std::os::unix::process::ExitStatusExt;
-        let pid = self.child.id() as libc::pid_t;
+impl AgentRun {
+    /// Starts `agent ARGS` with its stdout in `dir/NAME.out` and its log in
+    /// `dir/NAME.err`, and waits until it has attached on every CPU.
+    fn start(agent: &Path, args: &[String], dir: &Path, name: &str) -> Result<Self> {
+        let out = fs::File::create(dir.join(format!("{name}.out")))?;
+        let err_path = dir.join(format!("{name}.err"));
+        let mut err_file = fs::File::create(&err_path)?;
+        let spawned = Instant::now();
+        let mut child = Command::new(agent)
+            .args(args)
+            .env("RUST_LOG", "warn,profiler_agent=info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", agent.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        let log = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(ATTACHED) {
+                    let _ = tx.send(Instant::now());
+                }
+                let _ = writeln!(err_file, "{line}");
+            }
+        });
+        let mut run = AgentRun {
+            child: Some(child),
+            attach: Duration::ZERO,
+            log: Some(log),
+            err_path,
+        };
+        let deadline = spawned + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(at) => {
+                    run.attach = at - spawned;
+                    return Ok(run);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    let child = run.child.as_mut().expect("running");
+                    if let Some(st) = child.try_wait()? {
+                        bail!(
+                            "the agent exited ({st}) before attaching: see {}",
+                            run.err_path.display()
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "the agent did not attach within 30 s: see {}",
+                        run.err_path.display()
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let child = run.child.as_mut().expect("running");
+                    let st = child.wait()?;
+                    bail!(
+                        "the agent closed its log ({st}) without attaching: see {}",
+                        run.err_path.display()
+                    );
+                }
+            }
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().map_or(0, |c| c.id() as libc::pid_t)
+    }
+
+    /// Stops it with SIGINT (it drains and writes its outputs) and returns
+    /// its CPU seconds, start-up and shutdown included.
+    fn stop(mut self) -> Result<f64> {
+        let child = self.child.take().expect("running");
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let (st, cpu) = wait_cpu(self.child)?;
-        // perf re-raises SIGINT on itself once its file is written.
-        if !st.success() && st.signal() != Some(libc::SIGINT) {
-            bail!("the profiler exited with {st}");
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let (st, cpu) = wait_cpu(child, Duration::from_secs(60))?;
+        if let Some(log) = self.log.take() {
+            let _ = log.join();
+        }
+        if !st.success() {
+            bail!(
+                "the agent exited with {st}: see {}",
+                self.err_path.display()
+            );
         }
         Ok(cpu)
     }
 }
 
-/// One way to run a workload: with no profiler, or under one.
-#[derive(Clone)]
-enum Case {
-    None,
-    Agent(u64),
-    Perf,
-    Bcc(PathBuf),
-}
-
-impl Case {
-    fn name(&self) -> String {
-        match self {
-            Case::None => "no profiler".into(),
-            Case::Agent(hz) => format!("agent `record` {hz} Hz"),
-            Case::Perf => "`perf record -F 99 -a -g`".into(),
-            Case::Bcc(_) => "bcc `profile -F 99 -a`".into(),
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
-
-    fn start(&self, agent: &Path, dir: &Path) -> Result<Option<Running>> {
-        let log = |name: &str| -> Result<Stdio> { Ok(fs::File::create(dir.join(name))?.into()) };
-        let child = match self {
-            Case::None => return Ok(None),
-            Case::Agent(hz) => {
-                let before = bpf_progs()?;
-                let child = Command::new(agent)
-                    .args(["record", "--no-progress", "-F", &hz.to_string(), "-o"])
-                    .arg(dir.join("agent.svg"))
-                    .stdout(log("agent.log")?)
-                    .stderr(log("agent.err")?)
-                    .spawn()
-                    .context("cannot start the agent")?;
-                let mut running = Running { child };
-                wait_for_agent(&mut running.child, &before)?;
-                return Ok(Some(running));
-            }
-            Case::Perf => Command::new("perf")
-                .args(["record", "-q", "-F", "99", "-a", "-g", "-o"])
-                .arg(dir.join("perf.data"))
-                .stdout(log("perf.log")?)
-                .stderr(log("perf.err")?)
-                .spawn()
-                .context("cannot start perf")?,
-            Case::Bcc(tool) => Command::new(tool)
-                .args(["-F", "99", "-a", "-f"])
-                .stdout(log("bcc.out")?)
-                .stderr(log("bcc.err")?)
-                .spawn()
-                .context("cannot start bcc's profile")?,
-        };
-        // perf opens its events within milliseconds; bcc compiles first.
-        let settle = if matches!(self, Case::Bcc(_)) {
-            8000
-        } else {
-            1000
-        };
-        std::thread::sleep(Duration::from_millis(settle));
-        Ok(Some(Running { child }))
-    }
 }
 
-/// A perf_event program loaded in the kernel: id, name, run time and count
-/// (the last two only with kernel.bpf_stats_enabled=1).
+/// A perf_event program loaded in the kernel: id, run time and count (the
+/// last two only with kernel.bpf_stats_enabled=1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct ProgStats {
     id: u64,
@@ -358,380 +832,42 @@ fn bpf_progs() -> Result<Vec<ProgStats>> {
     Ok(progs)
 }
 
-/// Waits until the agent's program is loaded (a new `profile` program) and
-/// returns its id; attaching follows loading within milliseconds.
-fn wait_for_agent(child: &mut Child, before: &[ProgStats]) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Some(st) = child.try_wait()? {
-            bail!("the agent exited ({st}) before sampling: see target/bench/agent.err");
-        }
-        if let Some(p) = bpf_progs()?
-            .into_iter()
-            .filter(|p| before.iter().all(|b| b.id != p.id))
-            .max_by_key(|p| p.id)
-        {
-            // Loaded; give the perf events a moment to be attached on every CPU.
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(p.id);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("the agent did not load its eBPF program within 20 s")
+/// A free TCP port on the loopback interface.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
-/// A workload: one process per CPU, each doing a fixed amount of work.
-struct Workload {
-    name: &'static str,
-    program: PathBuf,
-    args: Vec<String>,
+/// A plain HTTP/1.0 GET (no chunked replies): the body if the status is 200.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .with_context(|| format!("reading http://{addr}{path}"))?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200") {
+        bail!("GET http://{addr}{path}: {status}");
+    }
+    Ok(body.to_string())
 }
 
-/// Runs one process of `w` per CPU; returns wall seconds (first start to
-/// last exit) and their CPU seconds summed.
-fn run_workload(w: &Workload) -> Result<(f64, f64)> {
-    let started = Instant::now();
-    let children = (0..cores())
-        .map(|_| {
-            Command::new(&w.program)
-                .args(&w.args)
-                .spawn()
-                .with_context(|| format!("cannot start {}", w.program.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut cpu = 0.0;
-    for child in children {
-        let (st, c) = wait_cpu(child)?;
-        if !st.success() {
-            bail!("workload {} failed: {st}", w.name);
-        }
-        cpu += c;
+/// Runs a command, echoing its stdout to stderr as it comes, and returns
+/// that output.
+fn run_teed(cmd: &mut Command) -> Result<(ExitStatus, String)> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let mut text = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        text += &line;
+        text.push('\n');
     }
-    Ok((started.elapsed().as_secs_f64(), cpu))
-}
-
-/// bcc's `profile`, if it is installed (or installable) and works here;
-/// otherwise why not.
-fn bcc_profile(dir: &Path) -> std::result::Result<PathBuf, String> {
-    let tool = PathBuf::from("/usr/sbin/profile-bpfcc");
-    if !tool.exists() {
-        apt_install(&["bpfcc-tools"])
-            .map_err(|e| format!("`bpfcc-tools` did not install: {e:#}"))?;
-    }
-    let probe = Command::new(&tool)
-        .args(["-F", "99", "-a", "-f", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("cannot start {}: {e}", tool.display()))?;
-    if probe.status.success() {
-        return Ok(tool);
-    }
-    let err = String::from_utf8_lossy(&probe.stderr);
-    let _ = fs::write(dir.join("bcc-probe.err"), err.as_bytes());
-    let why: Vec<&str> = err
-        .lines()
-        .filter(|l| l.contains("No such file") || l.starts_with("Exception"))
-        .collect();
-    Err(format!(
-        "`profile-bpfcc` (Debian bpfcc-tools) installs but does not work on this kernel: {}",
-        why.join("; ")
-    ))
-}
-
-fn overhead(plan: &Plan, agent: &Path, bins: &Workloads, dir: &Path) -> Result<String> {
-    let size = |full: f64| ((full * plan.scale) as u64).max(1).to_string();
-    let workloads = [
-        Workload {
-            name: "C, shallow stack (~5 frames)",
-            program: bins.work.clone(),
-            args: vec!["2".into(), size(3000.0)],
-        },
-        Workload {
-            name: "C, deep stack (~100 frames)",
-            program: bins.work.clone(),
-            args: vec!["96".into(), size(3000.0)],
-        },
-        Workload {
-            name: "Go",
-            program: bins.gowork.clone(),
-            args: vec![size(5500.0)],
-        },
-        Workload {
-            name: "C, syscall-heavy (4 KiB read+write)",
-            program: bins.sys.clone(),
-            args: vec![size(9000.0)],
-        },
-    ];
-    let mut cases = vec![Case::None, Case::Agent(19), Case::Agent(99), Case::Perf];
-    let bcc_note = match bcc_profile(dir) {
-        Ok(tool) => {
-            cases.push(Case::Bcc(tool));
-            None
-        }
-        Err(why) => Some(why),
-    };
-
-    let mut out = String::new();
-    writeln!(
-        out,
-        "\n## 1. Overhead on a workload\n\n\
-         One process per CPU ({cores} here), each doing a fixed amount of work (not a fixed \
-         time), so whatever a profiler takes from the workload shows as longer wall time. \
-         The cases run interleaved, {rounds} round(s) of every case in turn; the figures are \
-         medians. *Wall* is first start to last exit of the workload processes, *CPU* their \
-         user + system time (wait4), *profiler CPU* what the profiler itself used during the \
-         run (its start-up and the writing of its output at exit included). The agent runs \
-         `profiler-agent record -F HZ` (whole host, flame graph at exit); perf writes \
-         `perf.data`. Workloads: `xtask/workloads/`, built with `-O0 -fno-omit-frame-pointer`.\n",
-        cores = cores(),
-        rounds = plan.rounds,
-    )?;
-    if let Some(why) = &bcc_note {
-        writeln!(out, "bcc's `profile` is not measured: {why}.\n")?;
-    }
-    writeln!(
-        out,
-        "| workload | case | wall (s) | wall vs none | CPU (s) | CPU vs none | profiler CPU (s) |\n\
-         |---|---|---:|---:|---:|---:|---:|"
-    )?;
-    let mut summary = Vec::new();
-    // The share of the CPUs the unprofiled workloads got: well below 1, other
-    // work on the machine, not the profiler, decides the wall times.
-    let mut share: f64 = 1.0;
-    for w in &workloads {
-        // times[case] = (wall, cpu, profiler cpu) per round
-        let mut times: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); cases.len()];
-        for round in 0..plan.rounds {
-            for (i, case) in cases.iter().enumerate() {
-                step(&format!(
-                    "overhead: {} / {} (round {}/{})",
-                    w.name,
-                    case.name(),
-                    round + 1,
-                    plan.rounds
-                ));
-                let running = case.start(agent, dir)?;
-                let result = run_workload(w);
-                let prof_cpu = match running {
-                    Some(r) => r.stop()?,
-                    None => 0.0,
-                };
-                let (wall, cpu) = result?;
-                eprintln!("    wall {wall:.3} s, CPU {cpu:.3} s, profiler CPU {prof_cpu:.3} s");
-                times[i].push((wall, cpu, prof_cpu));
-            }
-        }
-        let med = |i: usize, f: fn(&(f64, f64, f64)) -> f64| {
-            median(&times[i].iter().map(f).collect::<Vec<_>>())
-        };
-        let (base_wall, base_cpu) = (med(0, |t| t.0), med(0, |t| t.1));
-        share = share.min(base_cpu / (cores() as f64 * base_wall));
-        for (i, case) in cases.iter().enumerate() {
-            let (wall, cpu, prof) = (med(i, |t| t.0), med(i, |t| t.1), med(i, |t| t.2));
-            let pct = |x: f64, base: f64| format!("{:+.2} %", (x / base - 1.0) * 100.0);
-            let (wr, cr) = if i == 0 {
-                ("—".to_string(), "—".to_string())
-            } else {
-                (pct(wall, base_wall), pct(cpu, base_cpu))
-            };
-            let prof = if i == 0 {
-                "—".to_string()
-            } else {
-                format!("{prof:.3}")
-            };
-            writeln!(
-                out,
-                "| {} | {} | {wall:.3} | {wr} | {cpu:.3} | {cr} | {prof} |",
-                w.name,
-                case.name()
-            )?;
-            summary.push((
-                w.name,
-                case.clone(),
-                wall / base_wall - 1.0,
-                cpu / base_cpu - 1.0,
-            ));
-        }
-    }
-    // The target: slowdown with the agent at 99 Hz <= 0.5 % and below perf's.
-    let worst = |pred: &dyn Fn(&Case) -> bool| {
-        summary
-            .iter()
-            .filter(|(_, c, _, _)| pred(c))
-            .map(|(n, _, s, _)| (*n, *s))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-    };
-    let worst_cpu = |pred: &dyn Fn(&Case) -> bool| {
-        summary
-            .iter()
-            .filter(|(_, c, _, _)| pred(c))
-            .map(|(_, _, _, s)| *s)
-            .fold(f64::NEG_INFINITY, f64::max)
-    };
-    if let (Some((an, a)), Some((pn, p))) = (
-        worst(&|c| matches!(c, Case::Agent(99))),
-        worst(&|c| matches!(c, Case::Perf)),
-    ) {
-        let verdict = if a <= 0.005 && a < p {
-            "**met**".to_string()
-        } else if a > 0.005 {
-            format!("**missed** by {:.2} percentage points", (a - 0.005) * 100.0)
-        } else {
-            "**missed**: within 0.5 % but not below perf".to_string()
-        };
-        writeln!(
-            out,
-            "\nTarget: workload slowdown with the agent at 99 Hz ≤ 0.5 % and lower than \
-             `perf record -g` at 99 Hz. Worst wall-time slowdown with the agent at 99 Hz: \
-             {:+.2} % ({an}); with perf: {:+.2} % ({pn}). {verdict}. Differences below about \
-             half a percent are within the run-to-run noise of a shared VM; compare the \
-             rounds in the log before reading much into them.",
-            a * 100.0,
-            p * 100.0,
-        )?;
-        writeln!(
-            out,
-            "\nWorst workload CPU-time growth (less sensitive to other load than wall time): \
-             agent at 99 Hz {:+.2} %, perf {:+.2} %.",
-            worst_cpu(&|c| matches!(c, Case::Agent(99))) * 100.0,
-            worst_cpu(&|c| matches!(c, Case::Perf)) * 100.0,
-        )?;
-    }
-    if share < 0.9 {
-        writeln!(
-            out,
-            "\n**The machine was busy during this run**: unprofiled, the workloads got only \
-             {:.0} % of the CPUs, so other work, not the profilers, decided the wall times and \
-             the wall-time ratios above (and the verdict drawn from them) are noise. Re-run on \
-             an otherwise idle machine for a verdict.",
-            share * 100.0
-        )?;
-    }
-    Ok(out)
-}
-
-/// Restores kernel.bpf_stats_enabled when dropped.
-struct BpfStats {
-    old: String,
-}
-
-impl BpfStats {
-    fn enable() -> Result<Self> {
-        let path = "/proc/sys/kernel/bpf_stats_enabled";
-        let old = fs::read_to_string(path).context("cannot read kernel.bpf_stats_enabled")?;
-        fs::write(path, "1").context("cannot set kernel.bpf_stats_enabled=1")?;
-        Ok(BpfStats {
-            old: old.trim().to_string(),
-        })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.old);
-    }
-}
-
-/// Frames per sample of the `work` processes in the agent's folded output:
-/// the median over samples (the process name is the first field).
-fn folded_depth(path: &Path) -> Option<usize> {
-    let text = fs::read_to_string(path).ok()?;
-    let mut depths: Vec<(usize, u64)> = text
-        .lines()
-        .filter_map(|l| {
-            let (stack, count) = l.rsplit_once(' ')?;
-            let mut frames = stack.split(';');
-            (frames.next()? == "work").then(|| (frames.count(), count.parse().unwrap_or(0)))
-        })
-        .collect();
-    depths.sort();
-    let total: u64 = depths.iter().map(|d| d.1).sum();
-    let mut seen = 0;
-    for (d, c) in depths {
-        seen += c;
-        if seen * 2 >= total {
-            return Some(d);
-        }
-    }
-    None
-}
-
-fn kernel_cost(plan: &Plan, agent: &Path, bins: &Workloads, dir: &Path) -> Result<String> {
-    let stats = BpfStats::enable()?;
-    let mut out = String::new();
-    writeln!(
-        out,
-        "\n## 2. Cost per sample in the kernel\n\n\
-         With `kernel.bpf_stats_enabled=1` (restored afterwards) the kernel counts the time \
-         spent in each eBPF program. The agent (`record -F 99`) samples while one process per \
-         CPU recurses to a given depth and spins at the leaf; the figure is the growth of the \
-         program's run_time_ns divided by that of run_cnt over {secs} s, read with `bpftool \
-         prog show` after the workloads started. *Frames* is the median stack length of the \
-         workload's samples in the agent's folded output (process name not counted).\n\n\
-         | recursion depth | frames | samples | mean ns/sample |\n|---:|---:|---:|---:|",
-        secs = plan.cost_seconds
-    )?;
-    let mut at_30 = None;
-    for depth in [2u32, 27, 117] {
-        step(&format!("kernel cost: stack depth {depth}"));
-        let before = bpf_progs()?;
-        let folded = dir.join("cost.folded");
-        let _ = fs::remove_file(&folded);
-        let mut child = Command::new(agent)
-            .args(["record", "--no-progress", "-F", "99", "-o"])
-            .arg(dir.join("cost.svg"))
-            .arg("--folded")
-            .arg(&folded)
-            .stdout(fs::File::create(dir.join("agent.log"))?)
-            .stderr(fs::File::create(dir.join("agent.err"))?)
-            .spawn()
-            .context("cannot start the agent")?;
-        let id = wait_for_agent(&mut child, &before)?;
-        let agent = Running { child };
-        let workers = (0..cores())
-            .map(|_| {
-                Command::new(&bins.work)
-                    .args([depth.to_string(), "0".into()])
-                    .spawn()
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        std::thread::sleep(Duration::from_millis(500));
-        let find = || -> Result<ProgStats> {
-            bpf_progs()?
-                .into_iter()
-                .find(|p| p.id == id)
-                .context("the agent's program disappeared")
-        };
-        let a = find()?;
-        std::thread::sleep(Duration::from_secs(plan.cost_seconds));
-        let b = find()?;
-        for mut w in workers {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        agent.stop()?;
-        let (ns, cnt) = (b.run_time_ns - a.run_time_ns, b.run_cnt - a.run_cnt);
-        let mean = ns as f64 / cnt.max(1) as f64;
-        let frames = folded_depth(&folded).map_or("?".to_string(), |d| d.to_string());
-        eprintln!("    {cnt} samples, {mean:.0} ns each, {frames} frames");
-        writeln!(out, "| {depth} | {frames} | {cnt} | {mean:.0} |")?;
-        if depth == 27 {
-            at_30 = Some(mean);
-        }
-    }
-    drop(stats);
-    if let Some(m) = at_30 {
-        let verdict = if m <= 2000.0 {
-            "**met**".to_string()
-        } else {
-            format!("**missed** by {:.0} ns", m - 2000.0)
-        };
-        writeln!(
-            out,
-            "\nTarget: ≤ 2 µs mean at 30 frames. Measured {:.2} µs: {verdict}.",
-            m / 1000.0
-        )?;
-    }
-    Ok(out)
+    Ok((child.wait()?, text))
 }

@@ -1,0 +1,313 @@
+//! The suites `cargo xtask bench` runs but does not write: the Criterion
+//! micro-benchmarks, and example programs that write their own report
+//! section.
+//!
+//! An example benchmark is run as `EXAMPLE --report FILE [--quick]`; it writes
+//! a markdown section to FILE, which the report includes verbatim, and states
+//! its headline figures on lines of the form
+//!
+//! ```text
+//! BENCH key=value [key=value ...]
+//! ```
+//!
+//! in FILE or on its stdout (anywhere on the line, so `<!-- BENCH k=v -->`
+//! works too). Values are plain numbers in the unit the key names. The keys
+//! the table of targets reads: `warm_frames_per_s`, `cold_frames_per_s`
+//! (symbolize_bench), `ingest_samples_per_s`, `query_24h_100_s`
+//! (ingest_bench); a missing key shows as "not measured".
+use std::{
+    collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command, time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{cargo, run_teed, si, step, Ctx, Figures};
+
+/// (benchmark, package, example) of the example programs.
+pub(crate) const EXAMPLES: [(&str, &str, &str); 2] = [
+    ("collector", "profiler-collector", "ingest_bench"),
+    ("symbolize", "profiler-agent", "symbolize_bench"),
+];
+
+/// The Criterion bench targets: (package, bench).
+const CRITERION: [(&str, &str); 2] = [
+    ("profiler-agent", "hot_paths"),
+    ("profiler-collector", "store"),
+];
+
+pub(crate) fn example_exists(root: &Path, package: &str, example: &str) -> bool {
+    let dir = root.join(package).join("examples");
+    dir.join(format!("{example}.rs")).is_file() || dir.join(example).join("main.rs").is_file()
+}
+
+/// `BENCH key=value ...` figures anywhere in `text`.
+pub(crate) fn bench_keys(text: &str) -> BTreeMap<String, f64> {
+    let mut keys = BTreeMap::new();
+    for line in text.lines() {
+        let Some((_, rest)) = line.split_once("BENCH ") else {
+            continue;
+        };
+        for word in rest.split_whitespace() {
+            if let Some((k, v)) = word.split_once('=') {
+                if let Ok(v) = v.trim_end_matches([',', ';']).parse::<f64>() {
+                    keys.insert(k.to_string(), v);
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// Runs one example benchmark (`collector` or `symbolize`) and returns its
+/// section, with its `BENCH` figures added to `figures`.
+pub(crate) fn example_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> Result<String> {
+    let (_, package, example) = EXAMPLES
+        .iter()
+        .find(|(b, _, _)| *b == bench)
+        .copied()
+        .context("not an example benchmark")?;
+    let binary = ctx.target_dir().join("examples").join(example);
+    if !binary.is_file() {
+        bail!(
+            "benchmark `{bench}`: {} was not built: does {package}/examples/{example}.rs exist?",
+            binary.display()
+        );
+    }
+    let file = ctx.dir.join(format!("{example}.md"));
+    let _ = fs::remove_file(&file);
+    let mut args = vec!["--report".to_string(), file.display().to_string()];
+    if ctx.plan.quick {
+        args.push("--quick".into());
+    }
+    let shown = format!(
+        "cargo run{} -p {package} --example {example} -- {}",
+        if ctx.release { " --release" } else { "" },
+        args.join(" ")
+    );
+    step(&format!("{bench}: {shown}"));
+    let started = Instant::now();
+    let (st, stdout) = run_teed(Command::new(&binary).args(&args).current_dir(&ctx.root))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!(
+            "benchmark `{bench}`: `{example}` failed ({st}); it must accept \
+             `--report FILE [--quick]` and write its section to FILE"
+        );
+    }
+    let section = fs::read_to_string(&file).with_context(|| {
+        format!(
+            "benchmark `{bench}`: `{example}` exited successfully but did not write {}",
+            file.display()
+        )
+    })?;
+    if section.trim().is_empty() {
+        bail!(
+            "benchmark `{bench}`: `{example}` wrote an empty {}",
+            file.display()
+        );
+    }
+    let mut keys = bench_keys(&stdout);
+    keys.extend(bench_keys(&section));
+    eprintln!("    {example}: {} BENCH figure(s): {keys:?}", keys.len());
+    figures.keys.extend(keys);
+
+    let mut out = String::from("\n");
+    if !section.trim_start().starts_with('#') {
+        let title = match bench {
+            "collector" => "Collector ingest and query",
+            _ => "Symbolization",
+        };
+        let _ = writeln!(out, "## {title} (`{example}`)\n");
+    }
+    out += section.trim_end();
+    let _ = writeln!(
+        out,
+        "\n\n*Section written by `{example}` ({package}/examples/{example}.rs), run as `{shown}` \
+         in {secs:.0} s.*"
+    );
+    Ok(out)
+}
+
+/// Builds the Criterion bench targets (release), or their test-mode
+/// binaries for a smoke run on the debug build.
+pub(crate) fn build_criterion(ctx: &Ctx) -> Result<()> {
+    step("building the Criterion benchmarks");
+    let mut args = vec![if ctx.release { "bench" } else { "test" }, "--no-run"];
+    for (package, bench) in CRITERION {
+        args.extend(["-p", package, "--bench", bench]);
+    }
+    cargo(&args)
+}
+
+/// A number in a criterion JSON file: the first `"field":` after `after`.
+fn json_number(json: &str, after: &str, field: &str) -> Option<f64> {
+    let rest = &json[json.find(after)? + after.len()..];
+    let rest = &rest[rest.find(field)? + field.len()..];
+    let rest = rest.trim_start_matches([':', ' ']);
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn time_unit(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.2} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+/// The names of the benchmarks criterion reported on stdout: the text before
+/// `time:`, or the line before when the name is long.
+fn criterion_names(stdout: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut previous = "";
+    for line in stdout.lines() {
+        if let Some((name, rest)) = line.split_once("time:") {
+            if rest.trim_start().starts_with('[') {
+                let name = if name.trim().is_empty() {
+                    previous.trim()
+                } else {
+                    name.trim()
+                };
+                if !name.is_empty() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        if !line.trim().is_empty() {
+            previous = line;
+        }
+    }
+    names
+}
+
+pub(crate) fn criterion(ctx: &Ctx) -> Result<String> {
+    let mut packages = Vec::new();
+    for (package, bench) in CRITERION {
+        packages.extend(["-p", package, "--bench", bench]);
+    }
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut out = String::from("\n## 5. Micro-benchmarks of the hot paths (Criterion)\n\n");
+    if !ctx.release {
+        step("criterion: each benchmark once (test mode, debug build)");
+        let (st, stdout) = run_teed(Command::new(&cargo_bin).arg("test").args(&packages))?;
+        if !st.success() {
+            bail!("the Criterion benchmarks failed in test mode ({st})");
+        }
+        let ran = stdout.matches("Success").count();
+        if ran == 0 {
+            bail!("the Criterion benchmarks ran no benchmark in test mode");
+        }
+        let _ = writeln!(
+            out,
+            "Smoke run: `cargo test {}` ran each of {ran} benchmarks once (Criterion's \
+             test mode, debug build); no timings.",
+            packages.join(" ")
+        );
+        return Ok(out);
+    }
+    let timing: &[&str] = if ctx.plan.quick {
+        &[
+            "--warm-up-time",
+            "0.2",
+            "--measurement-time",
+            "0.5",
+            "--sample-size",
+            "10",
+        ]
+    } else {
+        &["--warm-up-time", "1", "--measurement-time", "3"]
+    };
+    let shown = format!("cargo bench {} -- {}", packages.join(" "), timing.join(" "));
+    step(&format!("criterion: {shown}"));
+    let (st, stdout) = run_teed(
+        Command::new(&cargo_bin)
+            .arg("bench")
+            .args(&packages)
+            .arg("--")
+            .args(timing),
+    )?;
+    if !st.success() {
+        bail!("`{shown}` failed ({st})");
+    }
+    let names = criterion_names(&stdout);
+    if names.is_empty() {
+        bail!("`{shown}` reported no benchmark");
+    }
+    let _ = writeln!(
+        out,
+        "`{shown}`: the benchmarks of docs/microbenchmarks.md (what one iteration does, and \
+         what an element is in each) with a shorter warm-up and measurement than Criterion's \
+         defaults. *Median* is Criterion's median time of one iteration; *throughput* is the \
+         benchmark's elements or bytes per iteration divided by it.\n\n\
+         | benchmark | median | throughput |\n|---|---:|---:|"
+    );
+    for name in &names {
+        let dir = ctx.root.join("target/criterion").join(name).join("new");
+        let estimates = fs::read_to_string(dir.join("estimates.json")).unwrap_or_default();
+        let meta = fs::read_to_string(dir.join("benchmark.json")).unwrap_or_default();
+        let Some(ns) = json_number(&estimates, "\"median\"", "\"point_estimate\"") else {
+            let _ = writeln!(out, "| `{name}` | ? | ? |");
+            continue;
+        };
+        let per_s = 1e9 / ns;
+        let throughput = if let Some(n) = json_number(&meta, "\"throughput\"", "\"Elements\"") {
+            si(n * per_s, "elements/s")
+        } else if let Some(n) = json_number(&meta, "\"throughput\"", "\"Bytes\"") {
+            format!("{:.0} MiB/s", n * per_s / (1024.0 * 1024.0))
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(out, "| `{name}` | {} | {throughput} |", time_unit(ns));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bench_lines() {
+        let text = "## Symbolization\n\nBENCH warm_frames_per_s=2500000 cold_frames_per_s=1.5e5\n\
+                    <!-- BENCH query_24h_100_s=0.42 -->\nno figures here\n";
+        let keys = bench_keys(text);
+        assert_eq!(keys["warm_frames_per_s"], 2.5e6);
+        assert_eq!(keys["cold_frames_per_s"], 1.5e5);
+        assert_eq!(keys["query_24h_100_s"], 0.42);
+        assert_eq!(keys.len(), 3);
+    }
+
+    #[test]
+    fn reads_criterion_output() {
+        let stdout = "drain/decode_2000_keys  time:   [565.05 µs 627.39 µs 695.79 µs]\n\
+                      \x20                       thrpt:  [2.8745 Melem/s 3.1878 Melem/s]\n\
+                      encode/build_batch_2000_stacks_with_a_long_name\n\
+                      \x20                       time:   [4.1 ms 4.3 ms 4.5 ms]\n\
+                      Found 3 outliers among 100 measurements (3.00%)\n";
+        assert_eq!(
+            criterion_names(stdout),
+            [
+                "drain/decode_2000_keys",
+                "encode/build_batch_2000_stacks_with_a_long_name"
+            ]
+        );
+        let est = r#"{"mean":{"point_estimate":627.0},"median":{"confidence_interval":{"lower_bound":1.0},"point_estimate":589.5,"standard_error":3.0}}"#;
+        assert_eq!(
+            json_number(est, "\"median\"", "\"point_estimate\""),
+            Some(589.5)
+        );
+        let meta = r#"{"group_id":"fold","throughput":{"Bytes":3795521},"full_id":"x"}"#;
+        assert_eq!(
+            json_number(meta, "\"throughput\"", "\"Bytes\""),
+            Some(3795521.0)
+        );
+        assert_eq!(json_number(meta, "\"throughput\"", "\"Elements\""), None);
+    }
+}
