@@ -16,6 +16,10 @@ pub struct Metrics {
     pub batches_duplicate: AtomicU64,
     pub samples_stored: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Groups of batches written (one transaction each), and the time spent
+    /// writing them, in microseconds.
+    pub store_commits: AtomicU64,
+    pub store_write_micros: AtomicU64,
     pub queries: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// HTTP requests refused, by reason.
@@ -97,6 +101,17 @@ impl Metrics {
             "profiler_store_errors_total",
             "Batches the store failed to write (answered UNAVAILABLE).",
             load(&self.store_errors),
+        );
+        counter(
+            &mut s,
+            "profiler_store_commits_total",
+            "Groups of batches written, one transaction each (batches stored / commits = group size).",
+            load(&self.store_commits),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP profiler_store_write_seconds_total Time spent writing groups, commit included.\n# TYPE profiler_store_write_seconds_total counter\nprofiler_store_write_seconds_total {:.6}",
+            load(&self.store_write_micros) as f64 / 1e6
         );
         counter(
             &mut s,

@@ -329,9 +329,12 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
 
     let retention_ns = config.retention.as_nanos().min(i64::MAX as u128) as i64;
     // One writer thread stores every batch, in groups (group commit).
-    let (writer, writer_thread) =
-        StoreWriter::spawn(store.clone(), config.max_concurrent_batches.max(1))
-            .context("starting the store writer thread")?;
+    let (writer, writer_thread) = StoreWriter::spawn(
+        store.clone(),
+        config.max_concurrent_batches.max(1),
+        metrics.clone(),
+    )
+    .context("starting the store writer thread")?;
     let service = IngestServer::new(IngestService {
         writer,
         metrics: metrics.clone(),

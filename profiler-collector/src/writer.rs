@@ -6,12 +6,17 @@
 //!
 //! The queue is bounded; the gRPC layer bounds the batches in flight
 //! (`--max-concurrent-batches`), so a sender rarely waits on it.
-use std::thread::JoinHandle;
+use std::{
+    sync::{atomic::Ordering, Arc},
+    thread::JoinHandle,
+    time::Instant,
+};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     ingest::SharedStore,
+    metrics::Metrics,
     model::{Stored, ValidBatch},
     store::StoreError,
 };
@@ -30,11 +35,15 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Starts the writer thread over `store`, with room for `queue`
     /// waiting batches. The thread ends when every handle is dropped.
-    pub fn spawn(store: SharedStore, queue: usize) -> std::io::Result<(Self, JoinHandle<()>)> {
+    pub fn spawn(
+        store: SharedStore,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(store, rx))?;
+            .spawn(move || run(store, rx, metrics))?;
         Ok((Self { queue: tx }, thread))
     }
 
@@ -51,7 +60,7 @@ impl StoreWriter {
     }
 }
 
-fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>) {
+fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>, metrics: Arc<Metrics>) {
     let mut batches = Vec::new();
     let mut replies = Vec::new();
     while let Some((batch, reply)) = rx.blocking_recv() {
@@ -67,10 +76,15 @@ fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>) {
                 Err(_) => break,
             }
         }
+        let started = Instant::now();
         let outcomes = store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert_many(&batches);
+        metrics.store_commits.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .store_write_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         for (reply, outcome) in replies.drain(..).zip(outcomes) {
             // The request may have gone (client hung up): nothing to tell.
             let _ = reply.send(outcome);
@@ -84,10 +98,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::{
-        model::BatchSample,
-        store::sqlite::SqliteStore,
-    };
+    use crate::{model::BatchSample, store::sqlite::SqliteStore};
 
     fn batch(seq: u64) -> ValidBatch {
         ValidBatch {
@@ -113,7 +124,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_batches_are_grouped_and_stored_once() {
         let store: SharedStore = Arc::new(Mutex::new(Box::new(SqliteStore::in_memory().unwrap())));
-        let (writer, thread) = StoreWriter::spawn(store.clone(), 8).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (writer, thread) = StoreWriter::spawn(store.clone(), 8, metrics.clone()).unwrap();
         let mut tasks = Vec::new();
         for i in 0..200u64 {
             let w = writer.clone();
@@ -126,6 +138,7 @@ mod tests {
             }
         }
         assert_eq!(new, 50);
+        assert!(metrics.store_commits.load(Ordering::Relaxed) <= 200);
         drop(writer);
         thread.join().unwrap();
         let stats = store.lock().unwrap().stats().unwrap();

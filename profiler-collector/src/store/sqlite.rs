@@ -525,12 +525,14 @@ impl SqliteStore {
                     end,
                 ),
                 // One seek per (hour, matching label set): the hours are
-                // listed so that both key columns are equalities.
+                // listed so that both key columns are equalities, and the
+                // join order is forced (CROSS JOIN) so SQLite does not scan
+                // each hour testing every row's label set instead.
                 Part::Rollup { rollup, lo, hi } if selected => (
                     format!(
                         "WITH RECURSIVE h(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM h WHERE b + 1 < ?2),
-                         m(id) AS ({sets})
-                         SELECT r.stack_id, SUM(r.count) FROM h, m, {t} r
+                         m(id) AS MATERIALIZED ({sets})
+                         SELECT r.stack_id, SUM(r.count) FROM h CROSS JOIN m CROSS JOIN {t} r
                          WHERE r.{c} = h.b AND r.label_set_id = m.id GROUP BY r.stack_id",
                         t = rollup.table,
                         c = rollup.column
