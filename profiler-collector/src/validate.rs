@@ -196,12 +196,17 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
             if n > 0 {
                 folded.push(';');
             }
-            // `;` separates frames and a newline ends a folded line.
-            folded.extend(name.chars().map(|c| match c {
-                ';' => ':',
-                c if c.is_control() => ' ',
-                c => c,
-            }));
+            // `;` separates frames and a newline ends a folded line. Most
+            // names are plain printable ASCII: copied at once.
+            if name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b';') {
+                folded.push_str(name);
+            } else {
+                folded.extend(name.chars().map(|c| match c {
+                    ';' => ':',
+                    c if c.is_control() => ' ',
+                    c => c,
+                }));
+            }
         }
         charge(folded.len())?;
         stacks.push(folded);
