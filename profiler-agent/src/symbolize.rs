@@ -21,7 +21,8 @@
 //! a panic inside blazesym is caught. Each of these is counted in
 //! [`SymbolizerCounters`].
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{hash_map::RandomState, HashMap, HashSet},
+    hash::{BuildHasher, Hasher},
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -171,7 +172,9 @@ pub struct SymbolizerCounters {
 
 impl SymbolizerCounters {
     fn bump(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
+        if by != 0 {
+            counter.fetch_add(by, Ordering::Relaxed);
+        }
     }
 
     /// A plain copy of the counters.
@@ -205,6 +208,91 @@ pub struct SymbolizerStats {
     pub panics: u64,
 }
 
+/// Hasher of the name caches, whose keys are a few integers: one folded
+/// multiply per word instead of SipHash's rounds (hashing was a tenth of a
+/// warm window). Seeded at random per symbolizer, so a process cannot pick
+/// addresses that all land in one bucket without seeing the hashes.
+#[derive(Clone, Copy)]
+struct FrameHasher(u64);
+
+impl FrameHasher {
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    fn mix(&mut self, word: u64) {
+        let product = u128::from(self.0 ^ word) * u128::from(Self::MULTIPLIER);
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for FrameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.mix(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`FrameHasher`]s from one random seed.
+#[derive(Clone, Copy)]
+struct FrameHashSeed(u64);
+
+impl Default for FrameHashSeed {
+    fn default() -> Self {
+        Self(RandomState::new().hash_one(0x5eed_u64))
+    }
+}
+
+impl BuildHasher for FrameHashSeed {
+    type Hasher = FrameHasher;
+
+    fn build_hasher(&self) -> FrameHasher {
+        FrameHasher(self.0)
+    }
+}
+
+type NameMap<K> = HashMap<K, CachedNames, FrameHashSeed>;
+
+/// The frames one address is named with, as cached.
+struct CachedNames {
+    frames: Box<[String]>,
+    /// The address could not be named (`module+0xOFFSET` / `[unknown]`).
+    unnamed: bool,
+}
+
+impl CachedNames {
+    fn named(frames: Vec<String>) -> Self {
+        Self {
+            frames: frames.into_boxed_slice(),
+            unnamed: false,
+        }
+    }
+
+    fn unnamed(frame: String) -> Self {
+        Self {
+            frames: Box::new([frame]),
+            unnamed: true,
+        }
+    }
+}
+
 /// Runs `f`, turning a panic into `None`.
 fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(f)).ok()
@@ -231,8 +319,8 @@ fn new_blazesym() -> Symbolizer {
 pub struct BlazeSymbolizer {
     symbolizer: Symbolizer,
     processes: Arc<Mutex<ProcessCache>>,
-    user_cache: HashMap<(BinaryKey, u64), Arc<[String]>>,
-    kernel_cache: HashMap<u64, Arc<[String]>>,
+    user_cache: NameMap<(BinaryKey, u64)>,
+    kernel_cache: NameMap<u64>,
     /// Binaries blazesym failed on: not looked up again while open.
     unreadable: HashSet<BinaryKey>,
     /// Binaries over `max_dwarf_bytes`: named from ELF symbols only.
@@ -257,8 +345,8 @@ impl BlazeSymbolizer {
         Self {
             symbolizer: new_blazesym(),
             processes,
-            user_cache: HashMap::new(),
-            kernel_cache: HashMap::new(),
+            user_cache: NameMap::default(),
+            kernel_cache: NameMap::default(),
             unreadable: HashSet::new(),
             no_dwarf: HashSet::new(),
             max_cached: 1 << 18,
@@ -295,8 +383,8 @@ impl BlazeSymbolizer {
     /// Empties every cache, ours and blazesym's parsed files (the memory
     /// watchdog's second step); names are looked up again when needed.
     pub fn evict_caches(&mut self) {
-        self.user_cache = HashMap::new();
-        self.kernel_cache = HashMap::new();
+        self.user_cache = NameMap::default();
+        self.kernel_cache = NameMap::default();
         self.symbolizer = new_blazesym();
     }
 
@@ -363,8 +451,8 @@ impl BlazeSymbolizer {
             if self.unreadable.contains(&key) {
                 // Named `module+0xOFFSET` without asking blazesym again.
                 for offset in chunk {
-                    let names = vec![unknown_frame(module, *offset)];
-                    self.user_cache.insert((key, *offset), names.into());
+                    let names = CachedNames::unnamed(unknown_frame(module, *offset));
+                    self.user_cache.insert((key, *offset), names);
                 }
                 continue;
             }
@@ -395,11 +483,11 @@ impl BlazeSymbolizer {
                 }
             };
             for (i, offset) in chunk.iter().enumerate() {
-                let names = results
-                    .get(i)
-                    .and_then(names_of)
-                    .unwrap_or_else(|| vec![unknown_frame(module, *offset)]);
-                self.user_cache.insert((key, *offset), names.into());
+                let names = match results.get(i).and_then(names_of) {
+                    Some(frames) => CachedNames::named(frames),
+                    None => CachedNames::unnamed(unknown_frame(module, *offset)),
+                };
+                self.user_cache.insert((key, *offset), names);
             }
         }
     }
@@ -416,57 +504,73 @@ impl Symbolize for BlazeSymbolizer {
                 .collect()
         };
 
-        // Batch the cache misses per binary.
+        // Batch the cache misses per binary (none once the names are cached).
         let mut misses: HashMap<BinaryKey, (Arc<crate::process::Binary>, Vec<u64>)> =
             HashMap::new();
+        let mut hits = 0;
         for location in &locations {
             if let Location::Binary {
                 binary,
                 file_offset,
             } = location
             {
-                if !self.user_cache.contains_key(&(binary.key, *file_offset)) {
+                if self.user_cache.contains_key(&(binary.key, *file_offset)) {
+                    hits += 1;
+                } else {
                     let entry = misses
                         .entry(binary.key)
                         .or_insert_with(|| (binary.clone(), Vec::new()));
                     if !entry.1.contains(file_offset) {
                         entry.1.push(*file_offset);
                     }
-                } else {
-                    SymbolizerCounters::bump(&self.counters.cache_hits, 1);
                 }
             }
         }
+        SymbolizerCounters::bump(&self.counters.cache_hits, hits);
         for (key, (binary, offsets)) in misses {
             self.symbolize_binary(key, &binary.symbol_path, &binary.module_name(), &offsets);
         }
 
-        let (mut unnamed, mut over_budget) = (0, 0);
-        let mut frames = Vec::new();
-        for location in locations.iter().rev() {
-            match location {
+        // One cache lookup per frame, and the output allocated once.
+        let cached: Vec<Option<&CachedNames>> = locations
+            .iter()
+            .map(|location| match location {
                 Location::Binary {
                     binary,
                     file_offset,
-                } => match self.user_cache.get(&(binary.key, *file_offset)) {
-                    Some(names) => {
-                        if names.len() == 1 && names[0].contains("+0x") {
-                            unnamed += 1;
-                        }
-                        frames.extend(names.iter().cloned());
-                    }
-                    // Not looked up: the window's budget was spent.
-                    None => {
-                        unnamed += 1;
-                        over_budget += 1;
-                        frames.push(unknown_frame(&binary.module_name(), *file_offset));
-                    }
-                },
-                Location::Module { name, offset } => {
+                } => self.user_cache.get(&(binary.key, *file_offset)),
+                _ => None,
+            })
+            .collect();
+        let len = cached
+            .iter()
+            .map(|names| names.map_or(1, |n| n.frames.len()))
+            .sum();
+        let (mut unnamed, mut over_budget) = (0, 0);
+        let mut frames = Vec::with_capacity(len);
+        for (location, names) in locations.iter().zip(&cached).rev() {
+            match (location, names) {
+                (_, Some(names)) => {
+                    unnamed += u64::from(names.unnamed);
+                    frames.extend(names.frames.iter().cloned());
+                }
+                // Not looked up: the window's budget was spent.
+                (
+                    Location::Binary {
+                        binary,
+                        file_offset,
+                    },
+                    None,
+                ) => {
+                    unnamed += 1;
+                    over_budget += 1;
+                    frames.push(unknown_frame(&binary.module_name(), *file_offset));
+                }
+                (Location::Module { name, offset }, None) => {
                     unnamed += 1;
                     frames.push(unknown_frame(name, *offset));
                 }
-                Location::Unknown => {
+                (Location::Unknown, None) => {
                     unnamed += 1;
                     frames.push(UNKNOWN_FRAME.to_string());
                 }
@@ -522,17 +626,18 @@ impl Symbolize for BlazeSymbolizer {
                 }
             };
             for (i, addr) in misses.iter().enumerate() {
-                let names: Vec<String> = match results.get(i) {
-                    Some(Symbolized::Sym(sym)) => vec![kernel_frame(&sym.name)],
-                    _ => vec![kernel_frame(UNKNOWN_FRAME)],
+                let name = match results.get(i) {
+                    Some(Symbolized::Sym(sym)) => kernel_frame(&sym.name),
+                    _ => kernel_frame(UNKNOWN_FRAME),
                 };
-                self.kernel_cache.insert(*addr, names.into());
+                self.kernel_cache
+                    .insert(*addr, CachedNames::named(vec![name]));
             }
         }
         addrs
             .iter()
             .rev()
-            .flat_map(|a| self.kernel_cache[a].iter().cloned())
+            .flat_map(|a| self.kernel_cache[a].frames.iter().cloned())
             .collect()
     }
 }
@@ -763,6 +868,50 @@ mod tests {
         let frames = sym.user_stack(pid, &[addr]);
         assert!(frames[0].contains("a_function_to_find"), "{frames:?}");
         assert_eq!(sym.stats().windows_over_budget, 0);
+    }
+
+    #[test]
+    fn a_cached_unnamed_frame_is_counted_every_time() {
+        let addr = a_function_to_find as *const () as u64;
+        let (processes, pid, fallback) = own_process(addr);
+        let mut sym = BlazeSymbolizer::new(processes.clone());
+        let location = processes.lock().unwrap().locate(pid, addr);
+        let Location::Binary {
+            binary,
+            file_offset,
+        } = location
+        else {
+            panic!("expected a binary, got {location:?}");
+        };
+        // As a binary blazesym cannot read leaves it.
+        sym.user_cache.insert(
+            (binary.key, file_offset),
+            CachedNames::unnamed(fallback.clone()),
+        );
+        for round in 1..=2 {
+            assert_eq!(sym.user_stack(pid, &[addr]), vec![fallback.clone()]);
+            assert_eq!(sym.stats().unnamed_frames, round);
+        }
+        assert_eq!((sym.stats().lookups, sym.stats().cache_hits), (0, 2));
+    }
+
+    #[test]
+    fn frame_hasher_spreads_nearby_offsets() {
+        let seed = FrameHashSeed::default();
+        let key = BinaryKey {
+            dev_major: 8,
+            dev_minor: 1,
+            inode: 42,
+        };
+        let hashes: Vec<u64> = (0..4096u64)
+            .map(|o| seed.hash_one((key, 0x1000 + o)))
+            .collect();
+        // Low bits pick the bucket, the top seven are hashbrown's tag;
+        // random hashes would give about 2,590 and 128 distinct values.
+        let low: HashSet<u64> = hashes.iter().map(|h| h & 4095).collect();
+        let top: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(low.len() > 2_300, "{} distinct low bits", low.len());
+        assert_eq!(top.len(), 128);
     }
 
     #[test]
