@@ -21,7 +21,10 @@ use crate::{
     store::StoreError,
 };
 
-type Reply = oneshot::Sender<Result<Stored, StoreError>>;
+/// The outcome, and the batch handed back: it is freed by the request's
+/// thread, which allocated it, not by the writer (cross-thread frees cost
+/// the writer ~5 % of its time).
+type Reply = oneshot::Sender<(Result<Stored, StoreError>, ValidBatch)>;
 
 /// Most batches written in one group.
 pub const MAX_GROUP: usize = 256;
@@ -56,7 +59,9 @@ impl StoreWriter {
             .send((batch, reply))
             .await
             .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let (outcome, batch) = answer.await.map_err(|_| stopped())?;
+        drop(batch);
+        outcome
     }
 }
 
@@ -85,11 +90,10 @@ fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>, metrics:
         metrics
             .store_write_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        for (reply, outcome) in replies.drain(..).zip(outcomes) {
+        for ((reply, outcome), batch) in replies.drain(..).zip(outcomes).zip(batches.drain(..)) {
             // The request may have gone (client hung up): nothing to tell.
-            let _ = reply.send(outcome);
+            let _ = reply.send((outcome, batch));
         }
-        batches.clear();
     }
 }
 
