@@ -96,9 +96,12 @@ impl Plan {
                 try_bcc: !debug_build,
             }
         } else {
+            // About 14 minutes in all on 2 idle cores, builds included:
+            // overhead ~2 min, kernel cost ~0.5, footprint ~2.2, Criterion
+            // ~0.6, the collector's example ~4, symbolization ~0.5.
             Plan {
                 quick,
-                rounds: 4,
+                rounds: 3,
                 scale: 0.6,
                 cost_seconds: 8,
                 footprint_seconds: 60,

@@ -175,7 +175,8 @@ fn criterion_names(stdout: &str) -> Vec<String> {
                 } else {
                     name.trim()
                 };
-                if !name.is_empty() {
+                // `change:` heads the comparison with the previous run.
+                if !name.is_empty() && !name.ends_with(':') {
                     names.push(name.to_string());
                 }
             }
@@ -222,7 +223,7 @@ pub(crate) fn criterion(ctx: &Ctx) -> Result<String> {
             "10",
         ]
     } else {
-        &["--warm-up-time", "1", "--measurement-time", "3"]
+        &["--warm-up-time", "0.5", "--measurement-time", "2"]
     };
     let shown = format!("cargo bench {} -- {}", packages.join(" "), timing.join(" "));
     step(&format!("criterion: {shown}"));
@@ -290,6 +291,8 @@ mod tests {
                       \x20                       thrpt:  [2.8745 Melem/s 3.1878 Melem/s]\n\
                       encode/build_batch_2000_stacks_with_a_long_name\n\
                       \x20                       time:   [4.1 ms 4.3 ms 4.5 ms]\n\
+                      \x20                change:\n\
+                      \x20                       time:   [−29.303% −17.748% −4.6799%] (p = 0.11 > 0.05)\n\
                       Found 3 outliers among 100 measurements (3.00%)\n";
         assert_eq!(
             criterion_names(stdout),
