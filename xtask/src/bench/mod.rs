@@ -90,8 +90,8 @@ impl Plan {
                 rounds: 1,
                 scale: 0.1,
                 cost_seconds: 2,
-                footprint_seconds: 8,
-                fleet_size: 60,
+                footprint_seconds: 6,
+                fleet_size: 50,
                 startup_runs: 2,
                 try_bcc: !debug_build,
             }
@@ -409,8 +409,13 @@ fn header(command: &str, quick: bool, debug_build: bool) -> String {
          would otherwise use, and every performance target of issue 6. Produced by \
          `{command}` (as root; about 14 minutes on 2 cores from a fresh clone, builds \
          included; needs the machine otherwise idle) from commit {commit}.\n\n\
-         To reproduce: `git clone` this repository, then `cargo xtask bench` as root \
-         (`--only NAME` runs one of {names}; `--quick` runs all briefly).\n\n\
+         To reproduce: clone this repository and run `cargo xtask bench` as root; it installs \
+         what it lacks (as `cargo xtask setup`, plus perf and bpftool), builds everything \
+         first, then runs {names} one after the other and writes this file. `--only NAME` runs \
+         one of them and `--quick` all of them briefly; both write target/bench/report.md \
+         instead. `cargo xtask test` (CI) ends with `cargo xtask bench --quick --debug-build`, \
+         a smoke run on the debug binaries whose figures mean nothing. Logs and outputs of \
+         the last run are in target/bench/.\n\n\
          | machine | |\n|---|---|\n\
          | CPU | {cpu} |\n| cores | {cores} |\n| RAM | {mem_gib:.1} GiB |\n\
          | kernel | {kernel} |\n| system | {distro} |\n| compiler | {rustc} |\n| perf | {perf} |\n\
