@@ -59,13 +59,13 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     hours: u32,
     /// Batches sent by a single client first, for the one-client rate.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 2000)]
     single_client_batches: usize,
     /// Batches sent through gRPC in all (the one-client ones included); the
     /// rest of the loaded hours is written straight into the store with
     /// `Store::insert_many` (same store code, no network), to fit the time
     /// budget. 0: everything through gRPC.
-    #[arg(long, default_value_t = 12000)]
+    #[arg(long, default_value_t = 10000)]
     grpc_batches: usize,
     /// Concurrent clients for the rest of the load.
     #[arg(long, default_value_t = 16)]
