@@ -96,9 +96,10 @@ impl Plan {
                 try_bcc: !debug_build,
             }
         } else {
-            // About 14 minutes in all on 2 idle cores, builds included:
-            // overhead ~2 min, kernel cost ~0.5, footprint ~2.2, Criterion
-            // ~0.6, the collector's example ~4, symbolization ~0.5.
+            // Well under 15 minutes on 2 cores, builds included. Measured on
+            // a busy machine: overhead 107 s, kernel cost 27, footprint 124,
+            // start-up 2, Criterion 39, ingest_bench 83, symbolize_bench 25
+            // (6.8 min), plus ~4-4.5 min for a fresh release build.
             Plan {
                 quick,
                 rounds: 3,
@@ -407,7 +408,7 @@ fn header(command: &str, quick: bool, debug_build: bool) -> String {
         s,
         "What the profiler costs the machine it profiles, next to the tools an operator \
          would otherwise use, and every performance target of issue 6. Produced by \
-         `{command}` (as root; about 14 minutes on 2 cores from a fresh clone, builds \
+         `{command}` (as root; about 12 minutes on 2 cores from a fresh clone, builds \
          included; needs the machine otherwise idle) from commit {commit}.\n\n\
          To reproduce: clone this repository and run `cargo xtask bench` as root; it installs \
          what it lacks (as `cargo xtask setup`, plus perf and bpftool), builds everything \
