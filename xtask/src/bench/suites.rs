@@ -90,8 +90,8 @@ pub(crate) fn example_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> R
     let secs = started.elapsed().as_secs_f64();
     if !st.success() {
         bail!(
-            "benchmark `{bench}`: `{example}` failed ({st}); it must accept \
-             `--report FILE [--quick]` and write its section to FILE"
+            "benchmark `{bench}`: `{shown}` failed ({st}): see its output above (an example \
+             benchmark must accept `--report FILE [--quick]` and write its section to FILE)"
         );
     }
     let section = fs::read_to_string(&file).with_context(|| {
