@@ -195,7 +195,7 @@ fn apps(seed: u64) -> Vec<App> {
                     while frames.len() < depth {
                         // Few choices near the root, more further down.
                         let fan = 2 + frames.len() / 4;
-                        node = node * 7 + 1 + rng.below(fan);
+                        node = node.wrapping_mul(7).wrapping_add(1 + rng.below(fan));
                         let module =
                             ["net", "db", "http", "alloc", "sync", "io", "codec"][node % 7];
                         frames.push(format!("{name}::{module}::fn_{}", node % 997));
