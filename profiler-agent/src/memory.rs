@@ -58,6 +58,45 @@ pub fn read_self() -> Option<MemoryReading> {
     })
 }
 
+/// Whether a `/proc/self/maps` line is a read-only shared mapping of a
+/// file: how blazesym maps the binaries it reads (memmap2's `map`). Code
+/// and data the loader maps are private (`p`), never matched.
+fn is_shared_read_only_file(line: &str) -> Option<(usize, usize)> {
+    let mut fields = line.split_whitespace();
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let path = fields.nth(3)?;
+    if perms != "r--s" || !path.starts_with('/') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let start = usize::from_str_radix(start, 16).ok()?;
+    let end = usize::from_str_radix(end, 16).ok()?;
+    (end > start).then_some((start, end - start))
+}
+
+/// Drops the pages of read-only shared file mappings (the binaries and
+/// debug files blazesym has mapped) from the resident set; they are read
+/// back from the page cache on the next access (a minor fault). Files
+/// blazesym reads count in the agent's RSS as long as their pages stay
+/// mapped: for a toolchain's 100+ MiB libraries, tens of MiB. Returns the
+/// number of mappings advised.
+pub fn release_mapped_files() -> usize {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return 0;
+    };
+    let mut released = 0;
+    for (start, len) in maps.lines().filter_map(is_shared_read_only_file) {
+        // SAFETY: the range is a whole read-only shared file mapping of this
+        // process; MADV_DONTNEED on it only drops page-table entries, and
+        // every later read sees the file's contents again.
+        if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0 {
+            released += 1;
+        }
+    }
+    released
+}
+
 /// Gives freed heap memory back to the kernel (glibc's `malloc_trim`);
 /// returns whether anything was released.
 pub fn trim_allocator() -> bool {
@@ -254,6 +293,31 @@ impl<R: FnMut() -> Option<MemoryReading>> Watchdog<R> {
 mod tests {
     use super::*;
     use std::{cell::RefCell, rc::Rc};
+
+    #[test]
+    fn only_read_only_shared_file_mappings_are_released() {
+        let m = |l| is_shared_read_only_file(l);
+        assert_eq!(
+            m("7f0000000000-7f0000003000 r--s 00000000 08:01 1234 /usr/lib/libx.so"),
+            Some((0x7f0000000000, 0x3000))
+        );
+        // The loader's private mappings, writable ones, anonymous and BPF maps: kept.
+        assert_eq!(
+            m("7f0000000000-7f0000003000 r--p 00000000 08:01 1234 /usr/lib/libx.so"),
+            None
+        );
+        assert_eq!(
+            m("7f0000000000-7f0000003000 rw-s 00000000 08:01 1234 /dev/shm/x"),
+            None
+        );
+        assert_eq!(
+            m("7f0000000000-7f0000003000 r--s 00000000 00:0e 99 anon_inode:bpf-map"),
+            None
+        );
+        assert_eq!(m("7f0000000000-7f0000003000 r--s 00000000 00:00 0"), None);
+        // Does not fail without procfs, and leaves this process working.
+        release_mapped_files();
+    }
 
     #[test]
     fn parses_statm_and_status() {

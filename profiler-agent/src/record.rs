@@ -470,6 +470,9 @@ impl Recorder {
                     frequency,
                 }
                 .take(window, window_start, window_end);
+                // Pages of the binaries read for this window's names leave
+                // the resident set until a later window reads them again.
+                crate::memory::release_mapped_files();
                 window_start = window_end;
                 let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
                 symbolizer.forget_binaries(&swept.binaries);

@@ -123,6 +123,10 @@ pub const DEFAULT_SYMBOLIZE_BUDGET: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_DWARF_BYTES: u64 = 512 << 20;
 /// Addresses per blazesym call; the window's budget is checked between calls.
 pub const CHUNK: usize = 256;
+/// After naming addresses in a binary larger than this, the file pages
+/// blazesym touched are dropped from the resident set (see
+/// [`crate::memory::release_mapped_files`]).
+pub const RELEASE_PAGES_BYTES: u64 = 4 << 20;
 
 /// Bounds on the time and work spent naming frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,6 +322,9 @@ fn new_blazesym() -> Symbolizer {
 /// names. The caches are bounded by `max_cached`.
 pub struct BlazeSymbolizer {
     symbolizer: Symbolizer,
+    /// kallsyms only: kept across [`Self::evict_caches`], since reading and
+    /// sorting kallsyms again (100k+ lines) costs more CPU than it frees.
+    kernel_symbolizer: Symbolizer,
     processes: Arc<Mutex<ProcessCache>>,
     user_cache: NameMap<(BinaryKey, u64)>,
     kernel_cache: NameMap<u64>,
@@ -344,6 +351,7 @@ impl BlazeSymbolizer {
     pub fn with_limits(processes: Arc<Mutex<ProcessCache>>, limits: SymbolizeLimits) -> Self {
         Self {
             symbolizer: new_blazesym(),
+            kernel_symbolizer: new_blazesym(),
             processes,
             user_cache: NameMap::default(),
             kernel_cache: NameMap::default(),
@@ -381,7 +389,9 @@ impl BlazeSymbolizer {
     }
 
     /// Empties every cache, ours and blazesym's parsed files (the memory
-    /// watchdog's second step); names are looked up again when needed.
+    /// watchdog's second step); names are looked up again when needed. The
+    /// parsed kallsyms stays: it has a fixed size, and the next window would
+    /// read it again at once.
     pub fn evict_caches(&mut self) {
         self.user_cache = NameMap::default();
         self.kernel_cache = NameMap::default();
@@ -438,15 +448,29 @@ impl BlazeSymbolizer {
         offsets: &[u64],
     ) {
         let mut elf = Elf::new(path);
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
         if !self.no_dwarf.contains(&key)
             && !self.unreadable.contains(&key)
-            && std::fs::metadata(path).is_ok_and(|m| m.len() > self.limits.max_dwarf_bytes)
+            && size > self.limits.max_dwarf_bytes
         {
             self.no_dwarf.insert(key);
             SymbolizerCounters::bump(&self.counters.dwarf_skipped_large, 1);
         }
         elf.debug_syms = !self.no_dwarf.contains(&key);
         let src = Source::Elf(elf);
+        self.lookup_chunks(key, &src, module, offsets);
+        // The pages of a large binary that blazesym read (symbol tables,
+        // DWARF) leave the resident set as soon as its addresses are named:
+        // the window's peak then holds one large binary's pages, not all of
+        // them. Its parsed tables stay; a page read again is a minor fault.
+        if size > RELEASE_PAGES_BYTES {
+            crate::memory::release_mapped_files();
+        }
+    }
+
+    /// Names `offsets` of one binary a chunk at a time (see
+    /// [`Self::symbolize_binary`]).
+    fn lookup_chunks(&mut self, key: BinaryKey, src: &Source<'_>, module: &str, offsets: &[u64]) {
         for chunk in offsets.chunks(CHUNK) {
             if self.unreadable.contains(&key) {
                 // Named `module+0xOFFSET` without asking blazesym again.
@@ -461,7 +485,7 @@ impl BlazeSymbolizer {
             }
             SymbolizerCounters::bump(&self.counters.lookups, chunk.len() as u64);
             let symbolizer = &self.symbolizer;
-            let results = match guarded(|| symbolizer.symbolize(&src, Input::FileOffset(chunk))) {
+            let results = match guarded(|| symbolizer.symbolize(src, Input::FileOffset(chunk))) {
                 Some(Ok(results)) => results,
                 Some(Err(error)) => {
                     tracing::debug!(%error, module, "binary not symbolizable");
@@ -615,12 +639,12 @@ impl Symbolize for BlazeSymbolizer {
                 vmlinux: blazesym::MaybeDefault::None,
                 ..Kernel::default()
             });
-            let symbolizer = &self.symbolizer;
+            let symbolizer = &self.kernel_symbolizer;
             let results = match guarded(|| symbolizer.symbolize(&src, Input::AbsAddr(&misses))) {
                 Some(results) => results.unwrap_or_default(),
                 None => {
                     tracing::warn!("blazesym panicked on kernel addresses");
-                    self.symbolizer = new_blazesym();
+                    self.kernel_symbolizer = new_blazesym();
                     SymbolizerCounters::bump(&self.counters.panics, 1);
                     Vec::new()
                 }
