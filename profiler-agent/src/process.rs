@@ -186,6 +186,12 @@ pub struct Swept {
     pub binaries: Vec<(BinaryKey, PathBuf)>,
 }
 
+/// Sweeps a binary stays open (with what the symbolizer parsed from it)
+/// after the last process mapping it is forgotten: executables run again
+/// and again by short-lived processes (a shell loop, a cron job, a build's
+/// compiler) are then not opened, decompressed and parsed anew each drain.
+pub const BINARY_IDLE_SWEEPS: u32 = 3;
+
 /// The cache of process mappings and open binaries.
 #[derive(Debug)]
 pub struct ProcessCache {
@@ -193,7 +199,8 @@ pub struct ProcessCache {
     max_processes: usize,
     max_binaries: usize,
     processes: HashMap<u32, ProcessInfo>,
-    binaries: HashMap<BinaryKey, Arc<Binary>>,
+    /// Open binaries, with the number of sweeps each has gone unmapped.
+    binaries: HashMap<BinaryKey, (Arc<Binary>, u32)>,
     /// Pids whose snapshot failed during the current drain: not retried
     /// frame by frame.
     unavailable: HashSet<u32>,
@@ -343,7 +350,7 @@ impl ProcessCache {
             dev_minor: line.dev_minor,
             inode: line.inode,
         };
-        if let Some(binary) = self.binaries.get(&key) {
+        if let Some((binary, _)) = self.binaries.get(&key) {
             return Some(binary.clone());
         }
         if self.binaries.len() >= self.max_binaries {
@@ -377,7 +384,7 @@ impl ProcessCache {
             _file: file,
         });
         self.stats.binaries_opened += 1;
-        self.binaries.insert(key, binary.clone());
+        self.binaries.insert(key, (binary.clone(), 0));
         Some(binary)
     }
 
@@ -421,7 +428,8 @@ impl ProcessCache {
     }
 
     /// Called after each drain: forgets processes found gone at the previous
-    /// drain, marks those gone now, closes binaries no process maps any more.
+    /// drain, marks those gone now, closes binaries no process has mapped
+    /// for more than [`BINARY_IDLE_SWEEPS`] sweeps.
     pub fn sweep(&mut self) -> Swept {
         let mut forgotten = Vec::new();
         self.unavailable.clear();
@@ -441,12 +449,17 @@ impl ProcessCache {
             true
         });
         let mut closed = Vec::new();
-        self.binaries.retain(|key, binary| {
-            let used = Arc::strong_count(binary) > 1;
-            if !used {
-                closed.push((*key, binary.symbol_path.clone()));
+        self.binaries.retain(|key, (binary, idle)| {
+            if Arc::strong_count(binary) > 1 {
+                *idle = 0;
+                return true;
             }
-            used
+            *idle += 1;
+            if *idle <= BINARY_IDLE_SWEEPS {
+                return true;
+            }
+            closed.push((*key, binary.symbol_path.clone()));
+            false
         });
         Swept {
             pids: forgotten,
@@ -552,9 +565,17 @@ mod tests {
         // Still symbolizable right after its exit...
         assert!(cache.sweep().pids.is_empty());
         assert!(matches!(cache.locate(20, 0x1000), Location::Binary { .. }));
-        // ...and forgotten, with its binary closed, one drain later.
+        // ...and forgotten one drain later; its binary stays open a few
+        // drains more, for the next process that runs it.
         let swept = cache.sweep();
         assert_eq!(swept.pids, vec![20]);
+        assert!(swept.binaries.is_empty());
+        assert!(!cache.contains(20));
+        for _ in 1..BINARY_IDLE_SWEEPS {
+            assert!(cache.sweep().binaries.is_empty());
+        }
+        assert_eq!(cache.binary_count(), 1);
+        let swept = cache.sweep();
         assert_eq!(swept.binaries.len(), 1);
         assert!(swept.binaries[0].1.starts_with("/proc/self/fd"));
         assert!(!cache.contains(20));
