@@ -197,6 +197,7 @@ impl SamplingArgs {
 }
 
 fn main() -> ExitCode {
+    profiler_agent::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

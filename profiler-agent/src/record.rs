@@ -473,6 +473,9 @@ impl Recorder {
                 // Pages of the binaries read for this window's names leave
                 // the resident set until a later window reads them again.
                 crate::memory::release_mapped_files();
+                // And the heap the window freed (its samples, batch, parse
+                // buffers) goes back to the kernel.
+                crate::memory::trim_allocator();
                 window_start = window_end;
                 let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
                 symbolizer.forget_binaries(&swept.binaries);
