@@ -103,8 +103,8 @@ impl Fleet {
         // Both CPUs busy: two C processes (6 and 30 frames) and two Go ones.
         fleet.spawn(&busy_c, &["6", "0"])?;
         fleet.spawn(&busy_c, &["30", "0"])?;
-        fleet.spawn(&busy_go, &["1000000000"])?;
-        fleet.spawn(&busy_go, &["1000000000"])?;
+        fleet.spawn(&busy_go, &["-calls", "500000000"])?;
+        fleet.spawn(&busy_go, &["-calls", "500000000"])?;
         fleet.composition.push((
             4,
             "spinning: `busy-c` 6 and 30 frames deep, `busy-go` twice".into(),
@@ -114,7 +114,7 @@ impl Fleet {
         // new processes a second each.
         let spawners = if size >= 100 { 2 } else { 1 };
         let script = format!(
-            "while :; do {c} 3 2; {go} 2; sh -c ':'; sleep 0.25; done",
+            "while :; do {c} 3 2; {go} -calls 1; sh -c ':'; sleep 0.25; done",
             c = short_c.display(),
             go = short_go.display()
         );

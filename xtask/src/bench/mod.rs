@@ -328,7 +328,7 @@ pub(crate) struct Workloads {
     work: PathBuf,
     /// `sys THOUSANDS`: 4 KiB read + write pairs.
     sys: PathBuf,
-    /// `gowork MILLIONS`.
+    /// `gowork -calls N` (tests/workloads/gowork.go, shared with the end-to-end tests).
     gowork: PathBuf,
     /// `tick PERIOD_MS WORK_US`: wakes, works a little, sleeps; forever.
     tick: PathBuf,
@@ -359,7 +359,7 @@ fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
         Command::new("go")
             .args(["build", "-o"])
             .arg(&bins.gowork)
-            .arg(src.join("gowork.go")),
+            .arg(root.join("tests/workloads/gowork.go")),
     )?;
     Ok(bins)
 }

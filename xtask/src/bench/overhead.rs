@@ -200,7 +200,7 @@ pub(crate) fn overhead(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
         Workload {
             name: "Go",
             program: bins.gowork.clone(),
-            args: vec![size(5500.0)],
+            args: vec!["-calls".into(), size(2750.0)],
         },
         Workload {
             name: "C, syscall-heavy (4 KiB read+write)",
