@@ -111,6 +111,142 @@ fn manifests_validate_against_the_kubernetes_schemas() {
     );
 }
 
+/// The scaled-out collector in front of ClickHouse: a kustomize overlay of
+/// `deploy/kubernetes` (a sibling directory: kustomize refuses an overlay
+/// inside its base), rendered with `kubectl kustomize` and validated whole.
+#[test]
+fn clickhouse_overlay_validates_and_scales_the_collector() {
+    let overlay = manifests().join("../kubernetes-clickhouse");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .expect("kubectl (for `kubectl kustomize`) must be on PATH");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clickhouse.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--no-warn"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (PyPI, installed by `cargo xtask setup`) must be on PATH");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for resource in [
+        "deployment/profiler-collector",
+        "service/profiler-collector",
+        "service/clickhouse",
+        "poddisruptionbudget/profiler-collector",
+        "configmap/profiler-collector",
+        "daemonset/profiler-agent",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {resource} ")),
+            "{resource} not validated:\n{text}"
+        );
+    }
+    // Every file of the overlay is used by it.
+    let kustomization = std::fs::read_to_string(overlay.join("kustomization.yaml")).unwrap();
+    for e in std::fs::read_dir(&overlay).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                kustomization.contains(&format!("path: {name}"))
+                    || kustomization.contains(&format!("- {name}")),
+                "{name} missing from the overlay's kustomization.yaml"
+            );
+        }
+    }
+
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .collect();
+    let find = |kind: &str, name: &str| -> &serde_yaml::Value {
+        docs.iter()
+            .find(|d| d["kind"] == yv(kind) && d["metadata"]["name"] == yv(name))
+            .unwrap_or_else(|| panic!("no {kind}/{name}"))
+    };
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == yv("PersistentVolumeClaim")),
+        "no SQLite volume in front of ClickHouse"
+    );
+
+    let deployment = find("Deployment", "profiler-collector");
+    assert_eq!(deployment["spec"]["replicas"], yv(3));
+    assert_eq!(deployment["spec"]["strategy"]["type"], yv("RollingUpdate"));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/name"], yv("profiler-collector"));
+    for v in pod["volumes"].as_sequence().unwrap() {
+        assert!(v["persistentVolumeClaim"].is_null(), "{v:?}");
+    }
+    let c = &pod["containers"][0];
+    let env = c["env"].as_sequence().unwrap();
+    let password = env
+        .iter()
+        .find(|e| e["name"] == yv("PROFILER_CLICKHOUSE_PASSWORD"))
+        .expect("PROFILER_CLICKHOUSE_PASSWORD");
+    assert_eq!(
+        password["valueFrom"]["secretKeyRef"]["name"],
+        yv("profiler-clickhouse")
+    );
+    // Probes, security and resources stay those of the single collector.
+    let base = documents("collector.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == yv("Deployment"))
+        .unwrap();
+    let base_pod = &base["spec"]["template"]["spec"];
+    let base_c = &base_pod["containers"][0];
+    assert_eq!(pod["securityContext"], base_pod["securityContext"]);
+    for key in [
+        "securityContext",
+        "readinessProbe",
+        "livenessProbe",
+        "resources",
+        "ports",
+        "args",
+    ] {
+        assert_eq!(c[key], base_c[key], "{key}");
+    }
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], yv(true));
+
+    // The PDB and both Services select the collector's pods.
+    let pdb = find("PodDisruptionBudget", "profiler-collector");
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], *labels);
+    assert_eq!(pdb["spec"]["maxUnavailable"], yv(1));
+    let service = find("Service", "profiler-collector");
+    assert_eq!(service["spec"]["selector"], *labels);
+    let clickhouse = find("Service", "clickhouse");
+    assert_eq!(clickhouse["spec"]["type"], yv("ExternalName"));
+
+    // The collector's file: keys it knows, the ClickHouse store, no SQLite.
+    let toml = find("ConfigMap", "profiler-collector")["data"]["collector.toml"]
+        .as_str()
+        .unwrap();
+    let config = profiler_collector::config::FileConfig::parse(toml).unwrap();
+    assert_eq!(
+        config.store.as_deref(),
+        Some("clickhouse://clickhouse.profiler.svc:8123/profiles")
+    );
+    assert!(
+        config.retention.is_some(),
+        "one retention for every replica"
+    );
+    assert!(!toml.contains("sqlite"), "{toml}");
+}
+
 #[test]
 fn agent_pod_is_least_privilege() {
     let ds = daemonset();
