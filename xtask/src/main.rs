@@ -1,8 +1,8 @@
 //! Developer entry points: `cargo xtask setup | build | run | test | fuzz | bench`.
 //!
 //! - `setup` installs what a fresh machine lacks (LLVM 22, rust-src,
-//!   bpf-linker, gcc and Go for the test workloads); idempotent and fast when
-//!   everything is there.
+//!   bpf-linker, gcc and Go for the test workloads, ClickHouse for the store
+//!   tests); idempotent and fast when everything is there.
 //! - `run` starts the collector and the agent: live flame graphs in the browser,
 //!   and a flame graph of the whole run under `target/profiles/` at the end.
 //! - `test` is what CI runs: set-up, fmt, clippy, unit tests, a short
@@ -209,8 +209,23 @@ fn setup() -> Result<()> {
     if !is_root() && !succeeds("sh", &["-c", "command -v sudo"]) {
         bail!("not root and no sudo: run `cargo xtask setup` as root");
     }
+    // ClickHouse for the store tests, which run private servers on free
+    // ports (tests/tests/support/clickhouse.rs). /usr/sbin may not be on PATH.
+    let install_clickhouse = !succeeds(
+        "sh",
+        &[
+            "-c",
+            "command -v clickhouse-server || test -x /usr/sbin/clickhouse-server",
+        ],
+    );
+    if install_clickhouse {
+        packages.extend(["clickhouse-server", "clickhouse-client"]);
+    }
     if !packages.is_empty() {
         apt_install(&packages)?;
+    }
+    if install_clickhouse {
+        stop_system_clickhouse()?;
     }
 
     // rust-src: -Z build-std=core compiles `core` for the BPF target.
@@ -287,10 +302,70 @@ fn setup() -> Result<()> {
         .context("installing cargo-fuzz failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium, kubernetes-validate, cargo-fuzz)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium, clickhouse-server, kubernetes-validate, cargo-fuzz)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The user Debian's clickhouse-server service runs as.
+const CLICKHOUSE_USER: &str = "clickhouse";
+
+/// Stops and disables the system ClickHouse that the package's postinst may
+/// have started (with systemd, or through its init script where no
+/// policy-rc.d forbids it): the tests need none, and it would hold ports 8123,
+/// 9000 and 9009. The tests' own servers run as the invoking user, never as
+/// `clickhouse`, so they are left alone.
+fn stop_system_clickhouse() -> Result<()> {
+    if Path::new("/run/systemd/system").exists() {
+        step("stopping and disabling the clickhouse-server service (the tests run their own)");
+        status(&mut as_root(
+            "systemctl",
+            &["disable", "--now", "clickhouse-server.service"],
+        ))
+        .context("systemctl could not stop clickhouse-server")?;
+    } else if !system_clickhouse_pids().is_empty() {
+        step("stopping the clickhouse-server service (the tests run their own)");
+        // The init script directly: invoke-rc.d would ask policy-rc.d.
+        status(&mut as_root("/etc/init.d/clickhouse-server", &["stop"]))
+            .context("/etc/init.d/clickhouse-server stop failed")?;
+    }
+    if Path::new("/etc/init.d/clickhouse-server").exists() {
+        // Not started at boot either (sysvinit); harmless elsewhere.
+        status(&mut as_root(
+            "update-rc.d",
+            &["clickhouse-server", "disable"],
+        ))
+        .context("update-rc.d clickhouse-server disable failed")?;
+    }
+    let left = system_clickhouse_pids();
+    if !left.is_empty() {
+        bail!("the clickhouse-server service still runs after stopping it (pids {left:?})");
+    }
+    Ok(())
+}
+
+/// Processes of clickhouse-server running as the service's user.
+fn system_clickhouse_pids() -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uid) = output("id", &["-u", CLICKHOUSE_USER]).and_then(|u| u.trim().parse().ok())
+    else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            // comm is cut to 15 bytes: "clickhouse-serv".
+            let ours =
+                comm.trim_end().starts_with("clickhouse-serv") && e.metadata().ok()?.uid() == uid;
+            ours.then_some(pid)
+        })
+        .collect()
 }
 
 const UI_ADDR: &str = "127.0.0.1:7080";

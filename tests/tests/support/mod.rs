@@ -2,6 +2,7 @@
 //! builds, running the agent and reading its profile like a user would.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod collector;
 
 use std::{
