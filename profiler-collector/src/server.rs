@@ -32,7 +32,11 @@ use crate::{
     ingest::{now_ns, IngestService, SharedStore},
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
-    store::{sqlite::SqliteStore, Store},
+    store::{
+        clickhouse::{ClickHouseStore, ClickHouseUrl},
+        sqlite::SqliteStore,
+        Store,
+    },
     validate::Limits,
     writer::StoreWriter,
 };
@@ -46,6 +50,8 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7080";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
+    /// A ClickHouse server shared by any number of collectors.
+    ClickHouse(ClickHouseUrl),
 }
 
 impl std::str::FromStr for StoreLocation {
@@ -53,7 +59,10 @@ impl std::str::FromStr for StoreLocation {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
             Some(("sqlite", path)) if !path.is_empty() => Ok(StoreLocation::Sqlite(path.into())),
-            _ => Err(format!("unknown store {s:?}: use sqlite:PATH")),
+            Some(("clickhouse", _)) => s.parse().map(StoreLocation::ClickHouse),
+            _ => Err(format!(
+                "unknown store {s:?}: use sqlite:PATH or clickhouse://[USER@]HOST[:PORT]/DATABASE"
+            )),
         }
     }
 }
@@ -152,8 +161,12 @@ impl RunningCollector {
     }
 }
 
-fn open_store(location: &StoreLocation) -> anyhow::Result<Box<dyn Store>> {
+fn open_store(location: &StoreLocation, retention: Duration) -> anyhow::Result<Box<dyn Store>> {
     match location {
+        StoreLocation::ClickHouse(url) => Ok(Box::new(
+            ClickHouseStore::open(url, retention)
+                .with_context(|| format!("opening the ClickHouse store {url}"))?,
+        )),
         StoreLocation::Sqlite(path) => {
             Ok(Box::new(SqliteStore::open(path).with_context(|| {
                 format!("opening the store {}", path.display())
@@ -314,7 +327,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     if agent_tokens.is_none() {
         tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
     }
-    let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store)?));
+    let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store, config.retention)?));
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = watch::channel(false);
 

@@ -1,5 +1,9 @@
 //! Storage behind one trait, so the query and ingest code do not care which
-//! database holds the data. The embedded default is [`sqlite::SqliteStore`].
+//! database holds the data. The embedded default is [`sqlite::SqliteStore`];
+//! [`clickhouse::ClickHouseStore`] lets several collectors share one
+//! ClickHouse. [`conformance`] checks that both answer alike.
+pub mod clickhouse;
+pub mod conformance;
 pub mod sqlite;
 
 use crate::model::{Profile, Selector, Stored, ValidBatch};
@@ -10,6 +14,8 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("{0}")]
     Schema(String),
+    #[error("{0}")]
+    ClickHouse(String),
     #[error("batch window ends before the retention cutoff")]
     TooOld,
     /// The write of a whole group failed (each batch of it gets this).
@@ -24,6 +30,19 @@ pub struct StoreStats {
     pub sample_rows: u64,
     pub stacks: u64,
     pub bytes: u64,
+}
+
+/// `name=value` lines: one text per distinct label set.
+pub(crate) fn canonical(labels: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in labels {
+        out.push_str(name);
+        out.push('=');
+        // Escape so that distinct sets never share a text.
+        out.push_str(&value.replace('\\', "\\\\").replace('\n', "\\n"));
+        out.push('\n');
+    }
+    out
 }
 
 /// What every store does.

@@ -25,7 +25,7 @@ use std::{
 
 use rusqlite::{params, types::Value, Connection, OptionalExtension};
 
-use super::{Store, StoreError, StoreStats};
+use super::{canonical, Store, StoreError, StoreStats};
 use crate::model::{Labels, Profile, Selector, Stored, ValidBatch};
 
 const MINUTE_NS: i64 = 60_000_000_000;
@@ -618,19 +618,6 @@ impl SqliteStore {
     }
 }
 
-/// `name=value` lines: one text per distinct label set.
-fn canonical(labels: &[(String, String)]) -> String {
-    let mut out = String::new();
-    for (name, value) in labels {
-        out.push_str(name);
-        out.push('=');
-        // Escape so that distinct sets never share a text.
-        out.push_str(&value.replace('\\', "\\\\").replace('\n', "\\n"));
-        out.push('\n');
-    }
-    out
-}
-
 /// Sample rows per multi-row `INSERT`.
 const INSERT_ROWS: usize = 32;
 
@@ -914,98 +901,19 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::BatchSample;
+    use crate::store::conformance::{self, all, batch};
 
-    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut l: Vec<_> = pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        l.sort();
-        l
-    }
-
-    fn batch(seq: u64, end_s: i64, process: &str, stack: &str, count: u64) -> ValidBatch {
-        ValidBatch {
-            agent_id: "a1".into(),
-            sequence: seq,
-            node: "n1".into(),
-            agent_version: "0".into(),
-            window_start_ns: (end_s - 10) * 1_000_000_000,
-            window_end_ns: end_s * 1_000_000_000,
-            frequency_hz: 99,
-            label_sets: vec![labels(&[("node", "n1"), ("process", process)])],
-            stacks: vec![stack.into()],
-            samples: vec![BatchSample {
-                label_set: 0,
-                stack: 0,
-                count,
-            }],
-        }
-    }
-
-    fn all(start_s: i64, end_s: i64, matchers: &[(&str, &str)]) -> Selector {
-        Selector {
-            matchers: matchers
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            start_ns: start_s * 1_000_000_000,
-            end_ns: end_s * 1_000_000_000,
-        }
+    /// The conformance suite every store passes (ClickHouse runs it in
+    /// profiler-tests against a real server).
+    #[test]
+    fn passes_the_conformance_suite() {
+        conformance::check_all(&mut || Box::new(SqliteStore::in_memory().unwrap()));
     }
 
     #[test]
-    fn stores_once_and_queries_by_label_and_time() {
-        let mut store = SqliteStore::in_memory().unwrap();
+    fn fresh_store_has_the_latest_schema() {
+        let store = SqliteStore::in_memory().unwrap();
         assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
-        assert_eq!(
-            store.insert(&batch(1, 100, "app", "main;hot", 3)).unwrap(),
-            Stored::New { samples: 3 }
-        );
-        assert_eq!(
-            store.insert(&batch(1, 100, "app", "main;hot", 3)).unwrap(),
-            Stored::Duplicate
-        );
-        store.insert(&batch(2, 200, "app", "main;hot", 2)).unwrap();
-        store.insert(&batch(3, 200, "db", "main;io", 5)).unwrap();
-
-        let p = store.profile(&all(0, 300, &[("process", "app")])).unwrap();
-        assert_eq!(p.folded(), "main;hot 5\n");
-        let p = store.profile(&all(0, 150, &[])).unwrap();
-        assert_eq!(p.total(), 3, "only the first window ends in (0, 150]");
-        let p = store.profile(&all(0, 300, &[])).unwrap();
-        assert_eq!(p.total(), 10);
-        assert_eq!(store.stats().unwrap().stacks, 2, "stacks are stored once");
-
-        const S: i64 = 1_000_000_000;
-        assert_eq!(
-            store.label_names(0, 300 * S).unwrap(),
-            vec!["node", "process"]
-        );
-        assert_eq!(
-            store.label_values("process", 0, 300 * S).unwrap(),
-            vec!["app", "db"]
-        );
-        assert_eq!(
-            store.label_values("process", 195 * S, 300 * S).unwrap(),
-            vec!["app", "db"]
-        );
-        assert_eq!(
-            store.label_values("process", 0, 50 * S).unwrap(),
-            Vec::<String>::new()
-        );
-    }
-
-    #[test]
-    fn hostile_label_values_are_just_values() {
-        let mut store = SqliteStore::in_memory().unwrap();
-        store.insert(&batch(1, 100, "app", "main", 1)).unwrap();
-        let p = store
-            .profile(&all(0, 300, &[("process", "'; DROP TABLE samples; --")]))
-            .unwrap();
-        assert_eq!(p.total(), 0);
-        assert_eq!(store.profile(&all(0, 300, &[])).unwrap().total(), 1);
     }
 
     #[test]
@@ -1048,108 +956,7 @@ mod tests {
 mod rollup_tests {
     use super::*;
     use crate::model::BatchSample;
-
-    const S: i64 = 1_000_000_000;
-
-    /// xorshift64*, reproducible.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: i64) -> i64 {
-            (self.next() % n as u64) as i64
-        }
-    }
-
-    const T0: i64 = 1_700_000_000 * S - 1_700_000_000 * S % HOUR_NS;
-
-    /// A batch of agent `agent` ending at `end`: random processes, pods and
-    /// stacks.
-    fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch {
-        let mut label_sets = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let mut l = vec![
-                ("node".to_string(), format!("n{agent}")),
-                ("process".to_string(), format!("p{}", rng.below(4))),
-            ];
-            if rng.below(2) == 0 {
-                l.push(("pod".to_string(), format!("pod{}", rng.below(3))));
-            }
-            l.sort();
-            l.dedup_by(|a, b| a.0 == b.0);
-            if !label_sets.contains(&l) {
-                label_sets.push(l);
-            }
-        }
-        let mut stacks = Vec::new();
-        for _ in 0..1 + rng.below(4) {
-            let s = format!("main;f{};g{}", rng.below(5), rng.below(3));
-            if !stacks.contains(&s) {
-                stacks.push(s);
-            }
-        }
-        let mut samples = Vec::new();
-        for l in 0..label_sets.len() {
-            for s in 0..stacks.len() {
-                if rng.below(3) > 0 {
-                    samples.push(BatchSample {
-                        label_set: l,
-                        stack: s,
-                        count: 1 + rng.below(9) as u64,
-                    });
-                }
-            }
-        }
-        if samples.is_empty() {
-            samples.push(BatchSample {
-                label_set: 0,
-                stack: 0,
-                count: 1,
-            });
-        }
-        ValidBatch {
-            agent_id: format!("a{agent}"),
-            sequence: seq,
-            node: format!("n{agent}"),
-            agent_version: "0".into(),
-            window_start_ns: end - 10 * S,
-            window_end_ns: end,
-            frequency_hz: 19,
-            label_sets,
-            stacks,
-            samples,
-        }
-    }
-
-    /// A time near the data: often exactly on an hour or minute boundary.
-    fn random_time(rng: &mut Rng, hours: i64) -> i64 {
-        match rng.below(4) {
-            0 => T0 + rng.below(hours + 2) * HOUR_NS,
-            1 => T0 + rng.below((hours + 2) * 60) * MINUTE_NS,
-            2 => T0 + rng.below((hours + 2) * 360) * 10 * S,
-            _ => T0 + rng.below((hours + 2) * HOUR_NS),
-        }
-    }
-
-    fn selectors(rng: &mut Rng, start: i64, end: i64) -> Vec<Selector> {
-        let sel = |m: &[(&str, String)]| Selector {
-            matchers: m.iter().map(|(a, b)| (a.to_string(), b.clone())).collect(),
-            start_ns: start,
-            end_ns: end,
-        };
-        vec![
-            sel(&[]),
-            sel(&[("process", format!("p{}", rng.below(4)))]),
-            sel(&[
-                ("node", format!("n{}", rng.below(3))),
-                ("pod", format!("pod{}", rng.below(3))),
-            ]),
-        ]
-    }
+    use crate::store::conformance::{random_batch, random_time, selectors, Rng, S, T0};
 
     fn check_queries(store: &SqliteStore, rng: &mut Rng, hours: i64, queries: usize) {
         let mut fixed = vec![

@@ -1,0 +1,848 @@
+//! The ClickHouse store: several stateless collectors in front of one
+//! ClickHouse (docs/clickhouse.md).
+//!
+//! Tables (database from the URL, created or migrated on start-up):
+//! * `samples`: one row per (batch, label set, stack) with its count, plus
+//!   one *registry row* per batch (`label_set_id = 0`, count 0) naming the
+//!   batch: agent, sequence, node, and the random `write_id` shared by every
+//!   row of that write. Partitioned by day, ordered by
+//!   `(hour, label_set_id, window_end, stack_id)`: a selector reads the
+//!   ranges of its label sets in each hour, the registry rows of an hour are
+//!   one range.
+//! * `stacks`, `label_sets`: the text behind the ids, once per day partition
+//!   (so retention drops them with their samples). Ids are SipHash-1-3 of
+//!   the text under a key created once in ClickHouse, shared by every
+//!   collector, and secret from agents, so no agent can aim at a collision.
+//!
+//! Exactly once: a batch's rows and its registry row go in one `INSERT`
+//! (one block: all or nothing). A collector first looks the batch up and
+//! answers `Duplicate` if it is there; two collectors racing on the same
+//! batch may both write it, so every query counts, per (agent, sequence),
+//! only the write with the smallest `write_id` (the others are excluded by a
+//! sub-query over the registry rows of the range, empty unless there was a
+//! race).
+//!
+//! Retention: every query starts at the retention cutoff; whole days before
+//! it are dropped (`ALTER … DROP PARTITION`); on ClickHouse 19.6 and later
+//! the tables also get a TTL.
+mod client;
+
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hasher,
+    time::Duration,
+};
+
+use client::{quote, random_u64, Client, External, RowBinary, Rows};
+pub use client::{ClickHouseUrl, ClientError, PASSWORD_ENV};
+use siphasher::sip::SipHasher13;
+
+use super::{canonical, Store, StoreError, StoreStats};
+use crate::model::{Labels, Profile, Selector, Stored, ValidBatch};
+
+const HOUR_NS: i64 = 3_600_000_000_000;
+const DAY_HOURS: i64 = 24;
+const DAY_NS: i64 = DAY_HOURS * HOUR_NS;
+
+/// Most rows per `INSERT` into `samples`: under ClickHouse's
+/// `max_insert_block_size` (1,048,576), so each insert is one block, which
+/// ClickHouse writes all or nothing.
+const MAX_INSERT_ROWS: usize = 500_000;
+/// Writes give up after this: well before agents give up on a batch (30 s),
+/// so a stalled ClickHouse is reported as unavailable, not as a timeout
+/// that makes agents resend what may be stored.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queries give up after this.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most (day, id) pairs remembered as written, per kind.
+const WRITTEN_CAP: usize = 1 << 18;
+
+/// Schema migrations; entry N brings the schema from version N to N + 1.
+/// Each statement is idempotent (several collectors may run them at once).
+/// `{db}` is the database, `{ttl_samples}` / `{ttl_days}` the TTL clauses
+/// (empty where the server has no TTL).
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS {db}.samples (
+        hour Int64,
+        label_set_id UInt64,
+        window_end Int64,
+        stack_id UInt64,
+        count UInt64,
+        write_id UInt64,
+        window_start Int64,
+        agent_id String,
+        sequence UInt64,
+        node String,
+        agent_version String,
+        frequency_hz UInt32
+    ) ENGINE = MergeTree
+    PARTITION BY intDiv(hour, 24)
+    ORDER BY (hour, label_set_id, window_end, stack_id)
+    {ttl_samples}",
+    "CREATE TABLE IF NOT EXISTS {db}.stacks (
+        day Int64,
+        stack_id UInt64,
+        folded String
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY day
+    ORDER BY stack_id
+    {ttl_days}",
+    "CREATE TABLE IF NOT EXISTS {db}.label_sets (
+        day Int64,
+        label_set_id UInt64,
+        names Array(String),
+        values Array(String)
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY day
+    ORDER BY label_set_id
+    {ttl_days}",
+]];
+
+/// The tables retention drops days of.
+const DAY_TABLES: [&str; 3] = ["samples", "stacks", "label_sets"];
+
+/// A ClickHouse server version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32);
+
+impl Version {
+    /// Table TTL (`TTL expr`) came with 19.6.
+    pub fn has_ttl(self) -> bool {
+        self >= Version(19, 6)
+    }
+}
+
+/// The hour bucket of a window: windows ending in `(k h, (k + 1) h]` are in
+/// hour `k`, as in the SQLite store's rollups.
+fn hour_of(window_end_ns: i64) -> i64 {
+    window_end_ns.saturating_sub(1).div_euclid(HOUR_NS)
+}
+
+/// Ids of text already written in a day partition (so it is not sent
+/// again). Bounded: emptied when full, which costs only re-sending.
+struct Written {
+    ids: HashSet<(i64, u64)>,
+}
+
+impl Written {
+    fn new() -> Self {
+        Self {
+            ids: HashSet::new(),
+        }
+    }
+    fn contains(&self, day: i64, id: u64) -> bool {
+        self.ids.contains(&(day, id))
+    }
+    fn extend(&mut self, new: impl IntoIterator<Item = (i64, u64)>) {
+        for key in new {
+            if self.ids.len() >= WRITTEN_CAP {
+                self.ids.clear();
+            }
+            self.ids.insert(key);
+        }
+    }
+}
+
+pub struct ClickHouseStore {
+    /// For queries and schema changes.
+    client: Client,
+    /// For writes (a shorter timeout).
+    writer: Client,
+    db: String,
+    version: Version,
+    key: (u64, u64),
+    stacks_written: Written,
+    sets_written: Written,
+    /// Windows ending before this were removed by retention: refused, and
+    /// queries start here.
+    retained_from: i64,
+}
+
+/// What a group's insert sends, built before anything is sent.
+#[derive(Default)]
+struct GroupRows {
+    stacks: RowBinary,
+    stack_keys: Vec<(i64, u64)>,
+    sets: RowBinary,
+    set_keys: Vec<(i64, u64)>,
+    /// Sample rows (with registry rows), and where each batch's rows end.
+    samples: RowBinary,
+    chunks: Vec<(usize, Vec<usize>)>,
+}
+
+impl ClickHouseStore {
+    /// Connects, creates the database and tables or migrates them, and sets
+    /// the TTL to `retention` where the server supports it.
+    pub fn open(url: &ClickHouseUrl, retention: Duration) -> Result<Self, StoreError> {
+        let client = Client::new(url, QUERY_TIMEOUT);
+        let version = server_version(&client)?;
+        let db = url.database.clone();
+        client.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"), &[], &[])?;
+        let mut store = Self {
+            key: (0, 0),
+            client,
+            writer: Client::new(url, WRITE_TIMEOUT),
+            db,
+            version,
+            stacks_written: Written::new(),
+            sets_written: Written::new(),
+            retained_from: i64::MIN,
+        };
+        store.migrate(retention)?;
+        store.key = store.hash_key()?;
+        if version.has_ttl() {
+            store.set_ttl(retention)?;
+        } else {
+            tracing::info!(
+                server = %format!("{}.{}", version.0, version.1),
+                "ClickHouse before 19.6 has no table TTL: retention drops whole days of old partitions"
+            );
+        }
+        Ok(store)
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    fn sql(&self, template: &str, retention: Duration) -> String {
+        let secs = retention.as_secs();
+        let (ttl_samples, ttl_days) = if self.version.has_ttl() {
+            (
+                format!(
+                    "TTL toDateTime(intDiv(window_end, 1000000000)) + toIntervalSecond({secs})"
+                ),
+                format!("TTL toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        template
+            .replace("{db}", &self.db)
+            .replace("{ttl_samples}", &ttl_samples)
+            .replace("{ttl_days}", &ttl_days)
+    }
+
+    /// The schema version recorded in the database (0: none yet).
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        let out = self.query_text(&format!(
+            "SELECT max(version) FROM {}.schema_version",
+            self.db
+        ))?;
+        out.trim()
+            .parse()
+            .map_err(|_| StoreError::Schema(format!("bad schema version {out:?}")))
+    }
+
+    fn migrate(&mut self, retention: Duration) -> Result<(), StoreError> {
+        self.client.execute(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {}.schema_version (version UInt32, applied_ns Int64)
+                 ENGINE = MergeTree ORDER BY version",
+                self.db
+            ),
+            &[],
+            &[],
+        )?;
+        let version = self.schema_version()? as usize;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Schema(format!(
+                "ClickHouse schema version {version} is newer than this collector supports ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, statements) in MIGRATIONS.iter().enumerate().skip(version) {
+            for template in *statements {
+                self.client
+                    .execute(&self.sql(template, retention), &[], &[])?;
+            }
+            self.client.execute(
+                &format!(
+                    "INSERT INTO {}.schema_version VALUES ({}, {})",
+                    self.db,
+                    i + 1,
+                    crate::ingest::now_ns()
+                ),
+                &[],
+                &[],
+            )?;
+            tracing::info!(version = i + 1, "migrated the ClickHouse schema");
+        }
+        Ok(())
+    }
+
+    /// The SipHash key of ids, created once: the first collector's
+    /// `CREATE TABLE` defines it as the columns' defaults (atomic in
+    /// ClickHouse), every other collector reads it back.
+    fn hash_key(&self) -> Result<(u64, u64), StoreError> {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {}.hash_key (k0 UInt64 DEFAULT {}, k1 UInt64 DEFAULT {})
+             ENGINE = Null",
+            self.db,
+            random_u64(),
+            random_u64()
+        );
+        if let Err(e) = self.client.execute(&create, &[], &[]) {
+            // Another collector may have created it at the same moment.
+            tracing::debug!("creating the hash key table: {e}");
+        }
+        let out = self.query_text(&format!(
+            "SELECT default_expression FROM system.columns
+             WHERE database = {} AND table = 'hash_key' ORDER BY name",
+            quote(&self.db)
+        ))?;
+        let keys: Vec<u64> = out
+            .lines()
+            .filter_map(|line| {
+                let digits: String = line
+                    .chars()
+                    .skip_while(|c| !c.is_ascii_digit())
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect();
+        match keys[..] {
+            [k0, k1] => Ok((k0, k1)),
+            _ => Err(StoreError::Schema(format!(
+                "the hash key table of {} is damaged: {out:?}",
+                self.db
+            ))),
+        }
+    }
+
+    /// Sets the tables' TTL to `retention` (every collector does, with the
+    /// same retention: docs/clickhouse.md).
+    fn set_ttl(&self, retention: Duration) -> Result<(), StoreError> {
+        let secs = retention.as_secs();
+        for (table, expr) in [
+            (
+                "samples",
+                format!("toDateTime(intDiv(window_end, 1000000000)) + toIntervalSecond({secs})"),
+            ),
+            (
+                "stacks",
+                format!("toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
+            ),
+            (
+                "label_sets",
+                format!("toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
+            ),
+        ] {
+            self.client.execute(
+                &format!("ALTER TABLE {}.{table} MODIFY TTL {expr}", self.db),
+                &[],
+                &[],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn query_text(&self, sql: &str) -> Result<String, StoreError> {
+        let out = self.client.execute(sql, &[], &[])?;
+        String::from_utf8(out)
+            .map_err(|_| StoreError::from(ClientError::Decode("an answer is not UTF-8".into())))
+    }
+
+    fn query_rows(&self, sql: &str) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .client
+            .execute(&format!("{sql} FORMAT RowBinary"), &[], &[])?)
+    }
+
+    fn id(&self, text: &[u8]) -> u64 {
+        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        h.write(text);
+        // 0 marks registry rows.
+        h.finish().max(1)
+    }
+
+    fn stack_id(&self, folded: &str) -> u64 {
+        self.id(folded.as_bytes())
+    }
+
+    fn set_id(&self, labels: &Labels) -> u64 {
+        self.id(canonical(labels).as_bytes())
+    }
+
+    /// Which of `batches` (agent, sequence) are stored already.
+    fn stored_already(
+        &self,
+        batches: &[&ValidBatch],
+    ) -> Result<HashSet<(String, u64)>, StoreError> {
+        let mut found = HashSet::new();
+        if batches.is_empty() {
+            return Ok(found);
+        }
+        let hours: HashSet<i64> = batches.iter().map(|b| hour_of(b.window_end_ns)).collect();
+        let hours: Vec<String> = hours.iter().map(i64::to_string).collect();
+        let ids: Vec<String> = batches
+            .iter()
+            .map(|b| format!("({}, {})", quote(&b.agent_id), b.sequence))
+            .collect();
+        let sql = format!(
+            "SELECT agent_id, sequence FROM {}.samples
+             WHERE hour IN ({}) AND label_set_id = 0 AND (agent_id, sequence) IN ({})
+             FORMAT RowBinary",
+            self.db,
+            hours.join(", "),
+            ids.join(", ")
+        );
+        let out = self.writer.execute(
+            &sql,
+            &[],
+            &[("max_query_size", (sql.len() + 1024).to_string())],
+        )?;
+        let mut rows = Rows::new(&out);
+        while !rows.is_empty() {
+            let agent = rows.string()?;
+            let sequence = rows.u64()?;
+            found.insert((agent, sequence));
+        }
+        Ok(found)
+    }
+
+    /// Encodes the rows of the batches to store.
+    fn encode(&self, batches: &[&ValidBatch]) -> GroupRows {
+        let mut g = GroupRows::default();
+        let mut seen_stacks = HashSet::new();
+        let mut seen_sets = HashSet::new();
+        let (mut rows_in_chunk, mut chunk_batches) = (0usize, Vec::new());
+        for (i, batch) in batches.iter().enumerate() {
+            let hour = hour_of(batch.window_end_ns);
+            let day = hour.div_euclid(DAY_HOURS);
+            let set_ids: Vec<u64> = batch.label_sets.iter().map(|l| self.set_id(l)).collect();
+            let stack_ids: Vec<u64> = batch.stacks.iter().map(|s| self.stack_id(s)).collect();
+            for (labels, &id) in batch.label_sets.iter().zip(&set_ids) {
+                if !self.sets_written.contains(day, id) && seen_sets.insert((day, id)) {
+                    g.sets.i64(day);
+                    g.sets.u64(id);
+                    g.sets.len(labels.len());
+                    for (name, _) in labels {
+                        g.sets.str(name);
+                    }
+                    g.sets.len(labels.len());
+                    for (_, value) in labels {
+                        g.sets.str(value);
+                    }
+                    g.set_keys.push((day, id));
+                }
+            }
+            for (folded, &id) in batch.stacks.iter().zip(&stack_ids) {
+                if !self.stacks_written.contains(day, id) && seen_stacks.insert((day, id)) {
+                    g.stacks.i64(day);
+                    g.stacks.u64(id);
+                    g.stacks.str(folded);
+                    g.stack_keys.push((day, id));
+                }
+            }
+            let write_id = random_u64();
+            let rows = batch.samples.len() + 1;
+            if rows_in_chunk > 0 && rows_in_chunk + rows > MAX_INSERT_ROWS {
+                g.chunks
+                    .push((g.samples.buf.len(), std::mem::take(&mut chunk_batches)));
+                rows_in_chunk = 0;
+            }
+            let s = &mut g.samples;
+            let mut row = |set: u64, stack: u64, count: u64, registry: bool| {
+                s.i64(hour);
+                s.u64(set);
+                s.i64(batch.window_end_ns);
+                s.u64(stack);
+                s.u64(count);
+                s.u64(write_id);
+                s.i64(batch.window_start_ns);
+                s.str(if registry { &batch.agent_id } else { "" });
+                s.u64(if registry { batch.sequence } else { 0 });
+                s.str(if registry { &batch.node } else { "" });
+                s.str(if registry { &batch.agent_version } else { "" });
+                s.u32(batch.frequency_hz);
+            };
+            row(0, 0, 0, true);
+            for sample in &batch.samples {
+                row(
+                    set_ids[sample.label_set],
+                    stack_ids[sample.stack],
+                    sample.count,
+                    false,
+                );
+            }
+            rows_in_chunk += rows;
+            chunk_batches.push(i);
+        }
+        if !chunk_batches.is_empty() {
+            g.chunks.push((g.samples.buf.len(), chunk_batches));
+        }
+        g
+    }
+
+    /// Sends a group's rows: texts first (so every sample visible has its
+    /// stack and labels), then the samples, one block per insert.
+    fn send(
+        &mut self,
+        g: &GroupRows,
+        outcomes: &mut [Option<Result<Stored, StoreError>>],
+        batches: &[&ValidBatch],
+    ) -> Result<(), StoreError> {
+        if !g.set_keys.is_empty() {
+            self.writer.execute(
+                &format!("INSERT INTO {}.label_sets FORMAT RowBinary", self.db),
+                &g.sets.buf,
+                &[],
+            )?;
+            self.sets_written.extend(g.set_keys.iter().copied());
+        }
+        if !g.stack_keys.is_empty() {
+            self.writer.execute(
+                &format!("INSERT INTO {}.stacks FORMAT RowBinary", self.db),
+                &g.stacks.buf,
+                &[],
+            )?;
+            self.stacks_written.extend(g.stack_keys.iter().copied());
+        }
+        let mut from = 0;
+        for (end, members) in &g.chunks {
+            self.writer.execute(
+                &format!("INSERT INTO {}.samples FORMAT RowBinary", self.db),
+                &g.samples.buf[from..*end],
+                &[],
+            )?;
+            from = *end;
+            for &i in members {
+                outcomes[i] = Some(Ok(Stored::New {
+                    samples: batches[i].total(),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a batch without first looking it up: what two collectors
+    /// racing on the same batch do (for tests of the query-side guard).
+    #[doc(hidden)]
+    pub fn insert_unchecked(&mut self, batch: &ValidBatch) -> Result<(), StoreError> {
+        let g = self.encode(&[batch]);
+        let mut outcome = [None];
+        self.send(&g, &mut outcome, &[batch])
+    }
+
+    /// `hour` and `window_end` conditions for windows ending in
+    /// `(start, end]`, after the retention cutoff; `None` when empty.
+    fn range(&self, start: i64, end: i64) -> Option<String> {
+        let start = start.max(self.retained_from.saturating_sub(1));
+        (start < end).then(|| {
+            format!(
+                "hour >= {} AND hour <= {} AND window_end > {start} AND window_end <= {end}",
+                start.div_euclid(HOUR_NS),
+                hour_of(end)
+            )
+        })
+    }
+
+    /// Days partitions of `stacks`/`label_sets` for windows ending in
+    /// `(start, end]`.
+    fn days(start: i64, end: i64) -> String {
+        format!(
+            "day >= {} AND day <= {}",
+            start.div_euclid(DAY_NS),
+            hour_of(end).div_euclid(DAY_HOURS)
+        )
+    }
+
+    /// Ids of label sets with samples in the range.
+    fn sets_in(&self, range: &str) -> String {
+        format!(
+            "SELECT label_set_id FROM {}.samples WHERE {range} AND label_set_id != 0",
+            self.db
+        )
+    }
+}
+
+fn server_version(client: &Client) -> Result<Version, StoreError> {
+    let out = client.execute("SELECT version()", &[], &[])?;
+    let text = String::from_utf8_lossy(&out).trim().to_string();
+    let mut parts = text.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Ok(Version(major, minor)),
+        _ => Err(StoreError::Schema(format!(
+            "cannot read the ClickHouse version from {text:?}"
+        ))),
+    }
+}
+
+impl From<ClientError> for StoreError {
+    fn from(e: ClientError) -> Self {
+        StoreError::ClickHouse(e.to_string())
+    }
+}
+
+impl Store for ClickHouseStore {
+    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
+        self.insert_many(std::slice::from_ref(batch))
+            .pop()
+            .unwrap_or(Err(StoreError::Write("no outcome".into())))
+    }
+
+    fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
+        let mut outcomes: Vec<Option<Result<Stored, StoreError>>> =
+            (0..batches.len()).map(|_| None).collect();
+        // Each (agent, sequence) once: later copies in the group are
+        // duplicates of the first.
+        let mut first = HashMap::new();
+        let mut candidates = Vec::new();
+        for (i, batch) in batches.iter().enumerate() {
+            if batch.window_end_ns < self.retained_from {
+                outcomes[i] = Some(Err(StoreError::TooOld));
+            } else if first
+                .insert((batch.agent_id.as_str(), batch.sequence), i)
+                .is_some()
+            {
+                outcomes[i] = Some(Ok(Stored::Duplicate));
+            } else {
+                candidates.push(i);
+            }
+        }
+        let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
+        let result = self.stored_already(&refs).and_then(|stored| {
+            let mut new = Vec::new();
+            for &i in &candidates {
+                let b = &batches[i];
+                if stored.contains(&(b.agent_id.clone(), b.sequence)) {
+                    outcomes[i] = Some(Ok(Stored::Duplicate));
+                } else {
+                    new.push(i);
+                }
+            }
+            let refs: Vec<&ValidBatch> = new.iter().map(|&i| &batches[i]).collect();
+            let g = self.encode(&refs);
+            let mut new_outcomes: Vec<_> = new.iter().map(|_| None).collect();
+            let sent = self.send(&g, &mut new_outcomes, &refs);
+            for (&i, outcome) in new.iter().zip(new_outcomes) {
+                outcomes[i] = outcome;
+            }
+            sent
+        });
+        let message = match &result {
+            Ok(()) => "not written".to_string(),
+            Err(e) => e.to_string(),
+        };
+        // A copy later in the group shares the fate of its first.
+        let mut final_outcomes = Vec::with_capacity(batches.len());
+        for (i, batch) in batches.iter().enumerate() {
+            let outcome = match outcomes[i].take() {
+                Some(Ok(Stored::Duplicate)) => {
+                    let first_i = first[&(batch.agent_id.as_str(), batch.sequence)];
+                    if first_i != i
+                        && final_outcomes
+                            .get(first_i)
+                            .is_some_and(|o: &Result<Stored, StoreError>| o.is_err())
+                    {
+                        Err(StoreError::Write(message.clone()))
+                    } else {
+                        Ok(Stored::Duplicate)
+                    }
+                }
+                Some(o) => o,
+                None => Err(StoreError::Write(message.clone())),
+            };
+            final_outcomes.push(outcome);
+        }
+        final_outcomes
+    }
+
+    fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
+        let Some(range) = self.range(start_ns, end_ns) else {
+            return Ok(Vec::new());
+        };
+        let out = self.query_rows(&format!(
+            "SELECT DISTINCT arrayJoin(names) AS n FROM {}.label_sets
+             WHERE {} AND label_set_id IN ({}) ORDER BY n",
+            self.db,
+            Self::days(start_ns, end_ns),
+            self.sets_in(&range)
+        ))?;
+        read_strings(&out)
+    }
+
+    fn label_values(
+        &self,
+        name: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(range) = self.range(start_ns, end_ns) else {
+            return Ok(Vec::new());
+        };
+        let name = quote(name);
+        let out = self.query_rows(&format!(
+            "SELECT DISTINCT values[indexOf(names, {name})] AS v FROM {}.label_sets
+             WHERE {} AND has(names, {name}) AND label_set_id IN ({}) ORDER BY v",
+            self.db,
+            Self::days(start_ns, end_ns),
+            self.sets_in(&range)
+        ))?;
+        read_strings(&out)
+    }
+
+    fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
+        let (start, end) = (selector.start_ns, selector.end_ns);
+        let Some(range) = self.range(start, end) else {
+            return Ok(Profile::default());
+        };
+        let db = &self.db;
+        let days = Self::days(start, end);
+        let mut sets = String::new();
+        if !selector.matchers.is_empty() {
+            let conditions: Vec<String> = selector
+                .matchers
+                .iter()
+                .map(|(name, value)| {
+                    let (name, value) = (quote(name), quote(value));
+                    format!("has(names, {name}) AND values[indexOf(names, {name})] = {value}")
+                })
+                .collect();
+            sets = format!(
+                "AND label_set_id IN (SELECT label_set_id FROM {db}.label_sets WHERE {days} AND {})",
+                conditions.join(" AND ")
+            );
+        }
+        // Sums per stack in ClickHouse, counting each batch once: writes
+        // other than the first (smallest write_id) of an (agent, sequence)
+        // are left out.
+        let totals = self.query_rows(&format!(
+            "SELECT stack_id, sum(count) FROM {db}.samples
+             WHERE {range} AND label_set_id != 0 {sets}
+               AND write_id NOT IN (
+                   SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2)) FROM {db}.samples
+                   WHERE {range} AND label_set_id = 0
+                   GROUP BY agent_id, sequence HAVING count() > 1)
+             GROUP BY stack_id"
+        ))?;
+        let mut counts = HashMap::new();
+        let mut ids = Vec::new();
+        let mut rows = Rows::new(&totals);
+        while !rows.is_empty() {
+            let (id, n) = (rows.u64()?, rows.u64()?);
+            counts.insert(id, n);
+            ids.extend_from_slice(format!("{id}\n").as_bytes());
+        }
+        let mut profile = Profile::default();
+        if counts.is_empty() {
+            return Ok(profile);
+        }
+        // The texts of those stacks, by id (sent as a table with the query).
+        let texts = self.client.execute_with(
+            &format!(
+                "SELECT stack_id, any(folded) FROM {db}.stacks
+                 WHERE {days} AND stack_id IN ids GROUP BY stack_id FORMAT RowBinary"
+            ),
+            &External {
+                name: "ids",
+                structure: "id UInt64",
+                tsv: &ids,
+            },
+            &[],
+        )?;
+        let mut rows = Rows::new(&texts);
+        while !rows.is_empty() {
+            let id = rows.u64()?;
+            let folded = rows.string()?;
+            if let Some(n) = counts.remove(&id) {
+                profile.add(&folded, n);
+            }
+        }
+        if !counts.is_empty() {
+            return Err(StoreError::Schema(format!(
+                "{} stacks have samples but no text in {db}.stacks",
+                counts.len()
+            )));
+        }
+        Ok(profile)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let db = &self.db;
+        // Rows retention hides but has not dropped yet (part of a day) are
+        // not counted.
+        let kept = format!("window_end >= {}", self.retained_from);
+        let out = self.query_rows(&format!(
+            "SELECT
+                (SELECT toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
+                 WHERE label_set_id = 0 AND {kept}),
+                (SELECT toUInt64(count()) FROM {db}.samples WHERE label_set_id != 0 AND {kept}),
+                (SELECT toUInt64(uniqExact(stack_id)) FROM {db}.stacks),
+                (SELECT toUInt64(sum(bytes_on_disk)) FROM system.parts
+                 WHERE active AND database = {})",
+            quote(db)
+        ))?;
+        let mut rows = Rows::new(&out);
+        Ok(StoreStats {
+            batches: rows.u64()?,
+            sample_rows: rows.u64()?,
+            stacks: rows.u64()?,
+            bytes: rows.u64()?,
+        })
+    }
+
+    fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError> {
+        // Queries start at the cutoff at once; whole days before it go.
+        self.retained_from = self.retained_from.max(cutoff_ns);
+        let out = self.query_rows(&format!(
+            "SELECT table, partition, toUInt64(sum(rows)) FROM system.parts
+             WHERE active AND database = {} AND table IN ('samples', 'stacks', 'label_sets')
+             GROUP BY table, partition",
+            quote(&self.db)
+        ))?;
+        let mut rows = Rows::new(&out);
+        let mut deleted = 0;
+        while !rows.is_empty() {
+            let table = rows.string()?;
+            let partition = rows.string()?;
+            let n = rows.u64()?;
+            let Ok(day) = partition.parse::<i64>() else {
+                continue;
+            };
+            // Day `d` holds windows ending in (d DAY, (d + 1) DAY].
+            if day.saturating_add(1).saturating_mul(DAY_NS) < cutoff_ns
+                && DAY_TABLES.contains(&table.as_str())
+            {
+                self.client.execute(
+                    &format!("ALTER TABLE {}.{table} DROP PARTITION {day}", self.db),
+                    &[],
+                    &[],
+                )?;
+                if table == "samples" {
+                    deleted += n;
+                }
+            }
+        }
+        if deleted > 0 {
+            // Texts of dropped days are gone: write them again when seen.
+            self.stacks_written = Written::new();
+            self.sets_written = Written::new();
+        }
+        Ok(deleted)
+    }
+}
+
+fn read_strings(out: &[u8]) -> Result<Vec<String>, StoreError> {
+    let mut rows = Rows::new(out);
+    let mut values = Vec::new();
+    while !rows.is_empty() {
+        values.push(rows.string()?);
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hours_follow_the_end_exclusive_start_rule() {
+        assert_eq!(hour_of(HOUR_NS), 0);
+        assert_eq!(hour_of(HOUR_NS + 1), 1);
+        assert!(Version(19, 6).has_ttl() && Version(24, 1).has_ttl());
+        assert!(!Version(18, 16).has_ttl());
+    }
+}
