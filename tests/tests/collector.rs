@@ -250,67 +250,6 @@ impl Drop for CollectorProcess {
     }
 }
 
-/// A synthetic agent: pushes `batches` batches of `count` samples for node
-/// `node`, each retried until acknowledged (as new or as already stored);
-/// returns the samples of the acknowledged batches.
-fn synthetic_agent(grpc: u16, node: &str, batches: u64, count: i64) -> u64 {
-    use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(5));
-        let mut client = IngestClient::new(endpoint.connect_lazy());
-        let mut acked = 0;
-        for seq in 1..=batches {
-            let now = profiler_collector::ingest::now_ns();
-            let strings = ["", "node", node, "process", "synthetic", "main", "work"];
-            let batch = Batch {
-                agent_id: format!("synthetic-{node}"),
-                sequence: seq,
-                node: node.into(),
-                agent_version: "test".into(),
-                window_start_unix_nanos: now - 100_000_000,
-                window_end_unix_nanos: now,
-                frequency_hz: 99,
-                strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
-                stacks: vec![Stack {
-                    frames: vec![4, 5, 6],
-                }],
-                label_sets: vec![LabelSet {
-                    labels: vec![Label { name: 1, value: 2 }, Label { name: 3, value: 4 }],
-                }],
-                samples: vec![Sample {
-                    label_set: 0,
-                    stack: 0,
-                    count,
-                }],
-            };
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                match client.push_batch(batch.clone()).await {
-                    // A re-send of a batch stored before the kill is
-                    // acknowledged as already stored: it still counts once.
-                    Ok(_) => {
-                        acked += count as u64;
-                        break;
-                    }
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => panic!("batch {seq} never acknowledged: {e}"),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        acked
-    })
-}
-
 /// `kill -9` of the collector process while a real agent and two synthetic
 /// agents stream, then a restart on the same store: per node, the stored
 /// totals equal what each agent sent (re-sends of batches stored but not

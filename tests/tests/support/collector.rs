@@ -100,3 +100,112 @@ pub fn assert_all_delivered(stats: &profiler_agent::export::ExportStats) {
         "batches acknowledged vs queued"
     );
 }
+
+/// What a synthetic agent saw.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Samples of the batches acknowledged (each batch once).
+    pub acked: u64,
+    /// Batches acknowledged as stored before (re-sends).
+    pub duplicates: u64,
+    /// Every error answer or transport failure, by gRPC code.
+    pub errors: Vec<tonic::Code>,
+}
+
+/// A synthetic agent: pushes `batches` batches of `count` samples for node
+/// `node`, each retried until acknowledged (as new or as already stored);
+/// returns the samples of the acknowledged batches.
+pub fn synthetic_agent(grpc: u16, node: &str, batches: u64, count: i64) -> u64 {
+    push_batches(&[grpc], node, batches, count, |_| vec![0]).acked
+}
+
+/// Like [`synthetic_agent`], but batch `seq` is sent to each collector of
+/// `grpc` that `route(seq)` names, in order (each retried until
+/// acknowledged): a batch sent to two collectors is an agent replaying to
+/// another replica what the first stored.
+pub fn push_batches(
+    grpc: &[u16],
+    node: &str,
+    batches: u64,
+    count: i64,
+    route: impl Fn(u64) -> Vec<usize>,
+) -> Pushed {
+    use profiler_proto::v1::ingest_client::IngestClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut clients: Vec<_> = grpc
+            .iter()
+            .map(|port| {
+                let endpoint =
+                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                        .unwrap()
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(30));
+                IngestClient::new(endpoint.connect_lazy())
+            })
+            .collect();
+        let mut pushed = Pushed::default();
+        for seq in 1..=batches {
+            let batch = synthetic_batch(node, seq, count);
+            let mut acked = false;
+            for target in route(seq) {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    match clients[target].push_batch(batch.clone()).await {
+                        // A re-send of a batch stored before is acknowledged
+                        // as already stored: it still counts once.
+                        Ok(ack) => {
+                            if !ack.get_ref().newly_stored {
+                                pushed.duplicates += 1;
+                            }
+                            acked = true;
+                            break;
+                        }
+                        Err(e) if std::time::Instant::now() < deadline => {
+                            pushed.errors.push(e.code());
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("batch {seq} never acknowledged: {e}"),
+                    }
+                }
+            }
+            if acked {
+                pushed.acked += count as u64;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pushed
+    })
+}
+
+/// Batch `seq` of a synthetic agent on `node`: one stack, `count` samples,
+/// its window ending now.
+pub fn synthetic_batch(node: &str, seq: u64, count: i64) -> profiler_proto::v1::Batch {
+    use profiler_proto::v1::{Batch, Label, LabelSet, Sample, Stack};
+    let now = profiler_collector::ingest::now_ns();
+    let strings = ["", "node", node, "process", "synthetic", "main", "work"];
+    Batch {
+        agent_id: format!("synthetic-{node}"),
+        sequence: seq,
+        node: node.into(),
+        agent_version: "test".into(),
+        window_start_unix_nanos: now - 100_000_000,
+        window_end_unix_nanos: now,
+        frequency_hz: 99,
+        strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        stacks: vec![Stack {
+            frames: vec![4, 5, 6],
+        }],
+        label_sets: vec![LabelSet {
+            labels: vec![Label { name: 1, value: 2 }, Label { name: 3, value: 4 }],
+        }],
+        samples: vec![Sample {
+            label_set: 0,
+            stack: 0,
+            count,
+        }],
+    }
+}

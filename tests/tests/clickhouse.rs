@@ -1,0 +1,441 @@
+//! The ClickHouse store against a real server (Debian's `clickhouse-server`,
+//! started privately on loopback by the harness; `cargo xtask setup`
+//! installs it): the conformance suite shared with SQLite, several
+//! collectors on one ClickHouse with an agent switching between them and
+//! replaying, and a ClickHouse restarted or stalled mid-ingest.
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU16, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use profiler_agent::export::ExportOptions;
+use profiler_collector::{
+    server::{self, CollectorConfig, RunningCollector, StoreLocation},
+    store::{
+        clickhouse::{ClickHouseStore, ClickHouseUrl},
+        conformance, Store,
+    },
+};
+use support::{clickhouse::ClickHouse, collector::*, *};
+
+const WEEK: Duration = Duration::from_secs(7 * 86400);
+
+fn open(ch: &ClickHouse, db: &str) -> ClickHouseStore {
+    let url: ClickHouseUrl = ch.store_url(db).parse().unwrap();
+    ClickHouseStore::open(&url, WEEK).expect("the ClickHouse store opens")
+}
+
+fn start_on(rt: &tokio::runtime::Runtime, ch: &ClickHouse, db: &str) -> RunningCollector {
+    let config = CollectorConfig {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        store: StoreLocation::ClickHouse(ch.store_url(db).parse().unwrap()),
+        ..CollectorConfig::default()
+    };
+    rt.block_on(server::start(config))
+        .expect("a collector starts on ClickHouse")
+}
+
+/// Samples of `node` the collector at `addr` serves for the last hour.
+fn node_total(addr: SocketAddr, node: &str) -> u64 {
+    folded(addr, &format!("%7Bnode%3D%22{node}%22%7D")).total()
+}
+
+#[test]
+fn conformance_suite_passes_on_clickhouse() {
+    let ch = ClickHouse::start();
+    let mut n = 0;
+    conformance::check_all(&mut || {
+        n += 1;
+        Box::new(open(&ch, &format!("conformance_{n}")))
+    });
+    // The schema is recorded, and a second collector starting on the same
+    // database finds it ready.
+    let again = open(&ch, "conformance_1");
+    assert_eq!(again.schema_version().unwrap(), 1);
+}
+
+/// Two collectors (two stores on one database): the second is told a batch
+/// the first stored is a duplicate; when both write it at once (neither
+/// sees the other's write first), every answer still counts it once.
+#[test]
+fn one_batch_written_through_two_collectors_counts_once() {
+    let ch = ClickHouse::start();
+    let (mut a, mut b) = (open(&ch, "race"), open(&ch, "race"));
+    let t = conformance::T0;
+    let batch = |seq, end| {
+        let mut rng = conformance::Rng(seq);
+        conformance::random_batch(&mut rng, 1, seq, end)
+    };
+    let first = batch(1, t + 10 * conformance::S);
+    a.insert(&first).unwrap();
+    assert_eq!(
+        b.insert(&first).unwrap(),
+        profiler_collector::model::Stored::Duplicate
+    );
+    // Races: the same batch written by both, and by one of them twice.
+    let raced = batch(2, t + 20 * conformance::S);
+    a.insert_unchecked(&raced).unwrap();
+    b.insert_unchecked(&raced).unwrap();
+    b.insert_unchecked(&first).unwrap();
+    let selector = conformance::all(t / conformance::S - 60, t / conformance::S + 60, &[]);
+    let want = first.total() + raced.total();
+    for store in [&a, &b] {
+        assert_eq!(store.profile(&selector).unwrap().total(), want);
+        assert_eq!(store.stats().unwrap().batches, 2);
+        let one_process = conformance::all(
+            t / conformance::S - 60,
+            t / conformance::S + 60,
+            &[("process", "p1")],
+        );
+        let raw: u64 = [&first, &raced]
+            .iter()
+            .flat_map(|b| {
+                b.samples
+                    .iter()
+                    .filter(|s| {
+                        b.label_sets[s.label_set].contains(&("process".into(), "p1".into()))
+                    })
+                    .map(|s| s.count)
+            })
+            .sum();
+        assert_eq!(store.profile(&one_process).unwrap().total(), raw);
+    }
+    let rows = ch.query("SELECT count() FROM race.samples WHERE label_set_id = 0");
+    assert_eq!(
+        rows.trim(),
+        "4",
+        "the racing writes are stored, and skipped by queries"
+    );
+}
+
+/// A TCP proxy in front of collector replicas, like a Kubernetes Service:
+/// new connections go to the current target; `switch_to` changes it and
+/// cuts every open connection. Armed with `lose_next_answer`, it cuts the
+/// connection instead of passing on the first answer to a request (a
+/// batch stored by one replica, the agent never hearing of it).
+struct Switch {
+    port: u16,
+    target: Arc<AtomicU16>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+    lose: Arc<Lose>,
+}
+
+/// The "lose the next answer" trap: armed, then a request passes, then the
+/// answer to it is dropped with the connection.
+#[derive(Default)]
+struct Lose {
+    armed: AtomicBool,
+    request_seen: AtomicBool,
+    sprung: AtomicBool,
+}
+
+impl Switch {
+    fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = Self {
+            port,
+            target: Arc::new(AtomicU16::new(target)),
+            open: Arc::default(),
+            stop: Arc::default(),
+            lose: Arc::default(),
+        };
+        let (target, open, stop, lose) = (
+            s.target.clone(),
+            s.open.clone(),
+            s.stop.clone(),
+            s.lose.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target.load(Ordering::Relaxed)))
+                else {
+                    continue;
+                };
+                let mut open = open.lock().unwrap();
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    lose.clone(),
+                    true,
+                );
+                pipe(server, client, lose.clone(), false);
+            }
+        });
+        s
+    }
+
+    /// Loses the answer to the next request (waits up to 3 s for one);
+    /// whether it did.
+    fn lose_next_answer(&self) -> bool {
+        self.lose.sprung.store(false, Ordering::SeqCst);
+        self.lose.request_seen.store(false, Ordering::SeqCst);
+        self.lose.armed.store(true, Ordering::SeqCst);
+        for _ in 0..300 {
+            if self.lose.sprung.load(Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.lose.armed.store(false, Ordering::SeqCst);
+        false
+    }
+
+    fn switch_to(&self, target: u16) {
+        self.target.store(target, Ordering::Relaxed);
+        for conn in self.open.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.switch_to(0);
+    }
+}
+
+/// Copies `from` to `to` (`upstream`: agent to collector) until either
+/// closes or the trap springs.
+fn pipe(mut from: TcpStream, mut to: TcpStream, lose: Arc<Lose>, upstream: bool) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if lose.armed.load(Ordering::SeqCst) {
+                // A batch is hundreds of bytes; HTTP/2 housekeeping less.
+                if upstream && n > 200 {
+                    lose.request_seen.store(true, Ordering::SeqCst);
+                } else if !upstream
+                    && lose.request_seen.load(Ordering::SeqCst)
+                    && lose.armed.swap(false, Ordering::SeqCst)
+                {
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    lose.sprung.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// Two collectors on one ClickHouse. The real agent reaches them through a
+/// switch that moves it from one to the other every 0.7 s, cutting its
+/// connection mid-request; it retries and replays its spilled batches to
+/// whichever it reaches. A synthetic agent sends every third batch to both.
+/// Both collectors then serve exactly what was sampled, once.
+#[test]
+fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let ch = ClickHouse::start();
+    let rt = runtime();
+    let a = start_on(&rt, &ch, "profiles");
+    let b = start_on(&rt, &ch, "profiles");
+    let (a_port, b_port) = (a.grpc_addr.port(), b.grpc_addr.port());
+    let switch = Switch::start(a_port);
+
+    let synthetic = std::thread::spawn(move || {
+        push_batches(&[a_port, b_port], "syn", 45, 7, |seq| match seq % 3 {
+            0 => vec![0, 1],
+            1 => vec![0],
+            _ => vec![1],
+        })
+    });
+    let chain = Workload::spawn(&workload("chain"), &["12"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(vec![chain.pid()], 6.0, 99);
+    opts.export = Some(ExportOptions {
+        collector: format!("http://127.0.0.1:{}", switch.port),
+        node: "switching-agent".into(),
+        queue_bytes: 1,
+        flush_timeout: Duration::from_secs(30),
+        spill_dir: Some(dir.path().join("spill")),
+        spill_bytes: 16 << 20,
+        security: Default::default(),
+    });
+    // Every 0.7 s: the answer to a batch is lost, then the agent is moved
+    // to the other collector, where it resends that batch.
+    let switching = Arc::new(AtomicBool::new(true));
+    let switch = Arc::new(switch);
+    let switcher = {
+        let (switching, switch) = (switching.clone(), switch.clone());
+        std::thread::spawn(move || {
+            let (mut to_b, mut switches, mut lost) = (true, 0, 0);
+            while switching.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(700));
+                lost += u32::from(switch.lose_next_answer());
+                switch.switch_to(if to_b { b_port } else { a_port });
+                to_b = !to_b;
+                switches += 1;
+            }
+            (switches, lost)
+        })
+    };
+    let (rec, _) = record_with(&opts, || ());
+    switching.store(false, Ordering::Relaxed);
+    let (switches, lost) = switcher.join().unwrap();
+    let pushed = synthetic.join().unwrap();
+
+    let stats = rec.export.as_ref().unwrap();
+    assert_all_delivered(stats);
+    assert!(switches >= 5, "the agent was moved {switches} times");
+    assert!(
+        stats.send_failures.load(Ordering::Relaxed) > 0,
+        "the cut connections reached the agent"
+    );
+    assert!(lost >= 2, "answers lost: {lost}");
+    for c in [&a, &b] {
+        assert!(
+            c.metrics.batches_stored.load(Ordering::Relaxed) > 5,
+            "both collectors stored batches"
+        );
+    }
+    let resent_elsewhere: u64 = [&a, &b]
+        .iter()
+        .map(|c| c.metrics.batches_duplicate.load(Ordering::Relaxed))
+        .sum();
+    assert!(
+        resent_elsewhere > 15,
+        "batches stored by one collector were resent to the other: {resent_elsewhere} \
+         (15 by the synthetic agent; the real agent's answers lost: {lost})"
+    );
+    let recorded = rec.counters.get(profiler_common::Counter::Recorded);
+    assert!(recorded > 500, "only {recorded} samples recorded");
+    assert_eq!(pushed.acked, 45 * 7);
+    assert!(
+        pushed.duplicates >= 15,
+        "every third batch was stored by one collector and acknowledged as stored by the other ({} duplicates)",
+        pushed.duplicates
+    );
+    for c in [&a, &b] {
+        assert_eq!(
+            node_total(c.http_addr, "switching-agent"),
+            recorded,
+            "stored vs recorded, as served by {}",
+            c.http_addr
+        );
+        assert_eq!(node_total(c.http_addr, "syn"), 45 * 7);
+    }
+    rt.block_on(a.shutdown()).unwrap();
+    rt.block_on(b.shutdown()).unwrap();
+}
+
+/// ClickHouse killed with SIGKILL while two agents stream, and started
+/// again: the collector answers `UNAVAILABLE` meanwhile, the agents retry,
+/// and in the end every acknowledged batch is there, once.
+#[test]
+fn clickhouse_restart_mid_ingest_loses_nothing_acknowledged() {
+    let mut ch = ClickHouse::start();
+    let rt = runtime();
+    let c = start_on(&rt, &ch, "profiles");
+    let port = c.grpc_addr.port();
+    let pushers: Vec<_> = ["restart-1", "restart-2"]
+        .into_iter()
+        .map(|node| {
+            std::thread::spawn(move || (node, push_batches(&[port], node, 50, 3, |_| vec![0])))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200));
+    ch.kill();
+    std::thread::sleep(Duration::from_millis(2000));
+    ch.restart();
+    let mut errors = Vec::new();
+    for p in pushers {
+        let (node, pushed) = p.join().unwrap();
+        assert_eq!(pushed.acked, 50 * 3, "{node}: every batch acknowledged");
+        assert_eq!(
+            node_total(c.http_addr, node),
+            50 * 3,
+            "{node}: stored vs sent"
+        );
+        errors.extend(pushed.errors);
+    }
+    assert!(
+        errors.contains(&tonic::Code::Unavailable),
+        "the outage reached the agents as UNAVAILABLE: {errors:?}"
+    );
+    rt.block_on(c.shutdown()).unwrap();
+}
+
+/// A stalled ClickHouse (SIGSTOP): batches beyond the collector's in-flight
+/// limit are pushed back at once with RESOURCE_EXHAUSTED, the ones waiting
+/// on ClickHouse fail with UNAVAILABLE when the write times out; nothing is
+/// stored twice once ClickHouse runs again and the agents resend.
+#[test]
+fn a_stalled_clickhouse_pushes_back_on_agents() {
+    let ch = ClickHouse::start();
+    let rt = runtime();
+    let c = start_on(&rt, &ch, "profiles");
+    let port = c.grpc_addr.port();
+    // Warm: the schema and a first batch.
+    assert_eq!(push_batches(&[port], "warm", 1, 1, |_| vec![0]).acked, 1);
+    ch.pause();
+    let codes: Vec<tonic::Code> = rt.block_on(async {
+        let tasks: Vec<_> = (0..12)
+            .map(|i| tokio::spawn(push_once(port, format!("stalled-{i}"))))
+            .collect();
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.unwrap());
+        }
+        codes
+    });
+    ch.resume();
+    assert!(
+        codes.contains(&tonic::Code::ResourceExhausted),
+        "pushed back: {codes:?}"
+    );
+    assert!(
+        codes.contains(&tonic::Code::Unavailable),
+        "write timed out: {codes:?}"
+    );
+    assert!(
+        !codes.contains(&tonic::Code::Ok),
+        "nothing stored while stalled: {codes:?}"
+    );
+    for i in 0..12 {
+        let node = format!("stalled-{i}");
+        assert_eq!(push_batches(&[port], &node, 1, 5, |_| vec![0]).acked, 5);
+        assert_eq!(node_total(c.http_addr, &node), 5, "{node}");
+    }
+    rt.block_on(c.shutdown()).unwrap();
+}
+
+/// One attempt to push batch 1 of `node` (5 samples); the answer's code.
+async fn push_once(port: u16, node: String) -> tonic::Code {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .timeout(Duration::from_secs(40));
+    let mut client = profiler_proto::v1::ingest_client::IngestClient::new(endpoint.connect_lazy());
+    let batch = synthetic_batch(&node, 1, 5);
+    match client.push_batch(batch).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    }
+}
