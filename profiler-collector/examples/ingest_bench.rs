@@ -33,14 +33,16 @@ use clap::Parser;
 use profiler_collector::{
     ingest::now_ns,
     model::{Selector, Stored, ValidBatch},
-    server::{self, CollectorConfig, StoreLocation},
+    server::{self, CollectorConfig, RunningCollector, StoreLocation},
     store::{
+        clickhouse::{ClickHouseStore, ClickHouseUrl},
         sqlite::{plan, Part, SqliteStore, ROLLUP_H, ROLLUP_STACK_H, ROLLUP_STACK_M},
         Store,
     },
     validate::{validate, Limits},
 };
 use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
+use profiler_testkit::clickhouse::ClickHouse;
 use tokio::sync::{mpsc, Mutex};
 use tonic::{codec::CompressionEncoding, transport::Channel, Code};
 
@@ -102,6 +104,17 @@ struct Args {
     /// Seed of the generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Stores to measure: `clickhouse` starts a private clickhouse-server
+    /// (profiler-testkit) for the run.
+    #[arg(long, value_enum, default_value_t = StoreChoice::Both)]
+    store: StoreChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreChoice {
+    Sqlite,
+    Clickhouse,
+    Both,
 }
 
 /// xorshift64*: fast, reproducible.
@@ -386,6 +399,18 @@ async fn client(
     }
 }
 
+/// CPU seconds (user + system) of process `pid` so far (the ClickHouse
+/// server; its merges and inserts run in its own threads).
+fn pid_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
 /// CPU seconds (user + system) of this process so far, and of the
 /// collector's threads alone (its runtime's threads are named `collector`,
 /// its writer `store-writer`).
@@ -424,6 +449,8 @@ struct Load {
     secs: f64,
     process_cpu: f64,
     collector_cpu: f64,
+    /// CPU of the ClickHouse server over the same time (0 for SQLite).
+    server_cpu: f64,
 }
 
 /// Loads windows `[from, to)` of every agent with `clients` clients.
@@ -439,6 +466,7 @@ async fn load(
     apps: Arc<Vec<App>>,
     now: i64,
     total_windows: u64,
+    server_pid: Option<u32>,
 ) -> anyhow::Result<(Load, (usize, u64))> {
     let (tx, rx) = mpsc::channel::<Batch>(256);
     let rx = Arc::new(Mutex::new(rx));
@@ -472,6 +500,7 @@ async fn load(
     // Fill the queue before timing.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (t0, (p0, c0)) = (Instant::now(), cpu_seconds());
+    let s0 = server_pid.map(pid_cpu).unwrap_or(0.0);
     let mut total = Sent::default();
     for t in tasks {
         let s = t.await??;
@@ -482,6 +511,7 @@ async fn load(
     }
     let next = producer.await?;
     let (p1, c1) = cpu_seconds();
+    let s1 = server_pid.map(pid_cpu).unwrap_or(0.0);
     Ok((
         Load {
             commits: 0,
@@ -490,6 +520,7 @@ async fn load(
             secs: t0.elapsed().as_secs_f64(),
             process_cpu: p1 - p0,
             collector_cpu: c1 - c0,
+            server_cpu: s1 - s0,
         },
         next,
     ))
@@ -533,7 +564,12 @@ struct Direct {
     secs: f64,
     /// CPU of the writing thread alone.
     cpu: f64,
+    /// CPU of the ClickHouse server meanwhile (0 for SQLite).
+    server_cpu: f64,
 }
+
+/// Opens the store `load_direct` writes with, on its writing thread.
+type OpenStore = Box<dyn FnOnce() -> anyhow::Result<Box<dyn Store>> + Send>;
 
 const DIRECT_GROUP: usize = 64;
 
@@ -552,8 +588,10 @@ fn thread_cpu() -> f64 {
 /// `Store::insert_many`, in groups of what is waiting (up to
 /// `DIRECT_GROUP`), as the collector's writer does; batches are generated
 /// and validated on another thread.
+#[allow(clippy::too_many_arguments)]
 fn load_direct(
-    db: &Path,
+    open: OpenStore,
+    server_pid: Option<u32>,
     from: (usize, u64),
     windows: u64,
     args: Arc<Args>,
@@ -577,19 +615,20 @@ fn load_direct(
             a0 = 0;
         }
     });
-    let db = db.to_path_buf();
     let t0 = Instant::now();
+    let s0 = server_pid.map(pid_cpu).unwrap_or(0.0);
     let writer = std::thread::Builder::new()
         .name("direct-store".into())
         .spawn(move || -> anyhow::Result<Direct> {
             let cpu0 = thread_cpu();
-            let mut store = SqliteStore::open(&db)?;
+            let mut store = open()?;
             let mut d = Direct {
                 batches: 0,
                 samples: 0,
                 commits: 0,
                 secs: 0.0,
                 cpu: 0.0,
+                server_cpu: 0.0,
             };
             let mut group = Vec::with_capacity(DIRECT_GROUP);
             while let Ok(first) = rx.recv() {
@@ -619,6 +658,7 @@ fn load_direct(
         .join()
         .map_err(|_| anyhow::anyhow!("direct writer panicked"))??;
     d.secs = t0.elapsed().as_secs_f64();
+    d.server_cpu = server_pid.map(pid_cpu).unwrap_or(0.0) - s0;
     Ok(d)
 }
 
@@ -778,6 +818,89 @@ fn remove_db(db: &Path) {
     }
 }
 
+/// The measured selectors: all data, one process name, one pod.
+fn selectors(nodes: &[Node], apps: &[App]) -> [(String, String); 3] {
+    let pod = nodes[0]
+        .procs
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.containerized)
+        .map(|(i, p)| format!("{}-{}-{i}", apps[p.app].name, nodes[0].name))
+        .unwrap_or_else(|| "postgres".into());
+    [
+        ("all".to_string(), String::new()),
+        (
+            "{process=\"java\"}".to_string(),
+            "{process=\"java\"}".to_string(),
+        ),
+        (format!("{{pod=\"{pod}\"}}"), format!("{{pod=\"{pod}\"}}")),
+    ]
+}
+
+/// Ingest through the collector's gRPC server: `args.single_client_batches`
+/// from one client, then up to `args.grpc_batches` in all from
+/// `args.clients` clients. Returns both loads and the (agent, window) the
+/// rest of the loaded hours starts at.
+#[allow(clippy::too_many_arguments)]
+async fn grpc_ingest(
+    c: &RunningCollector,
+    args: &Arc<Args>,
+    nodes: &Arc<Vec<Node>>,
+    apps: &Arc<Vec<App>>,
+    now: i64,
+    windows: u64,
+    server_pid: Option<u32>,
+) -> anyhow::Result<(Load, Load, (usize, u64))> {
+    let writes = || {
+        (
+            c.metrics.store_commits.load(Ordering::Relaxed),
+            c.metrics.store_write_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    };
+    let w0 = writes();
+    let (mut one, next) = load(
+        c.grpc_addr,
+        1,
+        0..windows,
+        (0, 0),
+        Some(args.single_client_batches),
+        args.clone(),
+        nodes.clone(),
+        apps.clone(),
+        now,
+        windows,
+        server_pid,
+    )
+    .await?;
+    let w1 = writes();
+    (one.commits, one.write_secs) = (w1.0 - w0.0, w1.1 - w0.1);
+    one.print("1 client");
+    let total_batches = args.agents * windows as usize;
+    let grpc_batches = if args.grpc_batches == 0 {
+        total_batches
+    } else {
+        args.grpc_batches.min(total_batches)
+    };
+    let (mut many, next) = load(
+        c.grpc_addr,
+        args.clients,
+        0..windows,
+        next,
+        Some(grpc_batches.saturating_sub(args.single_client_batches)),
+        args.clone(),
+        nodes.clone(),
+        apps.clone(),
+        now,
+        windows,
+        server_pid,
+    )
+    .await?;
+    let w2 = writes();
+    (many.commits, many.write_secs) = (w2.0 - w1.0, w2.1 - w1.1);
+    many.print(&format!("{} clients", args.clients));
+    Ok((one, many, next))
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.quick {
@@ -801,14 +924,27 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let result = clients_rt.block_on(run(args.clone(), &collector_rt));
+    let result = clients_rt.block_on(async {
+        let mut outcomes = Vec::new();
+        if args.store != StoreChoice::Clickhouse {
+            outcomes.push(run_sqlite(args.clone(), &collector_rt).await?);
+        }
+        if args.store != StoreChoice::Sqlite {
+            outcomes.push(run_clickhouse(args.clone(), &collector_rt).await?);
+        }
+        write_report(&args, &outcomes, started.elapsed().as_secs_f64())
+    });
     collector_rt.shutdown_background();
     let secs = started.elapsed().as_secs_f64();
     println!("ingest_bench: {secs:.0} s in all");
     result
 }
 
-async fn run(args: Arc<Args>, collector_rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+/// The SQLite store's run: ingest, size, materialized 24 h, queries.
+async fn run_sqlite(
+    args: Arc<Args>,
+    collector_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Outcome> {
     let run_started = Instant::now();
     let default_db = args.db.is_none();
     let db = args
@@ -843,54 +979,12 @@ async fn run(args: Arc<Args>, collector_rt: &tokio::runtime::Runtime) -> anyhow:
     println!("data set: {data_set}");
 
     // (1) Ingest: one client, then several, over the loaded hours.
-    let writes = || {
-        (
-            c.metrics.store_commits.load(Ordering::Relaxed),
-            c.metrics.store_write_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        )
-    };
-    let w0 = writes();
-    let (mut one, next) = load(
-        c.grpc_addr,
-        1,
-        0..windows,
-        (0, 0),
-        Some(args.single_client_batches),
-        args.clone(),
-        nodes.clone(),
-        apps.clone(),
-        now,
-        windows,
-    )
-    .await?;
-    let w1 = writes();
-    (one.commits, one.write_secs) = (w1.0 - w0.0, w1.1 - w0.1);
-    one.print("1 client");
-    let total_batches = args.agents * windows as usize;
-    let grpc_batches = if args.grpc_batches == 0 {
-        total_batches
-    } else {
-        args.grpc_batches.min(total_batches)
-    };
-    let (mut many, next) = load(
-        c.grpc_addr,
-        args.clients,
-        0..windows,
-        next,
-        Some(grpc_batches.saturating_sub(args.single_client_batches)),
-        args.clone(),
-        nodes.clone(),
-        apps.clone(),
-        now,
-        windows,
-    )
-    .await?;
-    let w2 = writes();
-    (many.commits, many.write_secs) = (w2.0 - w1.0, w2.1 - w1.1);
-    many.print(&format!("{} clients", args.clients));
+    let (one, many, next) = grpc_ingest(&c, &args, &nodes, &apps, now, windows, None).await?;
     let direct_load = if next.1 < windows {
+        let path = db.clone();
         let d = load_direct(
-            &db,
+            Box::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn Store>)),
+            None,
             next,
             windows,
             args.clone(),
@@ -976,21 +1070,7 @@ async fn run(args: Arc<Args>, collector_rt: &tokio::runtime::Runtime) -> anyhow:
         mat.raw_ranges
     );
 
-    let pod = nodes[0]
-        .procs
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.containerized)
-        .map(|(i, p)| format!("{}-{}-{i}", apps[p.app].name, nodes[0].name))
-        .unwrap_or_else(|| "postgres".into());
-    let selectors = [
-        ("all".to_string(), String::new()),
-        (
-            "{process=\"java\"}".to_string(),
-            "{process=\"java\"}".to_string(),
-        ),
-        (format!("{{pod=\"{pod}\"}}"), format!("{{pod=\"{pod}\"}}")),
-    ];
+    let selectors = selectors(&nodes, &apps);
     let direct = SqliteStore::open(&db)?;
     let mut figures: Vec<QueryFigures> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
@@ -1134,43 +1214,51 @@ async fn run(args: Arc<Args>, collector_rt: &tokio::runtime::Runtime) -> anyhow:
     );
     println!("{bench_line}");
 
-    if let Some(path) = &args.report {
-        let report = report(ReportData {
-            direct: direct_load.as_ref(),
-            args: &args,
-            now,
-            data_set: &data_set,
-            one: &one,
-            many: &many,
-            per_cpu,
-            permits,
-            size,
-            samples,
-            sample_rows,
-            rollup_rows,
-            by_table: &by_table,
-            mib_per_m,
-            mat: &mat,
-            span_h,
-            figures: &figures,
-            checks: &checks,
-            selector_plan: &selector_plan,
-            raw_only_1h,
-            load_secs,
-            total_secs,
-            bench_line: &bench_line,
-        });
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(path, report)?;
-        println!("report written to {}", path.display());
-    }
+    let section = report(ReportData {
+        direct: direct_load.as_ref(),
+        args: &args,
+        now,
+        data_set: &data_set,
+        one: &one,
+        many: &many,
+        per_cpu,
+        permits,
+        size,
+        samples,
+        sample_rows,
+        rollup_rows,
+        by_table: &by_table,
+        mib_per_m,
+        mat: &mat,
+        span_h,
+        figures: &figures,
+        checks: &checks,
+        selector_plan: &selector_plan,
+        raw_only_1h,
+        load_secs,
+        total_secs,
+        bench_line: &bench_line,
+    });
     if default_db {
         remove_db(&db);
         let _ = db.parent().map(std::fs::remove_dir);
     }
-    Ok(())
+    Ok(Outcome {
+        summary: Summary {
+            store: "SQLite",
+            per_cpu,
+            per_cpu_with_server: None,
+            one,
+            many,
+            direct: direct_load,
+            mib_per_m,
+            span_h,
+            figures,
+            total_secs,
+        },
+        section,
+        bench_line,
+    })
 }
 
 struct ReportData<'a> {
@@ -1216,10 +1304,7 @@ fn report(d: ReportData) -> String {
     let a = d.args;
     let k = |x: f64| format!("{:.0} k", x / 1e3);
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "## Collector ingest and flame graph queries (`ingest_bench`)\n"
-    );
+    let _ = writeln!(o, "### SQLite store\n");
     let _ = writeln!(
         o,
         "What is measured: simulated agents (an 8-CPU node at 19 Hz, one batch per 10 s window, \
@@ -1387,4 +1472,930 @@ fn report(d: ReportData) -> String {
         d.bench_line
     );
     o
+}
+
+/// The figures both stores report, for the table that compares them.
+struct Summary {
+    store: &'static str,
+    /// Samples per CPU-second of the collector's threads (gRPC batches).
+    per_cpu: f64,
+    /// Samples per CPU-second of the collector and the ClickHouse server.
+    per_cpu_with_server: Option<f64>,
+    one: Load,
+    many: Load,
+    direct: Option<Direct>,
+    mib_per_m: f64,
+    span_h: u32,
+    figures: Vec<QueryFigures>,
+    total_secs: f64,
+}
+
+/// One store's run: its figures, its report section and its `BENCH` line.
+struct Outcome {
+    summary: Summary,
+    section: String,
+    bench_line: String,
+}
+
+/// The report: a table comparing the stores, then each store's section.
+fn write_report(args: &Args, outcomes: &[Outcome], secs: f64) -> anyhow::Result<()> {
+    let Some(path) = &args.report else {
+        return Ok(());
+    };
+    let k = |x: f64| format!("{:.0} k", x / 1e3);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "## Collector ingest and flame graph queries (`ingest_bench`)\n"
+    );
+    let names: Vec<&str> = outcomes.iter().map(|r| r.summary.store).collect();
+    let _ = writeln!(
+        o,
+        "The same data set goes through the same collector (gRPC server, group-commit writer, \
+         HTTP API) into each store ({}); only `--store` differs. ClickHouse is a private \
+         `clickhouse-server` {} started for the run on this machine (profiler-testkit, \
+         default settings), so it shares the 2 vCPUs with the collector and the clients; its \
+         CPU comes from /proc/PID/stat of the server process. Each store's section below says \
+         how its figures were made.\n",
+        names.join(", "),
+        CLICKHOUSE_VERSION_TEXT
+    );
+    let _ = writeln!(
+        o,
+        "| figure | {} |\n|---|{}",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
+    let mut row = |what: &str, cell: &dyn Fn(&Summary) -> String| {
+        let cells: Vec<String> = outcomes.iter().map(|r| cell(&r.summary)).collect();
+        let _ = writeln!(o, "| {what} | {} |", cells.join(" | "));
+    };
+    row(
+        "ingest per CPU-second of the collector (gRPC batches)",
+        &|s| format!("**{} samples**", k(s.per_cpu)),
+    );
+    row(
+        "ingest per CPU-second of the collector + ClickHouse server",
+        &|s| match s.per_cpu_with_server {
+            Some(v) => format!("**{} samples**", k(v)),
+            None => "— (the store runs inside the collector)".into(),
+        },
+    );
+    row("ClickHouse server CPU during the gRPC ingest", &|s| {
+        if s.per_cpu_with_server.is_some() {
+            let cpu = s.one.server_cpu + s.many.server_cpu;
+            let samples = (s.one.sent.samples + s.many.sent.samples) as f64;
+            format!(
+                "{cpu:.1} s ({:.0} % of the collector's {:.1} s; {} samples per server CPU-second)",
+                100.0 * cpu / (s.one.collector_cpu + s.many.collector_cpu).max(1e-9),
+                s.one.collector_cpu + s.many.collector_cpu,
+                k(samples / cpu.max(1e-9))
+            )
+        } else {
+            "—".into()
+        }
+    });
+    row(
+        &format!("ingest wall clock, {} clients", args.clients),
+        &|s| {
+            format!(
+                "{} samples/s, {:.0} batches/s",
+                k(s.many.rate()),
+                s.many.sent.batches as f64 / s.many.secs.max(1e-9)
+            )
+        },
+    );
+    row("ingest wall clock, 1 client", &|s| {
+        format!(
+            "{} samples/s, {:.0} batches/s",
+            k(s.one.rate()),
+            s.one.sent.batches as f64 / s.one.secs.max(1e-9)
+        )
+    });
+    row(
+        &format!("store alone (`insert_many`, groups of up to {DIRECT_GROUP}, no gRPC)"),
+        &|s| match &s.direct {
+            Some(d) => {
+                let mut t = format!(
+                    "{} samples/s; {} per CPU-second of the writing thread",
+                    k(d.samples as f64 / d.secs.max(1e-9)),
+                    k(d.samples as f64 / d.cpu.max(1e-9))
+                );
+                if d.server_cpu > 0.0 {
+                    t += &format!(
+                        ", {} with the server's",
+                        k(d.samples as f64 / (d.cpu + d.server_cpu).max(1e-9))
+                    );
+                }
+                t
+            }
+            None => "—".into(),
+        },
+    );
+    row("store size per million samples", &|s| {
+        format!("{:.1} MiB", s.mib_per_m)
+    });
+    let mut keys: Vec<(f64, String)> = Vec::new();
+    for r in outcomes {
+        for f in &r.summary.figures {
+            if !keys.iter().any(|(h, l)| *h == f.hours && *l == f.label) {
+                keys.push((f.hours, f.label.clone()));
+            }
+        }
+    }
+    for (hours, label) in &keys {
+        row(
+            &format!(
+                "query {hours} h × {} agents, `{label}`: SVG / folded / store alone",
+                args.agents
+            ),
+            &|s| {
+                s.figures
+                    .iter()
+                    .find(|f| f.hours == *hours && f.label == *label)
+                    .map(|f| {
+                        let t = format!(
+                            "{:.3} / {:.3} / {:.3} s",
+                            f.svg.as_secs_f64(),
+                            f.folded.as_secs_f64(),
+                            f.store.as_secs_f64()
+                        );
+                        if f.hours == f64::from(s.span_h) && label == "all" {
+                            format!("**{t}**")
+                        } else {
+                            t
+                        }
+                    })
+                    .unwrap_or_else(|| "—".into())
+            },
+        );
+    }
+    row("run time (start-up, load, copies, queries)", &|s| {
+        format!("{:.0} s", s.total_secs)
+    });
+    let _ = writeln!(o);
+    for r in outcomes {
+        let _ = writeln!(o, "{}", r.section.trim_end());
+        let _ = writeln!(o);
+    }
+    let _ = writeln!(
+        o,
+        "Command: `ingest_bench{} --store {} --report FILE`; {secs:.0} s in all.\n",
+        if args.quick { " --quick" } else { "" },
+        format!("{:?}", args.store).to_lowercase()
+    );
+    for r in outcomes {
+        let _ = writeln!(o, "<!-- {} -->", r.bench_line);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, o)?;
+    println!("report written to {}", path.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// ClickHouse
+
+/// What the private server is (Debian's package, `cargo xtask setup`).
+const CLICKHOUSE_VERSION_TEXT: &str = "(Debian's 18.16.1)";
+/// The database the ClickHouse run writes.
+const CH_DB: &str = "ingest_bench";
+/// Timeout of the bench's own statements (copies take long on 2 vCPUs).
+const CH_STATEMENT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Runs one statement over ClickHouse's HTTP interface with `settings` as
+/// URL parameters; returns the body.
+fn ch(port: u16, sql: &str, settings: &[(&str, &str)]) -> anyhow::Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(CH_STATEMENT_TIMEOUT))
+        .build()
+        .into();
+    let mut url = format!("http://127.0.0.1:{port}/?");
+    for (k, v) in settings {
+        url.push_str(&format!("{k}={}&", enc(v)));
+    }
+    let mut resp = agent.post(&url).send(sql)?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_string()?;
+    anyhow::ensure!(status == 200, "ClickHouse: {sql}: HTTP {status}: {body}");
+    Ok(body)
+}
+
+/// Median wall time of `runs` runs of `sql` (answer discarded).
+fn ch_time(port: u16, sql: &str, runs: usize) -> anyhow::Result<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        ch(port, sql, &[])?;
+        times.push(t.elapsed());
+    }
+    Ok(median(times))
+}
+
+/// The `hour`/`window_end` condition the store puts on a range
+/// `(start, end]` (as `ClickHouseStore::range`).
+fn ch_range(start: i64, end: i64) -> String {
+    format!(
+        "hour >= {} AND hour <= {} AND window_end > {start} AND window_end <= {end}",
+        start.div_euclid(HOUR_NS),
+        (end - 1).div_euclid(HOUR_NS)
+    )
+}
+
+/// The day partitions of `stacks`/`label_sets` for `(start, end]` (as
+/// `ClickHouseStore::days`).
+fn ch_days(start: i64, end: i64) -> String {
+    format!(
+        "day >= {} AND day <= {}",
+        start.div_euclid(24 * HOUR_NS),
+        (end - 1).div_euclid(HOUR_NS).div_euclid(24)
+    )
+}
+
+/// The server's counters shown for the load.
+const CH_EVENTS: [&str; 9] = [
+    "Query",
+    "SelectQuery",
+    "InsertQuery",
+    "InsertedRows",
+    "Merge",
+    "MergedRows",
+    "MergesTimeMilliseconds",
+    "CompressedReadBufferBytes",
+    "WriteBufferFromFileDescriptorWriteBytes",
+];
+
+/// The server's `system.events` counters.
+fn ch_events(port: u16) -> anyhow::Result<HashMap<String, i64>> {
+    Ok(ch(
+        port,
+        "SELECT event, value FROM system.events FORMAT TSV",
+        &[],
+    )?
+    .lines()
+    .filter_map(|l| {
+        let (k, v) = l.split_once('\t')?;
+        Some((k.to_string(), v.trim().parse().ok()?))
+    })
+    .collect())
+}
+
+/// What `ch_materialize` wrote.
+struct ChMaterialized {
+    copies: u32,
+    sample_rows: u64,
+    text_days: Vec<i64>,
+    secs: f64,
+}
+
+/// Replicates the loaded hours `copies - 1` times inside ClickHouse, copy
+/// `k` shifted back `k * hours` hours: every row (sample and registry rows)
+/// with its hour and window moved, the registry rows' `sequence` made
+/// unique per copy (+ k * 1e9) and every row's `write_id` changed per copy
+/// (xor k), so the queries' duplicate-write guard sees distinct batches;
+/// then the texts of stacks and label sets are copied into the day
+/// partitions the copies landed in.
+fn ch_materialize(port: u16, now: i64, hours: u32, copies: u32) -> anyhow::Result<ChMaterialized> {
+    let t = Instant::now();
+    let loaded_from = now - i64::from(hours) * HOUR_NS;
+    let count = |sql: &str| -> anyhow::Result<u64> { Ok(ch(port, sql, &[])?.trim().parse()?) };
+    let before = count(&format!("SELECT count() FROM {CH_DB}.samples"))?;
+    // Large insert blocks: a few parts per copy, not one per million rows
+    // (ClickHouse refuses inserts past 300 parts in a partition).
+    let settings = [
+        ("min_insert_block_size_rows", "16777216"),
+        ("min_insert_block_size_bytes", "4294967296"),
+    ];
+    for k in 1..copies {
+        let shift_h = i64::from(k * hours);
+        let shift = shift_h * HOUR_NS;
+        ch(
+            port,
+            &format!(
+                "INSERT INTO {CH_DB}.samples
+                 SELECT hour - {shift_h}, label_set_id, window_end - {shift}, stack_id, count,
+                        bitXor(write_id, {k}), window_start - {shift}, agent_id,
+                        if(label_set_id = 0, sequence + {k} * 1000000000, sequence),
+                        node, agent_version, frequency_hz
+                 FROM {CH_DB}.samples WHERE window_end > {loaded_from}"
+            ),
+            &settings,
+        )?;
+    }
+    let days = |sql: &str| -> anyhow::Result<Vec<i64>> {
+        ch(port, sql, &[])?
+            .lines()
+            .map(|l| Ok(l.trim().parse()?))
+            .collect()
+    };
+    let loaded_days = days(&format!("SELECT DISTINCT day FROM {CH_DB}.stacks"))?;
+    let text_days: Vec<i64> = days(&format!(
+        "SELECT DISTINCT intDiv(hour, 24) AS d FROM {CH_DB}.samples ORDER BY d"
+    ))?
+    .into_iter()
+    .filter(|d| !loaded_days.contains(d))
+    .collect();
+    let loaded = loaded_days
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    for d in &text_days {
+        ch(
+            port,
+            &format!(
+                "INSERT INTO {CH_DB}.stacks SELECT {d}, stack_id, any(folded)
+                 FROM {CH_DB}.stacks WHERE day IN ({loaded}) GROUP BY stack_id"
+            ),
+            &[],
+        )?;
+        ch(
+            port,
+            &format!(
+                "INSERT INTO {CH_DB}.label_sets SELECT {d}, label_set_id, any(names), any(values)
+                 FROM {CH_DB}.label_sets WHERE day IN ({loaded}) GROUP BY label_set_id"
+            ),
+            &[],
+        )?;
+    }
+    let after = count(&format!("SELECT count() FROM {CH_DB}.samples"))?;
+    Ok(ChMaterialized {
+        copies,
+        sample_rows: after - before,
+        text_days,
+        secs: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// Bytes on disk of the database's active parts, by table: (table, bytes,
+/// rows, parts).
+fn ch_parts(port: u16) -> anyhow::Result<Vec<(String, u64, u64, u64)>> {
+    ch(
+        port,
+        &format!(
+            "SELECT table, sum(bytes_on_disk), sum(rows), count() FROM system.parts
+             WHERE active AND database = '{CH_DB}' GROUP BY table ORDER BY 2 DESC FORMAT TSV"
+        ),
+        &[],
+    )?
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split('\t').collect();
+        anyhow::ensure!(f.len() == 4, "bad system.parts line {l:?}");
+        Ok((
+            f[0].to_string(),
+            f[1].parse()?,
+            f[2].parse()?,
+            f[3].parse()?,
+        ))
+    })
+    .collect()
+}
+
+/// One part of a query's time.
+struct Piece {
+    what: String,
+    time: Duration,
+    note: String,
+}
+
+/// Where the time of the store's all-data (and one selector's) profile
+/// query over `(start, end]` goes: the statements `ClickHouseStore::profile`
+/// sends, timed whole and in parts (the same SQL text, `FORMAT Null`).
+fn ch_breakdown(
+    port: u16,
+    start: i64,
+    end: i64,
+    selector: Option<(&str, &str)>,
+    runs: usize,
+) -> anyhow::Result<Vec<Piece>> {
+    let db = CH_DB;
+    let range = ch_range(start, end);
+    let days = ch_days(start, end);
+    let guard = format!(
+        "SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2)) FROM {db}.samples
+         WHERE {range} AND label_set_id = 0
+         GROUP BY agent_id, sequence HAVING count() > 1"
+    );
+    let sets = match selector {
+        Some((name, value)) => format!(
+            "AND label_set_id IN (SELECT label_set_id FROM {db}.label_sets WHERE {days} AND \
+             has(names, '{name}') AND values[indexOf(names, '{name}')] = '{value}')"
+        ),
+        None => String::new(),
+    };
+    let whole = format!(
+        "SELECT stack_id, sum(count) FROM {db}.samples
+         WHERE {range} AND label_set_id != 0 {sets} AND write_id NOT IN ({guard})
+         GROUP BY stack_id FORMAT Null"
+    );
+    let unguarded = format!(
+        "SELECT stack_id, sum(count) FROM {db}.samples
+         WHERE {range} AND label_set_id != 0 {sets} GROUP BY stack_id FORMAT Null"
+    );
+    let scan = format!(
+        "SELECT sum(count) FROM {db}.samples WHERE {range} AND label_set_id != 0 {sets} FORMAT Null"
+    );
+    let n = |sql: String| -> anyhow::Result<u64> { Ok(ch(port, &sql, &[])?.trim().parse()?) };
+    let rows = n(format!(
+        "SELECT count() FROM {db}.samples WHERE {range} AND label_set_id != 0 {sets}"
+    ))?;
+    let registry = n(format!(
+        "SELECT count() FROM {db}.samples WHERE {range} AND label_set_id = 0"
+    ))?;
+    let excluded = n(format!("SELECT count() FROM ({guard})"))?;
+    let ids = ch(
+        port,
+        &format!(
+            "SELECT DISTINCT stack_id FROM {db}.samples WHERE {range} AND label_set_id != 0 {sets}"
+        ),
+        &[],
+    )?;
+    let ids: Vec<&str> = ids.lines().collect();
+    let texts = format!(
+        "SELECT stack_id, any(folded) FROM {db}.stacks WHERE {days} AND stack_id IN ({})
+         GROUP BY stack_id FORMAT Null",
+        ids.join(", ")
+    );
+    let t_whole = ch_time(port, &whole, runs)?;
+    let t_unguarded = ch_time(port, &unguarded, runs)?;
+    let t_scan = ch_time(port, &scan, runs)?;
+    let t_guard = ch_time(
+        port,
+        &format!("SELECT count() FROM ({guard}) FORMAT Null"),
+        runs,
+    )?;
+    let t_texts = ch_time(port, &texts, runs)?;
+    let mut pieces = vec![
+        Piece {
+            what: "sum per stack, as the store sends it (guard included)".into(),
+            time: t_whole,
+            note: format!("{rows} sample rows in the range"),
+        },
+        Piece {
+            what: "— the same without `write_id NOT IN (duplicate writes)`".into(),
+            time: t_unguarded,
+            note: format!(
+                "the guard costs {:+.3} s",
+                t_whole.as_secs_f64() - t_unguarded.as_secs_f64()
+            ),
+        },
+        Piece {
+            what: "— the guard's sub-query alone (registry rows grouped by agent, sequence)".into(),
+            time: t_guard,
+            note: format!("{registry} registry rows read, {excluded} writes excluded"),
+        },
+        Piece {
+            what: "— reading `count` of the range alone (no grouping, no guard)".into(),
+            time: t_scan,
+            note: String::new(),
+        },
+        Piece {
+            what: "stack texts of the answer (`stacks`, by id)".into(),
+            time: t_texts,
+            note: format!("{} stacks", ids.len()),
+        },
+    ];
+    if let Some((name, value)) = selector {
+        let t_sets = ch_time(
+            port,
+            &format!(
+                "SELECT label_set_id FROM {db}.label_sets WHERE {days} AND has(names, '{name}') \
+                 AND values[indexOf(names, '{name}')] = '{value}' FORMAT Null"
+            ),
+            runs,
+        )?;
+        pieces.push(Piece {
+            what: "matching label sets alone".into(),
+            time: t_sets,
+            note: String::new(),
+        });
+    }
+    Ok(pieces)
+}
+
+/// The ClickHouse store's run: a private server, ingest through the
+/// collector, size, the loaded hour replicated to the span, queries and
+/// where the span query's time goes.
+async fn run_clickhouse(
+    args: Arc<Args>,
+    collector_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Outcome> {
+    let run_started = Instant::now();
+    let server = tokio::task::spawn_blocking(ClickHouse::start).await?;
+    let port = server.http_port();
+    let pid = server.pid();
+    let server_version = ch(port, "SELECT version()", &[])?.trim().to_string();
+    println!(
+        "clickhouse: private server {server_version} on port {port} (pid {pid:?}), started in {:.1} s",
+        run_started.elapsed().as_secs_f64()
+    );
+    let url: ClickHouseUrl = server
+        .store_url(CH_DB)
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let config = CollectorConfig {
+        grpc_listen: "127.0.0.1:0".parse()?,
+        http_listen: "127.0.0.1:0".parse()?,
+        store: StoreLocation::ClickHouse(url.clone()),
+        agent_rate_limit: 0.0,
+        ..CollectorConfig::default()
+    };
+    let retention = config.retention;
+    let permits = config.max_concurrent_batches;
+    let c = collector_rt.spawn(server::start(config)).await??;
+    let apps = Arc::new(apps(args.seed));
+    let nodes: Arc<Vec<Node>> = Arc::new((0..args.agents).map(|a| node(a, &args)).collect());
+    let windows = u64::from(args.hours.max(1)) * 360;
+    let now = now_ns();
+
+    // (1) Ingest through gRPC, then the rest straight into the store (not
+    // in a quick run: the smoke run's time budget).
+    let events0 = ch_events(port)?;
+    let (one, many, next) = grpc_ingest(&c, &args, &nodes, &apps, now, windows, pid).await?;
+    let direct = if next.1 < windows && !args.quick {
+        let u = url.clone();
+        let d = load_direct(
+            Box::new(move || Ok(Box::new(ClickHouseStore::open(&u, retention)?) as Box<dyn Store>)),
+            pid,
+            next,
+            windows,
+            args.clone(),
+            nodes.clone(),
+            apps.clone(),
+            now,
+        )?;
+        println!(
+            "clickhouse store alone: {} batches, {} samples in {:.1} s; writer thread CPU {:.1} s, server CPU {:.1} s",
+            d.batches, d.samples, d.secs, d.cpu, d.server_cpu
+        );
+        Some(d)
+    } else {
+        None
+    };
+    let samples =
+        one.sent.samples + many.sent.samples + direct.as_ref().map(|d| d.samples).unwrap_or(0);
+    let load_secs = run_started.elapsed().as_secs_f64();
+    let events1 = ch_events(port)?;
+    let server_work: Vec<String> = CH_EVENTS
+        .iter()
+        .filter_map(|e| {
+            let d = events1.get(*e).copied().unwrap_or(0) - events0.get(*e).copied().unwrap_or(0);
+            (d > 0).then(|| format!("{e} {d}"))
+        })
+        .collect();
+    println!("clickhouse server work during the load: {server_work:?}");
+
+    // (3) Size of the loaded data.
+    let parts = ch_parts(port)?;
+    let size: u64 = parts.iter().map(|p| p.1).sum();
+    let mib_per_m = size as f64 / (1 << 20) as f64 / (samples as f64 / 1e6);
+    let columns = ch(
+        port,
+        &format!(
+            "SELECT name, data_compressed_bytes, data_uncompressed_bytes FROM system.columns
+             WHERE database = '{CH_DB}' AND table = 'samples' ORDER BY data_compressed_bytes DESC FORMAT TSV"
+        ),
+        &[],
+    )?;
+    let columns: Vec<String> = columns
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let (c, u) = (
+                f.get(1)?.parse::<f64>().ok()?,
+                f.get(2)?.parse::<f64>().ok()?,
+            );
+            Some(format!(
+                "`{}` {:.1} MiB ({:.1} MiB uncompressed)",
+                f[0],
+                c / (1 << 20) as f64,
+                u / (1 << 20) as f64
+            ))
+        })
+        .collect();
+    println!(
+        "clickhouse store: {:.1} MiB for {samples} samples: {mib_per_m:.1} MiB per million samples; parts {parts:?}",
+        size as f64 / (1 << 20) as f64
+    );
+
+    // (2) The span: the loaded hours replicated back in time.
+    let copies = (args.span_hours / args.hours.max(1)).max(1);
+    let span_h = copies * args.hours.max(1);
+    let mat = ch_materialize(port, now, args.hours.max(1), copies)?;
+    println!(
+        "clickhouse: materialized {} copies ({} rows) in {:.1} s; texts copied to days {:?}",
+        mat.copies - 1,
+        mat.sample_rows,
+        mat.secs,
+        mat.text_days
+    );
+    let parts_after = ch_parts(port)?;
+    let end = now + WINDOW_NS / 2;
+    let mut ranges: Vec<f64> = args
+        .ranges
+        .iter()
+        .copied()
+        .filter(|&r| r <= f64::from(span_h) + 1e-9)
+        .collect();
+    if ranges.is_empty() {
+        ranges.push(f64::from(span_h));
+    }
+    let selectors = selectors(&nodes, &apps);
+    let direct_store = ClickHouseStore::open(&url, retention)?;
+    let mut figures = Vec::new();
+    let mut checks = Vec::new();
+    let mut one_hour_totals: HashMap<String, u64> = HashMap::new();
+    for &hours in &ranges {
+        let start = end - (hours * HOUR_NS as f64) as i64;
+        for (label, sel) in &selectors {
+            let selector = Selector {
+                matchers: profiler_collector::query::parse_selector(sel)
+                    .map_err(anyhow::Error::msg)?,
+                start_ns: start,
+                end_ns: end,
+            };
+            let mut times = Vec::new();
+            let mut profile = Default::default();
+            for _ in 0..args.runs.max(1) {
+                let t = Instant::now();
+                profile = direct_store.profile(&selector)?;
+                times.push(t.elapsed());
+            }
+            let store_time = median(times);
+            let url = |endpoint: &str| {
+                let mut q = format!(
+                    "http://{}/api/v1/{endpoint}?start={:.3}&end={:.3}",
+                    c.http_addr,
+                    start as f64 / 1e9,
+                    end as f64 / 1e9
+                );
+                if !sel.is_empty() {
+                    q.push_str(&format!("&query={}", enc(sel)));
+                }
+                q
+            };
+            let svg = http_median(url("flamegraph.svg"), args.runs).await?;
+            let folded = http_median(url("folded"), args.runs).await?;
+            if hours <= f64::from(args.hours) {
+                if label == "all" && hours == f64::from(args.hours) {
+                    anyhow::ensure!(
+                        profile.total() == samples,
+                        "clickhouse {hours} h all: {} samples, {samples} loaded",
+                        profile.total()
+                    );
+                    checks.push(format!(
+                        "{hours} h all: {} samples = the samples loaded",
+                        profile.total()
+                    ));
+                }
+                one_hour_totals.insert(label.clone(), profile.total());
+            } else if let Some(&loaded) = one_hour_totals.get(label) {
+                let expected = loaded * u64::from(copies);
+                anyhow::ensure!(
+                    profile.total() == expected,
+                    "clickhouse {hours} h {label}: {} samples, expected {copies} x {loaded}: \
+                     the copies are not all counted",
+                    profile.total()
+                );
+                checks.push(format!(
+                    "{hours} h {label}: {} samples = {copies} copies x {loaded} loaded",
+                    profile.total()
+                ));
+            }
+            println!(
+                "clickhouse query {hours} h, {label}: svg {:.3} s, folded {:.3} s, store alone {:.3} s (medians of {}); {} samples, {} stacks",
+                svg.as_secs_f64(),
+                folded.as_secs_f64(),
+                store_time.as_secs_f64(),
+                args.runs,
+                profile.total(),
+                profile.stacks.len()
+            );
+            figures.push(QueryFigures {
+                hours,
+                label: label.clone(),
+                svg,
+                folded,
+                store: store_time,
+                samples: profile.total(),
+                stacks: profile.stacks.len(),
+                raw_rows_read: 0,
+                plan: String::new(),
+            });
+        }
+    }
+    // Where the span query's time goes.
+    let span_start = end - i64::from(span_h) * HOUR_NS;
+    let pieces_all = ch_breakdown(port, span_start, end, None, args.runs)?;
+    let pieces_java = ch_breakdown(port, span_start, end, Some(("process", "java")), args.runs)?;
+    for p in pieces_all.iter().chain(&pieces_java) {
+        println!(
+            "clickhouse {span_h} h breakdown: {}: {:.3} s {}",
+            p.what,
+            p.time.as_secs_f64(),
+            p.note
+        );
+    }
+    for c in &checks {
+        println!("check (clickhouse): {c}");
+    }
+    drop(direct_store);
+    let collector_shutdown = c.shutdown();
+    collector_rt.spawn(collector_shutdown).await??;
+    let total_secs = run_started.elapsed().as_secs_f64();
+    drop(server);
+
+    let per_cpu = (one.sent.samples + many.sent.samples) as f64
+        / (one.collector_cpu + many.collector_cpu).max(1e-9);
+    let per_cpu_with_server = (one.sent.samples + many.sent.samples) as f64
+        / (one.collector_cpu + many.collector_cpu + one.server_cpu + many.server_cpu).max(1e-9);
+    let q_span = figures
+        .iter()
+        .find(|f| f.hours == f64::from(span_h) && f.label == "all")
+        .map(|f| f.svg.max(f.folded));
+    let bench_line = format!(
+        "BENCH clickhouse_ingest_samples_per_s={per_cpu:.0} clickhouse_ingest_total_cpu_samples_per_s={per_cpu_with_server:.0} clickhouse_ingest_wall_samples_per_s={:.0} clickhouse_ingest_1client_samples_per_s={:.0} clickhouse_store_mib_per_m_samples={mib_per_m:.2}{}",
+        many.rate(),
+        one.rate(),
+        q_span
+            .map(|d| format!(
+                " clickhouse_query_{span_h}h_{}_s={:.4}",
+                args.agents,
+                d.as_secs_f64()
+            ))
+            .unwrap_or_default()
+    );
+    println!("{bench_line}");
+
+    // The section.
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mut o = String::new();
+    let _ = writeln!(o, "### ClickHouse store\n");
+    let _ = writeln!(
+        o,
+        "Same data set and clients as the SQLite run{}, through the collector with \
+         `--store clickhouse://127.0.0.1:PORT/{CH_DB}` (default configuration, \
+         `--max-concurrent-batches {permits}`, per-agent rate limit off) into a private \
+         ClickHouse {server_version} on this machine. {} batches went through gRPC, {}; \
+         {samples} samples loaded in {load_secs:.0} s. \
+         *Server CPU* is the clickhouse-server process's user + system time over the same \
+         interval (its inserts and background merges).\n",
+        if args.quick { " (`--quick`)" } else { "" },
+        one.sent.batches + many.sent.batches,
+        if direct.is_some() {
+            format!(
+                "the rest straight into `ClickHouseStore::insert_many` (groups of up to {DIRECT_GROUP})"
+            )
+        } else {
+            "and no more (a quick run loads only those, to fit the smoke run's time)".into()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "| figure | measured |\n|---|---|\n\
+         | ingest, 1 client | {:.0} k samples/s; collector {:.1} CPU-s, server {:.1} CPU-s |\n\
+         | ingest, {} clients | {:.0} k samples/s, {:.0} batches/s; collector {:.1} CPU-s ({:.0} % of a core), server {:.1} CPU-s ({:.0} % of a core); {:.1} batches per insert group, {:.1} ms each |\n\
+         | per CPU-second, all gRPC batches | {:.0} k samples (collector), {:.0} k (collector + server) |",
+        one.rate() / 1e3,
+        one.collector_cpu,
+        one.server_cpu,
+        args.clients,
+        many.rate() / 1e3,
+        many.sent.batches as f64 / many.secs.max(1e-9),
+        many.collector_cpu,
+        100.0 * many.collector_cpu / many.secs.max(1e-9),
+        many.server_cpu,
+        100.0 * many.server_cpu / many.secs.max(1e-9),
+        many.sent.batches as f64 / many.commits.max(1) as f64,
+        1e3 * many.write_secs / many.commits.max(1) as f64,
+        per_cpu / 1e3,
+        per_cpu_with_server / 1e3
+    );
+    if let Some(d) = &direct {
+        let _ = writeln!(
+            o,
+            "| store alone (`insert_many`, {} batches) | {:.0} k samples/s; writing thread {:.1} CPU-s, server {:.1} CPU-s: {:.0} k samples per CPU-second of both |",
+            d.batches,
+            d.samples as f64 / d.secs.max(1e-9) / 1e3,
+            d.cpu,
+            d.server_cpu,
+            d.samples as f64 / (d.cpu + d.server_cpu).max(1e-9) / 1e3
+        );
+    }
+    let _ = writeln!(
+        o,
+        "| store size (loaded data, `system.parts` bytes_on_disk of active parts) | {mib_per_m:.1} MiB per million samples ({:.1} MiB: {}) |\n",
+        mib(size),
+        parts
+            .iter()
+            .map(|(t, b, r, n)| format!("{t} {:.1} MiB, {r} rows, {n} parts", mib(*b)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let _ = writeln!(
+        o,
+        "Columns of `samples` (loaded data): {}.\n",
+        columns.join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "What the server did during the load (`system.events`, differences): {}.\n",
+        server_work.join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "For the queries the loaded {} h were replicated inside ClickHouse to {span_h} h: \
+         {} copies of every row (`INSERT INTO samples SELECT … FROM samples`, shifted back \
+         k h: `hour − k`, `window_start`/`window_end − k·3600 s`; registry rows' `sequence + \
+         k·10⁹` and every row's `write_id` xor k, so the duplicate-write guard sees distinct \
+         batches), {} rows added in {:.0} s; the texts of stacks and label sets copied into the \
+         day partitions {:?}. Store after the copies: {}.\n",
+        args.hours,
+        mat.copies - 1,
+        mat.sample_rows,
+        mat.secs,
+        mat.text_days,
+        parts_after
+            .iter()
+            .map(|(t, b, r, n)| format!("{t} {:.1} MiB, {r} rows, {n} parts", mib(*b)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let _ = writeln!(
+        o,
+        "Query latency (HTTP, median of {} runs; \"store\" = `ClickHouseStore::profile` alone):\n\n\
+         | range | selector | SVG | folded | store | samples | stacks |\n|---|---|---|---|---|---|---|",
+        args.runs
+    );
+    for f in &figures {
+        let _ = writeln!(
+            o,
+            "| {} h | `{}` | {:.3} s | {:.3} s | {:.3} s | {} | {} |",
+            f.hours,
+            f.label,
+            f.svg.as_secs_f64(),
+            f.folded.as_secs_f64(),
+            f.store.as_secs_f64(),
+            f.samples,
+            f.stacks
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nWhere the {span_h} h query's time goes: the statements `ClickHouseStore::profile` \
+         sends, run alone (same SQL, `FORMAT Null`, median of {} runs):\n\n\
+         | part | all data | `{{process=\"java\"}}` |\n|---|---|---|",
+        args.runs
+    );
+    for (a, j) in pieces_all.iter().zip(&pieces_java) {
+        let _ = writeln!(
+            o,
+            "| {} | {:.3} s{} | {:.3} s{} |",
+            a.what,
+            a.time.as_secs_f64(),
+            if a.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", a.note)
+            },
+            j.time.as_secs_f64(),
+            if j.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", j.note)
+            }
+        );
+    }
+    if let Some(j) = pieces_java.get(pieces_all.len()) {
+        let _ = writeln!(o, "| {} | — | {:.3} s |", j.what, j.time.as_secs_f64());
+    }
+    let _ = writeln!(o, "\nChecks:\n");
+    for c in &checks {
+        let _ = writeln!(o, "- {c}");
+    }
+    let _ = writeln!(o, "\nClickHouse run: {total_secs:.0} s.");
+    Ok(Outcome {
+        summary: Summary {
+            store: "ClickHouse",
+            per_cpu,
+            per_cpu_with_server: Some(per_cpu_with_server),
+            one,
+            many,
+            direct,
+            mib_per_m,
+            span_h,
+            figures,
+            total_secs,
+        },
+        section: o,
+        bench_line,
+    })
 }

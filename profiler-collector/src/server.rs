@@ -328,6 +328,13 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
     }
     let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store, config.retention)?));
+    // Queries on their own handle where the store has one (ClickHouse), so
+    // a long query does not hold up the writer.
+    let reader = store.lock().unwrap_or_else(|e| e.into_inner()).reader();
+    let query_store: SharedStore = match reader {
+        Some(reader) => Arc::new(Mutex::new(reader)),
+        None => store.clone(),
+    };
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = watch::channel(false);
 
@@ -413,7 +420,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     };
 
     let mut app = router(AppState {
-        store: store.clone(),
+        store: query_store,
         metrics: metrics.clone(),
     });
     if let Some(tokens) = http_tokens {

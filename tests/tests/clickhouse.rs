@@ -326,7 +326,7 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
          (15 by the synthetic agent; the real agent's answers lost: {lost})"
     );
     let recorded = rec.counters.get(profiler_common::Counter::Recorded);
-    assert!(recorded > 500, "only {recorded} samples recorded");
+    assert!(recorded > 100, "only {recorded} samples recorded");
     assert_eq!(pushed.acked, 45 * 7);
     assert!(
         pushed.duplicates >= 15,

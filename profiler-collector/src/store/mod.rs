@@ -73,4 +73,10 @@ pub trait Store: Send {
     fn stats(&self) -> Result<StoreStats, StoreError>;
     /// Deletes data whose window ended before `cutoff_ns`; returns rows deleted.
     fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError>;
+    /// A second handle that answers queries beside this one, so a long
+    /// query does not hold up writes (ClickHouse); `None` when queries
+    /// must share this handle (SQLite: one connection).
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        None
+    }
 }

@@ -13,7 +13,9 @@
 //! in FILE or on its stdout (anywhere on the line, so `<!-- BENCH k=v -->`
 //! works too). Values are plain numbers in the unit the key names. The keys
 //! the table of targets reads: `warm_frames_per_s`, `cold_frames_per_s`
-//! (symbolize_bench), `ingest_samples_per_s`, `query_24h_100_s`
+//! (symbolize_bench), `ingest_samples_per_s`, `query_24h_100_s`,
+//! `clickhouse_ingest_total_cpu_samples_per_s`,
+//! `clickhouse_ingest_samples_per_s`, `clickhouse_query_24h_100_s`
 //! (ingest_bench); a missing key shows as "not measured".
 use std::{
     collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command, time::Instant,

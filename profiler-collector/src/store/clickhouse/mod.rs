@@ -30,6 +30,10 @@ mod client;
 use std::{
     collections::{HashMap, HashSet},
     hash::Hasher,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -154,8 +158,8 @@ pub struct ClickHouseStore {
     stacks_written: Written,
     sets_written: Written,
     /// Windows ending before this were removed by retention: refused, and
-    /// queries start here.
-    retained_from: i64,
+    /// queries start here. Shared with the store's readers.
+    retained_from: Arc<AtomicI64>,
 }
 
 /// What a group's insert sends, built before anything is sent.
@@ -186,7 +190,7 @@ impl ClickHouseStore {
             version,
             stacks_written: Written::new(),
             sets_written: Written::new(),
-            retained_from: i64::MIN,
+            retained_from: Arc::new(AtomicI64::new(i64::MIN)),
         };
         store.migrate(retention)?;
         store.key = store.hash_key()?;
@@ -203,6 +207,10 @@ impl ClickHouseStore {
 
     pub fn version(&self) -> Version {
         self.version
+    }
+
+    fn retained_from(&self) -> i64 {
+        self.retained_from.load(Ordering::Relaxed)
     }
 
     fn sql(&self, template: &str, retention: Duration) -> String {
@@ -529,7 +537,7 @@ impl ClickHouseStore {
     /// `hour` and `window_end` conditions for windows ending in
     /// `(start, end]`, after the retention cutoff; `None` when empty.
     fn range(&self, start: i64, end: i64) -> Option<String> {
-        let start = start.max(self.retained_from.saturating_sub(1));
+        let start = start.max(self.retained_from().saturating_sub(1));
         (start < end).then(|| {
             format!(
                 "hour >= {} AND hour <= {} AND window_end > {start} AND window_end <= {end}",
@@ -591,7 +599,7 @@ impl Store for ClickHouseStore {
         let mut first = HashMap::new();
         let mut candidates = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
-            if batch.window_end_ns < self.retained_from {
+            if batch.window_end_ns < self.retained_from() {
                 outcomes[i] = Some(Err(StoreError::TooOld));
             } else if first
                 .insert((batch.agent_id.as_str(), batch.sequence), i)
@@ -648,6 +656,20 @@ impl Store for ClickHouseStore {
             final_outcomes.push(outcome);
         }
         final_outcomes
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        let url = &self.client.url;
+        Some(Box::new(Self {
+            client: Client::new(url, QUERY_TIMEOUT),
+            writer: Client::new(url, WRITE_TIMEOUT),
+            db: self.db.clone(),
+            version: self.version,
+            key: self.key,
+            stacks_written: Written::new(),
+            sets_written: Written::new(),
+            retained_from: self.retained_from.clone(),
+        }))
     }
 
     fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
@@ -764,7 +786,7 @@ impl Store for ClickHouseStore {
         let db = &self.db;
         // Rows retention hides but has not dropped yet (part of a day) are
         // not counted.
-        let kept = format!("window_end >= {}", self.retained_from);
+        let kept = format!("window_end >= {}", self.retained_from());
         let out = self.query_rows(&format!(
             "SELECT
                 (SELECT toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
@@ -786,7 +808,7 @@ impl Store for ClickHouseStore {
 
     fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError> {
         // Queries start at the cutoff at once; whole days before it go.
-        self.retained_from = self.retained_from.max(cutoff_ns);
+        self.retained_from.fetch_max(cutoff_ns, Ordering::Relaxed);
         let out = self.query_rows(&format!(
             "SELECT table, partition, toUInt64(sum(rows)) FROM system.parts
              WHERE active AND database = {} AND table IN ('samples', 'stacks', 'label_sets')
