@@ -5,6 +5,8 @@
 //! grpc_listen = "0.0.0.0:7070"
 //! http_listen = "0.0.0.0:7080"
 //! store = "sqlite:/var/lib/profiler/profiles.db"
+//! # or, several collectors on one ClickHouse (docs/clickhouse.md):
+//! # store = "clickhouse://clickhouse.example:8123/profiles"
 //! retention = "14d"
 //! max_message_mib = 16
 //! # TLS on both ports; agents must present a certificate from client_ca.

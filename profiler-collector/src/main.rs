@@ -50,7 +50,9 @@ struct Cli {
     /// HTTP address of the API and web UI.
     #[arg(long)]
     http_listen: Option<SocketAddr>,
-    /// Where to store profiles: sqlite:PATH.
+    /// Where to store profiles: sqlite:PATH, or clickhouse://[USER@]HOST[:PORT]/DATABASE
+    /// (ClickHouse HTTP port, 8123 by default; password from PROFILER_CLICKHOUSE_PASSWORD).
+    /// Collectors sharing one ClickHouse database must share --retention too.
     #[arg(long)]
     store: Option<StoreLocation>,
     /// Delete data older than this (e.g. 7d, 24h).

@@ -380,6 +380,16 @@ fn clickhouse_restart_mid_ingest_loses_nothing_acknowledged() {
         errors.contains(&tonic::Code::Unavailable),
         "the outage reached the agents as UNAVAILABLE: {errors:?}"
     );
+    // The flame graph and UI are served as with SQLite.
+    let svg = String::from_utf8(http_get(
+        c.http_addr,
+        "/api/v1/flamegraph.svg?start=now-1h&query=%7Bnode%3D%22restart-1%22%7D",
+    ))
+    .unwrap();
+    assert!(svg.contains("<svg") && svg.contains("work"), "{svg}");
+    assert!(String::from_utf8(http_get(c.http_addr, "/"))
+        .unwrap()
+        .contains("<html"));
     rt.block_on(c.shutdown()).unwrap();
 }
 

@@ -245,6 +245,13 @@ fn clickhouse_overlay_validates_and_scales_the_collector() {
         "one retention for every replica"
     );
     assert!(!toml.contains("sqlite"), "{toml}");
+    let mut collector = profiler_collector::server::CollectorConfig::default();
+    config.apply(&mut collector).unwrap();
+    assert!(matches!(
+        collector.store,
+        profiler_collector::server::StoreLocation::ClickHouse(ref url)
+            if url.host == "clickhouse.profiler.svc" && url.port == 8123 && url.database == "profiles"
+    ));
 }
 
 #[test]
