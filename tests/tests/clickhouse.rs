@@ -60,6 +60,17 @@ fn conformance_suite_passes_on_clickhouse() {
     // database finds it ready.
     let again = open(&ch, "conformance_1");
     assert_eq!(again.schema_version().unwrap(), 1);
+    // A database migrated by a newer collector is refused, not written.
+    ch.query("INSERT INTO conformance_1.schema_version VALUES (99, 0)");
+    let url: ClickHouseUrl = ch.store_url("conformance_1").parse().unwrap();
+    let err = ClickHouseStore::open(&url, WEEK).err().unwrap().to_string();
+    assert!(err.contains("newer than this collector supports"), "{err}");
+    // An unreachable server is named in the error.
+    let url: ClickHouseUrl = format!("clickhouse://127.0.0.1:{}/x", free_port())
+        .parse()
+        .unwrap();
+    let err = ClickHouseStore::open(&url, WEEK).err().unwrap().to_string();
+    assert!(err.contains("unreachable"), "{err}");
 }
 
 /// Two collectors (two stores on one database): the second is told a batch
