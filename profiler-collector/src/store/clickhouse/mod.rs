@@ -783,24 +783,37 @@ impl Store for ClickHouseStore {
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
+        // Cheap enough for every `/metrics` scrape: batches from the
+        // registry rows (one primary-key range per hour), the rest from the
+        // parts' row counts (rows on disk: windows retention hides but has
+        // not dropped yet are counted; stacks once per day partition).
         let db = &self.db;
-        // Rows retention hides but has not dropped yet (part of a day) are
-        // not counted.
-        let kept = format!("window_end >= {}", self.retained_from());
+        let parts = |table: &str| {
+            format!(
+                "(SELECT toUInt64(sum(rows)) FROM system.parts
+                  WHERE active AND database = {} AND table = '{table}')",
+                quote(db)
+            )
+        };
         let out = self.query_rows(&format!(
             "SELECT
                 (SELECT toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
-                 WHERE label_set_id = 0 AND {kept}),
-                (SELECT toUInt64(count()) FROM {db}.samples WHERE label_set_id != 0 AND {kept}),
-                (SELECT toUInt64(uniqExact(stack_id)) FROM {db}.stacks),
+                 WHERE label_set_id = 0 AND window_end >= {kept}),
+                (SELECT toUInt64(count()) FROM {db}.samples WHERE label_set_id = 0),
+                {samples}, {stacks},
                 (SELECT toUInt64(sum(bytes_on_disk)) FROM system.parts
-                 WHERE active AND database = {})",
-            quote(db)
+                 WHERE active AND database = {quoted})",
+            kept = self.retained_from(),
+            samples = parts("samples"),
+            stacks = parts("stacks"),
+            quoted = quote(db)
         ))?;
         let mut rows = Rows::new(&out);
+        let batches = rows.u64()?;
+        let registry_rows = rows.u64()?;
         Ok(StoreStats {
-            batches: rows.u64()?,
-            sample_rows: rows.u64()?,
+            batches,
+            sample_rows: rows.u64()?.saturating_sub(registry_rows),
             stacks: rows.u64()?,
             bytes: rows.u64()?,
         })
