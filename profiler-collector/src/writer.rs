@@ -68,20 +68,36 @@ impl StoreWriter {
 fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>, metrics: Arc<Metrics>) {
     let mut batches = Vec::new();
     let mut replies = Vec::new();
+    let interval = store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .min_write_interval();
+    let mut last_write: Option<Instant> = None;
     while let Some((batch, reply)) = rx.blocking_recv() {
         batches.push(batch);
         replies.push(reply);
-        // Everything else already waiting joins the group.
+        // Everything else already waiting joins the group; so does what
+        // arrives until `interval` has passed since the last write.
+        let due = last_write.map(|t| t + interval);
         while batches.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok((batch, reply)) => {
-                    batches.push(batch);
-                    replies.push(reply);
-                }
-                Err(_) => break,
-            }
+            let next = match rx.try_recv() {
+                Ok(next) => Some(next),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => match due {
+                    Some(due) if due > Instant::now() => {
+                        let wait = due - Instant::now();
+                        std::thread::sleep(wait.min(std::time::Duration::from_millis(5)));
+                        continue;
+                    }
+                    _ => None,
+                },
+            };
+            let Some((batch, reply)) = next else { break };
+            batches.push(batch);
+            replies.push(reply);
         }
         let started = Instant::now();
+        last_write = Some(started);
         let outcomes = store
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -79,4 +79,11 @@ pub trait Store: Send {
     fn reader(&self) -> Option<Box<dyn Store>> {
         None
     }
+    /// Least time between the starts of two group writes: while a write
+    /// is this recent, batches keep joining the next group (ClickHouse
+    /// makes a part per insert and wants few, large ones). Zero: write as
+    /// soon as the last write is done.
+    fn min_write_interval(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
