@@ -14,8 +14,25 @@ use crate::{
 pub const S: i64 = 1_000_000_000;
 pub const MINUTE_NS: i64 = 60 * S;
 pub const HOUR_NS: i64 = 60 * MINUTE_NS;
-/// A time on an hour boundary, in 2023.
+pub const DAY_NS: i64 = 24 * HOUR_NS;
+/// A time on an hour boundary, in 2023 (for tests that need no clock).
 pub const T0: i64 = 1_700_000_000 * S - 1_700_000_000 * S % HOUR_NS;
+
+/// Where the suite's data starts: midnight (UTC) five days ago, the same
+/// for the whole run. Recent, so that a store with a table TTL (ClickHouse
+/// 19.6 and later, retention a week) keeps it.
+pub fn base() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = crate::ingest::now_ns();
+        now - now.rem_euclid(DAY_NS) - 5 * DAY_NS
+    })
+}
+
+/// `s` seconds after [`base`], in ns.
+pub fn at(s: i64) -> i64 {
+    base() + s * S
+}
 
 /// Runs every check, each on a new store from `open`.
 pub fn check_all(open: &mut dyn FnMut() -> Box<dyn Store>) {
@@ -36,15 +53,15 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 }
 
 /// A batch of agent `a1` with one sample of `count` on `stack`, window
-/// ending at `end_s` seconds.
+/// ending `end_s` seconds after [`base`].
 pub fn batch(seq: u64, end_s: i64, process: &str, stack: &str, count: u64) -> ValidBatch {
     ValidBatch {
         agent_id: "a1".into(),
         sequence: seq,
         node: "n1".into(),
         agent_version: "0".into(),
-        window_start_ns: (end_s - 10) * S,
-        window_end_ns: end_s * S,
+        window_start_ns: at(end_s - 10),
+        window_end_ns: at(end_s),
         frequency_hz: 99,
         label_sets: vec![labels(&[("node", "n1"), ("process", process)])],
         stacks: vec![stack.into()],
@@ -56,15 +73,16 @@ pub fn batch(seq: u64, end_s: i64, process: &str, stack: &str, count: u64) -> Va
     }
 }
 
-/// Windows ending in `(start_s, end_s]` (seconds) matching `matchers`.
+/// Windows ending in `(start_s, end_s]` (seconds after [`base`]) matching
+/// `matchers`.
 pub fn all(start_s: i64, end_s: i64, matchers: &[(&str, &str)]) -> Selector {
     Selector {
         matchers: matchers
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect(),
-        start_ns: start_s * S,
-        end_ns: end_s * S,
+        start_ns: at(start_s),
+        end_ns: at(end_s),
     }
 }
 
@@ -92,23 +110,23 @@ pub fn stores_once_and_queries_by_label_and_time(store: &mut dyn Store) {
     assert_eq!((stats.batches, stats.sample_rows), (3, 3));
 
     assert_eq!(
-        store.label_names(0, 300 * S).unwrap(),
+        store.label_names(at(0), at(300)).unwrap(),
         vec!["node", "process"]
     );
     assert_eq!(
-        store.label_values("process", 0, 300 * S).unwrap(),
+        store.label_values("process", at(0), at(300)).unwrap(),
         vec!["app", "db"]
     );
     assert_eq!(
-        store.label_values("process", 195 * S, 300 * S).unwrap(),
+        store.label_values("process", at(195), at(300)).unwrap(),
         vec!["app", "db"]
     );
     assert_eq!(
-        store.label_values("process", 0, 50 * S).unwrap(),
+        store.label_values("process", at(0), at(50)).unwrap(),
         Vec::<String>::new()
     );
     assert_eq!(
-        store.label_values("nothing", 0, 300 * S).unwrap(),
+        store.label_values("nothing", at(0), at(300)).unwrap(),
         Vec::<String>::new()
     );
 }
@@ -125,7 +143,7 @@ pub fn hostile_label_values_are_just_values(store: &mut dyn Store) {
     let p = store.profile(&all(0, 300, &[("zz", hostile)])).unwrap();
     assert_eq!(p.folded(), "main;it's \\ \"quoted\" 1\n");
     assert_eq!(
-        store.label_values("zz", 0, 300 * S).unwrap(),
+        store.label_values("zz", at(0), at(300)).unwrap(),
         vec![hostile.to_string()]
     );
     assert_eq!(store.profile(&all(0, 300, &[])).unwrap().total(), 1);
@@ -172,13 +190,13 @@ pub fn retention_hides_and_refuses_old_windows(store: &mut dyn Store) {
     store
         .insert(&batch(3, days(3) + 300, "app", "new;stack", 4))
         .unwrap();
-    store.retain((days(3) + 200) * S).unwrap();
+    store.retain(at(days(3) + 200)).unwrap();
     assert_eq!(
         store.profile(&all(0, days(4), &[])).unwrap().folded(),
         "new;stack 4\n"
     );
     assert_eq!(
-        store.label_values("process", 0, days(4) * S).unwrap(),
+        store.label_values("process", at(0), at(days(4))).unwrap(),
         vec!["app"]
     );
     assert!(matches!(
@@ -298,7 +316,7 @@ pub fn answers_like_the_reference(store: &mut dyn Store) {
     let mut reference = SqliteStore::in_memory().unwrap();
     let mut rng = Rng(42);
     // Start 2 hours before a day boundary.
-    let t0 = T0 - T0.rem_euclid(24 * HOUR_NS) + 22 * HOUR_NS;
+    let t0 = base() + 22 * HOUR_NS;
     let hours = 3;
     let mut sent = Vec::new();
     let mut pending = Vec::new();

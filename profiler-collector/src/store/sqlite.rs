@@ -921,7 +921,7 @@ mod tests {
         let mut store = SqliteStore::in_memory().unwrap();
         store.insert(&batch(1, 100, "app", "old;stack", 1)).unwrap();
         store.insert(&batch(2, 200, "app", "new;stack", 1)).unwrap();
-        assert_eq!(store.retain(150 * 1_000_000_000).unwrap(), 1);
+        assert_eq!(store.retain(conformance::at(150)).unwrap(), 1);
         let stats = store.stats().unwrap();
         assert_eq!((stats.batches, stats.sample_rows, stats.stacks), (1, 1, 1));
         assert_eq!(

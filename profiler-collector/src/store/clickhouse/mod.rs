@@ -218,14 +218,9 @@ impl ClickHouseStore {
     }
 
     fn sql(&self, template: &str, retention: Duration) -> String {
-        let secs = retention.as_secs();
         let (ttl_samples, ttl_days) = if self.version.has_ttl() {
-            (
-                format!(
-                    "TTL toDateTime(intDiv(window_end, 1000000000)) + toIntervalSecond({secs})"
-                ),
-                format!("TTL toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
-            )
+            let [samples, days] = ttl_exprs(retention);
+            (format!("TTL {samples}"), format!("TTL {days}"))
         } else {
             (String::new(), String::new())
         };
@@ -326,20 +321,11 @@ impl ClickHouseStore {
     /// Sets the tables' TTL to `retention` (every collector does, with the
     /// same retention: docs/clickhouse.md).
     fn set_ttl(&self, retention: Duration) -> Result<(), StoreError> {
-        let secs = retention.as_secs();
+        let [samples, days] = ttl_exprs(retention);
         for (table, expr) in [
-            (
-                "samples",
-                format!("toDateTime(intDiv(window_end, 1000000000)) + toIntervalSecond({secs})"),
-            ),
-            (
-                "stacks",
-                format!("toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
-            ),
-            (
-                "label_sets",
-                format!("toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
-            ),
+            ("samples", &samples),
+            ("stacks", &days),
+            ("label_sets", &days),
         ] {
             self.client.execute(
                 &format!("ALTER TABLE {}.{table} MODIFY TTL {expr}", self.db),
@@ -570,6 +556,17 @@ impl ClickHouseStore {
     }
 }
 
+/// The TTL expressions of `samples` and of the text tables for
+/// `retention`, capped at 50 years (`DateTime` wraps around in 2106).
+fn ttl_exprs(retention: Duration) -> [String; 2] {
+    let secs = retention.as_secs().min(50 * 365 * 86_400);
+    [
+        format!("toDateTime(intDiv(window_end, 1000000000)) + toIntervalSecond({secs})"),
+        // A day's texts are needed until its last window expires.
+        format!("toDateTime((day + 1) * 86400) + toIntervalSecond({secs})"),
+    ]
+}
+
 fn server_version(client: &Client) -> Result<Version, StoreError> {
     let out = client.execute("SELECT version()", &[], &[])?;
     let text = String::from_utf8_lossy(&out).trim().to_string();
@@ -791,6 +788,8 @@ impl Store for ClickHouseStore {
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
+        // Scalar sub-queries are Nullable on current ClickHouse (a
+        // RowBinary null flag would precede each value): hence `ifNull`.
         // Cheap enough for every `/metrics` scrape: batches from the
         // registry rows (one primary-key range per hour), the rest from the
         // parts' row counts (rows on disk: windows retention hides but has
@@ -798,19 +797,20 @@ impl Store for ClickHouseStore {
         let db = &self.db;
         let parts = |table: &str| {
             format!(
-                "(SELECT toUInt64(sum(rows)) FROM system.parts
-                  WHERE active AND database = {} AND table = '{table}')",
+                "toUInt64(ifNull((SELECT toUInt64(sum(rows)) FROM system.parts
+                  WHERE active AND database = {} AND table = '{table}'), 0))",
                 quote(db)
             )
         };
         let out = self.query_rows(&format!(
             "SELECT
-                (SELECT toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
-                 WHERE label_set_id = 0 AND window_end >= {kept}),
-                (SELECT toUInt64(count()) FROM {db}.samples WHERE label_set_id = 0),
+                toUInt64(ifNull((SELECT toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
+                        WHERE label_set_id = 0 AND window_end >= {kept}), 0)),
+                toUInt64(ifNull((SELECT toUInt64(count()) FROM {db}.samples
+                        WHERE label_set_id = 0), 0)),
                 {samples}, {stacks},
-                (SELECT toUInt64(sum(bytes_on_disk)) FROM system.parts
-                 WHERE active AND database = {quoted})",
+                toUInt64(ifNull((SELECT toUInt64(sum(bytes_on_disk)) FROM system.parts
+                        WHERE active AND database = {quoted}), 0))",
             kept = self.retained_from(),
             samples = parts("samples"),
             stacks = parts("stacks"),
