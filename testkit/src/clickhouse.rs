@@ -99,27 +99,7 @@ impl ClickHouse {
     /// Like [`query`](Self::query), with a timeout for the whole exchange, and
     /// returning what went wrong instead of panicking.
     pub fn try_query(&self, sql: &str, timeout: Duration) -> Result<String, String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build()
-            .into();
-        let mut resp = agent
-            .post(&format!("http://127.0.0.1:{}/", self.http_port))
-            .send(sql)
-            .map_err(|e| format!("no answer: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_string()
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if status == 200 {
-            Ok(body)
-        } else {
-            Err(format!("HTTP {status}: {}", body.trim_end()))
-        }
+        http_post(self.http_port, None, sql.as_bytes(), timeout)
     }
 
     /// SIGKILLs the server and waits for it to exit; the data dir is kept.
@@ -278,13 +258,7 @@ impl ClickHouse {
     fn log_tails(&self) -> String {
         ["console.log", "error.log"]
             .iter()
-            .map(|name| {
-                let path = self.log_dir().join(name);
-                let text = fs::read_to_string(&path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                format!("--- last lines of {} ---\n{tail}", path.display())
-            })
+            .map(|name| log_tail(&self.log_dir().join(name)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -294,6 +268,48 @@ impl Drop for ClickHouse {
     fn drop(&mut self) {
         self.kill();
         // The temp dir is removed when `dir` drops.
+    }
+}
+
+/// The last 20 lines of a log file, headed by its path.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    format!("--- last lines of {} ---\n{tail}", path.display())
+}
+
+/// POSTs `body` to the ClickHouse HTTP interface on loopback `port`, with
+/// `query` (if any) as the `query` URL parameter, to which ClickHouse appends
+/// the body (`INSERT … FORMAT RowBinary` and its rows); returns the answer's
+/// body, or what went wrong (HTTP status and ClickHouse's message).
+pub(crate) fn http_post(
+    port: u16,
+    query: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<String, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let mut request = agent.post(&format!("http://127.0.0.1:{port}/"));
+    if let Some(query) = query {
+        request = request.query("query", query);
+    }
+    let mut resp = request.send(body).map_err(|e| format!("no answer: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(format!("HTTP {status}: {}", body.trim_end()))
     }
 }
 

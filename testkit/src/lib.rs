@@ -4,3 +4,4 @@
 //!
 //! - [`clickhouse`]: a private `clickhouse-server` on free loopback ports.
 pub mod clickhouse;
+pub mod current;
