@@ -23,11 +23,37 @@ use profiler_collector::{
         conformance, Store,
     },
 };
+use profiler_testkit::current::CurrentClickHouse;
 use support::{clickhouse::ClickHouse, collector::*, *};
 
 const WEEK: Duration = Duration::from_secs(7 * 86400);
 
-fn open(ch: &ClickHouse, db: &str) -> ClickHouseStore {
+/// A server the store tests run on: Debian's 18.16, or the current engine
+/// (26.9, chdb behind a small HTTP shim).
+trait Server {
+    fn store_url(&self, db: &str) -> String;
+    fn query(&self, sql: &str) -> String;
+}
+
+impl Server for ClickHouse {
+    fn store_url(&self, db: &str) -> String {
+        ClickHouse::store_url(self, db)
+    }
+    fn query(&self, sql: &str) -> String {
+        ClickHouse::query(self, sql)
+    }
+}
+
+impl Server for CurrentClickHouse {
+    fn store_url(&self, db: &str) -> String {
+        CurrentClickHouse::store_url(self, db)
+    }
+    fn query(&self, sql: &str) -> String {
+        CurrentClickHouse::query(self, sql)
+    }
+}
+
+fn open(ch: &dyn Server, db: &str) -> ClickHouseStore {
     let url: ClickHouseUrl = ch.store_url(db).parse().unwrap();
     ClickHouseStore::open(&url, WEEK).expect("the ClickHouse store opens")
 }
@@ -49,16 +75,36 @@ fn node_total(addr: SocketAddr, node: &str) -> u64 {
 }
 
 #[test]
-fn conformance_suite_passes_on_clickhouse() {
+fn conformance_suite_passes_on_clickhouse_18() {
     let ch = ClickHouse::start();
+    conformance_suite(&ch);
+    assert!(!ch
+        .query("SELECT engine_full FROM system.tables WHERE database = 'conformance_1' AND name = 'samples'")
+        .contains("TTL"));
+}
+
+/// The same SQL on the current engine, which takes the paths of servers
+/// 19.6 and later (table TTL).
+#[test]
+fn conformance_suite_passes_on_current_clickhouse() {
+    let ch = CurrentClickHouse::start();
+    assert!(ch.version().starts_with("26."), "{}", ch.version());
+    conformance_suite(&ch);
+    let engine = ch.query(
+        "SELECT engine_full FROM system.tables WHERE database = 'conformance_1' AND name = 'samples'",
+    );
+    assert!(engine.contains("TTL"), "{engine}");
+}
+
+fn conformance_suite(ch: &dyn Server) {
     let mut n = 0;
     conformance::check_all(&mut || {
         n += 1;
-        Box::new(open(&ch, &format!("conformance_{n}")))
+        Box::new(open(ch, &format!("conformance_{n}")))
     });
     // The schema is recorded, and a second collector starting on the same
     // database finds it ready.
-    let again = open(&ch, "conformance_1");
+    let again = open(ch, "conformance_1");
     assert_eq!(again.schema_version().unwrap(), 1);
     // A database migrated by a newer collector is refused, not written.
     ch.query("INSERT INTO conformance_1.schema_version VALUES (99, 0)");
@@ -78,8 +124,12 @@ fn conformance_suite_passes_on_clickhouse() {
 /// sees the other's write first), every answer still counts it once.
 #[test]
 fn one_batch_written_through_two_collectors_counts_once() {
-    let ch = ClickHouse::start();
-    let (mut a, mut b) = (open(&ch, "race"), open(&ch, "race"));
+    two_collectors_count_once(&ClickHouse::start());
+    two_collectors_count_once(&CurrentClickHouse::start());
+}
+
+fn two_collectors_count_once(ch: &dyn Server) {
+    let (mut a, mut b) = (open(ch, "race"), open(ch, "race"));
     // An hour after the suite's base (recent: a TTL keeps it).
     let t = conformance::at(3600);
     let batch = |seq, end| {
