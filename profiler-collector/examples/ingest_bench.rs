@@ -57,7 +57,7 @@ const HOUR_NS: i64 = 3600 * 1_000_000_000;
 const APPS: usize = 40;
 const STACKS_PER_APP: usize = 12;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Collector ingest, query and store-size benchmark")]
 struct Args {
     /// Simulated agents (nodes).
@@ -417,10 +417,12 @@ fn pid_cpu(pid: u32) -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-/// CPU seconds (user + system) of this process so far, and of the
-/// collector's threads alone (its runtime's threads are named `collector`,
-/// its writer `store-writer`).
-fn cpu_seconds() -> (f64, f64) {
+/// CPU seconds (user + system) of this process so far, and of each of the
+/// collector's threads (its runtime's threads are named `collector`, its
+/// writer `store-writer`) by thread id: a thread that ends between two
+/// readings (an idle blocking-pool thread of an earlier run) must not take
+/// its earlier CPU time out of the sum, see [`collector_cpu`].
+fn cpu_seconds() -> (f64, HashMap<String, f64>) {
     let ticks = |stat: &str| -> (String, f64) {
         let (head, rest) = stat.rsplit_once(')').unwrap_or(("", ""));
         let name = head
@@ -434,17 +436,26 @@ fn cpu_seconds() -> (f64, f64) {
         (name, (t(11) + t(12)) / 100.0)
     };
     let process = ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default()).1;
-    let mut collector = 0.0;
+    let mut collector = HashMap::new();
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for t in tasks.flatten() {
             let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
             let (name, secs) = ticks(&stat);
             if name.starts_with("collector") || name.starts_with("store-writer") {
-                collector += secs;
+                collector.insert(t.file_name().to_string_lossy().into_owned(), secs);
             }
         }
     }
     (process, collector)
+}
+
+/// CPU seconds the collector's threads used between two readings of
+/// [`cpu_seconds`]: per thread, so threads that ended count nothing.
+fn collector_cpu(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(tid, secs)| secs - before.get(tid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 struct Load {
@@ -525,7 +536,7 @@ async fn load(
             sent: total,
             secs: t0.elapsed().as_secs_f64(),
             process_cpu: p1 - p0,
-            collector_cpu: c1 - c0,
+            collector_cpu: collector_cpu(&c0, &c1),
             server_cpu: s1 - s0,
         },
         next,
@@ -1725,6 +1736,25 @@ fn ch_days(start: i64, end: i64) -> String {
     )
 }
 
+/// Waits (at most `cap`) until the database has no merge running, so the
+/// figures that follow do not share the CPUs with merges of the rows just
+/// written; returns the wait and the active parts of `samples` then.
+fn ch_settle(port: u16, cap: Duration) -> anyhow::Result<(Duration, u64)> {
+    let t = Instant::now();
+    let n = |sql: &str| -> anyhow::Result<u64> { Ok(ch(port, sql, &[])?.trim().parse()?) };
+    while n(&format!(
+        "SELECT count() FROM system.merges WHERE database = '{CH_DB}'"
+    ))? > 0
+        && t.elapsed() < cap
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let parts = n(&format!(
+        "SELECT count() FROM system.parts WHERE active AND database = '{CH_DB}' AND table = 'samples'"
+    ))?;
+    Ok((t.elapsed(), parts))
+}
+
 /// The server's counters shown for the load.
 const CH_EVENTS: [&str; 9] = [
     "Query",
@@ -2016,6 +2046,32 @@ async fn run_clickhouse(
     };
     let retention = config.retention;
     let permits = config.max_concurrent_batches;
+    // The collector's writer starts a ClickHouse write at most once per
+    // `interval` (so batches join larger inserts): one client then sends
+    // at most 1/interval batches a second and all clients together
+    // `permits`/interval. The gRPC part is cut to ~20 s (1 client) and ~45 s
+    // (the others) at those rates (5 s and 10 s in a quick run); the rest
+    // of the hour goes straight into the store as for SQLite.
+    let interval = ClickHouseStore::open(&url, retention)?
+        .min_write_interval()
+        .as_secs_f64();
+    let args = if interval > 0.0 {
+        let (one_s, many_s) = if args.quick {
+            (5.0, 10.0)
+        } else {
+            (20.0, 45.0)
+        };
+        let mut a = (*args).clone();
+        a.single_client_batches = a.single_client_batches.min((one_s / interval) as usize);
+        let many = (many_s * permits as f64 / interval) as usize;
+        a.grpc_batches = a.single_client_batches
+            + a.grpc_batches
+                .saturating_sub(a.single_client_batches)
+                .min(many);
+        Arc::new(a)
+    } else {
+        args
+    };
     let c = collector_rt.spawn(server::start(config)).await??;
     let apps = Arc::new(apps(args.seed));
     let nodes: Arc<Vec<Node>> = Arc::new((0..args.agents).map(|a| node(a, &args)).collect());
@@ -2059,7 +2115,9 @@ async fn run_clickhouse(
         .collect();
     println!("clickhouse server work during the load: {server_work:?}");
 
-    // (3) Size of the loaded data.
+    // (3) Size of the loaded data, once merges are done.
+    let cap = Duration::from_secs(if args.quick { 10 } else { 60 });
+    let (settled_load, _) = ch_settle(port, cap)?;
     let parts = ch_parts(port)?;
     let size: u64 = parts.iter().map(|p| p.1).sum();
     let mib_per_m = size as f64 / (1 << 20) as f64 / (samples as f64 / 1e6);
@@ -2102,6 +2160,12 @@ async fn run_clickhouse(
         mat.sample_rows,
         mat.secs,
         mat.text_days
+    );
+    let cap = Duration::from_secs(if args.quick { 20 } else { 300 });
+    let (settled, parts_left) = ch_settle(port, cap)?;
+    println!(
+        "clickhouse: merges settled in {:.1} s; {parts_left} active parts of samples",
+        settled.as_secs_f64()
     );
     let parts_after = ch_parts(port)?;
     let end = now + WINDOW_NS / 2;
@@ -2253,7 +2317,12 @@ async fn run_clickhouse(
          ClickHouse {server_version} on this machine. {} batches went through gRPC, {}; \
          {samples} samples loaded in {load_secs:.0} s. \
          *Server CPU* is the clickhouse-server process's user + system time over the same \
-         interval (its inserts and background merges).\n",
+         interval (its inserts and background merges). The collector starts a write to \
+         ClickHouse at most once per {:.0} ms (`Store::min_write_interval`: batches arriving \
+         meanwhile join the next insert, so ClickHouse makes few parts), so one client gets at \
+         most {:.0} batches/s and all clients together {permits} batches (the \
+         `--max-concurrent-batches` permits) per write: the gRPC part is {} + {} batches \
+         here, not SQLite's, to fit the time budget.\n",
         if args.quick { " (`--quick`)" } else { "" },
         one.sent.batches + many.sent.batches,
         if direct.is_some() {
@@ -2262,7 +2331,11 @@ async fn run_clickhouse(
             )
         } else {
             "and no more (a quick run loads only those, to fit the smoke run's time)".into()
-        }
+        },
+        interval * 1e3,
+        1.0 / interval.max(1e-9),
+        one.sent.batches,
+        many.sent.batches
     );
     let _ = writeln!(
         o,
@@ -2323,12 +2396,15 @@ async fn run_clickhouse(
          k h: `hour − k`, `window_start`/`window_end − k·3600 s`; registry rows' `sequence + \
          k·10⁹` and every row's `write_id` xor k, so the duplicate-write guard sees distinct \
          batches), {} rows added in {:.0} s; the texts of stacks and label sets copied into the \
-         day partitions {:?}. Store after the copies: {}.\n",
+         day partitions {:?}. The queries start once no merge runs (waited {:.0} s; \
+         {:.0} s after the load, before its size). Store after the copies: {}.\n",
         args.hours,
         mat.copies - 1,
         mat.sample_rows,
         mat.secs,
         mat.text_days,
+        settled.as_secs_f64(),
+        settled_load.as_secs_f64(),
         parts_after
             .iter()
             .map(|(t, b, r, n)| format!("{t} {:.1} MiB, {r} rows, {n} parts", mib(*b)))
