@@ -2029,6 +2029,16 @@ async fn run_clickhouse(
     let port = server.http_port();
     let pid = server.pid();
     let server_version = ch(port, "SELECT version()", &[])?.trim().to_string();
+    // What the server burns with nothing to do (its background threads):
+    // part of its CPU during a slow ingest.
+    let idle_secs = if args.quick { 2.0 } else { 5.0 };
+    let idle0 = pid.map(pid_cpu).unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
+    let idle_share = (pid.map(pid_cpu).unwrap_or(0.0) - idle0) / idle_secs;
+    println!(
+        "clickhouse: idle server CPU {:.1} % of a core",
+        idle_share * 100.0
+    );
     println!(
         "clickhouse: private server {server_version} on port {port} (pid {pid:?}), started in {:.1} s",
         run_started.elapsed().as_secs_f64()
@@ -2317,12 +2327,8 @@ async fn run_clickhouse(
          ClickHouse {server_version} on this machine. {} batches went through gRPC, {}; \
          {samples} samples loaded in {load_secs:.0} s. \
          *Server CPU* is the clickhouse-server process's user + system time over the same \
-         interval (its inserts and background merges). The collector starts a write to \
-         ClickHouse at most once per {:.0} ms (`Store::min_write_interval`: batches arriving \
-         meanwhile join the next insert, so ClickHouse makes few parts), so one client gets at \
-         most {:.0} batches/s and all clients together {permits} batches (the \
-         `--max-concurrent-batches` permits) per write: the gRPC part is {} + {} batches \
-         here, not SQLite's, to fit the time budget.\n",
+         interval (its inserts and background merges; idle, before the load, it used {:.1} % \
+         of a core).{}\n",
         if args.quick { " (`--quick`)" } else { "" },
         one.sent.batches + many.sent.batches,
         if direct.is_some() {
@@ -2332,10 +2338,23 @@ async fn run_clickhouse(
         } else {
             "and no more (a quick run loads only those, to fit the smoke run's time)".into()
         },
-        interval * 1e3,
-        1.0 / interval.max(1e-9),
-        one.sent.batches,
-        many.sent.batches
+        idle_share * 100.0,
+        if interval > 0.0 {
+            format!(
+                " The collector starts a write to ClickHouse at most once per {:.0} ms \
+                 (`Store::min_write_interval`: batches arriving meanwhile join the next insert, \
+                 so ClickHouse makes few parts), so one client gets at most {:.0} batches/s and \
+                 all clients together {permits} batches (the `--max-concurrent-batches` \
+                 permits) per write: the gRPC part is {} + {} batches here, not SQLite's, to \
+                 fit the time budget.",
+                interval * 1e3,
+                1.0 / interval,
+                one.sent.batches,
+                many.sent.batches
+            )
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         o,

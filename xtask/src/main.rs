@@ -69,7 +69,7 @@ enum Task {
         target: Option<String>,
     },
     /// Every benchmark of issue 6; the report goes to docs/benchmarks.md
-    /// (needs root; about 12 minutes from a fresh clone).
+    /// (needs root; about 20 minutes from a fresh clone).
     Bench {
         /// A short run of every case (about 3-4 minutes); report in
         /// target/bench/report.md.
