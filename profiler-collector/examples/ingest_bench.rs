@@ -986,7 +986,8 @@ async fn run_sqlite(
         agent_rate_limit: 0.0,
         ..CollectorConfig::default()
     };
-    let permits = config.max_concurrent_batches;
+    // The store's default (`--max-concurrent-batches`).
+    let permits = 8;
     let c = collector_rt.spawn(server::start(config)).await??;
     let apps = Arc::new(apps(args.seed));
     let nodes: Arc<Vec<Node>> = Arc::new((0..args.agents).map(|a| node(a, &args)).collect());
@@ -2055,7 +2056,8 @@ async fn run_clickhouse(
         ..CollectorConfig::default()
     };
     let retention = config.retention;
-    let permits = config.max_concurrent_batches;
+    // The store's default (`--max-concurrent-batches`).
+    let permits = ClickHouseStore::open(&url, retention)?.default_in_flight();
     // The collector's writer starts a ClickHouse write at most once per
     // `interval` (so batches join larger inserts): one client then sends
     // at most 1/interval batches a second and all clients together

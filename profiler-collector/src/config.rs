@@ -147,7 +147,7 @@ impl FileConfig {
             config.agent_rate_burst = b.max(1);
         }
         if let Some(n) = self.max_concurrent_batches {
-            config.max_concurrent_batches = check_concurrency(n)?;
+            config.max_concurrent_batches = Some(check_concurrency(n)?);
         }
         Ok(())
     }
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(config.http_token_file, Some("/ui-tokens".into()));
         assert_eq!(config.agent_rate_limit, 2.5);
         assert_eq!(config.agent_rate_burst, 7);
-        assert_eq!(config.max_concurrent_batches, 3);
+        assert_eq!(config.max_concurrent_batches, Some(3));
         assert_eq!(
             file.transport().resolve().unwrap(),
             Some(ServerTlsFiles {

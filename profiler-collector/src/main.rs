@@ -41,7 +41,8 @@ struct Cli {
     /// Batches one agent may send at once before its rate limit applies.
     #[arg(long)]
     agent_rate_burst: Option<u32>,
-    /// Batches decoded and stored at once; more are pushed back with a retry hint.
+    /// Batches decoded and stored at once; more are pushed back with a retry hint
+    /// (default: 8 on SQLite, 64 on ClickHouse, whose writes want large groups).
     #[arg(long, value_parser = |s: &str| s.parse::<usize>().map_err(|e| e.to_string()).and_then(check_concurrency))]
     max_concurrent_batches: Option<usize>,
     /// gRPC address agents send batches to.
@@ -101,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         config.agent_rate_burst = b.max(1);
     }
     if let Some(n) = cli.max_concurrent_batches {
-        config.max_concurrent_batches = n;
+        config.max_concurrent_batches = Some(n);
     }
     if let Some(a) = cli.grpc_listen {
         config.grpc_listen = a;

@@ -90,8 +90,9 @@ pub struct CollectorConfig {
     pub agent_rate_limit: f64,
     pub agent_rate_burst: u32,
     /// Batches decoded and stored at once; more wait briefly, then are
-    /// pushed back.
-    pub max_concurrent_batches: usize,
+    /// pushed back. `None`: the store's default
+    /// ([`Store::default_in_flight`]: SQLite 8, ClickHouse 64).
+    pub max_concurrent_batches: Option<usize>,
 }
 
 impl Default for CollectorConfig {
@@ -108,7 +109,7 @@ impl Default for CollectorConfig {
             http_token_file: None,
             agent_rate_limit: 10.0,
             agent_rate_burst: 60,
-            max_concurrent_batches: 8,
+            max_concurrent_batches: None,
         }
     }
 }
@@ -348,13 +349,18 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let http_addr = http_listener.local_addr()?;
 
     let retention_ns = config.retention.as_nanos().min(i64::MAX as u128) as i64;
+    let in_flight = config
+        .max_concurrent_batches
+        .unwrap_or_else(|| {
+            store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .default_in_flight()
+        })
+        .max(1);
     // One writer thread stores every batch, in groups (group commit).
-    let (writer, writer_thread) = StoreWriter::spawn(
-        store.clone(),
-        config.max_concurrent_batches.max(1),
-        metrics.clone(),
-    )
-    .context("starting the store writer thread")?;
+    let (writer, writer_thread) = StoreWriter::spawn(store.clone(), in_flight, metrics.clone())
+        .context("starting the store writer thread")?;
     let service = IngestServer::new(IngestService {
         writer,
         metrics: metrics.clone(),
@@ -382,10 +388,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let grpc_router = tonic::transport::Server::builder()
         // Bounds the batches decoded at once, so their memory is bounded;
         // past it, agents are told to come back later.
-        .layer(ShedLayer::new(
-            config.max_concurrent_batches.max(1),
-            metrics.clone(),
-        ))
+        .layer(ShedLayer::new(in_flight, metrics.clone()))
         .layer(tower::util::MapResponseLayer::new(
             move |response: Response<tonic::body::Body>| {
                 too_large_is_resource_exhausted(response, &size_metrics)

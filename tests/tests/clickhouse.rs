@@ -58,11 +58,19 @@ fn open(ch: &dyn Server, db: &str) -> ClickHouseStore {
     ClickHouseStore::open(&url, WEEK).expect("the ClickHouse store opens")
 }
 
-fn start_on(rt: &tokio::runtime::Runtime, ch: &ClickHouse, db: &str) -> RunningCollector {
+/// A collector on `db` of `ch`; `in_flight`: its `--max-concurrent-batches`
+/// (`None`: the store's default).
+fn start_on(
+    rt: &tokio::runtime::Runtime,
+    ch: &ClickHouse,
+    db: &str,
+    in_flight: Option<usize>,
+) -> RunningCollector {
     let config = CollectorConfig {
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         store: StoreLocation::ClickHouse(ch.store_url(db).parse().unwrap()),
+        max_concurrent_batches: in_flight,
         ..CollectorConfig::default()
     };
     rt.block_on(server::start(config))
@@ -313,8 +321,8 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
     let _serial = serial();
     let ch = ClickHouse::start();
     let rt = runtime();
-    let a = start_on(&rt, &ch, "profiles");
-    let b = start_on(&rt, &ch, "profiles");
+    let a = start_on(&rt, &ch, "profiles", None);
+    let b = start_on(&rt, &ch, "profiles", None);
     let (a_port, b_port) = (a.grpc_addr.port(), b.grpc_addr.port());
     let switch = Switch::start(a_port);
 
@@ -411,7 +419,7 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
 fn clickhouse_restart_mid_ingest_loses_nothing_acknowledged() {
     let mut ch = ClickHouse::start();
     let rt = runtime();
-    let c = start_on(&rt, &ch, "profiles");
+    let c = start_on(&rt, &ch, "profiles", None);
     let port = c.grpc_addr.port();
     let pushers: Vec<_> = ["restart-1", "restart-2"]
         .into_iter()
@@ -452,14 +460,14 @@ fn clickhouse_restart_mid_ingest_loses_nothing_acknowledged() {
 }
 
 /// A stalled ClickHouse (SIGSTOP): batches beyond the collector's in-flight
-/// limit are pushed back at once with RESOURCE_EXHAUSTED, the ones waiting
+/// limit (4 here) are pushed back at once with RESOURCE_EXHAUSTED, the ones waiting
 /// on ClickHouse fail with UNAVAILABLE when the write times out; nothing is
 /// stored twice once ClickHouse runs again and the agents resend.
 #[test]
 fn a_stalled_clickhouse_pushes_back_on_agents() {
     let ch = ClickHouse::start();
     let rt = runtime();
-    let c = start_on(&rt, &ch, "profiles");
+    let c = start_on(&rt, &ch, "profiles", Some(4));
     let port = c.grpc_addr.port();
     // Warm: the schema and a first batch.
     assert_eq!(push_batches(&[port], "warm", 1, 1, |_| vec![0]).acked, 1);

@@ -86,4 +86,9 @@ pub trait Store: Send {
     fn min_write_interval(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+    /// Batches a collector takes in at once by default
+    /// (`--max-concurrent-batches`): they are what a group write can hold.
+    fn default_in_flight(&self) -> usize {
+        8
+    }
 }

@@ -60,6 +60,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `INSERT`s each, one part per day touched): under load, batches wait up
 /// to this long and go in larger groups, so ClickHouse merges few parts.
 const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(200);
+/// Batches taken in at once by default: up to this many join each group
+/// write, so one collector writes up to IN_FLIGHT / MIN_WRITE_INTERVAL
+/// (320) batches a second.
+const IN_FLIGHT: usize = 64;
 /// Queries give up after this.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most (day, id) pairs remembered as written, per kind.
@@ -661,6 +665,10 @@ impl Store for ClickHouseStore {
 
     fn min_write_interval(&self) -> Duration {
         MIN_WRITE_INTERVAL
+    }
+
+    fn default_in_flight(&self) -> usize {
+        IN_FLIGHT
     }
 
     fn reader(&self) -> Option<Box<dyn Store>> {
