@@ -531,7 +531,7 @@ impl ClickHouseStore {
     /// `hour` and `window_end` conditions for windows ending in
     /// `(start, end]`, after the retention cutoff; `None` when empty.
     fn range(&self, start: i64, end: i64) -> Option<String> {
-        let start = start.max(self.retained_from().saturating_sub(1));
+        let start = self.clamp(start);
         (start < end).then(|| {
             format!(
                 "hour >= {} AND hour <= {} AND window_end > {start} AND window_end <= {end}",
@@ -539,6 +539,11 @@ impl ClickHouseStore {
                 hour_of(end)
             )
         })
+    }
+
+    /// The start of a range, moved up to the retention cutoff.
+    fn clamp(&self, start: i64) -> i64 {
+        start.max(self.retained_from().saturating_sub(1))
     }
 
     /// Days partitions of `stacks`/`label_sets` for windows ending in
@@ -741,25 +746,61 @@ impl Store for ClickHouseStore {
                 conditions.join(" AND ")
             );
         }
-        // Sums per stack in ClickHouse, counting each batch once: writes
-        // other than the first (smallest write_id) of an (agent, sequence)
-        // are left out.
+        // Each batch counts once: where a batch was written more than once
+        // (two collectors raced), writes other than the first (smallest
+        // write_id) of an (agent, sequence) are left out. Looking for such
+        // writes first (the registry rows of the range, ~0.1 s for 24 h of
+        // 100 agents) spares every query without them reading `write_id`.
+        let registry = self.query_rows(&format!(
+            "SELECT toUInt64(count()), toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
+             WHERE {range} AND label_set_id = 0"
+        ))?;
+        let mut rows = Rows::new(&registry);
+        let (writes, batches) = (rows.u64()?, rows.u64()?);
+        let guard = if writes > batches {
+            format!(
+                "AND write_id NOT IN (
+                     SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2))
+                     FROM {db}.samples WHERE {range} AND label_set_id = 0
+                     GROUP BY agent_id, sequence HAVING count() > 1)"
+            )
+        } else {
+            String::new()
+        };
+        // Sums per stack in ClickHouse. Whole hours are selected by `hour`
+        // alone; only the ragged ends read `window_end`. Registry rows
+        // (stack 0, count 0) add nothing and are skipped below.
+        let (start, end) = (self.clamp(start), end);
+        let mut ranges = Vec::new();
+        let (lo, hi) = (
+            start.div_euclid(HOUR_NS) + i64::from(start.rem_euclid(HOUR_NS) != 0),
+            end.div_euclid(HOUR_NS),
+        );
+        if lo < hi {
+            ranges.push(format!("hour >= {lo} AND hour < {hi}"));
+            for (s, e) in [(start, lo * HOUR_NS), (hi * HOUR_NS, end)] {
+                ranges.extend(self.range(s, e));
+            }
+        } else {
+            ranges.push(range);
+        }
+        let parts: Vec<String> = ranges
+            .iter()
+            .map(|r| format!("SELECT stack_id, count FROM {db}.samples WHERE {r} {sets} {guard}"))
+            .collect();
         let totals = self.query_rows(&format!(
-            "SELECT stack_id, sum(count) FROM {db}.samples
-             WHERE {range} AND label_set_id != 0 {sets}
-               AND write_id NOT IN (
-                   SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2)) FROM {db}.samples
-                   WHERE {range} AND label_set_id = 0
-                   GROUP BY agent_id, sequence HAVING count() > 1)
-             GROUP BY stack_id"
+            "SELECT stack_id, sum(count) FROM ({}) GROUP BY stack_id",
+            parts.join(" UNION ALL ")
         ))?;
         let mut counts = HashMap::new();
         let mut ids = Vec::new();
         let mut rows = Rows::new(&totals);
         while !rows.is_empty() {
             let (id, n) = (rows.u64()?, rows.u64()?);
-            counts.insert(id, n);
-            ids.extend_from_slice(format!("{id}\n").as_bytes());
+            if id != 0 {
+                counts.insert(id, n);
+                ids.extend_from_slice(format!("{id}\n").as_bytes());
+            }
         }
         let mut profile = Profile::default();
         if counts.is_empty() {
