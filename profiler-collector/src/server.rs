@@ -423,7 +423,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     };
 
     let mut app = router(AppState {
-        store: query_store,
+        store: query_store.clone(),
         metrics: metrics.clone(),
     });
     if let Some(tokens) = http_tokens {
@@ -462,7 +462,9 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     };
 
     let mut retention_stop = stopped.clone();
-    let retention_store = store.clone();
+    // On the query handle where there is one (ClickHouse: dropping old
+    // days must not hold up writes; the cutoff is shared with the writer).
+    let retention_store = query_store;
     let retention = tokio::spawn(async move {
         loop {
             let cutoff = now_ns() - retention_ns;

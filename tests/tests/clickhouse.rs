@@ -515,3 +515,30 @@ async fn push_once(port: u16, node: String) -> tonic::Code {
         Err(e) => e.code(),
     }
 }
+
+/// A group whose write fails: every copy of a batch in it fails too (none
+/// may be acknowledged as "already stored"), and a later resend stores it.
+#[test]
+fn copies_of_a_batch_in_a_failed_group_all_fail() {
+    let mut ch = ClickHouse::start();
+    let mut store = open(&ch, "failed");
+    let mut rng = conformance::Rng(5);
+    let b = conformance::random_batch(&mut rng, 1, 1, conformance::at(60));
+    ch.kill();
+    for outcome in store.insert_many(&[b.clone(), b.clone(), b.clone()]) {
+        assert!(outcome.is_err(), "{outcome:?}");
+    }
+    ch.restart();
+    let outcomes: Vec<_> = store
+        .insert_many(&[b.clone(), b.clone()])
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            profiler_collector::model::Stored::New { samples: b.total() },
+            profiler_collector::model::Stored::Duplicate
+        ]
+    );
+}

@@ -1,7 +1,10 @@
 //! A small blocking client for ClickHouse's HTTP interface: the store's
 //! location (`clickhouse://…`), statements with settings, `RowBinary`
 //! rows both ways, and external data (a table sent with a query).
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
 
 use base64::Engine as _;
 
@@ -161,7 +164,36 @@ impl Client {
         body: &[u8],
         settings: &[(&str, String)],
     ) -> Result<Vec<u8>, ClientError> {
-        let request = self.request(query, settings);
+        self.execute_by(query, body, settings, None)
+    }
+
+    /// [`Client::execute`], giving up at `deadline` (if sooner than the
+    /// client's timeout).
+    pub fn execute_by(
+        &self,
+        query: &str,
+        body: &[u8],
+        settings: &[(&str, String)],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, ClientError> {
+        // A statement without data goes in the body: URLs are short
+        // (16 KiB on older servers), bodies are not.
+        let (query, body) = if body.is_empty() {
+            ("", query.as_bytes())
+        } else {
+            (query, body)
+        };
+        let mut request = self.request(query, settings);
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Unreachable(
+                    format!("{}:{}", self.url.host, self.url.port),
+                    "no answer before the write's deadline".into(),
+                ));
+            }
+            request = request.config().timeout_global(Some(left)).build();
+        }
         self.finish(request.send(body))
     }
 
@@ -200,7 +232,12 @@ impl Client {
         query: &str,
         settings: &[(&str, String)],
     ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        let mut request = self.agent.post(&self.base).query("query", query);
+        // The answer is sent once the query is done: an error found midway
+        // gets an error status, not a 200 with the message appended.
+        let mut request = self.agent.post(&self.base).query("wait_end_of_query", "1");
+        if !query.is_empty() {
+            request = request.query("query", query);
+        }
         for (name, value) in settings {
             request = request.query(*name, value);
         }
