@@ -1905,9 +1905,10 @@ struct Piece {
 
 /// Where the time of the store's all-data (and one selector's) profile
 /// query over `(start, end]` goes: the statements `ClickHouseStore::profile`
-/// sends, timed whole and in parts (the same SQL text, `FORMAT Null`).
+/// sends (`profile_sql`), timed one by one, and parts of them.
 fn ch_breakdown(
     port: u16,
+    store: &ClickHouseStore,
     start: i64,
     end: i64,
     selector: Option<(&str, &str)>,
@@ -1916,11 +1917,16 @@ fn ch_breakdown(
     let db = CH_DB;
     let range = ch_range(start, end);
     let days = ch_days(start, end);
-    let guard = format!(
-        "SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2)) FROM {db}.samples
-         WHERE {range} AND label_set_id = 0
-         GROUP BY agent_id, sequence HAVING count() > 1"
-    );
+    let sql = store
+        .profile_sql(&Selector {
+            matchers: selector
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            start_ns: start,
+            end_ns: end,
+        })
+        .ok_or_else(|| anyhow::anyhow!("empty range"))?;
     let sets = match selector {
         Some((name, value)) => format!(
             "AND label_set_id IN (SELECT label_set_id FROM {db}.label_sets WHERE {days} AND \
@@ -1928,15 +1934,6 @@ fn ch_breakdown(
         ),
         None => String::new(),
     };
-    let whole = format!(
-        "SELECT stack_id, sum(count) FROM {db}.samples
-         WHERE {range} AND label_set_id != 0 {sets} AND write_id NOT IN ({guard})
-         GROUP BY stack_id FORMAT Null"
-    );
-    let unguarded = format!(
-        "SELECT stack_id, sum(count) FROM {db}.samples
-         WHERE {range} AND label_set_id != 0 {sets} GROUP BY stack_id FORMAT Null"
-    );
     let scan = format!(
         "SELECT sum(count) FROM {db}.samples WHERE {range} AND label_set_id != 0 {sets} FORMAT Null"
     );
@@ -1944,10 +1941,7 @@ fn ch_breakdown(
     let rows = n(format!(
         "SELECT count() FROM {db}.samples WHERE {range} AND label_set_id != 0 {sets}"
     ))?;
-    let registry = n(format!(
-        "SELECT count() FROM {db}.samples WHERE {range} AND label_set_id = 0"
-    ))?;
-    let excluded = n(format!("SELECT count() FROM ({guard})"))?;
+    let registry = ch(port, &sql.registry, &[])?;
     let ids = ch(
         port,
         &format!(
@@ -1961,36 +1955,35 @@ fn ch_breakdown(
          GROUP BY stack_id FORMAT Null",
         ids.join(", ")
     );
-    let t_whole = ch_time(port, &whole, runs)?;
-    let t_unguarded = ch_time(port, &unguarded, runs)?;
+    let t_registry = ch_time(port, &format!("{} FORMAT Null", sql.registry), runs)?;
+    let t_sum = ch_time(port, &format!("{} FORMAT Null", sql.sum), runs)?;
+    let t_guarded = ch_time(port, &format!("{} FORMAT Null", sql.sum_guarded), runs)?;
     let t_scan = ch_time(port, &scan, runs)?;
-    let t_guard = ch_time(
-        port,
-        &format!("SELECT count() FROM ({guard}) FORMAT Null"),
-        runs,
-    )?;
     let t_texts = ch_time(port, &texts, runs)?;
     let mut pieces = vec![
         Piece {
-            what: "sum per stack, as the store sends it (guard included)".into(),
-            time: t_whole,
-            note: format!("{rows} sample rows in the range"),
-        },
-        Piece {
-            what: "— the same without `write_id NOT IN (duplicate writes)`".into(),
-            time: t_unguarded,
+            what: "registry rows of the range: any batch written twice?".into(),
+            time: t_registry,
             note: format!(
-                "the guard costs {:+.3} s",
-                t_whole.as_secs_f64() - t_unguarded.as_secs_f64()
+                "writes and batches: {}",
+                registry.trim().replace('\t', " and ")
             ),
         },
         Piece {
-            what: "— the guard's sub-query alone (registry rows grouped by agent, sequence)".into(),
-            time: t_guard,
-            note: format!("{registry} registry rows read, {excluded} writes excluded"),
+            what: "sum per stack, as the store sends it without duplicate writes".into(),
+            time: t_sum,
+            note: format!("{rows} sample rows in the range"),
         },
         Piece {
-            what: "— reading `count` of the range alone (no grouping, no guard)".into(),
+            what: "— the same with the duplicate-write guard (`write_id NOT IN …`), sent only when a batch of the range was written twice".into(),
+            time: t_guarded,
+            note: format!(
+                "the guard would cost {:+.3} s",
+                t_guarded.as_secs_f64() - t_sum.as_secs_f64()
+            ),
+        },
+        Piece {
+            what: "— reading `count` of the range alone (no grouping)".into(),
             time: t_scan,
             note: String::new(),
         },
@@ -2276,8 +2269,15 @@ async fn run_clickhouse(
     }
     // Where the span query's time goes.
     let span_start = end - i64::from(span_h) * HOUR_NS;
-    let pieces_all = ch_breakdown(port, span_start, end, None, args.runs)?;
-    let pieces_java = ch_breakdown(port, span_start, end, Some(("process", "java")), args.runs)?;
+    let pieces_all = ch_breakdown(port, &direct_store, span_start, end, None, args.runs)?;
+    let pieces_java = ch_breakdown(
+        port,
+        &direct_store,
+        span_start,
+        end,
+        Some(("process", "java")),
+        args.runs,
+    )?;
     for p in pieces_all.iter().chain(&pieces_java) {
         println!(
             "clickhouse {span_h} h breakdown: {}: {:.3} s {}",

@@ -699,20 +699,19 @@ fn miss_cause(what: &str) -> Option<&'static str> {
         }
         "collector ingest, ClickHouse store" => {
             "**Collector ingest (ClickHouse)**: the collector's own share is small (its writer only \
-             encodes rows: ~0.7 M samples per collector CPU-second); the ClickHouse server spends \
-             5–7× more, mostly per insert group, whatever its size (one batch: 45 ms of server \
-             CPU; 8 batches: 33 ms; 64: ~78 ms): a new part in each of three tables, then merges \
-             that rewrite the rows 17–26× over. Through \
-             gRPC the groups hold 1–8 batches (one write per 200 ms, at most \
-             `--max-concurrent-batches` 8 waiting), so that fixed cost dominates; with groups of \
-             up to 64 (`insert_many` alone) collector + server reach ~0.64 M samples per \
-             CPU-second. Figures: [docs/collector-benchmarks.md](collector-benchmarks.md#clickhouse-store)."
+             encodes rows); the ClickHouse server's cost is mostly per insert group, whatever its \
+             size (a part in each of three tables, then merges that rewrite the rows many times \
+             over), so the figure depends on how many batches each group write holds: at most \
+             one write per 200 ms and up to `--max-concurrent-batches` (64 on ClickHouse) \
+             batches in it. Figures: [docs/collector-benchmarks.md](collector-benchmarks.md#clickhouse-store)."
         }
         "flame graph query, 24 h × 100 agents, ClickHouse store" => {
-            "**Flame graph query (ClickHouse)**: the schema has no rollups, so 24 h × 100 agents \
-             sums 189 M rows on 2 vCPUs: reading the range's `count` ~0.9 s, grouping by stack \
-             ~0.6 s, the duplicate-write guard (`write_id NOT IN …`) ~0.4 s (0.2 s of it its \
-             sub-query over the 864 k registry rows), the stack texts 4 ms. Breakdown: \
+            "**Flame graph query (ClickHouse)**: the schema has no rollups (a rollup cannot leave \
+             out the extra writes of a batch two collectors raced on), so 24 h × 100 agents sums \
+             ~189 M rows on 2 vCPUs: reading their `count` and grouping them by stack is most of \
+             it; the look for duplicate writes (~0.1–0.2 s over the registry rows) comes first, \
+             the guard itself only runs when it finds some, and the stack texts take milliseconds. \
+             Breakdown: the ClickHouse section of the collector benchmark below and \
              [docs/collector-benchmarks.md](collector-benchmarks.md#clickhouse-store)."
         }
         _ => return None,

@@ -604,6 +604,86 @@ fn ttl_exprs(retention: Duration) -> [String; 2] {
     ]
 }
 
+/// The statements of a flame graph query (see [`ClickHouseStore::profile_sql`]).
+#[doc(hidden)]
+pub struct ProfileSql {
+    /// Registry rows of the range: (writes, distinct batches).
+    pub registry: String,
+    /// Sums per stack (registry rows come out as stack 0, count 0).
+    pub sum: String,
+    /// The same, leaving out every write of a batch but its first.
+    pub sum_guarded: String,
+}
+
+impl ClickHouseStore {
+    /// The statements `profile` sends for `selector` (`None`: an empty
+    /// range); public for the benchmark's breakdown of a query's time.
+    #[doc(hidden)]
+    pub fn profile_sql(&self, selector: &Selector) -> Option<ProfileSql> {
+        let (start, end) = (selector.start_ns, selector.end_ns);
+        let range = self.range(start, end)?;
+        let db = &self.db;
+        let days = Self::days(start, end);
+        let mut sets = String::new();
+        if !selector.matchers.is_empty() {
+            let conditions: Vec<String> = selector
+                .matchers
+                .iter()
+                .map(|(name, value)| {
+                    let (name, value) = (quote(name), quote(value));
+                    format!("has(names, {name}) AND values[indexOf(names, {name})] = {value}")
+                })
+                .collect();
+            sets = format!(
+                "AND label_set_id IN (SELECT label_set_id FROM {db}.label_sets WHERE {days} AND {})",
+                conditions.join(" AND ")
+            );
+        }
+        let guard = format!(
+            "AND write_id NOT IN (
+                 SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2))
+                 FROM {db}.samples WHERE {range} AND label_set_id = 0
+                 GROUP BY agent_id, sequence HAVING count() > 1)"
+        );
+        // Whole hours are selected by `hour` alone; only the ragged ends
+        // read `window_end`.
+        let start = self.clamp(start);
+        let mut ranges = Vec::new();
+        let (lo, hi) = (
+            start.div_euclid(HOUR_NS) + i64::from(start.rem_euclid(HOUR_NS) != 0),
+            end.div_euclid(HOUR_NS),
+        );
+        if lo < hi {
+            ranges.push(format!("hour >= {lo} AND hour < {hi}"));
+            for (s, e) in [(start, lo * HOUR_NS), (hi * HOUR_NS, end)] {
+                ranges.extend(self.range(s, e));
+            }
+        } else {
+            ranges.push(range.clone());
+        }
+        let sum = |guard: &str| {
+            let parts: Vec<String> = ranges
+                .iter()
+                .map(|r| {
+                    format!("SELECT stack_id, count FROM {db}.samples WHERE {r} {sets} {guard}")
+                })
+                .collect();
+            format!(
+                "SELECT stack_id, sum(count) FROM ({}) GROUP BY stack_id",
+                parts.join(" UNION ALL ")
+            )
+        };
+        Some(ProfileSql {
+            registry: format!(
+                "SELECT toUInt64(count()), toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
+                 WHERE {range} AND label_set_id = 0"
+            ),
+            sum: sum(""),
+            sum_guarded: sum(&guard),
+        })
+    }
+}
+
 fn server_version(client: &Client) -> Result<Version, StoreError> {
     let out = client.execute("SELECT version()", &[], &[])?;
     let text = String::from_utf8_lossy(&out).trim().to_string();
@@ -753,73 +833,24 @@ impl Store for ClickHouseStore {
     }
 
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
-        let (start, end) = (selector.start_ns, selector.end_ns);
-        let Some(range) = self.range(start, end) else {
+        let Some(sql) = self.profile_sql(selector) else {
             return Ok(Profile::default());
         };
         let db = &self.db;
-        let days = Self::days(start, end);
-        let mut sets = String::new();
-        if !selector.matchers.is_empty() {
-            let conditions: Vec<String> = selector
-                .matchers
-                .iter()
-                .map(|(name, value)| {
-                    let (name, value) = (quote(name), quote(value));
-                    format!("has(names, {name}) AND values[indexOf(names, {name})] = {value}")
-                })
-                .collect();
-            sets = format!(
-                "AND label_set_id IN (SELECT label_set_id FROM {db}.label_sets WHERE {days} AND {})",
-                conditions.join(" AND ")
-            );
-        }
+        let days = Self::days(selector.start_ns, selector.end_ns);
         // Each batch counts once: where a batch was written more than once
         // (two collectors raced), writes other than the first (smallest
         // write_id) of an (agent, sequence) are left out. Looking for such
         // writes first (the registry rows of the range, ~0.1 s for 24 h of
         // 100 agents) spares every query without them reading `write_id`.
-        let registry = self.query_rows(&format!(
-            "SELECT toUInt64(count()), toUInt64(uniqExact(agent_id, sequence)) FROM {db}.samples
-             WHERE {range} AND label_set_id = 0"
-        ))?;
+        let registry = self.query_rows(&sql.registry)?;
         let mut rows = Rows::new(&registry);
         let (writes, batches) = (rows.u64()?, rows.u64()?);
-        let guard = if writes > batches {
-            format!(
-                "AND write_id NOT IN (
-                     SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2))
-                     FROM {db}.samples WHERE {range} AND label_set_id = 0
-                     GROUP BY agent_id, sequence HAVING count() > 1)"
-            )
+        let totals = self.query_rows(if writes > batches {
+            &sql.sum_guarded
         } else {
-            String::new()
-        };
-        // Sums per stack in ClickHouse. Whole hours are selected by `hour`
-        // alone; only the ragged ends read `window_end`. Registry rows
-        // (stack 0, count 0) add nothing and are skipped below.
-        let (start, end) = (self.clamp(start), end);
-        let mut ranges = Vec::new();
-        let (lo, hi) = (
-            start.div_euclid(HOUR_NS) + i64::from(start.rem_euclid(HOUR_NS) != 0),
-            end.div_euclid(HOUR_NS),
-        );
-        if lo < hi {
-            ranges.push(format!("hour >= {lo} AND hour < {hi}"));
-            for (s, e) in [(start, lo * HOUR_NS), (hi * HOUR_NS, end)] {
-                ranges.extend(self.range(s, e));
-            }
-        } else {
-            ranges.push(range);
-        }
-        let parts: Vec<String> = ranges
-            .iter()
-            .map(|r| format!("SELECT stack_id, count FROM {db}.samples WHERE {r} {sets} {guard}"))
-            .collect();
-        let totals = self.query_rows(&format!(
-            "SELECT stack_id, sum(count) FROM ({}) GROUP BY stack_id",
-            parts.join(" UNION ALL ")
-        ))?;
+            &sql.sum
+        })?;
         let mut counts = HashMap::new();
         let mut ids = Vec::new();
         let mut rows = Rows::new(&totals);
