@@ -639,8 +639,10 @@ impl ClickHouseStore {
                 conditions.join(" AND ")
             );
         }
+        // Applied once, outside the parts (a sub-query in each part would
+        // run once per part).
         let guard = format!(
-            "AND write_id NOT IN (
+            "WHERE write_id NOT IN (
                  SELECT arrayJoin(arraySlice(arraySort(groupArray(write_id)), 2))
                  FROM {db}.samples WHERE {range} AND label_set_id = 0
                  GROUP BY agent_id, sequence HAVING count() > 1)"
@@ -665,11 +667,11 @@ impl ClickHouseStore {
             let parts: Vec<String> = ranges
                 .iter()
                 .map(|r| {
-                    format!("SELECT stack_id, count FROM {db}.samples WHERE {r} {sets} {guard}")
+                    format!("SELECT stack_id, count, write_id FROM {db}.samples WHERE {r} {sets}")
                 })
                 .collect();
             format!(
-                "SELECT stack_id, sum(count) FROM ({}) GROUP BY stack_id",
+                "SELECT stack_id, sum(count) FROM ({}) {guard} GROUP BY stack_id",
                 parts.join(" UNION ALL ")
             )
         };
