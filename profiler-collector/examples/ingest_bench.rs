@@ -1105,34 +1105,8 @@ async fn run_sqlite(
     for &hours in &ranges {
         let start = end - (hours * HOUR_NS as f64) as i64;
         for (label, sel) in &selectors {
-            let selector = Selector {
-                matchers: profiler_collector::query::parse_selector(sel)
-                    .map_err(anyhow::Error::msg)?,
-                start_ns: start,
-                end_ns: end,
-            };
-            let mut times = Vec::new();
-            let mut profile = Default::default();
-            for _ in 0..args.runs.max(1) {
-                let t = Instant::now();
-                profile = direct.profile(&selector)?;
-                times.push(t.elapsed());
-            }
-            let store_time = median(times);
-            let url = |endpoint: &str| {
-                let mut q = format!(
-                    "http://{}/api/v1/{endpoint}?start={:.3}&end={:.3}",
-                    c.http_addr,
-                    start as f64 / 1e9,
-                    end as f64 / 1e9
-                );
-                if !sel.is_empty() {
-                    q.push_str(&format!("&query={}", enc(sel)));
-                }
-                q
-            };
-            let svg = http_median(url("flamegraph.svg"), args.runs).await?;
-            let folded = http_median(url("folded"), args.runs).await?;
+            let (selector, profile, store_time, svg, folded) =
+                time_query(&direct, c.http_addr, sel, start, end, args.runs).await?;
             let tiers: &[_] = if sel.is_empty() {
                 &[ROLLUP_STACK_H, ROLLUP_STACK_M]
             } else {
@@ -1896,6 +1870,50 @@ fn ch_parts(port: u16) -> anyhow::Result<Vec<(String, u64, u64, u64)>> {
     .collect()
 }
 
+/// One flame graph query timed three ways (medians of `runs`): the store
+/// alone, and over the HTTP API as SVG and as folded text.
+async fn time_query(
+    store: &dyn Store,
+    http: std::net::SocketAddr,
+    sel: &str,
+    start: i64,
+    end: i64,
+    runs: usize,
+) -> anyhow::Result<(
+    Selector,
+    profiler_collector::model::Profile,
+    Duration,
+    Duration,
+    Duration,
+)> {
+    let selector = Selector {
+        matchers: profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
+        start_ns: start,
+        end_ns: end,
+    };
+    let mut times = Vec::new();
+    let mut profile = profiler_collector::model::Profile::default();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        profile = store.profile(&selector)?;
+        times.push(t.elapsed());
+    }
+    let url = |endpoint: &str| {
+        let mut q = format!(
+            "http://{http}/api/v1/{endpoint}?start={:.3}&end={:.3}",
+            start as f64 / 1e9,
+            end as f64 / 1e9
+        );
+        if !sel.is_empty() {
+            q.push_str(&format!("&query={}", enc(sel)));
+        }
+        q
+    };
+    let svg = http_median(url("flamegraph.svg"), runs).await?;
+    let folded = http_median(url("folded"), runs).await?;
+    Ok((selector, profile, median(times), svg, folded))
+}
+
 /// One part of a query's time.
 struct Piece {
     what: String,
@@ -2191,34 +2209,8 @@ async fn run_clickhouse(
     for &hours in &ranges {
         let start = end - (hours * HOUR_NS as f64) as i64;
         for (label, sel) in &selectors {
-            let selector = Selector {
-                matchers: profiler_collector::query::parse_selector(sel)
-                    .map_err(anyhow::Error::msg)?,
-                start_ns: start,
-                end_ns: end,
-            };
-            let mut times = Vec::new();
-            let mut profile = Default::default();
-            for _ in 0..args.runs.max(1) {
-                let t = Instant::now();
-                profile = direct_store.profile(&selector)?;
-                times.push(t.elapsed());
-            }
-            let store_time = median(times);
-            let url = |endpoint: &str| {
-                let mut q = format!(
-                    "http://{}/api/v1/{endpoint}?start={:.3}&end={:.3}",
-                    c.http_addr,
-                    start as f64 / 1e9,
-                    end as f64 / 1e9
-                );
-                if !sel.is_empty() {
-                    q.push_str(&format!("&query={}", enc(sel)));
-                }
-                q
-            };
-            let svg = http_median(url("flamegraph.svg"), args.runs).await?;
-            let folded = http_median(url("folded"), args.runs).await?;
+            let (_, profile, store_time, svg, folded) =
+                time_query(&direct_store, c.http_addr, sel, start, end, args.runs).await?;
             if hours <= f64::from(args.hours) {
                 if label == "all" && hours == f64::from(args.hours) {
                     anyhow::ensure!(
