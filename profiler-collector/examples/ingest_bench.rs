@@ -48,7 +48,7 @@ use profiler_collector::{
     validate::{validate, Limits},
 };
 use profiler_proto::v1::{ingest_client::IngestClient, Batch, Label, LabelSet, Sample, Stack};
-use profiler_testkit::clickhouse::ClickHouse;
+use profiler_testkit::{clickhouse::ClickHouse, Server};
 use tokio::sync::{mpsc, Mutex};
 use tonic::{codec::CompressionEncoding, transport::Channel, Code};
 

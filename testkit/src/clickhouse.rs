@@ -12,12 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::Server;
+
 /// How long a start or restart may take until HTTP answers `SELECT 1`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a restart waits for the ports of the killed server to be free.
 const PORT_FREE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Timeout of [`ClickHouse::query`].
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tries of [`ClickHouse::start`] when another process took a picked port first.
 const START_TRIES: usize = 3;
 
@@ -69,10 +69,6 @@ impl ClickHouse {
         self.child.as_ref().map(Child::id)
     }
 
-    pub fn http_port(&self) -> u16 {
-        self.http_port
-    }
-
     /// The native protocol port (clickhouse-client --port).
     pub fn tcp_port(&self) -> u16 {
         self.tcp_port
@@ -81,25 +77,6 @@ impl ClickHouse {
     /// The server's data dir (kept across kill and restart).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
-    }
-
-    /// `clickhouse://127.0.0.1:PORT/DATABASE` for the collector's --store flag.
-    pub fn store_url(&self, database: &str) -> String {
-        format!("clickhouse://127.0.0.1:{}/{database}", self.http_port)
-    }
-
-    /// Runs one SQL statement over HTTP and returns the body; panics on a
-    /// non-200 answer (with the body) or when the server does not answer
-    /// within 30 s.
-    pub fn query(&self, sql: &str) -> String {
-        self.try_query(sql, QUERY_TIMEOUT)
-            .unwrap_or_else(|why| panic!("ClickHouse query {sql:?}: {why}"))
-    }
-
-    /// Like [`query`](Self::query), with a timeout for the whole exchange, and
-    /// returning what went wrong instead of panicking.
-    pub fn try_query(&self, sql: &str, timeout: Duration) -> Result<String, String> {
-        http_post(self.http_port, None, sql.as_bytes(), timeout)
     }
 
     /// SIGKILLs the server and waits for it to exit; the data dir is kept.
@@ -261,6 +238,12 @@ impl ClickHouse {
             .map(|name| log_tail(&self.log_dir().join(name)))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+impl crate::Server for ClickHouse {
+    fn http_port(&self) -> u16 {
+        self.http_port
     }
 }
 

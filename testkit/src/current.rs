@@ -13,14 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::clickhouse::{http_post, log_tail};
+use crate::{
+    clickhouse::{http_post, log_tail},
+    Server,
+};
 
 /// The HTTP shim, run by `python3`.
 const SHIM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb_shim.py");
 /// How long the shim may take to load chdb and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Timeout of [`CurrentClickHouse::query`].
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct CurrentClickHouse {
     child: Child,
@@ -61,34 +62,11 @@ impl CurrentClickHouse {
         server
     }
 
-    pub fn http_port(&self) -> u16 {
-        self.http_port
-    }
-
-    /// `clickhouse://127.0.0.1:PORT/DATABASE` for the collector's --store flag.
-    pub fn store_url(&self, database: &str) -> String {
-        format!("clickhouse://127.0.0.1:{}/{database}", self.http_port)
-    }
-
-    /// Runs one SQL statement over HTTP and returns the body; panics on a
-    /// non-200 answer (with the engine's message) or when there is no answer
-    /// within 30 s.
-    pub fn query(&self, sql: &str) -> String {
-        self.try_query(sql, QUERY_TIMEOUT)
-            .unwrap_or_else(|why| panic!("chdb query {sql:?}: {why}"))
-    }
-
-    /// Like [`query`](Self::query), with a timeout for the whole exchange, and
-    /// returning what went wrong instead of panicking.
-    pub fn try_query(&self, sql: &str, timeout: Duration) -> Result<String, String> {
-        http_post(self.http_port, None, sql.as_bytes(), timeout)
-    }
-
     /// Runs `query` (the `query` URL parameter) with `body` appended, as the
     /// store sends `INSERT INTO t FORMAT RowBinary` and its rows; panics like
     /// [`query`](Self::query).
     pub fn query_with_body(&self, query: &str, body: &[u8]) -> String {
-        http_post(self.http_port, Some(query), body, QUERY_TIMEOUT)
+        http_post(self.http_port, Some(query), body, crate::QUERY_TIMEOUT)
             .unwrap_or_else(|why| panic!("chdb query {query:?} with a body: {why}"))
     }
 
@@ -134,6 +112,12 @@ impl CurrentClickHouse {
 
     fn stderr_tail(&self) -> String {
         log_tail(&self.file("stderr"))
+    }
+}
+
+impl crate::Server for CurrentClickHouse {
+    fn http_port(&self) -> u16 {
+        self.http_port
     }
 }
 

@@ -23,35 +23,10 @@ use profiler_collector::{
         conformance, Store,
     },
 };
-use profiler_testkit::current::CurrentClickHouse;
+use profiler_testkit::{current::CurrentClickHouse, Server};
 use support::{clickhouse::ClickHouse, collector::*, *};
 
 const WEEK: Duration = Duration::from_secs(7 * 86400);
-
-/// A server the store tests run on: Debian's 18.16, or the current engine
-/// (26.9, chdb behind a small HTTP shim).
-trait Server {
-    fn store_url(&self, db: &str) -> String;
-    fn query(&self, sql: &str) -> String;
-}
-
-impl Server for ClickHouse {
-    fn store_url(&self, db: &str) -> String {
-        ClickHouse::store_url(self, db)
-    }
-    fn query(&self, sql: &str) -> String {
-        ClickHouse::query(self, sql)
-    }
-}
-
-impl Server for CurrentClickHouse {
-    fn store_url(&self, db: &str) -> String {
-        CurrentClickHouse::store_url(self, db)
-    }
-    fn query(&self, sql: &str) -> String {
-        CurrentClickHouse::query(self, sql)
-    }
-}
 
 fn open(ch: &dyn Server, db: &str) -> ClickHouseStore {
     let url: ClickHouseUrl = ch.store_url(db).parse().unwrap();

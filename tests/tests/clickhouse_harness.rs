@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use profiler_testkit::current::CurrentClickHouse;
+use profiler_testkit::{current::CurrentClickHouse, Server};
 use support::clickhouse::ClickHouse;
 
 #[test]
