@@ -158,10 +158,9 @@ impl Written {
 }
 
 pub struct ClickHouseStore {
-    /// For queries and schema changes.
+    /// Queries give up after QUERY_TIMEOUT; the requests of a group write
+    /// share one WRITE_TIMEOUT deadline.
     client: Client,
-    /// For writes (a shorter timeout).
-    writer: Client,
     db: String,
     version: Version,
     key: (u64, u64),
@@ -170,8 +169,6 @@ pub struct ClickHouseStore {
     /// Windows ending before this were removed by retention: refused, and
     /// queries start here. Shared with the store's readers.
     retained_from: Arc<AtomicI64>,
-    /// When the group being written gives up.
-    write_deadline: Option<Instant>,
     /// Settings of every `INSERT` into `samples`.
     insert_settings: Vec<(&'static str, String)>,
 }
@@ -199,13 +196,11 @@ impl ClickHouseStore {
         let mut store = Self {
             key: (0, 0),
             client,
-            writer: Client::new(url, WRITE_TIMEOUT),
             db,
             version,
             stacks_written: Written::new(),
             sets_written: Written::new(),
             retained_from: Arc::new(AtomicI64::new(i64::MIN)),
-            write_deadline: None,
             insert_settings: Vec::new(),
         };
         store.migrate(retention)?;
@@ -395,6 +390,7 @@ impl ClickHouseStore {
     fn stored_already(
         &self,
         batches: &[&ValidBatch],
+        deadline: Instant,
     ) -> Result<HashSet<(String, u64)>, StoreError> {
         let mut found = HashSet::new();
         if batches.is_empty() {
@@ -414,11 +410,11 @@ impl ClickHouseStore {
             hours.join(", "),
             ids.join(", ")
         );
-        let out = self.writer.execute_by(
+        let out = self.client.execute_by(
             &sql,
             &[],
             &[("max_query_size", (sql.len() + 1024).to_string())],
-            self.write_deadline,
+            Some(deadline),
         )?;
         let mut rows = Rows::new(&out);
         while !rows.is_empty() {
@@ -510,32 +506,33 @@ impl ClickHouseStore {
         g: &GroupRows,
         outcomes: &mut [Option<Result<Stored, StoreError>>],
         batches: &[&ValidBatch],
+        deadline: Instant,
     ) -> Result<(), StoreError> {
         if !g.set_keys.is_empty() {
-            self.writer.execute_by(
+            self.client.execute_by(
                 &format!("INSERT INTO {}.label_sets FORMAT RowBinary", self.db),
                 &g.sets.buf,
                 &[],
-                self.write_deadline,
+                Some(deadline),
             )?;
             self.sets_written.extend(g.set_keys.iter().copied());
         }
         if !g.stack_keys.is_empty() {
-            self.writer.execute_by(
+            self.client.execute_by(
                 &format!("INSERT INTO {}.stacks FORMAT RowBinary", self.db),
                 &g.stacks.buf,
                 &[],
-                self.write_deadline,
+                Some(deadline),
             )?;
             self.stacks_written.extend(g.stack_keys.iter().copied());
         }
         let mut from = 0;
         for (end, members) in &g.chunks {
-            self.writer.execute_by(
+            self.client.execute_by(
                 &format!("INSERT INTO {}.samples FORMAT RowBinary", self.db),
                 &g.samples.buf[from..*end],
                 &self.insert_settings,
-                self.write_deadline,
+                Some(deadline),
             )?;
             from = *end;
             for &i in members {
@@ -553,7 +550,7 @@ impl ClickHouseStore {
     pub fn insert_unchecked(&mut self, batch: &ValidBatch) -> Result<(), StoreError> {
         let g = self.encode(&[batch]);
         let mut outcome = [None];
-        self.send(&g, &mut outcome, &[batch])
+        self.send(&g, &mut outcome, &[batch], Instant::now() + WRITE_TIMEOUT)
     }
 
     /// `hour` and `window_end` conditions for windows ending in
@@ -713,7 +710,7 @@ impl Store for ClickHouseStore {
 
     fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
         // One deadline for the group's requests together.
-        self.write_deadline = Some(Instant::now() + WRITE_TIMEOUT);
+        let deadline = Instant::now() + WRITE_TIMEOUT;
         let cutoff = self.retained_from();
         let mut outcomes: Vec<Option<Result<Stored, StoreError>>> =
             (0..batches.len()).map(|_| None).collect();
@@ -736,7 +733,7 @@ impl Store for ClickHouseStore {
             }
         }
         let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
-        let result = self.stored_already(&refs).and_then(|stored| {
+        let result = self.stored_already(&refs, deadline).and_then(|stored| {
             let mut new = Vec::new();
             for &i in &candidates {
                 let b = &batches[i];
@@ -749,13 +746,12 @@ impl Store for ClickHouseStore {
             let refs: Vec<&ValidBatch> = new.iter().map(|&i| &batches[i]).collect();
             let g = self.encode(&refs);
             let mut new_outcomes: Vec<_> = new.iter().map(|_| None).collect();
-            let sent = self.send(&g, &mut new_outcomes, &refs);
+            let sent = self.send(&g, &mut new_outcomes, &refs, deadline);
             for (&i, outcome) in new.iter().zip(new_outcomes) {
                 outcomes[i] = outcome;
             }
             sent
         });
-        self.write_deadline = None;
         let message = match &result {
             Ok(()) => "not written".to_string(),
             Err(e) => e.to_string(),
@@ -788,14 +784,12 @@ impl Store for ClickHouseStore {
         let url = &self.client.url;
         Some(Box::new(Self {
             client: Client::new(url, QUERY_TIMEOUT),
-            writer: Client::new(url, WRITE_TIMEOUT),
             db: self.db.clone(),
             version: self.version,
             key: self.key,
             stacks_written: Written::new(),
             sets_written: Written::new(),
             retained_from: self.retained_from.clone(),
-            write_deadline: None,
             insert_settings: self.insert_settings.clone(),
         }))
     }
