@@ -43,6 +43,22 @@ fn declared_capabilities() -> Vec<String> {
         .collect()
 }
 
+/// Runs `kubernetes-validate --strict` on `files`: whether they passed, and
+/// what it printed.
+fn kubernetes_validate(files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--no-warn"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate (PyPI, installed by `cargo xtask setup`) must be on PATH");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(manifests())
@@ -54,17 +70,8 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         .collect();
     files.sort();
     assert!(files.len() >= 6, "{files:?}");
-    let out = Command::new("kubernetes-validate")
-        .args(["--strict", "--no-warn"])
-        .args(&files)
-        .output()
-        .expect("kubernetes-validate (PyPI, installed by `cargo xtask setup`) must be on PATH");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (valid, text) = kubernetes_validate(&files);
+    assert!(valid, "{text}");
     for kind in [
         "daemonset",
         "deployment",
@@ -100,13 +107,8 @@ fn manifests_validate_against_the_kubernetes_schemas() {
             .replace("hostPID: true", "hostPID: true\n      hostPIDS: true"),
     )
     .unwrap();
-    let out = Command::new("kubernetes-validate")
-        .args(["--strict", "--no-warn"])
-        .arg(&broken)
-        .output()
-        .unwrap();
     assert!(
-        !out.status.success(),
+        !kubernetes_validate(&[broken]).0,
         "an unknown field must fail validation"
     );
 }
@@ -131,17 +133,8 @@ fn clickhouse_overlay_validates_and_scales_the_collector() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("clickhouse.yaml");
     std::fs::write(&file, &rendered).unwrap();
-    let out = Command::new("kubernetes-validate")
-        .args(["--strict", "--no-warn"])
-        .arg(&file)
-        .output()
-        .expect("kubernetes-validate (PyPI, installed by `cargo xtask setup`) must be on PATH");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (valid, text) = kubernetes_validate(&[file]);
+    assert!(valid, "{text}");
     for resource in [
         "deployment/profiler-collector",
         "service/profiler-collector",

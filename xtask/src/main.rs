@@ -259,15 +259,7 @@ fn setup() -> Result<()> {
     // The offline Kubernetes schema validator for the deploy/ manifests test.
     if !succeeds("kubernetes-validate", &["--version"]) {
         step("installing kubernetes-validate (PyPI) for the manifest tests");
-        status(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "kubernetes-validate",
-        ]))
-        .context("pip could not install kubernetes-validate")?;
+        pip_install(&["kubernetes-validate"])?;
     }
     // A current ClickHouse engine for the store tests (testkit/chdb_shim.py
     // imports `chdb`). Without its dependencies (pandas, pyarrow): the shim
@@ -277,16 +269,7 @@ fn setup() -> Result<()> {
             "installing chdb-core {CHDB_CORE_VERSION} (PyPI, ClickHouse 26.9 embedded) for the \
              store tests on a current ClickHouse: a 182 MB download, 533 MB installed, 5 s on a fast link"
         ));
-        status(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            &format!("chdb-core=={CHDB_CORE_VERSION}"),
-        ]))
-        .context("pip could not install chdb-core")?;
+        pip_install(&["--no-deps", &format!("chdb-core=={CHDB_CORE_VERSION}")])?;
     }
 
     let linker_ok =
@@ -327,6 +310,22 @@ fn setup() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `python3 -m pip install` of `args` (packages and options).
+fn pip_install(args: &[&str]) -> Result<()> {
+    status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(args),
+    )
+    .with_context(|| format!("pip could not install {}", args.join(" ")))
 }
 
 /// The user Debian's clickhouse-server service runs as.
