@@ -259,12 +259,12 @@ mod tests {
                 Sample {
                     label_set: 0,
                     stack: 0,
-                    count: 3,
+                    value: 3,
                 },
                 Sample {
                     label_set: 0,
                     stack: 1,
-                    count: 1,
+                    value: 1,
                 },
             ],
         }

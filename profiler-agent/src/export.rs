@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tonic::{codec::CompressionEncoding, Code};
 
 use crate::{
+    sample_type::SampleType,
     spill::{Spill, SpillStats},
     transport::{retry_hint, Security, Transport},
     Error, Result,
@@ -102,9 +103,10 @@ pub struct DropCount {
     pub samples: u64,
 }
 
-/// Samples in a batch.
+/// The sum of a batch's values (samples for `cpu`, nanoseconds for
+/// `off_cpu`).
 pub fn batch_samples(batch: &Batch) -> u64 {
-    batch.samples.iter().map(|s| s.count.max(0) as u64).sum()
+    batch.samples.iter().map(|s| s.value.max(0) as u64).sum()
 }
 
 impl ExportStats {
@@ -192,9 +194,11 @@ impl ExportStats {
     }
 }
 
-/// Builds one batch, interning strings, stacks and label sets.
+/// Builds one batch of one sample type, interning strings, stacks and label
+/// sets.
 #[derive(Default)]
 pub struct BatchBuilder {
+    sample_type: SampleType,
     strings: Vec<Vec<u8>>,
     string_ids: HashMap<String, u32>,
     stacks: Vec<Stack>,
@@ -205,8 +209,17 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
+    /// A batch of CPU samples.
     pub fn new() -> Self {
-        let mut b = Self::default();
+        Self::for_type(SampleType::Cpu)
+    }
+
+    /// A batch whose values are of `sample_type`.
+    pub fn for_type(sample_type: SampleType) -> Self {
+        let mut b = Self {
+            sample_type,
+            ..Self::default()
+        };
         b.intern("");
         b
     }
@@ -221,9 +234,10 @@ impl BatchBuilder {
         id
     }
 
-    /// Adds `count` samples of `frames` (root first) with `labels`.
-    pub fn add(&mut self, labels: &[(&str, &str)], frames: &[String], count: u64) {
-        if frames.is_empty() || count == 0 {
+    /// Adds `value` (in the batch type's unit) to `frames` (root first)
+    /// with `labels`.
+    pub fn add(&mut self, labels: &[(&str, &str)], frames: &[String], value: u64) {
+        if frames.is_empty() || value == 0 {
             return;
         }
         let frame_ids: Vec<u32> = frames.iter().map(|f| self.intern(f)).collect();
@@ -263,7 +277,7 @@ impl BatchBuilder {
         self.samples.push(Sample {
             label_set,
             stack,
-            count: count.min(i64::MAX as u64) as i64,
+            value: value.min(i64::MAX as u64) as i64,
         });
     }
 
@@ -285,6 +299,7 @@ impl BatchBuilder {
             stacks: self.stacks,
             label_sets: self.label_sets,
             samples: self.samples,
+            sample_type: Some(self.sample_type.to_proto()),
         }
     }
 }
@@ -937,7 +952,7 @@ mod tests {
             samples: vec![Sample {
                 label_set: 0,
                 stack: 0,
-                count: samples,
+                value: samples,
             }],
             ..batch(seq)
         }

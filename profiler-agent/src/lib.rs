@@ -16,6 +16,7 @@ pub mod privileges;
 pub mod process;
 pub mod record;
 pub mod render;
+pub mod sample_type;
 pub mod sampler;
 pub mod spill;
 pub mod summary;

@@ -314,7 +314,7 @@ mod tests {
             samples: vec![profiler_proto::v1::Sample {
                 label_set: 0,
                 stack: 0,
-                count: 4,
+                value: 4,
             }],
             ..batch(seq)
         };

@@ -81,7 +81,7 @@ fn batch(sequence: u64) -> Batch {
         .map(|s| Sample {
             label_set: (s % PROCESSES) as u32,
             stack: s as u32,
-            count: 1 + (s % 5) as i64,
+            value: 1 + (s % 5) as i64,
         })
         .collect();
     Batch {
@@ -96,6 +96,7 @@ fn batch(sequence: u64) -> Batch {
         stacks,
         label_sets,
         samples,
+        sample_type: None,
     }
 }
 

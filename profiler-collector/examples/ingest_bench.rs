@@ -350,7 +350,7 @@ fn batch(node: &Node, agent: usize, apps: &[App], w: u64, end_ns: i64, args: &Ar
         samples.push(Sample {
             label_set: set,
             stack,
-            count,
+            value: count,
         });
     }
     Batch {
@@ -365,6 +365,7 @@ fn batch(node: &Node, agent: usize, apps: &[App], w: u64, end_ns: i64, args: &Ar
         stacks,
         label_sets,
         samples,
+        sample_type: None,
     }
 }
 

@@ -236,13 +236,13 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
     let mut total: u64 = 0;
     let mut samples = Vec::with_capacity(batch.samples.len());
     for (i, sample) in batch.samples.iter().enumerate() {
-        if sample.count <= 0 {
+        if sample.value <= 0 {
             return Err(Rejection::NonPositiveCount {
                 index: i,
-                count: sample.count,
+                count: sample.value,
             });
         }
-        let count = sample.count as u64;
+        let count = sample.value as u64;
         total = total.saturating_add(count);
         if total > limits.max_batch_count {
             return Err(Rejection::CountOverflow);
@@ -297,14 +297,15 @@ pub(crate) mod tests {
                 Sample {
                     label_set: 0,
                     stack: 0,
-                    count: 3,
+                    value: 3,
                 },
                 Sample {
                     label_set: 0,
                     stack: 1,
-                    count: 1,
+                    value: 1,
                 },
             ],
+            sample_type: None,
         }
     }
 
@@ -343,10 +344,10 @@ pub(crate) mod tests {
         b.stacks[0].frames = vec![1; 10_000];
         assert_eq!(reject(b).reason(), "stack_too_deep");
         let mut b = batch();
-        b.samples[1].count = -5;
+        b.samples[1].value = -5;
         assert_eq!(reject(b).reason(), "bad_count");
         let mut b = batch();
-        b.samples[0].count = i64::MAX;
+        b.samples[0].value = i64::MAX;
         assert_eq!(reject(b), Rejection::CountOverflow);
         let mut b = batch();
         b.window_end_unix_nanos = NOW + 3_600_000_000_000;
@@ -364,7 +365,7 @@ pub(crate) mod tests {
         b.frequency_hz = 0;
         assert_eq!(reject(b).reason(), "bad_frequency");
         let mut b = batch();
-        b.samples[0].count = 1 << 41;
+        b.samples[0].value = 1 << 41;
         assert_eq!(reject(b), Rejection::CountOverflow);
         let mut b = batch();
         b.window_start_unix_nanos = 1;

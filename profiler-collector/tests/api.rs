@@ -46,14 +46,15 @@ fn batch(seq: u64) -> Batch {
             Sample {
                 label_set: 0,
                 stack: 0,
-                count: 3,
+                value: 3,
             },
             Sample {
                 label_set: 0,
                 stack: 1,
-                count: 1,
+                value: 1,
             },
         ],
+        sample_type: None,
     }
 }
 
@@ -231,10 +232,10 @@ async fn bad_batches_are_rejected_whole_and_the_collector_keeps_serving() {
     b.stacks[0].frames = vec![2; 10_000];
     cases.push(("10,000-frame stack", b, Code::InvalidArgument, "frames"));
     let mut b = batch(13);
-    b.samples[1].count = -1;
+    b.samples[1].value = -1;
     cases.push(("negative count", b, Code::InvalidArgument, "not positive"));
     let mut b = batch(14);
-    b.samples[0].count = i64::MAX;
+    b.samples[0].value = i64::MAX;
     cases.push(("overflowing count", b, Code::InvalidArgument, "overflow"));
     let mut b = batch(15);
     b.window_end_unix_nanos = now_ns() + 24 * 3_600_000_000_000;

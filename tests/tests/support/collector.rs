@@ -205,7 +205,8 @@ pub fn synthetic_batch(node: &str, seq: u64, count: i64) -> profiler_proto::v1::
         samples: vec![Sample {
             label_set: 0,
             stack: 0,
-            count,
+            value: count,
         }],
+        sample_type: None,
     }
 }
