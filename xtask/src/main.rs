@@ -1,8 +1,11 @@
 //! Developer entry points: `cargo xtask setup | build | run | test | fuzz | bench`.
 //!
-//! - `setup` installs what a fresh machine lacks (LLVM 22, rust-src,
-//!   bpf-linker, gcc and Go for the test workloads, ClickHouse for the store
-//!   tests); idempotent and fast when everything is there.
+//! - `setup` installs what a fresh machine lacks, in two tiers: what building
+//!   and running need (LLVM 22, rust-src, bpf-linker, gcc), which `build` and
+//!   `run` install, and what testing and benchmarking add (Go, Chromium,
+//!   ClickHouse, chdb-core, kubernetes-validate, cargo-fuzz), which `setup`,
+//!   `test`, `fuzz` and `bench` install; idempotent and fast when everything
+//!   is there.
 //! - `run` starts the collector and the agent: live flame graphs in the browser,
 //!   and a flame graph of the whole run under `target/profiles/` at the end.
 //! - `test` is what CI runs: set-up, fmt, clippy, unit tests, a short
@@ -26,8 +29,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// The pinned toolchain (keep in sync with rust-toolchain.toml).
-const TOOLCHAIN: &str = "1.95.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -43,7 +44,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks to build and test the profiler.
+    /// Install what this machine lacks to build, run, test and benchmark the
+    /// profiler.
     Setup,
     /// Build the agent (release) with its eBPF program.
     Build,
@@ -90,9 +92,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
     match cli.command {
-        Task::Setup => setup(),
+        Task::Setup => setup(Needs::Test),
         Task::Build => {
-            setup()?;
+            setup(Needs::Run)?;
             cargo(&["build", "--release", "-p", "profiler-agent"])
         }
         Task::Run {
@@ -101,7 +103,7 @@ fn main() -> Result<()> {
         } => run(duration, agent_args),
         Task::Test => test(),
         Task::Fuzz { seconds, target } => {
-            setup()?;
+            setup(Needs::Test)?;
             fuzz(seconds, target.as_deref())
         }
         Task::Bench {
@@ -114,6 +116,24 @@ fn main() -> Result<()> {
             debug_build,
         }),
     }
+}
+
+/// The pinned toolchain: the `channel` of rust-toolchain.toml, the one place
+/// that states it.
+fn toolchain() -> Result<String> {
+    let path = workspace_root().join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    toolchain_channel(&text)
+        .with_context(|| format!("{} has no `channel = \"...\"` line", path.display()))
+}
+
+/// The value of the `channel = "..."` line of a rust-toolchain.toml.
+fn toolchain_channel(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "channel").then(|| value.trim().trim_matches('"').to_string())
+    })
 }
 
 fn workspace_root() -> PathBuf {
@@ -192,18 +212,35 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .with_context(|| format!("apt-get install {} failed", packages.join(" ")))
 }
 
-fn setup() -> Result<()> {
+/// What a task needs installed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// Building and running the agent and the collector: LLVM 22, rust-src,
+    /// bpf-linker and gcc (the C parts of the dependencies, the linker).
+    Run,
+    /// Testing and benchmarking add the workloads' Go, Chromium for the UI
+    /// test, ClickHouse and chdb-core for the store tests,
+    /// kubernetes-validate for the manifests test and cargo-fuzz.
+    Test,
+}
+
+fn setup(needs: Needs) -> Result<()> {
     let started = Instant::now();
+    let test = needs == Needs::Test;
+    let toolchain = toolchain()?;
     let mut packages = Vec::new();
     if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
         packages.push("llvm-22-dev");
     }
-    for (tool, package) in [
-        ("gcc", "gcc"),
-        ("go", "golang-go"),
-        ("unshare", "util-linux"),
-        ("chromium", "chromium"),
-    ] {
+    let mut tools = vec![("gcc", "gcc")];
+    if test {
+        tools.extend([
+            ("go", "golang-go"),
+            ("unshare", "util-linux"),
+            ("chromium", "chromium"),
+        ]);
+    }
+    for (tool, package) in tools {
         if !succeeds("sh", &["-c", &format!("command -v {tool}")]) {
             packages.push(package);
         }
@@ -213,13 +250,14 @@ fn setup() -> Result<()> {
     }
     // ClickHouse for the store tests, which run private servers on free
     // ports (tests/tests/support/clickhouse.rs). /usr/sbin may not be on PATH.
-    let install_clickhouse = !succeeds(
-        "sh",
-        &[
-            "-c",
-            "command -v clickhouse-server || test -x /usr/sbin/clickhouse-server",
-        ],
-    );
+    let install_clickhouse = test
+        && !succeeds(
+            "sh",
+            &[
+                "-c",
+                "command -v clickhouse-server || test -x /usr/sbin/clickhouse-server",
+            ],
+        );
     if install_clickhouse {
         packages.extend(["clickhouse-server", "clickhouse-client"]);
     }
@@ -231,10 +269,15 @@ fn setup() -> Result<()> {
     }
 
     // rust-src: -Z build-std=core compiles `core` for the BPF target.
-    let sysroot = output("rustup", &["run", TOOLCHAIN, "rustc", "--print", "sysroot"])
-        .with_context(|| {
-            format!("the pinned toolchain {TOOLCHAIN} is missing: `rustup toolchain install {TOOLCHAIN}`")
-        })?;
+    let sysroot = output(
+        "rustup",
+        &["run", &toolchain, "rustc", "--print", "sysroot"],
+    )
+    .with_context(|| {
+        format!(
+            "the pinned toolchain {toolchain} is missing: `rustup toolchain install {toolchain}`"
+        )
+    })?;
     let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     if !core_src.exists() {
         step("adding rust-src to the pinned toolchain");
@@ -242,7 +285,7 @@ fn setup() -> Result<()> {
         let target = std::fs::canonicalize(sysroot.trim())
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| TOOLCHAIN.into());
+            .unwrap_or_else(|| toolchain.clone());
         let toolchain = target
             .trim_end_matches("-x86_64-unknown-linux-gnu")
             .to_string();
@@ -254,22 +297,6 @@ fn setup() -> Result<()> {
             &toolchain,
         ]))
         .context("rustup could not add rust-src")?;
-    }
-
-    // The offline Kubernetes schema validator for the deploy/ manifests test.
-    if !succeeds("kubernetes-validate", &["--version"]) {
-        step("installing kubernetes-validate (PyPI) for the manifest tests");
-        pip_install(&["kubernetes-validate"])?;
-    }
-    // A current ClickHouse engine for the store tests (testkit/chdb_shim.py
-    // imports `chdb`). Without its dependencies (pandas, pyarrow): the shim
-    // needs only the engine.
-    if !succeeds("python3", &["-c", "import chdb"]) {
-        step(&format!(
-            "installing chdb-core {CHDB_CORE_VERSION} (PyPI, ClickHouse 26.9 embedded) for the \
-             store tests on a current ClickHouse: a 182 MB download, 533 MB installed, 5 s on a fast link"
-        ));
-        pip_install(&["--no-deps", &format!("chdb-core=={CHDB_CORE_VERSION}")])?;
     }
 
     let linker_ok =
@@ -291,6 +318,29 @@ fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         )
         .context("installing bpf-linker failed")?;
+    }
+    if !test {
+        eprintln!(
+            "set-up for building and running complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+
+    // The offline Kubernetes schema validator for the deploy/ manifests test.
+    if !succeeds("kubernetes-validate", &["--version"]) {
+        step("installing kubernetes-validate (PyPI) for the manifest tests");
+        pip_install(&["kubernetes-validate"])?;
+    }
+    // A current ClickHouse engine for the store tests (testkit/chdb_shim.py
+    // imports `chdb`). Without its dependencies (pandas, pyarrow): the shim
+    // needs only the engine.
+    if !succeeds("python3", &["-c", "import chdb"]) {
+        step(&format!(
+            "installing chdb-core {CHDB_CORE_VERSION} (PyPI, ClickHouse 26.9 embedded) for the \
+             store tests on a current ClickHouse: a 182 MB download, 533 MB installed, 5 s on a fast link"
+        ));
+        pip_install(&["--no-deps", &format!("chdb-core=={CHDB_CORE_VERSION}")])?;
     }
     let fuzz_ok =
         output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION));
@@ -411,7 +461,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         Arc,
     };
 
-    setup()?;
+    setup(Needs::Run)?;
     step("building the agent and the collector (release)");
     cargo(&[
         "build",
@@ -510,7 +560,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
 
 fn test() -> Result<()> {
     let started = Instant::now();
-    setup()?;
+    setup(Needs::Test)?;
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
     step("cargo clippy -D warnings");
@@ -623,4 +673,19 @@ fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_pinned_toolchain() {
+        let text = "# comment\n[toolchain]\nchannel = \"1.95.0\"\ncomponents = [\"rust-src\"]\n";
+        assert_eq!(toolchain_channel(text).as_deref(), Some("1.95.0"));
+        assert_eq!(toolchain_channel("[toolchain]\n"), None);
+        // The repository's own file names a version.
+        let pinned = toolchain().expect("rust-toolchain.toml has a channel");
+        assert!(pinned.starts_with("1."), "{pinned}");
+    }
 }

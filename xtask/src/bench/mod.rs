@@ -38,7 +38,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root};
+use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root, Needs};
 
 /// The benchmarks, in the order they run; `--only` names one.
 const BENCHMARKS: [&str; 7] = [
@@ -186,7 +186,7 @@ pub fn bench(opts: Options) -> Result<()> {
             );
         }
     }
-    setup()?;
+    setup(Needs::Test)?;
     if wants("overhead") && !succeeds("sh", &["-c", "command -v perf && perf --version"]) {
         apt_install(&["linux-perf"])?;
     }
