@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::Server;
+use crate::{net::Reserved, Server};
 
 /// How long a start or restart may take until HTTP answers `SELECT 1`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,10 +46,14 @@ impl ClickHouse {
             tcp_port: 0,
         };
         for attempt in 1..=START_TRIES {
-            let [http_port, tcp_port] = free_ports();
-            server.http_port = http_port;
-            server.tcp_port = tcp_port;
+            // ClickHouse binds its ports itself: they are held until just
+            // before it starts, and a start that lost one is retried.
+            let (http, tcp) = (Reserved::new(), Reserved::new());
+            server.http_port = http.port();
+            server.tcp_port = tcp.port();
             server.write_config();
+            http.release();
+            tcp.release();
             server.spawn(&binary);
             match server.wait_ready() {
                 Ok(()) => return server,
@@ -308,15 +312,6 @@ fn server_binary() -> PathBuf {
             "clickhouse-server is missing: install Debian's clickhouse-server \
              (`cargo xtask setup` does)",
         )
-}
-
-/// Distinct loopback ports nothing listens on right now.
-fn free_ports<const N: usize>() -> [u16; N] {
-    // Hold all listeners at once so the ports differ.
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 fn wait_port_free(port: u16) {

@@ -1,13 +1,25 @@
-//! Helpers shared by the end-to-end tests (`tests/`) and the benchmarks
-//! (`profiler-collector/examples/ingest_bench.rs`), so each starts
-//! external servers the same way.
+//! Helpers shared by the end-to-end tests (`tests/`), the benchmarks
+//! (`xtask/src/bench/`) and the examples, so each starts external servers,
+//! picks ports, draws random data and waits the same way.
 //!
 //! - [`clickhouse`]: a private `clickhouse-server` on free loopback ports.
 //! - [`current`]: the current ClickHouse engine (chdb) behind an HTTP shim.
+//! - [`net`]: loopback ports bound before they are handed over.
+//! - [`rng`]: a seeded random generator and Zipf weights.
+//! - [`stats`]: medians.
+//! - [`wait`]: waiting for an observable state with a deadline.
 //!
-//! Both speak ClickHouse's HTTP interface: [`Server`].
+//! Both ClickHouse servers speak its HTTP interface: [`Server`].
 pub mod clickhouse;
 pub mod current;
+pub mod net;
+pub mod rng;
+pub mod stats;
+pub mod wait;
+
+pub use rng::Rng;
+pub use stats::{median, median_duration};
+pub use wait::{wait_for, wait_until};
 
 use std::time::Duration;
 
