@@ -250,6 +250,7 @@ mod tests {
             window_start_unix_nanos: NOW - 10_000_000_000,
             window_end_unix_nanos: NOW,
             frequency_hz: 99,
+            sample_type: None,
             strings: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
             stacks: vec![Stack { frames: vec![1, 2] }, Stack { frames: vec![1, 3] }],
             label_sets: vec![LabelSet {

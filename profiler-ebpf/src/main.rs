@@ -214,10 +214,10 @@ fn record(
         key.assume_init()
     };
 
-    match counts.get_ptr_mut(&key) {
+    match counts.get_ptr_mut(key) {
         // Per-CPU value: this CPU is its only writer.
         Some(count) => unsafe { *count += 1 },
-        None => match counts.insert(&key, &1, BPF_NOEXIST) {
+        None => match counts.insert(key, 1, BPF_NOEXIST) {
             Ok(()) => {
                 // A process's first sample in a window always makes a new
                 // key (the tgid is part of it), so checking only here still
@@ -228,7 +228,7 @@ fn record(
             }
             // Another CPU inserted the key between our lookup and insert
             // (and checked the announcement).
-            Err(EEXIST) => match counts.get_ptr_mut(&key) {
+            Err(EEXIST) => match counts.get_ptr_mut(key) {
                 Some(count) => unsafe { *count += 1 },
                 None => return Err(EEXIST as i64),
             },

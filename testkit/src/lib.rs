@@ -6,7 +6,7 @@
 //! - [`current`]: the current ClickHouse engine (chdb) behind an HTTP shim.
 //! - [`net`]: loopback ports bound before they are handed over.
 //! - [`rng`]: a seeded random generator and Zipf weights.
-//! - [`stats`]: medians.
+//! - [`stats`]: the median of measurements.
 //! - [`wait`]: waiting for an observable state with a deadline.
 //!
 //! Both ClickHouse servers speak its HTTP interface: [`Server`].

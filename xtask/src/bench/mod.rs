@@ -12,10 +12,10 @@
 //!   (`footprint.rs`).
 //! - `criterion`: the Criterion micro-benchmarks of the hot paths, shortened
 //!   (`suites.rs`).
-//! - `collector`, `symbolize`: the example programs `ingest_bench`
-//!   (profiler-collector) and `symbolize_bench` (profiler-agent), each of
-//!   which writes a markdown section that the report includes verbatim
-//!   (`suites.rs`).
+//! - `collector`, `symbolize`: the programs `collector-bench` (a binary of
+//!   this crate, `collector/`) and `symbolize_bench` (an example of
+//!   profiler-agent), each of which writes a markdown section that the report
+//!   includes verbatim (`suites.rs`).
 //!
 //! The full run writes `docs/benchmarks.md`; `--quick` and `--only` write
 //! `target/bench/report.md` instead, so a smoke run never replaces the report.
@@ -98,7 +98,7 @@ impl Plan {
         } else {
             // About 20 minutes on 2 cores, builds included. Measured on a
             // busy machine: overhead 107 s, kernel cost 27, footprint 124,
-            // start-up 2, Criterion 39, ingest_bench ~450 (SQLite 170,
+            // start-up 2, Criterion 39, collector-bench ~450 (SQLite 170,
             // ClickHouse 280), symbolize_bench 25 (~13 min), plus ~4-4.5 min
             // for a fresh release build.
             Plan {
@@ -153,7 +153,7 @@ pub(crate) struct Figures {
     peak_rss_mib: Option<(f64, usize)>,
     /// Median exec-to-attached time, ms.
     startup_ms: Option<f64>,
-    /// `BENCH key=value` figures of the example programs.
+    /// `BENCH key=value` figures of the collector and symbolization programs.
     keys: BTreeMap<String, f64>,
 }
 
@@ -175,14 +175,15 @@ pub fn bench(opts: Options) -> Result<()> {
         .collect();
     let wants = |name: &str| selected.contains(&name);
     let root = workspace_root();
-    // The example programs are other people's work in progress: say at once,
-    // not after ten minutes, that one is missing.
-    for (bench, package, example) in suites::EXAMPLES {
-        if wants(bench) && !suites::example_exists(&root, package, example) {
+    // Say at once, not after ten minutes, that a program is missing.
+    for program in &suites::PROGRAMS {
+        if wants(program.bench) && !suites::program_exists(&root, program) {
             bail!(
-                "benchmark `{bench}` runs the example `{example}` of {package} \
-                 ({package}/examples/{example}.rs), which this checkout does not have; \
-                 run the others one by one with --only NAME"
+                "benchmark `{}` runs `{}` ({}), which this checkout does not have; \
+                 run the others one by one with --only NAME",
+                program.bench,
+                program.name,
+                program.source
             );
         }
     }
@@ -225,7 +226,7 @@ pub fn bench(opts: Options) -> Result<()> {
             "footprint" => footprint::footprint(&ctx, &mut figures)?,
             "startup" => footprint::startup(&ctx, &mut figures)?,
             "criterion" => suites::criterion(&ctx)?,
-            "collector" | "symbolize" => suites::example_report(&ctx, name, &mut figures)?,
+            "collector" | "symbolize" => suites::program_report(&ctx, name, &mut figures)?,
             _ => unreachable!("checked above"),
         };
         let secs = t.elapsed().as_secs_f64();
@@ -292,12 +293,6 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
         packages.push("profiler-collector");
         targets.extend(["--bin", "profiler-collector"]);
     }
-    for (bench, package, example) in suites::EXAMPLES {
-        if wants(bench) {
-            packages.push(package);
-            targets.extend(["--example", example]);
-        }
-    }
     if !targets.is_empty() {
         packages.sort_unstable();
         packages.dedup();
@@ -309,6 +304,17 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
             "building what the benchmarks run ({})",
             if ctx.release { "release" } else { "debug" }
         ));
+        cargo(&args)?;
+    }
+    // Each program on its own: the collector benchmark's feature must not
+    // change how the binaries above are built.
+    for program in suites::PROGRAMS.iter().filter(|p| wants(p.bench)) {
+        let mut args = vec!["build"];
+        if ctx.release {
+            args.push("--release");
+        }
+        args.extend(program.build_args());
+        step(&format!("building {}", program.name));
         cargo(&args)?;
     }
     if wants("criterion") {
@@ -638,82 +644,43 @@ fn targets_table(f: &Figures, selected: &[&str]) -> String {
     }
     s += "\nEach figure comes from the section of its benchmark below, which says how it \
           was measured; \"missed\" says by how much.\n";
-    let missed: Vec<&str> = rows_missed.iter().filter_map(|w| miss_cause(w)).collect();
+    let mut missed: Vec<(&str, &str)> = Vec::new();
+    for cause in rows_missed.iter().filter_map(|w| miss_cause(w)) {
+        if !missed.contains(&cause) {
+            missed.push(cause);
+        }
+    }
     if !missed.is_empty() {
         s += "\n### Why the missed targets are missed\n\n";
-        for cause in missed {
-            let _ = writeln!(s, "- {cause}");
+        for (title, anchor) in missed {
+            let _ = writeln!(s, "- [{title}](benchmark-findings.md#{anchor})");
         }
     }
     s
 }
 
-/// What the profile of the agent (by the agent) and the experiments behind
-/// the analysis pages found for a target, said under the table when it is
-/// missed. The pages hold the figures; this is their conclusion.
-fn miss_cause(what: &str) -> Option<&'static str> {
+/// The section of docs/benchmark-findings.md that explains why a target
+/// is missed: (title, anchor).
+fn miss_cause(what: &str) -> Option<(&'static str, &'static str)> {
     Some(match what {
-        "workload slowdown, agent at 99 Hz" => {
-            "**Workload slowdown**: the agent's share is below what this benchmark can resolve on a \
-             shared VM. Its whole-life CPU (start-up, 99 Hz sampling of both CPUs, symbolizing and \
-             writing the flame graph at exit) is the *profiler CPU* column, about half of perf's; \
-             the unprofiled runs themselves spread by ±1–2 % between rounds, so single workloads \
-             come out above 0.5 % (and others below zero) by noise. The CPU-time growth, less \
-             sensitive to other load, is the better reading."
+        "workload slowdown, agent at 99 Hz" => ("Workload slowdown", "workload-slowdown"),
+        "kernel cost per sample, 30 frames" => ("Kernel cost per sample", "kernel-cost-per-sample"),
+        "agent CPU at 19 Hz, 2 busy CPUs" => ("Agent CPU at 19 Hz", "agent-cpu-at-19-hz"),
+        "agent peak RSS, 200 processes" => ("Agent peak RSS", "agent-peak-rss"),
+        "start-up (load + attach)" => ("Start-up", "start-up"),
+        "warm symbolization" => ("Warm symbolization", "warm-symbolization"),
+        "collector ingest, SQLite store" => ("Collector (SQLite)", "collector-sqlite"),
+        "flame graph query, 24 h × 100 agents, SQLite store" => {
+            ("Collector (SQLite)", "collector-sqlite")
         }
-        "kernel cost per sample, 30 frames" => {
-            "**Kernel cost per sample**: 60–75 % of it at 30 frames is the kernel's own walk of the \
-             user stack inside `bpf_get_stackid` (two dependent user-memory reads per frame, \
-             usually cache-cold by the time the timer fires), and most of the rest is cache misses \
-             on the maps and kernel data the program touches (0.2–0.25 µs per cold line on this \
-             VM; the same program costs 2–3× less per sample at 999 Hz). An empty program costs \
-             0.1–0.45 µs here. The program's own work was cut by 7–15 %; what remains is outside \
-             it. Variants measured one by one: [docs/kernel-cost.md](kernel-cost.md)."
-        }
-        "agent CPU at 19 Hz, 2 busy CPUs" => {
-            "**Agent CPU at 19 Hz**: profiled with the agent itself, about half of the agent's time \
-             goes to handing the pages of the binaries blazesym maps back to the kernel after each \
-             window (reading `/proc/self/maps`, `madvise`, and the page faults that bring them \
-             back) — the price of the RSS target — and the rest mostly to the first window's parse \
-             of kallsyms and of each new binary and to reading `/proc` for the ~58 new processes a \
-             second of the busy host. Sampling, folding, encoding and sending are under 1 %. \
-             Self-profile, RSS breakdown and what would come next: \
-             [docs/agent-footprint.md](agent-footprint.md)."
-        }
-        "agent peak RSS, 200 processes" => {
-            "**Agent peak RSS**: blazesym's parsed symbol tables and DWARF of the binaries named in \
-             a window (anon, ~30 MiB on the busy host) plus the pages of the binaries it maps; \
-             a build running on the host (100+ MiB compiler libraries) raises the peak. \
-             Breakdown: [docs/agent-footprint.md](agent-footprint.md)."
-        }
-        "start-up (load + attach)" => {
-            "**Start-up**: the verifier's load of the eBPF program and the attach on every CPU; a \
-             busy host delays the agent's threads."
-        }
-        "warm symbolization" => {
-            "**Warm symbolization**: see the symbolize section and docs/microbenchmarks.md."
-        }
-        "collector ingest, SQLite store" | "flame graph query, 24 h × 100 agents, SQLite store" => {
-            "**Collector (SQLite)**: group commit and hourly rollups are explained in \
-             [docs/collector-benchmarks.md](collector-benchmarks.md)."
-        }
-        "collector ingest, ClickHouse store" => {
-            "**Collector ingest (ClickHouse)**: the collector's own share is small (its writer only \
-             encodes rows); the ClickHouse server's cost is mostly per insert group, whatever its \
-             size (a part in each of three tables, then merges that rewrite the rows many times \
-             over), so the figure depends on how many batches each group write holds: at most \
-             one write per 200 ms and up to `--max-concurrent-batches` (64 on ClickHouse) \
-             batches in it. Figures: [docs/collector-benchmarks.md](collector-benchmarks.md#clickhouse-store)."
-        }
-        "flame graph query, 24 h × 100 agents, ClickHouse store" => {
-            "**Flame graph query (ClickHouse)**: the schema has no rollups (a rollup cannot leave \
-             out the extra writes of a batch two collectors raced on), so 24 h × 100 agents sums \
-             ~189 M rows on 2 vCPUs: reading their `count` and grouping them by stack is most of \
-             it; the look for duplicate writes (~0.1–0.2 s over the registry rows) comes first, \
-             the guard itself only runs when it finds some, and the stack texts take milliseconds. \
-             Breakdown: the ClickHouse section of the collector benchmark below and \
-             [docs/collector-benchmarks.md](collector-benchmarks.md#clickhouse-store)."
-        }
+        "collector ingest, ClickHouse store" => (
+            "Collector ingest (ClickHouse)",
+            "collector-ingest-clickhouse",
+        ),
+        "flame graph query, 24 h × 100 agents, ClickHouse store" => (
+            "Flame graph query (ClickHouse)",
+            "flame-graph-query-clickhouse",
+        ),
         _ => return None,
     })
 }

@@ -1,8 +1,9 @@
 //! The suites `cargo xtask bench` runs but does not write: the Criterion
-//! micro-benchmarks, and example programs that write their own report
-//! section.
+//! micro-benchmarks, and programs that write their own report section (the
+//! collector benchmark, a binary of xtask built with its `collector-bench`
+//! feature, and the agent's `symbolize_bench` example).
 //!
-//! An example benchmark is run as `EXAMPLE --report FILE [--quick]`; it writes
+//! Such a program is run as `PROGRAM --report FILE [--quick]`; it writes
 //! a markdown section to FILE, which the report includes verbatim, and states
 //! its headline figures on lines of the form
 //!
@@ -16,7 +17,7 @@
 //! (symbolize_bench), `ingest_samples_per_s`, `query_24h_100_s`,
 //! `clickhouse_ingest_total_cpu_samples_per_s`,
 //! `clickhouse_ingest_samples_per_s`, `clickhouse_query_24h_100_s`
-//! (ingest_bench); a missing key shows as "not measured".
+//! (collector-bench); a missing key shows as "not measured".
 use std::{
     collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command, time::Instant,
 };
@@ -25,11 +26,59 @@ use anyhow::{bail, Context, Result};
 
 use super::{cargo, run_teed, si, step, Ctx, Figures};
 
-/// (benchmark, package, example) of the example programs.
-pub(crate) const EXAMPLES: [(&str, &str, &str); 2] = [
-    ("collector", "profiler-collector", "ingest_bench"),
-    ("symbolize", "profiler-agent", "symbolize_bench"),
+/// A program that writes its own report section.
+#[derive(Clone, Copy)]
+pub(crate) struct Program {
+    /// The benchmark's name (`--only`).
+    pub(crate) bench: &'static str,
+    pub(crate) package: &'static str,
+    /// `--bin NAME` or `--example NAME`.
+    pub(crate) kind: &'static str,
+    pub(crate) name: &'static str,
+    /// Features the build needs.
+    pub(crate) features: Option<&'static str>,
+    /// Its source, for the report.
+    pub(crate) source: &'static str,
+}
+
+pub(crate) const PROGRAMS: [Program; 2] = [
+    Program {
+        bench: "collector",
+        package: "xtask",
+        kind: "--bin",
+        name: "collector-bench",
+        features: Some("collector-bench"),
+        source: "xtask/src/bench/collector/",
+    },
+    Program {
+        bench: "symbolize",
+        package: "profiler-agent",
+        kind: "--example",
+        name: "symbolize_bench",
+        features: None,
+        source: "profiler-agent/examples/symbolize_bench.rs",
+    },
 ];
+
+impl Program {
+    /// Where cargo puts it under target/PROFILE.
+    fn binary(&self, profile_dir: &Path) -> std::path::PathBuf {
+        if self.kind == "--example" {
+            profile_dir.join("examples").join(self.name)
+        } else {
+            profile_dir.join(self.name)
+        }
+    }
+
+    /// The `cargo build` arguments that build it.
+    pub(crate) fn build_args(&self) -> Vec<&'static str> {
+        let mut args = vec!["-p", self.package, self.kind, self.name];
+        if let Some(f) = self.features {
+            args.extend(["--features", f]);
+        }
+        args
+    }
+}
 
 /// The Criterion bench targets: (package, bench).
 const CRITERION: [(&str, &str); 2] = [
@@ -37,9 +86,9 @@ const CRITERION: [(&str, &str); 2] = [
     ("profiler-collector", "store"),
 ];
 
-pub(crate) fn example_exists(root: &Path, package: &str, example: &str) -> bool {
-    let dir = root.join(package).join("examples");
-    dir.join(format!("{example}.rs")).is_file() || dir.join(example).join("main.rs").is_file()
+/// Whether this checkout has the program's source.
+pub(crate) fn program_exists(root: &Path, program: &Program) -> bool {
+    root.join(program.source).exists()
 }
 
 /// `BENCH key=value ...` figures anywhere in `text`.
@@ -60,30 +109,33 @@ pub(crate) fn bench_keys(text: &str) -> BTreeMap<String, f64> {
     keys
 }
 
-/// Runs one example benchmark (`collector` or `symbolize`) and returns its
+/// Runs one program benchmark (`collector` or `symbolize`) and returns its
 /// section, with its `BENCH` figures added to `figures`.
-pub(crate) fn example_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> Result<String> {
-    let (_, package, example) = EXAMPLES
+pub(crate) fn program_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> Result<String> {
+    let program = PROGRAMS
         .iter()
-        .find(|(b, _, _)| *b == bench)
+        .find(|p| p.bench == bench)
         .copied()
-        .context("not an example benchmark")?;
-    let binary = ctx.target_dir().join("examples").join(example);
+        .context("not a program benchmark")?;
+    let name = program.name;
+    let binary = program.binary(&ctx.target_dir());
     if !binary.is_file() {
         bail!(
-            "benchmark `{bench}`: {} was not built: does {package}/examples/{example}.rs exist?",
-            binary.display()
+            "benchmark `{bench}`: {} was not built: does {} exist?",
+            binary.display(),
+            program.source
         );
     }
-    let file = ctx.dir.join(format!("{example}.md"));
+    let file = ctx.dir.join(format!("{name}.md"));
     let _ = fs::remove_file(&file);
     let mut args = vec!["--report".to_string(), file.display().to_string()];
     if ctx.plan.quick {
         args.push("--quick".into());
     }
     let shown = format!(
-        "cargo run{} -p {package} --example {example} -- {}",
+        "cargo run{} {} -- {}",
         if ctx.release { " --release" } else { "" },
+        program.build_args().join(" "),
         args.join(" ")
     );
     step(&format!("{bench}: {shown}"));
@@ -92,25 +144,25 @@ pub(crate) fn example_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> R
     let secs = started.elapsed().as_secs_f64();
     if !st.success() {
         bail!(
-            "benchmark `{bench}`: `{shown}` failed ({st}): see its output above (an example \
+            "benchmark `{bench}`: `{shown}` failed ({st}): see its output above (a program \
              benchmark must accept `--report FILE [--quick]` and write its section to FILE)"
         );
     }
     let section = fs::read_to_string(&file).with_context(|| {
         format!(
-            "benchmark `{bench}`: `{example}` exited successfully but did not write {}",
+            "benchmark `{bench}`: `{name}` exited successfully but did not write {}",
             file.display()
         )
     })?;
     if section.trim().is_empty() {
         bail!(
-            "benchmark `{bench}`: `{example}` wrote an empty {}",
+            "benchmark `{bench}`: `{name}` wrote an empty {}",
             file.display()
         );
     }
     let mut keys = bench_keys(&stdout);
     keys.extend(bench_keys(&section));
-    eprintln!("    {example}: {} BENCH figure(s): {keys:?}", keys.len());
+    eprintln!("    {name}: {} BENCH figure(s): {keys:?}", keys.len());
     figures.keys.extend(keys);
 
     let mut out = String::from("\n");
@@ -119,13 +171,13 @@ pub(crate) fn example_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> R
             "collector" => "Collector ingest and query",
             _ => "Symbolization",
         };
-        let _ = writeln!(out, "## {title} (`{example}`)\n");
+        let _ = writeln!(out, "## {title} (`{name}`)\n");
     }
     out += section.trim_end();
     let _ = writeln!(
         out,
-        "\n\n*Section written by `{example}` ({package}/examples/{example}.rs), run as `{shown}` \
-         in {secs:.0} s.*"
+        "\n\n*Section written by `{name}` ({}), run as `{shown}` in {secs:.0} s.*",
+        program.source
     );
     Ok(out)
 }
