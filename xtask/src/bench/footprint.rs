@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{free_port, http_get, median, output, step, AgentRun, Ctx, Figures};
+use super::{http_get, median, output, step, AgentRun, Ctx, Figures};
 
 /// Processes started for the benchmark, each in its own process group (with
 /// whatever it spawns); all killed when dropped.
@@ -189,39 +189,51 @@ impl Collector {
         let db_dir = ctx.dir.join("footprint-store");
         let _ = fs::remove_dir_all(&db_dir);
         fs::create_dir_all(&db_dir)?;
-        let http = format!("127.0.0.1:{}", free_port()?);
-        let grpc = format!("127.0.0.1:{}", free_port()?);
+        // Port 0: the collector binds its ports itself and announces them in
+        // its log, which is read back below.
+        let err_path = ctx.dir.join("footprint-collector.err");
         let child = Command::new(&ctx.collector)
             .arg("--store")
             .arg(format!("sqlite:{}", db_dir.join("profiles.db").display()))
             .args([
                 "--plaintext",
                 "--grpc-listen",
-                &grpc,
+                "127.0.0.1:0",
                 "--http-listen",
-                &http,
+                "127.0.0.1:0",
             ])
+            .env("RUST_LOG", "warn,profiler_collector=info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(fs::File::create(ctx.dir.join("footprint-collector.log"))?)
-            .stderr(fs::File::create(ctx.dir.join("footprint-collector.err"))?)
+            .stderr(fs::File::create(&err_path)?)
             .spawn()
             .with_context(|| format!("cannot start {}", ctx.collector.display()))?;
         let mut c = Collector {
             child,
-            http,
-            grpc,
+            http: String::new(),
+            grpc: String::new(),
             db_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&c.http).is_err() {
+        let (grpc, http) = loop {
+            let log = fs::read_to_string(&err_path).unwrap_or_default();
+            if let Some(addrs) = log.lines().find_map(profiler_testkit::net::serving_addrs) {
+                break addrs;
+            }
             if let Some(st) = c.child.try_wait()? {
-                bail!("the collector exited ({st}): see target/bench/footprint-collector.err");
+                bail!("the collector exited ({st}): see {}", err_path.display());
             }
             if Instant::now() > deadline {
-                bail!("the collector did not serve {} within 20 s", c.http);
+                bail!(
+                    "the collector did not announce its addresses within 20 s: see {}",
+                    err_path.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
+        c.grpc = grpc.to_string();
+        c.http = http.to_string();
         Ok(c)
     }
 
@@ -380,7 +392,9 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
     step(&format!(
         "footprint: agent `run` at {hz} Hz for {secs} s on the busy host"
     ));
-    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    // The agent binds its metrics port itself: it is held until just before.
+    let metrics_port = profiler_testkit::net::Reserved::new();
+    let metrics_addr = metrics_port.addr().to_string();
     let mut args: Vec<String> = [
         "run",
         "--no-progress",
@@ -402,6 +416,7 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
     }
     let start_unix = unix_now();
     let name = format!("footprint-{hz}hz");
+    metrics_port.release();
     let agent = AgentRun::start(&ctx.agent, &args, &ctx.dir, &name)?;
     let pid = agent.pid();
     let (busy0, total0, forks0) = host_counters();

@@ -37,6 +37,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use profiler_testkit::median;
 
 use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root, Needs};
 
@@ -712,16 +713,6 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Waits for a child and returns its CPU time (user + system) in seconds,
 /// from wait4's rusage: the child's own figure, not the parent's running
 /// total. Past `timeout` the child is killed and this fails.
@@ -910,12 +901,6 @@ fn bpf_progs() -> Result<Vec<ProgStats>> {
         }
     }
     Ok(progs)
-}
-
-/// A free TCP port on the loopback interface.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// A plain HTTP/1.0 GET (no chunked replies): the body if the status is 200.
