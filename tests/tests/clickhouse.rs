@@ -95,7 +95,9 @@ fn conformance_suite(ch: &dyn Server) {
     let err = ClickHouseStore::open(&url, WEEK).err().unwrap().to_string();
     assert!(err.contains("newer than this collector supports"), "{err}");
     // An unreachable server is named in the error.
-    let url: ClickHouseUrl = format!("clickhouse://127.0.0.1:{}/x", free_port())
+    // A port held and not listening: connections are refused.
+    let nobody = profiler_testkit::net::Reserved::new();
+    let url: ClickHouseUrl = format!("clickhouse://127.0.0.1:{}/x", nobody.port())
         .parse()
         .unwrap();
     let err = ClickHouseStore::open(&url, WEEK).err().unwrap().to_string();

@@ -12,6 +12,7 @@ use std::{
 
 use profiler_agent::export::ExportOptions;
 use profiler_collector::server;
+use profiler_testkit::net::Reserved;
 use support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
@@ -262,7 +263,8 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("p.db");
-    let (grpc, http) = (free_port(), free_port());
+    // The collector comes back on the same ports after kill -9.
+    let (grpc, http) = (Reserved::new().release(), Reserved::new().release());
     let collector = CollectorProcess::start(&db, grpc, http);
 
     let pushers: Vec<_> = ["syn-1", "syn-2"]

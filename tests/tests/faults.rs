@@ -203,7 +203,9 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let spill_dir = dir.path().join("spill");
     let _disk = TinyDisk::mount(&spill_dir, 16);
-    let grpc = format!("127.0.0.1:{}", free_port());
+    // Held (connections refused) until the collector binds it.
+    let grpc_port = profiler_testkit::net::Reserved::new();
+    let grpc = grpc_port.addr().to_string();
     let chain = Workload::spawn(&workload("chain"), &["12"]);
     let mut opts = options(vec![chain.pid()], 6.0, 99);
     opts.drain_interval = Duration::from_millis(250);
@@ -213,7 +215,9 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
     let handle = rt.handle().clone();
     let db = dir.path().join("p.db");
     let starter = std::thread::spawn(move || {
+        // The outage itself: the agent records and spills for 3 s.
         std::thread::sleep(Duration::from_millis(3000));
+        grpc_port.release();
         handle
             .block_on(profiler_collector::server::start(collector_config(
                 &db,
@@ -262,12 +266,14 @@ fn a_corrupted_spill_file_is_skipped_and_counted_and_the_rest_replays() {
     let spill_dir = dir.path().join("spill");
     let chain = Workload::spawn(&workload("chain"), &["12"]);
 
-    // Run 1: nobody listens; everything ends up in the spill directory.
+    // Run 1: nobody listens (a port held, not listening); everything ends up
+    // in the spill directory.
+    let nobody = profiler_testkit::net::Reserved::new();
     let mut opts = options(vec![chain.pid()], 2.0, 99);
     opts.drain_interval = Duration::from_millis(250);
     opts.export = Some(ExportOptions {
         flush_timeout: Duration::from_secs(1),
-        ..spill_first(format!("http://127.0.0.1:{}", free_port()), &spill_dir)
+        ..spill_first(format!("http://{}", nobody.addr()), &spill_dir)
     });
     let first = Recorder::start(&opts)
         .expect("profiler attaches")

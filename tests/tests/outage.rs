@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use profiler_testkit::net::Reserved;
 use support::*;
 
 const CEILING_MIB: u64 = 64;
@@ -47,14 +48,6 @@ const DOCUMENTED: &[&str] = &[
     "profiler_agent_symbolizer_lookups_total",
     "profiler_agent_symbolizer_windows_over_budget_total",
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A child process killed (SIGKILL) when dropped, whatever happens.
 struct Killed(Child);
@@ -133,7 +126,12 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     let _serial = serial();
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, http, metrics_port) = (free_port(), free_port(), free_port());
+    // The agent knows the collector's address before the collector runs:
+    // the ports are held (connections refused, as by a collector that is
+    // down) until the collector and the agent bind them.
+    let (grpc_port, http_port, metrics_reserved) =
+        (Reserved::new(), Reserved::new(), Reserved::new());
+    let (grpc, http, metrics_port) = (grpc_port.port(), http_port.port(), metrics_reserved.port());
     let chain = workload("chain");
     let workloads: Vec<Workload> = (0..2).map(|_| Workload::spawn(&chain, &["16"])).collect();
 
@@ -169,6 +167,7 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
         args.extend(["-p".to_string(), w.pid().to_string()]);
     }
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    metrics_reserved.release();
     let mut agent = Killed(
         Command::new(agent_binary())
             .args(&args)
@@ -222,6 +221,8 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     assert!(metric(&during, "profiler_agent_export_send_failures_total") > 0);
 
     // The collector comes up; the agent replays what is within the cap.
+    grpc_port.release();
+    http_port.release();
     let _collector = start_collector(&dir.path().join("p.db"), grpc, http);
     let replay_start = Instant::now();
     let settled = loop {

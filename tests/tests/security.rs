@@ -17,11 +17,12 @@ use std::{
 use profiler_security::{
     rustls::pki_types::ServerName, tls::client_config, tokio_rustls::TlsConnector, ClientTlsFiles,
 };
+use profiler_testkit::net::Reserved;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::{agent_binary, collector::free_port, collector_binary, privileged, serial};
+use support::{agent_binary, collector_binary, privileged, serial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A CA that signs server and client certificates into `dir`.
@@ -141,7 +142,10 @@ fn start_collector(
     cert: &(PathBuf, PathBuf),
     client_ca: &Path,
 ) -> Collector {
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc_port, http_port) = (Reserved::new(), Reserved::new());
+    let (grpc, http) = (grpc_port.port(), http_port.port());
+    grpc_port.release();
+    http_port.release();
     let proc = Proc::spawn(
         Command::new(collector_binary())
             .arg("--store")

@@ -76,15 +76,6 @@ pub fn folded(addr: std::net::SocketAddr, query: &str) -> profiler_agent::fold::
     profile
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What the agent's export counters say when it recovered from every fault:
 /// nothing dropped, and every batch it queued acknowledged.
 pub fn assert_all_delivered(stats: &profiler_agent::export::ExportStats) {
