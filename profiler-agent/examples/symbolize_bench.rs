@@ -37,6 +37,7 @@ use profiler_agent::{
     process::{parse_maps_line, ProcessCache},
     symbolize::{BlazeSymbolizer, Symbolize, SymbolizeLimits, INLINED_SUFFIX},
 };
+use profiler_testkit::median;
 
 /// Translation units of the generated program (one DWARF compile unit each).
 const UNITS: usize = 32;
@@ -407,16 +408,6 @@ fn frames_in(window: &RawWindow) -> usize {
     window.samples.iter().map(|s| s.user.len()).sum()
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 fn new_symbolizer(pid: u32) -> Result<BlazeSymbolizer> {
     let processes = Arc::new(Mutex::new(ProcessCache::default()));
     ensure!(
@@ -590,13 +581,13 @@ fn main() -> Result<()> {
     let (cold_reps, warm_reps) = if args.quick { (3, 7) } else { (11, 31) };
     let figures = measure(pid, &window, &expected, &functions, cold_reps, warm_reps);
     drop(running);
-    let mut figures = figures?;
+    let figures = figures?;
 
-    let cold = median(&mut figures.cold);
-    let cold_seconds = median(&mut figures.cold_seconds);
-    let first_ms = median(&mut figures.first_result) * 1e3;
-    let warm = median(&mut figures.warm);
-    let warm_cpu = median(&mut figures.warm_cpu);
+    let cold = median(&figures.cold);
+    let cold_seconds = median(&figures.cold_seconds);
+    let first_ms = median(&figures.first_result) * 1e3;
+    let warm = median(&figures.warm);
+    let warm_cpu = median(&figures.warm_cpu);
     let verdict = if warm >= TARGET_WARM {
         format!("**met** ({:.1}× the target)", warm / TARGET_WARM)
     } else {
