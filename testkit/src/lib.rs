@@ -19,7 +19,7 @@ pub mod wait;
 
 pub use rng::Rng;
 pub use stats::{median, median_duration};
-pub use wait::{wait_for, wait_until};
+pub use wait::{wait_for, wait_until, within};
 
 use std::time::Duration;
 

@@ -229,14 +229,14 @@ impl Switch {
         self.lose.sprung.store(false, Ordering::SeqCst);
         self.lose.request_seen.store(false, Ordering::SeqCst);
         self.lose.armed.store(true, Ordering::SeqCst);
-        for _ in 0..300 {
-            if self.lose.sprung.load(Ordering::SeqCst) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let sprung = within(Duration::from_secs(3), || {
+            self.lose.sprung.load(Ordering::SeqCst).then_some(())
+        })
+        .is_some();
+        if !sprung {
+            self.lose.armed.store(false, Ordering::SeqCst);
         }
-        self.lose.armed.store(false, Ordering::SeqCst);
-        false
+        sprung
     }
 
     fn switch_to(&self, target: u16) {
@@ -331,6 +331,7 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
         std::thread::spawn(move || {
             let (mut to_b, mut switches, mut lost) = (true, 0, 0);
             while switching.load(Ordering::Relaxed) {
+                // The workload's pace: a switch every 0.7 s.
                 std::thread::sleep(Duration::from_millis(700));
                 lost += u32::from(switch.lose_next_answer());
                 switch.switch_to(if to_b { b_port } else { a_port });
@@ -404,8 +405,11 @@ fn clickhouse_restart_mid_ingest_loses_nothing_acknowledged() {
             std::thread::spawn(move || (node, push_batches(&[port], node, 50, 3, |_| vec![0])))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Killed mid-ingest: once the collector has stored the first batches.
+    wait_for_batches_stored(c.http_addr, 10);
     ch.kill();
+    // The outage itself, which must last: the collector answers UNAVAILABLE
+    // and the agents retry meanwhile.
     std::thread::sleep(Duration::from_millis(2000));
     ch.restart();
     let mut errors = Vec::new();

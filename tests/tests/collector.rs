@@ -12,7 +12,6 @@ use std::{
 
 use profiler_agent::export::ExportOptions;
 use profiler_collector::server;
-use profiler_testkit::net::Reserved;
 use support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
@@ -178,8 +177,11 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     let recorder = profiler_agent::record::Recorder::start(&opts).expect("profiler attaches");
     let handle = rt.handle().clone();
     let restarter = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+        // The collector stops mid-run: once it has stored the agent's first
+        // batch.
+        wait_for_batches_stored(c.http_addr, 0);
         handle.block_on(c.shutdown()).unwrap();
+        // The outage itself, which must last several drain intervals.
         std::thread::sleep(Duration::from_millis(3500));
         let rt_db = db.clone();
         handle
@@ -218,24 +220,29 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
 struct CollectorProcess(std::process::Child);
 
 impl CollectorProcess {
-    fn start(db: &Path, grpc: u16, http: u16) -> Self {
+    /// Starts the collector on `grpc` and `http` (`0`: ports it chooses)
+    /// and returns once it serves, with the ports it bound (read from its
+    /// `collector serving` log line).
+    fn start(db: &Path, grpc: u16, http: u16, log: &Path) -> (Self, u16, u16) {
         let child = Command::new(collector_binary())
             .arg("--plaintext")
             .arg("--store")
             .arg(format!("sqlite:{}", db.display()))
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .args(["--http-listen", &format!("127.0.0.1:{http}")])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,profiler_collector=info")
+            .env("NO_COLOR", "1")
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("start the collector");
         let process = Self(child); // killed on drop, whatever happens next
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
-                return process;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the collector did not come up");
+        let (grpc, http) = wait_for(Duration::from_secs(10), "the collector serves", || {
+            std::fs::read_to_string(log)
+                .ok()?
+                .lines()
+                .find_map(profiler_testkit::net::serving_addrs)
+        });
+        (process, grpc.port(), http.port())
     }
 
     fn kill9(mut self) {
@@ -263,20 +270,34 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("p.db");
-    // The collector comes back on the same ports after kill -9.
-    let (grpc, http) = (Reserved::new().release(), Reserved::new().release());
-    let collector = CollectorProcess::start(&db, grpc, http);
+    // The collector chooses its ports, and comes back on them after kill -9.
+    let (collector, grpc, http) = CollectorProcess::start(&db, 0, 0, &dir.path().join("1.log"));
+    let log_restart = dir.path().join("2.log");
 
     let pushers: Vec<_> = ["syn-1", "syn-2"]
         .into_iter()
         .map(|node| std::thread::spawn(move || (node, synthetic_agent(grpc, node, 60, 7))))
         .collect();
     let db_restart = db.clone();
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1200));
+        // Killed mid-stream: once it has stored the real agent's first
+        // batch (the synthetic agents stream from the start).
+        let real_agent = format!(
+            "http://{http_addr}/api/v1/folded?start=now-1h&query=%7Bnode%3D%22real-agent%22%7D"
+        );
+        wait_until(
+            Duration::from_secs(20),
+            "the collector stored the real agent's first batch",
+            || {
+                scrape(&real_agent)
+                    .is_some_and(|text| profiler_agent::fold::parse_folded(&text).0.total() > 0)
+            },
+        );
         collector.kill9();
+        // The outage itself, which must last: the agents retry meanwhile.
         std::thread::sleep(Duration::from_millis(1500));
-        CollectorProcess::start(&db_restart, grpc, http)
+        CollectorProcess::start(&db_restart, grpc, http, &log_restart).0
     });
 
     let chain = Workload::spawn(&workload("chain"), &["10"]);

@@ -398,7 +398,7 @@ fn each_declared_capability_is_needed() {
     let deleted = dir.path().join("deleted-chain");
     std::fs::copy(workload("chain"), &deleted).unwrap();
     let w = Workload::spawn(&deleted, &["10"]);
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_for_exec(w.pid(), "deleted-chain");
     std::fs::remove_file(&deleted).unwrap();
     let (ok, err, folded) = agent_with(&all, w.pid(), dir.path());
     assert!(ok && named(&folded, &chain), "{err}\n{folded}");
@@ -428,7 +428,7 @@ fn each_declared_capability_is_needed() {
                 .arg(&other)
                 .arg("10"),
         );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        wait_for_exec(w.pid(), "otheruser");
         let (ok, err, folded) = agent_with(&all, w.pid(), dir.path());
         assert!(
             ok && named(&folded, &chain),

@@ -122,8 +122,10 @@ fn short_lived_processes_are_still_named() {
     // at the 1 s drain and forgotten at the 2 s drain; the second runs after.
     let opts = options(vec![], 4.0, 999);
     let (rec, statuses) = record_with(&opts, || {
+        // The schedule: the first process runs from 0.2 s to ~0.5 s.
         std::thread::sleep(Duration::from_millis(200));
         let a = Workload::spawn(&first, &["0.3"]).wait();
+        // The schedule: the second starts once the 2 s drain forgot the first.
         std::thread::sleep(Duration::from_millis(2_000));
         let b = Workload::spawn(&second, &["0.5"]).wait();
         (a, b)
@@ -171,16 +173,7 @@ fn binary_in_other_mount_namespace_is_named() {
             .arg(&script),
     );
     // Wait until the workload runs from its private tmpfs.
-    let exe = format!("/proc/{}/exe", w.pid());
-    let mut running = false;
-    for _ in 0..100 {
-        if std::fs::read_link(&exe).is_ok_and(|p| p.ends_with("nsworkload")) {
-            running = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(running, "the workload did not start in its mount namespace");
+    wait_for_exec(w.pid(), "nsworkload");
     assert!(
         !mnt.path().join("nsworkload").exists(),
         "the binary must not be visible from the host's mount namespace"
@@ -355,7 +348,8 @@ fn agent_drops_capabilities_after_attach() {
     let w = Workload::spawn(&workload("chain"), &["8"]);
     let dir = tempfile::tempdir().unwrap();
     let folded = dir.path().join("out.folded");
-    let agent = Command::new(agent_binary())
+    let log_path = dir.path().join("agent.log");
+    let mut agent = Command::new(agent_binary())
         .args([
             "record",
             "-d",
@@ -372,15 +366,22 @@ fn agent_drops_capabilities_after_attach() {
         .arg(&folded)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        Duration::from_secs(10),
+        "the agent logs that it dropped its capabilities",
+        || {
+            std::fs::read_to_string(&log_path)
+                .is_ok_and(|log| log.contains("dropped every other capability"))
+        },
+    );
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap();
     let effective = profiler_agent::privileges::parse_cap_eff(&status).unwrap();
-    let out = agent.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let exit = agent.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(exit.success(), "{log}");
     use profiler_agent::privileges::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
     assert_eq!(
         effective & (1 << CAP_PERFMON),

@@ -83,6 +83,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        // Stalled: the bytes are held until the stall ends.
         while stalled.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -127,15 +128,19 @@ fn a_proxy_that_cuts_and_stalls_connections_loses_and_doubles_nothing() {
     });
 
     let recorder = Recorder::start(&opts).expect("profiler attaches");
+    let http = c.http_addr;
     let faults = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1000));
+        // Each cut hits a stream that carries batches: it comes once the
+        // collector has stored more through the proxy.
+        let stored = wait_for_batches_stored(http, 0);
         proxy.cut();
-        std::thread::sleep(Duration::from_millis(1000));
+        let stored = wait_for_batches_stored(http, stored);
         proxy.stall(true);
+        // The stall itself: bytes are held for 2.5 s, past the drains.
         std::thread::sleep(Duration::from_millis(2500));
         proxy.cut();
         proxy.stall(false);
-        std::thread::sleep(Duration::from_millis(1000));
+        wait_for_batches_stored(http, stored);
         proxy.cut();
         proxy
     });
@@ -215,7 +220,8 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
     let handle = rt.handle().clone();
     let db = dir.path().join("p.db");
     let starter = std::thread::spawn(move || {
-        // The outage itself: the agent records and spills for 3 s.
+        // The outage itself, which must last: the agent records and spills
+        // for 3 s.
         std::thread::sleep(Duration::from_millis(3000));
         grpc_port.release();
         handle

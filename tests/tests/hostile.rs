@@ -21,8 +21,8 @@ fn deleted_binary_is_still_named() {
     let copy = dir.path().join("chain");
     std::fs::copy(workload("chain"), &copy).unwrap();
     let w = Workload::spawn(&copy, &["6"]);
-    // Let exec finish mapping the image before the file goes.
-    std::thread::sleep(Duration::from_millis(200));
+    // Exec has mapped the image before the file goes.
+    wait_for_exec(w.pid(), "chain");
     std::fs::remove_file(&copy).unwrap();
     let (rec, _) = record_with(&options(vec![w.pid()], 3.0, 99), || ());
     let (matching, total) = count_where(&rec.profile, "chain", |f| {

@@ -96,13 +96,9 @@ impl ContainerCgroup {
 
 impl Drop for ContainerCgroup {
     fn drop(&mut self) {
+        // A cgroup can be removed once its last process is reaped.
         for d in self.dirs.iter().rev() {
-            for _ in 0..50 {
-                if std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            within(Duration::from_secs(1), || std::fs::remove_dir(d).ok());
         }
     }
 }
@@ -119,6 +115,7 @@ fn fake_api_server(container_id: &str, stop: Arc<AtomicBool>) -> std::net::Socke
         let mut open = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let Ok((mut conn, _)) = listener.accept() else {
+                // The accept loop's pace: it checks `stop` between accepts.
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             };
@@ -188,7 +185,7 @@ fn containerised_workload_gets_pod_labels() {
         workload("chain").display()
     );
     let w = Workload::spawn_command(Command::new("sh").args(["-c", &script]));
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for_exec(w.pid(), "chain");
     let in_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", w.pid())).unwrap();
     assert!(in_cgroup.contains(&container_id), "{in_cgroup}");
 

@@ -71,39 +71,10 @@ fn start_collector(db: &Path, grpc: u16, http: u16) -> Killed {
         .spawn()
         .expect("start the collector");
     let collector = Killed(child);
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
-            return collector;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the collector did not come up");
-}
-
-fn get(url: &str) -> Option<String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut resp = agent.get(url).call().ok()?;
-    resp.body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_string()
-        .ok()
-}
-
-/// The sum of a family's samples (`name` or `name{...}` lines), or of one
-/// series when `name` has labels.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| {
-            *series == name || (!name.contains('{') && series.starts_with(&format!("{name}{{")))
-        })
-        .map(|(_, v)| v.parse::<u64>().unwrap())
-        .sum()
+    wait_until(Duration::from_secs(5), "the collector serves HTTP", || {
+        std::net::TcpStream::connect(("127.0.0.1", http)).is_ok()
+    });
+    collector
 }
 
 fn vm_hwm(pid: u32) -> u64 {
@@ -179,7 +150,7 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     );
     let agent_pid = agent.0.id();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let scrape = || get(&metrics_url);
+    let scrape = || support::scrape(&metrics_url);
     let log_path = dir.path().join("agent.log");
     let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
@@ -192,25 +163,22 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
             .max(vm_hwm(agent_pid));
     };
     let outage_start = Instant::now();
-    let during = loop {
-        assert!(
-            outage_start.elapsed() < Duration::from_secs(30),
+    let during = within(Duration::from_secs(30), || {
+        let text = scrape()?;
+        watch(&text);
+        (metric(
+            &text,
+            "profiler_agent_export_batches_dropped_total{reason=\"spill_cap\"}",
+        ) >= 5)
+            .then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
             "the spill cap never overflowed: {}\n{}",
             scrape().unwrap_or_default(),
             agent_log()
-        );
-        if let Some(text) = scrape() {
-            watch(&text);
-            if metric(
-                &text,
-                "profiler_agent_export_batches_dropped_total{reason=\"spill_cap\"}",
-            ) >= 5
-            {
-                break text;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+        )
+    });
     let outage = outage_start.elapsed();
     let outage_windows = metric(&during, "profiler_agent_windows_total");
     assert_eq!(
@@ -224,33 +192,30 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     grpc_port.release();
     http_port.release();
     let _collector = start_collector(&dir.path().join("p.db"), grpc, http);
-    let replay_start = Instant::now();
-    let settled = loop {
-        assert!(
-            replay_start.elapsed() < Duration::from_secs(40),
-            "the agent did not deliver everything: {}\n{}",
-            scrape().unwrap_or_default(),
-            agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-        let Some(text) = scrape() else { continue };
+    let settled = within(Duration::from_secs(40), || {
+        let text = scrape()?;
         watch(&text);
         let m = |n| metric(&text, n);
         let workloads_done = workloads
             .iter()
             .all(|w| !Path::new(&format!("/proc/{}", w.pid())).exists() || is_zombie(w.pid()));
-        if workloads_done
+        (workloads_done
             && m("profiler_agent_export_queue_batches") == 0
             && m("profiler_agent_spill_records") == 0
             && m("profiler_agent_samples_drained_total")
                 == m("profiler_agent_samples_recorded_total")
             && m("profiler_agent_export_batches_acked_total")
                 + m("profiler_agent_export_batches_dropped_total")
-                == m("profiler_agent_export_batches_total")
-        {
-            break text;
-        }
-    };
+                == m("profiler_agent_export_batches_total"))
+        .then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the agent did not deliver everything: {}\n{}",
+            scrape().unwrap_or_default(),
+            agent_log()
+        )
+    });
     let m = |n| metric(&settled, n);
     for name in DOCUMENTED {
         assert!(
@@ -261,14 +226,11 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
 
     // Stop the agent; its summary must agree with /metrics.
     unsafe { libc::kill(agent_pid as i32, libc::SIGTERM) };
-    let exit_deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < exit_deadline, "the agent did not exit");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_for(
+        Duration::from_secs(20),
+        "the agent exits on SIGTERM",
+        || agent.0.try_wait().unwrap(),
+    );
     let mut summary = String::new();
     agent
         .0
@@ -292,7 +254,7 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     let url = format!(
         "http://127.0.0.1:{http}/api/v1/folded?start=now-1h&query=%7Bnode%3D%22outage-node%22%7D"
     );
-    let (stored, bad) = profiler_agent::fold::parse_folded(&get(&url).expect("folded"));
+    let (stored, bad) = profiler_agent::fold::parse_folded(&support::scrape(&url).expect("folded"));
     assert_eq!(bad, 0);
     let stored = stored.total();
     eprintln!(

@@ -11,18 +11,17 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use profiler_security::{
     rustls::pki_types::ServerName, tls::client_config, tokio_rustls::TlsConnector, ClientTlsFiles,
 };
-use profiler_testkit::net::Reserved;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::{agent_binary, collector_binary, privileged, serial};
+use support::{agent_binary, collector_binary, privileged, serial, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A CA that signs server and client certificates into `dir`.
@@ -107,19 +106,17 @@ impl Proc {
 
     /// Waits until the log holds `needle`; fails with the log otherwise.
     fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        within(Duration::from_secs(30), || {
             let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} never appeared in {}:\n{log}",
-                self.log.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            log.contains(needle).then_some(log)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{needle:?} never appeared in {}:\n{}",
+                self.log.display(),
+                self.log()
+            )
+        })
     }
 }
 
@@ -142,10 +139,7 @@ fn start_collector(
     cert: &(PathBuf, PathBuf),
     client_ca: &Path,
 ) -> Collector {
-    let (grpc_port, http_port) = (Reserved::new(), Reserved::new());
-    let (grpc, http) = (grpc_port.port(), http_port.port());
-    grpc_port.release();
-    http_port.release();
+    // Ports it chooses, read back from its `collector serving` log line.
     let proc = Proc::spawn(
         Command::new(collector_binary())
             .arg("--store")
@@ -153,8 +147,8 @@ fn start_collector(
                 "sqlite:{}",
                 dir.join(format!("{name}.db")).display()
             ))
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .args(["--grpc-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--tls-cert")
             .arg(&cert.0)
             .arg("--tls-key")
@@ -165,21 +159,21 @@ fn start_collector(
             .arg(dir.join("collector-tokens"))
             .arg("--http-token-file")
             .arg(dir.join("ui-tokens"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,profiler_collector=info")
             .env("NO_COLOR", "1"),
         dir.join(format!("{name}.log")),
     );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
-            return Collector {
-                proc,
-                grpc,
-                http: ([127, 0, 0, 1], http).into(),
-            };
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let (grpc, http) = within(Duration::from_secs(10), || {
+        proc.log()
+            .lines()
+            .find_map(profiler_testkit::net::serving_addrs)
+    })
+    .unwrap_or_else(|| panic!("the collector did not come up:\n{}", proc.log()));
+    Collector {
+        proc,
+        grpc: grpc.port(),
+        http,
     }
-    panic!("the collector did not come up:\n{}", proc.log());
 }
 
 /// The agent in run mode against `collector`, with extra flags.
@@ -246,19 +240,10 @@ fn samples_stored(c: &Collector, ca: &Path) -> u64 {
 }
 
 fn wait_for_samples(c: &Collector, ca: &Path, more_than: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = samples_stored(c, ca);
-        if n > more_than {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no samples arrived:\n{}",
-            c.proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    within(Duration::from_secs(30), || {
+        Some(samples_stored(c, ca)).filter(|&n| n > more_than)
+    })
+    .unwrap_or_else(|| panic!("no samples arrived:\n{}", c.proc.log()))
 }
 
 /// Replaces a token file the way Secret volumes do (a new file renamed over).

@@ -76,6 +76,23 @@ pub fn folded(addr: std::net::SocketAddr, query: &str) -> profiler_agent::fold::
     profile
 }
 
+/// `profiler_batches_stored_total` on the `/metrics` of the collector
+/// serving HTTP on `http`, or `None` while it does not answer.
+pub fn batches_stored(http: std::net::SocketAddr) -> Option<u64> {
+    let text = super::scrape(&format!("http://{http}/metrics"))?;
+    Some(super::metric(&text, "profiler_batches_stored_total"))
+}
+
+/// Waits until the collector serving HTTP on `http` has stored more than
+/// `more_than` batches; returns how many it has.
+pub fn wait_for_batches_stored(http: std::net::SocketAddr, more_than: u64) -> u64 {
+    super::wait_for(
+        Duration::from_secs(20),
+        &format!("the collector on {http} stored more than {more_than} batches"),
+        || batches_stored(http).filter(|&n| n > more_than),
+    )
+}
+
 /// What the agent's export counters say when it recovered from every fault:
 /// nothing dropped, and every batch it queued acknowledged.
 pub fn assert_all_delivered(stats: &profiler_agent::export::ExportStats) {
@@ -157,6 +174,7 @@ pub fn push_batches(
                         }
                         Err(e) if std::time::Instant::now() < deadline => {
                             pushed.errors.push(e.code());
+                            // The pause between retries, as an agent backs off.
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         Err(e) => panic!("batch {seq} never acknowledged: {e}"),
@@ -166,6 +184,7 @@ pub fn push_batches(
             if acked {
                 pushed.acked += count as u64;
             }
+            // The workload's pace: batches keep coming over the faults.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         pushed

@@ -17,6 +17,9 @@ use profiler_agent::{
     fold::FoldedProfile,
     record::{Recorder, Recording},
 };
+// Not every test file uses each of them.
+#[allow(unused_imports)]
+pub use profiler_testkit::{wait_for, wait_until, within};
 
 /// Whether the privileged tests can run here. Without root they are skipped
 /// with a printed reason, except in CI (`CI` set), where that is a failure.
@@ -123,6 +126,45 @@ pub fn workload(name: &str) -> PathBuf {
     }
     built.push((name.to_string(), out.clone()));
     out
+}
+
+/// Waits until process `pid` runs the binary named `name` (its exec is
+/// done: the image is mapped, and a shell that ran first is gone).
+pub fn wait_for_exec(pid: u32, name: &str) {
+    let exe = format!("/proc/{pid}/exe");
+    wait_until(
+        Duration::from_secs(10),
+        &format!("process {pid} runs {name}"),
+        || std::fs::read_link(&exe).is_ok_and(|p| p.file_name().is_some_and(|f| f == name)),
+    );
+}
+
+/// The body of `GET url`, or `None` if the server did not answer 2xx (not
+/// up yet, or down).
+pub fn scrape(url: &str) -> Option<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().ok()?;
+    resp.body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .ok()
+}
+
+/// In Prometheus text `text`: the sum of a family's samples (`name` or
+/// `name{...}` lines), or of one series when `name` has labels.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            *series == name || (!name.contains('{') && series.starts_with(&format!("{name}{{")))
+        })
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
 }
 
 /// A child process killed when dropped.
