@@ -15,9 +15,7 @@ use crate::{
     kernel::KernelSource,
     kube::{PodCache, Watcher},
     metrics::{AgentMetrics, MetricsServer},
-    pipeline::{
-        CollectorSink, LocalSink, PodDirectory, Pipeline, PipelineOptions, Sink, Stages,
-    },
+    pipeline::{CollectorSink, LocalSink, Pipeline, PipelineOptions, PodDirectory, Sink, Stages},
     process::{ProcessCache, ProcessStats},
     sample_type::SampleType,
     symbolize::{BlazeSymbolizer, SymbolizerStats},
@@ -215,11 +213,7 @@ impl Recorder {
             profile,
             other_profiles: profiles,
             profile_kept,
-            samples: report
-                .drained
-                .get(&SampleType::Cpu)
-                .copied()
-                .unwrap_or(0),
+            samples: report.drained.get(&SampleType::Cpu).copied().unwrap_or(0),
             counters: report.counters,
             processes_seen: report.process_stats.snapshots,
             process_stats: report.process_stats,

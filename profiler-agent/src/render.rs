@@ -109,6 +109,9 @@ mod tests {
             svg.contains("off_cpu profile of box — 10.0 s, 2000000 nanoseconds"),
             "{svg}"
         );
-        assert!(svg.contains("wait (2,000,000 nanoseconds, 100.00%)"), "{svg}");
+        assert!(
+            svg.contains("wait (2,000,000 nanoseconds, 100.00%)"),
+            "{svg}"
+        );
     }
 }

@@ -13,7 +13,9 @@ use std::io;
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
     programs::{
-        perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
         PerfEvent, RawTracePoint,
     },
     Ebpf, EbpfLoader,

@@ -69,13 +69,7 @@ impl Labels {
 
 /// The labels of a sample of process `tgid`, sampled in a thread named
 /// `comm`, on node `node`.
-pub fn labels(
-    node: &str,
-    tgid: u32,
-    comm: &str,
-    facts: &ProcessFacts,
-    pod: &PodLookup,
-) -> Labels {
+pub fn labels(node: &str, tgid: u32, comm: &str, facts: &ProcessFacts, pod: &PodLookup) -> Labels {
     let process = facts.name.clone().unwrap_or_else(|| comm.to_string());
     let mut pairs: Vec<(&'static str, String)> = vec![
         ("node", node.to_string()),
@@ -160,7 +154,7 @@ pub trait PodDirectory {
     /// Labels for container `container_id` of pod `pod_uid`, if known.
     fn lookup(&self, pod_uid: &str, container_id: Option<&str>) -> Option<ContainerMeta>;
     /// Pods known (a gauge on `/metrics`).
-    fn len(&self) -> usize;
+    fn pods_known(&self) -> usize;
 }
 
 impl PodDirectory for PodCache {
@@ -168,7 +162,7 @@ impl PodDirectory for PodCache {
         PodCache::lookup(self, pod_uid, container_id)
     }
 
-    fn len(&self) -> usize {
+    fn pods_known(&self) -> usize {
         PodCache::len(self)
     }
 }
@@ -249,7 +243,10 @@ mod tests {
             }),
         };
         let l = labels("n1", 42, "postgres: wal", &facts, &PodLookup::NoWatch);
-        assert_eq!(l.process, "postgres", "the name at first sight, not the thread's");
+        assert_eq!(
+            l.process, "postgres",
+            "the name at first sight, not the thread's"
+        );
         assert_eq!(
             pairs(&l),
             vec![
@@ -270,7 +267,10 @@ mod tests {
             cgroup: Some(CgroupInfo::default()),
         };
         let l = labels("n1", 7, "nginx", &facts, &PodLookup::NotFound);
-        assert_eq!(l.process, "nginx", "the thread's comm when no name is known");
+        assert_eq!(
+            l.process, "nginx",
+            "the thread's comm when no name is known"
+        );
         assert_eq!(l.get("service"), Some("nginx"));
         assert_eq!(l.get("pod"), None);
     }
@@ -321,7 +321,13 @@ mod tests {
                 ("service", "web"),
             ]
         );
-        let no_container = labels("n1", 100, "server", &in_pod(), &PodLookup::Found(meta(None)));
+        let no_container = labels(
+            "n1",
+            100,
+            "server",
+            &in_pod(),
+            &PodLookup::Found(meta(None)),
+        );
         assert_eq!(no_container.get("container"), None);
         assert_eq!(no_container.get("pod"), Some("web-0"));
     }
@@ -364,7 +370,7 @@ mod tests {
             fn lookup(&self, uid: &str, id: Option<&str>) -> Option<ContainerMeta> {
                 (uid == UID && id == Some(ID)).then(|| meta(Some("app")))
             }
-            fn len(&self) -> usize {
+            fn pods_known(&self) -> usize {
                 1
             }
         }

@@ -114,7 +114,10 @@ impl LocalSink {
 
     /// Removes the output files this run created: the start failed.
     pub fn abandon(self) {
-        self.svg.into_iter().chain(self.folded).for_each(Output::abandon);
+        self.svg
+            .into_iter()
+            .chain(self.folded)
+            .for_each(Output::abandon);
     }
 
     /// The profile of one type so far.

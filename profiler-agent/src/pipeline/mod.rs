@@ -76,15 +76,15 @@ pub struct PipelineOptions {
     pub memory_limit_bytes: Option<u64>,
 }
 
-/// The stages of one run.
-pub struct Stages<'a> {
+/// The stages of one run (the sinks may outlive the other borrows).
+pub struct Stages<'a, 's> {
     pub source: &'a mut dyn SampleSource,
     pub symbolizer: &'a mut dyn Symbolize,
     pub processes: &'a dyn ProcessTable,
     /// The pod watch, when one runs.
     pub pods: Option<&'a dyn PodDirectory>,
     /// Every window goes to each, in this order; so does `finish`.
-    pub sinks: Vec<&'a mut dyn Sink>,
+    pub sinks: Vec<&'s mut dyn Sink>,
 }
 
 /// What a run did, for the summary.
@@ -135,7 +135,7 @@ impl Pipeline {
     /// Drains on the interval until the duration passes or `stop` is set,
     /// then stops the source, drains everything and finishes every sink
     /// once. Every drained sample goes to every sink.
-    pub fn run(self, mut stages: Stages<'_>, stop: &AtomicBool) -> Result<RunReport> {
+    pub fn run(self, mut stages: Stages<'_, '_>, stop: &AtomicBool) -> Result<RunReport> {
         let Pipeline {
             options,
             metrics,
@@ -255,7 +255,7 @@ impl Pipeline {
 /// Symbolizes and labels one drained window and hands it to every sink: a
 /// `cpu` window always (empty or not), and one per other type present.
 fn deliver(
-    stages: &mut Stages<'_>,
+    stages: &mut Stages<'_, '_>,
     options: &PipelineOptions,
     metrics: &AgentMetrics,
     report: &mut RunReport,

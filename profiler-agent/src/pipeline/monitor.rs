@@ -106,7 +106,7 @@ impl Monitor {
         if let Some(pods) = pods {
             self.metrics
                 .pods
-                .store(pods.len() as u64, Ordering::Relaxed);
+                .store(pods.pods_known() as u64, Ordering::Relaxed);
         }
         if let Some(watchdog) = &mut self.watchdog {
             watchdog.check(&mut StageShedder {

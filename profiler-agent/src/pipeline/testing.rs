@@ -232,7 +232,7 @@ impl PodDirectory for FakePods {
         self.0.get(pod_uid).cloned()
     }
 
-    fn len(&self) -> usize {
+    fn pods_known(&self) -> usize {
         self.0.len()
     }
 }
