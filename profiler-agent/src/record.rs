@@ -79,6 +79,13 @@ pub struct Recorder {
     window_start: SystemTime,
 }
 
+/// Whether the run has a local profile sink: always in `record`, in `run`
+/// (which ships to a collector) only with `-o` or `--folded`, so an
+/// always-on agent does not grow with every distinct stack.
+pub fn keeps_local_profile(options: &RecordOptions) -> bool {
+    options.export.is_none() || options.svg.is_some() || options.folded.is_some()
+}
+
 /// Records until `options.duration` passes or `stop` is set (Ctrl-C), then
 /// writes the outputs named in `options`.
 pub fn record(options: &RecordOptions, stop: &AtomicBool) -> Result<Recording> {
@@ -89,10 +96,7 @@ impl Recorder {
     /// Checks the outputs are writable, then loads and attaches the sampler.
     pub fn start(options: &RecordOptions) -> Result<Self> {
         let host = hostname();
-        // A whole-run profile in `record`, and in `run` when asked for.
-        let keep_profile =
-            options.export.is_none() || options.svg.is_some() || options.folded.is_some();
-        let local = keep_profile
+        let local = keeps_local_profile(options)
             .then(|| LocalSink::open(options.svg.as_deref(), options.folded.as_deref(), &host))
             .transpose()?;
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
@@ -228,5 +232,38 @@ impl Recorder {
             host,
             export,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportOptions;
+
+    #[test]
+    fn record_keeps_a_local_profile_and_run_only_when_asked() {
+        let record = RecordOptions::default();
+        assert!(keeps_local_profile(&record));
+        let run = RecordOptions {
+            export: Some(ExportOptions {
+                collector: "http://127.0.0.1:7070".into(),
+                node: "n1".into(),
+                queue_bytes: 1 << 20,
+                flush_timeout: Duration::from_secs(1),
+                spill_dir: None,
+                spill_bytes: 0,
+                security: Default::default(),
+            }),
+            ..RecordOptions::default()
+        };
+        assert!(!keeps_local_profile(&run));
+        for (svg, folded) in [(Some("f.svg"), None), (None, Some("s.txt"))] {
+            let with_output = RecordOptions {
+                svg: svg.map(Into::into),
+                folded: folded.map(Into::into),
+                ..run.clone()
+            };
+            assert!(keeps_local_profile(&with_output));
+        }
     }
 }
