@@ -44,6 +44,9 @@ pub(super) struct Loaded {
     pub config: Config,
     pub counters: aya::maps::PerCpuArray<MapData, u64>,
     pub known_pids: BpfHashMap<MapData, u32, u8>,
+    /// The pid filter: held until the `profile` program is loaded (the
+    /// program refers to its fd), then not needed.
+    pub filter: BpfHashMap<MapData, u32, u8>,
     pub ring: RingBuf<MapData>,
     pub logger: Option<super::announce::Logger>,
 }
@@ -120,6 +123,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         config,
         counters,
         known_pids,
+        filter,
         ring,
         logger,
     })

@@ -58,6 +58,7 @@ impl KernelSource {
     pub fn start(options: &SamplerOptions, processes: Arc<Mutex<ProcessCache>>) -> Result<Self> {
         let mut loaded = load::load(options)?;
         let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
+        drop(loaded.filter);
         let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes)?;
         let source = Self {
             ebpf: loaded.ebpf,
