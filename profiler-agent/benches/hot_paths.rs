@@ -17,6 +17,7 @@ use profiler_agent::{
     drain::{decode_key, RawWindow, MAX_STACK_DEPTH},
     export::{BatchBuilder, BatchHeader},
     fold::{parse_folded, FoldedProfile, SymbolizedSample},
+    sample_type::SampleType,
 };
 use profiler_common::{StackKey, COMM_LEN, NO_STACK};
 use prost::Message;
@@ -151,7 +152,8 @@ fn symbolized() -> Vec<SymbolizedSample> {
                 tgid: 1000 + (s % PROCESSES) as u32,
                 process: process_name(s % PROCESSES),
                 frames,
-                count: 1 + (s % 5) as u64,
+                sample_type: SampleType::Cpu,
+                value: 1 + (s % 5) as u64,
             }
         })
         .collect()
@@ -164,7 +166,7 @@ fn total_frames(samples: &[SymbolizedSample]) -> usize {
 fn fold(samples: &[SymbolizedSample]) -> FoldedProfile {
     let mut profile = FoldedProfile::default();
     for s in samples {
-        profile.add(&s.process, &s.frames, s.count);
+        profile.add(&s.process, &s.frames, s.value);
     }
     profile
 }
@@ -187,7 +189,7 @@ fn build_batch(samples: &[SymbolizedSample]) -> BatchBuilder {
         frames.clear();
         frames.push(sample.process.clone());
         frames.extend(sample.frames.iter().cloned());
-        batch.add(&labels, &frames, sample.count);
+        batch.add(&labels, &frames, sample.value);
     }
     batch
 }

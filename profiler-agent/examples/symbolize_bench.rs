@@ -391,7 +391,8 @@ fn make_window(
             comm: "bigprog".into(),
             user: chosen.iter().rev().map(|&p| picks[p].addr).collect(),
             kernel: Vec::new(),
-            count: 1 + (s % 5) as u64,
+            sample_type: profiler_agent::sample_type::SampleType::Cpu,
+            value: 1 + (s % 5) as u64,
         });
     }
     Ok((

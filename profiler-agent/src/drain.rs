@@ -1,14 +1,16 @@
-//! What one drain of the kernel maps yields, and the seam to read it.
+//! What one drain of a sample source yields: raw samples (process, stacks,
+//! a value of a [`SampleType`]), the window's degraded-sample counts, and
+//! the kernel counters; and the decoding of a kernel map key.
 //!
-//! [`SampleSource`] is implemented by the real eBPF [`crate::sampler::Sampler`]
-//! and by in-memory fakes in unit tests.
-use std::collections::BTreeMap;
+//! Sources implement [`crate::pipeline::SampleSource`].
+use std::collections::{BTreeMap, BTreeSet};
 
 use profiler_common::{Counter, StackKey, COMM_LEN, NO_STACK};
 
-use crate::Result;
+use crate::sample_type::SampleType;
 
-/// One distinct (process, stacks) with the number of times it was sampled.
+/// One distinct (process, stacks) with its value: for [`SampleType::Cpu`]
+/// the number of times it was sampled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawSample {
     pub tgid: u32,
@@ -19,7 +21,10 @@ pub struct RawSample {
     pub user: Vec<u64>,
     /// Kernel stack, leaf first. Empty when absent.
     pub kernel: Vec<u64>,
-    pub count: u64,
+    /// What `value` measures.
+    pub sample_type: SampleType,
+    /// In the unit of `sample_type`.
+    pub value: u64,
 }
 
 /// Samples drained from the idle map set.
@@ -37,9 +42,19 @@ pub struct RawWindow {
 pub const MAX_STACK_DEPTH: usize = 127;
 
 impl RawWindow {
-    /// Total number of samples in the window.
-    pub fn total(&self) -> u64 {
-        self.samples.iter().map(|s| s.count).sum()
+    /// Sum of the values of one type (for [`SampleType::Cpu`], the number
+    /// of samples).
+    pub fn total(&self, sample_type: SampleType) -> u64 {
+        self.samples
+            .iter()
+            .filter(|s| s.sample_type == sample_type)
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// The types of the samples present.
+    pub fn types(&self) -> BTreeSet<SampleType> {
+        self.samples.iter().map(|s| s.sample_type).collect()
     }
 
     /// Adds another window's samples and counts to this one.
@@ -93,18 +108,8 @@ impl Counters {
     }
 }
 
-/// Something that can be drained of samples: the eBPF maps, or a fake.
-pub trait SampleSource {
-    /// Moves new samples to the other map set and returns what the
-    /// previously active set held. Nothing sampled is lost between drains.
-    fn drain(&mut self) -> Result<RawWindow>;
-    /// Current totals of the kernel counters.
-    fn counters(&self) -> Result<Counters>;
-    /// Processes are gone: let the kernel announce these pids again if reused.
-    fn forget_pids(&mut self, _pids: &[u32]) {}
-}
-
-/// Turns a map key and its stacks into a [`RawSample`].
+/// Turns a map key and its stacks into a [`RawSample`] of
+/// [`SampleType::Cpu`] (the kernel maps hold sample counts).
 ///
 /// `lookup` returns the frames of a stack id, leaf first, or `None` when the
 /// id is not in the stack map.
@@ -134,7 +139,8 @@ pub fn decode_key(
             comm: comm_to_string(&key.comm),
             user,
             kernel,
-            count,
+            sample_type: SampleType::Cpu,
+            value: count,
         },
         missing,
     )
@@ -170,7 +176,7 @@ mod tests {
         assert_eq!(s.comm, "worker");
         assert_eq!(s.user, vec![300, 1]);
         assert_eq!(s.kernel, vec![700, 1]);
-        assert_eq!(s.count, 5);
+        assert_eq!((s.sample_type, s.value), (SampleType::Cpu, 5));
     }
 
     #[test]

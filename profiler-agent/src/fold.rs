@@ -1,9 +1,11 @@
-//! Folded stacks: `process;root;...;leaf COUNT`, the FlameGraph/inferno
-//! input format, aggregated over a whole recording.
+//! Folded stacks: `process;root;...;leaf VALUE`, the FlameGraph/inferno
+//! input format, aggregated over a whole recording (one profile per sample
+//! type); and the symbolize step that names a drained window's frames.
 use std::{collections::HashMap, io::Write};
 
 use crate::{
     drain::RawWindow,
+    sample_type::SampleType,
     symbolize::{sanitize, Symbolize},
 };
 
@@ -18,7 +20,10 @@ pub struct SymbolizedSample {
     /// Process name (the sample's `comm` unless the caller renamed it).
     pub process: String,
     pub frames: Vec<String>,
-    pub count: u64,
+    /// What `value` measures.
+    pub sample_type: SampleType,
+    /// In the unit of `sample_type`.
+    pub value: u64,
 }
 
 /// Names the frames of every sample of a window, once.
@@ -37,13 +42,14 @@ pub fn symbolize_window(
                 tgid: sample.tgid,
                 process: sample.comm.clone(),
                 frames,
-                count: sample.count,
+                sample_type: sample.sample_type,
+                value: sample.value,
             }
         })
         .collect()
 }
 
-/// Folded stacks with their sample counts.
+/// Folded stacks with their values, all of one sample type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FoldedProfile {
     stacks: HashMap<String, u64>,
@@ -51,7 +57,7 @@ pub struct FoldedProfile {
 }
 
 impl FoldedProfile {
-    /// Adds `count` samples of a stack given root first (user frames, then
+    /// Adds `count` (samples, or the type's unit) to a stack given root first (user frames, then
     /// kernel frames above them, as in `perf script | stackcollapse-perf.pl`).
     pub fn add(&mut self, process: &str, frames: &[String], count: u64) {
         if count == 0 {
@@ -68,13 +74,6 @@ impl FoldedProfile {
         }
         *self.stacks.entry(line).or_default() += count;
         self.total += count;
-    }
-
-    /// Symbolizes and adds every sample of a drained window.
-    pub fn add_window(&mut self, window: &RawWindow, symbolizer: &mut dyn Symbolize) {
-        for sample in symbolize_window(window, symbolizer) {
-            self.add(&sample.process, &sample.frames, sample.count);
-        }
     }
 
     /// Total samples.
@@ -183,27 +182,32 @@ mod tests {
                     comm: "app".into(),
                     user: vec![3, 2, 1],
                     kernel: vec![20, 10],
-                    count: 4,
+                    sample_type: SampleType::Cpu,
+                    value: 4,
                 },
                 RawSample {
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
                     kernel: vec![20, 10],
-                    count: 1,
+                    sample_type: SampleType::Cpu,
+                    value: 1,
                 },
                 RawSample {
                     tgid: 8,
                     comm: "kworker/1:0".into(),
                     user: vec![],
                     kernel: vec![5],
-                    count: 2,
+                    sample_type: SampleType::Cpu,
+                    value: 2,
                 },
             ],
             ..RawWindow::default()
         };
         let mut profile = FoldedProfile::default();
-        profile.add_window(&window, &mut FakeSymbolizer);
+        for sample in symbolize_window(&window, &mut FakeSymbolizer) {
+            profile.add(&sample.process, &sample.frames, sample.value);
+        }
         assert_eq!(
             profile.lines(),
             vec!["app;f1;f2;f3;k10_[k];k20_[k] 5", "kworker/1:0;k5_[k] 2"]

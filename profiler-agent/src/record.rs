@@ -1,37 +1,37 @@
-//! One-shot recording: sample the host (or some processes) for a while,
-//! drain on an interval, and write folded stacks and a flame graph.
+//! `record` and `run`: options turned into the [`crate::pipeline`] with
+//! the kernel source, the blazesym symbolizer, the process cache, the pod
+//! watch, and the sinks (the local profile; the collector in `run` mode).
 use std::{
-    fs::{File, OpenOptions},
-    io::{BufWriter, IsTerminal, Seek, Write},
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
+    collections::BTreeMap,
+    sync::{atomic::AtomicBool, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
     config::RecordOptions,
-    drain::{Counters, RawWindow, SampleSource},
-    export::{BatchBuilder, ExportStats, Exporter},
-    fold::{symbolize_window, FoldedProfile},
+    drain::Counters,
+    export::{ExportStats, Exporter},
+    fold::FoldedProfile,
+    kernel::KernelSource,
     kube::{PodCache, Watcher},
-    memory::{SelfWatchdog, Shedder},
-    metrics::{AgentMetrics, LogSummary, MetricsServer, ProcessGauges, SymbolizerCounter},
+    metrics::{AgentMetrics, MetricsServer},
+    pipeline::{CollectorSink, LocalSink, Pipeline, PipelineOptions, PodDirectory, Sink, Stages},
     process::{ProcessCache, ProcessStats},
-    render::{write_svg, RenderInfo},
-    sampler::Sampler,
+    sample_type::SampleType,
     symbolize::{BlazeSymbolizer, SymbolizerStats},
-    Error, Result,
+    Result,
 };
 
 /// What a recording produced.
 #[derive(Clone, Debug)]
 pub struct Recording {
-    /// The whole run's folded stacks (empty in `run` mode without `-o` or
-    /// `--folded`: an always-on agent keeps no history).
+    /// The whole run's `cpu` folded stacks (empty in `run` mode without
+    /// `-o` or `--folded`: an always-on agent keeps no history).
     pub profile: FoldedProfile,
+    /// The whole run's profiles of the other sample types, if any.
+    pub other_profiles: BTreeMap<SampleType, FoldedProfile>,
+    /// Whether the whole run's profiles were kept (see `profile`).
+    pub profile_kept: bool,
     /// Samples drained, in all windows.
     pub samples: u64,
     /// Kernel counters at the end.
@@ -42,6 +42,8 @@ pub struct Recording {
     pub missing_stacks: u64,
     /// Samples whose stack was cut at the kernel's depth limit.
     pub truncated_stacks: u64,
+    /// Most distinct stacks seen in one drain window.
+    pub max_window_stacks: u64,
     pub duration: Duration,
     pub frequency: u64,
     pub cpus: usize,
@@ -61,66 +63,15 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// An output file opened (not truncated) at start, so an unwritable path
-/// fails before profiling and a failed start leaves an old file intact.
-struct Output {
-    path: PathBuf,
-    file: File,
-    created: bool,
-}
-
-impl Output {
-    fn open(path: &Path) -> Result<Self> {
-        let created = !path.exists();
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map(|file| Output {
-                path: path.to_path_buf(),
-                file,
-                created,
-            })
-            .map_err(|source| Error::Output {
-                path: path.to_path_buf(),
-                source,
-            })
-    }
-
-    /// Replaces the file's content with what `write` produces.
-    fn write_with(
-        mut self,
-        write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
-    ) -> Result<()> {
-        let err = |source| Error::Output {
-            path: self.path.clone(),
-            source,
-        };
-        self.file.set_len(0).map_err(err)?;
-        self.file.rewind().map_err(err)?;
-        let mut out = BufWriter::new(&mut self.file);
-        write(&mut out)?;
-        out.flush().map_err(err)
-    }
-
-    /// Removes the file if this run created it (start failed).
-    fn abandon(self) {
-        if self.created {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// A recording in progress: the sampler is attached from
 /// [`Recorder::start`] on, so callers can start workloads before [`Recorder::run`].
 pub struct Recorder {
     options: RecordOptions,
-    svg_out: Option<Output>,
-    folded_out: Option<Output>,
+    host: String,
+    local: Option<LocalSink>,
+    collector: Option<CollectorSink>,
     processes: Arc<Mutex<ProcessCache>>,
-    sampler: Sampler,
-    exporter: Option<Exporter>,
+    source: KernelSource,
     pods: Option<PodCache>,
     metrics: Arc<AgentMetrics>,
     metrics_server: Option<MetricsServer>,
@@ -128,117 +79,11 @@ pub struct Recorder {
     window_start: SystemTime,
 }
 
-/// What the memory watchdog acts on.
-struct AgentShedder<'a> {
-    exporter: Option<&'a Exporter>,
-    symbolizer: &'a mut BlazeSymbolizer,
-}
-
-impl Shedder for AgentShedder<'_> {
-    fn park_queue(&mut self) {
-        if let Some(exporter) = self.exporter {
-            exporter.park_queue(Duration::from_secs(2));
-        }
-    }
-
-    fn evict_symbolizer(&mut self) {
-        self.symbolizer.evict_caches();
-    }
-}
-
-/// The symbolizer's counters as `/metrics` shows them
-/// (`profiler_agent_symbolizer_NAME`).
-fn symbolizer_metrics(s: &SymbolizerStats) -> Vec<SymbolizerCounter> {
-    vec![
-        (
-            "lookups_total",
-            "Addresses looked up with blazesym.",
-            s.lookups,
-        ),
-        (
-            "cache_hits_total",
-            "Addresses named from the cache.",
-            s.cache_hits,
-        ),
-        (
-            "unnamed_frames_total",
-            "Frames shown as module+0xOFFSET or [unknown].",
-            s.unnamed_frames,
-        ),
-        (
-            "cache_resets_total",
-            "Times the name cache was emptied to stay within its bound.",
-            s.cache_resets,
-        ),
-        // The symbolization budget (symbolize.rs).
-        (
-            "windows_over_budget_total",
-            "Windows whose symbolization time budget ran out.",
-            s.windows_over_budget,
-        ),
-        (
-            "frames_over_budget_total",
-            "Frames left unnamed because the window's budget was spent.",
-            s.frames_over_budget,
-        ),
-        (
-            "dwarf_skipped_large_total",
-            "Binaries named without DWARF because of their size.",
-            s.dwarf_skipped_large,
-        ),
-        (
-            "binaries_unreadable_total",
-            "Binaries blazesym could not read.",
-            s.binaries_unreadable,
-        ),
-        ("panics_total", "Panics inside blazesym, caught.", s.panics),
-    ]
-}
-
-/// Once a window: publishes the figures `/metrics` shows and runs the
-/// memory watchdog.
-struct Monitor {
-    metrics: Arc<AgentMetrics>,
-    watchdog: Option<SelfWatchdog>,
-    summary: LogSummary,
-}
-
-impl Monitor {
-    fn window(
-        &mut self,
-        sampler: &Sampler,
-        processes: &Mutex<ProcessCache>,
-        symbolizer: &mut BlazeSymbolizer,
-        pods: Option<&PodCache>,
-        exporter: Option<&Exporter>,
-    ) {
-        match sampler.counters() {
-            Ok(counters) => self.metrics.set_kernel(counters),
-            Err(e) => tracing::debug!("reading the kernel counters: {e}"),
-        }
-        {
-            let cache = processes.lock().unwrap_or_else(|e| e.into_inner());
-            self.metrics.set_processes(ProcessGauges {
-                stats: cache.stats().clone(),
-                processes: cache.process_count() as u64,
-                binaries: cache.binary_count() as u64,
-            });
-        }
-        if let Some(pods) = pods {
-            self.metrics
-                .pods
-                .store(pods.len() as u64, Ordering::Relaxed);
-        }
-        if let Some(watchdog) = &mut self.watchdog {
-            watchdog.check(&mut AgentShedder {
-                exporter,
-                symbolizer: &mut *symbolizer,
-            });
-        }
-        self.metrics
-            .set_symbolizer(symbolizer_metrics(&symbolizer.stats()));
-        self.summary.tick(&self.metrics);
-    }
+/// Whether the run has a local profile sink: always in `record`, in `run`
+/// (which ships to a collector) only with `-o` or `--folded`, so an
+/// always-on agent does not grow with every distinct stack.
+pub fn keeps_local_profile(options: &RecordOptions) -> bool {
+    options.export.is_none() || options.svg.is_some() || options.folded.is_some()
 }
 
 /// Records until `options.duration` passes or `stop` is set (Ctrl-C), then
@@ -247,113 +92,13 @@ pub fn record(options: &RecordOptions, stop: &AtomicBool) -> Result<Recording> {
     Recorder::start(options)?.run(stop)
 }
 
-/// Where a drained window goes: the local profile, and the collector.
-struct Sinks<'a> {
-    processes: &'a Mutex<ProcessCache>,
-    symbolizer: &'a mut BlazeSymbolizer,
-    /// The whole run's profile; `None` in `run` mode without local outputs,
-    /// so an always-on agent does not grow with every distinct stack.
-    profile: Option<&'a mut FoldedProfile>,
-    exporter: Option<&'a mut Exporter>,
-    pods: Option<&'a PodCache>,
-    frequency: u32,
-}
-
-impl Sinks<'_> {
-    /// Symbolizes a window once, names each sample after its process
-    /// (`/proc/PID/comm` at first sight; the thread's comm otherwise), adds it
-    /// to the local profile and ships it as one batch.
-    fn take(&mut self, window: RawWindow, start: SystemTime, end: SystemTime) {
-        let mut samples = symbolize_window(&window, self.symbolizer);
-        let cache = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-        for sample in &mut samples {
-            if let Some(name) = cache.name(sample.tgid) {
-                if name != sample.process {
-                    sample.process = name.to_string();
-                }
-            }
-            if let Some(profile) = self.profile.as_deref_mut() {
-                profile.add(&sample.process, &sample.frames, sample.count);
-            }
-        }
-        let Some(exporter) = self.exporter.as_deref_mut() else {
-            return;
-        };
-        let mut batch = BatchBuilder::new();
-        let node = exporter.node().to_string();
-        let mut frames = Vec::new();
-        for sample in &samples {
-            let pid = sample.tgid.to_string();
-            let mut labels = vec![
-                ("node", node.as_str()),
-                ("process", sample.process.as_str()),
-                ("pid", pid.as_str()),
-            ];
-            let exe = cache.exe(sample.tgid);
-            if let Some(exe) = exe {
-                labels.push(("exe", exe));
-            }
-            let cgroup = cache.cgroup(sample.tgid);
-            let container_id = cgroup.and_then(|c| c.container_id.as_deref());
-            if let Some(id) = container_id {
-                labels.push(("container_id", id));
-            }
-            // Pod labels only when the watch knows the pod: never guessed.
-            let pod = cgroup
-                .and_then(|c| c.pod_uid.as_deref())
-                .zip(self.pods)
-                .and_then(|(uid, pods)| pods.lookup(uid, container_id));
-            if let Some(pod) = &pod {
-                labels.push(("pod", pod.pod.as_str()));
-                labels.push(("namespace", pod.namespace.as_str()));
-                if let Some(container) = &pod.container {
-                    labels.push(("container", container.as_str()));
-                }
-            }
-            // A pod the watch does not know yet gets no service rather than
-            // a made-up one; host processes get their unit or executable.
-            let in_unknown_pod =
-                pod.is_none() && self.pods.is_some() && cgroup.is_some_and(|c| c.pod_uid.is_some());
-            let fallback = cgroup
-                .filter(|_| !in_unknown_pod)
-                .and_then(|c| crate::cgroup::fallback_service(c, exe));
-            let service = pod
-                .as_ref()
-                .map(|p| p.service.as_str())
-                .or(fallback.as_deref());
-            if let Some(service) = service {
-                labels.push(("service", service));
-            }
-            // The process is the root frame, as in the local folded output.
-            frames.clear();
-            frames.push(sample.process.clone());
-            if sample.frames.is_empty() {
-                frames.push(crate::fold::NO_STACK_FRAME.to_string());
-            }
-            frames.extend(sample.frames.iter().cloned());
-            batch.add(&labels, &frames, sample.count);
-        }
-        drop(cache);
-        let size = exporter.send(batch, start, end, self.frequency);
-        tracing::debug!(
-            bytes = size,
-            samples = window.total(),
-            "window queued for the collector"
-        );
-    }
-}
-
 impl Recorder {
     /// Checks the outputs are writable, then loads and attaches the sampler.
     pub fn start(options: &RecordOptions) -> Result<Self> {
-        let svg_out = options.svg.as_deref().map(Output::open).transpose()?;
-        let folded_out = match options.folded.as_deref().map(Output::open).transpose() {
-            Ok(out) => out,
-            Err(e) => {
-                svg_out.into_iter().for_each(Output::abandon);
-                return Err(e);
-            }
-        };
+        let host = hostname();
+        let local = keeps_local_profile(options)
+            .then(|| LocalSink::open(options.svg.as_deref(), options.folded.as_deref(), &host))
+            .transpose()?;
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
         let started = (|| {
             let exporter = options.export.clone().map(Exporter::start).transpose()?;
@@ -366,7 +111,7 @@ impl Recorder {
                 }
                 None => None,
             };
-            let sampler = Sampler::start(&options.sampler, processes.clone())?;
+            let source = KernelSource::start(&options.sampler, processes.clone())?;
             if options.drop_capabilities {
                 let kept = crate::privileges::drop_unneeded()?;
                 tracing::info!(kept = %kept.join(","), "loaded and attached: dropped every other capability");
@@ -379,25 +124,22 @@ impl Recorder {
                 .metrics_listen
                 .map(|addr| MetricsServer::start(addr, metrics.clone()))
                 .transpose()?;
-            Ok((sampler, exporter, pods, metrics, metrics_server))
+            Ok((source, exporter, pods, metrics, metrics_server))
         })();
-        let (sampler, exporter, pods, metrics, metrics_server) = match started {
+        let (source, exporter, pods, metrics, metrics_server) = match started {
             Ok(s) => s,
             Err(e) => {
-                svg_out
-                    .into_iter()
-                    .chain(folded_out)
-                    .for_each(Output::abandon);
+                local.into_iter().for_each(LocalSink::abandon);
                 return Err(e);
             }
         };
         Ok(Self {
             options: options.clone(),
-            svg_out,
-            folded_out,
+            host,
+            local,
+            collector: exporter.map(CollectorSink::new),
             processes,
-            sampler,
-            exporter,
+            source,
             pods,
             metrics,
             metrics_server,
@@ -416,171 +158,112 @@ impl Recorder {
     pub fn run(self, stop: &AtomicBool) -> Result<Recording> {
         let Recorder {
             options,
-            svg_out,
-            folded_out,
+            host,
+            mut local,
+            mut collector,
             processes,
-            mut sampler,
-            mut exporter,
+            mut source,
             pods,
             metrics,
             metrics_server,
             started,
-            mut window_start,
+            window_start,
         } = self;
         // Serves until the end of the run, final counters included.
         let _metrics_server = metrics_server;
-        let mut monitor = Monitor {
-            watchdog: options
-                .memory_limit_bytes
-                .map(|limit| SelfWatchdog::for_self(limit, metrics.memory.clone())),
-            summary: LogSummary::new(crate::metrics::SUMMARY_INTERVAL, &metrics),
-            metrics: metrics.clone(),
-        };
         let mut symbolizer =
             BlazeSymbolizer::with_limits(processes.clone(), options.symbolize.clone());
-        let mut profile = FoldedProfile::default();
-        let export_stats = exporter.as_ref().map(|e| e.stats().clone());
-        let keep_profile = exporter.is_none() || options.svg.is_some() || options.folded.is_some();
-        let frequency = options.sampler.frequency as u32;
-
-        let deadline = options.duration.map(|d| started + d);
-        let mut next_drain = started + options.drain_interval;
-        let mut next_progress = started;
-        let progress = options.progress && std::io::stderr().is_terminal();
-        loop {
-            let now = Instant::now();
-            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
-                break;
-            }
-            if now >= next_drain {
-                let window = sampler.drain()?;
-                tracing::debug!(samples = window.total(), "drained a window");
-                let window_end = SystemTime::now();
-                metrics.add_window(
-                    window.total(),
-                    window.missing_stacks,
-                    window.truncated_stacks,
-                );
-                Sinks {
-                    processes: &processes,
-                    symbolizer: &mut symbolizer,
-                    profile: keep_profile.then_some(&mut profile),
-                    exporter: exporter.as_mut(),
-                    pods: pods.as_ref(),
-                    frequency,
-                }
-                .take(window, window_start, window_end);
-                // Pages of the binaries read for this window's names leave
-                // the resident set until a later window reads them again.
-                crate::memory::release_mapped_files();
-                // And the heap the window freed (its samples, batch, parse
-                // buffers) goes back to the kernel.
-                crate::memory::trim_allocator();
-                window_start = window_end;
-                let swept = processes.lock().unwrap_or_else(|e| e.into_inner()).sweep();
-                symbolizer.forget_binaries(&swept.binaries);
-                sampler.forget_pids(&swept.pids);
-                monitor.window(
-                    &sampler,
-                    &processes,
-                    &mut symbolizer,
-                    pods.as_ref(),
-                    exporter.as_ref(),
-                );
-                next_drain += options.drain_interval;
-            }
-            if progress && now >= next_progress {
-                let samples = sampler.counters()?.get(profiler_common::Counter::Recorded);
-                let elapsed = started.elapsed().as_secs();
-                let of = options
-                    .duration
-                    .map(|d| format!(" of {}s", d.as_secs()))
-                    .unwrap_or_else(|| " (Ctrl-C to stop)".into());
-                eprint!("\rprofiling: {samples} samples, {elapsed}s{of}   ");
-                let _ = std::io::stderr().flush();
-                next_progress += Duration::from_secs(1);
-            }
-            let mut wake = next_drain.min(next_progress.max(now + Duration::from_millis(100)));
-            if let Some(d) = deadline {
-                wake = wake.min(d);
-            }
-            std::thread::sleep(
-                wake.saturating_duration_since(Instant::now())
-                    .clamp(Duration::from_millis(1), Duration::from_millis(100)),
-            );
-        }
-        if progress {
-            eprintln!();
-        }
-        let duration = started.elapsed();
-
-        // Stop sampling, then empty both map sets: nothing is left behind.
-        sampler.stop_sampling()?;
-        let window = sampler.drain_all()?;
-        metrics.add_window(
-            window.total(),
-            window.missing_stacks,
-            window.truncated_stacks,
-        );
-        Sinks {
-            processes: &processes,
-            symbolizer: &mut symbolizer,
-            profile: keep_profile.then_some(&mut profile),
-            exporter: exporter.as_mut(),
-            pods: pods.as_ref(),
-            frequency,
-        }
-        .take(window, window_start, SystemTime::now());
-        if let Some(exporter) = exporter.take() {
-            exporter.finish();
-        }
-        let counters = sampler.counters()?;
-        metrics.set_kernel(counters.clone());
-        let program_info = sampler.program_info();
-        let cpus = sampler.attached_cpus();
-        drop(sampler);
-
-        let process_stats = processes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stats()
-            .clone();
-        // Totals of every window, as `/metrics` shows them.
-        let total = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let recording = Recording {
-            profile,
-            samples: total(&metrics.samples_drained),
-            counters,
-            processes_seen: process_stats.snapshots,
-            process_stats,
-            symbolizer_stats: symbolizer.stats().clone(),
-            missing_stacks: total(&metrics.missing_stacks),
-            truncated_stacks: total(&metrics.truncated_stacks),
-            duration,
-            frequency: options.sampler.frequency,
-            cpus,
-            program_info,
-            host: hostname(),
-            export: export_stats,
+        let export = collector.as_ref().map(|c| c.stats().clone());
+        let node = options
+            .export
+            .as_ref()
+            .map_or_else(|| host.clone(), |e| e.node.clone());
+        let pipeline = Pipeline {
+            options: PipelineOptions {
+                node,
+                frequency: options.sampler.frequency,
+                drain_interval: options.drain_interval,
+                duration: options.duration,
+                progress: options.progress,
+                memory_limit_bytes: options.memory_limit_bytes,
+            },
+            metrics,
+            started,
+            window_start,
         };
+        let mut sinks: Vec<&mut dyn Sink> = Vec::new();
+        if let Some(collector) = collector.as_mut() {
+            sinks.push(collector);
+        }
+        if let Some(local) = local.as_mut() {
+            sinks.push(local);
+        }
+        let report = pipeline.run(
+            Stages {
+                source: &mut source,
+                symbolizer: &mut symbolizer,
+                processes: &*processes,
+                pods: pods.as_ref().map(|p| p as &dyn PodDirectory),
+                sinks,
+            },
+            stop,
+        )?;
+        drop(source);
 
-        if let Some(out) = folded_out {
-            let path = out.path.clone();
-            out.write_with(|w| {
-                recording
-                    .profile
-                    .write_to(w)
-                    .map_err(|source| Error::Output { path, source })
-            })?;
-        }
-        if let Some(out) = svg_out {
-            let info = RenderInfo {
-                host: recording.host.clone(),
-                duration_secs: duration.as_secs_f64(),
-                frequency: recording.frequency,
+        let profile_kept = local.is_some();
+        let mut profiles = local.map(LocalSink::into_profiles).unwrap_or_default();
+        let profile = profiles.remove(&SampleType::Cpu).unwrap_or_default();
+        Ok(Recording {
+            profile,
+            other_profiles: profiles,
+            profile_kept,
+            samples: report.drained.get(&SampleType::Cpu).copied().unwrap_or(0),
+            counters: report.counters,
+            processes_seen: report.process_stats.snapshots,
+            process_stats: report.process_stats,
+            symbolizer_stats: report.symbolizer_stats,
+            missing_stacks: report.missing_stacks,
+            truncated_stacks: report.truncated_stacks,
+            max_window_stacks: report.max_window_stacks,
+            duration: report.duration,
+            frequency: options.sampler.frequency,
+            cpus: report.source.cpus,
+            program_info: report.source.program_info,
+            host,
+            export,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportOptions;
+
+    #[test]
+    fn record_keeps_a_local_profile_and_run_only_when_asked() {
+        let record = RecordOptions::default();
+        assert!(keeps_local_profile(&record));
+        let run = RecordOptions {
+            export: Some(ExportOptions {
+                collector: "http://127.0.0.1:7070".into(),
+                node: "n1".into(),
+                queue_bytes: 1 << 20,
+                flush_timeout: Duration::from_secs(1),
+                spill_dir: None,
+                spill_bytes: 0,
+                security: Default::default(),
+            }),
+            ..RecordOptions::default()
+        };
+        assert!(!keeps_local_profile(&run));
+        for (svg, folded) in [(Some("f.svg"), None), (None, Some("s.txt"))] {
+            let with_output = RecordOptions {
+                svg: svg.map(Into::into),
+                folded: folded.map(Into::into),
+                ..run.clone()
             };
-            out.write_with(|w| write_svg(&recording.profile, &info, w))?;
+            assert!(keeps_local_profile(&with_output));
         }
-        Ok(recording)
     }
 }

@@ -1,7 +1,7 @@
 //! Flame graph SVGs rendered by inferno from folded stacks.
 use std::io::Write;
 
-use crate::{fold::FoldedProfile, Error, Result};
+use crate::{fold::FoldedProfile, sample_type::SampleType, Error, Result};
 
 /// What the flame graph's title says about the recording.
 #[derive(Clone, Debug)]
@@ -9,21 +9,34 @@ pub struct RenderInfo {
     pub host: String,
     pub duration_secs: f64,
     pub frequency: u64,
+    /// What the profile's values measure.
+    pub sample_type: SampleType,
 }
 
-/// The title: host, duration, frequency and sample count.
-pub fn title(info: &RenderInfo, samples: u64) -> String {
-    format!(
-        "CPU profile of {} — {:.1} s at {} Hz, {} samples",
-        info.host, info.duration_secs, info.frequency, samples
-    )
+/// The title: host, duration, and the total in the type's unit (with the
+/// sampling frequency for `cpu`).
+pub fn title(info: &RenderInfo, total: u64) -> String {
+    match info.sample_type {
+        SampleType::Cpu => format!(
+            "CPU profile of {} — {:.1} s at {} Hz, {} samples",
+            info.host, info.duration_secs, info.frequency, total
+        ),
+        other => format!(
+            "{} profile of {} — {:.1} s, {} {}",
+            other,
+            info.host,
+            info.duration_secs,
+            total,
+            other.unit()
+        ),
+    }
 }
 
 /// Writes an SVG flame graph of `profile`.
 pub fn write_svg(profile: &FoldedProfile, info: &RenderInfo, out: impl Write) -> Result<()> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = title(info, profile.total());
-    options.count_name = "samples".into();
+    options.count_name = info.sample_type.unit().into();
     options.hash = true;
     options.deterministic = true;
     let lines = profile.lines();
@@ -54,6 +67,7 @@ mod tests {
             host: "box".into(),
             duration_secs: 10.0,
             frequency: 99,
+            sample_type: SampleType::Cpu,
         };
         let mut svg = Vec::new();
         write_svg(&profile, &info, &mut svg).unwrap();
@@ -69,11 +83,35 @@ mod tests {
             host: "box".into(),
             duration_secs: 1.0,
             frequency: 99,
+            sample_type: SampleType::Cpu,
         };
         let mut svg = Vec::new();
         write_svg(&FoldedProfile::default(), &info, &mut svg).unwrap();
         assert!(String::from_utf8(svg)
             .unwrap()
             .contains("no samples were recorded"));
+    }
+
+    #[test]
+    fn other_types_are_titled_in_their_unit() {
+        let mut profile = FoldedProfile::default();
+        profile.add("app", &["main".into(), "wait".into()], 2_000_000);
+        let info = RenderInfo {
+            host: "box".into(),
+            duration_secs: 10.0,
+            frequency: 99,
+            sample_type: SampleType::OffCpu,
+        };
+        let mut svg = Vec::new();
+        write_svg(&profile, &info, &mut svg).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(
+            svg.contains("off_cpu profile of box — 10.0 s, 2000000 nanoseconds"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("wait (2,000,000 nanoseconds, 100.00%)"),
+            "{svg}"
+        );
     }
 }

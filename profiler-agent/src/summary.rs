@@ -43,12 +43,20 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let mut s = String::new();
     let total = recording.samples;
     let secs = recording.duration.as_secs_f64();
+    // Without a whole-run profile, only each window's stacks were known.
+    let stacks = if recording.profile_kept {
+        format!("{} distinct stacks", recording.profile.len())
+    } else {
+        format!(
+            "up to {} distinct stacks per window",
+            recording.max_window_stacks
+        )
+    };
     let _ = writeln!(
         s,
-        "Recorded {total} samples in {secs:.1} s at {} Hz on {} CPUs ({} distinct stacks, {} processes seen).",
+        "Recorded {total} samples in {secs:.1} s at {} Hz on {} CPUs ({stacks}, {} processes seen).",
         recording.frequency,
         recording.cpus,
-        recording.profile.len(),
         recording.processes_seen,
     );
     if recording.profile.total() > 0 {
@@ -89,4 +97,61 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
         let _ = writeln!(s, "Flame graph:   {}", path.display());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recording(profile_kept: bool) -> Recording {
+        let mut profile = crate::fold::FoldedProfile::default();
+        if profile_kept {
+            profile.add("app", &["main".into(), "hot".into()], 30);
+            profile.add("app", &["main".into(), "cold".into()], 10);
+        }
+        Recording {
+            profile,
+            other_profiles: Default::default(),
+            profile_kept,
+            samples: 40,
+            counters: Default::default(),
+            process_stats: Default::default(),
+            symbolizer_stats: Default::default(),
+            missing_stacks: 0,
+            truncated_stacks: 0,
+            max_window_stacks: 7,
+            duration: std::time::Duration::from_secs(10),
+            frequency: 19,
+            cpus: 2,
+            processes_seen: 3,
+            program_info: None,
+            host: "box".into(),
+            export: None,
+        }
+    }
+
+    #[test]
+    fn the_whole_run_profile_gives_distinct_stacks_and_top_functions() {
+        let text = render(&recording(true), &Outputs::default(), 10);
+        assert!(
+            text.starts_with(
+                "Recorded 40 samples in 10.0 s at 19 Hz on 2 CPUs (2 distinct stacks, 3 processes seen).\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("   75.0%       30  hot"), "{text}");
+    }
+
+    #[test]
+    fn without_a_profile_the_stacks_seen_per_window_are_given() {
+        let text = render(&recording(false), &Outputs::default(), 10);
+        assert!(
+            text.starts_with(
+                "Recorded 40 samples in 10.0 s at 19 Hz on 2 CPUs (up to 7 distinct stacks per window, 3 processes seen).\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("0 distinct stacks"), "{text}");
+        assert!(!text.contains("Top functions"), "{text}");
+    }
 }

@@ -46,7 +46,8 @@ pub const UNKNOWN_FRAME: &str = "[unknown]";
 /// Suffix of inlined frames.
 pub const INLINED_SUFFIX: &str = "_[i]";
 
-/// Turns stacks into frame names.
+/// Turns stacks into frame names: the pipeline's symbolize stage
+/// ([`BlazeSymbolizer`] for real, a table of names in tests).
 pub trait Symbolize {
     /// Called before the stacks of each drain window: starts its time budget.
     fn start_window(&mut self) {}
@@ -55,6 +56,14 @@ pub trait Symbolize {
     fn user_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<String>;
     /// Names of a kernel stack given leaf first; returned root first.
     fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String>;
+    /// Binaries were closed: forget what was cached for them.
+    fn forget_binaries(&mut self, _closed: &[(BinaryKey, std::path::PathBuf)]) {}
+    /// Frees what can be looked up again (the memory watchdog's step).
+    fn evict_caches(&mut self) {}
+    /// The counters so far.
+    fn stats(&self) -> SymbolizerStats {
+        SymbolizerStats::default()
+    }
 }
 
 /// The address to look up for the `index`-th frame of a leaf-first stack.
@@ -522,6 +531,18 @@ impl BlazeSymbolizer {
 }
 
 impl Symbolize for BlazeSymbolizer {
+    fn forget_binaries(&mut self, closed: &[(BinaryKey, std::path::PathBuf)]) {
+        BlazeSymbolizer::forget_binaries(self, closed)
+    }
+
+    fn evict_caches(&mut self) {
+        BlazeSymbolizer::evict_caches(self)
+    }
+
+    fn stats(&self) -> SymbolizerStats {
+        BlazeSymbolizer::stats(self)
+    }
+
     fn user_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<String> {
         self.keep_bounded();
         let locations: Vec<Location> = {
@@ -807,14 +828,16 @@ mod tests {
                     comm: "me".into(),
                     user: vec![addr, addr],
                     kernel: vec![],
-                    count: 3,
+                    sample_type: crate::sample_type::SampleType::Cpu,
+                    value: 3,
                 },
                 crate::drain::RawSample {
                     tgid: pid,
                     comm: "me".into(),
                     user: vec![addr],
                     kernel: vec![],
-                    count: 2,
+                    sample_type: crate::sample_type::SampleType::Cpu,
+                    value: 2,
                 },
             ],
             ..Default::default()
@@ -822,7 +845,7 @@ mod tests {
         let samples = crate::fold::symbolize_window(&window, &mut sym);
         // The window is produced, every frame kept, none named.
         assert_eq!(samples.len(), 2);
-        assert_eq!(samples.iter().map(|s| s.count).sum::<u64>(), 5);
+        assert_eq!(samples.iter().map(|s| s.value).sum::<u64>(), 5);
         assert_eq!(samples[1].frames, vec![fallback.clone()]);
         assert_eq!(samples[0].frames.len(), 2);
         assert!(samples[0].frames.iter().all(|f| f.contains("+0x")));

@@ -87,6 +87,7 @@ fn svg_output_matches_golden_file() {
         host: "golden-host".into(),
         duration_secs: 10.0,
         frequency: 99,
+        sample_type: profiler_agent::sample_type::SampleType::Cpu,
     };
     let mut out = Vec::new();
     write_svg(&profile(), &info, &mut out).unwrap();

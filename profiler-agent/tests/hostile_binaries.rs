@@ -524,13 +524,14 @@ fn process_gone_before_first_sight_gives_unknown_frames() {
             comm: "victim".into(),
             user: vec![addr, addr + 0x40],
             kernel: vec![],
-            count: 4,
+            sample_type: profiler_agent::sample_type::SampleType::Cpu,
+            value: 4,
         }],
         ..Default::default()
     };
     let samples = profiler_agent::fold::symbolize_window(&window, &mut sym);
     assert_eq!(samples.len(), 1);
-    assert_eq!(samples[0].count, 4);
+    assert_eq!(samples[0].value, 4);
     assert_eq!(samples[0].frames, vec!["[unknown]", "[unknown]"]);
     assert_eq!(processes.lock().unwrap().stats().snapshot_failed, 1);
 }

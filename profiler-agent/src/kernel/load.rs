@@ -1,0 +1,316 @@
+//! Loading the eBPF object and attaching its programs: the checks that come
+//! first (privileges, perf events, the kernel's sample-rate limit), the map
+//! sizes, the `on_exec` raw tracepoint and the `profile` program on the
+//! `cpu-clock` perf event of every online CPU.
+//!
+//! Every kernel refusal becomes an [`Error`] that names what the user must
+//! change: a missing capability ([`Error::MissingPrivilege`]) or a missing
+//! kernel feature ([`Error::KernelFeature`]).
+//!
+//! Minimum kernel: 5.8 (`CAP_BPF`/`CAP_PERFMON`, ring buffer).
+use std::io;
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+        PerfEvent, RawTracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use profiler_common::Config;
+
+use super::maps::{write_config, MapSet, MAP_SETS};
+use crate::{config::SamplerOptions, privileges, Error, Result};
+
+/// The eBPF object built by `build.rs`.
+#[cfg(not(fuzzing))]
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+/// Fuzz builds (`fuzz/`) test parsers only and never load the program.
+#[cfg(fuzzing)]
+static EBPF_OBJECT: &[u8] = &[];
+
+/// The sampling program's name in the object.
+pub(super) const PROFILE_PROGRAM: &str = "profile";
+
+/// The loaded object with the maps the agent reads and writes, before the
+/// sampling program is attached.
+pub(super) struct Loaded {
+    pub ebpf: Ebpf,
+    pub sets: [MapSet; 2],
+    pub config_map: Array<MapData, Config>,
+    pub config: Config,
+    pub counters: aya::maps::PerCpuArray<MapData, u64>,
+    pub known_pids: BpfHashMap<MapData, u32, u8>,
+    /// The pid filter: held until the `profile` program is loaded (the
+    /// program refers to its fd), then not needed.
+    pub filter: BpfHashMap<MapData, u32, u8>,
+    pub ring: RingBuf<MapData>,
+    pub logger: Option<super::announce::Logger>,
+}
+
+/// Checks what loading needs, loads the object, sizes and fills its maps,
+/// and attaches the `on_exec` tracepoint. The `profile` program is attached
+/// by [`attach_sampling`].
+pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
+    options.validate()?;
+    privileges::check()?;
+    if !std::path::Path::new("/proc/sys/kernel/perf_event_paranoid").exists() {
+        return Err(Error::KernelFeature {
+            feature: "perf events",
+            detail: "/proc/sys/kernel/perf_event_paranoid is missing (CONFIG_PERF_EVENTS=n)".into(),
+        });
+    }
+    check_sample_rate(options.frequency)?;
+    raise_limits();
+
+    let mut loader = EbpfLoader::new();
+    for (counts, stacks, overflow) in MAP_SETS {
+        loader.map_max_entries(counts, options.count_map_entries);
+        loader.map_max_entries(stacks, options.stack_map_entries);
+        loader.map_max_entries(overflow, (options.stack_map_entries / 4).max(64));
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| ebpf_error("loading the eBPF object", e))?;
+
+    let config = Config {
+        active_set: 0,
+        filter_pids: u32::from(!options.pids.is_empty()),
+        include_idle: u32::from(options.include_idle),
+        reserved: 0,
+    };
+    let mut filter: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "FILTER_PIDS")?;
+    for pid in &options.pids {
+        filter
+            .insert(pid, 1, 0)
+            .map_err(|e| ebpf_error("filling the pid filter", e))?;
+    }
+    let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, "CONFIG")?;
+    write_config(&mut config_map, config)?;
+    let sets = [
+        MapSet::take(&mut ebpf, MAP_SETS[0])?,
+        MapSet::take(&mut ebpf, MAP_SETS[1])?,
+    ];
+    let counters = take_map(&mut ebpf, "COUNTERS")?;
+    let known_pids = take_map(&mut ebpf, "KNOWN_PIDS")?;
+
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(logger),
+        Err(e) => {
+            tracing::debug!("eBPF log not available: {e}");
+            None
+        }
+    };
+    let ring: RingBuf<MapData> = ebpf
+        .take_map("NEW_PIDS")
+        .ok_or_else(|| missing_map("NEW_PIDS"))?
+        .try_into()
+        .map_err(|e| ebpf_error("opening the NEW_PIDS ring buffer", e))?;
+
+    let exec: &mut RawTracePoint = program(&mut ebpf, "on_exec")?;
+    exec.load()
+        .map_err(|e| ebpf_error("loading the on_exec program", e))?;
+    exec.attach("sched_process_exec")
+        .map_err(|e| ebpf_error("attaching to the sched_process_exec raw tracepoint", e))?;
+
+    Ok(Loaded {
+        ebpf,
+        sets,
+        config_map,
+        config,
+        counters,
+        known_pids,
+        filter,
+        ring,
+        logger,
+    })
+}
+
+/// Loads the `profile` program and attaches it to the software `cpu-clock`
+/// perf event of every online CPU. Returns one link per CPU.
+pub(super) fn attach_sampling(ebpf: &mut Ebpf, frequency: u64) -> Result<Vec<PerfEventLinkId>> {
+    let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::io(what, e))?;
+    let prog: &mut PerfEvent = program(ebpf, PROFILE_PROGRAM)?;
+    prog.load()
+        .map_err(|e| ebpf_error("loading the profile program (verifier)", e))?;
+    let mut links = Vec::with_capacity(cpus.len());
+    for cpu in &cpus {
+        let link = prog
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+                SamplePolicy::Frequency(frequency),
+                false,
+            )
+            .map_err(|e| {
+                ebpf_error(
+                    format!("attaching to the cpu-clock perf event of CPU {cpu}"),
+                    e,
+                )
+            })?;
+        links.push(link);
+    }
+    Ok(links)
+}
+
+/// Detaches the `profile` program from every CPU.
+pub(super) fn detach_sampling(ebpf: &mut Ebpf, links: Vec<PerfEventLinkId>) -> Result<()> {
+    let prog: &mut PerfEvent = program(ebpf, PROFILE_PROGRAM)?;
+    for link in links {
+        prog.detach(link)
+            .map_err(|e| ebpf_error("detaching the profile program", e))?;
+    }
+    Ok(())
+}
+
+/// Verifier statistics of the `profile` program: instructions processed
+/// and program size in instructions, if the kernel reports them.
+pub(super) fn program_info(ebpf: &Ebpf) -> Option<(u64, u64)> {
+    let prog: &PerfEvent = ebpf.program(PROFILE_PROGRAM)?.try_into().ok()?;
+    let info = prog.info().ok()?;
+    let size = info.size_translated().unwrap_or(0) as u64 / 8;
+    Some((info.verified_instruction_count().unwrap_or(0) as u64, size))
+}
+
+/// An error of the eBPF layer, naming the privilege or kernel feature when
+/// the kernel's answer says which.
+pub(super) fn ebpf_error(
+    what: impl Into<String>,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let what = what.into();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    return Error::MissingPrivilege {
+                        what: "loading and attaching the eBPF profiler",
+                        capability: "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)",
+                    };
+                }
+                Some(libc::ENOSYS) => {
+                    return Error::KernelFeature {
+                        feature: "the bpf() system call",
+                        detail: format!("{what}: {io}"),
+                    };
+                }
+                Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::ENOTSUP)
+                    if what.contains("perf") =>
+                {
+                    return Error::KernelFeature {
+                        feature: "the software cpu-clock perf event",
+                        detail: format!("{what}: {io}"),
+                    };
+                }
+                _ => {}
+            }
+        }
+        source = e.source();
+    }
+    Error::Ebpf {
+        what,
+        source: Box::new(err),
+    }
+}
+
+fn missing_map(name: &str) -> Error {
+    Error::Ebpf {
+        what: format!("the eBPF object has no map {name}"),
+        source: "built object does not match the agent".into(),
+    }
+}
+
+pub(super) fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
+    T::try_from(map).map_err(|e| ebpf_error(format!("opening map {name}"), e))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| Error::Ebpf {
+        what: format!("the eBPF object has no program {name}"),
+        source: "built object does not match the agent".into(),
+    })?;
+    prog.try_into()
+        .map_err(|e| ebpf_error(format!("program {name}"), e))
+}
+
+/// The kernel refuses perf events above `kernel.perf_event_max_sample_rate`
+/// with a bare `EINVAL`: say so before trying.
+fn check_sample_rate(frequency: u64) -> Result<()> {
+    let path = "/proc/sys/kernel/perf_event_max_sample_rate";
+    let max = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match max {
+        Some(max) if frequency > max => Err(Error::InvalidArgument(format!(
+            "frequency {frequency} Hz is above the kernel's limit of {max} Hz \
+             (sysctl kernel.perf_event_max_sample_rate)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Binaries stay open while their processes are cached: allow many files.
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`: lift it.
+fn raise_limits() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscalls on local structs.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+            tracing::debug!("could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] io::Error);
+
+    #[test]
+    fn kernel_answers_become_named_errors() {
+        let eperm = ebpf_error(
+            "loading",
+            Wrapper(io::Error::from_raw_os_error(libc::EPERM)),
+        );
+        assert!(matches!(eperm, Error::MissingPrivilege { .. }), "{eperm}");
+        assert!(eperm.to_string().contains("CAP_BPF"));
+        let enosys = ebpf_error("loading", io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(matches!(enosys, Error::KernelFeature { .. }), "{enosys}");
+        let enoent = ebpf_error(
+            "attaching to the cpu-clock perf event of CPU 0",
+            io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert!(
+            enoent.to_string().contains("cpu-clock perf event"),
+            "{enoent}"
+        );
+        let other = ebpf_error("reading", io::Error::from_raw_os_error(libc::EBADF));
+        assert!(matches!(other, Error::Ebpf { .. }));
+    }
+}

@@ -1,0 +1,143 @@
+//! The kernel side of the agent: the eBPF program loaded and attached to
+//! `cpu-clock` on every online CPU, drained through its A/B map sets
+//! without losing samples. [`KernelSource`] is the pipeline's real
+//! [`SampleSource`].
+//!
+//! - [`load`]: checks, loading the object, attaching and detaching programs,
+//!   and the errors that name a missing privilege or kernel feature;
+//! - [`maps`]: flipping and reading the A/B map sets, and the counters;
+//! - [`announce`]: the thread that snapshots each new process at its first
+//!   sample;
+//! - [`unwind`]: unwind tables the agent builds and pushes into maps.
+//!
+//! Minimum kernel: 5.8 (`CAP_BPF`/`CAP_PERFMON`, ring buffer).
+mod announce;
+mod load;
+mod maps;
+pub mod unwind;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::perf_event::PerfEventLinkId,
+    Ebpf,
+};
+use profiler_common::Config;
+
+use self::{announce::Announcer, maps::MapSet};
+use crate::{
+    config::SamplerOptions,
+    drain::{Counters, RawWindow},
+    pipeline::{SampleSource, SourceInfo},
+    process::ProcessCache,
+    Result,
+};
+
+/// A running eBPF sampler. Dropping it detaches the programs.
+pub struct KernelSource {
+    ebpf: Ebpf,
+    sets: [MapSet; 2],
+    config_map: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    known_pids: BpfHashMap<MapData, u32, u8>,
+    config: Config,
+    grace: Duration,
+    started: Instant,
+    attached_cpus: usize,
+    links: Vec<PerfEventLinkId>,
+    announcer: Announcer,
+}
+
+impl KernelSource {
+    /// Loads and attaches the profiler. `processes` receives a snapshot of
+    /// every process at its first sample.
+    pub fn start(options: &SamplerOptions, processes: Arc<Mutex<ProcessCache>>) -> Result<Self> {
+        let mut loaded = load::load(options)?;
+        let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
+        drop(loaded.filter);
+        let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes)?;
+        let source = Self {
+            ebpf: loaded.ebpf,
+            sets: loaded.sets,
+            config_map: loaded.config_map,
+            counters: loaded.counters,
+            known_pids: loaded.known_pids,
+            config: loaded.config,
+            grace: options.grace_period,
+            started: Instant::now(),
+            attached_cpus: links.len(),
+            links,
+            announcer,
+        };
+        let (verified, size) = source.program_info().unwrap_or_default();
+        tracing::info!(
+            cpus = source.attached_cpus,
+            frequency = options.frequency,
+            verified_instructions = verified,
+            program_instructions = size,
+            "profiler attached to cpu-clock on every online CPU"
+        );
+        Ok(source)
+    }
+
+    /// Number of CPUs the program is attached to.
+    pub fn attached_cpus(&self) -> usize {
+        self.attached_cpus
+    }
+
+    /// Time since the program was attached.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Verifier statistics of the `profile` program: instructions processed
+    /// and program size in instructions, if the kernel reports them.
+    pub fn program_info(&self) -> Option<(u64, u64)> {
+        load::program_info(&self.ebpf)
+    }
+}
+
+impl SampleSource for KernelSource {
+    fn drain(&mut self) -> Result<RawWindow> {
+        let idle = self.config.active_set as usize;
+        self.config.active_set ^= 1;
+        maps::write_config(&mut self.config_map, self.config)?;
+        // Programs that read the old active set run for microseconds.
+        std::thread::sleep(self.grace);
+        self.sets[idle].read_and_clear()
+    }
+
+    fn counters(&self) -> Result<Counters> {
+        maps::read_counters(&self.counters)
+    }
+
+    fn forget_pids(&mut self, pids: &[u32]) {
+        for pid in pids {
+            let _ = self.known_pids.remove(pid);
+        }
+    }
+
+    /// Detaches the sampling program from every CPU; the maps stay readable
+    /// so the final [`SampleSource::drain_all`] leaves nothing behind.
+    fn stop(&mut self) -> Result<()> {
+        let links = std::mem::take(&mut self.links);
+        load::detach_sampling(&mut self.ebpf, links)
+    }
+
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            cpus: self.attached_cpus,
+            program_info: self.program_info(),
+        }
+    }
+}
+
+impl Drop for KernelSource {
+    fn drop(&mut self) {
+        self.announcer.stop();
+    }
+}
