@@ -83,9 +83,7 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
     // The kind of the last failure since the last acknowledgement: what the
     // exit warning names when batches are left.
     let mut failing: Option<FailureKind> = None;
-    // Since when the collector is unreachable, and how many sends failed:
-    // logged when the state changes, not at every retry.
-    let mut outage: Option<(Instant, u64)> = None;
+    let mut reach = Reachability::default();
     let accept = |msg: Option<Msg>, queue: &mut Queue, deadline: &mut Option<Instant>| {
         match msg {
             Some(Msg::Batch(b)) => queue.push(*b, &stats),
@@ -127,37 +125,9 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
             continue;
         };
         let (size, samples) = (batch.encoded_len() as u64, batch_samples(&batch));
-        let result = client.push_batch(batch).await;
-        let outcome = match &result {
-            Ok(_) => None,
-            Err(status) => Some((disposition(status), transport.explain(status))),
-        };
-        let reached = match &outcome {
-            None => true,
-            Some((Disposition::Rejected | Disposition::PushedBack, _)) => true,
-            Some((Disposition::Retry, (kind, _))) => !matches!(
-                kind,
-                FailureKind::Unreachable | FailureKind::Tls | FailureKind::Failed(_)
-            ),
-        };
-        stats
-            .collector_up
-            .store(u64::from(reached), Ordering::Relaxed);
-        match (&mut outage, reached) {
-            (Some((since, failures)), true) => {
-                tracing::info!(
-                    failed_attempts = *failures,
-                    "collector reachable again after {:.1?}",
-                    since.elapsed()
-                );
-                outage = None;
-            }
-            (Some((_, failures)), false) => *failures += 1,
-            (None, false) => outage = Some((Instant::now(), 1)),
-            (None, true) => {}
-        }
-        let status = match result {
+        let status = match client.push_batch(batch).await {
             Ok(ack) => {
+                reach.update(true, &stats);
                 let ack = ack.into_inner();
                 backoff.reset();
                 failing = None;
@@ -175,10 +145,10 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
             }
             Err(status) => status,
         };
-        let Some((disposition, (kind, why))) = outcome else {
-            continue;
-        };
-        match disposition {
+        let action = disposition(&status);
+        let (kind, why) = transport.explain(&status);
+        reach.update(answered(action, kind), &stats);
+        match action {
             Disposition::Rejected => {
                 // The collector answered: the batch, not the link, is the
                 // problem.
@@ -229,6 +199,47 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
     }
 }
 
+/// Whether the collector answered a send that failed this way (it is up,
+/// whatever it said), rather than the send not reaching it.
+fn answered(disposition: Disposition, kind: FailureKind) -> bool {
+    match disposition {
+        Disposition::Rejected | Disposition::PushedBack => true,
+        Disposition::Retry => !matches!(
+            kind,
+            FailureKind::Unreachable | FailureKind::Tls | FailureKind::Failed(_)
+        ),
+    }
+}
+
+/// Whether the collector answers: the `collector_up` gauge, and a log line
+/// when that changes (not at every retry).
+#[derive(Default)]
+struct Reachability {
+    /// Since when the collector does not answer, and how many sends failed.
+    outage: Option<(Instant, u64)>,
+}
+
+impl Reachability {
+    fn update(&mut self, reached: bool, stats: &ExportStats) {
+        stats
+            .collector_up
+            .store(u64::from(reached), Ordering::Relaxed);
+        match (&mut self.outage, reached) {
+            (Some((since, failures)), true) => {
+                tracing::info!(
+                    failed_attempts = *failures,
+                    "collector reachable again after {:.1?}",
+                    since.elapsed()
+                );
+                self.outage = None;
+            }
+            (Some((_, failures)), false) => *failures += 1,
+            (None, false) => self.outage = Some((Instant::now(), 1)),
+            (None, true) => {}
+        }
+    }
+}
+
 /// Sleeps `wait` (cut short by the exit deadline), still taking batches in.
 async fn wait_accepting(
     wait: Duration,
@@ -253,6 +264,36 @@ async fn wait_accepting(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_collector_that_refuses_is_up() {
+        use tonic::Code;
+        for kind in [FailureKind::CredentialsRefused, FailureKind::StoreFailed] {
+            assert!(answered(Disposition::Retry, kind), "{kind:?}");
+        }
+        for kind in [
+            FailureKind::Unreachable,
+            FailureKind::Tls,
+            FailureKind::Failed(Code::Internal),
+        ] {
+            assert!(!answered(Disposition::Retry, kind), "{kind:?}");
+        }
+        assert!(answered(
+            Disposition::Rejected,
+            FailureKind::Failed(Code::InvalidArgument)
+        ));
+        assert!(answered(Disposition::PushedBack, FailureKind::PushedBack));
+
+        let stats = ExportStats::default();
+        let mut reach = Reachability::default();
+        reach.update(false, &stats);
+        reach.update(false, &stats);
+        assert_eq!(stats.collector_up.load(Ordering::Relaxed), 0);
+        assert_eq!(reach.outage.map(|(_, n)| n), Some(2));
+        reach.update(true, &stats);
+        assert_eq!(stats.collector_up.load(Ordering::Relaxed), 1);
+        assert!(reach.outage.is_none());
+    }
 
     #[test]
     fn the_exit_note_names_the_last_failure() {
