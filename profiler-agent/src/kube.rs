@@ -18,7 +18,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{Error, Result};
+use crate::{
+    retry::{self, Backoff},
+    Error, Result,
+};
 
 /// Most pods kept (a node runs at most a few hundred).
 pub const MAX_PODS: usize = 4096;
@@ -470,8 +473,8 @@ impl Watcher {
     /// repeated relists, so a misbehaving API server is not hammered.
     pub fn run(self) {
         let mut version: Option<String> = None;
-        let mut failures = 0u32;
-        let mut relists = 0u32;
+        let mut failures = Backoff::new(retry::Policy::DEFAULT);
+        let mut relists = Backoff::new(retry::Policy::DEFAULT);
         loop {
             let result = match version.as_mut() {
                 None => self.list().map(|v| {
@@ -482,27 +485,26 @@ impl Watcher {
             };
             match result {
                 Ok(Some(WatchEnd::Gone)) => {
-                    relists += 1;
                     version = None;
-                    if relists > 1 {
-                        let wait = crate::export::backoff(relists.min(8));
+                    // The first relist is at once; repeated ones back off.
+                    let wait = relists.next_delay();
+                    if relists.attempt() > 1 {
                         tracing::info!("pod watch too old again: listing in {wait:?}");
                         std::thread::sleep(wait);
                     }
                 }
                 Ok(Some(WatchEnd::Closed)) => {
-                    failures = 0;
-                    relists = 0;
+                    failures.reset();
+                    relists.reset();
                     // A server that closes watches at once must not spin us.
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Ok(None) => failures = 0,
+                Ok(None) => failures.reset(),
                 Err(e) => {
-                    failures += 1;
-                    if failures >= 3 {
+                    let wait = failures.next_delay();
+                    if failures.attempt() >= 3 {
                         version = None;
                     }
-                    let wait = crate::export::backoff(failures.min(8));
                     tracing::warn!("Kubernetes API: {e}; retrying in {wait:?}");
                     std::thread::sleep(wait);
                 }

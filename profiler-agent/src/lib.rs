@@ -21,10 +21,12 @@ pub mod privileges;
 pub mod process;
 pub mod record;
 pub mod render;
+pub mod retry;
 pub mod sample_type;
-pub mod spill;
 pub mod summary;
 pub mod symbolize;
 pub mod transport;
 
 pub use error::{Error, Result};
+/// The spill directory, part of the export stage.
+pub use export::spill;

@@ -301,7 +301,7 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
         );
         let samples: Vec<(&str, u64)> = drops
             .iter()
-            .filter(|d| d.reason != "spill_corrupt")
+            .filter(|d| d.samples_known)
             .map(|d| (d.reason, d.samples))
             .collect();
         t.labelled(
@@ -629,7 +629,7 @@ impl Drop for MetricsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::ExportStats;
+    use crate::export::{DropReason, ExportStats};
 
     fn metrics() -> AgentMetrics {
         let export = Arc::new(ExportStats::default());
@@ -637,12 +637,8 @@ mod tests {
         export.batches_acked.store(9, Ordering::Relaxed);
         export.send_failures.store(4, Ordering::Relaxed);
         export.pushed_back.store(5, Ordering::Relaxed);
-        export.spill.dropped_cap.store(2, Ordering::Relaxed);
-        export
-            .spill
-            .samples_dropped_cap
-            .store(150, Ordering::Relaxed);
-        export.spill.dropped_corrupt.store(1, Ordering::Relaxed);
+        export.count_drop(DropReason::SpillCap, 2, 150);
+        export.count_drop(DropReason::SpillCorrupt, 1, 0);
         export.queue_bytes.store(4096, Ordering::Relaxed);
         let memory = Arc::new(MemoryStats::default());
         memory.limit_bytes.store(64 << 20, Ordering::Relaxed);
@@ -760,8 +756,7 @@ mod tests {
         assert!(s.deltas(m.activity()).is_empty());
         let e = m.export().unwrap();
         e.send_failures.fetch_add(3, Ordering::Relaxed);
-        e.spill.dropped_cap.fetch_add(1, Ordering::Relaxed);
-        e.spill.samples_dropped_cap.fetch_add(40, Ordering::Relaxed);
+        e.count_drop(DropReason::SpillCap, 1, 40);
         let grown = s.deltas(m.activity());
         assert_eq!(
             grown,

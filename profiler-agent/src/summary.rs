@@ -80,6 +80,9 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
             load(&e.largest_batch_bytes),
             load(&e.largest_batch_wire_bytes),
         );
+        if let Some(note) = e.undelivered_at_exit() {
+            let _ = writeln!(s, "Undelivered: {note}.");
+        }
     }
     let drops = nonzero_drops(recording);
     if drops.is_empty() {

@@ -14,7 +14,10 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use profiler_proto::v1::ingest_client::IngestClient;
+use profiler_proto::{
+    metadata::{retry_after, Reason},
+    v1::ingest_client::IngestClient,
+};
 use profiler_security::{
     rustls::{pki_types::ServerName, ClientConfig},
     tls::client_config,
@@ -40,8 +43,42 @@ pub struct Security {
     pub token_file: Option<PathBuf>,
 }
 
-/// The metadata key of the collector's retry hint, in milliseconds.
-const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// Why a send failed, in the kinds an operator acts on differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No answer: connection refused or lost, timeout, unknown host.
+    Unreachable,
+    /// The TLS handshake failed (certificate not trusted, expired, wrong
+    /// name, client certificate refused).
+    Tls,
+    /// The collector refused the agent's bearer token.
+    CredentialsRefused,
+    /// The collector asked the agent to come back later (overloaded, or
+    /// over this agent's rate limit).
+    PushedBack,
+    /// The collector's store failed to write.
+    StoreFailed,
+    /// The collector answered with another error.
+    Failed(Code),
+}
+
+impl FailureKind {
+    /// The kind, in words, for the exit warning and summary.
+    pub fn describe(self) -> String {
+        match self {
+            FailureKind::Unreachable => "collector unreachable".into(),
+            FailureKind::Tls => "TLS handshake with the collector failed".into(),
+            FailureKind::CredentialsRefused => {
+                "collector refused the agent's credentials (UNAUTHENTICATED)".into()
+            }
+            FailureKind::PushedBack => {
+                "collector pushing back (overloaded, or this agent over its rate limit)".into()
+            }
+            FailureKind::StoreFailed => "collector's store failing to write".into(),
+            FailureKind::Failed(code) => format!("collector failing the sends ({code:?})"),
+        }
+    }
+}
 
 pub type Client = IngestClient<InterceptedService<Channel, AddToken>>;
 
@@ -199,17 +236,24 @@ impl Transport {
         IngestClient::with_interceptor(channel, AddToken(self.token.clone()))
     }
 
-    /// Why a send failed, in words; a refused token makes the token file be
-    /// looked at again before the next try (it may have been rotated).
-    pub fn explain(&self, status: &Status) -> String {
+    /// Why a send failed: its kind, and in words; a refused token makes
+    /// the token file be looked at again before the next try (it may have
+    /// been rotated).
+    pub fn explain(&self, status: &Status) -> (FailureKind, String) {
         if status.code() == Code::Unauthenticated {
             if let Some(t) = &self.token {
                 t.recheck();
             }
-            return format!(
-                "the collector refused our bearer token ({}): check --token-file",
-                status.message()
+            return (
+                FailureKind::CredentialsRefused,
+                format!(
+                    "the collector refused our bearer token ({}): check --token-file",
+                    status.message()
+                ),
             );
+        }
+        if retry_after(status).is_some() {
+            return (FailureKind::PushedBack, status.message().to_string());
         }
         let recent = || {
             let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -218,25 +262,41 @@ impl Transport {
                 _ => None,
             }
         };
-        match find_tls_failure(status).or_else(recent) {
-            Some(failure) => {
-                let hint = match failure {
-                    TlsFailure::UnknownCa => ": check --tls-ca",
-                    TlsFailure::Expired | TlsFailure::NotYetValid => {
-                        ": the collector needs a new certificate"
-                    }
-                    TlsFailure::WrongName => ": connect by a name the certificate lists",
-                    TlsFailure::PeerRequiresCertificate => ": set --tls-cert and --tls-key",
-                    TlsFailure::PeerSaysUnknownCa => {
-                        ": --tls-cert must be signed by the collector's client CA"
-                    }
-                    TlsFailure::PeerSaysExpired => ": renew --tls-cert",
-                    _ => "",
-                };
-                format!("TLS: {}{hint}", failure.describe("the collector"))
-            }
-            None => status.message().to_string(),
+        let answered = Reason::of(status);
+        let tls = match answered {
+            // The collector answered: the handshake worked.
+            Some(_) => None,
+            None => find_tls_failure(status).or_else(recent),
+        };
+        if let Some(failure) = tls {
+            let hint = match failure {
+                TlsFailure::UnknownCa => ": check --tls-ca",
+                TlsFailure::Expired | TlsFailure::NotYetValid => {
+                    ": the collector needs a new certificate"
+                }
+                TlsFailure::WrongName => ": connect by a name the certificate lists",
+                TlsFailure::PeerRequiresCertificate => ": set --tls-cert and --tls-key",
+                TlsFailure::PeerSaysUnknownCa => {
+                    ": --tls-cert must be signed by the collector's client CA"
+                }
+                TlsFailure::PeerSaysExpired => ": renew --tls-cert",
+                _ => "",
+            };
+            return (
+                FailureKind::Tls,
+                format!("TLS: {}{hint}", failure.describe("the collector")),
+            );
         }
+        let kind = match (answered, status.code()) {
+            (Some(Reason::StoreUnavailable), _) => FailureKind::StoreFailed,
+            (Some(_), code) => FailureKind::Failed(code),
+            (
+                None,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown,
+            ) => FailureKind::Unreachable,
+            (None, code) => FailureKind::Failed(code),
+        };
+        (kind, status.message().to_string())
     }
 }
 
@@ -263,35 +323,9 @@ fn find_tls_failure(status: &Status) -> Option<TlsFailure> {
     .map(|(_, f)| f)
 }
 
-/// The collector's push-back: `RESOURCE_EXHAUSTED` with a retry hint means
-/// "overloaded or over the rate limit, come back after this long".
-pub fn retry_hint(status: &Status) -> Option<Duration> {
-    if status.code() != Code::ResourceExhausted {
-        return None;
-    }
-    let ms: u64 = status
-        .metadata()
-        .get(RETRY_AFTER_MS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms.clamp(1, 60_000)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn push_back_carries_its_wait() {
-        let mut s = Status::resource_exhausted("overloaded");
-        s.metadata_mut()
-            .insert(RETRY_AFTER_MS, "1500".parse().unwrap());
-        assert_eq!(retry_hint(&s), Some(Duration::from_millis(1500)));
-        assert_eq!(retry_hint(&Status::resource_exhausted("too large")), None);
-        assert_eq!(retry_hint(&Status::unavailable("down")), None);
-    }
 
     #[test]
     fn plain_text_and_tls_addresses() {
@@ -329,14 +363,49 @@ mod tests {
     #[test]
     fn auth_failures_are_told_apart() {
         let t = Transport::new("http://127.0.0.1:7070", &Security::default()).unwrap();
-        let m = t.explain(&Status::unauthenticated("wrong bearer token"));
+        let (kind, m) = t.explain(&Status::unauthenticated("wrong bearer token"));
         assert!(
             m.contains("bearer token") && m.contains("--token-file"),
             "{m}"
         );
-        let m = t.explain(&Status::unavailable(
+        assert_eq!(kind, FailureKind::CredentialsRefused);
+        let (kind, m) = t.explain(&Status::unavailable(
             "tcp connect error: received fatal alert: CertificateRequired",
         ));
         assert!(m.contains("requires a client certificate"), "{m}");
+        assert_eq!(kind, FailureKind::Tls);
+    }
+
+    #[test]
+    fn failures_are_classified_by_who_answered() {
+        let t = Transport::new("http://127.0.0.1:7070", &Security::default()).unwrap();
+        let kind = |s: Status| t.explain(&s).0;
+        assert_eq!(
+            kind(Status::unavailable("tcp connect error: Connection refused")),
+            FailureKind::Unreachable
+        );
+        assert_eq!(
+            kind(Status::deadline_exceeded("timeout")),
+            FailureKind::Unreachable
+        );
+        assert_eq!(
+            kind(Reason::StoreUnavailable.status("store failed")),
+            FailureKind::StoreFailed
+        );
+        assert_eq!(
+            kind(Reason::RateLimited.push_back("slow down", Duration::from_secs(1))),
+            FailureKind::PushedBack
+        );
+        assert_eq!(
+            kind(Reason::Unauthenticated.status("wrong bearer token")),
+            FailureKind::CredentialsRefused
+        );
+        assert_eq!(
+            kind(Status::internal("?")),
+            FailureKind::Failed(Code::Internal)
+        );
+        assert!(FailureKind::CredentialsRefused
+            .describe()
+            .contains("refused the agent's credentials (UNAUTHENTICATED)"));
     }
 }

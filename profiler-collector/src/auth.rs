@@ -1,7 +1,8 @@
 //! Bearer tokens on both servers.
 //!
 //! gRPC: agents send `authorization: Bearer TOKEN`; a missing or wrong token
-//! is `UNAUTHENTICATED` before the batch is even decoded. HTTP: the same
+//! is `UNAUTHENTICATED` (reason `unauthenticated`) before the batch is even
+//! decoded. HTTP: the same
 //! header, or HTTP Basic with the token as the password, so a browser asks
 //! for it once and the web UI works unchanged. `/healthz` stays open for
 //! liveness probes.
@@ -14,6 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
+use profiler_proto::metadata::Reason;
 use profiler_security::TokenFile;
 
 use crate::metrics::Metrics;
@@ -99,7 +101,7 @@ impl tonic::service::Interceptor for GrpcTokenCheck {
                     .map(|a| a.to_string())
                     .unwrap_or_default();
                 tracing::warn!(%peer, reason = refusal.reason(), "gRPC request refused: {}", refusal.message());
-                Err(tonic::Status::unauthenticated(refusal.message()))
+                Err(Reason::Unauthenticated.status(refusal.message()))
             }
         }
     }

@@ -1,18 +1,23 @@
 //! The gRPC ingest service: validate, store once (through the group-commit
-//! [`StoreWriter`]), acknowledge after the commit.
+//! [`StoreWriter`]), acknowledge after the commit. Every refusal carries
+//! its typed reason ([`Reason`]) as metadata, so agents need not read the
+//! message.
 use std::{
     sync::{atomic::Ordering, Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use profiler_proto::v1::{ingest_server::Ingest, Ack, Batch};
+use profiler_proto::{
+    metadata::Reason,
+    v1::{ingest_server::Ingest, Ack, Batch},
+};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::Metrics,
     model::Stored,
-    overload::{push_back, RateLimiter},
+    overload::RateLimiter,
     store::{Store, StoreError},
     validate::{validate, Limits},
     writer::StoreWriter,
@@ -48,17 +53,17 @@ impl Ingest for IngestService {
         let batch = request.into_inner();
         let size = batch.encoded_len();
         if size > self.max_message_bytes {
-            self.metrics.reject("too_large");
+            self.metrics.reject(Reason::TooLarge.as_str());
             tracing::warn!(%peer, size, "batch rejected: too large");
-            return Err(Status::resource_exhausted(format!(
+            return Err(Reason::TooLarge.status(format!(
                 "batch too large: {size} bytes, the limit is {} bytes",
                 self.max_message_bytes
             )));
         }
         if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
-            self.metrics.reject("rate_limited");
+            self.metrics.reject(Reason::RateLimited.as_str());
             tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: agent over its rate limit");
-            return Err(push_back(
+            return Err(Reason::RateLimited.push_back(
                 format!("agent {:?} is over its rate limit", batch.agent_id),
                 wait,
             ));
@@ -67,14 +72,13 @@ impl Ingest for IngestService {
         let valid = validate(&batch, &self.limits, now).map_err(|r| {
             self.metrics.reject(r.reason());
             tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
-            Status::invalid_argument(r.to_string())
+            Reason::InvalidBatch.status(r.to_string())
         })?;
         if valid.window_end_ns < now - self.retention_ns {
-            self.metrics.reject("older_than_retention");
+            self.metrics.reject(Reason::OlderThanRetention.as_str());
             tracing::warn!(%peer, agent = %valid.agent_id, seq = valid.sequence, "batch rejected: older than the retention period");
-            return Err(Status::invalid_argument(
-                "window ended before the retention period: not stored",
-            ));
+            return Err(Reason::OlderThanRetention
+                .status("window ended before the retention period: not stored"));
         }
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
         match self.writer.insert(valid).await {
@@ -102,15 +106,13 @@ impl Ingest for IngestService {
                 }))
             }
             Err(StoreError::TooOld) => {
-                self.metrics.reject("older_than_retention");
-                Err(Status::invalid_argument(
-                    "window ended before the retention period",
-                ))
+                self.metrics.reject(Reason::OlderThanRetention.as_str());
+                Err(Reason::OlderThanRetention.status("window ended before the retention period"))
             }
             Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("store failed: {e}");
-                Err(Status::unavailable(format!("store failed, try again: {e}")))
+                Err(Reason::StoreUnavailable.status(format!("store failed, try again: {e}")))
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod model;
 pub mod overload;
 pub mod query;
+pub mod refusal;
 pub mod server;
 pub mod store;
 pub mod validate;

@@ -6,9 +6,10 @@
 //! - [`RateLimiter`]: a token bucket per agent (batches per second, with a
 //!   burst), so one agent replaying a long outage cannot crowd out the rest.
 //!
-//! The retry hint travels as the `retry-after-ms` metadata entry; agents
-//! wait that long before sending again. Without it, `RESOURCE_EXHAUSTED`
-//! means "too large" and the batch is dropped.
+//! A push-back is `RESOURCE_EXHAUSTED` with the typed reason (`overloaded`
+//! or `rate_limited`) and the retry hint (`retry-after-ms`) as metadata
+//! ([`profiler_proto::metadata`]); agents wait that long, then send the
+//! same batch again.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -21,18 +22,8 @@ use tonic::codegen::http;
 
 use crate::metrics::Metrics;
 
-/// The metadata key of the retry hint, in milliseconds.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
-
-/// `RESOURCE_EXHAUSTED` with a retry hint.
-pub fn push_back(message: String, retry_after: Duration) -> tonic::Status {
-    let mut status = tonic::Status::resource_exhausted(message);
-    let ms = retry_after.as_millis().clamp(1, 60_000).to_string();
-    if let Ok(v) = ms.parse() {
-        status.metadata_mut().insert(RETRY_AFTER_MS, v);
-    }
-    status
-}
+use profiler_proto::metadata::Reason;
+pub use profiler_proto::metadata::RETRY_AFTER_MS;
 
 /// How long a batch may wait for a permit before it is pushed back.
 const PERMIT_WAIT: Duration = Duration::from_millis(250);
@@ -102,12 +93,11 @@ where
                     response
                 }
                 _ => {
-                    metrics.reject("overloaded");
+                    metrics.reject(Reason::Overloaded.as_str());
                     tracing::warn!("overloaded: batch pushed back");
-                    Ok(
-                        push_back("collector overloaded: retry later".into(), OVERLOADED_RETRY)
-                            .into_http(),
-                    )
+                    Ok(Reason::Overloaded
+                        .push_back("collector overloaded: retry later", OVERLOADED_RETRY)
+                        .into_http())
                 }
             }
         })
@@ -239,23 +229,9 @@ mod tests {
             .unwrap();
         assert_eq!(second.headers()["grpc-status"], "8");
         assert_eq!(second.headers()[RETRY_AFTER_MS], "1000");
+        assert_eq!(second.headers()["profiler-reason"], "overloaded");
         assert_eq!(metrics.rejected("overloaded"), 1);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    }
-
-    #[test]
-    fn the_hint_is_in_the_metadata() {
-        let status = push_back("slow down".into(), Duration::from_millis(1500));
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(
-            status
-                .metadata()
-                .get(RETRY_AFTER_MS)
-                .unwrap()
-                .to_str()
-                .unwrap(),
-            "1500"
-        );
     }
 }

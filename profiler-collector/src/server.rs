@@ -23,7 +23,6 @@ use tokio::{
 };
 use tokio_stream::StreamExt as _;
 use tonic::codec::CompressionEncoding;
-use tonic::codegen::http::{HeaderValue, Response};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
@@ -32,6 +31,7 @@ use crate::{
     ingest::{now_ns, IngestService, SharedStore},
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
+    refusal::RefusalsLayer,
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
         sqlite::SqliteStore,
@@ -174,34 +174,6 @@ fn open_store(location: &StoreLocation, retention: Duration) -> anyhow::Result<B
             })?))
         }
     }
-}
-
-/// tonic answers a message over the size limit with `OUT_OF_RANGE` (or,
-/// when it only grows past the limit while being decompressed, with
-/// `RESOURCE_EXHAUSTED`); gRPC says `RESOURCE_EXHAUSTED`, which agents treat
-/// as "too large, drop it". Both are counted as `too_large`.
-fn too_large_is_resource_exhausted(
-    mut response: Response<tonic::body::Body>,
-    metrics: &Metrics,
-) -> Response<tonic::body::Body> {
-    let headers = response.headers_mut();
-    let status = headers.get("grpc-status").map(|s| s.as_bytes().to_vec());
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .unwrap_or("")
-        .replace("%20", " ");
-    let too_large = match status.as_deref() {
-        Some(b"11") => message.contains("length too large"),
-        Some(b"8") => message.contains("size limit"),
-        _ => false,
-    };
-    if too_large {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-        metrics.reject("too_large");
-        tracing::warn!("batch rejected: larger than the message size limit");
-    }
-    response
 }
 
 /// A TLS connection as tonic sees it: its peer address is the TCP one.
@@ -369,8 +341,8 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         retention_ns,
         rate: RateLimiter::new(config.agent_rate_limit, config.agent_rate_burst),
     })
-    // tonic refuses a larger message before buffering it; see
-    // `too_large_is_resource_exhausted` for the status the agent gets.
+    // tonic refuses a larger message before buffering it; `RefusalsLayer`
+    // gives that answer the code and reason agents expect.
     .max_decoding_message_size(config.max_message_bytes)
     .accept_compressed(CompressionEncoding::Gzip)
     .accept_compressed(CompressionEncoding::Zstd)
@@ -384,16 +356,13 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         },
     );
 
-    let size_metrics = metrics.clone();
     let grpc_router = tonic::transport::Server::builder()
         // Bounds the batches decoded at once, so their memory is bounded;
         // past it, agents are told to come back later.
         .layer(ShedLayer::new(in_flight, metrics.clone()))
-        .layer(tower::util::MapResponseLayer::new(
-            move |response: Response<tonic::body::Body>| {
-                too_large_is_resource_exhausted(response, &size_metrics)
-            },
-        ))
+        // Too large or undecodable messages, refused by tonic before the
+        // service runs: counted, logged, and answered with their reason.
+        .layer(RefusalsLayer::new(metrics.clone()))
         .add_service(service);
     let mut grpc_stop = stopped.clone();
     let grpc_stopped = async move {

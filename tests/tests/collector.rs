@@ -216,48 +216,6 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
     rt.block_on(c.shutdown()).unwrap();
 }
 
-/// The collector as its own process, killed with SIGKILL on drop.
-struct CollectorProcess(std::process::Child);
-
-impl CollectorProcess {
-    /// Starts the collector on `grpc` and `http` (`0`: ports it chooses)
-    /// and returns once it serves, with the ports it bound (read from its
-    /// `collector serving` log line).
-    fn start(db: &Path, grpc: u16, http: u16, log: &Path) -> (Self, u16, u16) {
-        let child = Command::new(collector_binary())
-            .arg("--plaintext")
-            .arg("--store")
-            .arg(format!("sqlite:{}", db.display()))
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http}")])
-            .env("RUST_LOG", "warn,profiler_collector=info")
-            .env("NO_COLOR", "1")
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start the collector");
-        let process = Self(child); // killed on drop, whatever happens next
-        let (grpc, http) = wait_for(Duration::from_secs(10), "the collector serves", || {
-            std::fs::read_to_string(log)
-                .ok()?
-                .lines()
-                .find_map(profiler_testkit::net::serving_addrs)
-        });
-        (process, grpc.port(), http.port())
-    }
-
-    fn kill9(mut self) {
-        let _ = self.0.kill(); // SIGKILL
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for CollectorProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `kill -9` of the collector process while a real agent and two synthetic
 /// agents stream, then a restart on the same store: per node, the stored
 /// totals equal what each agent sent (re-sends of batches stored but not
@@ -271,7 +229,8 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("p.db");
     // The collector chooses its ports, and comes back on them after kill -9.
-    let (collector, grpc, http) = CollectorProcess::start(&db, 0, 0, &dir.path().join("1.log"));
+    let collector = CollectorProcess::start(&db, 0, 0, &dir.path().join("1.log"));
+    let (grpc, http) = (collector.grpc.port(), collector.http.port());
     let log_restart = dir.path().join("2.log");
 
     let pushers: Vec<_> = ["syn-1", "syn-2"]
@@ -297,7 +256,7 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
         collector.kill9();
         // The outage itself, which must last: the agents retry meanwhile.
         std::thread::sleep(Duration::from_millis(1500));
-        CollectorProcess::start(&db_restart, grpc, http, &log_restart).0
+        CollectorProcess::start(&db_restart, grpc, http, &log_restart)
     });
 
     let chain = Workload::spawn(&workload("chain"), &["10"]);

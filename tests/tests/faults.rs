@@ -17,9 +17,9 @@ use std::{
 };
 
 use profiler_agent::{
-    export::{batch_samples, ExportOptions},
+    export::{batch_samples, DropReason, ExportOptions, ExportStats},
     record::{Recorder, Recording},
-    spill::{Spill, SpillStats},
+    spill::Spill,
 };
 use profiler_common::Counter;
 use support::{collector::*, *};
@@ -236,7 +236,7 @@ fn a_full_spill_disk_counts_what_did_not_fit_and_delivers_the_rest() {
     let c = starter.join().unwrap();
 
     let stats = rec.export.as_ref().unwrap();
-    let write_errors = stats.spill.dropped_write_error.load(Ordering::Relaxed);
+    let write_errors = stats.dropped(DropReason::SpillWriteError).batches;
     assert!(write_errors > 0, "the disk filled up");
     let drops = stats.nonzero_drops();
     assert!(
@@ -292,7 +292,7 @@ fn a_corrupted_spill_file_is_skipped_and_counted_and_the_rest_replays() {
     let oldest_samples = {
         let mut spill = Spill::open(&spill_dir, 16 << 20).unwrap();
         assert!(spill.len() > 2, "{} spilled batches", spill.len());
-        batch_samples(&spill.front(&SpillStats::default()).unwrap())
+        batch_samples(&spill.front(&ExportStats::default()).unwrap())
     };
     let mut files: Vec<_> = std::fs::read_dir(&spill_dir)
         .unwrap()
@@ -314,7 +314,7 @@ fn a_corrupted_spill_file_is_skipped_and_counted_and_the_rest_replays() {
         .run(&AtomicBool::new(false))
         .unwrap();
     let stats = second.export.as_ref().unwrap();
-    assert_eq!(stats.spill.dropped_corrupt.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.dropped(DropReason::SpillCorrupt).batches, 1);
     assert_eq!(
         stats.spill.replayed.load(Ordering::Relaxed) as usize,
         files.len() - 1,

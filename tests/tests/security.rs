@@ -9,7 +9,7 @@ use std::{
     io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::Arc,
     time::Duration,
 };
@@ -83,21 +83,36 @@ impl Ca {
     }
 }
 
-/// A child process whose stderr goes to a file, killed on drop.
+/// A child process whose stderr goes to a file (stdout to another),
+/// killed on drop.
 struct Proc {
     child: Child,
     log: PathBuf,
+    out: PathBuf,
 }
 
 impl Proc {
     fn spawn(cmd: &mut Command, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
+        let out = log.with_extension("out");
         let child = cmd
-            .stdout(Stdio::null())
-            .stderr(file)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start the process");
-        Self { child, log }
+        Self { child, log, out }
+    }
+
+    /// Stops the process with SIGTERM and waits (30 s at most) for it to
+    /// exit: its log and what it printed.
+    fn stop(mut self) -> (String, String) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signals our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        if within(Duration::from_secs(30), || self.child.try_wait().unwrap()).is_none() {
+            panic!("did not exit after SIGTERM:\n{}", self.log());
+        }
+        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+        (self.log(), out)
     }
 
     fn log(&self) -> String {
@@ -383,6 +398,17 @@ fn tls_mutual_tls_and_tokens_accept_the_right_peers_and_name_every_refusal() {
         let refs: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
         let a = start_agent(dir, "rotated-out", c.grpc, &refs);
         a.wait_for_log("the collector refused our bearer token");
+        // At exit, what was not delivered is put down to the refusal, not
+        // to an unreachable collector: in the log and in the summary.
+        let (log, out) = a.stop();
+        let refused = "collector refused the agent's credentials (UNAUTHENTICATED) at exit: ";
+        assert!(
+            log.contains(refused) && log.contains("batches not delivered"),
+            "{log}"
+        );
+        assert!(!log.contains("unreachable"), "{log}");
+        assert!(out.contains(&format!("Undelivered: {refused}")), "{out}");
+        assert!(out.contains("batches_unsent_at_exit: "), "{out}");
     }
     let (status, metrics) = https_get(c.http, &ca_pem, "/metrics", Some("Bearer ui-token"));
     assert_eq!(status, 200);

@@ -220,3 +220,73 @@ pub fn synthetic_batch(node: &str, seq: u64, count: i64) -> profiler_proto::v1::
         sample_type: None,
     }
 }
+
+/// The collector binary as its own process (plain text on loopback), its
+/// log in a file; killed with SIGKILL on drop.
+pub struct CollectorProcess {
+    child: std::process::Child,
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl CollectorProcess {
+    /// Starts the collector on the SQLite store `db`, on `grpc` and `http`
+    /// (`0`: ports it chooses), and returns once it serves, with the
+    /// addresses it bound (read from its `collector serving` log line).
+    pub fn start(db: &Path, grpc: u16, http: u16, log: &Path) -> Self {
+        let child = std::process::Command::new(super::collector_binary())
+            .arg("--plaintext")
+            .arg("--store")
+            .arg(format!("sqlite:{}", db.display()))
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .env("RUST_LOG", "warn,profiler_collector=info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start the collector");
+        let unbound = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut process = Self {
+            child,
+            grpc: unbound,
+            http: unbound,
+            log: log.to_path_buf(),
+        };
+        // Killed on drop if it never serves.
+        let (grpc, http) = super::within(Duration::from_secs(10), || {
+            process
+                .log()
+                .lines()
+                .find_map(profiler_testkit::net::serving_addrs)
+        })
+        .unwrap_or_else(|| panic!("the collector did not come up:\n{}", process.log()));
+        process.grpc = grpc;
+        process.http = http;
+        process
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its `/metrics` text.
+    pub fn metrics(&self) -> String {
+        String::from_utf8(http_get(self.http, "/metrics")).unwrap()
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CollectorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -15,12 +15,16 @@ use std::{
     fs::File,
     io::{Read, Write},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::Ordering,
 };
 
 use profiler_proto::v1::Batch;
 use prost::Message;
 
+use super::{
+    batch::batch_samples,
+    stats::{DropReason, ExportStats, SpillStats},
+};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"PBAT01";
@@ -29,25 +33,6 @@ const SUFFIX: &str = "batch";
 /// Most records kept (past it the oldest are dropped like over the cap):
 /// bounds the index in memory when batches are tiny.
 pub const MAX_RECORDS: usize = 100_000;
-
-/// Counters of the spill (totals since start).
-#[derive(Debug, Default)]
-pub struct SpillStats {
-    pub spilled: AtomicU64,
-    pub replayed: AtomicU64,
-    /// Oldest records deleted to stay under the cap.
-    pub dropped_cap: AtomicU64,
-    /// Records that failed their checksum or could not be decoded.
-    pub dropped_corrupt: AtomicU64,
-    /// Batches that could not be written (disk full, I/O error).
-    pub dropped_write_error: AtomicU64,
-    /// Samples in the batches dropped at the cap, and not written.
-    pub samples_dropped_cap: AtomicU64,
-    pub samples_dropped_write_error: AtomicU64,
-    /// Records on disk now, and their bytes (gauges).
-    pub records: AtomicU64,
-    pub bytes: AtomicU64,
-}
 
 /// One record on disk: `{seq:020}.batch`.
 #[derive(Clone, Copy, Debug)]
@@ -161,9 +146,9 @@ impl Spill {
 
     /// Writes a batch as the newest record; deletes the oldest records while
     /// over the cap.
-    pub fn push(&mut self, batch: &Batch, stats: &SpillStats) {
+    pub fn push(&mut self, batch: &Batch, stats: &ExportStats) {
         let record = encode_record(batch);
-        let samples = crate::export::batch_samples(batch);
+        let samples = batch_samples(batch);
         let path = self.path(self.next);
         let tmp = self.dir.join(format!("{:020}.tmp", self.next));
         let written = (|| -> std::io::Result<()> {
@@ -174,10 +159,7 @@ impl Spill {
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            stats.dropped_write_error.fetch_add(1, Ordering::Relaxed);
-            stats
-                .samples_dropped_write_error
-                .fetch_add(samples, Ordering::Relaxed);
+            stats.count_drop(DropReason::SpillWriteError, 1, samples);
             tracing::warn!(
                 samples,
                 "could not spill a batch to {}: {e}",
@@ -192,7 +174,7 @@ impl Spill {
         });
         self.next += 1;
         self.bytes += record.len() as u64;
-        stats.spilled.fetch_add(1, Ordering::Relaxed);
+        stats.spill.spilled.fetch_add(1, Ordering::Relaxed);
         while (self.bytes > self.cap_bytes || self.files.len() > MAX_RECORDS)
             && self.files.len() > 1
         {
@@ -200,10 +182,7 @@ impl Spill {
             let samples =
                 dropped.map_or(0, |r| r.samples.unwrap_or_else(|| self.samples_of(r.seq)));
             self.pop();
-            stats.dropped_cap.fetch_add(1, Ordering::Relaxed);
-            stats
-                .samples_dropped_cap
-                .fetch_add(samples, Ordering::Relaxed);
+            stats.count_drop(DropReason::SpillCap, 1, samples);
             if !self.capped {
                 self.capped = true;
                 tracing::warn!(
@@ -221,11 +200,11 @@ impl Spill {
         std::fs::read(self.path(seq))
             .ok()
             .and_then(|bytes| decode_record(&bytes))
-            .map_or(0, |b| crate::export::batch_samples(&b))
+            .map_or(0, |b| batch_samples(&b))
     }
 
     /// The oldest valid record; corrupt ones on the way are deleted and counted.
-    pub fn front(&mut self, stats: &SpillStats) -> Option<Batch> {
+    pub fn front(&mut self, stats: &ExportStats) -> Option<Batch> {
         while let Some(record) = self.files.front() {
             let path = self.path(record.seq);
             let mut bytes = Vec::new();
@@ -234,7 +213,7 @@ impl Spill {
                 Some(batch) => return Some(batch),
                 None => {
                     tracing::warn!("spilled record {} is corrupt: skipped", path.display());
-                    stats.dropped_corrupt.fetch_add(1, Ordering::Relaxed);
+                    stats.count_drop(DropReason::SpillCorrupt, 1, 0);
                     self.pop();
                 }
             }
@@ -270,7 +249,7 @@ mod tests {
     #[test]
     fn replays_oldest_first_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = SpillStats::default();
+        let stats = ExportStats::default();
         let mut spill = Spill::open(dir.path(), 1 << 20).unwrap();
         for seq in 1..=3 {
             spill.push(&batch(seq), &stats);
@@ -289,27 +268,27 @@ mod tests {
         }
         assert_eq!(seqs, vec![2, 3, 4]);
         assert_eq!(spill.bytes(), 0);
-        assert_eq!(stats.spilled.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.spill.spilled.load(Ordering::Relaxed), 4);
     }
 
     #[test]
     fn cap_drops_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = SpillStats::default();
+        let stats = ExportStats::default();
         let one = encode_record(&batch(1)).len() as u64;
         let mut spill = Spill::open(dir.path(), one * 2).unwrap();
         for seq in 1..=5 {
             spill.push(&batch(seq), &stats);
         }
         assert_eq!(spill.len(), 2);
-        assert_eq!(stats.dropped_cap.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.dropped(DropReason::SpillCap).batches, 3);
         assert_eq!(spill.front(&stats).unwrap().sequence, 4);
     }
 
     #[test]
     fn cap_counts_the_samples_dropped_also_of_an_earlier_run() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = SpillStats::default();
+        let stats = ExportStats::default();
         let with_samples = |seq| Batch {
             samples: vec![profiler_proto::v1::Sample {
                 label_set: 0,
@@ -327,17 +306,17 @@ mod tests {
         for seq in 2..=4 {
             spill.push(&with_samples(seq), &stats);
         }
-        spill.publish(&stats);
-        assert_eq!(stats.dropped_cap.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.samples_dropped_cap.load(Ordering::Relaxed), 8);
-        assert_eq!(stats.records.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.bytes.load(Ordering::Relaxed), one * 2);
+        spill.publish(&stats.spill);
+        assert_eq!(stats.dropped(DropReason::SpillCap).batches, 2);
+        assert_eq!(stats.dropped(DropReason::SpillCap).samples, 8);
+        assert_eq!(stats.spill.records.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.spill.bytes.load(Ordering::Relaxed), one * 2);
     }
 
     #[test]
     fn corrupt_records_are_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = SpillStats::default();
+        let stats = ExportStats::default();
         let mut spill = Spill::open(dir.path(), 1 << 20).unwrap();
         for seq in 1..=3 {
             spill.push(&batch(seq), &stats);
@@ -352,18 +331,19 @@ mod tests {
         let bytes = std::fs::read(&second).unwrap();
         std::fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
         assert_eq!(spill.front(&stats).unwrap().sequence, 3);
-        assert_eq!(stats.dropped_corrupt.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.dropped(DropReason::SpillCorrupt).batches, 2);
         assert!(!first.exists() && !second.exists());
     }
 
     #[test]
     fn unwritable_directory_counts_write_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = SpillStats::default();
+        let stats = ExportStats::default();
         let mut spill = Spill::open(dir.path(), 1 << 20).unwrap();
         std::fs::remove_dir_all(dir.path()).unwrap();
         spill.push(&batch(1), &stats);
-        assert_eq!(stats.dropped_write_error.load(Ordering::Relaxed), 1);
+        let d = stats.dropped(DropReason::SpillWriteError);
+        assert_eq!((d.batches, d.samples), (1, 0));
         assert!(spill.is_empty());
     }
 
