@@ -31,7 +31,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -871,8 +871,8 @@ async fn grpc_ingest(
 ) -> anyhow::Result<(Load, Load, (usize, u64))> {
     let writes = || {
         (
-            c.metrics.store_commits.load(Ordering::Relaxed),
-            c.metrics.store_write_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            c.metrics.store_commits.get(),
+            c.metrics.store_write_seconds(),
         )
     };
     let w0 = writes();

@@ -1,7 +1,7 @@
 //! The gRPC ingest service: validate, store once (through the group-commit
 //! [`StoreWriter`]), acknowledge after the commit.
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -10,7 +10,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, Reject},
     model::Stored,
     overload::{push_back, RateLimiter},
     store::{Store, StoreError},
@@ -48,7 +48,7 @@ impl Ingest for IngestService {
         let batch = request.into_inner();
         let size = batch.encoded_len();
         if size > self.max_message_bytes {
-            self.metrics.reject("too_large");
+            self.metrics.reject(Reject::TooLarge);
             tracing::warn!(%peer, size, "batch rejected: too large");
             return Err(Status::resource_exhausted(format!(
                 "batch too large: {size} bytes, the limit is {} bytes",
@@ -56,7 +56,7 @@ impl Ingest for IngestService {
             )));
         }
         if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
-            self.metrics.reject("rate_limited");
+            self.metrics.reject(Reject::RateLimited);
             tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: agent over its rate limit");
             return Err(push_back(
                 format!("agent {:?} is over its rate limit", batch.agent_id),
@@ -65,12 +65,12 @@ impl Ingest for IngestService {
         }
         let now = now_ns();
         let valid = validate(&batch, &self.limits, now).map_err(|r| {
-            self.metrics.reject(r.reason());
+            self.metrics.reject(r.kind());
             tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
             Status::invalid_argument(r.to_string())
         })?;
         if valid.window_end_ns < now - self.retention_ns {
-            self.metrics.reject("older_than_retention");
+            self.metrics.reject(Reject::OlderThanRetention);
             tracing::warn!(%peer, agent = %valid.agent_id, seq = valid.sequence, "batch rejected: older than the retention period");
             return Err(Status::invalid_argument(
                 "window ended before the retention period: not stored",
@@ -79,10 +79,8 @@ impl Ingest for IngestService {
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
         match self.writer.insert(valid).await {
             Ok(Stored::New { samples }) => {
-                self.metrics.batches_stored.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .samples_stored
-                    .fetch_add(samples, Ordering::Relaxed);
+                self.metrics.batches_stored.inc();
+                self.metrics.samples_stored.inc_by(samples);
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -91,9 +89,7 @@ impl Ingest for IngestService {
                 }))
             }
             Ok(Stored::Duplicate) => {
-                self.metrics
-                    .batches_duplicate
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.batches_duplicate.inc();
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -102,13 +98,13 @@ impl Ingest for IngestService {
                 }))
             }
             Err(StoreError::TooOld) => {
-                self.metrics.reject("older_than_retention");
+                self.metrics.reject(Reject::OlderThanRetention);
                 Err(Status::invalid_argument(
                     "window ended before the retention period",
                 ))
             }
             Err(e) => {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reject(Reject::StoreError);
                 tracing::error!("store failed: {e}");
                 Err(Status::unavailable(format!("store failed, try again: {e}")))
             }

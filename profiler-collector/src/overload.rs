@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reject};
 
 /// The metadata key of the retry hint, in milliseconds.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
@@ -102,7 +102,7 @@ where
                     response
                 }
                 _ => {
-                    metrics.reject("overloaded");
+                    metrics.reject(Reject::Overloaded);
                     tracing::warn!("overloaded: batch pushed back");
                     Ok(
                         push_back("collector overloaded: retry later".into(), OVERLOADED_RETRY)
@@ -239,7 +239,7 @@ mod tests {
             .unwrap();
         assert_eq!(second.headers()["grpc-status"], "8");
         assert_eq!(second.headers()[RETRY_AFTER_MS], "1000");
-        assert_eq!(metrics.rejected("overloaded"), 1);
+        assert_eq!(metrics.rejected(Reject::Overloaded), 1);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(first.await.unwrap().unwrap().status(), 200);
     }

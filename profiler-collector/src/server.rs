@@ -30,7 +30,7 @@ use crate::{
     auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
     http::{router, AppState},
     ingest::{now_ns, IngestService, SharedStore},
-    metrics::Metrics,
+    metrics::{Metrics, Reject},
     overload::{RateLimiter, ShedLayer},
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
@@ -198,7 +198,7 @@ fn too_large_is_resource_exhausted(
     };
     if too_large {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
-        metrics.reject("too_large");
+        metrics.reject(Reject::TooLarge);
         tracing::warn!("batch rejected: larger than the message size limit");
     }
     response
