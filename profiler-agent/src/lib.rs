@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod fold;
 pub mod kube;
+pub mod loss;
 pub mod memory;
 pub mod metrics;
 pub mod privileges;

@@ -18,7 +18,7 @@ use crate::{
     fold::{symbolize_window, FoldedProfile},
     kube::{PodCache, Watcher},
     memory::{SelfWatchdog, Shedder},
-    metrics::{AgentMetrics, LogSummary, MetricsServer, ProcessGauges, SymbolizerCounter},
+    metrics::{AgentMetrics, LogSummary, MetricsServer, ProcessGauges},
     process::{ProcessCache, ProcessStats},
     render::{write_svg, RenderInfo},
     sampler::Sampler,
@@ -146,55 +146,6 @@ impl Shedder for AgentShedder<'_> {
     }
 }
 
-/// The symbolizer's counters as `/metrics` shows them
-/// (`profiler_agent_symbolizer_NAME`).
-fn symbolizer_metrics(s: &SymbolizerStats) -> Vec<SymbolizerCounter> {
-    vec![
-        (
-            "lookups_total",
-            "Addresses looked up with blazesym.",
-            s.lookups,
-        ),
-        (
-            "cache_hits_total",
-            "Addresses named from the cache.",
-            s.cache_hits,
-        ),
-        (
-            "unnamed_frames_total",
-            "Frames shown as module+0xOFFSET or [unknown].",
-            s.unnamed_frames,
-        ),
-        (
-            "cache_resets_total",
-            "Times the name cache was emptied to stay within its bound.",
-            s.cache_resets,
-        ),
-        // The symbolization budget (symbolize.rs).
-        (
-            "windows_over_budget_total",
-            "Windows whose symbolization time budget ran out.",
-            s.windows_over_budget,
-        ),
-        (
-            "frames_over_budget_total",
-            "Frames left unnamed because the window's budget was spent.",
-            s.frames_over_budget,
-        ),
-        (
-            "dwarf_skipped_large_total",
-            "Binaries named without DWARF because of their size.",
-            s.dwarf_skipped_large,
-        ),
-        (
-            "binaries_unreadable_total",
-            "Binaries blazesym could not read.",
-            s.binaries_unreadable,
-        ),
-        ("panics_total", "Panics inside blazesym, caught.", s.panics),
-    ]
-}
-
 /// Once a window: publishes the figures `/metrics` shows and runs the
 /// memory watchdog.
 struct Monitor {
@@ -235,8 +186,7 @@ impl Monitor {
                 symbolizer: &mut *symbolizer,
             });
         }
-        self.metrics
-            .set_symbolizer(symbolizer_metrics(&symbolizer.stats()));
+        self.metrics.set_symbolizer(symbolizer.stats());
         self.summary.tick(&self.metrics);
     }
 }
