@@ -34,6 +34,7 @@ use blazesym::{
 use profiler_agent::{
     drain::{RawSample, RawWindow},
     fold::symbolize_window,
+    loss::SymbolizerDegrade,
     process::{parse_maps_line, ProcessCache},
     symbolize::{BlazeSymbolizer, Symbolize, SymbolizeLimits, INLINED_SUFFIX},
 };
@@ -505,7 +506,7 @@ fn measure(
         (figures.output_frames, figures.inlined_frames) = check_names(&named, expected, functions)?;
         let stats = sym.stats();
         ensure!(
-            stats.unnamed_frames == 0 && stats.frames_over_budget == 0,
+            stats.unnamed_frames == 0 && stats[SymbolizerDegrade::FramesOverBudget] == 0,
             "frames left unnamed: {stats:?}"
         );
         warmed = Some(sym);

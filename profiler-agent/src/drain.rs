@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use profiler_common::{Counter, StackKey, COMM_LEN, NO_STACK};
 
-use crate::sample_type::SampleType;
+use crate::{loss::KernelLoss, sample_type::SampleType};
 
 /// One distinct (process, stacks) with its value: for [`SampleType::Cpu`]
 /// the number of times it was sampled.
@@ -74,20 +74,12 @@ impl Counters {
         self.0.get(&counter).copied().unwrap_or(0)
     }
 
-    /// The drop counters that are not zero, by name, plus samples the
-    /// program saw but neither recorded, skipped nor counted as a drop.
+    /// The kernel reasons whose count is not zero, by name.
     pub fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
-        let mut drops: Vec<(&'static str, u64)> = self
-            .0
-            .iter()
-            .filter(|(c, v)| c.is_drop() && **v > 0)
-            .map(|(c, v)| (c.name(), *v))
-            .collect();
-        let unaccounted = self.unaccounted();
-        if unaccounted > 0 {
-            drops.push(("unaccounted_samples", unaccounted));
-        }
-        drops
+        KernelLoss::all()
+            .map(|r| (r.name(), r.value(self)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
     }
 
     /// Samples that did not end recorded, skipped or in a drop counter of
@@ -225,7 +217,7 @@ mod tests {
         c.0.insert(Counter::Samples, 105);
         assert_eq!(
             c.nonzero_drops(),
-            vec![("count_map_full", 2), ("unaccounted_samples", 5)]
+            vec![("count_map_full", 2), ("unaccounted", 5)]
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod export;
 pub mod fold;
 pub mod kernel;
 pub mod kube;
+pub mod loss;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;

@@ -1,12 +1,16 @@
-//! The agent's own metrics: a Prometheus text endpoint (`run
-//! --metrics-listen`) and a periodic log summary of drops, retries and
+//! The agent's own metrics: `/metrics` (`run --metrics-listen`) in the
+//! Prometheus text format, and a periodic log summary of drops, retries and
 //! spilling, so a long outage shows up in the logs as a few lines, not one
 //! line per retry.
 //!
-//! Every drop is counted with a `reason` label. Names and meanings are listed
-//! in `docs/agent.md`.
+//! Every drop is counted with a `reason` label whose values are the names of
+//! the stage enums in [`crate::loss`] and the exporter's drop reasons. The
+//! figures live where they are counted (the kernel maps, the exporter, the
+//! watchdog, the caches); each scrape reads them into prometheus-client
+//! families (HELP, TYPE, typed labels) through a [`Collector`] and renders
+//! them with its text encoder. Names and meanings are listed in
+//! `docs/agent.md`.
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -17,17 +21,22 @@ use std::{
 };
 
 use profiler_common::Counter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{prometheus_text, DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
 
 use crate::{
     drain::Counters,
     export::ExportStats,
+    loss::{DrainLoss, Effect, KernelLoss, ProcessLoss, SymbolizerDegrade},
     memory::{MemoryReading, MemoryStats},
     process::ProcessStats,
+    symbolize::SymbolizerStats,
     Error, Result,
 };
-
-/// One counter of the symbolizer: metric name suffix, help, value.
-pub type SymbolizerCounter = (&'static str, &'static str, u64);
 
 /// Process cache figures, copied each window.
 #[derive(Clone, Debug, Default)]
@@ -50,7 +59,7 @@ pub struct AgentMetrics {
     pub pods: AtomicU64,
     kernel: Mutex<Counters>,
     processes: Mutex<ProcessGauges>,
-    symbolizer: Mutex<Vec<SymbolizerCounter>>,
+    symbolizer: Mutex<SymbolizerStats>,
     pub memory: Arc<MemoryStats>,
     export: Option<Arc<ExportStats>>,
 }
@@ -86,24 +95,48 @@ impl AgentMetrics {
         *lock(&self.processes) = gauges;
     }
 
-    pub fn set_symbolizer(&self, counters: Vec<SymbolizerCounter>) {
-        *lock(&self.symbolizer) = counters;
+    pub fn set_symbolizer(&self, stats: SymbolizerStats) {
+        *lock(&self.symbolizer) = stats;
+    }
+
+    /// Samples degraded at the drain for `reason`, all windows.
+    pub fn drain_loss(&self, reason: DrainLoss) -> u64 {
+        let counter = match reason {
+            DrainLoss::StackMissingAtDrain => &self.missing_stacks,
+            DrainLoss::StackTruncated => &self.truncated_stacks,
+        };
+        counter.load(Ordering::Relaxed)
     }
 
     pub fn export(&self) -> Option<&ExportStats> {
         self.export.as_deref()
     }
 
-    /// Named totals whose growth the log summary reports: every drop by
-    /// reason, send failures, spill writes and replays, memory shedding.
+    /// Named totals whose growth the log summary reports: every drop and
+    /// degrade by its reason's summary name, send failures, spill writes and
+    /// replays, memory shedding.
     pub fn activity(&self) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = lock(&self.kernel)
-            .nonzero_drops()
-            .into_iter()
-            .map(|(n, v)| (format!("kernel_{n}"), v))
+        let kernel = lock(&self.kernel).clone();
+        let processes = lock(&self.processes).stats.clone();
+        let symbolizer = lock(&self.symbolizer).clone();
+        let mut out: Vec<(String, u64)> = KernelLoss::all()
+            .map(|r| (r.name().to_string(), r.value(&kernel)))
             .collect();
+        let named = DrainLoss::ALL
+            .iter()
+            .map(|r| (r.summary_name(), self.drain_loss(*r)))
+            .chain(
+                ProcessLoss::ALL
+                    .iter()
+                    .map(|r| (r.summary_name(), processes[*r])),
+            )
+            .chain(
+                SymbolizerDegrade::ALL
+                    .iter()
+                    .map(|r| (r.summary_name(), symbolizer[*r])),
+            );
+        out.extend(named.map(|(n, v)| (n.to_string(), v)));
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        out.push(("stack_missing_at_drain".into(), load(&self.missing_stacks)));
         if let Some(e) = self.export() {
             out.push(("send_failures".into(), load(&e.send_failures)));
             out.push(("sends_pushed_back".into(), load(&e.pushed_back)));
@@ -125,342 +158,376 @@ impl AgentMetrics {
     }
 }
 
-/// Prometheus text exposition, one family at a time.
-struct Text(String);
+/// One scrape: a copy of every figure, encoded as prometheus-client families.
+#[derive(Debug)]
+struct Scrape {
+    kernel: Counters,
+    drain: [u64; DrainLoss::COUNT],
+    samples_drained: u64,
+    windows: u64,
+    pods: u64,
+    processes: ProcessGauges,
+    symbolizer: SymbolizerStats,
+    export: Option<Arc<ExportStats>>,
+    memory: Arc<MemoryStats>,
+    reading: Option<MemoryReading>,
+}
 
-impl Text {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP profiler_agent_{name} {help}");
-        let _ = writeln!(self.0, "# TYPE profiler_agent_{name} {kind}");
+/// Writes families through a [`DescriptorEncoder`].
+struct Families<'a>(DescriptorEncoder<'a>);
+
+type Encoded = std::result::Result<(), std::fmt::Error>;
+
+impl Families<'_> {
+    fn counter(&mut self, name: &str, help: &str, value: u64) -> Encoded {
+        let counter = ConstCounter::new(value);
+        let metric = self
+            .0
+            .encode_descriptor(name, help, None, counter.metric_type())?;
+        counter.encode(metric)
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        let _ = write!(self.0, "profiler_agent_{name}");
-        if !labels.is_empty() {
-            let pairs: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.0, "{{{}}}", pairs.join(","));
-        }
-        let _ = writeln!(self.0, " {value}");
+    fn gauge(&mut self, name: &str, help: &str, value: u64) -> Encoded {
+        let gauge = ConstGauge::new(value);
+        let metric = self
+            .0
+            .encode_descriptor(name, help, None, gauge.metric_type())?;
+        gauge.encode(metric)
     }
 
-    fn one(&mut self, name: &str, kind: &str, help: &str, value: u64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
-    }
-
-    /// A family with one label, one line per value.
-    fn labelled(
+    /// A counter family with one label, one series per value.
+    fn labelled<'v>(
         &mut self,
         name: &str,
-        kind: &str,
         help: &str,
-        label: &str,
-        values: &[(&str, u64)],
-    ) {
-        self.family(name, kind, help);
-        for (v, n) in values {
-            self.sample(name, &[(label, v)], *n);
+        label: &'static str,
+        values: impl IntoIterator<Item = (&'v str, u64)>,
+    ) -> Encoded {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (value, count) in values {
+            let labels = [(label, value)];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
         }
+        Ok(())
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Help of the symbolizer's degrade counters (`symbolizer_NAME_total`).
+fn symbolizer_help(reason: SymbolizerDegrade) -> &'static str {
+    match reason {
+        SymbolizerDegrade::WindowsOverBudget => "Windows whose symbolization time budget ran out.",
+        SymbolizerDegrade::FramesOverBudget => {
+            "Frames left unnamed because the window's budget was spent."
+        }
+        SymbolizerDegrade::DwarfSkippedLarge => {
+            "Binaries named without DWARF because of their size."
+        }
+        SymbolizerDegrade::BinariesUnreadable => "Binaries blazesym could not read.",
+        SymbolizerDegrade::Panics => "Panics inside blazesym, caught.",
+    }
 }
 
-/// Kernel counters of samples lost before the drain.
-const KERNEL_LOST: [Counter; 2] = [Counter::CountMapFull, Counter::CountOtherError];
-
-/// Renders every metric in the Prometheus text format (version 0.0.4).
-/// `memory` is a fresh reading of the process (none without procfs).
-pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
-    let mut t = Text(String::with_capacity(8 << 10));
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let k = lock(&m.kernel).clone();
-
-    t.one(
-        "samples_total",
-        "counter",
-        "Times the eBPF program ran (perf cpu-clock events on every CPU).",
-        k.get(Counter::Samples),
-    );
-    t.one(
-        "samples_recorded_total",
-        "counter",
-        "Samples recorded in the kernel count maps.",
-        k.get(Counter::Recorded),
-    );
-    t.labelled(
-        "samples_skipped_total",
-        "counter",
-        "Samples skipped on purpose (not drops), by reason.",
-        "reason",
-        &[
-            ("idle", k.get(Counter::IdleSkipped)),
-            ("filtered_out", k.get(Counter::Filtered)),
-        ],
-    );
-    let mut lost: Vec<(&str, u64)> = KERNEL_LOST.iter().map(|c| (c.name(), k.get(*c))).collect();
-    lost.push(("unaccounted", k.unaccounted()));
-    t.labelled(
-        "samples_dropped_total",
-        "counter",
-        "Samples lost in the kernel before the drain, by reason.",
-        "reason",
-        &lost,
-    );
-    let mut degraded: Vec<(&str, u64)> = Counter::ALL
-        .iter()
-        .filter(|c| c.is_drop() && !KERNEL_LOST.contains(c))
-        .map(|c| (c.name(), k.get(*c)))
-        .collect();
-    degraded.push(("stack_missing_at_drain", load(&m.missing_stacks)));
-    degraded.push(("stack_truncated", load(&m.truncated_stacks)));
-    t.labelled(
-        "samples_degraded_total",
-        "counter",
-        "Samples kept with a stack or name missing or cut, by reason.",
-        "reason",
-        &degraded,
-    );
-    t.one(
-        "samples_kernel_only_total",
-        "counter",
-        "Kernel-mode samples without a user stack (kernel threads; informational).",
-        k.get(Counter::KernelOnly),
-    );
-    t.one(
-        "samples_drained_total",
-        "counter",
-        "Samples read from the kernel maps, all windows.",
-        load(&m.samples_drained),
-    );
-    t.one(
-        "windows_total",
-        "counter",
-        "Drain windows completed.",
-        load(&m.windows),
-    );
-
-    if let Some(e) = m.export() {
-        t.one(
-            "export_batches_total",
-            "counter",
-            "Batches queued for the collector (one a window).",
-            load(&e.batches_queued),
-        );
-        t.one(
-            "export_batches_acked_total",
-            "counter",
-            "Batches acknowledged by the collector.",
-            load(&e.batches_acked),
-        );
-        t.one(
-            "export_batches_duplicate_total",
-            "counter",
-            "Acknowledged batches the collector already had (re-sends).",
-            load(&e.batches_duplicate),
-        );
-        t.one(
-            "export_send_failures_total",
-            "counter",
-            "Sends that failed and were retried with backoff.",
-            load(&e.send_failures),
-        );
-        t.one(
-            "export_pushed_back_total",
-            "counter",
-            "Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for.",
-            load(&e.pushed_back),
-        );
-        let drops = e.drops();
-        let batches: Vec<(&str, u64)> = drops.iter().map(|d| (d.reason, d.batches)).collect();
+impl Collector for Scrape {
+    fn encode(&self, encoder: DescriptorEncoder) -> Encoded {
+        let mut t = Families(encoder);
+        let k = &self.kernel;
+        t.counter(
+            "samples",
+            "Times the eBPF program ran (perf cpu-clock events on every CPU).",
+            k.get(Counter::Samples),
+        )?;
+        t.counter(
+            "samples_recorded",
+            "Samples recorded in the kernel count maps.",
+            k.get(Counter::Recorded),
+        )?;
         t.labelled(
-            "export_batches_dropped_total",
-            "counter",
-            "Batches dropped, by reason (spill_corrupt: spilled records failing their checksum).",
+            "samples_skipped",
+            "Samples skipped on purpose (not drops), by reason.",
             "reason",
-            &batches,
-        );
-        t.one(
-            "export_samples_total",
-            "counter",
-            "Samples in the batches queued.",
-            load(&e.samples_queued),
-        );
-        t.one(
-            "export_samples_acked_total",
-            "counter",
-            "Samples the collector acknowledged.",
-            load(&e.samples_acked),
-        );
-        let samples: Vec<(&str, u64)> = drops
+            [Counter::IdleSkipped, Counter::Filtered].map(|c| (skipped_name(c), k.get(c))),
+        )?;
+        let kernel = |effect| {
+            KernelLoss::all()
+                .filter(move |r| r.effect() == effect)
+                .map(|r| (r.name(), r.value(k)))
+        };
+        t.labelled(
+            "samples_dropped",
+            "Samples lost in the kernel before the drain, by reason.",
+            "reason",
+            kernel(Effect::Lost),
+        )?;
+        let drain = DrainLoss::ALL
+            .iter()
+            .map(|r| (r.name(), self.drain[r.index()]));
+        t.labelled(
+            "samples_degraded",
+            "Samples kept with a stack or name missing or cut, by reason.",
+            "reason",
+            kernel(Effect::Degraded).chain(drain),
+        )?;
+        t.counter(
+            "samples_kernel_only",
+            "Kernel-mode samples without a user stack (kernel threads; informational).",
+            k.get(Counter::KernelOnly),
+        )?;
+        t.counter(
+            "samples_drained",
+            "Samples read from the kernel maps, all windows.",
+            self.samples_drained,
+        )?;
+        t.counter("windows", "Drain windows completed.", self.windows)?;
+        if let Some(e) = &self.export {
+            export_families(&mut t, e)?;
+        }
+        memory_families(&mut t, &self.memory, self.reading)?;
+
+        let p = &self.processes;
+        t.gauge(
+            "process_cache_processes",
+            "Processes in the metadata cache.",
+            p.processes,
+        )?;
+        t.gauge(
+            "process_cache_binaries",
+            "Open binaries in the metadata cache.",
+            p.binaries,
+        )?;
+        t.labelled(
+            "process_metadata_failures",
+            "Processes or binaries whose frames stay unnamed, by reason.",
+            "reason",
+            ProcessLoss::ALL.iter().map(|r| (r.name(), p.stats[*r])),
+        )?;
+        t.gauge(
+            "pod_cache_pods",
+            "Pods in the pod metadata cache.",
+            self.pods,
+        )?;
+        let s = &self.symbolizer;
+        t.counter(
+            "symbolizer_lookups",
+            "Addresses looked up with blazesym.",
+            s.lookups,
+        )?;
+        t.counter(
+            "symbolizer_cache_hits",
+            "Addresses named from the cache.",
+            s.cache_hits,
+        )?;
+        t.counter(
+            "symbolizer_unnamed_frames",
+            "Frames shown as module+0xOFFSET or [unknown].",
+            s.unnamed_frames,
+        )?;
+        t.counter(
+            "symbolizer_cache_resets",
+            "Times the name cache was emptied to stay within its bound.",
+            s.cache_resets,
+        )?;
+        for reason in SymbolizerDegrade::ALL {
+            t.counter(
+                &format!("symbolizer_{}", reason.name()),
+                symbolizer_help(*reason),
+                s[*reason],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The `reason` of a kernel counter of samples skipped on purpose.
+fn skipped_name(c: Counter) -> &'static str {
+    match c {
+        Counter::IdleSkipped => "idle",
+        other => other.name(),
+    }
+}
+
+fn export_families(t: &mut Families<'_>, e: &ExportStats) -> Encoded {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    t.counter(
+        "export_batches",
+        "Batches queued for the collector (one a window).",
+        load(&e.batches_queued),
+    )?;
+    t.counter(
+        "export_batches_acked",
+        "Batches acknowledged by the collector.",
+        load(&e.batches_acked),
+    )?;
+    t.counter(
+        "export_batches_duplicate",
+        "Acknowledged batches the collector already had (re-sends).",
+        load(&e.batches_duplicate),
+    )?;
+    t.counter(
+        "export_send_failures",
+        "Sends that failed and were retried with backoff.",
+        load(&e.send_failures),
+    )?;
+    t.counter(
+        "export_pushed_back",
+        "Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for.",
+        load(&e.pushed_back),
+    )?;
+    let drops = e.drops();
+    t.labelled(
+        "export_batches_dropped",
+        "Batches dropped, by reason (spill_corrupt: spilled records failing their checksum).",
+        "reason",
+        drops.iter().map(|d| (d.reason, d.batches)),
+    )?;
+    t.counter(
+        "export_samples",
+        "Samples in the batches queued.",
+        load(&e.samples_queued),
+    )?;
+    t.counter(
+        "export_samples_acked",
+        "Samples the collector acknowledged.",
+        load(&e.samples_acked),
+    )?;
+    t.labelled(
+        "export_samples_dropped",
+        "Samples in the batches dropped, by reason.",
+        "reason",
+        drops
             .iter()
             .filter(|d| d.samples_known)
-            .map(|d| (d.reason, d.samples))
-            .collect();
-        t.labelled(
-            "export_samples_dropped_total",
-            "counter",
-            "Samples in the batches dropped, by reason.",
-            "reason",
-            &samples,
-        );
-        t.one(
-            "export_bytes_total",
-            "counter",
-            "Encoded bytes (before compression) of the batches queued.",
-            load(&e.bytes_queued),
-        );
-        t.one(
-            "export_bytes_acked_total",
-            "counter",
-            "Encoded bytes of the batches acknowledged.",
-            load(&e.bytes_acked),
-        );
-        t.one(
-            "export_largest_batch_bytes",
-            "gauge",
-            "Encoded size of the largest batch so far.",
-            load(&e.largest_batch_bytes),
-        );
-        t.one(
-            "export_queue_batches",
-            "gauge",
-            "Unacknowledged batches held in memory.",
-            load(&e.queue_batches),
-        );
-        t.one(
-            "export_queue_bytes",
-            "gauge",
-            "Encoded bytes of the unacknowledged batches held in memory.",
-            load(&e.queue_bytes),
-        );
-        t.one(
-            "export_collector_up",
-            "gauge",
-            "1 if the last send reached the collector, else 0.",
-            load(&e.collector_up),
-        );
-        t.one(
-            "export_batches_parked_total",
-            "counter",
-            "Batches moved from memory to the spill directory by the memory watchdog.",
-            load(&e.parked_memory_limit),
-        );
-        t.one(
-            "spill_writes_total",
-            "counter",
-            "Batches written to the spill directory.",
-            load(&e.spill.spilled),
-        );
-        t.one(
-            "spill_replays_total",
-            "counter",
-            "Spilled batches sent and acknowledged.",
-            load(&e.spill.replayed),
-        );
-        t.one(
-            "spill_records",
-            "gauge",
-            "Batches waiting in the spill directory.",
-            load(&e.spill.records),
-        );
-        t.one(
-            "spill_bytes",
-            "gauge",
-            "Bytes of the batches waiting in the spill directory.",
-            load(&e.spill.bytes),
-        );
-    }
+            .map(|d| (d.reason, d.samples)),
+    )?;
+    t.counter(
+        "export_bytes",
+        "Encoded bytes (before compression) of the batches queued.",
+        load(&e.bytes_queued),
+    )?;
+    t.counter(
+        "export_bytes_acked",
+        "Encoded bytes of the batches acknowledged.",
+        load(&e.bytes_acked),
+    )?;
+    t.gauge(
+        "export_largest_batch_bytes",
+        "Encoded size of the largest batch so far.",
+        load(&e.largest_batch_bytes),
+    )?;
+    t.gauge(
+        "export_queue_batches",
+        "Unacknowledged batches held in memory.",
+        load(&e.queue_batches),
+    )?;
+    t.gauge(
+        "export_queue_bytes",
+        "Encoded bytes of the unacknowledged batches held in memory.",
+        load(&e.queue_bytes),
+    )?;
+    t.gauge(
+        "export_collector_up",
+        "1 if the last send reached the collector, else 0.",
+        load(&e.collector_up),
+    )?;
+    t.counter(
+        "export_batches_parked",
+        "Batches moved from memory to the spill directory by the memory watchdog.",
+        load(&e.parked_memory_limit),
+    )?;
+    t.counter(
+        "spill_writes",
+        "Batches written to the spill directory.",
+        load(&e.spill.spilled),
+    )?;
+    t.counter(
+        "spill_replays",
+        "Spilled batches sent and acknowledged.",
+        load(&e.spill.replayed),
+    )?;
+    t.gauge(
+        "spill_records",
+        "Batches waiting in the spill directory.",
+        load(&e.spill.records),
+    )?;
+    t.gauge(
+        "spill_bytes",
+        "Bytes of the batches waiting in the spill directory.",
+        load(&e.spill.bytes),
+    )
+}
 
-    let mem = &m.memory;
-    let (rss, peak) = match memory {
+fn memory_families(
+    t: &mut Families<'_>,
+    mem: &MemoryStats,
+    reading: Option<MemoryReading>,
+) -> Encoded {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (rss, peak) = match reading {
         Some(r) => (r.rss_bytes, r.peak_bytes.max(load(&mem.peak_bytes))),
         None => (load(&mem.rss_bytes), load(&mem.peak_bytes)),
     };
-    t.one(
+    t.gauge(
         "resident_memory_bytes",
-        "gauge",
         "Resident set size of the agent.",
         rss,
-    );
-    t.one(
+    )?;
+    t.gauge(
         "resident_memory_peak_bytes",
-        "gauge",
         "Highest resident set size of the agent since start (VmHWM).",
         peak,
-    );
-    t.one(
+    )?;
+    t.gauge(
         "memory_limit_bytes",
-        "gauge",
         "The agent's RSS ceiling (0: none); shedding starts at 90 %.",
         load(&mem.limit_bytes),
-    );
-    t.one(
-        "memory_over_threshold_total",
-        "counter",
+    )?;
+    t.counter(
+        "memory_over_threshold",
         "Watchdog checks that found the RSS over 90 % of the ceiling.",
         load(&mem.over_threshold),
-    );
+    )?;
     t.labelled(
-        "memory_shed_total",
-        "counter",
+        "memory_shed",
         "Memory shedding actions of the watchdog, by action.",
         "action",
-        &[
+        [
             ("park_queue", load(&mem.shed_queue)),
             ("evict_symbolizer", load(&mem.shed_symbolizer)),
             ("trim_allocator", load(&mem.shed_trim)),
         ],
-    );
-    t.one(
-        "memory_still_over_total",
-        "counter",
+    )?;
+    t.counter(
+        "memory_still_over",
         "Watchdog checks after which the RSS was still over the threshold.",
         load(&mem.still_over),
-    );
+    )
+}
 
-    let p = lock(&m.processes).clone();
-    t.one(
-        "process_cache_processes",
-        "gauge",
-        "Processes in the metadata cache.",
-        p.processes,
-    );
-    t.one(
-        "process_cache_binaries",
-        "gauge",
-        "Open binaries in the metadata cache.",
-        p.binaries,
-    );
-    t.labelled(
-        "process_metadata_failures_total",
-        "counter",
-        "Processes or binaries whose frames stay unnamed, by reason.",
-        "reason",
-        &[
-            ("process_gone_before_snapshot", p.stats.snapshot_failed),
-            ("process_cache_full", p.stats.process_cache_full),
-            ("binary_cache_full", p.stats.binary_cache_full),
-            ("binary_open_failed", p.stats.binary_open_failed),
-        ],
-    );
-    t.one(
-        "pod_cache_pods",
-        "gauge",
-        "Pods in the pod metadata cache.",
-        load(&m.pods),
-    );
-    for (name, help, value) in lock(&m.symbolizer).iter() {
-        t.one(&format!("symbolizer_{name}"), "counter", help, *value);
-    }
-    t.0
+/// The `Content-Type` of `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Renders every metric in the Prometheus text format (version 0.0.4).
+/// `memory` is a fresh reading of the process (none without procfs).
+pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
+    let scrape = Scrape {
+        kernel: lock(&m.kernel).clone(),
+        drain: std::array::from_fn(|i| m.drain_loss(DrainLoss::ALL[i])),
+        samples_drained: m.samples_drained.load(Ordering::Relaxed),
+        windows: m.windows.load(Ordering::Relaxed),
+        pods: m.pods.load(Ordering::Relaxed),
+        processes: lock(&m.processes).clone(),
+        symbolizer: lock(&m.symbolizer).clone(),
+        export: m.export.clone(),
+        memory: m.memory.clone(),
+        reading: memory,
+    };
+    let mut registry = Registry::with_prefix("profiler_agent");
+    registry.register_collector(Box::new(scrape));
+    let mut out = String::with_capacity(8 << 10);
+    // Writing to a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &registry);
+    out
 }
 
 /// Logs what grew since the last summary, at most once per interval: a
@@ -581,10 +648,7 @@ impl MetricsServer {
                             let metrics = metrics.clone();
                             async move {
                                 (
-                                    [(
-                                        axum::http::header::CONTENT_TYPE,
-                                        "text/plain; version=0.0.4; charset=utf-8",
-                                    )],
+                                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
                                     render(&metrics, crate::memory::read_self()),
                                 )
                             }
@@ -652,13 +716,18 @@ mod tests {
         k.0.insert(Counter::UserStackFault, 5);
         m.set_kernel(k);
         m.add_window(990, 1, 2);
-        m.set_symbolizer(vec![("lookups_total", "Addresses looked up.", 42)]);
+        m.set_symbolizer(SymbolizerStats {
+            lookups: 42,
+            ..SymbolizerStats::default()
+        });
         m
     }
 
     /// The exposition format: every sample line belongs to a family declared
-    /// just before with HELP and TYPE, names are valid, values are numbers.
+    /// just before with HELP and TYPE, no family is declared twice, names
+    /// are valid, values are numbers.
     fn check_format(text: &str) {
+        let mut families = std::collections::HashSet::new();
         let mut family = String::new();
         let mut lines = text.lines().peekable();
         while let Some(line) = lines.next() {
@@ -679,6 +748,7 @@ mod tests {
                         && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
                     "{name}"
                 );
+                assert!(families.insert(name.to_string()), "{name} twice");
                 family = name.to_string();
                 continue;
             }
@@ -744,9 +814,101 @@ mod tests {
         assert!(text.contains("profiler_agent_resident_memory_bytes 0"));
     }
 
+    /// The `reason` values of a family, in order.
+    fn reasons<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
+        let prefix = format!("{family}{{reason=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| rest.split('"').next().unwrap())
+            .collect()
+    }
+
+    fn once(values: &[&str], name: &str, family: &str) {
+        let n = values.iter().filter(|v| **v == name).count();
+        assert_eq!(n, 1, "{name} in {family}: {values:?}");
+    }
+
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn every_reason_of_every_stage_appears_once() {
+        let text = render(&metrics(), None);
+        check_format(&text);
+        let dropped = reasons(&text, "profiler_agent_samples_dropped_total");
+        let degraded = reasons(&text, "profiler_agent_samples_degraded_total");
+        for reason in KernelLoss::all() {
+            let (family, values) = match reason.effect() {
+                Effect::Lost => ("samples_dropped", &dropped),
+                Effect::Degraded => ("samples_degraded", &degraded),
+            };
+            once(values, reason.name(), family);
+        }
+        for reason in DrainLoss::ALL {
+            once(&degraded, reason.name(), "samples_degraded");
+        }
+        assert_eq!(
+            dropped.len() + degraded.len(),
+            KernelLoss::all().count() + DrainLoss::COUNT
+        );
+        let process = reasons(&text, "profiler_agent_process_metadata_failures_total");
+        assert_eq!(process.len(), ProcessLoss::COUNT);
+        for reason in ProcessLoss::ALL {
+            once(&process, reason.name(), "process_metadata_failures");
+        }
+        for reason in SymbolizerDegrade::ALL {
+            let series = format!("profiler_agent_symbolizer_{}_total ", reason.name());
+            let n = text.lines().filter(|l| l.starts_with(&series)).count();
+            assert_eq!(n, 1, "{series}");
+        }
+        let export = ExportStats::default();
+        for family in [
+            "profiler_agent_export_batches_dropped_total",
+            "profiler_agent_export_samples_dropped_total",
+        ] {
+            let values = reasons(&text, family);
+            for d in export.drops() {
+                if family.contains("samples") && d.reason == "spill_corrupt" {
+                    continue;
+                }
+                once(&values, d.reason, family);
+            }
+        }
+    }
+
+    #[test]
+    fn the_log_summary_names_a_reason_as_the_metric_does() {
+        let m = metrics();
+        let mut s = LogSummary::new(Duration::ZERO, &m);
+        let mut k = lock(&m.kernel).clone();
+        k.0.insert(Counter::StackMapFull, 4);
+        m.set_kernel(k);
+        let mut processes = ProcessGauges::default();
+        processes.stats[ProcessLoss::BinaryOpenFailed] = 2;
+        m.set_processes(processes);
+        let mut symbolizer = SymbolizerStats::default();
+        symbolizer.degraded[SymbolizerDegrade::FramesOverBudget.index()] = 9;
+        m.set_symbolizer(symbolizer);
+        m.add_window(10, 0, 3);
+        let grown = s.deltas(m.activity());
+        assert_eq!(
+            grown,
+            vec![
+                ("stack_map_full".to_string(), 4),
+                ("stack_truncated".to_string(), 3),
+                ("binary_open_failed".to_string(), 2),
+                ("symbolizer_frames_over_budget".to_string(), 9),
+            ]
+        );
+        let text = render(&m, None);
+        for line in [
+            "profiler_agent_samples_degraded_total{reason=\"stack_map_full\"} 4",
+            "profiler_agent_samples_degraded_total{reason=\"stack_truncated\"} 5",
+            "profiler_agent_process_metadata_failures_total{reason=\"binary_open_failed\"} 2",
+            "profiler_agent_symbolizer_frames_over_budget_total 9",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 
     #[test]

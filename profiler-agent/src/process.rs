@@ -10,7 +10,10 @@
 //! Memory is bounded: at most `max_processes` processes and `max_binaries`
 //! open binaries; what does not fit is counted and its frames are shown as
 //! `module+0xOFFSET`.
-use crate::cgroup::{parse_proc_cgroup, CgroupInfo};
+use crate::{
+    cgroup::{parse_proc_cgroup, CgroupInfo},
+    loss::ProcessLoss,
+};
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
@@ -163,16 +166,24 @@ struct ProcessInfo {
 pub struct ProcessStats {
     /// Processes snapshotted.
     pub snapshots: u64,
-    /// Processes that were gone before their mappings could be read.
-    pub snapshot_failed: u64,
-    /// Processes not cached because the cache was full.
-    pub process_cache_full: u64,
-    /// Binaries not opened because the cache was full.
-    pub binary_cache_full: u64,
-    /// Mapped files that could not be opened.
-    pub binary_open_failed: u64,
+    /// Processes or binaries whose frames stay unnamed, by reason; read
+    /// with `stats[reason]`.
+    pub failures: [u64; ProcessLoss::COUNT],
     /// Binaries opened (each once, however many processes map it).
     pub binaries_opened: u64,
+}
+
+impl std::ops::Index<ProcessLoss> for ProcessStats {
+    type Output = u64;
+    fn index(&self, reason: ProcessLoss) -> &u64 {
+        &self.failures[reason.index()]
+    }
+}
+
+impl std::ops::IndexMut<ProcessLoss> for ProcessStats {
+    fn index_mut(&mut self, reason: ProcessLoss) -> &mut u64 {
+        &mut self.failures[reason.index()]
+    }
 }
 
 /// What a [`ProcessCache::sweep`] let go of.
@@ -246,7 +257,7 @@ impl ProcessCache {
     /// executable mappings and open its binaries. Returns whether it worked.
     pub fn observe(&mut self, pid: u32) -> bool {
         if !self.processes.contains_key(&pid) && self.processes.len() >= self.max_processes {
-            self.stats.process_cache_full += 1;
+            self.stats[ProcessLoss::ProcessCacheFull] += 1;
             return false;
         }
         match self.read_mappings(pid) {
@@ -289,7 +300,7 @@ impl ProcessCache {
                 true
             }
             None => {
-                self.stats.snapshot_failed += 1;
+                self.stats[ProcessLoss::ProcessGoneBeforeSnapshot] += 1;
                 self.unavailable.insert(pid);
                 false
             }
@@ -354,7 +365,7 @@ impl ProcessCache {
             return Some(binary.clone());
         }
         if self.binaries.len() >= self.max_binaries {
-            self.stats.binary_cache_full += 1;
+            self.stats[ProcessLoss::BinaryCacheFull] += 1;
             return None;
         }
         let path = PathBuf::from(line.pathname.trim_end_matches(" (deleted)"));
@@ -373,7 +384,7 @@ impl ProcessCache {
             same.then_some(file)
         });
         let Some(file) = file else {
-            self.stats.binary_open_failed += 1;
+            self.stats[ProcessLoss::BinaryOpenFailed] += 1;
             return None;
         };
         let symbol_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
@@ -594,7 +605,7 @@ mod tests {
         std::fs::write(&maps, text.replace(&ino.to_string(), "1")).unwrap();
         let mut cache = ProcessCache::new(dir.path(), 16, 16);
         assert!(cache.observe(30));
-        assert_eq!(cache.stats().binary_open_failed, 1);
+        assert_eq!(cache.stats()[ProcessLoss::BinaryOpenFailed], 1);
         assert!(matches!(cache.locate(30, 0x1000), Location::Module { .. }));
     }
 
@@ -608,10 +619,10 @@ mod tests {
         let mut cache = ProcessCache::new(dir.path(), 1, 0);
         assert!(cache.observe(40));
         assert!(!cache.observe(41));
-        assert_eq!(cache.stats().process_cache_full, 1);
-        assert_eq!(cache.stats().binary_cache_full, 1);
+        assert_eq!(cache.stats()[ProcessLoss::ProcessCacheFull], 1);
+        assert_eq!(cache.stats()[ProcessLoss::BinaryCacheFull], 1);
         assert!(!cache.observe(99));
-        assert_eq!(cache.stats().process_cache_full, 2);
+        assert_eq!(cache.stats()[ProcessLoss::ProcessCacheFull], 2);
     }
 
     #[test]
@@ -621,10 +632,10 @@ mod tests {
         for addr in [0x1000, 0x2000, 0x3000] {
             assert!(matches!(cache.locate(77, addr), Location::Unknown));
         }
-        assert_eq!(cache.stats().snapshot_failed, 1);
+        assert_eq!(cache.stats()[ProcessLoss::ProcessGoneBeforeSnapshot], 1);
         cache.sweep();
         cache.locate(77, 0x1000);
-        assert_eq!(cache.stats().snapshot_failed, 2);
+        assert_eq!(cache.stats()[ProcessLoss::ProcessGoneBeforeSnapshot], 2);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The short report printed at the end of a recording.
 use std::{fmt::Write as _, path::PathBuf};
 
-use crate::record::Recording;
+use crate::{
+    loss::{DrainLoss, ProcessLoss, SymbolizerDegrade},
+    record::Recording,
+};
 
 /// Output files of a recording, for the summary.
 #[derive(Clone, Debug, Default)]
@@ -10,28 +13,26 @@ pub struct Outputs {
     pub folded: Option<PathBuf>,
 }
 
-/// Every drop counter that is not zero, kernel and userspace, by name.
+/// Every drop counter that is not zero, kernel and userspace, by the
+/// summary name of its reason.
 pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
     let mut drops = recording.counters.nonzero_drops();
     let p = &recording.process_stats;
     let s = &recording.symbolizer_stats;
-    for (name, value) in [
-        ("stack_missing_at_drain", recording.missing_stacks),
-        ("stack_truncated", recording.truncated_stacks),
-        ("process_gone_before_snapshot", p.snapshot_failed),
-        ("process_cache_full", p.process_cache_full),
-        ("binary_cache_full", p.binary_cache_full),
-        ("binary_open_failed", p.binary_open_failed),
-        ("symbolize_windows_over_budget", s.windows_over_budget),
-        ("frames_unsymbolized_over_budget", s.frames_over_budget),
-        ("binary_dwarf_skipped_large", s.dwarf_skipped_large),
-        ("binary_unreadable", s.binaries_unreadable),
-        ("symbolizer_panics", s.panics),
-    ] {
-        if value > 0 {
-            drops.push((name, value));
-        }
-    }
+    let drain = [
+        (DrainLoss::StackMissingAtDrain, recording.missing_stacks),
+        (DrainLoss::StackTruncated, recording.truncated_stacks),
+    ];
+    let rest = drain
+        .into_iter()
+        .map(|(r, v)| (r.summary_name(), v))
+        .chain(ProcessLoss::ALL.iter().map(|r| (r.summary_name(), p[*r])))
+        .chain(
+            SymbolizerDegrade::ALL
+                .iter()
+                .map(|r| (r.summary_name(), s[*r])),
+        );
+    drops.extend(rest.filter(|(_, v)| *v > 0));
     if let Some(export) = &recording.export {
         drops.extend(export.nonzero_drops());
     }

@@ -37,7 +37,10 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
 };
 
-use crate::process::{BinaryKey, Location, ProcessCache};
+use crate::{
+    loss::SymbolizerDegrade,
+    process::{BinaryKey, Location, ProcessCache},
+};
 
 /// Suffix of kernel frames.
 pub const KERNEL_SUFFIX: &str = "_[k]";
@@ -174,17 +177,13 @@ pub struct SymbolizerCounters {
     pub unnamed_frames: AtomicU64,
     /// Times the cache was emptied to stay within its bound.
     pub cache_resets: AtomicU64,
-    /// Windows whose time budget ran out before every frame was named.
-    pub windows_over_budget: AtomicU64,
-    /// Frames left as `module+0xOFFSET` because the window's budget was spent.
-    pub frames_over_budget: AtomicU64,
-    /// Binaries named without DWARF because they exceed `max_dwarf_bytes`.
-    pub dwarf_skipped_large: AtomicU64,
-    /// Binaries blazesym could not read (corrupt or truncated ELF, changed
-    /// on disk): their frames are `module+0xOFFSET`, and they are not retried.
-    pub binaries_unreadable: AtomicU64,
-    /// Panics inside blazesym, caught; the binary is then treated as unreadable.
-    pub panics: AtomicU64,
+    /// Work cut or degraded, by reason: windows over their time budget,
+    /// frames left as `module+0xOFFSET` because the budget was spent,
+    /// binaries named without DWARF (over `max_dwarf_bytes`), binaries
+    /// blazesym could not read (corrupt or truncated ELF, changed on disk;
+    /// not retried), panics inside blazesym (caught; the binary is then
+    /// treated as unreadable).
+    degraded: [AtomicU64; SymbolizerDegrade::COUNT],
 }
 
 impl SymbolizerCounters {
@@ -192,6 +191,10 @@ impl SymbolizerCounters {
         if by != 0 {
             counter.fetch_add(by, Ordering::Relaxed);
         }
+    }
+
+    fn degrade(&self, reason: SymbolizerDegrade, by: u64) {
+        Self::bump(&self.degraded[reason.index()], by);
     }
 
     /// A plain copy of the counters.
@@ -202,11 +205,7 @@ impl SymbolizerCounters {
             lookups: load(&self.lookups),
             unnamed_frames: load(&self.unnamed_frames),
             cache_resets: load(&self.cache_resets),
-            windows_over_budget: load(&self.windows_over_budget),
-            frames_over_budget: load(&self.frames_over_budget),
-            dwarf_skipped_large: load(&self.dwarf_skipped_large),
-            binaries_unreadable: load(&self.binaries_unreadable),
-            panics: load(&self.panics),
+            degraded: std::array::from_fn(|i| load(&self.degraded[i])),
         }
     }
 }
@@ -218,11 +217,15 @@ pub struct SymbolizerStats {
     pub lookups: u64,
     pub unnamed_frames: u64,
     pub cache_resets: u64,
-    pub windows_over_budget: u64,
-    pub frames_over_budget: u64,
-    pub dwarf_skipped_large: u64,
-    pub binaries_unreadable: u64,
-    pub panics: u64,
+    /// By reason; read with `stats[reason]`.
+    pub degraded: [u64; SymbolizerDegrade::COUNT],
+}
+
+impl std::ops::Index<SymbolizerDegrade> for SymbolizerStats {
+    type Output = u64;
+    fn index(&self, reason: SymbolizerDegrade) -> &u64 {
+        &self.degraded[reason.index()]
+    }
 }
 
 /// Hasher of the name caches, whose keys are a few integers: one folded
@@ -420,7 +423,8 @@ impl BlazeSymbolizer {
         let over = (self.clock)().saturating_duration_since(start) >= self.limits.budget;
         if over && !self.window_over {
             self.window_over = true;
-            SymbolizerCounters::bump(&self.counters.windows_over_budget, 1);
+            self.counters
+                .degrade(SymbolizerDegrade::WindowsOverBudget, 1);
         }
         over
     }
@@ -467,7 +471,8 @@ impl BlazeSymbolizer {
             && size > self.limits.max_dwarf_bytes
         {
             self.no_dwarf.insert(key);
-            SymbolizerCounters::bump(&self.counters.dwarf_skipped_large, 1);
+            self.counters
+                .degrade(SymbolizerDegrade::DwarfSkippedLarge, 1);
         }
         elf.debug_syms = !self.no_dwarf.contains(&key);
         let src = Source::Elf(elf);
@@ -503,7 +508,8 @@ impl BlazeSymbolizer {
                 Some(Err(error)) => {
                     tracing::debug!(%error, module, "binary not symbolizable");
                     self.unreadable.insert(key);
-                    SymbolizerCounters::bump(&self.counters.binaries_unreadable, 1);
+                    self.counters
+                        .degrade(SymbolizerDegrade::BinariesUnreadable, 1);
                     Vec::new()
                 }
                 None => {
@@ -514,8 +520,9 @@ impl BlazeSymbolizer {
                     // Its caches may be half-updated: start from a fresh one.
                     self.symbolizer = new_blazesym();
                     self.unreadable.insert(key);
-                    SymbolizerCounters::bump(&self.counters.panics, 1);
-                    SymbolizerCounters::bump(&self.counters.binaries_unreadable, 1);
+                    self.counters.degrade(SymbolizerDegrade::Panics, 1);
+                    self.counters
+                        .degrade(SymbolizerDegrade::BinariesUnreadable, 1);
                     Vec::new()
                 }
             };
@@ -626,7 +633,8 @@ impl Symbolize for BlazeSymbolizer {
             }
         }
         SymbolizerCounters::bump(&self.counters.unnamed_frames, unnamed);
-        SymbolizerCounters::bump(&self.counters.frames_over_budget, over_budget);
+        self.counters
+            .degrade(SymbolizerDegrade::FramesOverBudget, over_budget);
         frames
     }
 
@@ -670,7 +678,7 @@ impl Symbolize for BlazeSymbolizer {
                 None => {
                     tracing::warn!("blazesym panicked on kernel addresses");
                     self.kernel_symbolizer = new_blazesym();
-                    SymbolizerCounters::bump(&self.counters.panics, 1);
+                    self.counters.degrade(SymbolizerDegrade::Panics, 1);
                     Vec::new()
                 }
             };
@@ -851,17 +859,17 @@ mod tests {
         assert!(samples[0].frames.iter().all(|f| f.contains("+0x")));
         let stats = sym.stats();
         assert_eq!(stats.lookups, 0, "nothing looked up with a zero budget");
-        assert_eq!(stats.windows_over_budget, 1);
-        assert_eq!(stats.frames_over_budget, 3);
+        assert_eq!(stats[SymbolizerDegrade::WindowsOverBudget], 1);
+        assert_eq!(stats[SymbolizerDegrade::FramesOverBudget], 3);
         assert_eq!(stats.unnamed_frames, 3);
 
         crate::fold::symbolize_window(&window, &mut sym);
         assert_eq!(
-            sym.stats().windows_over_budget,
+            sym.stats()[SymbolizerDegrade::WindowsOverBudget],
             2,
             "counted once per window"
         );
-        assert_eq!(sym.stats().frames_over_budget, 6);
+        assert_eq!(sym.stats()[SymbolizerDegrade::FramesOverBudget], 6);
     }
 
     #[test]
@@ -891,7 +899,10 @@ mod tests {
         assert_eq!(sym.user_stack(pid, &[first]), named);
         let stats = sym.stats();
         assert_eq!(
-            (stats.windows_over_budget, stats.frames_over_budget),
+            (
+                stats[SymbolizerDegrade::WindowsOverBudget],
+                stats[SymbolizerDegrade::FramesOverBudget]
+            ),
             (1, 1)
         );
 
@@ -902,7 +913,10 @@ mod tests {
         assert!(frames[0].contains("another_function_to_find"), "{frames:?}");
         let stats = sym.stats();
         assert_eq!(
-            (stats.windows_over_budget, stats.frames_over_budget),
+            (
+                stats[SymbolizerDegrade::WindowsOverBudget],
+                stats[SymbolizerDegrade::FramesOverBudget]
+            ),
             (1, 1)
         );
     }
@@ -918,7 +932,7 @@ mod tests {
         let mut sym = BlazeSymbolizer::with_limits(processes, limits);
         let frames = sym.user_stack(pid, &[addr]);
         assert!(frames[0].contains("a_function_to_find"), "{frames:?}");
-        assert_eq!(sym.stats().windows_over_budget, 0);
+        assert_eq!(sym.stats()[SymbolizerDegrade::WindowsOverBudget], 0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::{
 };
 
 use profiler_agent::{
+    loss::{ProcessLoss, SymbolizerDegrade},
     process::{parse_maps_line, Location, ProcessCache},
     symbolize::{BlazeSymbolizer, Symbolize, SymbolizeLimits, SymbolizerStats},
 };
@@ -165,7 +166,7 @@ fn tiny_elf_is_named() {
     std::fs::write(&path, tiny_elf()).unwrap();
     let (frames, stats) = name_in(&path, 0x210, SymbolizeLimits::default());
     assert_eq!(frames, vec!["hot"]);
-    assert_eq!(stats.binaries_unreadable, 0);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 0);
 }
 
 #[test]
@@ -183,8 +184,8 @@ fn garbage_after_elf_magic_gives_module_offset_and_is_not_retried() {
     std::fs::write(&path, bytes).unwrap();
     let (frames, stats) = timed_name_in(&path, 0x200);
     assert_eq!(frames, fallback(&path, 0x200));
-    assert_eq!(stats.binaries_unreadable, 1);
-    assert_eq!(stats.panics, 0);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
+    assert_eq!(stats[SymbolizerDegrade::Panics], 0);
 }
 
 #[test]
@@ -211,7 +212,7 @@ fn unreadable_binary_is_asked_once() {
         stats.lookups, 1,
         "a binary blazesym refused is not asked again"
     );
-    assert_eq!(stats.binaries_unreadable, 1);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
 }
 
 #[test]
@@ -223,7 +224,7 @@ fn section_headers_beyond_the_file_give_module_offset() {
     std::fs::write(&path, bytes).unwrap();
     let (frames, stats) = timed_name_in(&path, 0x210);
     assert_eq!(frames, fallback(&path, 0x210));
-    assert_eq!(stats.binaries_unreadable, 1);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
 }
 
 #[test]
@@ -241,8 +242,8 @@ fn real_binary_cut_in_half_gives_module_offset() {
         .unwrap();
     let (frames, stats) = timed_name_in(&path, offset);
     assert_eq!(frames, fallback(&path, offset));
-    assert_eq!(stats.binaries_unreadable, 1);
-    assert_eq!(stats.panics, 0);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
+    assert_eq!(stats[SymbolizerDegrade::Panics], 0);
 }
 
 /// A real binary grown to 8 GiB (sparse): over the DWARF limit, so it is
@@ -266,8 +267,8 @@ fn huge_binary_is_named_from_elf_symbols_without_dwarf() {
         "no inlined frames without DWARF: {frames:?}"
     );
     assert!(frames[0].contains("a_function_in_the_victim"), "{frames:?}");
-    assert_eq!(stats.dwarf_skipped_large, 1);
-    assert_eq!(stats.binaries_unreadable, 0);
+    assert_eq!(stats[SymbolizerDegrade::DwarfSkippedLarge], 1);
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 0);
 
     // With a DWARF limit above its size the same file is read with DWARF.
     let limits = SymbolizeLimits {
@@ -276,7 +277,7 @@ fn huge_binary_is_named_from_elf_symbols_without_dwarf() {
     };
     let (frames, stats) = name_in(&path, offset, limits);
     assert!(frames[0].contains("a_function_in_the_victim"), "{frames:?}");
-    assert_eq!(stats.dwarf_skipped_large, 0);
+    assert_eq!(stats[SymbolizerDegrade::DwarfSkippedLarge], 0);
 }
 
 /// A valid header naming 65535 section headers 6 GiB into a sparse 8 GiB file.
@@ -293,7 +294,7 @@ fn huge_sparse_file_with_far_section_table_gives_module_offset() {
     drop(file);
     let (frames, stats) = timed_name_in(&path, 0x210);
     assert_eq!(frames, fallback(&path, 0x210));
-    assert_eq!(stats.panics, 0);
+    assert_eq!(stats[SymbolizerDegrade::Panics], 0);
 }
 
 /// Mutated headers, section tables and symbols of a valid ELF, and cuts at
@@ -351,7 +352,7 @@ fn mutated_elf_files_never_panic_out_or_lose_the_frame() {
         } else {
             named += 1;
         }
-        panics += stats.panics;
+        panics += stats[SymbolizerDegrade::Panics];
         std::fs::remove_file(&path).unwrap();
     }
     eprintln!(
@@ -479,7 +480,7 @@ fn deleted_binary_of_an_exited_process_is_still_named() {
     assert_eq!(swept.pids, vec![pid]);
     sym.forget_binaries(&swept.binaries);
     assert_eq!(sym.user_stack(pid, &[victim.addr]), vec!["[unknown]"]);
-    assert_eq!(sym.stats().panics, 0);
+    assert_eq!(sym.stats()[SymbolizerDegrade::Panics], 0);
 }
 
 /// A binary deleted before the process was first seen: reached through
@@ -503,7 +504,10 @@ fn binary_deleted_before_first_sight() {
     } else {
         let (_, offset) = victim_offset();
         assert_eq!(frames, fallback(&victim.path, offset));
-        assert_eq!(processes.lock().unwrap().stats().binary_open_failed, 1);
+        assert_eq!(
+            processes.lock().unwrap().stats()[ProcessLoss::BinaryOpenFailed],
+            1
+        );
     }
 }
 
@@ -533,5 +537,8 @@ fn process_gone_before_first_sight_gives_unknown_frames() {
     assert_eq!(samples.len(), 1);
     assert_eq!(samples[0].value, 4);
     assert_eq!(samples[0].frames, vec!["[unknown]", "[unknown]"]);
-    assert_eq!(processes.lock().unwrap().stats().snapshot_failed, 1);
+    assert_eq!(
+        processes.lock().unwrap().stats()[ProcessLoss::ProcessGoneBeforeSnapshot],
+        1
+    );
 }

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use profiler_proto::metadata::Reason;
 use profiler_security::TokenFile;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reject};
 
 /// The HTTP client's address (axum connect info, TLS or not).
 #[derive(Clone, Copy, Debug)]
@@ -32,11 +32,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 2] = [Refusal::MissingToken, Refusal::WrongToken];
+
+    /// The metric label and log name (a [`Reject`] reason).
     pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::MissingToken => "missing_token",
-            Refusal::WrongToken => "wrong_token",
-        }
+        Reject::from(self).name()
     }
 
     fn message(self) -> &'static str {
@@ -95,7 +95,7 @@ impl tonic::service::Interceptor for GrpcTokenCheck {
         match check(tokens, header) {
             Ok(()) => Ok(request),
             Err(refusal) => {
-                self.metrics.reject(refusal.reason());
+                self.metrics.reject(refusal.into());
                 let peer = request
                     .remote_addr()
                     .map(|a| a.to_string())
@@ -130,7 +130,7 @@ pub async fn require_http_token(
     match check(&auth.tokens, header) {
         Ok(()) => next.run(request).await,
         Err(refusal) => {
-            auth.metrics.reject_http(refusal.reason());
+            auth.metrics.reject_http(refusal);
             let peer = request
                 .extensions()
                 .get::<axum::extract::ConnectInfo<PeerAddr>>()

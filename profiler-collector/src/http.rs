@@ -138,10 +138,7 @@ async fn with_store<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&dyn Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
-    state
-        .metrics
-        .queries
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.queries.inc();
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || {
         let guard = store.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,7 +163,7 @@ async fn profile_for(
 async fn metrics(State(state): State<AppState>) -> Response {
     let stats = with_store(&state, |s| s.stats()).await.ok();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(stats.as_ref()),
     )
         .into_response()

@@ -3,7 +3,7 @@
 //! its typed reason ([`Reason`]) as metadata, so agents need not read the
 //! message.
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -15,7 +15,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, Reject},
     model::Stored,
     overload::RateLimiter,
     store::{Store, StoreError},
@@ -53,7 +53,7 @@ impl Ingest for IngestService {
         let batch = request.into_inner();
         let size = batch.encoded_len();
         if size > self.max_message_bytes {
-            self.metrics.reject(Reason::TooLarge.as_str());
+            self.metrics.reject(Reject::TooLarge);
             tracing::warn!(%peer, size, "batch rejected: too large");
             return Err(Reason::TooLarge.status(format!(
                 "batch too large: {size} bytes, the limit is {} bytes",
@@ -61,7 +61,7 @@ impl Ingest for IngestService {
             )));
         }
         if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
-            self.metrics.reject(Reason::RateLimited.as_str());
+            self.metrics.reject(Reject::RateLimited);
             tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: agent over its rate limit");
             return Err(Reason::RateLimited.push_back(
                 format!("agent {:?} is over its rate limit", batch.agent_id),
@@ -70,12 +70,12 @@ impl Ingest for IngestService {
         }
         let now = now_ns();
         let valid = validate(&batch, &self.limits, now).map_err(|r| {
-            self.metrics.reject(r.reason());
+            self.metrics.reject(r.kind());
             tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
             Reason::InvalidBatch.status(r.to_string())
         })?;
         if valid.window_end_ns < now - self.retention_ns {
-            self.metrics.reject(Reason::OlderThanRetention.as_str());
+            self.metrics.reject(Reject::OlderThanRetention);
             tracing::warn!(%peer, agent = %valid.agent_id, seq = valid.sequence, "batch rejected: older than the retention period");
             return Err(Reason::OlderThanRetention
                 .status("window ended before the retention period: not stored"));
@@ -83,10 +83,8 @@ impl Ingest for IngestService {
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
         match self.writer.insert(valid).await {
             Ok(Stored::New { samples }) => {
-                self.metrics.batches_stored.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .samples_stored
-                    .fetch_add(samples, Ordering::Relaxed);
+                self.metrics.batches_stored.inc();
+                self.metrics.samples_stored.inc_by(samples);
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -95,9 +93,7 @@ impl Ingest for IngestService {
                 }))
             }
             Ok(Stored::Duplicate) => {
-                self.metrics
-                    .batches_duplicate
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.batches_duplicate.inc();
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -106,11 +102,11 @@ impl Ingest for IngestService {
                 }))
             }
             Err(StoreError::TooOld) => {
-                self.metrics.reject(Reason::OlderThanRetention.as_str());
+                self.metrics.reject(Reject::OlderThanRetention);
                 Err(Reason::OlderThanRetention.status("window ended before the retention period"))
             }
             Err(e) => {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reject(Reject::StoreError);
                 tracing::error!("store failed: {e}");
                 Err(Reason::StoreUnavailable.status(format!("store failed, try again: {e}")))
             }

@@ -20,7 +20,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reject};
 
 use profiler_proto::metadata::Reason;
 pub use profiler_proto::metadata::RETRY_AFTER_MS;
@@ -93,7 +93,7 @@ where
                     response
                 }
                 _ => {
-                    metrics.reject(Reason::Overloaded.as_str());
+                    metrics.reject(Reject::Overloaded);
                     tracing::warn!("overloaded: batch pushed back");
                     Ok(Reason::Overloaded
                         .push_back("collector overloaded: retry later", OVERLOADED_RETRY)
@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(second.headers()["grpc-status"], "8");
         assert_eq!(second.headers()[RETRY_AFTER_MS], "1000");
         assert_eq!(second.headers()["profiler-reason"], "overloaded");
-        assert_eq!(metrics.rejected("overloaded"), 1);
+        assert_eq!(metrics.rejected(Reject::Overloaded), 1);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(first.await.unwrap().unwrap().status(), 200);
     }

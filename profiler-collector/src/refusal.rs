@@ -18,7 +18,7 @@ use std::{
 use profiler_proto::metadata::{Reason, REASON};
 use tonic::{codegen::http, transport::server::TcpConnectInfo, Code, Status};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reject};
 
 /// The [`Refusals`] layer, around the gRPC services.
 #[derive(Clone)]
@@ -103,7 +103,10 @@ fn refuse(
     path: &str,
     metrics: &Metrics,
 ) -> http::Response<tonic::body::Body> {
-    metrics.reject(reason.as_str());
+    metrics.reject(match reason {
+        Reason::TooLarge => Reject::TooLarge,
+        _ => Reject::Undecodable,
+    });
     let peer = peer.map(|p| p.to_string()).unwrap_or_default();
     match reason {
         Reason::TooLarge => tracing::warn!(
@@ -167,7 +170,7 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(Reason::of(&s), Some(Reason::Undecodable));
         assert!(s.message().contains("failed to decode"), "{s:?}");
-        assert_eq!(metrics.rejected("undecodable"), 1);
+        assert_eq!(metrics.rejected(Reject::Undecodable), 1);
 
         let s = through(
             Status::out_of_range("Error, decoded message length too large"),
@@ -182,7 +185,7 @@ mod tests {
         )
         .await;
         assert_eq!(Reason::of(&s), Some(Reason::TooLarge));
-        assert_eq!(metrics.rejected("too_large"), 2);
+        assert_eq!(metrics.rejected(Reject::TooLarge), 2);
     }
 
     #[tokio::test]
@@ -198,8 +201,8 @@ mod tests {
             assert_eq!((s.code(), s.message()), (status.code(), status.message()));
             assert_eq!(Reason::of(&s), Reason::of(&status));
         }
-        for reason in ["undecodable", "too_large", "overloaded", "invalid_batch"] {
-            assert_eq!(metrics.rejected(reason), 0, "{reason}");
+        for reason in Reject::ALL {
+            assert_eq!(metrics.rejected(reason), 0, "{reason:?}");
         }
     }
 }

@@ -3,7 +3,10 @@
 //! A batch is accepted whole or rejected whole, with a reason.
 use profiler_proto::v1::Batch;
 
-use crate::model::{BatchSample, Labels, ValidBatch};
+use crate::{
+    metrics::Reject,
+    model::{BatchSample, Labels, ValidBatch},
+};
 
 /// Limits applied to batches.
 #[derive(Clone, Debug)]
@@ -81,22 +84,27 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// Short reason for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The reason it is counted under.
+    pub fn kind(&self) -> Reject {
         match self {
-            Rejection::MissingAgentId => "missing_agent_id",
-            Rejection::Window(_) => "bad_window",
-            Rejection::Frequency(_) => "bad_frequency",
-            Rejection::InvalidUtf8(_) => "invalid_utf8",
-            Rejection::IndexOutOfRange { .. } => "index_out_of_range",
-            Rejection::EmptyStack(_) => "empty_stack",
-            Rejection::StackTooDeep { .. } => "stack_too_deep",
-            Rejection::NonPositiveCount { .. } => "bad_count",
-            Rejection::CountOverflow => "count_overflow",
-            Rejection::Label(_) => "bad_label",
-            Rejection::TooManySamples(..) => "too_many_samples",
-            Rejection::TooBig(_) => "too_big",
+            Rejection::MissingAgentId => Reject::MissingAgentId,
+            Rejection::Window(_) => Reject::BadWindow,
+            Rejection::Frequency(_) => Reject::BadFrequency,
+            Rejection::InvalidUtf8(_) => Reject::InvalidUtf8,
+            Rejection::IndexOutOfRange { .. } => Reject::IndexOutOfRange,
+            Rejection::EmptyStack(_) => Reject::EmptyStack,
+            Rejection::StackTooDeep { .. } => Reject::StackTooDeep,
+            Rejection::NonPositiveCount { .. } => Reject::BadCount,
+            Rejection::CountOverflow => Reject::CountOverflow,
+            Rejection::Label(_) => Reject::BadLabel,
+            Rejection::TooManySamples(..) => Reject::TooManySamples,
+            Rejection::TooBig(_) => Reject::TooBig,
         }
+    }
+
+    /// Short reason for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        self.kind().name()
     }
 }
 

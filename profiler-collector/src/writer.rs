@@ -6,11 +6,7 @@
 //!
 //! The queue is bounded; the gRPC layer bounds the batches in flight
 //! (`--max-concurrent-batches`), so a sender rarely waits on it.
-use std::{
-    sync::{atomic::Ordering, Arc},
-    thread::JoinHandle,
-    time::Instant,
-};
+use std::{sync::Arc, thread::JoinHandle, time::Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -102,10 +98,7 @@ fn run(store: SharedStore, mut rx: mpsc::Receiver<(ValidBatch, Reply)>, metrics:
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert_many(&batches);
-        metrics.store_commits.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .store_write_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        metrics.store_written(started.elapsed());
         for ((reply, outcome), batch) in replies.drain(..).zip(outcomes).zip(batches.drain(..)) {
             // The request may have gone (client hung up): nothing to tell.
             let _ = reply.send((outcome, batch));
@@ -158,7 +151,7 @@ mod tests {
             }
         }
         assert_eq!(new, 50);
-        assert!(metrics.store_commits.load(Ordering::Relaxed) <= 200);
+        assert!(metrics.store_commits.get() <= 200);
         drop(writer);
         thread.join().unwrap();
         let stats = store.lock().unwrap().stats().unwrap();

@@ -356,13 +356,13 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
     assert!(lost >= 2, "answers lost: {lost}");
     for c in [&a, &b] {
         assert!(
-            c.metrics.batches_stored.load(Ordering::Relaxed) > 5,
+            c.metrics.batches_stored.get() > 5,
             "both collectors stored batches"
         );
     }
     let resent_elsewhere: u64 = [&a, &b]
         .iter()
-        .map(|c| c.metrics.batches_duplicate.load(Ordering::Relaxed))
+        .map(|c| c.metrics.batches_duplicate.get())
         .sum();
     assert!(
         resent_elsewhere > 15,

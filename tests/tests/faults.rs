@@ -365,7 +365,11 @@ fn an_agent_pushed_back_by_the_rate_limit_waits_and_delivers_everything() {
     let stats = rec.export.as_ref().unwrap();
     assert!(stats.pushed_back.load(Ordering::Relaxed) > 0, "pushed back");
     assert_all_delivered(stats);
-    assert!(c.metrics.rejected("rate_limited") > 0);
+    assert!(
+        c.metrics
+            .rejected(profiler_collector::metrics::Reject::RateLimited)
+            > 0
+    );
     let (recorded, _) = recorded_and_dropped(&rec);
     assert_eq!(stored_total(&c), recorded, "stored vs recorded samples");
     rt.block_on(c.shutdown()).unwrap();

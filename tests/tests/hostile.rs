@@ -38,7 +38,10 @@ fn deleted_binary_is_still_named() {
         "main;outer;inner_hot in {matching} of {total} samples\n{}",
         dump(&rec.profile, "chain")
     );
-    assert_eq!(rec.symbolizer_stats.panics, 0);
+    assert_eq!(
+        rec.symbolizer_stats[profiler_agent::loss::SymbolizerDegrade::Panics],
+        0
+    );
 }
 
 /// A zero budget: no user frame is looked up, every sample is still in the
@@ -75,8 +78,14 @@ fn zero_budget_keeps_every_sample_unnamed_and_counted() {
         dump(&rec.profile, "chain")
     );
     let s = &rec.symbolizer_stats;
-    assert!(s.windows_over_budget >= 1, "{s:?}");
-    assert!(s.frames_over_budget > 0, "{s:?}");
+    assert!(
+        s[profiler_agent::loss::SymbolizerDegrade::WindowsOverBudget] >= 1,
+        "{s:?}"
+    );
+    assert!(
+        s[profiler_agent::loss::SymbolizerDegrade::FramesOverBudget] > 0,
+        "{s:?}"
+    );
 }
 
 /// The answer to one `PushBatch` call whose body is the gRPC frame `flag,

@@ -43,7 +43,6 @@ pub use self::{
     collector::CollectorSink,
     label::{PodDirectory, ProcessTable},
     local::LocalSink,
-    monitor::symbolizer_metrics,
     sink::{LabelledSample, LabelledWindow, RunEnd, Sink},
     source::{SampleSource, SourceInfo},
 };

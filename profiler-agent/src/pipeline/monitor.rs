@@ -10,58 +10,9 @@ use super::{
 };
 use crate::{
     memory::{SelfWatchdog, Shedder},
-    metrics::{AgentMetrics, LogSummary, SymbolizerCounter},
-    symbolize::{Symbolize, SymbolizerStats},
+    metrics::{AgentMetrics, LogSummary},
+    symbolize::Symbolize,
 };
-
-/// The symbolizer's counters as `/metrics` shows them
-/// (`profiler_agent_symbolizer_NAME`).
-pub fn symbolizer_metrics(s: &SymbolizerStats) -> Vec<SymbolizerCounter> {
-    vec![
-        (
-            "lookups_total",
-            "Addresses looked up with blazesym.",
-            s.lookups,
-        ),
-        (
-            "cache_hits_total",
-            "Addresses named from the cache.",
-            s.cache_hits,
-        ),
-        (
-            "unnamed_frames_total",
-            "Frames shown as module+0xOFFSET or [unknown].",
-            s.unnamed_frames,
-        ),
-        (
-            "cache_resets_total",
-            "Times the name cache was emptied to stay within its bound.",
-            s.cache_resets,
-        ),
-        // The symbolization budget (symbolize.rs).
-        (
-            "windows_over_budget_total",
-            "Windows whose symbolization time budget ran out.",
-            s.windows_over_budget,
-        ),
-        (
-            "frames_over_budget_total",
-            "Frames left unnamed because the window's budget was spent.",
-            s.frames_over_budget,
-        ),
-        (
-            "dwarf_skipped_large_total",
-            "Binaries named without DWARF because of their size.",
-            s.dwarf_skipped_large,
-        ),
-        (
-            "binaries_unreadable_total",
-            "Binaries blazesym could not read.",
-            s.binaries_unreadable,
-        ),
-        ("panics_total", "Panics inside blazesym, caught.", s.panics),
-    ]
-}
 
 /// What the memory watchdog acts on: the sinks' queues, the symbolizer's
 /// caches.
@@ -114,8 +65,7 @@ impl Monitor {
                 symbolizer: &mut *symbolizer,
             });
         }
-        self.metrics
-            .set_symbolizer(symbolizer_metrics(&symbolizer.stats()));
+        self.metrics.set_symbolizer(symbolizer.stats());
         self.summary.tick(&self.metrics);
     }
 }
