@@ -733,25 +733,27 @@ fn materialize(
         let shift_h = i64::from(c * hours);
         // A copy's last (partial) hour is the next copy's first: upsert.
         rollup_rows[0] += tx.execute(
-            "INSERT INTO rollup_h SELECT hour - ?1, label_set_id, stack_id, count FROM src_h WHERE true
-             ON CONFLICT (hour, label_set_id, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_h SELECT hour - ?1, type_id, label_set_id, stack_id, value FROM src_h
+             WHERE true ON CONFLICT (hour, type_id, label_set_id, stack_id)
+             DO UPDATE SET value = value + excluded.value",
             [shift_h],
         )? as i64;
         rollup_rows[1] += tx.execute(
-            "INSERT INTO rollup_stack_h SELECT hour - ?1, stack_id, count FROM src_stack_h WHERE true
-             ON CONFLICT (hour, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_stack_h SELECT hour - ?1, type_id, stack_id, value FROM src_stack_h
+             WHERE true ON CONFLICT (hour, type_id, stack_id) DO UPDATE SET value = value + excluded.value",
             [shift_h],
         )? as i64;
         rollup_rows[2] += tx.execute(
-            "INSERT INTO rollup_stack_m SELECT minute - ?1, stack_id, count FROM src_stack_m WHERE true
-             ON CONFLICT (minute, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_stack_m SELECT minute - ?1, type_id, stack_id, value FROM src_stack_m
+             WHERE true ON CONFLICT (minute, type_id, stack_id) DO UPDATE SET value = value + excluded.value",
             [shift_h * 60],
         )? as i64;
         let shift = shift_h * HOUR_NS;
         for &(a, b) in raw_ranges {
             raw_rows += tx.execute(
-                "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
-                 SELECT window_start - ?1, window_end - ?1, label_set_id, stack_id, count FROM samples
+                "INSERT INTO samples (window_start, window_end, type_id, label_set_id, stack_id, value)
+                 SELECT window_start - ?1, window_end - ?1, type_id, label_set_id, stack_id, value
+                 FROM samples
                  WHERE window_end > ?2 AND window_end - ?1 > ?3 AND window_end - ?1 <= ?4",
                 [shift, loaded_from, a, b],
             )? as i64;
@@ -1181,8 +1183,8 @@ async fn run_sqlite(
     let mut explain = direct.connection().prepare(
         "EXPLAIN QUERY PLAN WITH RECURSIVE h(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM h WHERE b + 1 < ?2),
          m(id) AS MATERIALIZED (SELECT label_set_id FROM labels WHERE name = 'process' AND value = 'java')
-         SELECT r.stack_id, SUM(r.count) FROM h CROSS JOIN m CROSS JOIN rollup_h r
-         WHERE r.hour = h.b AND r.label_set_id = m.id GROUP BY r.stack_id",
+         SELECT r.stack_id, SUM(r.value) FROM h CROSS JOIN m CROSS JOIN rollup_h r
+         WHERE r.hour = h.b AND r.type_id = 1 AND r.label_set_id = m.id GROUP BY r.stack_id",
     )?;
     let selector_plan: Vec<String> = explain
         .query_map([0i64, 1], |r| r.get::<_, String>(3))?
@@ -1795,7 +1797,7 @@ fn ch_materialize(port: u16, now: i64, hours: u32, copies: u32) -> anyhow::Resul
                  SELECT hour - {shift_h}, label_set_id, window_end - {shift}, stack_id, count,
                         bitXor(write_id, {k}), window_start - {shift}, agent_id,
                         if(label_set_id = 0, sequence + {k} * 1000000000, sequence),
-                        node, agent_version, frequency_hz
+                        node, agent_version, frequency_hz, sample_type, unit
                  FROM {CH_DB}.samples WHERE window_end > {loaded_from}"
             ),
             &settings,
@@ -1887,11 +1889,11 @@ async fn time_query(
     Duration,
     Duration,
 )> {
-    let selector = Selector {
-        matchers: profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
-        start_ns: start,
-        end_ns: end,
-    };
+    let selector = Selector::cpu(
+        profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
+        start,
+        end,
+    );
     let mut times = Vec::new();
     let mut profile = profiler_collector::model::Profile::default();
     for _ in 0..runs.max(1) {
@@ -1938,6 +1940,7 @@ fn ch_breakdown(
     let days = ch_days(start, end);
     let sql = store
         .profile_sql(&Selector {
+            sample_type: "cpu".into(),
             matchers: selector
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))

@@ -1,5 +1,6 @@
 //! The gRPC ingest service: validate, store once (through the group-commit
-//! [`StoreWriter`]), acknowledge after the commit.
+//! [`StoreWriter`]), acknowledge after the commit. A batch whose sample
+//! type the store holds in another unit is rejected like an invalid one.
 use std::{
     sync::{atomic::Ordering, Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -11,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::Metrics,
-    model::Stored,
+    model::{Stored, CPU},
     overload::{push_back, RateLimiter},
     store::{Store, StoreError},
     validate::{validate, Limits},
@@ -77,12 +78,16 @@ impl Ingest for IngestService {
             ));
         }
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
+        // Only `cpu` values are numbers of samples.
+        let counts_samples = valid.sample_type.name == CPU;
         match self.writer.insert(valid).await {
             Ok(Stored::New { samples }) => {
                 self.metrics.batches_stored.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .samples_stored
-                    .fetch_add(samples, Ordering::Relaxed);
+                if counts_samples {
+                    self.metrics
+                        .samples_stored
+                        .fetch_add(samples, Ordering::Relaxed);
+                }
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -106,6 +111,11 @@ impl Ingest for IngestService {
                 Err(Status::invalid_argument(
                     "window ended before the retention period",
                 ))
+            }
+            Err(e @ StoreError::UnitMismatch { .. }) => {
+                self.metrics.reject("unit_mismatch");
+                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: {e}");
+                Err(Status::invalid_argument(e.to_string()))
             }
             Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
