@@ -9,7 +9,7 @@ use profiler_collector::{
     http,
     model::{Profile, ValidBatch},
     query,
-    validate::{valid_label_name, validate, Limits},
+    validate::{self, valid_label_name, validate, Limits},
 };
 use profiler_proto::v1::Batch;
 use prost::Message;
@@ -27,6 +27,7 @@ pub fn tight_limits() -> Limits {
         max_stack_bytes: 256,
         max_resolved_bytes: 2048,
         max_batch_count: 1 << 20,
+        max_batch_value: 1 << 30,
         max_window_ns: 3_600_000_000_000,
     }
 }
@@ -57,7 +58,13 @@ fn check_valid_batch(batch: &Batch, v: &ValidBatch, limits: &Limits) {
     assert!(0 < start && start <= end, "window {start}..{end}");
     assert!(end - start <= limits.max_window_ns);
     assert!(end <= NOW + limits.max_future_ns);
-    assert!((1..=10_000).contains(&v.frequency_hz));
+    if v.sample_type.name == "cpu" {
+        assert!((1..=10_000).contains(&v.frequency_hz));
+    } else {
+        assert!(v.frequency_hz <= 10_000);
+    }
+    assert!(validate::valid_type_name(&v.sample_type.name));
+    assert!(validate::valid_type_name(&v.sample_type.unit));
 
     let mut resolved = 0;
     assert_eq!(v.stacks.len(), batch.stacks.len());
@@ -84,12 +91,12 @@ fn check_valid_batch(batch: &Batch, v: &ValidBatch, limits: &Limits) {
     let mut total = 0u64;
     let mut profile = Profile::default();
     for s in &v.samples {
-        assert!(s.count > 0);
+        assert!(s.value > 0);
         assert!(s.label_set < v.label_sets.len() && s.stack < v.stacks.len());
-        total += s.count;
-        profile.add(&v.stacks[s.stack], s.count);
+        total += s.value;
+        profile.add(&v.stacks[s.stack], s.value);
     }
-    assert!(total <= limits.max_batch_count);
+    assert!(total <= limits.max_batch_count.max(limits.max_batch_value));
     assert_eq!(v.total(), total);
 
     // What the query side makes of these rows: one folded line per stack,
@@ -102,7 +109,7 @@ fn check_valid_batch(batch: &Batch, v: &ValidBatch, limits: &Limits) {
         assert_eq!(profile.stacks.get(stack), count.parse().ok().as_ref());
     }
     for entry in query::top(&profile, 10) {
-        assert!(entry.self_samples <= entry.total && entry.total <= total);
+        assert!(entry.self_value <= entry.total && entry.total <= total);
     }
     assert_eq!(query::limit_nodes(&profile, 8).total(), total);
 }
@@ -188,7 +195,7 @@ pub fn check_query_params(data: &[u8]) {
             assert_eq!(Ok(sel.matchers), query::parse_selector(query));
         }
     }
-    if let Ok(opts) = http::svg_options(&params, "t".into()) {
+    if let Ok(opts) = http::svg_options(&params, "t".into(), "samples") {
         assert!(opts.min_width.is_finite() && (0.0..=1000.0).contains(&opts.min_width));
         assert!(opts.max_nodes.is_none_or(|n| n >= 2));
     }

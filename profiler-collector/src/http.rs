@@ -5,6 +5,7 @@
 //! | `GET /` | the web UI |
 //! | `GET /healthz` | `ok` |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /api/v1/types` | sample types (name, unit) present in the range (JSON) |
 //! | `GET /api/v1/labels` | label names (JSON) |
 //! | `GET /api/v1/labels/{name}/values` | values of a label (JSON) |
 //! | `GET /api/v1/flamegraph.svg` | flame graph (inferno SVG); `min_width`, `max_nodes` |
@@ -13,9 +14,12 @@
 //! | `GET /api/v1/top` | top-N functions, self and total (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
 //!
-//! Selections: `query={name="value",...}` (all must match), `start`, `end`
-//! as Unix seconds, RFC 3339, `now` or `now-15m` (default: the last hour);
-//! a window belongs to the range its end falls in.
+//! Selections: `type=` the sample type (default `cpu`; a type with no data
+//! in the range gives an empty answer), `query={name="value",...}` (all
+//! must match), `start`, `end` as Unix seconds, RFC 3339, `now` or
+//! `now-15m` (default: the last hour); a window belongs to the range its
+//! end falls in. The label routes take `type=` too (without it: labels of
+//! every type). Values are in the type's unit.
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
@@ -29,9 +33,10 @@ use axum::{
 use crate::{
     ingest::{now_ns, SharedStore},
     metrics::Metrics,
-    model::{Profile, Selector},
+    model::{Profile, SampleType, Selector, CPU},
     query::{self, SvgOptions},
     store::Store,
+    validate::valid_type_name,
 };
 
 #[derive(Clone)]
@@ -63,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(|| async { Html(UI) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .route("/api/v1/types", get(sample_types))
         .route("/api/v1/labels", get(label_names))
         .route("/api/v1/labels/{name}/values", get(label_values))
         .route("/api/v1/flamegraph.svg", get(flamegraph))
@@ -104,7 +110,19 @@ pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
         })
 }
 
-/// The selection named by `{prefix}query`, `{prefix}start`, `{prefix}end`.
+/// The `type` parameter, checked: `None` when absent.
+pub fn sample_type_param(params: &HashMap<String, String>) -> Result<Option<String>, String> {
+    match params.get("type") {
+        None => Ok(None),
+        Some(t) if valid_type_name(t) => Ok(Some(t.clone())),
+        Some(t) => Err(format!(
+            "type {t:?} must be 1-64 lower-case ASCII letters, digits or `_`"
+        )),
+    }
+}
+
+/// The selection named by `{prefix}type`, `{prefix}query`, `{prefix}start`,
+/// `{prefix}end`.
 pub fn selector(params: &HashMap<String, String>, prefix: &str) -> Result<Selector, String> {
     let now = now_ns();
     let get = |k: &str| params.get(&format!("{prefix}{k}")).map(String::as_str);
@@ -127,7 +145,18 @@ pub fn selector(params: &HashMap<String, String>, prefix: &str) -> Result<Select
         .or_else(|| params.get("query").map(String::as_str))
         .unwrap_or("");
     let matchers = query::parse_selector(query)?;
+    // A baseline without its own type compares the same type.
+    let sample_type = match get("type") {
+        Some(t) if valid_type_name(t) => t.to_string(),
+        Some(t) => {
+            return Err(format!(
+                "{prefix}type {t:?} must be 1-64 lower-case ASCII letters, digits or `_`"
+            ))
+        }
+        None => sample_type_param(params)?.unwrap_or_else(|| CPU.to_string()),
+    };
     Ok(Selector {
+        sample_type,
         matchers,
         start_ns: start,
         end_ns: end,
@@ -149,15 +178,24 @@ async fn with_store<T: Send + 'static>(
     .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response())
 }
 
+/// The selection's profile and its type with the unit it is stored in (a
+/// type never stored: the unit a known type has, else `count`).
 async fn profile_for(
     state: &AppState,
     params: &HashMap<String, String>,
     prefix: &str,
-) -> Result<(Selector, Profile), Response> {
+) -> Result<(Selector, Profile, SampleType), Response> {
     let sel = selector(params, prefix).map_err(|e| BadRequest(e).into_response())?;
     let q = sel.clone();
-    let profile = with_store(state, move |s| s.profile(&q)).await?;
-    Ok((sel, profile))
+    let (profile, unit) = with_store(state, move |s| {
+        Ok((s.profile(&q)?, s.unit(&q.sample_type)?))
+    })
+    .await?;
+    let unit = unit
+        .or_else(|| SampleType::known_unit(&sel.sample_type).map(str::to_string))
+        .unwrap_or_else(|| "count".to_string());
+    let sample_type = SampleType::new(&sel.sample_type, &unit);
+    Ok((sel, profile, sample_type))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -169,12 +207,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn label_names(State(state): State<AppState>, Query(params): Params) -> Response {
+async fn sample_types(State(state): State<AppState>, Query(params): Params) -> Response {
     let sel = match selector(&params, "") {
         Ok(sel) => sel,
         Err(e) => return BadRequest(e).into_response(),
     };
-    match with_store(&state, move |s| s.label_names(sel.start_ns, sel.end_ns)).await {
+    match with_store(&state, move |s| s.sample_types(sel.start_ns, sel.end_ns)).await {
+        Ok(types) => Json(types).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn label_names(State(state): State<AppState>, Query(params): Params) -> Response {
+    let (sel, sample_type) = match selector(&params, "").and_then(|sel| {
+        let t = sample_type_param(&params)?;
+        Ok((sel, t))
+    }) {
+        Ok(v) => v,
+        Err(e) => return BadRequest(e).into_response(),
+    };
+    match with_store(&state, move |s| {
+        s.label_names(sample_type.as_deref(), sel.start_ns, sel.end_ns)
+    })
+    .await
+    {
         Ok(names) => Json(names).into_response(),
         Err(r) => r,
     }
@@ -185,17 +241,29 @@ async fn label_values(
     Path(name): Path<String>,
     Query(params): Params,
 ) -> Response {
-    let sel = match selector(&params, "") {
-        Ok(sel) => sel,
+    let (sel, sample_type) = match selector(&params, "").and_then(|sel| {
+        let t = sample_type_param(&params)?;
+        Ok((sel, t))
+    }) {
+        Ok(v) => v,
         Err(e) => return BadRequest(e).into_response(),
     };
     match with_store(&state, move |s| {
-        s.label_values(&name, sel.start_ns, sel.end_ns)
+        s.label_values(&name, sample_type.as_deref(), sel.start_ns, sel.end_ns)
     })
     .await
     {
         Ok(values) => Json(values).into_response(),
         Err(r) => r,
+    }
+}
+
+/// What a flame graph of a type is called: `CPU` for `cpu`, else the type.
+fn type_title(sample_type: &SampleType) -> String {
+    if sample_type.name == CPU {
+        "CPU".to_string()
+    } else {
+        format!("{} ({})", sample_type.name, sample_type.unit)
     }
 }
 
@@ -217,10 +285,16 @@ fn title(sel: &Selector, what: &str) -> String {
     )
 }
 
-/// Flame graph options from the `min_width` and `max_nodes` parameters.
-pub fn svg_options(params: &HashMap<String, String>, title: String) -> Result<SvgOptions, String> {
+/// Flame graph options from the `min_width` and `max_nodes` parameters,
+/// values named after `unit`.
+pub fn svg_options(
+    params: &HashMap<String, String>,
+    title: String,
+    unit: &str,
+) -> Result<SvgOptions, String> {
     let mut opts = SvgOptions {
         title,
+        count_name: query::count_name(unit),
         ..SvgOptions::default()
     };
     if let Some(w) = params.get("min_width") {
@@ -249,11 +323,15 @@ fn svg_response(result: Result<Vec<u8>, String>) -> Response {
 }
 
 async fn flamegraph(State(state): State<AppState>, Query(params): Params) -> Response {
-    let (sel, profile) = match profile_for(&state, &params, "").await {
+    let (sel, profile, sample_type) = match profile_for(&state, &params, "").await {
         Ok(p) => p,
         Err(r) => return r,
     };
-    match svg_options(&params, title(&sel, "CPU")) {
+    match svg_options(
+        &params,
+        title(&sel, &type_title(&sample_type)),
+        &sample_type.unit,
+    ) {
         Ok(opts) => svg_response(query::svg(&profile, &opts)),
         Err(e) => BadRequest(e).into_response(),
     }
@@ -261,7 +339,7 @@ async fn flamegraph(State(state): State<AppState>, Query(params): Params) -> Res
 
 async fn folded(State(state): State<AppState>, Query(params): Params) -> Response {
     match profile_for(&state, &params, "").await {
-        Ok((_, profile)) => (
+        Ok((_, profile, _)) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             profile.folded(),
         )
@@ -272,7 +350,7 @@ async fn folded(State(state): State<AppState>, Query(params): Params) -> Respons
 
 async fn pprof(State(state): State<AppState>, Query(params): Params) -> Response {
     match profile_for(&state, &params, "").await {
-        Ok((sel, profile)) => (
+        Ok((sel, profile, sample_type)) => (
             [
                 (header::CONTENT_TYPE, "application/octet-stream"),
                 (
@@ -280,7 +358,12 @@ async fn pprof(State(state): State<AppState>, Query(params): Params) -> Response
                     "attachment; filename=\"profile.pb.gz\"",
                 ),
             ],
-            query::pprof_gz(&profile, sel.end_ns - sel.start_ns, sel.start_ns),
+            query::pprof_gz(
+                &profile,
+                &sample_type,
+                sel.end_ns - sel.start_ns,
+                sel.start_ns,
+            ),
         )
             .into_response(),
         Err(r) => r,
@@ -302,7 +385,9 @@ async fn top(State(state): State<AppState>, Query(params): Params) -> Response {
         Err(e) => return BadRequest(e).into_response(),
     };
     match profile_for(&state, &params, "").await {
-        Ok((_, profile)) => Json(serde_json::json!({
+        Ok((_, profile, sample_type)) => Json(serde_json::json!({
+            "type": sample_type.name,
+            "unit": sample_type.unit,
             "total": profile.total(),
             "functions": query::top(&profile, n),
         }))
@@ -312,7 +397,7 @@ async fn top(State(state): State<AppState>, Query(params): Params) -> Response {
 }
 
 async fn diff(State(state): State<AppState>, Query(params): Params) -> Response {
-    let (sel, after) = match profile_for(&state, &params, "").await {
+    let (sel, after, sample_type) = match profile_for(&state, &params, "").await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -320,13 +405,14 @@ async fn diff(State(state): State<AppState>, Query(params): Params) -> Response 
         return BadRequest("diff needs a baseline: base_query, base_start, base_end".into())
             .into_response();
     }
-    let (_, before) = match profile_for(&state, &params, "base_").await {
+    let (_, before, _) = match profile_for(&state, &params, "base_").await {
         Ok(p) => p,
         Err(r) => return r,
     };
     match svg_options(
         &params,
         title(&sel, "Differential (red: more than baseline)"),
+        &sample_type.unit,
     ) {
         Ok(opts) => svg_response(query::diff_svg(&before, &after, &opts)),
         Err(e) => BadRequest(e).into_response(),
@@ -388,5 +474,14 @@ mod tests {
             vec![("process".into(), "x".into())],
             "baseline defaults to the query"
         );
+        assert_eq!(s.sample_type, "cpu", "the default type");
+        let t = selector(&p(&[("type", "off_cpu"), ("base_end", "2")]), "base_").unwrap();
+        assert_eq!(t.sample_type, "off_cpu", "baseline defaults to the type");
+        let t = selector(&p(&[("type", "off_cpu"), ("base_type", "cpu")]), "base_").unwrap();
+        assert_eq!(t.sample_type, "cpu");
+        let e = selector(&p(&[("type", "Off CPU")]), "").unwrap_err();
+        assert!(e.contains("type \"Off CPU\" must be"), "{e}");
+        assert!(sample_type_param(&p(&[("type", "")])).is_err());
+        assert_eq!(sample_type_param(&p(&[])), Ok(None));
     }
 }

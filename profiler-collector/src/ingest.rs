@@ -1,7 +1,8 @@
 //! The gRPC ingest service: validate, store once (through the group-commit
 //! [`StoreWriter`]), acknowledge after the commit. Every refusal carries
 //! its typed reason ([`Reason`]) as metadata, so agents need not read the
-//! message.
+//! message. A batch whose sample type the store holds in another unit is
+//! rejected like an invalid one.
 use std::{
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::{Metrics, Reject},
-    model::Stored,
+    model::{Stored, CPU},
     overload::RateLimiter,
     store::{Store, StoreError},
     validate::{validate, Limits},
@@ -81,10 +82,14 @@ impl Ingest for IngestService {
                 .status("window ended before the retention period: not stored"));
         }
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
+        // Only `cpu` values are numbers of samples.
+        let counts_samples = valid.sample_type.name == CPU;
         match self.writer.insert(valid).await {
             Ok(Stored::New { samples }) => {
                 self.metrics.batches_stored.inc();
-                self.metrics.samples_stored.inc_by(samples);
+                if counts_samples {
+                    self.metrics.samples_stored.inc_by(samples);
+                }
                 Ok(Response::new(Ack {
                     agent_id,
                     sequence,
@@ -104,6 +109,11 @@ impl Ingest for IngestService {
             Err(StoreError::TooOld) => {
                 self.metrics.reject(Reject::OlderThanRetention);
                 Err(Reason::OlderThanRetention.status("window ended before the retention period"))
+            }
+            Err(e @ StoreError::UnitMismatch { .. }) => {
+                self.metrics.reject(Reject::UnitMismatch);
+                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: {e}");
+                Err(Reason::InvalidBatch.status(e.to_string()))
             }
             Err(e) => {
                 self.metrics.reject(Reject::StoreError);

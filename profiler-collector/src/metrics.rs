@@ -44,6 +44,11 @@ pub enum Reject {
     MissingAgentId,
     BadWindow,
     BadFrequency,
+    /// A sample type or unit that is not `[a-z0-9_]{1,64}`.
+    BadSampleType,
+    /// A known type with another unit, or a type the store holds in
+    /// another unit.
+    UnitMismatch,
     InvalidUtf8,
     IndexOutOfRange,
     EmptyStack,
@@ -57,7 +62,7 @@ pub enum Reject {
 
 impl Reject {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Reject; 20] = [
+    pub const ALL: [Reject; 22] = [
         Reject::TooLarge,
         Reject::Undecodable,
         Reject::MissingToken,
@@ -69,6 +74,8 @@ impl Reject {
         Reject::MissingAgentId,
         Reject::BadWindow,
         Reject::BadFrequency,
+        Reject::BadSampleType,
+        Reject::UnitMismatch,
         Reject::InvalidUtf8,
         Reject::IndexOutOfRange,
         Reject::EmptyStack,
@@ -94,6 +101,8 @@ impl Reject {
             Reject::MissingAgentId => "missing_agent_id",
             Reject::BadWindow => "bad_window",
             Reject::BadFrequency => "bad_frequency",
+            Reject::BadSampleType => "bad_sample_type",
+            Reject::UnitMismatch => "unit_mismatch",
             Reject::InvalidUtf8 => "invalid_utf8",
             Reject::IndexOutOfRange => "index_out_of_range",
             Reject::EmptyStack => "empty_stack",

@@ -1,12 +1,16 @@
-//! Turning a stored [`Profile`] into what users read: flame graph SVGs
-//! (inferno), differential flame graphs, gzipped pprof, top-N functions; and
-//! parsing the query parameters that pick the samples.
+//! Turning a stored [`Profile`] into what users read, in the unit of its
+//! sample type: flame graph SVGs (inferno), differential flame graphs,
+//! gzipped pprof, top-N functions; and parsing the query parameters that
+//! pick the samples.
 use std::{collections::HashMap, io::Write};
 
 use profiler_proto::pprof;
 use prost::Message;
 
-use crate::{model::Profile, validate::valid_label_name};
+use crate::{
+    model::{Profile, SampleType, CPU},
+    validate::valid_label_name,
+};
 
 /// Options of a rendered flame graph.
 #[derive(Clone, Debug)]
@@ -18,6 +22,8 @@ pub struct SvgOptions {
     /// stacks are kept whole while they fit, the rest are summed into
     /// `[other stacks]`. Bounds the SVG's size.
     pub max_nodes: Option<usize>,
+    /// What a frame's value is called in its tooltip ([`count_name`]).
+    pub count_name: String,
 }
 
 impl Default for SvgOptions {
@@ -26,7 +32,28 @@ impl Default for SvgOptions {
             title: "CPU profile".into(),
             min_width: 0.1,
             max_nodes: None,
+            count_name: "samples".into(),
         }
+    }
+}
+
+/// The word a flame graph puts after a frame's value: `samples` for `cpu`,
+/// `ns` for nanoseconds, otherwise the unit itself.
+pub fn count_name(unit: &str) -> String {
+    match unit {
+        "nanoseconds" => "ns".into(),
+        unit => unit.into(),
+    }
+}
+
+/// pprof's `sample_type` (also its `period_type`) for a type: `cpu` keeps
+/// `samples`/`count`, what `go tool pprof` shows for sampled profiles;
+/// other types are their own name and unit (`off_cpu`/`nanoseconds`).
+pub fn pprof_value_type(sample_type: &SampleType) -> (&str, &str) {
+    if sample_type.name == CPU {
+        ("samples", "count")
+    } else {
+        (&sample_type.name, &sample_type.unit)
     }
 }
 
@@ -63,7 +90,7 @@ pub fn limit_nodes(profile: &Profile, max_nodes: usize) -> Profile {
 fn inferno_options(opts: &SvgOptions) -> inferno::flamegraph::Options<'static> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = opts.title.clone();
-    options.count_name = "samples".into();
+    options.count_name = opts.count_name.clone();
     options.min_width = opts.min_width;
     options.hash = true;
     options.deterministic = true;
@@ -120,9 +147,15 @@ pub fn diff_svg(before: &Profile, after: &Profile, opts: &SvgOptions) -> Result<
     Ok(out)
 }
 
-/// A gzipped pprof profile (`go tool pprof` reads it): one function and one
-/// location per distinct frame name, samples leaf first.
-pub fn pprof_gz(profile: &Profile, duration_ns: i64, time_ns: i64) -> Vec<u8> {
+/// A gzipped pprof profile (`go tool pprof` reads it) of values of
+/// `sample_type` (see [`pprof_value_type`]): one function and one location
+/// per distinct frame name, samples leaf first.
+pub fn pprof_gz(
+    profile: &Profile,
+    sample_type: &SampleType,
+    duration_ns: i64,
+    time_ns: i64,
+) -> Vec<u8> {
     let mut strings: Vec<String> = vec![String::new()];
     let mut string_ids: HashMap<String, i64> = HashMap::new();
     let mut intern = |s: &str, strings: &mut Vec<String>| -> i64 {
@@ -134,15 +167,16 @@ pub fn pprof_gz(profile: &Profile, duration_ns: i64, time_ns: i64) -> Vec<u8> {
         string_ids.insert(s.to_string(), id);
         id
     };
+    let (type_name, unit) = pprof_value_type(sample_type);
     let samples_type = pprof::ValueType {
-        r#type: intern("samples", &mut strings),
-        unit: intern("count", &mut strings),
+        r#type: intern(type_name, &mut strings),
+        unit: intern(unit, &mut strings),
     };
     let mut functions = Vec::new();
     let mut locations = Vec::new();
     let mut location_ids: HashMap<&str, u64> = HashMap::new();
     let mut samples = Vec::new();
-    for (stack, count) in &profile.stacks {
+    for (stack, value) in &profile.stacks {
         let mut ids = Vec::new();
         for frame in stack.split(';').rev() {
             let id = match location_ids.get(frame) {
@@ -175,7 +209,7 @@ pub fn pprof_gz(profile: &Profile, duration_ns: i64, time_ns: i64) -> Vec<u8> {
         }
         samples.push(pprof::Sample {
             location_id: ids,
-            value: vec![*count as i64],
+            value: vec![i64::try_from(*value).unwrap_or(i64::MAX)],
             label: Vec::new(),
         });
     }
@@ -199,31 +233,33 @@ pub fn pprof_gz(profile: &Profile, duration_ns: i64, time_ns: i64) -> Vec<u8> {
     gz.finish().expect("writing to memory")
 }
 
-/// A function's share of a profile.
+/// A function's share of a profile, in the unit of the profile's type.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TopEntry {
     pub function: String,
-    /// Samples where it is the leaf.
+    /// Value of the stacks where it is the leaf.
     #[serde(rename = "self")]
-    pub self_samples: u64,
-    /// Samples where it is anywhere on the stack.
+    pub self_value: u64,
+    /// Value of the stacks where it is anywhere.
     pub total: u64,
 }
 
-/// The `n` functions with the most self samples (ties by total, then name).
+/// The `n` functions with the most self value (ties by total, then name).
 /// The first frame of a stack (the process) is not a function.
 pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
     let mut by_name: HashMap<&str, (u64, u64)> = HashMap::new();
-    for (stack, count) in &profile.stacks {
+    for (stack, value) in &profile.stacks {
         let frames: Vec<&str> = stack.split(';').skip(1).collect();
         if let Some(leaf) = frames.last() {
-            by_name.entry(leaf).or_default().0 += count;
+            let entry = by_name.entry(leaf).or_default();
+            entry.0 = entry.0.saturating_add(*value);
         }
         let mut seen: Vec<&str> = Vec::with_capacity(frames.len());
         for frame in frames {
             if !seen.contains(&frame) {
                 seen.push(frame);
-                by_name.entry(frame).or_default().1 += count;
+                let entry = by_name.entry(frame).or_default();
+                entry.1 = entry.1.saturating_add(*value);
             }
         }
     }
@@ -231,13 +267,13 @@ pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
         .into_iter()
         .map(|(f, (s, t))| TopEntry {
             function: f.to_string(),
-            self_samples: s,
+            self_value: s,
             total: t,
         })
         .collect();
     entries.sort_by(|a, b| {
-        b.self_samples
-            .cmp(&a.self_samples)
+        b.self_value
+            .cmp(&a.self_value)
             .then(b.total.cmp(&a.total))
             .then_with(|| a.function.cmp(&b.function))
     });
@@ -341,12 +377,12 @@ mod tests {
             t[0],
             TopEntry {
                 function: "hot".into(),
-                self_samples: 6,
+                self_value: 6,
                 total: 8
             }
         );
         let main = t.iter().find(|e| e.function == "main").unwrap();
-        assert_eq!((main.self_samples, main.total), (0, 10));
+        assert_eq!((main.self_value, main.total), (0, 10));
         assert!(
             t.iter().all(|e| e.function != "app"),
             "the process is not a function"
@@ -369,6 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn an_off_cpu_flame_graph_counts_nanoseconds() {
+        let mut p = Profile::default();
+        p.add("app;main;read", 3_000_000_000);
+        p.add("app;main;poll", 1_000_000_000);
+        let opts = SvgOptions {
+            count_name: count_name("nanoseconds"),
+            ..SvgOptions::default()
+        };
+        let text = String::from_utf8(svg(&p, &opts).unwrap()).unwrap();
+        assert!(text.contains("read (3,000,000,000 ns, 75.00%)"), "{text}");
+        assert!(!text.contains(" samples,"), "{text}");
+        assert_eq!(count_name("samples"), "samples");
+        assert_eq!(count_name("bytes"), "bytes");
+    }
+
+    #[test]
     fn limit_keeps_heaviest_and_sums_the_rest() {
         // app;main;hot is 3 nodes; +1 for [other stacks].
         let l = limit_nodes(&profile(), 4);
@@ -380,12 +432,40 @@ mod tests {
         assert_eq!(limit_nodes(&profile(), 100), profile());
     }
 
+    fn decode(gz: &[u8]) -> pprof::Profile {
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut raw).unwrap();
+        pprof::Profile::decode(&raw[..]).unwrap()
+    }
+
+    #[test]
+    fn pprof_value_types_follow_the_sample_type() {
+        let value_type = |p: &pprof::Profile, t: &pprof::ValueType| {
+            (
+                p.string_table[t.r#type as usize].clone(),
+                p.string_table[t.unit as usize].clone(),
+            )
+        };
+        for (sample_type, want) in [
+            (SampleType::cpu(), ("samples", "count")),
+            (SampleType::off_cpu(), ("off_cpu", "nanoseconds")),
+            (
+                SampleType::new("alloc_space", "bytes"),
+                ("alloc_space", "bytes"),
+            ),
+        ] {
+            let p = decode(&pprof_gz(&profile(), &sample_type, 1, 1));
+            let want = (want.0.to_string(), want.1.to_string());
+            assert_eq!(p.sample_type.len(), 1);
+            assert_eq!(value_type(&p, &p.sample_type[0]), want);
+            assert_eq!(value_type(&p, p.period_type.as_ref().unwrap()), want);
+        }
+    }
+
     #[test]
     fn pprof_decodes_back() {
-        let gz = pprof_gz(&profile(), 10_000_000_000, 1);
-        let mut raw = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
-        let p = pprof::Profile::decode(&raw[..]).unwrap();
+        let gz = pprof_gz(&profile(), &SampleType::cpu(), 10_000_000_000, 1);
+        let p = decode(&gz);
         assert_eq!(p.sample.len(), 3);
         let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
         assert_eq!(total, 10);

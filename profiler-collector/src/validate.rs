@@ -1,11 +1,12 @@
-//! Validation of incoming batches: every index in range, every string UTF-8,
-//! every count positive and the total without overflow, a sane window.
-//! A batch is accepted whole or rejected whole, with a reason.
+//! Validation of incoming batches: a well-formed sample type with the unit
+//! its type requires, every index in range, every string UTF-8, every value
+//! positive and the total without overflow, a sane window. A batch is
+//! accepted whole or rejected whole, with a reason.
 use profiler_proto::v1::Batch;
 
 use crate::{
     metrics::Reject,
-    model::{BatchSample, Labels, ValidBatch},
+    model::{BatchSample, Labels, SampleType, ValidBatch, CPU},
 };
 
 /// Limits applied to batches.
@@ -24,9 +25,12 @@ pub struct Limits {
     /// Most bytes of resolved stacks and labels per batch: a small message
     /// cannot make the collector build a huge one.
     pub max_resolved_bytes: usize,
-    /// Largest sample count of one batch (all samples together). Keeps sums
-    /// over many batches far from overflowing.
+    /// Largest sum of the counts of a `cpu` batch (all samples together).
+    /// Keeps sums over many batches far from overflowing.
     pub max_batch_count: u64,
+    /// Largest sum of the values of a batch of any other type (nanoseconds,
+    /// bytes, ...): 2^50 ns is 13 days of off-CPU time in one window.
+    pub max_batch_value: u64,
     /// Longest window.
     pub max_window_ns: i64,
 }
@@ -41,6 +45,7 @@ impl Default for Limits {
             max_stack_bytes: 64 * 1024,
             max_resolved_bytes: 64 << 20,
             max_batch_count: 1 << 40,
+            max_batch_value: 1 << 50,
             max_window_ns: 24 * 3600 * 1_000_000_000,
         }
     }
@@ -53,8 +58,16 @@ pub enum Rejection {
     MissingAgentId,
     #[error("window: {0}")]
     Window(String),
-    #[error("frequency_hz must be 1-10000, got {0}")]
-    Frequency(u32),
+    #[error("frequency_hz must be {expected}, got {got}")]
+    Frequency { got: u32, expected: &'static str },
+    #[error("sample_type.{field} {value:?} must be 1-64 lower-case ASCII letters, digits or `_`")]
+    SampleTypeName { field: &'static str, value: String },
+    #[error("sample type {sample_type:?} has unit {expected:?}, not {got:?}")]
+    UnitMismatch {
+        sample_type: String,
+        expected: String,
+        got: String,
+    },
     #[error("strings[{0}] is not valid UTF-8")]
     InvalidUtf8(usize),
     #[error("{what} index {index} out of range (table has {len} entries)")]
@@ -71,10 +84,10 @@ pub enum Rejection {
         frames: usize,
         limit: usize,
     },
-    #[error("samples[{index}] count {count} is not positive")]
-    NonPositiveCount { index: usize, count: i64 },
-    #[error("sample counts overflow")]
-    CountOverflow,
+    #[error("samples[{index}] value {value} is not positive")]
+    NonPositiveValue { index: usize, value: i64 },
+    #[error("sample values overflow: their sum exceeds {limit}")]
+    ValueOverflow { limit: u64 },
     #[error("label: {0}")]
     Label(String),
     #[error("{0} samples, more than the limit of {1}")]
@@ -89,13 +102,15 @@ impl Rejection {
         match self {
             Rejection::MissingAgentId => Reject::MissingAgentId,
             Rejection::Window(_) => Reject::BadWindow,
-            Rejection::Frequency(_) => Reject::BadFrequency,
+            Rejection::Frequency { .. } => Reject::BadFrequency,
+            Rejection::SampleTypeName { .. } => Reject::BadSampleType,
+            Rejection::UnitMismatch { .. } => Reject::UnitMismatch,
             Rejection::InvalidUtf8(_) => Reject::InvalidUtf8,
             Rejection::IndexOutOfRange { .. } => Reject::IndexOutOfRange,
             Rejection::EmptyStack(_) => Reject::EmptyStack,
             Rejection::StackTooDeep { .. } => Reject::StackTooDeep,
-            Rejection::NonPositiveCount { .. } => Reject::BadCount,
-            Rejection::CountOverflow => Reject::CountOverflow,
+            Rejection::NonPositiveValue { .. } => Reject::BadCount,
+            Rejection::ValueOverflow { .. } => Reject::CountOverflow,
             Rejection::Label(_) => Reject::BadLabel,
             Rejection::TooManySamples(..) => Reject::TooManySamples,
             Rejection::TooBig(_) => Reject::TooBig,
@@ -113,6 +128,41 @@ pub fn valid_label_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `name` is a valid sample type or unit name: 1-64 bytes of
+/// `[a-z0-9_]`.
+pub fn valid_type_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The batch's sample type (unset: `cpu`/`samples`), checked: well-formed
+/// names, and the unit a known type requires.
+pub fn sample_type(batch: &Batch) -> Result<SampleType, Rejection> {
+    let Some(t) = &batch.sample_type else {
+        return Ok(SampleType::cpu());
+    };
+    for (field, value) in [("type", &t.r#type), ("unit", &t.unit)] {
+        if !valid_type_name(value) {
+            return Err(Rejection::SampleTypeName {
+                field,
+                value: value.chars().take(80).collect(),
+            });
+        }
+    }
+    if let Some(unit) = SampleType::known_unit(&t.r#type) {
+        if unit != t.unit {
+            return Err(Rejection::UnitMismatch {
+                sample_type: t.r#type.clone(),
+                expected: unit.to_string(),
+                got: t.unit.clone(),
+            });
+        }
+    }
+    Ok(SampleType::new(&t.r#type, &t.unit))
 }
 
 fn index<'a, T>(table: &'a [T], index: u32, what: &'static str) -> Result<&'a T, Rejection> {
@@ -143,9 +193,24 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
             (end - start) / 1_000_000_000
         )));
     }
-    if !(1..=10_000).contains(&batch.frequency_hz) {
-        return Err(Rejection::Frequency(batch.frequency_hz));
+    let sample_type = sample_type(batch)?;
+    // `cpu` is sampled at a frequency; measured types may say 0.
+    let (frequencies, expected) = if sample_type.name == CPU {
+        (1..=10_000, "1-10000 for type cpu")
+    } else {
+        (0..=10_000, "0-10000")
+    };
+    if !frequencies.contains(&batch.frequency_hz) {
+        return Err(Rejection::Frequency {
+            got: batch.frequency_hz,
+            expected,
+        });
     }
+    let max_total = if sample_type.name == CPU {
+        limits.max_batch_count
+    } else {
+        limits.max_batch_value
+    };
     if batch.samples.len() > limits.max_samples {
         return Err(Rejection::TooManySamples(
             batch.samples.len(),
@@ -245,22 +310,22 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
     let mut samples = Vec::with_capacity(batch.samples.len());
     for (i, sample) in batch.samples.iter().enumerate() {
         if sample.value <= 0 {
-            return Err(Rejection::NonPositiveCount {
+            return Err(Rejection::NonPositiveValue {
                 index: i,
-                count: sample.value,
+                value: sample.value,
             });
         }
-        let count = sample.value as u64;
-        total = total.saturating_add(count);
-        if total > limits.max_batch_count {
-            return Err(Rejection::CountOverflow);
+        let value = sample.value as u64;
+        total = total.saturating_add(value);
+        if total > max_total {
+            return Err(Rejection::ValueOverflow { limit: max_total });
         }
         index(&label_sets, sample.label_set, "label set")?;
         index(&stacks, sample.stack, "stack")?;
         samples.push(BatchSample {
             label_set: sample.label_set as usize,
             stack: sample.stack as usize,
-            count,
+            value,
         });
     }
     Ok(ValidBatch {
@@ -271,6 +336,7 @@ pub fn validate(batch: &Batch, limits: &Limits, now_ns: i64) -> Result<ValidBatc
         window_start_ns: start,
         window_end_ns: end,
         frequency_hz: batch.frequency_hz,
+        sample_type,
         label_sets,
         stacks,
         samples,
@@ -356,7 +422,7 @@ pub(crate) mod tests {
         assert_eq!(reject(b).reason(), "bad_count");
         let mut b = batch();
         b.samples[0].value = i64::MAX;
-        assert_eq!(reject(b), Rejection::CountOverflow);
+        assert_eq!(reject(b).reason(), "count_overflow");
         let mut b = batch();
         b.window_end_unix_nanos = NOW + 3_600_000_000_000;
         assert!(reject(b).to_string().contains("in the future"));
@@ -374,7 +440,7 @@ pub(crate) mod tests {
         assert_eq!(reject(b).reason(), "bad_frequency");
         let mut b = batch();
         b.samples[0].value = 1 << 41;
-        assert_eq!(reject(b), Rejection::CountOverflow);
+        assert_eq!(reject(b), Rejection::ValueOverflow { limit: 1 << 40 });
         let mut b = batch();
         b.window_start_unix_nanos = 1;
         assert!(reject(b).to_string().contains("longer than a day"));
@@ -399,6 +465,94 @@ pub(crate) mod tests {
             })
             .collect();
         assert!(reject(b).to_string().contains("resolve to more than"));
+    }
+
+    fn typed(name: &str, unit: &str) -> Batch {
+        let mut b = batch();
+        b.sample_type = Some(profiler_proto::v1::SampleType {
+            r#type: name.into(),
+            unit: unit.into(),
+        });
+        b
+    }
+
+    #[test]
+    fn an_unset_sample_type_is_cpu_samples() {
+        let v = validate(&batch(), &Limits::default(), NOW).unwrap();
+        assert_eq!(v.sample_type, SampleType::new("cpu", "samples"));
+        let v = validate(&typed("cpu", "samples"), &Limits::default(), NOW).unwrap();
+        assert_eq!(v.sample_type, SampleType::cpu());
+    }
+
+    #[test]
+    fn known_types_need_their_unit_and_others_keep_theirs() {
+        let mut b = typed("off_cpu", "nanoseconds");
+        b.frequency_hz = 0;
+        b.samples[0].value = 5_000_000_000_000;
+        let v = validate(&b, &Limits::default(), NOW).unwrap();
+        assert_eq!(v.sample_type, SampleType::off_cpu());
+        assert_eq!(v.total(), 5_000_000_000_001);
+        for (name, unit) in [
+            ("contentions", "count"),
+            ("delay", "nanoseconds"),
+            ("alloc_space", "bytes"),
+        ] {
+            let v = validate(&typed(name, unit), &Limits::default(), NOW).unwrap();
+            assert_eq!(v.sample_type, SampleType::new(name, unit));
+        }
+        let r = reject(typed("cpu", "nanoseconds"));
+        assert_eq!(r.reason(), "unit_mismatch");
+        assert_eq!(
+            r.to_string(),
+            r#"sample type "cpu" has unit "samples", not "nanoseconds""#
+        );
+        assert_eq!(
+            reject(typed("off_cpu", "samples")),
+            Rejection::UnitMismatch {
+                sample_type: "off_cpu".into(),
+                expected: "nanoseconds".into(),
+                got: "samples".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_type_and_unit_names_are_named_in_the_rejection() {
+        for (name, unit, field) in [
+            ("", "samples", "type"),
+            ("CPU", "samples", "type"),
+            ("off-cpu", "nanoseconds", "type"),
+            ("wall", "", "unit"),
+            ("wall", "Nanoseconds", "unit"),
+            ("wall", "ns ", "unit"),
+            (&"x".repeat(65), "count", "type"),
+            ("wall", "é", "unit"),
+        ] {
+            let r = reject(typed(name, unit));
+            assert_eq!(r.reason(), "bad_sample_type", "{name:?}/{unit:?}");
+            assert!(
+                r.to_string().starts_with(&format!("sample_type.{field} ")),
+                "{r}"
+            );
+        }
+        assert!(valid_type_name(&"x".repeat(64)));
+        assert!(valid_type_name("alloc_space2"));
+    }
+
+    #[test]
+    fn frequency_is_required_for_cpu_only() {
+        let mut b = typed("off_cpu", "nanoseconds");
+        b.frequency_hz = 0;
+        assert!(validate(&b, &Limits::default(), NOW).is_ok());
+        let mut b = typed("cpu", "samples");
+        b.frequency_hz = 0;
+        assert_eq!(
+            reject(b).to_string(),
+            "frequency_hz must be 1-10000 for type cpu, got 0"
+        );
+        let mut b = typed("delay", "nanoseconds");
+        b.frequency_hz = 20_000;
+        assert_eq!(reject(b).reason(), "bad_frequency");
     }
 
     #[test]

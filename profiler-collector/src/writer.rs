@@ -122,12 +122,13 @@ mod tests {
             window_start_ns: 1_000_000_000_000,
             window_end_ns: 1_000_010_000_000,
             frequency_hz: 99,
+            sample_type: crate::model::SampleType::cpu(),
             label_sets: vec![vec![("process".into(), "p".into())]],
             stacks: vec!["main;f".into()],
             samples: vec![BatchSample {
                 label_set: 0,
                 stack: 0,
-                count: 2,
+                value: 2,
             }],
         }
     }

@@ -399,3 +399,183 @@ async fn an_agent_over_its_rate_limit_is_pushed_back_with_a_retry_hint() {
     );
     c.shutdown().await.unwrap();
 }
+
+/// [`batch`] of another sample type (frequency 0) with these two values.
+fn typed_batch(seq: u64, name: &str, unit: &str, hot: i64, cold: i64) -> Batch {
+    let mut b = batch(seq);
+    b.sample_type = Some(profiler_proto::v1::SampleType {
+        r#type: name.into(),
+        unit: unit.into(),
+    });
+    b.frequency_hz = 0;
+    b.samples[0].value = hot;
+    b.samples[1].value = cold;
+    b
+}
+
+#[tokio::test]
+async fn an_off_cpu_batch_reads_back_exact_in_its_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    let mut cl = client(&c).await;
+    cl.push_batch(batch(1)).await.unwrap();
+    let ack = cl
+        .push_batch(typed_batch(
+            2,
+            "off_cpu",
+            "nanoseconds",
+            3_000_000_007,
+            1_500_000_000,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.newly_stored);
+    assert_eq!(ack.samples, 4_500_000_007, "the sum of the values");
+
+    let off = "type=off_cpu&start=now-1h&end=now";
+    assert_eq!(
+        text(&c, &format!("/api/v1/folded?{off}&{APP}")).await,
+        "app;main;cold 1500000000\napp;main;hot 3000000007\n"
+    );
+    assert_eq!(
+        text(&c, "/api/v1/folded").await,
+        "app;main;cold 1\napp;main;hot 3\n",
+        "cpu by default, as before"
+    );
+    assert_eq!(
+        text(&c, "/api/v1/folded?type=cpu").await,
+        "app;main;cold 1\napp;main;hot 3\n"
+    );
+    assert_eq!(
+        text(&c, "/api/v1/folded?type=wall").await,
+        "",
+        "a type with no data is an empty answer"
+    );
+
+    let types: serde_json::Value =
+        serde_json::from_str(&text(&c, "/api/v1/types?start=now-1h&end=now").await).unwrap();
+    assert_eq!(
+        types,
+        serde_json::json!([
+            {"type": "cpu", "unit": "samples"},
+            {"type": "off_cpu", "unit": "nanoseconds"}
+        ])
+    );
+    let types: serde_json::Value =
+        serde_json::from_str(&text(&c, "/api/v1/types?start=now-3h&end=now-2h").await).unwrap();
+    assert_eq!(types, serde_json::json!([]));
+
+    let labels: Vec<String> =
+        serde_json::from_str(&text(&c, &format!("/api/v1/labels?{off}")).await).unwrap();
+    assert_eq!(labels, ["node", "pid", "process"]);
+    let labels: Vec<String> =
+        serde_json::from_str(&text(&c, "/api/v1/labels?type=wall").await).unwrap();
+    assert!(labels.is_empty());
+    let values: Vec<String> =
+        serde_json::from_str(&text(&c, &format!("/api/v1/labels/process/values?{off}")).await)
+            .unwrap();
+    assert_eq!(values, ["app"]);
+
+    let svg = text(
+        &c,
+        &format!("/api/v1/flamegraph.svg?{off}&{APP}&min_width=0"),
+    )
+    .await;
+    assert!(svg.contains("hot (3,000,000,007 ns, 66.67%)"), "{svg}");
+    assert!(
+        svg.contains("off_cpu (nanoseconds)"),
+        "the title names the type"
+    );
+
+    let top: serde_json::Value =
+        serde_json::from_str(&text(&c, &format!("/api/v1/top?n=2&{off}")).await).unwrap();
+    assert_eq!(top["unit"], "nanoseconds");
+    assert_eq!(top["total"], 4_500_000_007u64);
+    assert_eq!(top["functions"][0]["function"], "hot");
+    assert_eq!(top["functions"][0]["self"], 3_000_000_007u64);
+
+    let (status, gz) = get(&c, &format!("/api/v1/pprof?{off}")).await;
+    assert_eq!(status, 200);
+    let file = dir.path().join("off_cpu.pb.gz");
+    std::fs::write(&file, gz).unwrap();
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&file)
+        .env("HOME", dir.path())
+        .output()
+        .expect("`go` (Debian's golang-go, installed by `cargo xtask setup`) must be on PATH");
+    let raw = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(raw.contains("PeriodType: off_cpu nanoseconds"), "{raw}");
+    assert!(raw.contains("off_cpu/nanoseconds"), "{raw}");
+    let mut values: Vec<&str> = raw
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .filter(|v| v.len() > 3 && v.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    values.sort();
+    assert_eq!(values, ["1500000000", "3000000007"], "{raw}");
+
+    let metrics = text(&c, "/metrics").await;
+    assert!(
+        metrics.contains("profiler_samples_stored_total 4\n"),
+        "only cpu values count as samples:\n{metrics}"
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_type_keeps_one_unit_and_bad_type_names_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    let mut cl = client(&c).await;
+    cl.push_batch(typed_batch(1, "delay", "nanoseconds", 5, 6))
+        .await
+        .unwrap();
+    let cases = [
+        (
+            typed_batch(2, "delay", "seconds", 1, 1),
+            r#"sample type "delay" is stored in unit "nanoseconds", not "seconds""#,
+        ),
+        (
+            typed_batch(3, "cpu", "nanoseconds", 1, 1),
+            r#"sample type "cpu" has unit "samples", not "nanoseconds""#,
+        ),
+        (
+            typed_batch(4, "Off-CPU", "nanoseconds", 1, 1),
+            r#"sample_type.type "Off-CPU" must be 1-64 lower-case ASCII letters"#,
+        ),
+        (
+            typed_batch(5, "wall", "", 1, 1),
+            r#"sample_type.unit "" must be"#,
+        ),
+    ];
+    for (b, message) in cases {
+        let status = cl.push_batch(b).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(message), "{}", status.message());
+    }
+    assert_eq!(
+        text(&c, "/api/v1/folded?type=delay").await,
+        "app;main;cold 6\napp;main;hot 5\n",
+        "nothing of the refused batches was stored"
+    );
+    let metrics = text(&c, "/metrics").await;
+    for (reason, n) in [("unit_mismatch", 2), ("bad_sample_type", 2)] {
+        assert!(
+            metrics.contains(&format!(
+                "profiler_batches_rejected_total{{reason=\"{reason}\"}} {n}"
+            )),
+            "{reason}:\n{metrics}"
+        );
+    }
+    let (status, body) = get(&c, "/api/v1/folded?type=Off-CPU").await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    c.shutdown().await.unwrap();
+}

@@ -37,7 +37,7 @@ fn open(ch: &dyn Server, db: &str) -> ClickHouseStore {
 /// (`None`: the store's default).
 fn start_on(
     rt: &tokio::runtime::Runtime,
-    ch: &ClickHouse,
+    ch: &dyn Server,
     db: &str,
     in_flight: Option<usize>,
 ) -> RunningCollector {
@@ -79,6 +79,242 @@ fn conformance_suite_passes_on_current_clickhouse() {
     assert!(engine.contains("TTL"), "{engine}");
 }
 
+/// The tables of ClickHouse schema version 1 (before sample types), as
+/// collectors of that version created them (`{db}`: the database).
+const SCHEMA_1: [&str; 3] = [
+    "CREATE TABLE {db}.samples (
+        hour Int64,
+        label_set_id UInt64,
+        window_end Int64,
+        stack_id UInt64,
+        count UInt64,
+        write_id UInt64,
+        window_start Int64,
+        agent_id String,
+        sequence UInt64,
+        node String,
+        agent_version String,
+        frequency_hz UInt32
+    ) ENGINE = MergeTree
+    PARTITION BY intDiv(hour, 24)
+    ORDER BY (hour, label_set_id, window_end, stack_id)",
+    "CREATE TABLE {db}.stacks (day Int64, stack_id UInt64, folded String)
+    ENGINE = ReplacingMergeTree PARTITION BY day ORDER BY stack_id",
+    "CREATE TABLE {db}.label_sets (
+        day Int64, label_set_id UInt64, names Array(String), values Array(String)
+    ) ENGINE = ReplacingMergeTree PARTITION BY day ORDER BY label_set_id",
+];
+
+/// A database of schema 1 with two batches in it, opened by this
+/// collector: migrated, every row is `cpu`/`samples`, the totals and
+/// labels are the same, a re-sent old batch is a duplicate, and an
+/// `off_cpu` batch goes beside the old rows.
+fn schema_1_migrates(ch: &dyn Server) {
+    use profiler_collector::model::SampleType;
+    let db = "schema_1";
+    ch.query(&format!("CREATE DATABASE {db}"));
+    for ddl in SCHEMA_1 {
+        ch.query(&ddl.replace("{db}", db));
+    }
+    ch.query(&format!(
+        "CREATE TABLE {db}.schema_version (version UInt32, applied_ns Int64)
+         ENGINE = MergeTree ORDER BY version"
+    ));
+    ch.query(&format!("INSERT INTO {db}.schema_version VALUES (1, 0)"));
+    let (end1, end2) = (conformance::at(100), conformance::at(200));
+    let hour = (end1 - 1).div_euclid(conformance::HOUR_NS);
+    assert_eq!(hour, (end2 - 1).div_euclid(conformance::HOUR_NS));
+    let day = hour.div_euclid(24);
+    ch.query(&format!(
+        "INSERT INTO {db}.stacks VALUES ({day}, 11, 'main;hot'), ({day}, 12, 'main;cold')"
+    ));
+    ch.query(&format!(
+        "INSERT INTO {db}.label_sets VALUES ({day}, 21, ['node', 'process'], ['n1', 'app'])"
+    ));
+    let s = 10_000_000_000i64;
+    ch.query(&format!(
+        "INSERT INTO {db}.samples VALUES
+         ({hour}, 0, {end1}, 0, 0, 1, {start1}, 'a1', 1, 'n1', '0', 99),
+         ({hour}, 21, {end1}, 11, 3, 1, {start1}, '', 0, '', '', 99),
+         ({hour}, 21, {end1}, 12, 1, 1, {start1}, '', 0, '', '', 99),
+         ({hour}, 0, {end2}, 0, 0, 2, {start2}, 'a1', 2, 'n1', '0', 99),
+         ({hour}, 21, {end2}, 11, 5, 2, {start2}, '', 0, '', '', 99)",
+        start1 = end1 - s,
+        start2 = end2 - s,
+    ));
+
+    let mut store = open(ch, db);
+    assert_eq!(store.schema_version().unwrap(), 2);
+    let all = conformance::all(0, 300, &[]);
+    assert_eq!(
+        store.profile(&all).unwrap().folded(),
+        "main;cold 1\nmain;hot 8\n",
+        "nothing lost"
+    );
+    assert_eq!(
+        store
+            .profile(&conformance::all(0, 300, &[("process", "app")]))
+            .unwrap()
+            .total(),
+        9
+    );
+    assert_eq!(store.stats().unwrap().batches, 2);
+    assert_eq!(
+        store.sample_types(all.start_ns, all.end_ns).unwrap(),
+        vec![SampleType::cpu()]
+    );
+    assert_eq!(
+        store
+            .label_values("process", Some("cpu"), all.start_ns, all.end_ns)
+            .unwrap(),
+        vec!["app"]
+    );
+    let off = conformance::of_type("off_cpu", 0, 300, &[]);
+    assert_eq!(store.profile(&off).unwrap().total(), 0);
+    assert_eq!(
+        store
+            .insert(&conformance::batch(1, 100, "app", "main;hot", 3))
+            .unwrap(),
+        profiler_collector::model::Stored::Duplicate,
+        "an old batch re-sent is known"
+    );
+    store
+        .insert(&conformance::typed_batch(
+            SampleType::off_cpu(),
+            3,
+            250,
+            "app",
+            "main;hot",
+            7_000_000_001,
+        ))
+        .unwrap();
+    assert_eq!(
+        store.profile(&off).unwrap().folded(),
+        "main;hot 7000000001\n"
+    );
+    assert_eq!(
+        store.profile(&all).unwrap().folded(),
+        "main;cold 1\nmain;hot 8\n"
+    );
+    assert_eq!(
+        store.sample_types(all.start_ns, all.end_ns).unwrap(),
+        vec![SampleType::cpu(), SampleType::off_cpu()]
+    );
+    // A second collector opening the migrated database changes nothing.
+    let again = open(ch, db);
+    assert_eq!(again.schema_version().unwrap(), 2);
+    assert_eq!(again.profile(&all).unwrap().total(), 9);
+}
+
+#[test]
+fn schema_1_migrates_on_clickhouse_18() {
+    schema_1_migrates(&ClickHouse::start());
+}
+
+#[test]
+fn schema_1_migrates_on_current_clickhouse() {
+    schema_1_migrates(&CurrentClickHouse::start());
+}
+
+/// An `off_cpu` batch sent over gRPC to a collector on ClickHouse reads
+/// back exact, in nanoseconds, from the folded, types, labels and pprof
+/// routes, beside the `cpu` batch of the same agent.
+fn off_cpu_through_the_api(ch: &dyn Server) {
+    let rt = runtime();
+    let c = start_on(&rt, ch, "typed", None);
+    let mut off = synthetic_batch("n1", 2, 0);
+    off.sample_type = Some(profiler_proto::v1::SampleType {
+        r#type: "off_cpu".into(),
+        unit: "nanoseconds".into(),
+    });
+    off.frequency_hz = 0;
+    off.samples[0].value = 2_500_000_001;
+    let acks = rt.block_on(async {
+        let mut cl = profiler_proto::v1::ingest_client::IngestClient::connect(format!(
+            "http://{}",
+            c.grpc_addr
+        ))
+        .await
+        .unwrap();
+        let cpu = cl
+            .push_batch(synthetic_batch("n1", 1, 7))
+            .await
+            .unwrap()
+            .into_inner();
+        let off = cl.push_batch(off).await.unwrap().into_inner();
+        (cpu.samples, off.samples)
+    });
+    assert_eq!(acks, (7, 2_500_000_001));
+    let text = |path: &str| String::from_utf8(http_get(c.http_addr, path)).unwrap();
+    assert_eq!(
+        text("/api/v1/folded?type=off_cpu&start=now-1h"),
+        "synthetic;main;work 2500000001\n"
+    );
+    assert_eq!(
+        text("/api/v1/folded?start=now-1h"),
+        "synthetic;main;work 7\n"
+    );
+    assert_eq!(text("/api/v1/folded?type=wall&start=now-1h"), "");
+    let types: serde_json::Value =
+        serde_json::from_str(&text("/api/v1/types?start=now-1h&end=now")).unwrap();
+    assert_eq!(
+        types,
+        serde_json::json!([
+            {"type": "cpu", "unit": "samples"},
+            {"type": "off_cpu", "unit": "nanoseconds"}
+        ])
+    );
+    let labels: Vec<String> =
+        serde_json::from_str(&text("/api/v1/labels?type=off_cpu&start=now-1h")).unwrap();
+    assert_eq!(labels, ["node", "process"]);
+    let values: Vec<String> = serde_json::from_str(&text(
+        "/api/v1/labels/process/values?type=off_cpu&start=now-1h",
+    ))
+    .unwrap();
+    assert_eq!(values, ["synthetic"]);
+    let top: serde_json::Value =
+        serde_json::from_str(&text("/api/v1/top?type=off_cpu&start=now-1h")).unwrap();
+    assert_eq!(
+        (top["unit"].as_str(), top["total"].as_u64()),
+        (Some("nanoseconds"), Some(2_500_000_001))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("off_cpu.pb.gz");
+    std::fs::write(
+        &file,
+        http_get(c.http_addr, "/api/v1/pprof?type=off_cpu&start=now-1h"),
+    )
+    .unwrap();
+    let out = std::process::Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&file)
+        .env("HOME", dir.path())
+        .output()
+        .expect("`go` (installed by `cargo xtask setup`) must be on PATH");
+    let raw = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(raw.contains("PeriodType: off_cpu nanoseconds"), "{raw}");
+    assert!(
+        raw.lines().any(|l| l.trim().starts_with("2500000001:")),
+        "{raw}"
+    );
+    rt.block_on(c.shutdown()).unwrap();
+}
+
+#[test]
+fn an_off_cpu_batch_reads_back_exact_on_clickhouse_18() {
+    off_cpu_through_the_api(&ClickHouse::start());
+}
+
+#[test]
+fn an_off_cpu_batch_reads_back_exact_on_current_clickhouse() {
+    off_cpu_through_the_api(&CurrentClickHouse::start());
+}
+
 fn conformance_suite(ch: &dyn Server) {
     let mut n = 0;
     conformance::check_all(&mut || {
@@ -88,7 +324,7 @@ fn conformance_suite(ch: &dyn Server) {
     // The schema is recorded, and a second collector starting on the same
     // database finds it ready.
     let again = open(ch, "conformance_1");
-    assert_eq!(again.schema_version().unwrap(), 1);
+    assert_eq!(again.schema_version().unwrap(), 2);
     // A database migrated by a newer collector is refused, not written.
     ch.query("INSERT INTO conformance_1.schema_version VALUES (99, 0)");
     let url: ClickHouseUrl = ch.store_url("conformance_1").parse().unwrap();
@@ -146,7 +382,7 @@ fn two_collectors_count_once(ch: &dyn Server) {
                     .filter(|s| {
                         b.label_sets[s.label_set].contains(&("process".into(), "p1".into()))
                     })
-                    .map(|s| s.count)
+                    .map(|s| s.value)
             })
             .sum();
         assert_eq!(store.profile(&one_process).unwrap().total(), raw);

@@ -146,6 +146,67 @@ fn agent_streams_windows_that_the_collector_serves() {
     rt.block_on(c.shutdown()).unwrap();
 }
 
+/// The web UI's type picker lists the types present in the range (cpu by
+/// default) and shows the picked type's values in its unit. No root
+/// needed: the batches come from synthetic agents.
+#[test]
+fn the_ui_picks_among_the_sample_types_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    let mut off = synthetic_batch("n1", 2, 0);
+    off.sample_type = Some(profiler_proto::v1::SampleType {
+        r#type: "off_cpu".into(),
+        unit: "nanoseconds".into(),
+    });
+    off.frequency_hz = 0;
+    off.samples[0].value = 2_500_000_001;
+    rt.block_on(async {
+        let mut cl = profiler_proto::v1::ingest_client::IngestClient::connect(format!(
+            "http://{}",
+            c.grpc_addr
+        ))
+        .await
+        .unwrap();
+        cl.push_batch(synthetic_batch("n1", 1, 7)).await.unwrap();
+        cl.push_batch(off).await.unwrap();
+    });
+
+    let dom = chromium(
+        &["--dump-dom"],
+        &format!("http://{}/?start=now-10m", c.http_addr),
+    );
+    assert!(dom.contains(">cpu (samples)</option>"), "{dom}");
+    assert!(dom.contains(">off_cpu (nanoseconds)</option>"), "{dom}");
+    assert!(dom.contains("7 samples for {}"), "cpu by default: {dom}");
+
+    let ui = format!(
+        "http://{}/?type=off_cpu&start=now-10m&search=work",
+        c.http_addr
+    );
+    let dom = chromium(&["--dump-dom"], &ui);
+    assert!(
+        dom.contains("2500000001 nanoseconds of off_cpu for {}"),
+        "{dom}"
+    );
+    assert!(dom.contains("<td>2500000001</td>"), "top table: {dom}");
+    assert!(
+        dom.contains("widest: work (2,500,000,001 ns, 100.00%)"),
+        "the flame graph counts nanoseconds: {dom}"
+    );
+    // Nothing in an earlier range: the picker offers cpu alone.
+    let dom = chromium(
+        &["--dump-dom"],
+        &format!("http://{}/?start=now-3h&end=now-2h", c.http_addr),
+    );
+    assert!(!dom.contains("off_cpu (nanoseconds)"), "{dom}");
+    assert!(dom.contains("0 samples for {}"), "{dom}");
+    let shot = artifacts().join("ui-off-cpu.png");
+    chromium(&[&format!("--screenshot={}", shot.display())], &ui);
+    eprintln!("UI screenshot: {}", shot.display());
+    rt.block_on(c.shutdown()).unwrap();
+}
+
 /// The collector stops in the middle of a run for several drain intervals
 /// and comes back on the same store: the agent spills what overflows its
 /// (tiny) memory queue, retries, replays, and in the end every sample is

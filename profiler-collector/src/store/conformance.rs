@@ -7,8 +7,8 @@
 //!
 //! Panics (with what differed) on the first failure, like a test.
 use crate::{
-    model::{BatchSample, Labels, Profile, Selector, Stored, ValidBatch},
-    store::{sqlite::SqliteStore, Store},
+    model::{BatchSample, Labels, Profile, SampleType, Selector, Stored, ValidBatch},
+    store::{sqlite::SqliteStore, Store, StoreError},
 };
 
 pub const S: i64 = 1_000_000_000;
@@ -40,6 +40,8 @@ pub fn check_all(open: &mut dyn FnMut() -> Box<dyn Store>) {
     hostile_label_values_are_just_values(open().as_mut());
     groups_store_each_batch_once(open().as_mut());
     retention_hides_and_refuses_old_windows(open().as_mut());
+    types_are_kept_apart(open().as_mut());
+    one_unit_per_type(open().as_mut());
     answers_like_the_reference(open().as_mut());
 }
 
@@ -52,9 +54,9 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
     l
 }
 
-/// A batch of agent `a1` with one sample of `count` on `stack`, window
-/// ending `end_s` seconds after [`base`].
-pub fn batch(seq: u64, end_s: i64, process: &str, stack: &str, count: u64) -> ValidBatch {
+/// A `cpu` batch of agent `a1` with one sample of `value` on `stack`,
+/// window ending `end_s` seconds after [`base`].
+pub fn batch(seq: u64, end_s: i64, process: &str, stack: &str, value: u64) -> ValidBatch {
     ValidBatch {
         agent_id: "a1".into(),
         sequence: seq,
@@ -63,26 +65,51 @@ pub fn batch(seq: u64, end_s: i64, process: &str, stack: &str, count: u64) -> Va
         window_start_ns: at(end_s - 10),
         window_end_ns: at(end_s),
         frequency_hz: 99,
+        sample_type: SampleType::cpu(),
         label_sets: vec![labels(&[("node", "n1"), ("process", process)])],
         stacks: vec![stack.into()],
         samples: vec![BatchSample {
             label_set: 0,
             stack: 0,
-            count,
+            value,
         }],
     }
 }
 
-/// Windows ending in `(start_s, end_s]` (seconds after [`base`]) matching
-/// `matchers`.
+/// [`batch`] of another sample type (frequency 0).
+pub fn typed_batch(
+    sample_type: SampleType,
+    seq: u64,
+    end_s: i64,
+    process: &str,
+    stack: &str,
+    value: u64,
+) -> ValidBatch {
+    ValidBatch {
+        sample_type,
+        frequency_hz: 0,
+        ..batch(seq, end_s, process, stack, value)
+    }
+}
+
+/// `cpu` samples of windows ending in `(start_s, end_s]` (seconds after
+/// [`base`]) matching `matchers`.
 pub fn all(start_s: i64, end_s: i64, matchers: &[(&str, &str)]) -> Selector {
-    Selector {
-        matchers: matchers
+    Selector::cpu(
+        matchers
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect(),
-        start_ns: at(start_s),
-        end_ns: at(end_s),
+        at(start_s),
+        at(end_s),
+    )
+}
+
+/// [`all`] of type `sample_type`.
+pub fn of_type(sample_type: &str, start_s: i64, end_s: i64, matchers: &[(&str, &str)]) -> Selector {
+    Selector {
+        sample_type: sample_type.into(),
+        ..all(start_s, end_s, matchers)
     }
 }
 
@@ -110,23 +137,25 @@ pub fn stores_once_and_queries_by_label_and_time(store: &mut dyn Store) {
     assert_eq!((stats.batches, stats.sample_rows), (3, 3));
 
     assert_eq!(
-        store.label_names(at(0), at(300)).unwrap(),
+        store.label_names(None, at(0), at(300)).unwrap(),
         vec!["node", "process"]
     );
     assert_eq!(
-        store.label_values("process", at(0), at(300)).unwrap(),
+        store.label_values("process", None, at(0), at(300)).unwrap(),
         vec!["app", "db"]
     );
     assert_eq!(
-        store.label_values("process", at(195), at(300)).unwrap(),
+        store
+            .label_values("process", None, at(195), at(300))
+            .unwrap(),
         vec!["app", "db"]
     );
     assert_eq!(
-        store.label_values("process", at(0), at(50)).unwrap(),
+        store.label_values("process", None, at(0), at(50)).unwrap(),
         Vec::<String>::new()
     );
     assert_eq!(
-        store.label_values("nothing", at(0), at(300)).unwrap(),
+        store.label_values("nothing", None, at(0), at(300)).unwrap(),
         Vec::<String>::new()
     );
 }
@@ -143,7 +172,7 @@ pub fn hostile_label_values_are_just_values(store: &mut dyn Store) {
     let p = store.profile(&all(0, 300, &[("zz", hostile)])).unwrap();
     assert_eq!(p.folded(), "main;it's \\ \"quoted\" 1\n");
     assert_eq!(
-        store.label_values("zz", at(0), at(300)).unwrap(),
+        store.label_values("zz", None, at(0), at(300)).unwrap(),
         vec![hostile.to_string()]
     );
     assert_eq!(store.profile(&all(0, 300, &[])).unwrap().total(), 1);
@@ -196,7 +225,9 @@ pub fn retention_hides_and_refuses_old_windows(store: &mut dyn Store) {
         "new;stack 4\n"
     );
     assert_eq!(
-        store.label_values("process", at(0), at(days(4))).unwrap(),
+        store
+            .label_values("process", None, at(0), at(days(4)))
+            .unwrap(),
         vec!["app"]
     );
     assert!(matches!(
@@ -207,6 +238,187 @@ pub fn retention_hides_and_refuses_old_windows(store: &mut dyn Store) {
         .insert(&batch(5, days(3) + 400, "app", "new;stack", 1))
         .unwrap();
     assert_eq!(store.profile(&all(0, days(4), &[])).unwrap().total(), 5);
+}
+
+/// `cpu` and `off_cpu` batches with the same labels and stacks in the same
+/// windows: a query of one type sees only its values, exactly; labels and
+/// the list of types follow the type; an unknown type gives nothing.
+pub fn types_are_kept_apart(store: &mut dyn Store) {
+    let off = SampleType::off_cpu;
+    let contentions = SampleType::new("contentions", "count");
+    store.insert(&batch(1, 100, "app", "main;hot", 3)).unwrap();
+    assert_eq!(
+        store
+            .insert(&typed_batch(
+                off(),
+                2,
+                100,
+                "app",
+                "main;hot",
+                7_000_000_001
+            ))
+            .unwrap(),
+        Stored::New {
+            samples: 7_000_000_001
+        }
+    );
+    store.insert(&batch(3, 200, "app", "main;cold", 2)).unwrap();
+    store
+        .insert(&typed_batch(off(), 4, 200, "app", "main;cold", 450))
+        .unwrap();
+    store
+        .insert(&typed_batch(off(), 5, 200, "db", "main;io", 1_000))
+        .unwrap();
+    let mut only_off = typed_batch(off(), 6, 250, "app", "main;hot", 5);
+    only_off.label_sets[0].push(("thread".into(), "t1".into()));
+    store.insert(&only_off).unwrap();
+    store
+        .insert(&typed_batch(
+            contentions.clone(),
+            7,
+            3_000,
+            "app",
+            "lock",
+            9,
+        ))
+        .unwrap();
+
+    assert_eq!(
+        store.profile(&all(0, 300, &[])).unwrap().folded(),
+        "main;cold 2\nmain;hot 3\n"
+    );
+    assert_eq!(
+        store
+            .profile(&of_type("off_cpu", 0, 300, &[]))
+            .unwrap()
+            .folded(),
+        "main;cold 450\nmain;hot 7000000006\nmain;io 1000\n"
+    );
+    assert_eq!(
+        store
+            .profile(&of_type("off_cpu", 0, 300, &[("process", "app")]))
+            .unwrap()
+            .folded(),
+        "main;cold 450\nmain;hot 7000000006\n"
+    );
+    assert_eq!(
+        store
+            .profile(&of_type("off_cpu", 150, 200, &[("process", "db")]))
+            .unwrap()
+            .folded(),
+        "main;io 1000\n"
+    );
+    assert_eq!(
+        store.profile(&all(0, 300, &[("process", "db")])).unwrap(),
+        Profile::default()
+    );
+    assert_eq!(
+        store
+            .profile(&of_type("contentions", 0, 4_000, &[]))
+            .unwrap()
+            .folded(),
+        "lock 9\n"
+    );
+    assert_eq!(
+        store.profile(&of_type("wall", 0, 4_000, &[])).unwrap(),
+        Profile::default(),
+        "an unknown type selects nothing"
+    );
+
+    assert_eq!(
+        store.sample_types(at(0), at(300)).unwrap(),
+        vec![SampleType::cpu(), off()]
+    );
+    assert_eq!(
+        store.sample_types(at(200), at(4_000)).unwrap(),
+        vec![contentions.clone(), off()]
+    );
+    assert_eq!(
+        store.sample_types(at(0), at(50)).unwrap(),
+        Vec::<SampleType>::new()
+    );
+    assert_eq!(
+        store.label_names(Some("cpu"), at(0), at(300)).unwrap(),
+        vec!["node", "process"]
+    );
+    assert_eq!(
+        store.label_names(Some("off_cpu"), at(0), at(300)).unwrap(),
+        vec!["node", "process", "thread"]
+    );
+    assert_eq!(
+        store.label_names(None, at(0), at(300)).unwrap(),
+        vec!["node", "process", "thread"]
+    );
+    assert_eq!(
+        store.label_names(Some("wall"), at(0), at(300)).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store
+            .label_values("process", Some("cpu"), at(0), at(300))
+            .unwrap(),
+        vec!["app"]
+    );
+    assert_eq!(
+        store
+            .label_values("process", Some("off_cpu"), at(0), at(300))
+            .unwrap(),
+        vec!["app", "db"]
+    );
+    assert_eq!(
+        store
+            .label_values("process", Some("contentions"), at(0), at(300))
+            .unwrap(),
+        Vec::<String>::new()
+    );
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.batches, 7);
+}
+
+/// A type keeps the unit it was first stored with: a batch saying another
+/// unit is refused whole, naming both units, and stores nothing.
+pub fn one_unit_per_type(store: &mut dyn Store) {
+    let delay = |unit: &str| SampleType::new("delay", unit);
+    store
+        .insert(&typed_batch(
+            delay("nanoseconds"),
+            1,
+            100,
+            "app",
+            "wait",
+            10,
+        ))
+        .unwrap();
+    match store.insert(&typed_batch(delay("seconds"), 2, 110, "app", "wait", 3)) {
+        Err(StoreError::UnitMismatch {
+            sample_type,
+            stored,
+            got,
+        }) => assert_eq!(
+            (sample_type.as_str(), stored.as_str(), got.as_str()),
+            ("delay", "nanoseconds", "seconds")
+        ),
+        other => panic!("a second unit for a type must be refused, got {other:?}"),
+    }
+    // In a group, the refused batch fails alone.
+    let outcomes = store.insert_many(&[
+        typed_batch(delay("count"), 3, 120, "app", "wait", 4),
+        typed_batch(delay("nanoseconds"), 4, 120, "app", "wait", 5),
+    ]);
+    assert!(matches!(outcomes[0], Err(StoreError::UnitMismatch { .. })));
+    assert_eq!(outcomes[1].as_ref().unwrap(), &Stored::New { samples: 5 });
+    assert_eq!(
+        store
+            .profile(&of_type("delay", 0, 300, &[]))
+            .unwrap()
+            .folded(),
+        "wait 15\n"
+    );
+    assert_eq!(
+        store.sample_types(at(0), at(300)).unwrap(),
+        vec![delay("nanoseconds")]
+    );
+    assert_eq!(store.stats().unwrap().batches, 2);
 }
 
 /// xorshift64*, reproducible.
@@ -256,7 +468,7 @@ pub fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch
                 samples.push(BatchSample {
                     label_set: l,
                     stack: s,
-                    count: 1 + rng.below(9) as u64,
+                    value: 1 + rng.below(9) as u64,
                 });
             }
         }
@@ -265,7 +477,7 @@ pub fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch
         samples.push(BatchSample {
             label_set: 0,
             stack: 0,
-            count: 1,
+            value: 1,
         });
     }
     ValidBatch {
@@ -276,6 +488,7 @@ pub fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch
         window_start_ns: end - 10 * S,
         window_end_ns: end,
         frequency_hz: 19,
+        sample_type: SampleType::cpu(),
         label_sets,
         stacks,
         samples,
@@ -295,10 +508,12 @@ pub fn random_time(rng: &mut Rng, hours: i64) -> i64 {
 
 /// All data, one process, one node and pod, over `(start, end]`.
 pub fn selectors(rng: &mut Rng, start: i64, end: i64) -> Vec<Selector> {
-    let sel = |m: &[(&str, String)]| Selector {
-        matchers: m.iter().map(|(a, b)| (a.to_string(), b.clone())).collect(),
-        start_ns: start,
-        end_ns: end,
+    let sel = |m: &[(&str, String)]| {
+        Selector::cpu(
+            m.iter().map(|(a, b)| (a.to_string(), b.clone())).collect(),
+            start,
+            end,
+        )
     };
     vec![
         sel(&[]),
@@ -311,7 +526,9 @@ pub fn selectors(rng: &mut Rng, start: i64, end: i64) -> Vec<Selector> {
 }
 
 /// Three agents, 3 hours and a half (crossing a day boundary), sent in
-/// groups with resends; then retention. Every answer equals the reference's.
+/// groups with resends, agent 1 sending `off_cpu` batches every other
+/// window; then retention. Every answer, of either type, equals the
+/// reference's.
 pub fn answers_like_the_reference(store: &mut dyn Store) {
     let mut reference = SqliteStore::in_memory().unwrap();
     let mut rng = Rng(42);
@@ -323,7 +540,14 @@ pub fn answers_like_the_reference(store: &mut dyn Store) {
     for w in 1..=(hours * 360 + 180) {
         for agent in 0..3 {
             let end = t0 + w * 10 * S - if agent == 2 { 3 * S } else { 0 };
-            let b = random_batch(&mut rng, agent, w as u64, end);
+            let mut b = random_batch(&mut rng, agent, w as u64, end);
+            if agent == 1 && w % 2 == 0 {
+                b.sample_type = SampleType::off_cpu();
+                b.frequency_hz = 0;
+                for s in &mut b.samples {
+                    s.value *= 1_000_003;
+                }
+            }
             // Some batches sent twice, in the same group or a later one.
             if rng.below(20) == 0 {
                 pending.push(b.clone());
@@ -364,20 +588,35 @@ pub fn answers_like_the_reference(store: &mut dyn Store) {
         }
         for (start, end) in ranges {
             for sel in selectors(rng, start, end) {
-                let got: Profile = store.profile(&sel).unwrap();
-                assert_eq!(got, reference.profile(&sel).unwrap(), "profile of {sel:?}");
+                for sample_type in ["cpu", "off_cpu"] {
+                    let sel = Selector {
+                        sample_type: sample_type.into(),
+                        ..sel.clone()
+                    };
+                    let got: Profile = store.profile(&sel).unwrap();
+                    assert_eq!(got, reference.profile(&sel).unwrap(), "profile of {sel:?}");
+                }
             }
             assert_eq!(
-                store.label_names(start, end).unwrap(),
-                reference.label_names(start, end).unwrap(),
-                "label names in ({start}, {end}]"
+                store.sample_types(start, end).unwrap(),
+                reference.sample_types(start, end).unwrap(),
+                "types in ({start}, {end}]"
             );
-            for name in ["pod", "process"] {
+            for sample_type in [None, Some("cpu"), Some("off_cpu")] {
                 assert_eq!(
-                    store.label_values(name, start, end).unwrap(),
-                    reference.label_values(name, start, end).unwrap(),
-                    "values of {name} in ({start}, {end}]"
+                    store.label_names(sample_type, start, end).unwrap(),
+                    reference.label_names(sample_type, start, end).unwrap(),
+                    "label names of {sample_type:?} in ({start}, {end}]"
                 );
+                for name in ["pod", "process"] {
+                    assert_eq!(
+                        store.label_values(name, sample_type, start, end).unwrap(),
+                        reference
+                            .label_values(name, sample_type, start, end)
+                            .unwrap(),
+                        "values of {name} of {sample_type:?} in ({start}, {end}]"
+                    );
+                }
             }
         }
         assert_eq!(

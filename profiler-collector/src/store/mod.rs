@@ -6,7 +6,7 @@ pub mod clickhouse;
 pub mod conformance;
 pub mod sqlite;
 
-use crate::model::{Profile, Selector, Stored, ValidBatch};
+use crate::model::{Profile, SampleType, Selector, Stored, ValidBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -18,6 +18,13 @@ pub enum StoreError {
     ClickHouse(String),
     #[error("batch window ends before the retention cutoff")]
     TooOld,
+    /// The batch's type is stored with another unit (one unit per type).
+    #[error("sample type {sample_type:?} is stored in unit {stored:?}, not {got:?}")]
+    UnitMismatch {
+        sample_type: String,
+        stored: String,
+        got: String,
+    },
     /// The write of a whole group failed (each batch of it gets this).
     #[error("store write failed: {0}")]
     Write(String),
@@ -59,16 +66,31 @@ pub trait Store: Send {
         batches.iter().map(|b| self.insert(b)).collect()
     }
     /// Label names of samples whose window ends in `(start_ns, end_ns]`
-    /// (every window belongs to exactly one of two adjacent ranges).
-    fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError>;
-    /// Values of label `name` in windows ending in `(start_ns, end_ns]`.
-    fn label_values(
+    /// (every window belongs to exactly one of two adjacent ranges), of
+    /// type `sample_type` (`None`: of every type).
+    fn label_names(
         &self,
-        name: &str,
+        sample_type: Option<&str>,
         start_ns: i64,
         end_ns: i64,
     ) -> Result<Vec<String>, StoreError>;
-    /// Folded stacks and counts of the samples a selector picks.
+    /// Values of label `name` in windows ending in `(start_ns, end_ns]`, of
+    /// type `sample_type` (`None`: of every type).
+    fn label_values(
+        &self,
+        name: &str,
+        sample_type: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// The sample types (with their units) of the windows ending in
+    /// `(start_ns, end_ns]`, sorted by name.
+    fn sample_types(&self, start_ns: i64, end_ns: i64) -> Result<Vec<SampleType>, StoreError>;
+    /// The unit a sample type is stored with; `None` for a type never
+    /// stored.
+    fn unit(&self, sample_type: &str) -> Result<Option<String>, StoreError>;
+    /// Folded stacks and summed values of the samples a selector picks (an
+    /// unknown type picks none).
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
     /// Deletes data whose window ended before `cutoff_ns`; returns rows deleted.

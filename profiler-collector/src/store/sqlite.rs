@@ -10,9 +10,13 @@
 //! the others stored. Stack and label-set ids are cached in memory (bounded)
 //! so a known stack is not looked up by its text.
 //!
-//! Rollups: the counts are also summed per hour (per label set and stack,
-//! and per stack alone) and per minute (per stack), in the same transaction
-//! as the raw rows, so they always agree with them. A query reads the
+//! Sample types: every sample row and rollup row carries the id of its type
+//! (`sample_types`: name and unit, one unit per type); queries read one
+//! type. Data stored before types existed is `cpu`/`samples` (id 1).
+//!
+//! Rollups: the values are also summed per hour (per type, label set and
+//! stack, and per type and stack) and per minute (per type and stack), in
+//! the same transaction as the raw rows, so they always agree with them. A query reads the
 //! coarsest rollup for the whole buckets inside its range and finer ones,
 //! then raw rows, only for the ragged ends (see [`plan`]). Bucket `k` of a
 //! grain `g` holds the windows ending in `(k g, (k + 1) g]`, the same
@@ -26,7 +30,7 @@ use std::{
 use rusqlite::{params, types::Value, Connection, OptionalExtension};
 
 use super::{canonical, Store, StoreError, StoreStats};
-use crate::model::{Labels, Profile, Selector, Stored, ValidBatch};
+use crate::model::{Labels, Profile, SampleType, Selector, Stored, ValidBatch};
 
 const MINUTE_NS: i64 = 60_000_000_000;
 const HOUR_NS: i64 = 3_600_000_000_000;
@@ -100,9 +104,54 @@ const MIGRATIONS: &[&str] = &[
         SELECT (window_end - 1) / 60000000000, stack_id, SUM(count)
         FROM samples GROUP BY 1, 2;
 "#,
+    // Sample types: what existed before is cpu/samples (id 1). The
+    // rollups get the type in their keys (rebuilt: SQLite cannot change a
+    // primary key in place); `count` columns become `value`.
+    r#"
+    CREATE TABLE sample_types (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        unit TEXT NOT NULL
+    );
+    INSERT INTO sample_types (id, name, unit) VALUES (1, 'cpu', 'samples');
+    ALTER TABLE batches ADD COLUMN type_id INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE samples ADD COLUMN type_id INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE samples RENAME COLUMN count TO value;
+    CREATE TABLE rollup_h_typed (
+        hour INTEGER NOT NULL,
+        type_id INTEGER NOT NULL,
+        label_set_id INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (hour, type_id, label_set_id, stack_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rollup_h_typed SELECT hour, 1, label_set_id, stack_id, count FROM rollup_h;
+    DROP TABLE rollup_h;
+    ALTER TABLE rollup_h_typed RENAME TO rollup_h;
+    CREATE TABLE rollup_stack_h_typed (
+        hour INTEGER NOT NULL,
+        type_id INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (hour, type_id, stack_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rollup_stack_h_typed SELECT hour, 1, stack_id, count FROM rollup_stack_h;
+    DROP TABLE rollup_stack_h;
+    ALTER TABLE rollup_stack_h_typed RENAME TO rollup_stack_h;
+    CREATE TABLE rollup_stack_m_typed (
+        minute INTEGER NOT NULL,
+        type_id INTEGER NOT NULL,
+        stack_id INTEGER NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (minute, type_id, stack_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rollup_stack_m_typed SELECT minute, 1, stack_id, count FROM rollup_stack_m;
+    DROP TABLE rollup_stack_m;
+    ALTER TABLE rollup_stack_m_typed RENAME TO rollup_stack_m;
+"#,
 ];
 
-/// A rollup table: counts per bucket of `grain` nanoseconds.
+/// A rollup table: values per type and bucket of `grain` nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rollup {
     pub table: &'static str,
@@ -216,6 +265,8 @@ struct Caches {
     keys: (RandomState, RandomState),
     stacks: IdCache,
     sets: IdCache,
+    /// Sample types by name: id and unit (few; never deleted).
+    types: HashMap<String, (i64, String)>,
     /// Windows ending before this were deleted by retention: refused.
     retained_from: i64,
 }
@@ -224,6 +275,7 @@ struct Caches {
 enum Fresh {
     Stack(u128),
     Set(u128),
+    Type(String),
 }
 
 impl Caches {
@@ -234,15 +286,58 @@ impl Caches {
     fn clear(&mut self) {
         self.stacks.ids.clear();
         self.sets.ids.clear();
+        self.types.clear();
     }
 
     fn forget(&mut self, fresh: &[Fresh]) {
         for f in fresh {
             match f {
-                Fresh::Stack(k) => self.stacks.ids.remove(k),
-                Fresh::Set(k) => self.sets.ids.remove(k),
-            };
+                Fresh::Stack(k) => {
+                    self.stacks.ids.remove(k);
+                }
+                Fresh::Set(k) => {
+                    self.sets.ids.remove(k);
+                }
+                Fresh::Type(name) => {
+                    self.types.remove(name);
+                }
+            }
         }
+    }
+
+    /// The id of a batch's sample type, added on first use; refused when
+    /// the type is stored with another unit.
+    fn type_id(
+        &mut self,
+        conn: &Connection,
+        sample_type: &SampleType,
+        fresh: &mut Vec<Fresh>,
+    ) -> Result<i64, StoreError> {
+        let known = match self.types.get(&sample_type.name) {
+            Some(known) => Some(known.clone()),
+            None => conn
+                .prepare_cached("SELECT id, unit FROM sample_types WHERE name = ?1")?
+                .query_row([&sample_type.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?,
+        };
+        let (id, unit) = match known {
+            Some(known) => known,
+            None => {
+                conn.prepare_cached("INSERT INTO sample_types (name, unit) VALUES (?1, ?2)")?
+                    .execute([&sample_type.name, &sample_type.unit])?;
+                fresh.push(Fresh::Type(sample_type.name.clone()));
+                (conn.last_insert_rowid(), sample_type.unit.clone())
+            }
+        };
+        if unit != sample_type.unit {
+            return Err(StoreError::UnitMismatch {
+                sample_type: sample_type.name.clone(),
+                stored: unit,
+                got: sample_type.unit.clone(),
+            });
+        }
+        self.types.insert(sample_type.name.clone(), (id, unit));
+        Ok(id)
     }
 
     fn stack_id(
@@ -312,20 +407,20 @@ impl Caches {
 /// upserted (one upsert per distinct key instead of one per sample row).
 #[derive(Default)]
 struct GroupRollups {
-    per_set: HashMap<(i64, i64, i64), i64>,
-    stack_h: HashMap<(i64, i64), i64>,
-    stack_m: HashMap<(i64, i64), i64>,
+    per_set: HashMap<(i64, i64, i64, i64), i64>,
+    stack_h: HashMap<(i64, i64, i64), i64>,
+    stack_m: HashMap<(i64, i64, i64), i64>,
 }
 
 impl GroupRollups {
-    /// Adds a stored batch's rows: (label set id, stack id, count).
-    fn add(&mut self, window_end_ns: i64, rows: &[(i64, i64, i64)]) {
+    /// Adds a stored batch's rows: (label set id, stack id, value).
+    fn add(&mut self, window_end_ns: i64, type_id: i64, rows: &[(i64, i64, i64)]) {
         let h = bucket(window_end_ns, HOUR_NS);
         let m = bucket(window_end_ns, MINUTE_NS);
         for &(set, stack, n) in rows {
-            *self.per_set.entry((h, set, stack)).or_default() += n;
-            *self.stack_h.entry((h, stack)).or_default() += n;
-            *self.stack_m.entry((m, stack)).or_default() += n;
+            *self.per_set.entry((h, type_id, set, stack)).or_default() += n;
+            *self.stack_h.entry((h, type_id, stack)).or_default() += n;
+            *self.stack_m.entry((m, type_id, stack)).or_default() += n;
         }
     }
 
@@ -334,11 +429,13 @@ impl GroupRollups {
         let mut per_set: Vec<_> = self.per_set.drain().collect();
         per_set.sort_unstable();
         let mut up = conn.prepare_cached(
-            "INSERT INTO rollup_h (hour, label_set_id, stack_id, count) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (hour, label_set_id, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_h (hour, type_id, label_set_id, stack_id, value)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (hour, type_id, label_set_id, stack_id)
+             DO UPDATE SET value = value + excluded.value",
         )?;
-        for ((h, set, stack), n) in per_set {
-            up.execute(params![h, set, stack, n])?;
+        for ((h, t, set, stack), n) in per_set {
+            up.execute(params![h, t, set, stack, n])?;
         }
         for (rollup, rows) in [
             (ROLLUP_STACK_H, &mut self.stack_h),
@@ -347,13 +444,13 @@ impl GroupRollups {
             let mut rows: Vec<_> = rows.drain().collect();
             rows.sort_unstable();
             let mut up = conn.prepare_cached(&format!(
-                "INSERT INTO {t} ({c}, stack_id, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT ({c}, stack_id) DO UPDATE SET count = count + excluded.count",
+                "INSERT INTO {t} ({c}, type_id, stack_id, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT ({c}, type_id, stack_id) DO UPDATE SET value = value + excluded.value",
                 t = rollup.table,
                 c = rollup.column
             ))?;
-            for ((b, stack), n) in rows {
-                up.execute(params![b, stack, n])?;
+            for ((b, ty, stack), n) in rows {
+                up.execute(params![b, ty, stack, n])?;
             }
         }
         Ok(())
@@ -364,7 +461,7 @@ pub struct SqliteStore {
     conn: Connection,
     caches: Caches,
     rollups: GroupRollups,
-    /// Resolved (label set, stack, count) of the batch being written.
+    /// Resolved (label set, stack, value) of the batch being written.
     rows: Vec<(i64, i64, i64)>,
 }
 
@@ -404,6 +501,7 @@ impl SqliteStore {
                 keys: (RandomState::new(), RandomState::new()),
                 stacks: IdCache::new(ID_CACHE_CAP),
                 sets: IdCache::new(ID_CACHE_CAP),
+                types: HashMap::new(),
                 retained_from: i64::MIN,
             },
             rollups: GroupRollups::default(),
@@ -462,10 +560,10 @@ impl SqliteStore {
             fresh.clear();
             tx.prepare_cached("SAVEPOINT batch")?.execute([])?;
             match insert_batch(&tx, caches, batch, rows, &mut fresh) {
-                Ok(stored) => {
+                Ok((stored, type_id)) => {
                     tx.prepare_cached("RELEASE batch")?.execute([])?;
                     if let Stored::New { .. } = stored {
-                        rollups.add(batch.window_end_ns, rows);
+                        rollups.add(batch.window_end_ns, type_id, rows);
                     }
                     results.push(Ok(stored));
                 }
@@ -481,6 +579,15 @@ impl SqliteStore {
         Ok(results)
     }
 
+    /// The id of a sample type; `None` when no batch of it was stored.
+    fn stored_type_id(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT id FROM sample_types WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()?)
+    }
+
     /// Sums per stack id of the samples a selector picks, from the parts of
     /// `plan` (rollups) or from raw rows only.
     fn stack_totals(
@@ -488,6 +595,9 @@ impl SqliteStore {
         selector: &Selector,
         use_rollups: bool,
     ) -> Result<HashMap<i64, i64>, StoreError> {
+        let Some(type_id) = self.stored_type_id(&selector.sample_type)? else {
+            return Ok(HashMap::new());
+        };
         let selected = !selector.matchers.is_empty();
         let rollups: &[Rollup] = match (use_rollups, selected) {
             (false, _) => &[],
@@ -495,14 +605,15 @@ impl SqliteStore {
             (true, false) => &[ROLLUP_STACK_H, ROLLUP_STACK_M],
         };
         // Label sets matching every matcher; values are bound, never spliced.
-        // Arguments ?1 and ?2 are the part's bounds, the matchers follow.
+        // Arguments ?1 and ?2 are the part's bounds, ?3 the type, the
+        // matchers follow.
         let mut sets = String::new();
         let mut matcher_args: Vec<Value> = Vec::new();
         for (i, (name, value)) in selector.matchers.iter().enumerate() {
             if i > 0 {
                 sets.push_str(" INTERSECT ");
             }
-            let n = 3 + 2 * i;
+            let n = 4 + 2 * i;
             sets.push_str(&format!(
                 "SELECT label_set_id FROM labels WHERE name = ?{n} AND value = ?{}",
                 n + 1
@@ -515,16 +626,18 @@ impl SqliteStore {
             let (sql, a, b) = match part {
                 Part::Raw { start, end } if selected => (
                     format!(
-                        "SELECT stack_id, SUM(count) FROM samples
-                         WHERE window_end > ?1 AND window_end <= ?2 AND label_set_id IN ({sets})
+                        "SELECT stack_id, SUM(value) FROM samples
+                         WHERE window_end > ?1 AND window_end <= ?2 AND type_id = ?3
+                           AND label_set_id IN ({sets})
                          GROUP BY stack_id"
                     ),
                     start,
                     end,
                 ),
                 Part::Raw { start, end } => (
-                    "SELECT stack_id, SUM(count) FROM samples
-                     WHERE window_end > ?1 AND window_end <= ?2 GROUP BY stack_id"
+                    "SELECT stack_id, SUM(value) FROM samples
+                     WHERE window_end > ?1 AND window_end <= ?2 AND type_id = ?3
+                     GROUP BY stack_id"
                         .to_string(),
                     start,
                     end,
@@ -537,8 +650,9 @@ impl SqliteStore {
                     format!(
                         "WITH RECURSIVE h(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM h WHERE b + 1 < ?2),
                          m(id) AS MATERIALIZED ({sets})
-                         SELECT r.stack_id, SUM(r.count) FROM h CROSS JOIN m CROSS JOIN {t} r
-                         WHERE r.{c} = h.b AND r.label_set_id = m.id GROUP BY r.stack_id",
+                         SELECT r.stack_id, SUM(r.value) FROM h CROSS JOIN m CROSS JOIN {t} r
+                         WHERE r.{c} = h.b AND r.type_id = ?3 AND r.label_set_id = m.id
+                         GROUP BY r.stack_id",
                         t = rollup.table,
                         c = rollup.column
                     ),
@@ -547,7 +661,8 @@ impl SqliteStore {
                 ),
                 Part::Rollup { rollup, lo, hi } => (
                     format!(
-                        "SELECT stack_id, SUM(count) FROM {t} WHERE {c} >= ?1 AND {c} < ?2
+                        "SELECT stack_id, SUM(value) FROM {t}
+                         WHERE {c} >= ?1 AND {c} < ?2 AND type_id = ?3
                          GROUP BY stack_id",
                         t = rollup.table,
                         c = rollup.column
@@ -557,7 +672,7 @@ impl SqliteStore {
                 ),
             };
             let mut stmt = self.conn.prepare_cached(&sql)?;
-            let args = [Value::from(a), Value::from(b)]
+            let args = [Value::from(a), Value::from(b), Value::from(type_id)]
                 .into_iter()
                 .chain(matcher_args.iter().cloned());
             let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
@@ -573,9 +688,9 @@ impl SqliteStore {
             .conn
             .prepare_cached("SELECT folded FROM stacks WHERE id = ?1")?;
         let mut profile = Profile::default();
-        for (id, count) in totals {
+        for (id, value) in totals {
             let stack: String = text.query_row([id], |r| r.get(0))?;
-            profile.add(&stack, count as u64);
+            profile.add(&stack, value as u64);
         }
         Ok(profile)
     }
@@ -586,23 +701,29 @@ impl SqliteStore {
         self.profile_from(self.stack_totals(selector, false)?)
     }
 
-    /// SQL selecting the ids of label sets with samples in `(?1, ?2]`.
-    fn sets_in_range(start: i64, end: i64) -> (String, Vec<Value>) {
+    /// SQL selecting the ids of label sets with samples in `(start, end]`,
+    /// of one type (`Some(id)`) or of every type; its arguments.
+    fn sets_in_range(start: i64, end: i64, type_id: Option<i64>) -> (String, Vec<Value>) {
         let mut sql = Vec::new();
         let mut args: Vec<Value> = Vec::new();
         for part in plan(start, end, &[ROLLUP_H]) {
             let n = args.len() + 1;
+            let of_type = match type_id {
+                Some(_) => format!(" AND type_id = ?{}", n + 2),
+                None => String::new(),
+            };
             match part {
                 Part::Raw { start, end } => {
                     sql.push(format!(
-                        "SELECT label_set_id FROM samples WHERE window_end > ?{n} AND window_end <= ?{}",
+                        "SELECT label_set_id FROM samples
+                         WHERE window_end > ?{n} AND window_end <= ?{}{of_type}",
                         n + 1
                     ));
                     args.extend([start.into(), end.into()]);
                 }
                 Part::Rollup { rollup, lo, hi } => {
                     sql.push(format!(
-                        "SELECT label_set_id FROM {t} WHERE {c} >= ?{n} AND {c} < ?{}",
+                        "SELECT label_set_id FROM {t} WHERE {c} >= ?{n} AND {c} < ?{}{of_type}",
                         n + 1,
                         t = rollup.table,
                         c = rollup.column
@@ -610,6 +731,7 @@ impl SqliteStore {
                     args.extend([lo.into(), hi.into()]);
                 }
             }
+            args.extend(type_id.map(Value::from));
         }
         if sql.is_empty() {
             sql.push("SELECT NULL WHERE 0".into());
@@ -622,35 +744,45 @@ impl SqliteStore {
 const INSERT_ROWS: usize = 32;
 
 /// `INSERT` of `n` sample rows of one window: ?1 and ?2 are the window's
-/// start and end, then (label set, stack, count) per row.
+/// start and end, ?3 the type, then (label set, stack, value) per row.
 fn insert_samples_sql(n: usize) -> String {
     let rows: Vec<String> = (0..n)
-        .map(|i| format!("(?1, ?2, ?{}, ?{}, ?{})", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .map(|i| {
+            format!(
+                "(?1, ?2, ?3, ?{}, ?{}, ?{})",
+                3 * i + 4,
+                3 * i + 5,
+                3 * i + 6
+            )
+        })
         .collect();
     format!(
-        "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count) VALUES {}",
+        "INSERT INTO samples (window_start, window_end, type_id, label_set_id, stack_id, value)
+         VALUES {}",
         rows.join(", ")
     )
 }
 
 /// Stores one batch's id and raw rows (not its rollups), leaving its
-/// resolved rows in `rows`.
+/// resolved rows in `rows`; returns the outcome and the type's id.
 fn insert_batch(
     conn: &Connection,
     caches: &mut Caches,
     batch: &ValidBatch,
     rows: &mut Vec<(i64, i64, i64)>,
     fresh: &mut Vec<Fresh>,
-) -> Result<Stored, StoreError> {
+) -> Result<(Stored, i64), StoreError> {
     rows.clear();
     if batch.window_end_ns < caches.retained_from {
         return Err(StoreError::TooOld);
     }
+    let type_id = caches.type_id(conn, &batch.sample_type, fresh)?;
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO batches
-             (agent_id, sequence, node, agent_version, window_start, window_end, frequency_hz, samples)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             (agent_id, sequence, node, agent_version, window_start, window_end, frequency_hz,
+              samples, type_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             batch.agent_id,
@@ -661,9 +793,10 @@ fn insert_batch(
             batch.window_end_ns,
             batch.frequency_hz,
             batch.total() as i64,
+            type_id,
         ])?;
     if inserted == 0 {
-        return Ok(Stored::Duplicate);
+        return Ok((Stored::Duplicate, type_id));
     }
     // Database ids of the batch's label sets and stacks, resolved once each
     // on first use.
@@ -686,34 +819,39 @@ fn insert_batch(
                 id
             }
         };
-        rows.push((set, stack, sample.count as i64));
+        rows.push((set, stack, sample.value as i64));
     }
     // Several rows per statement: fewer statement runs per row.
     let mut chunks = rows.chunks_exact(INSERT_ROWS);
     let mut many = conn.prepare_cached(&insert_samples_sql(INSERT_ROWS))?;
     for chunk in &mut chunks {
-        for (i, &(set, stack, count)) in chunk.iter().enumerate() {
-            many.raw_bind_parameter(3 * i + 3, set)?;
-            many.raw_bind_parameter(3 * i + 4, stack)?;
-            many.raw_bind_parameter(3 * i + 5, count)?;
+        for (i, &(set, stack, value)) in chunk.iter().enumerate() {
+            many.raw_bind_parameter(3 * i + 4, set)?;
+            many.raw_bind_parameter(3 * i + 5, stack)?;
+            many.raw_bind_parameter(3 * i + 6, value)?;
         }
         many.raw_bind_parameter(1, batch.window_start_ns)?;
         many.raw_bind_parameter(2, batch.window_end_ns)?;
+        many.raw_bind_parameter(3, type_id)?;
         many.raw_execute()?;
     }
     let mut one = conn.prepare_cached(&insert_samples_sql(1))?;
-    for &(set, stack, count) in chunks.remainder() {
+    for &(set, stack, value) in chunks.remainder() {
         one.execute(params![
             batch.window_start_ns,
             batch.window_end_ns,
+            type_id,
             set,
             stack,
-            count
+            value
         ])?;
     }
-    Ok(Stored::New {
-        samples: batch.total(),
-    })
+    Ok((
+        Stored::New {
+            samples: batch.total(),
+        },
+        type_id,
+    ))
 }
 
 impl Store for SqliteStore {
@@ -739,8 +877,20 @@ impl Store for SqliteStore {
         }
     }
 
-    fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
-        let (sets, args) = Self::sets_in_range(start_ns, end_ns);
+    fn label_names(
+        &self,
+        sample_type: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let type_id = match sample_type {
+            None => None,
+            Some(name) => match self.stored_type_id(name)? {
+                None => return Ok(Vec::new()),
+                id => id,
+            },
+        };
+        let (sets, args) = Self::sets_in_range(start_ns, end_ns, type_id);
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT DISTINCT name FROM labels WHERE label_set_id IN ({sets}) ORDER BY name"
         ))?;
@@ -751,10 +901,18 @@ impl Store for SqliteStore {
     fn label_values(
         &self,
         name: &str,
+        sample_type: Option<&str>,
         start_ns: i64,
         end_ns: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let (sets, mut args) = Self::sets_in_range(start_ns, end_ns);
+        let type_id = match sample_type {
+            None => None,
+            Some(name) => match self.stored_type_id(name)? {
+                None => return Ok(Vec::new()),
+                id => id,
+            },
+        };
+        let (sets, mut args) = Self::sets_in_range(start_ns, end_ns, type_id);
         let n = args.len() + 1;
         args.push(name.to_string().into());
         let mut stmt = self.conn.prepare_cached(&format!(
@@ -763,6 +921,58 @@ impl Store for SqliteStore {
         ))?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn sample_types(&self, start_ns: i64, end_ns: i64) -> Result<Vec<SampleType>, StoreError> {
+        // Per type, whether any part of the range has a row of it: the
+        // per-stack rollups for whole minutes and hours, raw rows for the
+        // rest. `EXISTS` stops at the first row of a type present.
+        let mut exists = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        for part in plan(start_ns, end_ns, &[ROLLUP_STACK_H, ROLLUP_STACK_M]) {
+            let n = args.len() + 1;
+            match part {
+                Part::Raw { start, end } => {
+                    exists.push(format!(
+                        "EXISTS (SELECT 1 FROM samples
+                         WHERE window_end > ?{n} AND window_end <= ?{} AND type_id = t.id)",
+                        n + 1
+                    ));
+                    args.extend([start.into(), end.into()]);
+                }
+                Part::Rollup { rollup, lo, hi } => {
+                    exists.push(format!(
+                        "EXISTS (SELECT 1 FROM {t} WHERE {c} >= ?{n} AND {c} < ?{} AND type_id = t.id)",
+                        n + 1,
+                        t = rollup.table,
+                        c = rollup.column
+                    ));
+                    args.extend([lo.into(), hi.into()]);
+                }
+            }
+        }
+        if exists.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT name, unit FROM sample_types AS t WHERE {} ORDER BY name",
+            exists.join(" OR ")
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok(SampleType {
+                name: r.get(0)?,
+                unit: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn unit(&self, sample_type: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT unit FROM sample_types WHERE name = ?1")?
+            .query_row([sample_type], |r| r.get(0))
+            .optional()?)
     }
 
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
@@ -797,32 +1007,32 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         // Rollups first, from the raw rows about to go: buckets wholly
         // before the cutoff are deleted, the one the cutoff splits loses
-        // the counts of its deleted windows.
+        // the values of its deleted windows.
         for rollup in ROLLUPS {
             let (t, c, g) = (rollup.table, rollup.column, rollup.grain);
             let split = bucket(cutoff_ns.saturating_sub(1), g);
             tx.execute(&format!("DELETE FROM {t} WHERE {c} < ?1"), [split])?;
             let key = if rollup.per_label_set {
-                "label_set_id, stack_id"
+                "type_id, label_set_id, stack_id"
             } else {
-                "stack_id"
+                "type_id, stack_id"
             };
             let on = if rollup.per_label_set {
-                "r.label_set_id = d.label_set_id AND r.stack_id = d.stack_id"
+                "r.type_id = d.type_id AND r.label_set_id = d.label_set_id AND r.stack_id = d.stack_id"
             } else {
-                "r.stack_id = d.stack_id"
+                "r.type_id = d.type_id AND r.stack_id = d.stack_id"
             };
             tx.execute(
                 &format!(
-                    "UPDATE {t} AS r SET count = r.count - d.n
-                     FROM (SELECT {key}, SUM(count) AS n FROM samples
+                    "UPDATE {t} AS r SET value = r.value - d.n
+                     FROM (SELECT {key}, SUM(value) AS n FROM samples
                            WHERE window_end > ?1 AND window_end < ?2 GROUP BY {key}) AS d
                      WHERE r.{c} = ?3 AND {on}"
                 ),
                 params![split.saturating_mul(g), cutoff_ns, split],
             )?;
             tx.execute(
-                &format!("DELETE FROM {t} WHERE {c} = ?1 AND count <= 0"),
+                &format!("DELETE FROM {t} WHERE {c} = ?1 AND value <= 0"),
                 [split],
             )?;
         }
@@ -875,15 +1085,15 @@ impl SqliteStore {
         for rollup in ROLLUPS {
             let (t, c, g) = (rollup.table, rollup.column, rollup.grain);
             let key = if rollup.per_label_set {
-                "label_set_id, stack_id"
+                "type_id, label_set_id, stack_id"
             } else {
-                "stack_id"
+                "type_id, stack_id"
             };
             let raw = format!(
-                "SELECT (window_end - 1) / {g} AS {c}, {key}, SUM(count) AS count FROM samples
+                "SELECT (window_end - 1) / {g} AS {c}, {key}, SUM(value) AS value FROM samples
                  GROUP BY 1, {key}"
             );
-            let stored = format!("SELECT {c}, {key}, count FROM {t}");
+            let stored = format!("SELECT {c}, {key}, value FROM {t}");
             let n: i64 = self.conn.query_row(
                 &format!(
                     "SELECT (SELECT COUNT(*) FROM ({raw} EXCEPT {stored}))
@@ -983,7 +1193,7 @@ mod rollup_tests {
                 );
             }
             assert_eq!(
-                store.label_values("pod", start, end).unwrap(),
+                store.label_values("pod", None, start, end).unwrap(),
                 raw_label_values(store, "pod", start, end)
             );
         }
@@ -1096,7 +1306,7 @@ mod rollup_tests {
         too_old.samples.push(BatchSample {
             label_set: 0,
             stack: too_old.stacks.len() - 1,
-            count: 1,
+            value: 1,
         });
         let b = random_batch(&mut rng, 2, 4, T0 + 2 * HOUR_NS);
         let results = store.insert_many(&[a.clone(), too_old, b.clone(), a.clone()]);
@@ -1107,11 +1317,7 @@ mod rollup_tests {
             matches!(results[3], Ok(Stored::Duplicate)),
             "same batch twice in a group"
         );
-        let all = Selector {
-            matchers: vec![],
-            start_ns: 0,
-            end_ns: T0 + 3 * HOUR_NS,
-        };
+        let all = Selector::cpu(vec![], 0, T0 + 3 * HOUR_NS);
         assert_eq!(store.profile(&all).unwrap().total(), a.total() + b.total());
         assert_eq!(store.stats().unwrap().batches, 2);
         assert_eq!(store.rollup_mismatches().unwrap(), 0);
@@ -1127,26 +1333,109 @@ mod rollup_tests {
         assert_eq!(n, 0);
     }
 
+    /// A database of schema `version` (1: raw rows; 2: with rollups) made
+    /// by the statements of those versions, holding `batches` as
+    /// collectors of that version wrote them (no types, `count` columns).
+    fn old_database(path: &Path, version: usize, batches: &[ValidBatch]) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        let id = |sql: &str, text: &str| -> i64 {
+            conn.execute(&format!("INSERT OR IGNORE {sql}"), [text])
+                .unwrap();
+            let table = sql.split_whitespace().nth(1).unwrap();
+            let column = if table == "stacks" {
+                "folded"
+            } else {
+                "canonical"
+            };
+            conn.query_row(
+                &format!("SELECT id FROM {table} WHERE {column} = ?1"),
+                [text],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for b in batches {
+            conn.execute(
+                "INSERT INTO batches (agent_id, sequence, node, agent_version, window_start,
+                 window_end, frequency_hz, samples) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    b.agent_id,
+                    b.sequence as i64,
+                    b.node,
+                    b.agent_version,
+                    b.window_start_ns,
+                    b.window_end_ns,
+                    b.frequency_hz,
+                    b.total() as i64
+                ],
+            )
+            .unwrap();
+            for sample in &b.samples {
+                let stack = id("INTO stacks (folded) VALUES (?1)", &b.stacks[sample.stack]);
+                let labels = &b.label_sets[sample.label_set];
+                let set = id(
+                    "INTO label_sets (canonical) VALUES (?1)",
+                    &canonical(labels),
+                );
+                for (name, value) in labels {
+                    conn.execute(
+                        "INSERT OR IGNORE INTO labels (name, value, label_set_id) VALUES (?1, ?2, ?3)",
+                        params![name, value, set],
+                    )
+                    .unwrap();
+                }
+                conn.execute(
+                    "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        b.window_start_ns,
+                        b.window_end_ns,
+                        set,
+                        stack,
+                        sample.value as i64
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        if version >= 2 {
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as u32)
+            .unwrap();
+    }
+
+    /// What `batches` add up to for `selector` (every batch is cpu).
+    fn expected(batches: &[ValidBatch], selector: &Selector) -> Profile {
+        let mut p = Profile::default();
+        for b in batches {
+            if b.window_end_ns <= selector.start_ns || b.window_end_ns > selector.end_ns {
+                continue;
+            }
+            for s in &b.samples {
+                let labels = &b.label_sets[s.label_set];
+                if selector
+                    .matchers
+                    .iter()
+                    .all(|m| labels.iter().any(|l| l == m))
+                {
+                    p.add(&b.stacks[s.stack], s.value);
+                }
+            }
+        }
+        p
+    }
+
     #[test]
     fn the_migration_builds_rollups_for_existing_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
         let mut rng = Rng(9);
-        {
-            // A version-1 database: raw rows only.
-            let mut store = SqliteStore::open(&path).unwrap();
-            for w in 1..=400 {
-                let b = random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S);
-                store.insert(&b).unwrap();
-            }
-            store
-                .conn
-                .execute_batch(
-                    "DROP TABLE rollup_h; DROP TABLE rollup_stack_h; DROP TABLE rollup_stack_m;
-                     PRAGMA user_version = 1;",
-                )
-                .unwrap();
-        }
+        let batches: Vec<ValidBatch> = (1..=400)
+            .map(|w| random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S))
+            .collect();
+        old_database(&path, 1, &batches);
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
         assert_eq!(store.rollup_mismatches().unwrap(), 0);
@@ -1156,5 +1445,83 @@ mod rollup_tests {
             .unwrap();
         assert!(n > 0);
         check_queries(&store, &mut rng, 2, 40);
+        let all = Selector::cpu(vec![], T0, T0 + 2 * HOUR_NS);
+        assert_eq!(store.profile(&all).unwrap(), expected(&batches, &all));
+    }
+
+    /// A store of the schema before sample types, with data: after the
+    /// migration every row is `cpu`/`samples`, nothing is lost, the totals
+    /// match, and batches of other types go beside them.
+    #[test]
+    fn the_migration_makes_existing_data_cpu_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        let mut rng = Rng(11);
+        let batches: Vec<ValidBatch> = (1..=500)
+            .map(|w| random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S))
+            .collect();
+        old_database(&path, 2, &batches);
+        let old_rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM samples", [], |r| r.get(0))
+            .unwrap();
+
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 3);
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
+        let stats = store.stats().unwrap();
+        assert_eq!(
+            (stats.batches, stats.sample_rows),
+            (batches.len() as u64, old_rows as u64)
+        );
+        let (start, end) = (T0, T0 + 2 * HOUR_NS);
+        assert_eq!(
+            store.sample_types(start, end).unwrap(),
+            vec![SampleType::cpu()]
+        );
+        for sel in selectors(&mut rng, start, end)
+            .into_iter()
+            .chain([Selector::cpu(
+                vec![],
+                T0 + 17 * S,
+                T0 + HOUR_NS + 3 * MINUTE_NS,
+            )])
+        {
+            let want = expected(&batches, &sel);
+            assert_eq!(store.profile(&sel).unwrap(), want, "{sel:?}");
+            assert_eq!(store.profile_raw(&sel).unwrap(), want, "{sel:?}");
+        }
+        let total: u64 = batches.iter().map(ValidBatch::total).sum();
+        assert_eq!(
+            store
+                .profile(&Selector::cpu(vec![], start, end))
+                .unwrap()
+                .total(),
+            total
+        );
+        let off_cpu = Selector {
+            sample_type: "off_cpu".into(),
+            ..Selector::cpu(vec![], start, end)
+        };
+        assert_eq!(store.profile(&off_cpu).unwrap(), Profile::default());
+
+        // New batches of another type go beside the migrated ones.
+        let mut b = random_batch(&mut rng, 0, 10_000, T0 + 30 * S);
+        b.sample_type = SampleType::off_cpu();
+        b.frequency_hz = 0;
+        store.insert(&b).unwrap();
+        assert_eq!(store.profile(&off_cpu).unwrap().total(), b.total());
+        assert_eq!(
+            store
+                .profile(&Selector::cpu(vec![], start, end))
+                .unwrap()
+                .total(),
+            total
+        );
+        assert_eq!(
+            store.sample_types(start, end).unwrap(),
+            vec![SampleType::cpu(), SampleType::off_cpu()]
+        );
+        assert_eq!(store.rollup_mismatches().unwrap(), 0);
     }
 }

@@ -2,13 +2,18 @@
 //! ClickHouse (docs/clickhouse.md).
 //!
 //! Tables (database from the URL, created or migrated on start-up):
-//! * `samples`: one row per (batch, label set, stack) with its count, plus
-//!   one *registry row* per batch (`label_set_id = 0`, count 0) naming the
-//!   batch: agent, sequence, node, and the random `write_id` shared by every
-//!   row of that write. Partitioned by day, ordered by
+//! * `samples`: one row per (batch, label set, stack) with its value
+//!   (column `count`, in the unit of the row's `sample_type`), plus one
+//!   *registry row* per batch (`label_set_id = 0`, count 0) naming the
+//!   batch: agent, sequence, node, sample type and unit, and the random
+//!   `write_id` shared by every row of that write. Rows written before
+//!   sample types existed read as `cpu`/`samples` (the columns' defaults).
+//!   Partitioned by day, ordered by
 //!   `(hour, label_set_id, window_end, stack_id)`: a selector reads the
 //!   ranges of its label sets in each hour, the registry rows of an hour are
 //!   one range.
+//! * `sample_types`: each type with its unit, the first registered unit of
+//!   a type wins (a batch of that type with another unit is refused).
 //! * `stacks`, `label_sets`: the text behind the ids, once per day partition
 //!   (so retention drops them with their samples). Ids are SipHash-1-3 of
 //!   the text under a key created once in ClickHouse, shared by every
@@ -43,7 +48,7 @@ pub use client::{ClickHouseUrl, ClientError, PASSWORD_ENV};
 use siphasher::sip::SipHasher13;
 
 use super::{canonical, Store, StoreError, StoreStats};
-use crate::model::{Labels, Profile, Selector, Stored, ValidBatch};
+use crate::model::{Labels, Profile, SampleType, Selector, Stored, ValidBatch};
 
 const HOUR_NS: i64 = 3_600_000_000_000;
 const DAY_HOURS: i64 = 24;
@@ -71,12 +76,27 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most (day, id) pairs remembered as written, per kind.
 const WRITTEN_CAP: usize = 1 << 18;
 
+/// One step of a schema migration; every step is idempotent (several
+/// collectors may run them at once).
+enum Step {
+    /// A statement: `{db}` is the database, `{ttl_samples}` / `{ttl_days}`
+    /// the TTL clauses (empty where the server has no TTL).
+    Sql(&'static str),
+    /// `ALTER TABLE {db}.table ADD COLUMN column definition` where the
+    /// column is missing (ClickHouse 18.16 has no `ADD COLUMN IF NOT
+    /// EXISTS`).
+    AddColumn {
+        table: &'static str,
+        column: &'static str,
+        definition: &'static str,
+    },
+}
+
 /// Schema migrations; entry N brings the schema from version N to N + 1.
-/// Each statement is idempotent (several collectors may run them at once).
-/// `{db}` is the database, `{ttl_samples}` / `{ttl_days}` the TTL clauses
-/// (empty where the server has no TTL).
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS {db}.samples (
+const MIGRATIONS: &[&[Step]] = &[
+    &[
+        Step::Sql(
+            "CREATE TABLE IF NOT EXISTS {db}.samples (
         hour Int64,
         label_set_id UInt64,
         window_end Int64,
@@ -93,7 +113,9 @@ const MIGRATIONS: &[&[&str]] = &[&[
     PARTITION BY intDiv(hour, 24)
     ORDER BY (hour, label_set_id, window_end, stack_id)
     {ttl_samples}",
-    "CREATE TABLE IF NOT EXISTS {db}.stacks (
+        ),
+        Step::Sql(
+            "CREATE TABLE IF NOT EXISTS {db}.stacks (
         day Int64,
         stack_id UInt64,
         folded String
@@ -101,7 +123,9 @@ const MIGRATIONS: &[&[&str]] = &[&[
     PARTITION BY day
     ORDER BY stack_id
     {ttl_days}",
-    "CREATE TABLE IF NOT EXISTS {db}.label_sets (
+        ),
+        Step::Sql(
+            "CREATE TABLE IF NOT EXISTS {db}.label_sets (
         day Int64,
         label_set_id UInt64,
         names Array(String),
@@ -110,7 +134,32 @@ const MIGRATIONS: &[&[&str]] = &[&[
     PARTITION BY day
     ORDER BY label_set_id
     {ttl_days}",
-]];
+        ),
+    ],
+    // Sample types: rows stored before are cpu/samples.
+    &[
+        Step::AddColumn {
+            table: "samples",
+            column: "sample_type",
+            definition: "String DEFAULT 'cpu'",
+        },
+        Step::AddColumn {
+            table: "samples",
+            column: "unit",
+            definition: "String DEFAULT 'samples'",
+        },
+        Step::Sql(
+            "CREATE TABLE IF NOT EXISTS {db}.sample_types (
+        sample_type String,
+        unit String,
+        registered_ns Int64
+    ) ENGINE = MergeTree
+    ORDER BY (sample_type, registered_ns)",
+        ),
+        // Registered at time 0: before any other unit of `cpu`.
+        Step::Sql("INSERT INTO {db}.sample_types VALUES ('cpu', 'samples', 0)"),
+    ],
+];
 
 /// The tables retention drops days of.
 const DAY_TABLES: [&str; 3] = ["samples", "stacks", "label_sets"];
@@ -166,6 +215,8 @@ pub struct ClickHouseStore {
     key: (u64, u64),
     stacks_written: Written,
     sets_written: Written,
+    /// The unit of each sample type registered in `sample_types`.
+    units: HashMap<String, String>,
     /// Windows ending before this were removed by retention: refused, and
     /// queries start here. Shared with the store's readers.
     retained_from: Arc<AtomicI64>,
@@ -200,6 +251,7 @@ impl ClickHouseStore {
             version,
             stacks_written: Written::new(),
             sets_written: Written::new(),
+            units: HashMap::new(),
             retained_from: Arc::new(AtomicI64::new(i64::MIN)),
             insert_settings: Vec::new(),
         };
@@ -281,10 +333,19 @@ impl ClickHouseStore {
                 MIGRATIONS.len()
             )));
         }
-        for (i, statements) in MIGRATIONS.iter().enumerate().skip(version) {
-            for template in *statements {
-                self.client
-                    .execute(&self.sql(template, retention), &[], &[])?;
+        for (i, steps) in MIGRATIONS.iter().enumerate().skip(version) {
+            for step in *steps {
+                match step {
+                    Step::Sql(template) => {
+                        self.client
+                            .execute(&self.sql(template, retention), &[], &[])?;
+                    }
+                    Step::AddColumn {
+                        table,
+                        column,
+                        definition,
+                    } => self.add_column(table, column, definition)?,
+                }
             }
             self.client.execute(
                 &format!(
@@ -297,6 +358,122 @@ impl ClickHouseStore {
                 &[],
             )?;
             tracing::info!(version = i + 1, "migrated the ClickHouse schema");
+        }
+        Ok(())
+    }
+
+    fn add_column(&self, table: &str, column: &str, definition: &str) -> Result<(), StoreError> {
+        let exists = |store: &Self| -> Result<bool, StoreError> {
+            Ok(store
+                .query_text(&format!(
+                    "SELECT count() FROM system.columns
+                     WHERE database = {} AND table = {} AND name = {}",
+                    quote(&store.db),
+                    quote(table),
+                    quote(column)
+                ))?
+                .trim()
+                != "0")
+        };
+        if exists(self)? {
+            return Ok(());
+        }
+        let added = self.client.execute(
+            &format!(
+                "ALTER TABLE {}.{table} ADD COLUMN {column} {definition}",
+                self.db
+            ),
+            &[],
+            &[],
+        );
+        match added {
+            Ok(_) => Ok(()),
+            // Another collector added it at the same moment.
+            Err(_) if exists(self)? => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks each batch's unit against the unit its type is registered
+    /// with, registering the types not seen before (a group's first batch
+    /// of a new type decides its unit; between collectors, the earliest
+    /// registration).
+    fn check_units(
+        &mut self,
+        batches: &[&ValidBatch],
+        deadline: Instant,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut new: Vec<&SampleType> = Vec::new();
+        for b in batches {
+            let t = &b.sample_type;
+            if !self.units.contains_key(&t.name) && !new.iter().any(|n| n.name == t.name) {
+                new.push(t);
+            }
+        }
+        if !new.is_empty() {
+            self.read_units(deadline)?;
+            let unregistered: Vec<String> = new
+                .iter()
+                .filter(|t| !self.units.contains_key(&t.name))
+                .map(|t| {
+                    format!(
+                        "({}, {}, {})",
+                        quote(&t.name),
+                        quote(&t.unit),
+                        crate::ingest::now_ns()
+                    )
+                })
+                .collect();
+            if !unregistered.is_empty() {
+                self.client.execute_by(
+                    &format!(
+                        "INSERT INTO {}.sample_types VALUES {}",
+                        self.db,
+                        unregistered.join(", ")
+                    ),
+                    &[],
+                    &[],
+                    Some(deadline),
+                )?;
+                self.read_units(deadline)?;
+            }
+        }
+        Ok(batches
+            .iter()
+            .map(|b| {
+                let t = &b.sample_type;
+                match self.units.get(&t.name) {
+                    Some(unit) if *unit == t.unit => Ok(()),
+                    Some(unit) => Err(StoreError::UnitMismatch {
+                        sample_type: t.name.clone(),
+                        stored: unit.clone(),
+                        got: t.unit.clone(),
+                    }),
+                    None => Err(StoreError::Schema(format!(
+                        "sample type {:?} was not registered",
+                        t.name
+                    ))),
+                }
+            })
+            .collect())
+    }
+
+    /// Reads the registered units: the first registration of each type.
+    fn read_units(&mut self, deadline: Instant) -> Result<(), StoreError> {
+        let out = self.client.execute_by(
+            &format!(
+                "SELECT sample_type, unit FROM {}.sample_types
+                 ORDER BY sample_type, registered_ns, unit FORMAT RowBinary",
+                self.db
+            ),
+            &[],
+            &[],
+            Some(deadline),
+        )?;
+        let mut rows = Rows::new(&out);
+        while !rows.is_empty() {
+            let (name, unit) = (rows.string()?, rows.string()?);
+            self.units.entry(name).or_insert(unit);
         }
         Ok(())
     }
@@ -467,12 +644,12 @@ impl ClickHouseStore {
                 rows_in_chunk = 0;
             }
             let s = &mut g.samples;
-            let mut row = |set: u64, stack: u64, count: u64, registry: bool| {
+            let mut row = |set: u64, stack: u64, value: u64, registry: bool| {
                 s.i64(hour);
                 s.u64(set);
                 s.i64(batch.window_end_ns);
                 s.u64(stack);
-                s.u64(count);
+                s.u64(value);
                 s.u64(write_id);
                 s.i64(batch.window_start_ns);
                 s.str(if registry { &batch.agent_id } else { "" });
@@ -480,13 +657,15 @@ impl ClickHouseStore {
                 s.str(if registry { &batch.node } else { "" });
                 s.str(if registry { &batch.agent_version } else { "" });
                 s.u32(batch.frequency_hz);
+                s.str(&batch.sample_type.name);
+                s.str(&batch.sample_type.unit);
             };
             row(0, 0, 0, true);
             for sample in &batch.samples {
                 row(
                     set_ids[sample.label_set],
                     stack_ids[sample.stack],
-                    sample.count,
+                    sample.value,
                     false,
                 );
             }
@@ -581,10 +760,13 @@ impl ClickHouseStore {
         )
     }
 
-    /// Ids of label sets with samples in the range.
-    fn sets_in(&self, range: &str) -> String {
+    /// Ids of label sets with samples in the range, of one type or of all.
+    fn sets_in(&self, range: &str, sample_type: Option<&str>) -> String {
+        let of_type = sample_type
+            .map(|t| format!(" AND sample_type = {}", quote(t)))
+            .unwrap_or_default();
         format!(
-            "SELECT label_set_id FROM {}.samples WHERE {range} AND label_set_id != 0",
+            "SELECT label_set_id FROM {}.samples WHERE {range} AND label_set_id != 0{of_type}",
             self.db
         )
     }
@@ -606,7 +788,8 @@ fn ttl_exprs(retention: Duration) -> [String; 2] {
 pub struct ProfileSql {
     /// Registry rows of the range: (writes, distinct batches).
     pub registry: String,
-    /// Sums per stack (registry rows come out as stack 0, count 0).
+    /// Sums per stack of the selector's type (registry rows come out as
+    /// stack 0, value 0).
     pub sum: String,
     /// The same, leaving out every write of a batch but its first.
     pub sum_guarded: String,
@@ -660,11 +843,15 @@ impl ClickHouseStore {
         } else {
             ranges.push(range.clone());
         }
+        let of_type = format!("sample_type = {}", quote(&selector.sample_type));
         let sum = |guard: &str| {
             let parts: Vec<String> = ranges
                 .iter()
                 .map(|r| {
-                    format!("SELECT stack_id, count, write_id FROM {db}.samples WHERE {r} {sets}")
+                    format!(
+                        "SELECT stack_id, count, write_id FROM {db}.samples
+                         WHERE {r} AND {of_type} {sets}"
+                    )
                 })
                 .collect();
             format!(
@@ -718,7 +905,7 @@ impl Store for ClickHouseStore {
         // fate of the first (stored: a duplicate; failed: failed).
         let mut first = HashMap::new();
         let mut copy_of = vec![None; batches.len()];
-        let mut candidates = Vec::new();
+        let mut candidates: Vec<usize> = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
             if batch.window_end_ns < cutoff {
                 outcomes[i] = Some(Err(StoreError::TooOld));
@@ -733,25 +920,39 @@ impl Store for ClickHouseStore {
             }
         }
         let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
-        let result = self.stored_already(&refs, deadline).and_then(|stored| {
-            let mut new = Vec::new();
-            for &i in &candidates {
-                let b = &batches[i];
-                if stored.contains(&(b.agent_id.clone(), b.sequence)) {
-                    outcomes[i] = Some(Ok(Stored::Duplicate));
-                } else {
-                    new.push(i);
+        let result = self
+            .check_units(&refs, deadline)
+            .and_then(|checks| {
+                let mut kept = Vec::with_capacity(candidates.len());
+                for (&i, check) in candidates.iter().zip(checks) {
+                    match check {
+                        Ok(()) => kept.push(i),
+                        Err(e) => outcomes[i] = Some(Err(e)),
+                    }
                 }
-            }
-            let refs: Vec<&ValidBatch> = new.iter().map(|&i| &batches[i]).collect();
-            let g = self.encode(&refs);
-            let mut new_outcomes: Vec<_> = new.iter().map(|_| None).collect();
-            let sent = self.send(&g, &mut new_outcomes, &refs, deadline);
-            for (&i, outcome) in new.iter().zip(new_outcomes) {
-                outcomes[i] = outcome;
-            }
-            sent
-        });
+                candidates = kept;
+                let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
+                self.stored_already(&refs, deadline)
+            })
+            .and_then(|stored| {
+                let mut new = Vec::new();
+                for &i in &candidates {
+                    let b = &batches[i];
+                    if stored.contains(&(b.agent_id.clone(), b.sequence)) {
+                        outcomes[i] = Some(Ok(Stored::Duplicate));
+                    } else {
+                        new.push(i);
+                    }
+                }
+                let refs: Vec<&ValidBatch> = new.iter().map(|&i| &batches[i]).collect();
+                let g = self.encode(&refs);
+                let mut new_outcomes: Vec<_> = new.iter().map(|_| None).collect();
+                let sent = self.send(&g, &mut new_outcomes, &refs, deadline);
+                for (&i, outcome) in new.iter().zip(new_outcomes) {
+                    outcomes[i] = outcome;
+                }
+                sent
+            });
         let message = match &result {
             Ok(()) => "not written".to_string(),
             Err(e) => e.to_string(),
@@ -761,6 +962,15 @@ impl Store for ClickHouseStore {
             let outcome = match copy_of[i] {
                 Some(f) => match &final_outcomes[f] {
                     Ok(_) => Ok(Stored::Duplicate),
+                    Err(StoreError::UnitMismatch {
+                        sample_type,
+                        stored,
+                        got,
+                    }) => Err(StoreError::UnitMismatch {
+                        sample_type: sample_type.clone(),
+                        stored: stored.clone(),
+                        got: got.clone(),
+                    }),
                     Err(_) => Err(StoreError::Write(message.clone())),
                 },
                 None => outcomes[i]
@@ -789,12 +999,18 @@ impl Store for ClickHouseStore {
             key: self.key,
             stacks_written: Written::new(),
             sets_written: Written::new(),
+            units: HashMap::new(),
             retained_from: self.retained_from.clone(),
             insert_settings: self.insert_settings.clone(),
         }))
     }
 
-    fn label_names(&self, start_ns: i64, end_ns: i64) -> Result<Vec<String>, StoreError> {
+    fn label_names(
+        &self,
+        sample_type: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<String>, StoreError> {
         let Some(range) = self.range(start_ns, end_ns) else {
             return Ok(Vec::new());
         };
@@ -803,7 +1019,7 @@ impl Store for ClickHouseStore {
              WHERE {} AND label_set_id IN ({}) ORDER BY n",
             self.db,
             Self::days(start_ns, end_ns),
-            self.sets_in(&range)
+            self.sets_in(&range, sample_type)
         ))?;
         read_strings(&out)
     }
@@ -811,6 +1027,7 @@ impl Store for ClickHouseStore {
     fn label_values(
         &self,
         name: &str,
+        sample_type: Option<&str>,
         start_ns: i64,
         end_ns: i64,
     ) -> Result<Vec<String>, StoreError> {
@@ -823,9 +1040,40 @@ impl Store for ClickHouseStore {
              WHERE {} AND has(names, {name}) AND label_set_id IN ({}) ORDER BY v",
             self.db,
             Self::days(start_ns, end_ns),
-            self.sets_in(&range)
+            self.sets_in(&range, sample_type)
         ))?;
         read_strings(&out)
+    }
+
+    fn unit(&self, sample_type: &str) -> Result<Option<String>, StoreError> {
+        let out = self.query_rows(&format!(
+            "SELECT unit FROM {}.sample_types WHERE sample_type = {}
+             ORDER BY registered_ns, unit LIMIT 1",
+            self.db,
+            quote(sample_type)
+        ))?;
+        Ok(read_strings(&out)?.pop())
+    }
+
+    fn sample_types(&self, start_ns: i64, end_ns: i64) -> Result<Vec<SampleType>, StoreError> {
+        let Some(range) = self.range(start_ns, end_ns) else {
+            return Ok(Vec::new());
+        };
+        // The registry rows: one per batch, one primary-key range per hour.
+        let out = self.query_rows(&format!(
+            "SELECT sample_type, any(unit) FROM {}.samples
+             WHERE {range} AND label_set_id = 0 GROUP BY sample_type ORDER BY sample_type",
+            self.db
+        ))?;
+        let mut rows = Rows::new(&out);
+        let mut types = Vec::new();
+        while !rows.is_empty() {
+            types.push(SampleType {
+                name: rows.string()?,
+                unit: rows.string()?,
+            });
+        }
+        Ok(types)
     }
 
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {

@@ -161,7 +161,7 @@ pub(crate) fn ch_materialize(
                  SELECT hour - {shift_h}, label_set_id, window_end - {shift}, stack_id, count,
                         bitXor(write_id, {k}), window_start - {shift}, agent_id,
                         if(label_set_id = 0, sequence + {k} * 1000000000, sequence),
-                        node, agent_version, frequency_hz
+                        node, agent_version, frequency_hz, sample_type, unit
                  FROM {CH_DB}.samples WHERE window_end > {loaded_from}"
             ),
             &settings,
@@ -253,11 +253,11 @@ pub(crate) async fn time_query(
     Duration,
     Duration,
 )> {
-    let selector = Selector {
-        matchers: profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
-        start_ns: start,
-        end_ns: end,
-    };
+    let selector = Selector::cpu(
+        profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
+        start,
+        end,
+    );
     let mut times = Vec::new();
     let mut profile = profiler_collector::model::Profile::default();
     for _ in 0..runs.max(1) {
@@ -304,6 +304,7 @@ pub(crate) fn ch_breakdown(
     let days = ch_days(start, end);
     let sql = store
         .profile_sql(&Selector {
+            sample_type: "cpu".into(),
             matchers: selector
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))

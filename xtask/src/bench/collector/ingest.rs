@@ -3,7 +3,7 @@
 //! with the CPU time of the collector's threads.
 use std::{
     collections::HashMap,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -337,8 +337,8 @@ pub(crate) async fn grpc_ingest(
 ) -> anyhow::Result<(Load, Load, (usize, u64))> {
     let writes = || {
         (
-            c.metrics.store_commits.load(Ordering::Relaxed),
-            c.metrics.store_write_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            c.metrics.store_commits.get(),
+            c.metrics.store_write_seconds(),
         )
     };
     let w0 = writes();

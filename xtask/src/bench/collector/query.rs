@@ -56,25 +56,27 @@ pub(crate) fn materialize(
         let shift_h = i64::from(c * hours);
         // A copy's last (partial) hour is the next copy's first: upsert.
         rollup_rows[0] += tx.execute(
-            "INSERT INTO rollup_h SELECT hour - ?1, label_set_id, stack_id, count FROM src_h WHERE true
-             ON CONFLICT (hour, label_set_id, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_h SELECT hour - ?1, type_id, label_set_id, stack_id, value FROM src_h
+             WHERE true ON CONFLICT (hour, type_id, label_set_id, stack_id)
+             DO UPDATE SET value = value + excluded.value",
             [shift_h],
         )? as i64;
         rollup_rows[1] += tx.execute(
-            "INSERT INTO rollup_stack_h SELECT hour - ?1, stack_id, count FROM src_stack_h WHERE true
-             ON CONFLICT (hour, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_stack_h SELECT hour - ?1, type_id, stack_id, value FROM src_stack_h
+             WHERE true ON CONFLICT (hour, type_id, stack_id) DO UPDATE SET value = value + excluded.value",
             [shift_h],
         )? as i64;
         rollup_rows[2] += tx.execute(
-            "INSERT INTO rollup_stack_m SELECT minute - ?1, stack_id, count FROM src_stack_m WHERE true
-             ON CONFLICT (minute, stack_id) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO rollup_stack_m SELECT minute - ?1, type_id, stack_id, value FROM src_stack_m
+             WHERE true ON CONFLICT (minute, type_id, stack_id) DO UPDATE SET value = value + excluded.value",
             [shift_h * 60],
         )? as i64;
         let shift = shift_h * HOUR_NS;
         for &(a, b) in raw_ranges {
             raw_rows += tx.execute(
-                "INSERT INTO samples (window_start, window_end, label_set_id, stack_id, count)
-                 SELECT window_start - ?1, window_end - ?1, label_set_id, stack_id, count FROM samples
+                "INSERT INTO samples (window_start, window_end, type_id, label_set_id, stack_id, value)
+                 SELECT window_start - ?1, window_end - ?1, type_id, label_set_id, stack_id, value
+                 FROM samples
                  WHERE window_end > ?2 AND window_end - ?1 > ?3 AND window_end - ?1 <= ?4",
                 [shift, loaded_from, a, b],
             )? as i64;

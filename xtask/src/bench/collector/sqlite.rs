@@ -226,8 +226,8 @@ pub(crate) async fn run_sqlite(
     let mut explain = direct.connection().prepare(
         "EXPLAIN QUERY PLAN WITH RECURSIVE h(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM h WHERE b + 1 < ?2),
          m(id) AS MATERIALIZED (SELECT label_set_id FROM labels WHERE name = 'process' AND value = 'java')
-         SELECT r.stack_id, SUM(r.count) FROM h CROSS JOIN m CROSS JOIN rollup_h r
-         WHERE r.hour = h.b AND r.label_set_id = m.id GROUP BY r.stack_id",
+         SELECT r.stack_id, SUM(r.value) FROM h CROSS JOIN m CROSS JOIN rollup_h r
+         WHERE r.hour = h.b AND r.type_id = 1 AND r.label_set_id = m.id GROUP BY r.stack_id",
     )?;
     let selector_plan: Vec<String> = explain
         .query_map([0i64, 1], |r| r.get::<_, String>(3))?
