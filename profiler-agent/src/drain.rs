@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use profiler_common::{Counter, StackKey, COMM_LEN, NO_STACK};
 
-use crate::{loss::KernelLoss, sample_type::SampleType};
+use crate::sample_type::SampleType;
 
 /// One distinct (process, stacks) with its value: for [`SampleType::Cpu`]
 /// the number of times it was sampled.
@@ -72,14 +72,6 @@ pub struct Counters(pub BTreeMap<Counter, u64>);
 impl Counters {
     pub fn get(&self, counter: Counter) -> u64 {
         self.0.get(&counter).copied().unwrap_or(0)
-    }
-
-    /// The kernel reasons whose count is not zero, by name.
-    pub fn nonzero_drops(&self) -> Vec<(&'static str, u64)> {
-        KernelLoss::all()
-            .map(|r| (r.name(), r.value(self)))
-            .filter(|(_, v)| *v > 0)
-            .collect()
     }
 
     /// Samples that did not end recorded, skipped or in a drop counter of
@@ -203,21 +195,5 @@ mod tests {
         let mut c = comm("ab");
         c[2] = 0xff;
         assert_eq!(comm_to_string(&c), "ab\u{fffd}");
-    }
-
-    #[test]
-    fn nonzero_drops_lists_only_drops() {
-        let mut c = Counters::default();
-        c.0.insert(Counter::Samples, 100);
-        c.0.insert(Counter::CountMapFull, 2);
-        c.0.insert(Counter::UserStackCollision, 0);
-        c.0.insert(Counter::Recorded, 90);
-        c.0.insert(Counter::IdleSkipped, 8);
-        assert_eq!(c.nonzero_drops(), vec![("count_map_full", 2)]);
-        c.0.insert(Counter::Samples, 105);
-        assert_eq!(
-            c.nonzero_drops(),
-            vec![("count_map_full", 2), ("unaccounted", 5)]
-        );
     }
 }

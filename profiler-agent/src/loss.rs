@@ -139,6 +139,14 @@ impl KernelLoss {
         }
     }
 
+    /// The reasons whose count is not zero in `counters`, by name.
+    pub fn nonzero(counters: &Counters) -> Vec<(&'static str, u64)> {
+        Self::all()
+            .map(|r| (r.name(), r.value(counters)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
     /// Its value in a reading of the kernel counters.
     pub fn value(self, counters: &Counters) -> u64 {
         match self {
@@ -192,5 +200,21 @@ mod tests {
             .map(KernelLoss::name)
             .collect();
         assert_eq!(lost, ["count_map_full", "count_other_error", "unaccounted"]);
+    }
+
+    #[test]
+    fn nonzero_drops_lists_only_drops() {
+        let mut c = Counters::default();
+        c.0.insert(Counter::Samples, 100);
+        c.0.insert(Counter::CountMapFull, 2);
+        c.0.insert(Counter::UserStackCollision, 0);
+        c.0.insert(Counter::Recorded, 90);
+        c.0.insert(Counter::IdleSkipped, 8);
+        assert_eq!(KernelLoss::nonzero(&c), vec![("count_map_full", 2)]);
+        c.0.insert(Counter::Samples, 105);
+        assert_eq!(
+            KernelLoss::nonzero(&c),
+            vec![("count_map_full", 2), ("unaccounted", 5)]
+        );
     }
 }

@@ -2,7 +2,7 @@
 use std::{fmt::Write as _, path::PathBuf};
 
 use crate::{
-    loss::{DrainLoss, ProcessLoss, SymbolizerDegrade},
+    loss::{DrainLoss, KernelLoss, ProcessLoss, SymbolizerDegrade},
     record::Recording,
 };
 
@@ -16,7 +16,7 @@ pub struct Outputs {
 /// Every drop counter that is not zero, kernel and userspace, by the
 /// summary name of its reason.
 pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
-    let mut drops = recording.counters.nonzero_drops();
+    let mut drops = KernelLoss::nonzero(&recording.counters);
     let p = &recording.process_stats;
     let s = &recording.symbolizer_stats;
     let drain = [

@@ -223,7 +223,10 @@ fn every_sample_is_delivered_or_counted_under_a_reason() {
 
     let recorded = counters.get(Counter::Recorded);
     assert_eq!(counters.unaccounted(), 0);
-    let lost: u64 = counters.nonzero_drops().iter().map(|(_, v)| v).sum();
+    let lost: u64 = crate::loss::KernelLoss::nonzero(&counters)
+        .iter()
+        .map(|(_, v)| v)
+        .sum();
     assert_eq!(lost, 15);
     assert_eq!(
         recorded + lost + counters.get(Counter::IdleSkipped) + counters.get(Counter::Filtered),
