@@ -8,13 +8,16 @@ use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    // cargo-fuzz builds (`--cfg fuzzing`) need no eBPF object: see sampler.rs.
+    // cargo-fuzz builds (`--cfg fuzzing`) need no eBPF object: see kernel/load.rs.
     println!("cargo::rustc-check-cfg=cfg(fuzzing)");
     if std::env::var_os("CARGO_CFG_FUZZING").is_some() {
         return Ok(());
     }
-    let toolchain = std::env::var("PROFILER_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
     println!("cargo:rerun-if-env-changed=PROFILER_EBPF_TOOLCHAIN");
+    let toolchain = match std::env::var("PROFILER_EBPF_TOOLCHAIN") {
+        Ok(toolchain) => toolchain,
+        Err(_) => pinned_toolchain()?,
+    };
     // SAFETY: build scripts are single-threaded; the variable is only read by
     // the nested cargo invocation aya-build spawns.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
@@ -31,6 +34,20 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
     )
+}
+
+/// The `channel` of the workspace's `rust-toolchain.toml`, the one place
+/// the toolchain version is stated.
+fn pinned_toolchain() -> anyhow::Result<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={path}");
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "channel").then(|| value.trim().trim_matches('"').to_string())
+        })
+        .ok_or_else(|| anyhow!("{path} names no channel"))
 }
 
 fn which_bpf_linker() -> anyhow::Result<()> {
