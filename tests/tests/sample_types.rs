@@ -38,12 +38,19 @@ const NODE: &str = "types-node";
 /// serve them (`process;root;...;leaf` → summed value).
 fn expected(sample_type: SampleType) -> BTreeMap<String, u64> {
     let lines: &[(&str, u64)] = match sample_type {
-        SampleType::Cpu => &[("web;main;serve;handle", 40 + 2), ("db;main;vacuum", 7 + 1)],
+        SampleType::Cpu => &[
+            ("web;main;serve;handle", 40 + 5 + 2),
+            ("db;main;vacuum", 7 + 1),
+        ],
         SampleType::OffCpu => &[
             // One window's value alone is above 2^32.
             ("db;main;vacuum;futex_wait_[k]", 5_000_000_000_123),
-            // Two windows of the same stack, summing above 2^32.
-            ("web;main;serve;read_[k]", 3_000_000_007 + 1_500_000_002),
+            // Two threads and two windows of the same stack, summing above
+            // 2^32.
+            (
+                "web;main;serve;read_[k]",
+                3_000_000_007 + 2_000_000_003 + 1_500_000_002,
+            ),
             // 2^32 + 1: cut to 32 bits, it reads as 1.
             ("worker;schedule_[k]", (1 << 32) + 1),
         ],
@@ -82,9 +89,9 @@ fn window(samples: Vec<RawSample>) -> RawWindow {
 
 /// Three drains (the third empty) and the final one: seven batches, a `cpu`
 /// one per drain and an `off_cpu` one per drain that has such samples.
-/// `web` (pid 100, threads named `tokio-rt`) and `db` (pid 200) are known
-/// processes; `worker` (pid 300) exited before its first sight: its labels
-/// come from the thread's name.
+/// `web` (pid 100, threads named `tokio-rt` and `web`) and `db` (pid 200)
+/// are known processes; `worker` (pid 300) exited before its first sight:
+/// its labels come from the thread's name.
 fn scripted_source(stop: Arc<AtomicBool>) -> FakeSource {
     use SampleType::{Cpu, OffCpu};
     FakeSource::new(
@@ -93,6 +100,10 @@ fn scripted_source(stop: Arc<AtomicBool>) -> FakeSource {
                 sample(Cpu, 100, "tokio-rt", &[3, 2, 1], &[], 40),
                 sample(Cpu, 200, "db", &[5, 1], &[], 7),
                 sample(OffCpu, 100, "tokio-rt", &[2, 1], &[900], 3_000_000_007),
+                // The same process and names from another thread and another
+                // address in `serve`: the same labels and stack, summed.
+                sample(OffCpu, 100, "web", &[4, 1], &[900], 2_000_000_003),
+                sample(Cpu, 100, "web", &[6, 2, 1], &[], 5),
                 sample(OffCpu, 200, "db", &[5, 1], &[901], 5_000_000_000_123),
             ]),
             window(vec![
@@ -117,6 +128,8 @@ fn symbolizer() -> TableSymbolizer {
         .user(100, 1, "main")
         .user(100, 2, "serve")
         .user(100, 3, "handle")
+        .user(100, 4, "serve")
+        .user(100, 6, "handle")
         .user(200, 1, "main")
         .user(200, 5, "vacuum")
         .kernel(900, "read")
