@@ -252,6 +252,19 @@ fn folded_of(c: &RunningCollector, type_: &str, query: &str) -> BTreeMap<String,
         .collect()
 }
 
+/// `n` with thousands separated by commas, as the flame graph writes it.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
 /// `{name="value"}`, URL-encoded.
 fn selector(name: &str, value: &str) -> String {
     format!("%7B{name}%3D%22{value}%22%7D")
@@ -389,6 +402,15 @@ fn check_api(c: &RunningCollector) {
         total(SampleType::OffCpu),
         "pprof total"
     );
+    // The flame graph's root frame names the whole total, in the unit.
+    let svg = text(c, "/api/v1/flamegraph.svg?type=off_cpu&start=now-1h");
+    assert!(svg.contains(">off_cpu (nanoseconds): all"), "{svg}");
+    let all = format!("all ({} ns, 100%)", grouped(total(SampleType::OffCpu)));
+    assert!(svg.contains(&all), "{all} in {svg}");
+    let svg = text(c, "/api/v1/flamegraph.svg?type=cpu&start=now-1h");
+    let all = format!("all ({} samples, 100%)", total(SampleType::Cpu));
+    assert!(svg.contains(&all), "{all} in {svg}");
+
     let cpu = pprof_of(c, "cpu");
     assert_eq!(cpu.sample_types, [("samples".into(), "count".into())]);
     assert_eq!(cpu.stacks, expected(SampleType::Cpu));
