@@ -2,9 +2,10 @@
 //! the agent's pipeline (a scripted source and a table symbolizer in place of
 //! the kernel; the real label step, collector sink and exporter) sends
 //! windows holding `cpu` samples (counts) and `off_cpu` time (nanoseconds,
-//! far above 2^32) to a real collector, on SQLite and on ClickHouse (Debian's
-//! 18.16 and the current engine), and the HTTP API serves back exactly what
-//! was sent, per type and with its unit. Needs no root.
+//! far above 2^32) to a real collector on SQLite and on ClickHouse (Debian's
+//! 18.16 and the current engine), and to local folded files as `run -o`
+//! does; the HTTP API serves back exactly what was sent, per type and with
+//! its unit. Needs no root.
 mod support;
 
 use std::{
@@ -23,8 +24,9 @@ use profiler_agent::{
     metrics::AgentMetrics,
     pipeline::{
         label::ProcessFacts,
+        local::output_path,
         testing::{FakeProcesses, FakeSource, TableSymbolizer},
-        CollectorSink, Pipeline, PipelineOptions, Stages,
+        CollectorSink, LocalSink, Pipeline, PipelineOptions, Stages,
     },
     sample_type::SampleType,
 };
@@ -159,8 +161,12 @@ fn processes() -> FakeProcesses {
 
 /// Runs the agent's pipeline against the collector `c` until the scripted
 /// windows are drained and every batch is acknowledged (or the flush
-/// timeout passed); checks the agent's own accounting.
+/// timeout passed), with the local sink too (as `run -o` does); checks the
+/// agent's own accounting and the folded files it wrote.
 fn run_agent(c: &RunningCollector) {
+    let dir = tempfile::tempdir().unwrap();
+    let stacks = dir.path().join("stacks.txt");
+    let mut local = LocalSink::open(None, Some(&stacks), NODE).expect("the local outputs open");
     let mut export = export_to(c);
     export.node = NODE.into();
     let mut sink = CollectorSink::new(Exporter::start(export).expect("the exporter starts"));
@@ -185,7 +191,7 @@ fn run_agent(c: &RunningCollector) {
                 symbolizer: &mut symbolizer,
                 processes: &processes,
                 pods: None,
-                sinks: vec![&mut sink],
+                sinks: vec![&mut sink, &mut local],
             },
             &stop,
         )
@@ -205,6 +211,17 @@ fn run_agent(c: &RunningCollector) {
             report.delivered.get(&sample_type),
             Some(&sent),
             "{sample_type}: delivered to the sink = drained"
+        );
+    }
+    for sample_type in SampleType::ALL {
+        let path = output_path(&stacks, sample_type);
+        let written =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            folded_lines(&written),
+            expected(sample_type),
+            "{}",
+            path.display()
         );
     }
     // The sink's finish waited for the acknowledgements; what it reports is
@@ -238,7 +255,11 @@ fn folded_of(c: &RunningCollector, type_: &str, query: &str) -> BTreeMap<String,
     if !query.is_empty() {
         path += &format!("&query={query}");
     }
-    let body = text(c, &path);
+    folded_lines(&text(c, &path))
+}
+
+/// Folded text as stack → value; every line must parse.
+fn folded_lines(body: &str) -> BTreeMap<String, u64> {
     body.lines()
         .map(|line| {
             let (stack, value) = line
