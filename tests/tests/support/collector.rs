@@ -35,6 +35,19 @@ pub fn start_collector(
         .expect("collector starts")
 }
 
+/// A collector on any free loopback ports storing into `store` (SQLite or
+/// ClickHouse).
+pub fn start_collector_on(rt: &tokio::runtime::Runtime, store: StoreLocation) -> RunningCollector {
+    let config = CollectorConfig {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        store,
+        ..CollectorConfig::default()
+    };
+    rt.block_on(server::start(config))
+        .expect("the collector starts")
+}
+
 pub fn export_to(c: &RunningCollector) -> ExportOptions {
     ExportOptions {
         collector: format!("http://{}", c.grpc_addr),
