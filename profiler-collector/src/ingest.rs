@@ -3,10 +3,7 @@
 //! its typed reason ([`Reason`]) as metadata, so agents need not read the
 //! message. A batch whose sample type the store holds in another unit is
 //! rejected like an invalid one.
-use std::{
-    sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use profiler_proto::{
     metadata::Reason,
@@ -19,19 +16,12 @@ use crate::{
     metrics::{Metrics, Reject},
     model::{Stored, CPU},
     overload::RateLimiter,
-    store::{Store, StoreError},
+    store::StoreError,
     validate::{validate, Limits},
     writer::StoreWriter,
 };
 
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
-
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ns;
 
 pub struct IngestService {
     pub writer: StoreWriter,

@@ -27,15 +27,16 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
     auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
+    clock::now_ns,
     http::{router, AppState},
-    ingest::{now_ns, IngestService, SharedStore},
+    ingest::IngestService,
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
     refusal::RefusalsLayer,
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
         sqlite::SqliteStore,
-        Store,
+        SharedStore, Store,
     },
     validate::Limits,
     writer::StoreWriter,

@@ -11,10 +11,9 @@ use std::{sync::Arc, thread::JoinHandle, time::Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    ingest::SharedStore,
     metrics::Metrics,
     model::{Stored, ValidBatch},
-    store::StoreError,
+    store::{SharedStore, StoreError},
 };
 
 /// The outcome, and the batch handed back: it is freed by the request's

@@ -6,7 +6,12 @@ pub mod clickhouse;
 pub mod conformance;
 pub mod sqlite;
 
+use std::sync::{Arc, Mutex};
+
 use crate::model::{Profile, SampleType, Selector, Stored, ValidBatch};
+
+/// The store as the writer, the queries and retention share it.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -352,7 +352,7 @@ impl ClickHouseStore {
                     "INSERT INTO {}.schema_version VALUES ({}, {})",
                     self.db,
                     i + 1,
-                    crate::ingest::now_ns()
+                    crate::clock::now_ns()
                 ),
                 &[],
                 &[],
@@ -420,7 +420,7 @@ impl ClickHouseStore {
                         "({}, {}, {})",
                         quote(&t.name),
                         quote(&t.unit),
-                        crate::ingest::now_ns()
+                        crate::clock::now_ns()
                     )
                 })
                 .collect();
