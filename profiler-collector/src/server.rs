@@ -301,7 +301,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     if agent_tokens.is_none() {
         tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
     }
-    let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store, config.retention)?));
+    let store = open_store(&config.store, config.retention)?;
+    // Batches older than the retention period are refused by the store.
+    store.retention().set_period(config.retention);
+    let store: SharedStore = Arc::new(Mutex::new(store));
     // Queries on their own handle where the store has one (ClickHouse), so
     // a long query does not hold up the writer.
     let reader = store.lock().unwrap_or_else(|e| e.into_inner()).reader();
@@ -339,7 +342,6 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
-        retention_ns,
         rate: RateLimiter::new(config.agent_rate_limit, config.agent_rate_burst),
     })
     // tonic refuses a larger message before buffering it; `RefusalsLayer`

@@ -49,7 +49,7 @@ impl StoreWriter {
     /// commit that holds it.
     pub async fn insert(&self, batch: ValidBatch) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Write("the store writer has stopped".into());
+        let stopped = || StoreError::WriterStopped;
         self.queue
             .send((batch, reply))
             .await
