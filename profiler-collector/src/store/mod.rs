@@ -1,9 +1,12 @@
 //! Storage behind one trait, so the query and ingest code do not care which
 //! database holds the data. The embedded default is [`sqlite::SqliteStore`];
 //! [`clickhouse::ClickHouseStore`] lets several collectors share one
-//! ClickHouse. [`conformance`] checks that both answer alike.
+//! ClickHouse. What they share (time buckets, the retention cutoff) is in
+//! [`common`]. The conformance suite (`conformance`, built for tests and
+//! with the `conformance` feature) checks that both answer alike.
 pub mod clickhouse;
 pub mod common;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod sqlite;
 
