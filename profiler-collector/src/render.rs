@@ -277,9 +277,6 @@ pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
     entries
 }
 
-/// Parses a label selector `{name="value", ...}` (the braces are optional;
-/// `\"` and `\\` escape inside values).
-
 /// What a flame graph of a type is called: `CPU` for `cpu`, else the type.
 pub fn type_title(sample_type: &SampleType) -> String {
     if sample_type.name == CPU {

@@ -15,6 +15,8 @@ use crate::{
 /// The longest range a query may span.
 const MAX_RANGE_NS: i64 = 400 * 24 * 3600 * 1_000_000_000;
 
+/// Parses a label selector `{name="value", ...}` (the braces are optional;
+/// `\"` and `\\` escape inside values).
 pub fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut s = text.trim();
     if let Some(inner) = s.strip_prefix('{') {
