@@ -116,7 +116,7 @@ impl Reject {
     }
 }
 
-/// Why a request carried no acceptable token (see [`crate::auth`]).
+/// Why a request carried no acceptable token (checked by the `auth` module).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     MissingToken,
