@@ -6,9 +6,8 @@ use std::collections::HashMap;
 
 use profiler_agent::fold::{parse_folded, FoldedProfile};
 use profiler_collector::{
-    http,
     model::{Profile, ValidBatch},
-    query,
+    render, selection,
     validate::{self, valid_label_name, validate, Limits},
 };
 use profiler_proto::v1::Batch;
@@ -108,10 +107,10 @@ fn check_valid_batch(batch: &Batch, v: &ValidBatch, limits: &Limits) {
         let (stack, count) = line.rsplit_once(' ').expect("`stack COUNT`");
         assert_eq!(profile.stacks.get(stack), count.parse().ok().as_ref());
     }
-    for entry in query::top(&profile, 10) {
+    for entry in render::top(&profile, 10) {
         assert!(entry.self_value <= entry.total && entry.total <= total);
     }
-    assert_eq!(query::limit_nodes(&profile, 8).total(), total);
+    assert_eq!(render::limit_nodes(&profile, 8).total(), total);
 }
 
 /// Folded text -> `parse_folded`: lines are counted as good or bad, counts
@@ -185,33 +184,33 @@ pub fn check_query_params(data: &[u8]) {
         }
     }
     for prefix in ["", "base_"] {
-        if let Ok(sel) = http::selector(&params, prefix) {
+        if let Ok(sel) = selection::selector(&params, prefix) {
             assert!(0 <= sel.start_ns && sel.start_ns < sel.end_ns, "{sel:?}");
             assert!(sel.end_ns - sel.start_ns <= 400 * 24 * 3600 * 1_000_000_000);
             let query = params
                 .get(&format!("{prefix}query"))
                 .or(params.get("query"))
                 .map_or("", String::as_str);
-            assert_eq!(Ok(sel.matchers), query::parse_selector(query));
+            assert_eq!(Ok(sel.matchers), selection::parse_selector(query));
         }
     }
-    if let Ok(opts) = http::svg_options(&params, "t".into(), "samples") {
+    if let Ok(opts) = selection::svg_options(&params, "t".into(), "samples") {
         assert!(opts.min_width.is_finite() && (0.0..=1000.0).contains(&opts.min_width));
         assert!(opts.max_nodes.is_none_or(|n| n >= 2));
     }
-    if let Ok(n) = http::top_n(&params) {
+    if let Ok(n) = selection::top_n(&params) {
         assert!((1..=10_000).contains(&n));
     }
 }
 
 fn check_selector(text: &str) {
-    if let Ok(matchers) = query::parse_selector(text) {
+    if let Ok(matchers) = selection::parse_selector(text) {
         for (name, _) in &matchers {
             assert!(valid_label_name(name), "{name:?}");
         }
         let rendered = render_selector(&matchers);
         assert_eq!(
-            query::parse_selector(&rendered).as_ref(),
+            selection::parse_selector(&rendered).as_ref(),
             Ok(&matchers),
             "{rendered:?}"
         );
@@ -220,7 +219,7 @@ fn check_selector(text: &str) {
 
 fn check_time(text: &str) {
     for now in [0, NOW, i64::MAX] {
-        if let Ok(t) = http::parse_time(text, now) {
+        if let Ok(t) = selection::parse_time(text, now) {
             assert!(t >= 0, "{text:?} at {now} -> {t}");
             if text.trim() == "now" {
                 assert_eq!(t, now);
@@ -315,6 +314,6 @@ mod tests {
     #[test]
     fn selectors_render_and_parse_back() {
         let m = vec![("process".to_string(), r#"a"b\c}"#.to_string())];
-        assert_eq!(query::parse_selector(&render_selector(&m)), Ok(m));
+        assert_eq!(selection::parse_selector(&render_selector(&m)), Ok(m));
     }
 }

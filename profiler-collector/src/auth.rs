@@ -18,34 +18,12 @@ use base64::Engine as _;
 use profiler_proto::metadata::Reason;
 use profiler_security::TokenFile;
 
-use crate::metrics::{Metrics, Reject};
+use crate::metrics::Metrics;
+pub use crate::metrics::Refusal;
 
 /// The HTTP client's address (axum connect info, TLS or not).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
-
-/// Why a request carried no acceptable token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    MissingToken,
-    WrongToken,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 2] = [Refusal::MissingToken, Refusal::WrongToken];
-
-    /// The metric label and log name (a [`Reject`] reason).
-    pub fn reason(self) -> &'static str {
-        Reject::from(self).name()
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            Refusal::MissingToken => "no bearer token: send `authorization: Bearer TOKEN`",
-            Refusal::WrongToken => "wrong bearer token",
-        }
-    }
-}
 
 /// The token in an `authorization` header: `Bearer TOKEN`, or `Basic` with
 /// the token as the password (any user name).

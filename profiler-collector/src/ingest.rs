@@ -1,12 +1,10 @@
 //! The gRPC ingest service: validate, store once (through the group-commit
-//! [`StoreWriter`]), acknowledge after the commit. Every refusal carries
+//! [`StoreWriter`], where the store checks the retention cutoff),
+//! acknowledge after the commit. Every refusal carries
 //! its typed reason ([`Reason`]) as metadata, so agents need not read the
 //! message. A batch whose sample type the store holds in another unit is
 //! rejected like an invalid one.
-use std::{
-    sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use profiler_proto::{
     metadata::Reason,
@@ -19,19 +17,12 @@ use crate::{
     metrics::{Metrics, Reject},
     model::{Stored, CPU},
     overload::RateLimiter,
-    store::{Store, StoreError},
+    store::StoreError,
     validate::{validate, Limits},
     writer::StoreWriter,
 };
 
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
-
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ns;
 
 pub struct IngestService {
     pub writer: StoreWriter,
@@ -39,8 +30,6 @@ pub struct IngestService {
     pub limits: Limits,
     /// Largest accepted batch, encoded, in bytes.
     pub max_message_bytes: usize,
-    /// Batches whose window ended longer ago than this are refused.
-    pub retention_ns: i64,
     pub rate: RateLimiter,
 }
 
@@ -75,12 +64,6 @@ impl Ingest for IngestService {
             tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
             Reason::InvalidBatch.status(r.to_string())
         })?;
-        if valid.window_end_ns < now - self.retention_ns {
-            self.metrics.reject(Reject::OlderThanRetention);
-            tracing::warn!(%peer, agent = %valid.agent_id, seq = valid.sequence, "batch rejected: older than the retention period");
-            return Err(Reason::OlderThanRetention
-                .status("window ended before the retention period: not stored"));
-        }
         let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
         // Only `cpu` values are numbers of samples.
         let counts_samples = valid.sample_type.name == CPU;
@@ -106,9 +89,10 @@ impl Ingest for IngestService {
                     samples: 0,
                 }))
             }
-            Err(StoreError::TooOld) => {
+            Err(e @ StoreError::TooOld) => {
                 self.metrics.reject(Reject::OlderThanRetention);
-                Err(Reason::OlderThanRetention.status("window ended before the retention period"))
+                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: older than the retention period");
+                Err(Reason::OlderThanRetention.status(e.to_string()))
             }
             Err(e @ StoreError::UnitMismatch { .. }) => {
                 self.metrics.reject(Reject::UnitMismatch);

@@ -132,5 +132,6 @@ async fn main() -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
         })
-        .await
+        .await?;
+    Ok(())
 }

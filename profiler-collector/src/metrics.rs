@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{auth::Refusal, store::StoreStats};
+use crate::store::StoreStats;
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -112,6 +112,30 @@ impl Reject {
             Reject::BadLabel => "bad_label",
             Reject::TooManySamples => "too_many_samples",
             Reject::TooBig => "too_big",
+        }
+    }
+}
+
+/// Why a request carried no acceptable token (checked by the `auth` module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    MissingToken,
+    WrongToken,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 2] = [Refusal::MissingToken, Refusal::WrongToken];
+
+    /// The metric label and log name (a [`Reject`] reason).
+    pub fn reason(self) -> &'static str {
+        Reject::from(self).name()
+    }
+
+    /// What the refused client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::MissingToken => "no bearer token: send `authorization: Bearer TOKEN`",
+            Refusal::WrongToken => "wrong bearer token",
         }
     }
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 /// What a profile's values measure: a type and its unit (pprof's
 /// `ValueType`), e.g. `cpu`/`samples` or `off_cpu`/`nanoseconds`. Both are
-/// lower-case ASCII letters, digits and `_` (checked by
-/// [`crate::validate`]).
+/// lower-case ASCII letters, digits and `_` (checked by the `validate`
+/// module).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct SampleType {
     #[serde(rename = "type")]

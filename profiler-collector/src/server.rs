@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
 use profiler_proto::v1::ingest_server::IngestServer;
 use profiler_security::{
     accept::{spawn_acceptor, Accepted, ServerTlsStream},
@@ -27,15 +26,16 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
     auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
+    clock::now_ns,
     http::{router, AppState},
-    ingest::{now_ns, IngestService, SharedStore},
+    ingest::IngestService,
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
     refusal::RefusalsLayer,
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
         sqlite::SqliteStore,
-        Store,
+        SharedStore, Store, StoreError,
     },
     validate::Limits,
     writer::StoreWriter,
@@ -114,6 +114,40 @@ impl Default for CollectorConfig {
     }
 }
 
+/// Why the collector could not start, or stopped on its own. Each variant
+/// names what failed; its text carries the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("opening the store {location}: {error}")]
+    OpenStore { location: String, error: StoreError },
+    #[error("TLS configuration: {0}")]
+    Tls(profiler_security::TlsError),
+    #[error("the {what} token file: {error}")]
+    TokenFile {
+        what: &'static str,
+        error: profiler_security::token::TokenError,
+    },
+    #[error("binding the {what} port {addr}: {error}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("starting the store writer thread: {0}")]
+    WriterThread(std::io::Error),
+    #[error("{what} server: {error}")]
+    Serve {
+        what: &'static str,
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the {0} server stopped")]
+    Stopped(&'static str),
+    #[error("a collector task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the store writer thread panicked")]
+    WriterPanicked,
+}
+
 /// A running collector; [`RunningCollector::shutdown`] stops it gracefully
 /// (in-flight batches finish).
 pub struct RunningCollector {
@@ -121,11 +155,11 @@ pub struct RunningCollector {
     pub http_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    tasks: Vec<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl RunningCollector {
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<(), ServerError> {
         let _ = self.stop.send(true);
         for task in self.tasks {
             task.await??;
@@ -138,15 +172,15 @@ impl RunningCollector {
     pub async fn run_until(
         mut self,
         signal: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ServerError> {
         let (grpc, http) = (self.tasks.remove(0), self.tasks.remove(0));
         tokio::pin!(signal, grpc, http);
-        let stopped_alone =
-            |r: Result<anyhow::Result<()>, tokio::task::JoinError>, what: &str| match r {
-                Ok(Err(e)) => e,
-                Err(e) => anyhow::Error::from(e),
-                Ok(Ok(())) => anyhow::anyhow!("the {what} server stopped"),
-            };
+        let stopped_alone = |r: Result<Result<(), ServerError>, tokio::task::JoinError>,
+                             what: &'static str| match r {
+            Ok(Err(e)) => e,
+            Err(e) => ServerError::Task(e),
+            Ok(Ok(())) => ServerError::Stopped(what),
+        };
         tokio::select! {
             _ = &mut signal => {}
             r = &mut grpc => return Err(stopped_alone(r, "gRPC")),
@@ -162,18 +196,25 @@ impl RunningCollector {
     }
 }
 
-fn open_store(location: &StoreLocation, retention: Duration) -> anyhow::Result<Box<dyn Store>> {
-    match location {
-        StoreLocation::ClickHouse(url) => Ok(Box::new(
-            ClickHouseStore::open(url, retention)
-                .with_context(|| format!("opening the ClickHouse store {url}"))?,
-        )),
-        StoreLocation::Sqlite(path) => {
-            Ok(Box::new(SqliteStore::open(path).with_context(|| {
-                format!("opening the store {}", path.display())
-            })?))
+fn open_store(
+    location: &StoreLocation,
+    retention: Duration,
+) -> Result<Box<dyn Store>, ServerError> {
+    let opened: Result<Box<dyn Store>, StoreError> = match location {
+        StoreLocation::ClickHouse(url) => {
+            ClickHouseStore::open(url, retention).map(|s| Box::new(s) as Box<dyn Store>)
         }
-    }
+        StoreLocation::Sqlite(path) => {
+            SqliteStore::open(path).map(|s| Box::new(s) as Box<dyn Store>)
+        }
+    };
+    opened.map_err(|error| ServerError::OpenStore {
+        location: match location {
+            StoreLocation::ClickHouse(url) => format!("ClickHouse {url}"),
+            StoreLocation::Sqlite(path) => path.display().to_string(),
+        },
+        error,
+    })
 }
 
 /// A TLS connection as tonic sees it: its peer address is the TCP one.
@@ -271,24 +312,27 @@ fn tls_acceptor(
 /// client CA is set) and of the HTTP port (none: browsers use the token).
 type PortsTls = (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>);
 
-fn ports_tls(files: &ServerTlsFiles) -> anyhow::Result<PortsTls> {
-    let grpc = server_config(files, &[b"h2"]).context("TLS configuration")?;
+fn ports_tls(files: &ServerTlsFiles) -> Result<PortsTls, ServerError> {
+    let grpc = server_config(files, &[b"h2"]).map_err(ServerError::Tls)?;
     let http_files = ServerTlsFiles {
         client_ca: None,
         ..files.clone()
     };
-    let http = server_config(&http_files, &[b"h2", b"http/1.1"]).context("TLS configuration")?;
+    let http = server_config(&http_files, &[b"h2", b"http/1.1"]).map_err(ServerError::Tls)?;
     Ok((grpc, http))
 }
 
-fn open_tokens(path: Option<&PathBuf>, what: &str) -> anyhow::Result<Option<Arc<TokenFile>>> {
+fn open_tokens(
+    path: Option<&PathBuf>,
+    what: &'static str,
+) -> Result<Option<Arc<TokenFile>>, ServerError> {
     path.map(|p| TokenFile::open(p).map(Arc::new))
         .transpose()
-        .with_context(|| format!("the {what} token file"))
+        .map_err(|error| ServerError::TokenFile { what, error })
 }
 
 /// Opens the store, binds both ports and starts serving.
-pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> {
+pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerError> {
     let agent_tokens = open_tokens(config.token_file.as_ref(), "agent")?;
     let http_tokens = open_tokens(config.http_token_file.as_ref(), "HTTP")?;
     // Read now: a bad file fails start-up, not the first connection.
@@ -300,7 +344,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     if agent_tokens.is_none() {
         tracing::warn!("no agent token file: any client that reaches the gRPC port can send data");
     }
-    let store: SharedStore = Arc::new(Mutex::new(open_store(&config.store, config.retention)?));
+    let store = open_store(&config.store, config.retention)?;
+    // Batches older than the retention period are refused by the store.
+    store.retention().set_period(config.retention);
+    let store: SharedStore = Arc::new(Mutex::new(store));
     // Queries on their own handle where the store has one (ClickHouse), so
     // a long query does not hold up the writer.
     let reader = store.lock().unwrap_or_else(|e| e.into_inner()).reader();
@@ -311,14 +358,27 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = watch::channel(false);
 
-    let grpc_listener = TcpListener::bind(config.grpc_listen)
-        .await
-        .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("binding the HTTP port {}", config.http_listen))?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let http_addr = http_listener.local_addr()?;
+    let bind = |addr: SocketAddr| async move {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    let (grpc_listener, grpc_addr) =
+        bind(config.grpc_listen)
+            .await
+            .map_err(|error| ServerError::Bind {
+                what: "gRPC",
+                addr: config.grpc_listen,
+                error,
+            })?;
+    let (http_listener, http_addr) =
+        bind(config.http_listen)
+            .await
+            .map_err(|error| ServerError::Bind {
+                what: "HTTP",
+                addr: config.http_listen,
+                error,
+            })?;
 
     let retention_ns = config.retention.as_nanos().min(i64::MAX as u128) as i64;
     let in_flight = config
@@ -332,13 +392,12 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
         .max(1);
     // One writer thread stores every batch, in groups (group commit).
     let (writer, writer_thread) = StoreWriter::spawn(store.clone(), in_flight, metrics.clone())
-        .context("starting the store writer thread")?;
+        .map_err(ServerError::WriterThread)?;
     let service = IngestServer::new(IngestService {
         writer,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
-        retention_ns,
         rate: RateLimiter::new(config.agent_rate_limit, config.agent_rate_burst),
     })
     // tonic refuses a larger message before buffering it; `RefusalsLayer`
@@ -376,7 +435,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
                     grpc_stopped,
                 )
                 .await
-                .context("gRPC server")
+                .map_err(|e| ServerError::Serve {
+                    what: "gRPC",
+                    error: Box::new(e),
+                })
         }),
         Some(tls) => {
             let accepted = tls_acceptor(grpc_listener, tls, "gRPC", &metrics);
@@ -386,7 +448,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
                 grpc_router
                     .serve_with_incoming_shutdown(incoming, grpc_stopped)
                     .await
-                    .context("gRPC server")
+                    .map_err(|e| ServerError::Serve {
+                        what: "gRPC",
+                        error: Box::new(e),
+                    })
             })
         }
     };
@@ -414,7 +479,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
             axum::serve(http_listener, app)
                 .with_graceful_shutdown(http_stopped)
                 .await
-                .context("HTTP server")
+                .map_err(|e| ServerError::Serve {
+                    what: "HTTP",
+                    error: Box::new(e),
+                })
         }),
         Some(tls) => {
             let listener = TlsListener {
@@ -425,7 +493,10 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
                 axum::serve(listener, app)
                     .with_graceful_shutdown(http_stopped)
                     .await
-                    .context("HTTP server")
+                    .map_err(|e| ServerError::Serve {
+                        what: "HTTP",
+                        error: Box::new(e),
+                    })
             })
         }
     };
@@ -462,7 +533,7 @@ pub async fn start(config: CollectorConfig) -> anyhow::Result<RunningCollector> 
     let writer = tokio::task::spawn_blocking(move || {
         writer_thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the store writer thread panicked"))
+            .map_err(|_| ServerError::WriterPanicked)
     });
 
     tracing::info!(%grpc_addr, %http_addr, "collector serving");

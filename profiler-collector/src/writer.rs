@@ -11,10 +11,9 @@ use std::{sync::Arc, thread::JoinHandle, time::Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    ingest::SharedStore,
     metrics::Metrics,
     model::{Stored, ValidBatch},
-    store::StoreError,
+    store::{SharedStore, StoreError},
 };
 
 /// The outcome, and the batch handed back: it is freed by the request's
@@ -50,7 +49,7 @@ impl StoreWriter {
     /// commit that holds it.
     pub async fn insert(&self, batch: ValidBatch) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Write("the store writer has stopped".into());
+        let stopped = || StoreError::WriterStopped;
         self.queue
             .send((batch, reply))
             .await

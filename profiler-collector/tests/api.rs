@@ -9,7 +9,7 @@ use tonic::{codec::CompressionEncoding, Code};
 const NOW_MARGIN: i64 = 5_000_000_000;
 
 fn now_ns() -> i64 {
-    profiler_collector::ingest::now_ns()
+    profiler_collector::clock::now_ns()
 }
 
 /// A batch of process `app` (pid 42): main;hot x3, main;cold x1.

@@ -24,7 +24,7 @@ pub const T0: i64 = 1_700_000_000 * S - 1_700_000_000 * S % HOUR_NS;
 pub fn base() -> i64 {
     static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *BASE.get_or_init(|| {
-        let now = crate::ingest::now_ns();
+        let now = crate::clock::now_ns();
         now - now.rem_euclid(DAY_NS) - 5 * DAY_NS
     })
 }

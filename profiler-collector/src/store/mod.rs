@@ -1,22 +1,38 @@
 //! Storage behind one trait, so the query and ingest code do not care which
 //! database holds the data. The embedded default is [`sqlite::SqliteStore`];
 //! [`clickhouse::ClickHouseStore`] lets several collectors share one
-//! ClickHouse. [`conformance`] checks that both answer alike.
+//! ClickHouse. What they share (time buckets, the retention cutoff) is in
+//! [`common`]. The conformance suite (`conformance`, built for tests and
+//! with the `conformance` feature) checks that both answer alike.
 pub mod clickhouse;
+pub mod common;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod sqlite;
 
-use crate::model::{Profile, SampleType, Selector, Stored, ValidBatch};
+use std::sync::{Arc, Mutex};
 
+pub use common::Retention;
+
+use crate::{
+    clock::now_ns,
+    model::{Profile, SampleType, Selector, Stored, ValidBatch},
+};
+
+/// The store as the writer, the queries and retention share it.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+/// Why a store could not do what it was asked. The backend's own errors
+/// say what failed (opening, migrating, a query, the server's answer);
+/// the other variants are the same for every backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("{0}")]
-    Schema(String),
-    #[error("{0}")]
-    ClickHouse(String),
-    #[error("batch window ends before the retention cutoff")]
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::SqliteError),
+    #[error(transparent)]
+    ClickHouse(#[from] clickhouse::ClickHouseError),
+    /// The batch's window ended before the retention cutoff: not stored.
+    #[error("window ended before the retention period: not stored")]
     TooOld,
     /// The batch's type is stored with another unit (one unit per type).
     #[error("sample type {sample_type:?} is stored in unit {stored:?}, not {got:?}")]
@@ -25,9 +41,16 @@ pub enum StoreError {
         stored: String,
         got: String,
     },
-    /// The write of a whole group failed (each batch of it gets this).
+    /// The write of a whole group failed: each batch of it gets this, with
+    /// the one error that failed the group.
     #[error("store write failed: {0}")]
-    Write(String),
+    GroupFailed(Arc<StoreError>),
+    /// A store answered a group with fewer outcomes than batches.
+    #[error("the store gave no outcome for a batch")]
+    NoOutcome,
+    /// The store's writer thread has stopped (the collector is shutting down).
+    #[error("the store writer has stopped")]
+    WriterStopped,
 }
 
 /// Size and content of a store, for `/metrics`.
@@ -54,16 +77,44 @@ pub(crate) fn canonical(labels: &[(String, String)]) -> String {
 
 /// What every store does.
 pub trait Store: Send {
-    /// Stores a validated batch atomically, once per (agent, sequence).
-    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError>;
-    /// Stores several batches, one outcome each, in order. When it returns,
-    /// every batch reported stored is durable; a failing batch must not
-    /// fail the others, and the same (agent, sequence) twice in `batches`
-    /// is stored once. A store that can commit a group at once (one
-    /// transaction, one sync) overrides this loop: see
-    /// [`crate::writer::StoreWriter`], which gathers the groups.
+    /// Writes batches whose windows end at or after the retention cutoff,
+    /// one outcome each, in order. When it returns, every batch reported
+    /// stored is durable; a failing batch must not fail the others, and
+    /// the same (agent, sequence) twice in `batches` is stored once. A
+    /// store commits the group at once where it can (one transaction, one
+    /// sync): the writer thread gathers the groups.
+    fn write_many(&mut self, batches: &[&ValidBatch]) -> Vec<Result<Stored, StoreError>>;
+    /// The store's retention cutoff (see [`Retention`]); [`Store::retain`]
+    /// moves it.
+    fn retention(&self) -> &Retention;
+    /// Stores several batches, one outcome each, in order: those whose
+    /// window ended before the retention cutoff get
+    /// [`StoreError::TooOld`], the rest are written by
+    /// [`Store::write_many`].
     fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
-        batches.iter().map(|b| self.insert(b)).collect()
+        let cutoff = self.retention().cutoff(now_ns());
+        let recent: Vec<&ValidBatch> = batches
+            .iter()
+            .filter(|b| b.window_end_ns >= cutoff)
+            .collect();
+        let mut written = self.write_many(&recent).into_iter();
+        batches
+            .iter()
+            .map(|b| {
+                if b.window_end_ns < cutoff {
+                    Err(StoreError::TooOld)
+                } else {
+                    written.next().unwrap_or(Err(StoreError::NoOutcome))
+                }
+            })
+            .collect()
+    }
+    /// Stores a validated batch atomically, once per (agent, sequence): a
+    /// group of one.
+    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
+        self.insert_many(std::slice::from_ref(batch))
+            .pop()
+            .unwrap_or(Err(StoreError::NoOutcome))
     }
     /// Label names of samples whose window ends in `(start_ns, end_ns]`
     /// (every window belongs to exactly one of two adjacent ranges), of
@@ -93,7 +144,8 @@ pub trait Store: Send {
     /// unknown type picks none).
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
-    /// Deletes data whose window ended before `cutoff_ns`; returns rows deleted.
+    /// Deletes data whose window ended before `cutoff_ns` and moves the
+    /// retention cutoff there; returns rows deleted.
     fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError>;
     /// A second handle that answers queries beside this one, so a long
     /// query does not hold up writes (ClickHouse); `None` when queries

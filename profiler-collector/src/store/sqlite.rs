@@ -24,16 +24,18 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    path::Path,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use rusqlite::{params, types::Value, Connection, OptionalExtension};
 
-use super::{canonical, Store, StoreError, StoreStats};
+use super::{
+    canonical,
+    common::{bucket, whole_buckets, HOUR_NS, MINUTE_NS},
+    Retention, Store, StoreError, StoreStats,
+};
 use crate::model::{Labels, Profile, SampleType, Selector, Stored, ValidBatch};
-
-const MINUTE_NS: i64 = 60_000_000_000;
-const HOUR_NS: i64 = 3_600_000_000_000;
 
 /// Schema migrations; entry N brings the schema from version N to N + 1.
 const MIGRATIONS: &[&str] = &[
@@ -182,19 +184,6 @@ pub const ROLLUP_STACK_M: Rollup = Rollup {
 };
 pub const ROLLUPS: [Rollup; 3] = [ROLLUP_H, ROLLUP_STACK_H, ROLLUP_STACK_M];
 
-/// The bucket of `grain` holding a window that ends at `window_end_ns`.
-pub fn bucket(window_end_ns: i64, grain: i64) -> i64 {
-    window_end_ns.saturating_sub(1).div_euclid(grain)
-}
-
-/// The whole buckets `[lo, hi)` of `grain` inside `(start, end]`: they hold
-/// the windows ending in `(lo grain, hi grain]`.
-fn whole_buckets(start: i64, end: i64, grain: i64) -> Option<(i64, i64)> {
-    let lo = start.div_euclid(grain) + i64::from(start.rem_euclid(grain) != 0);
-    let hi = end.div_euclid(grain);
-    (lo < hi).then_some((lo, hi))
-}
-
 /// One piece of a query's range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -267,8 +256,6 @@ struct Caches {
     sets: IdCache,
     /// Sample types by name: id and unit (few; never deleted).
     types: HashMap<String, (i64, String)>,
-    /// Windows ending before this were deleted by retention: refused.
-    retained_from: i64,
 }
 
 /// A cache entry made by the batch being written.
@@ -463,16 +450,54 @@ pub struct SqliteStore {
     rollups: GroupRollups,
     /// Resolved (label set, stack, value) of the batch being written.
     rows: Vec<(i64, i64, i64)>,
+    retention: Retention,
+}
+
+/// What failed in the SQLite store.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("cannot create the store's folder {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database schema version {found} is newer than this collector supports ({known})")]
+    NewerSchema { found: usize, known: usize },
+    #[error("migrating the database to schema version {version}: {source}")]
+    Migrate {
+        version: usize,
+        source: rusqlite::Error,
+    },
+    /// A statement of a write or a query failed.
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(SqliteError::Sql(e))
+    }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Schema(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| SqliteError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        Self::with_connection(Connection::open(path)?)
+        let conn = Connection::open(path).map_err(|source| SqliteError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::with_connection(conn)
     }
 
     /// An in-memory store, for tests.
@@ -502,8 +527,8 @@ impl SqliteStore {
                 stacks: IdCache::new(ID_CACHE_CAP),
                 sets: IdCache::new(ID_CACHE_CAP),
                 types: HashMap::new(),
-                retained_from: i64::MIN,
             },
+            retention: Retention::default(),
             rollups: GroupRollups::default(),
             rows: Vec::new(),
         };
@@ -521,16 +546,23 @@ impl SqliteStore {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let version = self.schema_version()? as usize;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::Schema(format!(
-                "database schema version {version} is newer than this collector supports ({})",
-                MIGRATIONS.len()
-            )));
+            return Err(SqliteError::NewerSchema {
+                found: version,
+                known: MIGRATIONS.len(),
+            }
+            .into());
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as u32)?;
-            tx.commit()?;
+            let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+                let tx = conn.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+                tx.commit()
+            };
+            step(&mut self.conn).map_err(|source| SqliteError::Migrate {
+                version: i + 1,
+                source,
+            })?;
             tracing::info!(version = i + 1, "migrated the store's schema");
         }
         Ok(())
@@ -545,13 +577,14 @@ impl SqliteStore {
     /// Writes a group in one transaction; `Err` when the whole group failed.
     fn write_group(
         &mut self,
-        batches: &[ValidBatch],
+        batches: &[&ValidBatch],
     ) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
         let Self {
             conn,
             caches,
             rollups,
             rows,
+            ..
         } = self;
         let tx = conn.transaction()?;
         let mut results = Vec::with_capacity(batches.len());
@@ -773,9 +806,6 @@ fn insert_batch(
     fresh: &mut Vec<Fresh>,
 ) -> Result<(Stored, i64), StoreError> {
     rows.clear();
-    if batch.window_end_ns < caches.retained_from {
-        return Err(StoreError::TooOld);
-    }
     let type_id = caches.type_id(conn, &batch.sample_type, fresh)?;
     let inserted = conn
         .prepare_cached(
@@ -855,23 +885,21 @@ fn insert_batch(
 }
 
 impl Store for SqliteStore {
-    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
-        self.insert_many(std::slice::from_ref(batch))
-            .pop()
-            .unwrap_or(Err(StoreError::Write("no outcome".into())))
+    fn retention(&self) -> &Retention {
+        &self.retention
     }
 
-    fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
+    fn write_many(&mut self, batches: &[&ValidBatch]) -> Vec<Result<Stored, StoreError>> {
         match self.write_group(batches) {
             Ok(results) => results,
             Err(e) => {
                 // Rolled back: ids cached by this group may not exist.
                 self.caches.clear();
                 self.rollups = GroupRollups::default();
-                let message = e.to_string();
+                let e = Arc::new(e);
                 batches
                     .iter()
-                    .map(|_| Err(StoreError::Write(message.clone())))
+                    .map(|_| Err(StoreError::GroupFailed(e.clone())))
                     .collect()
             }
         }
@@ -1059,7 +1087,7 @@ impl Store for SqliteStore {
         if samples > 0 {
             self.caches.clear();
         }
-        self.caches.retained_from = self.caches.retained_from.max(cutoff_ns);
+        self.retention.deleted_before(cutoff_ns);
         Ok(samples as u64)
     }
 }

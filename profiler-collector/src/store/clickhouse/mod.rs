@@ -36,10 +36,7 @@ mod client;
 use std::{
     collections::{hash_map::Entry, HashMap, HashSet},
     hash::Hasher,
-    sync::{
-        atomic::{AtomicI64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -47,12 +44,12 @@ use client::{quote, random_u64, Client, External, RowBinary, Rows};
 pub use client::{ClickHouseUrl, ClientError, PASSWORD_ENV};
 use siphasher::sip::SipHasher13;
 
-use super::{canonical, Store, StoreError, StoreStats};
+use super::{
+    canonical,
+    common::{bucket, touched_buckets, whole_buckets, DAY_NS, HOUR_NS},
+    Retention, Store, StoreError, StoreStats,
+};
 use crate::model::{Labels, Profile, SampleType, Selector, Stored, ValidBatch};
-
-const HOUR_NS: i64 = 3_600_000_000_000;
-const DAY_HOURS: i64 = 24;
-const DAY_NS: i64 = DAY_HOURS * HOUR_NS;
 
 /// Most rows per `INSERT` into `samples`: under ClickHouse's
 /// `max_insert_block_size` (1,048,576, set on each insert), so each insert
@@ -178,7 +175,7 @@ impl Version {
 /// The hour bucket of a window: windows ending in `(k h, (k + 1) h]` are in
 /// hour `k`, as in the SQLite store's rollups.
 fn hour_of(window_end_ns: i64) -> i64 {
-    window_end_ns.saturating_sub(1).div_euclid(HOUR_NS)
+    bucket(window_end_ns, HOUR_NS)
 }
 
 /// Ids of text already written in a day partition (so it is not sent
@@ -217,9 +214,9 @@ pub struct ClickHouseStore {
     sets_written: Written,
     /// The unit of each sample type registered in `sample_types`.
     units: HashMap<String, String>,
-    /// Windows ending before this were removed by retention: refused, and
-    /// queries start here. Shared with the store's readers.
-    retained_from: Arc<AtomicI64>,
+    /// Windows ending before its `retained_from` were removed by retention:
+    /// refused, and queries start there. Shared with the store's readers.
+    retention: Retention,
     /// Settings of every `INSERT` into `samples`.
     insert_settings: Vec<(&'static str, String)>,
 }
@@ -252,7 +249,7 @@ impl ClickHouseStore {
             stacks_written: Written::new(),
             sets_written: Written::new(),
             units: HashMap::new(),
-            retained_from: Arc::new(AtomicI64::new(i64::MIN)),
+            retention: Retention::default(),
             insert_settings: Vec::new(),
         };
         store.migrate(retention)?;
@@ -289,7 +286,7 @@ impl ClickHouseStore {
     }
 
     fn retained_from(&self) -> i64 {
-        self.retained_from.load(Ordering::Relaxed)
+        self.retention.retained_from()
     }
 
     fn sql(&self, template: &str, retention: Duration) -> String {
@@ -313,7 +310,7 @@ impl ClickHouseStore {
         ))?;
         out.trim()
             .parse()
-            .map_err(|_| StoreError::Schema(format!("bad schema version {out:?}")))
+            .map_err(|_| ClickHouseError::BadSchemaVersion(out.clone()).into())
     }
 
     fn migrate(&mut self, retention: Duration) -> Result<(), StoreError> {
@@ -328,37 +325,53 @@ impl ClickHouseStore {
         )?;
         let version = self.schema_version()? as usize;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::Schema(format!(
-                "ClickHouse schema version {version} is newer than this collector supports ({})",
-                MIGRATIONS.len()
-            )));
+            return Err(ClickHouseError::NewerSchema {
+                found: version,
+                known: MIGRATIONS.len(),
+            }
+            .into());
         }
         for (i, steps) in MIGRATIONS.iter().enumerate().skip(version) {
-            for step in *steps {
-                match step {
-                    Step::Sql(template) => {
-                        self.client
-                            .execute(&self.sql(template, retention), &[], &[])?;
-                    }
-                    Step::AddColumn {
-                        table,
-                        column,
-                        definition,
-                    } => self.add_column(table, column, definition)?,
+            self.migrate_to(i + 1, steps, retention).map_err(|source| {
+                ClickHouseError::Migrate {
+                    version: i + 1,
+                    source: Box::new(source),
                 }
-            }
-            self.client.execute(
-                &format!(
-                    "INSERT INTO {}.schema_version VALUES ({}, {})",
-                    self.db,
-                    i + 1,
-                    crate::ingest::now_ns()
-                ),
-                &[],
-                &[],
-            )?;
+            })?;
             tracing::info!(version = i + 1, "migrated the ClickHouse schema");
         }
+        Ok(())
+    }
+
+    /// Runs the steps of one migration and records its version.
+    fn migrate_to(
+        &self,
+        version: usize,
+        steps: &[Step],
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        for step in steps {
+            match step {
+                Step::Sql(template) => {
+                    self.client
+                        .execute(&self.sql(template, retention), &[], &[])?;
+                }
+                Step::AddColumn {
+                    table,
+                    column,
+                    definition,
+                } => self.add_column(table, column, definition)?,
+            }
+        }
+        self.client.execute(
+            &format!(
+                "INSERT INTO {}.schema_version VALUES ({version}, {})",
+                self.db,
+                crate::clock::now_ns()
+            ),
+            &[],
+            &[],
+        )?;
         Ok(())
     }
 
@@ -420,7 +433,7 @@ impl ClickHouseStore {
                         "({}, {}, {})",
                         quote(&t.name),
                         quote(&t.unit),
-                        crate::ingest::now_ns()
+                        crate::clock::now_ns()
                     )
                 })
                 .collect();
@@ -449,10 +462,7 @@ impl ClickHouseStore {
                         stored: unit.clone(),
                         got: t.unit.clone(),
                     }),
-                    None => Err(StoreError::Schema(format!(
-                        "sample type {:?} was not registered",
-                        t.name
-                    ))),
+                    None => Err(ClickHouseError::UnregisteredType(t.name.clone()).into()),
                 }
             })
             .collect())
@@ -511,10 +521,11 @@ impl ClickHouseStore {
             .collect();
         match keys[..] {
             [k0, k1] => Ok((k0, k1)),
-            _ => Err(StoreError::Schema(format!(
-                "the hash key table of {} is damaged: {out:?}",
-                self.db
-            ))),
+            _ => Err(ClickHouseError::DamagedHashKey {
+                database: self.db.clone(),
+                found: out,
+            }
+            .into()),
         }
     }
 
@@ -610,7 +621,7 @@ impl ClickHouseStore {
         let (mut rows_in_chunk, mut chunk_batches) = (0usize, Vec::new());
         for (i, batch) in batches.iter().enumerate() {
             let hour = hour_of(batch.window_end_ns);
-            let day = hour.div_euclid(DAY_HOURS);
+            let day = bucket(batch.window_end_ns, DAY_NS);
             let set_ids: Vec<u64> = batch.label_sets.iter().map(|l| self.set_id(l)).collect();
             let stack_ids: Vec<u64> = batch.stacks.iter().map(|s| self.stack_id(s)).collect();
             for (labels, &id) in batch.label_sets.iter().zip(&set_ids) {
@@ -737,10 +748,9 @@ impl ClickHouseStore {
     fn range(&self, start: i64, end: i64) -> Option<String> {
         let start = self.clamp(start);
         (start < end).then(|| {
+            let (first, last) = touched_buckets(start, end, HOUR_NS);
             format!(
-                "hour >= {} AND hour <= {} AND window_end > {start} AND window_end <= {end}",
-                start.div_euclid(HOUR_NS),
-                hour_of(end)
+                "hour >= {first} AND hour <= {last} AND window_end > {start} AND window_end <= {end}"
             )
         })
     }
@@ -753,11 +763,8 @@ impl ClickHouseStore {
     /// Days partitions of `stacks`/`label_sets` for windows ending in
     /// `(start, end]`.
     fn days(start: i64, end: i64) -> String {
-        format!(
-            "day >= {} AND day <= {}",
-            start.div_euclid(DAY_NS),
-            hour_of(end).div_euclid(DAY_HOURS)
-        )
+        let (first, last) = touched_buckets(start, end, DAY_NS);
+        format!("day >= {first} AND day <= {last}")
     }
 
     /// Ids of label sets with samples in the range, of one type or of all.
@@ -831,11 +838,7 @@ impl ClickHouseStore {
         // read `window_end`.
         let start = self.clamp(start);
         let mut ranges = Vec::new();
-        let (lo, hi) = (
-            start.div_euclid(HOUR_NS) + i64::from(start.rem_euclid(HOUR_NS) != 0),
-            end.div_euclid(HOUR_NS),
-        );
-        if lo < hi {
+        if let Some((lo, hi)) = whole_buckets(start, end, HOUR_NS) {
             ranges.push(format!("hour >= {lo} AND hour < {hi}"));
             for (s, e) in [(start, lo * HOUR_NS), (hi * HOUR_NS, end)] {
                 ranges.extend(self.range(s, e));
@@ -876,29 +879,51 @@ fn server_version(client: &Client) -> Result<Version, StoreError> {
     let mut parts = text.split('.').map(|p| p.parse::<u32>());
     match (parts.next(), parts.next()) {
         (Some(Ok(major)), Some(Ok(minor))) => Ok(Version(major, minor)),
-        _ => Err(StoreError::Schema(format!(
-            "cannot read the ClickHouse version from {text:?}"
-        ))),
+        _ => Err(ClickHouseError::BadServerVersion(text).into()),
     }
+}
+
+/// What failed in the ClickHouse store.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickHouseError {
+    /// The server was not reached, did not answer in time, answered an
+    /// error status (with its message), or sent what does not decode.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("ClickHouse schema version {found} is newer than this collector supports ({known})")]
+    NewerSchema { found: usize, known: usize },
+    #[error("migrating the ClickHouse schema to version {version}: {source}")]
+    Migrate {
+        version: usize,
+        source: Box<StoreError>,
+    },
+    #[error("bad schema version {0:?}")]
+    BadSchemaVersion(String),
+    #[error("cannot read the ClickHouse version from {0:?}")]
+    BadServerVersion(String),
+    #[error("the hash key table of {database} is damaged: {found:?}")]
+    DamagedHashKey { database: String, found: String },
+    #[error("sample type {0:?} was not registered")]
+    UnregisteredType(String),
+    /// A group write ended without an outcome for one of its batches.
+    #[error("the group write gave no outcome for a batch")]
+    NoOutcome,
 }
 
 impl From<ClientError> for StoreError {
     fn from(e: ClientError) -> Self {
-        StoreError::ClickHouse(e.to_string())
+        StoreError::ClickHouse(ClickHouseError::Client(e))
     }
 }
 
 impl Store for ClickHouseStore {
-    fn insert(&mut self, batch: &ValidBatch) -> Result<Stored, StoreError> {
-        self.insert_many(std::slice::from_ref(batch))
-            .pop()
-            .unwrap_or(Err(StoreError::Write("no outcome".into())))
+    fn retention(&self) -> &Retention {
+        &self.retention
     }
 
-    fn insert_many(&mut self, batches: &[ValidBatch]) -> Vec<Result<Stored, StoreError>> {
+    fn write_many(&mut self, batches: &[&ValidBatch]) -> Vec<Result<Stored, StoreError>> {
         // One deadline for the group's requests together.
         let deadline = Instant::now() + WRITE_TIMEOUT;
-        let cutoff = self.retained_from();
         let mut outcomes: Vec<Option<Result<Stored, StoreError>>> =
             (0..batches.len()).map(|_| None).collect();
         // Each (agent, sequence) once: a later copy in the group shares the
@@ -907,10 +932,6 @@ impl Store for ClickHouseStore {
         let mut copy_of = vec![None; batches.len()];
         let mut candidates: Vec<usize> = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
-            if batch.window_end_ns < cutoff {
-                outcomes[i] = Some(Err(StoreError::TooOld));
-                continue;
-            }
             match first.entry((batch.agent_id.as_str(), batch.sequence)) {
                 Entry::Occupied(e) => copy_of[i] = Some(*e.get()),
                 Entry::Vacant(e) => {
@@ -919,7 +940,7 @@ impl Store for ClickHouseStore {
                 }
             }
         }
-        let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
+        let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| batches[i]).collect();
         let result = self
             .check_units(&refs, deadline)
             .and_then(|checks| {
@@ -931,7 +952,7 @@ impl Store for ClickHouseStore {
                     }
                 }
                 candidates = kept;
-                let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| &batches[i]).collect();
+                let refs: Vec<&ValidBatch> = candidates.iter().map(|&i| batches[i]).collect();
                 self.stored_already(&refs, deadline)
             })
             .and_then(|stored| {
@@ -944,7 +965,7 @@ impl Store for ClickHouseStore {
                         new.push(i);
                     }
                 }
-                let refs: Vec<&ValidBatch> = new.iter().map(|&i| &batches[i]).collect();
+                let refs: Vec<&ValidBatch> = new.iter().map(|&i| batches[i]).collect();
                 let g = self.encode(&refs);
                 let mut new_outcomes: Vec<_> = new.iter().map(|_| None).collect();
                 let sent = self.send(&g, &mut new_outcomes, &refs, deadline);
@@ -953,10 +974,11 @@ impl Store for ClickHouseStore {
                 }
                 sent
             });
-        let message = match &result {
-            Ok(()) => "not written".to_string(),
-            Err(e) => e.to_string(),
-        };
+        let failed = Arc::new(match result {
+            Ok(()) => ClickHouseError::NoOutcome.into(),
+            Err(e) => e,
+        });
+        let group_failed = || Err(StoreError::GroupFailed(failed.clone()));
         let mut final_outcomes: Vec<Result<Stored, StoreError>> = Vec::with_capacity(batches.len());
         for i in 0..batches.len() {
             let outcome = match copy_of[i] {
@@ -971,11 +993,9 @@ impl Store for ClickHouseStore {
                         stored: stored.clone(),
                         got: got.clone(),
                     }),
-                    Err(_) => Err(StoreError::Write(message.clone())),
+                    Err(_) => group_failed(),
                 },
-                None => outcomes[i]
-                    .take()
-                    .unwrap_or_else(|| Err(StoreError::Write(message.clone()))),
+                None => outcomes[i].take().unwrap_or_else(group_failed),
             };
             final_outcomes.push(outcome);
         }
@@ -1000,7 +1020,7 @@ impl Store for ClickHouseStore {
             stacks_written: Written::new(),
             sets_written: Written::new(),
             units: HashMap::new(),
-            retained_from: self.retained_from.clone(),
+            retention: self.retention.clone(),
             insert_settings: self.insert_settings.clone(),
         }))
     }
@@ -1186,7 +1206,7 @@ impl Store for ClickHouseStore {
 
     fn retain(&mut self, cutoff_ns: i64) -> Result<u64, StoreError> {
         // Queries start at the cutoff at once; whole days before it go.
-        self.retained_from.fetch_max(cutoff_ns, Ordering::Relaxed);
+        self.retention.deleted_before(cutoff_ns);
         let out = self.query_rows(&format!(
             "SELECT table, partition, toUInt64(sum(rows)) FROM system.parts
              WHERE active AND database = {} AND table IN ('samples', 'stacks', 'label_sets')

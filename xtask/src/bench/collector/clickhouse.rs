@@ -254,7 +254,7 @@ pub(crate) async fn time_query(
     Duration,
 )> {
     let selector = Selector::cpu(
-        profiler_collector::query::parse_selector(sel).map_err(anyhow::Error::msg)?,
+        profiler_collector::selection::parse_selector(sel).map_err(anyhow::Error::msg)?,
         start,
         end,
     );

@@ -32,7 +32,7 @@ use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use clap::Parser;
 use profiler_collector::{
-    ingest::now_ns,
+    clock::now_ns,
     model::{Selector, Stored, ValidBatch},
     server::{self, CollectorConfig, RunningCollector, StoreLocation},
     store::{

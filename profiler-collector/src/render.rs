@@ -1,16 +1,12 @@
 //! Turning a stored [`Profile`] into what users read, in the unit of its
 //! sample type: flame graph SVGs (inferno), differential flame graphs,
-//! gzipped pprof, top-N functions; and parsing the query parameters that
-//! pick the samples.
+//! gzipped pprof, top-N functions, and the titles they carry.
 use std::{collections::HashMap, io::Write};
 
 use profiler_proto::pprof;
 use prost::Message;
 
-use crate::{
-    model::{Profile, SampleType, CPU},
-    validate::valid_label_name,
-};
+use crate::model::{Profile, SampleType, Selector, CPU};
 
 /// Options of a rendered flame graph.
 #[derive(Clone, Debug)]
@@ -281,56 +277,32 @@ pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
     entries
 }
 
-/// Parses a label selector `{name="value", ...}` (the braces are optional;
-/// `\"` and `\\` escape inside values).
-pub fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut s = text.trim();
-    if let Some(inner) = s.strip_prefix('{') {
-        s = inner
-            .strip_suffix('}')
-            .ok_or_else(|| format!("selector {text:?} has no closing brace"))?;
+/// What a flame graph of a type is called: `CPU` for `cpu`, else the type.
+pub fn type_title(sample_type: &SampleType) -> String {
+    if sample_type.name == CPU {
+        "CPU".to_string()
+    } else {
+        format!("{} ({})", sample_type.name, sample_type.unit)
     }
-    let mut matchers = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut name = String::new();
-        while let Some(c) = chars.peek().copied() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            name.push(c);
-            chars.next();
-        }
-        if !valid_label_name(&name) {
-            return Err(format!("invalid label name {name:?} in selector"));
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') || chars.next() != Some('"') {
-            return Err(format!("expected {name}=\"value\" in selector"));
-        }
-        let mut value = String::new();
-        loop {
-            match chars.next() {
-                Some('\\') => match chars.next() {
-                    Some(c) => value.push(c),
-                    None => return Err("selector ends inside an escape".into()),
-                },
-                Some('"') => break,
-                Some(c) => value.push(c),
-                None => return Err(format!("unterminated value for label {name}")),
-            }
-        }
-        matchers.push((name, value));
-    }
-    Ok(matchers)
+}
+
+/// The title of a flame graph of `sel`: what it shows, its labels, its span.
+pub fn title(sel: &Selector, what: &str) -> String {
+    let labels: Vec<String> = sel
+        .matchers
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let span = (sel.end_ns - sel.start_ns) as f64 / 1e9;
+    let labels = if labels.is_empty() {
+        "all".to_string()
+    } else {
+        labels.join(", ")
+    };
+    format!(
+        "{what}: {labels} — {}",
+        humantime::format_duration(std::time::Duration::from_secs(span as u64))
+    )
 }
 
 #[cfg(test)]
@@ -343,31 +315,6 @@ mod tests {
         p.add("app;main;cold", 2);
         p.add("app;main;hot;memcpy", 2);
         p
-    }
-
-    #[test]
-    fn selectors_parse_and_reject_garbage() {
-        assert_eq!(
-            parse_selector(r#"{process="chain", node="vm"}"#).unwrap(),
-            vec![
-                ("process".into(), "chain".into()),
-                ("node".into(), "vm".into())
-            ]
-        );
-        assert_eq!(parse_selector("").unwrap(), vec![]);
-        assert_eq!(parse_selector("{}").unwrap(), vec![]);
-        assert_eq!(
-            parse_selector(r#"process="a\"b\\c""#).unwrap(),
-            vec![("process".into(), r#"a"b\c"#.into())]
-        );
-        assert_eq!(
-            parse_selector(r#"{process="'; DROP TABLE samples; --"}"#).unwrap()[0].1,
-            "'; DROP TABLE samples; --"
-        );
-        assert!(parse_selector(r#"{process="x""#).is_err());
-        assert!(parse_selector(r#"{pro cess="x"}"#).is_err());
-        assert!(parse_selector(r#"{process=x}"#).is_err());
-        assert!(parse_selector(r#"{1x="y"}"#).is_err());
     }
 
     #[test]
