@@ -16,6 +16,8 @@
 //!   micro-benchmarks and the collector and symbolization benchmarks, for the
 //!   targets of issue 6 (see `bench/mod.rs`).
 mod bench;
+#[cfg(test)]
+mod modules;
 
 use std::{
     ffi::OsString,
