@@ -38,7 +38,7 @@ use profiler_agent::{
     process::{parse_maps_line, ProcessCache},
     symbolize::{BlazeSymbolizer, Symbolize, SymbolizeLimits, INLINED_SUFFIX},
 };
-use profiler_testkit::median;
+use profiler_testkit::{median, Rng};
 
 /// Translation units of the generated program (one DWARF compile unit each).
 const UNITS: usize = 32;
@@ -77,23 +77,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Deterministic pseudo-random numbers (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 fn function_name(unit: usize, f: usize) -> String {
     format!("svc{unit}_handler{f}_process")
 }
@@ -129,7 +112,7 @@ fn header_source() -> String {
 }
 
 fn unit_source(unit: usize) -> String {
-    let mut rng = Rng(unit as u64 + 1);
+    let mut rng = Rng::new(unit as u64 + 1);
     let mut callees = Vec::new();
     let mut bodies = String::new();
     for f in 0..FUNCTIONS_PER_UNIT {
@@ -146,7 +129,7 @@ fn unit_source(unit: usize) -> String {
              \x20 r->flags ^= st.hits + st.misses * 3;\n\
              \x20 return acc ^ r->id;\n}}\n\n",
             name = function_name(unit, f),
-            c1 = rng.next() >> 16,
+            c1 = rng.next_u64() >> 16,
             k = rng.below(16),
             callee = callees[f],
         );
@@ -349,7 +332,7 @@ fn make_window(
     functions: &[Function],
     mappings: &[(u64, u64, u64)],
 ) -> Result<(RawWindow, Vec<Vec<usize>>, usize)> {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let to_addr = |offset: u64| -> Option<u64> {
         mappings
             .iter()
@@ -363,7 +346,7 @@ fn make_window(
         let f = &functions[function];
         // Inside the function, past its first byte: a return address is
         // looked up minus one.
-        let offset = f.file_offset + 1 + rng.next() % (f.size - 1);
+        let offset = f.file_offset + 1 + rng.next_u64() % (f.size - 1);
         if !seen.insert(offset) {
             continue;
         }

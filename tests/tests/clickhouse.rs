@@ -354,7 +354,7 @@ fn two_collectors_count_once(ch: &dyn Server) {
     // An hour after the suite's base (recent: a TTL keeps it).
     let t = conformance::at(3600);
     let batch = |seq, end| {
-        let mut rng = conformance::Rng(seq);
+        let mut rng = conformance::Rng::new(seq);
         conformance::random_batch(&mut rng, 1, seq, end)
     };
     let first = batch(1, t + 10 * conformance::S);
@@ -739,7 +739,7 @@ async fn push_once(port: u16, node: String) -> tonic::Code {
 fn copies_of_a_batch_in_a_failed_group_all_fail() {
     let mut ch = ClickHouse::start();
     let mut store = open(&ch, "failed");
-    let mut rng = conformance::Rng(5);
+    let mut rng = conformance::Rng::new(5);
     let b = conformance::random_batch(&mut rng, 1, 1, conformance::at(60));
     ch.kill();
     for outcome in store.insert_many(&[b.clone(), b.clone(), b.clone()]) {

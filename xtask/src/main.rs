@@ -91,6 +91,7 @@ enum Task {
 }
 
 fn main() -> Result<()> {
+    STARTED.get_or_init(Instant::now);
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
     match cli.command {
@@ -150,8 +151,13 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// When this xtask started: each step says how far in it begins, so a CI
+/// log shows where the time goes.
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn step(what: &str) {
-    eprintln!("==> {what}");
+    let at = STARTED.get_or_init(Instant::now).elapsed().as_secs();
+    eprintln!("==> [{at:>4} s] {what}");
 }
 
 fn status(cmd: &mut Command) -> Result<()> {

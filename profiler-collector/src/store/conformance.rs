@@ -421,19 +421,11 @@ pub fn one_unit_per_type(store: &mut dyn Store) {
     assert_eq!(store.stats().unwrap().batches, 2);
 }
 
-/// xorshift64*, reproducible.
-pub struct Rng(pub u64);
+pub use profiler_testkit::Rng;
 
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: i64) -> i64 {
-        (self.next_u64() % n as u64) as i64
-    }
+/// A number in `0..n` (`n` > 0) from `rng`.
+fn below(rng: &mut Rng, n: i64) -> i64 {
+    rng.below(n as usize) as i64
 }
 
 /// A batch of agent `agent` ending at `end`: random processes, pods and
@@ -499,10 +491,10 @@ pub fn random_batch(rng: &mut Rng, agent: i64, seq: u64, end: i64) -> ValidBatch
 /// minute boundary.
 pub fn random_time(rng: &mut Rng, hours: i64) -> i64 {
     match rng.below(4) {
-        0 => T0 + rng.below(hours + 2) * HOUR_NS,
-        1 => T0 + rng.below((hours + 2) * 60) * MINUTE_NS,
-        2 => T0 + rng.below((hours + 2) * 360) * 10 * S,
-        _ => T0 + rng.below((hours + 2) * HOUR_NS),
+        0 => T0 + below(rng, hours + 2) * HOUR_NS,
+        1 => T0 + below(rng, (hours + 2) * 60) * MINUTE_NS,
+        2 => T0 + below(rng, (hours + 2) * 360) * 10 * S,
+        _ => T0 + below(rng, (hours + 2) * HOUR_NS),
     }
 }
 
@@ -531,7 +523,7 @@ pub fn selectors(rng: &mut Rng, start: i64, end: i64) -> Vec<Selector> {
 /// reference's.
 pub fn answers_like_the_reference(store: &mut dyn Store) {
     let mut reference = SqliteStore::in_memory().unwrap();
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     // Start 2 hours before a day boundary.
     let t0 = base() + 22 * HOUR_NS;
     let hours = 3;
@@ -554,7 +546,7 @@ pub fn answers_like_the_reference(store: &mut dyn Store) {
             }
             pending.push(b);
         }
-        if pending.len() > rng.below(64) as usize {
+        if pending.len() > rng.below(64) {
             let got = store.insert_many(&pending);
             let want = reference.insert_many(&pending);
             for ((g, w), b) in got.into_iter().zip(want).zip(&pending) {

@@ -1245,7 +1245,7 @@ mod rollup_tests {
     #[test]
     fn the_plan_covers_the_range_once() {
         let tiers = [ROLLUP_STACK_H, ROLLUP_STACK_M];
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for _ in 0..2000 {
             let (a, b) = (random_time(&mut rng, 4), random_time(&mut rng, 4));
             let (start, end) = (a.min(b), a.max(b));
@@ -1276,7 +1276,7 @@ mod rollup_tests {
     #[test]
     fn rollups_answer_like_raw_rows_and_survive_retention() {
         let mut store = SqliteStore::in_memory().unwrap();
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let hours = 5;
         // Three agents, windows of 10 s (some end exactly on the hour),
         // sent in groups of random size, with duplicates.
@@ -1324,7 +1324,7 @@ mod rollup_tests {
     #[test]
     fn a_failing_batch_leaves_its_group_stored() {
         let mut store = SqliteStore::in_memory().unwrap();
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         let old = random_batch(&mut rng, 0, 1, T0 + 10 * S);
         store.insert(&old).unwrap();
         store.retain(T0 + HOUR_NS).unwrap();
@@ -1459,7 +1459,7 @@ mod rollup_tests {
     fn the_migration_builds_rollups_for_existing_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         let batches: Vec<ValidBatch> = (1..=400)
             .map(|w| random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S))
             .collect();
@@ -1484,7 +1484,7 @@ mod rollup_tests {
     fn the_migration_makes_existing_data_cpu_samples() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v2.db");
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         let batches: Vec<ValidBatch> = (1..=500)
             .map(|w| random_batch(&mut rng, w % 3, w as u64, T0 + w * 10 * S))
             .collect();

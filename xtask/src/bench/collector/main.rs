@@ -17,7 +17,7 @@
 //! ```text
 //! cargo build --release -p xtask --features collector-bench --bin collector-bench
 //! target/release/collector-bench --report target/bench/collector-bench.md   # full, both stores
-//! target/release/collector-bench --quick                                    # smoke, < 2 min
+//! target/release/collector-bench --quick                                    # smoke: every part once
 //! ```
 //! What the figures mean and what follows from them:
 //! docs/collector-benchmarks.md (the full suite is `cargo xtask bench`).
@@ -105,7 +105,9 @@ pub(crate) struct Args {
     /// Write a markdown section with the figures to this file.
     #[arg(long)]
     pub(crate) report: Option<PathBuf>,
-    /// A smoke-sized run (< 30 s): 10 agents, 15 minutes loaded.
+    /// A smoke-sized run, to show every part works (the figures mean
+    /// little): 4 agents, one hour loaded, few batches through gRPC, each
+    /// query once.
     #[arg(long)]
     pub(crate) quick: bool,
     /// Seed of the generator.
@@ -127,11 +129,12 @@ pub(crate) enum StoreChoice {
 pub(crate) fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.quick {
-        args.agents = 10;
+        args.agents = 4;
         args.hours = 1;
-        args.single_client_batches = 400;
-        args.grpc_batches = 1600;
-        args.clients = 8;
+        args.single_client_batches = 100;
+        args.grpc_batches = 400;
+        args.clients = 4;
+        args.runs = 1;
     }
     let args = Arc::new(args);
     // The collector runs on a runtime of its own, so its threads (and CPU
