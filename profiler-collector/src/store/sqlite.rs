@@ -193,6 +193,25 @@ pub enum Part {
     Raw { start: i64, end: i64 },
 }
 
+impl Part {
+    /// The table the part reads and the condition picking its rows, whose
+    /// two bounds are the statement's arguments `?n` and `?n+1`.
+    fn range(&self, n: usize) -> (&'static str, String, [i64; 2]) {
+        match *self {
+            Part::Raw { start, end } => (
+                "samples",
+                format!("window_end > ?{n} AND window_end <= ?{}", n + 1),
+                [start, end],
+            ),
+            Part::Rollup { rollup, lo, hi } => (
+                rollup.table,
+                format!("{c} >= ?{n} AND {c} < ?{}", n + 1, c = rollup.column),
+                [lo, hi],
+            ),
+        }
+    }
+}
+
 /// Splits `(start, end]` into the whole buckets of the first (coarsest)
 /// rollup, then of the next ones for what is left at the ends, and raw
 /// ranges for the rest. The parts are disjoint and cover the range.
@@ -745,25 +764,11 @@ impl SqliteStore {
                 Some(_) => format!(" AND type_id = ?{}", n + 2),
                 None => String::new(),
             };
-            match part {
-                Part::Raw { start, end } => {
-                    sql.push(format!(
-                        "SELECT label_set_id FROM samples
-                         WHERE window_end > ?{n} AND window_end <= ?{}{of_type}",
-                        n + 1
-                    ));
-                    args.extend([start.into(), end.into()]);
-                }
-                Part::Rollup { rollup, lo, hi } => {
-                    sql.push(format!(
-                        "SELECT label_set_id FROM {t} WHERE {c} >= ?{n} AND {c} < ?{}{of_type}",
-                        n + 1,
-                        t = rollup.table,
-                        c = rollup.column
-                    ));
-                    args.extend([lo.into(), hi.into()]);
-                }
-            }
+            let (table, range, bounds) = part.range(n);
+            sql.push(format!(
+                "SELECT label_set_id FROM {table} WHERE {range}{of_type}"
+            ));
+            args.extend(bounds.map(Value::from));
             args.extend(type_id.map(Value::from));
         }
         if sql.is_empty() {
@@ -958,26 +963,11 @@ impl Store for SqliteStore {
         let mut exists = Vec::new();
         let mut args: Vec<Value> = Vec::new();
         for part in plan(start_ns, end_ns, &[ROLLUP_STACK_H, ROLLUP_STACK_M]) {
-            let n = args.len() + 1;
-            match part {
-                Part::Raw { start, end } => {
-                    exists.push(format!(
-                        "EXISTS (SELECT 1 FROM samples
-                         WHERE window_end > ?{n} AND window_end <= ?{} AND type_id = t.id)",
-                        n + 1
-                    ));
-                    args.extend([start.into(), end.into()]);
-                }
-                Part::Rollup { rollup, lo, hi } => {
-                    exists.push(format!(
-                        "EXISTS (SELECT 1 FROM {t} WHERE {c} >= ?{n} AND {c} < ?{} AND type_id = t.id)",
-                        n + 1,
-                        t = rollup.table,
-                        c = rollup.column
-                    ));
-                    args.extend([lo.into(), hi.into()]);
-                }
-            }
+            let (table, range, bounds) = part.range(args.len() + 1);
+            exists.push(format!(
+                "EXISTS (SELECT 1 FROM {table} WHERE {range} AND type_id = t.id)"
+            ));
+            args.extend(bounds.map(Value::from));
         }
         if exists.is_empty() {
             return Ok(Vec::new());
