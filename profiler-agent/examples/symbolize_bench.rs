@@ -42,6 +42,9 @@ use profiler_testkit::{median, Rng};
 
 /// Translation units of the generated program (one DWARF compile unit each).
 const UNITS: usize = 32;
+/// Units in a `--quick` run: the smoke run's time goes to the build of the
+/// program otherwise.
+const QUICK_UNITS: usize = 8;
 /// Functions per unit.
 const FUNCTIONS_PER_UNIT: usize = 200;
 /// `static inline` helpers shared by every unit, inlined into the functions.
@@ -111,12 +114,12 @@ fn header_source() -> String {
     s
 }
 
-fn unit_source(unit: usize) -> String {
+fn unit_source(unit: usize, units: usize) -> String {
     let mut rng = Rng::new(unit as u64 + 1);
     let mut callees = Vec::new();
     let mut bodies = String::new();
     for f in 0..FUNCTIONS_PER_UNIT {
-        let (cu, cf) = (rng.below(UNITS), rng.below(FUNCTIONS_PER_UNIT));
+        let (cu, cf) = (rng.below(units), rng.below(FUNCTIONS_PER_UNIT));
         callees.push(function_name(cu, cf));
         let (a, b) = (rng.below(HELPERS), rng.below(HELPERS));
         let _ = write!(
@@ -152,9 +155,9 @@ const MAIN_SOURCE: &str = "#include <unistd.h>\n\
 
 /// Builds the generated program into `dir` unless a build of the same
 /// source is there. Returns the binary's path.
-fn build_binary(dir: &Path) -> Result<PathBuf> {
+fn build_binary(dir: &Path, units: usize) -> Result<PathBuf> {
     let header = header_source();
-    let units: Vec<String> = (0..UNITS).map(unit_source).collect();
+    let units: Vec<String> = (0..units).map(|u| unit_source(u, units)).collect();
     let mut hasher = std::hash::DefaultHasher::new();
     std::hash::Hash::hash(&(&header, &units, MAIN_SOURCE), &mut hasher);
     let hash = std::hash::Hasher::finish(&hasher);
@@ -536,7 +539,8 @@ fn main() -> Result<()> {
         .context("no target directory")?
         .join("symbolize-bench");
     std::fs::create_dir_all(&dir)?;
-    let binary = build_binary(&dir)?;
+    let units = if args.quick { QUICK_UNITS } else { UNITS };
+    let binary = build_binary(&dir, units)?;
     let file_bytes = std::fs::metadata(&binary)?.len();
     let debug_bytes = dwarf_bytes(&binary)?;
     let functions = functions_of(&binary)?;
@@ -587,7 +591,7 @@ fn main() -> Result<()> {
     let _ = writeln!(md, "## Symbolization (`symbolize_bench`)\n");
     let _ = writeln!(
         md,
-        "Binary: generated C, {} functions in {UNITS} compile units with helpers inlined up to \
+        "Binary: generated C, {} functions in {units} compile units with helpers inlined up to \
          three deep, `gcc -g -O2`: {:.1} MiB file, {:.1} MiB of DWARF (`.debug_*`). \
          It runs as a child process; the agent's `ProcessCache` and `BlazeSymbolizer` name it \
          through `fold::symbolize_window`.\n",

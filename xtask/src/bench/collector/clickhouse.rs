@@ -411,7 +411,7 @@ pub(crate) async fn run_clickhouse(
     let server_version = ch(port, "SELECT version()", &[])?.trim().to_string();
     // What the server burns with nothing to do (its background threads):
     // part of its CPU during a slow ingest.
-    let idle_secs = if args.quick { 2.0 } else { 5.0 };
+    let idle_secs = if args.quick { 1.0 } else { 5.0 };
     let idle0 = pid.map(pid_cpu).unwrap_or(0.0);
     tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
     let idle_share = (pid.map(pid_cpu).unwrap_or(0.0) - idle0) / idle_secs;
@@ -441,17 +441,13 @@ pub(crate) async fn run_clickhouse(
     // `interval` (so batches join larger inserts): one client then sends
     // at most 1/interval batches a second and all clients together
     // `permits`/interval. The gRPC part is cut to ~20 s (1 client) and ~45 s
-    // (the others) at those rates (5 s and 10 s in a quick run); the rest
+    // (the others) at those rates (2 s and 4 s in a quick run); the rest
     // of the hour goes straight into the store as for SQLite.
     let interval = ClickHouseStore::open(&url, retention)?
         .min_write_interval()
         .as_secs_f64();
     let args = if interval > 0.0 {
-        let (one_s, many_s) = if args.quick {
-            (5.0, 10.0)
-        } else {
-            (20.0, 45.0)
-        };
+        let (one_s, many_s) = if args.quick { (2.0, 4.0) } else { (20.0, 45.0) };
         let mut a = (*args).clone();
         a.single_client_batches = a.single_client_batches.min((one_s / interval) as usize);
         let many = (many_s * permits as f64 / interval) as usize;

@@ -106,7 +106,7 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) report: Option<PathBuf>,
     /// A smoke-sized run, to show every part works (the figures mean
-    /// little): 4 agents, one hour loaded, few batches through gRPC, each
+    /// little): 2 agents, one hour loaded, few batches through gRPC, each
     /// query once.
     #[arg(long)]
     pub(crate) quick: bool,
@@ -129,10 +129,10 @@ pub(crate) enum StoreChoice {
 pub(crate) fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.quick {
-        args.agents = 4;
+        args.agents = 2;
         args.hours = 1;
-        args.single_client_batches = 100;
-        args.grpc_batches = 400;
+        args.single_client_batches = 50;
+        args.grpc_batches = 100;
         args.clients = 4;
         args.runs = 1;
     }
