@@ -6,6 +6,8 @@
 //! feature adds `aya::Pod` impls so the agent can read the maps.
 #![no_std]
 
+pub mod unwind;
+
 /// Length of `task_struct::comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 
@@ -175,6 +177,11 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::NewPid {}
+    unsafe impl aya::Pod for super::unwind::UnwindRow {}
+    unsafe impl aya::Pod for super::unwind::TableInfo {}
+    unsafe impl aya::Pod for super::unwind::ExecMapping {}
+    unsafe impl aya::Pod for super::unwind::ProcInfo {}
+    unsafe impl aya::Pod for super::unwind::UserStack {}
 }
 
 #[cfg(test)]
@@ -185,6 +192,14 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 4 + COMM_LEN);
         assert_eq!(core::mem::size_of::<Config>(), 16);
+        assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);
+        assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 16);
+        assert_eq!(core::mem::size_of::<unwind::ExecMapping>(), 32);
+        assert_eq!(core::mem::size_of::<unwind::ProcInfo>(), 8);
+        assert_eq!(
+            core::mem::size_of::<unwind::UserStack>(),
+            16 + 8 * unwind::MAX_USER_FRAMES
+        );
     }
 
     #[test]
