@@ -687,7 +687,15 @@ fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
     // --dev (debug assertions and overflow checks on): the ~300 instrumented
     // dependencies build in about 1.5 min on 2 cores against 4-5 min in
     // release, and the targets still run 5,000-50,000 inputs a second.
-    let flags = ["--fuzz-dir", "fuzz", "--sanitizer", "none", "--dev"];
+    let flags = [
+        "--fuzz-dir",
+        "fuzz",
+        "--sanitizer",
+        "none",
+        "--dev",
+        "--features",
+        "libfuzzer",
+    ];
     let cargo_fuzz = |sub: &str| {
         let mut cmd = Command::new("cargo");
         cmd.args(["fuzz", sub])

@@ -412,7 +412,7 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
     .collect();
     if ctx.plan.quick {
         // A few windows even in a short run.
-        args.extend(["--drain-interval".into(), "2s".into()]);
+        args.extend(["--drain-interval".into(), "1s".into()]);
     }
     let start_unix = unix_now();
     let name = format!("footprint-{hz}hz");
@@ -536,7 +536,7 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
             .iter()
             .map(|(n, what)| format!("- {n} × {what}\n"))
             .collect::<String>(),
-        window = if plan.quick { "2 s" } else { "10 s" },
+        window = if plan.quick { "1 s" } else { "10 s" },
         secs = plan.footprint_seconds,
     )?;
     writeln!(

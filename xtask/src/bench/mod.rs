@@ -91,7 +91,7 @@ impl Plan {
                 rounds: 1,
                 scale: 0.1,
                 cost_seconds: 2,
-                footprint_seconds: 6,
+                footprint_seconds: 3,
                 fleet_size: 50,
                 startup_runs: 2,
                 try_bcc: !debug_build,
