@@ -102,7 +102,8 @@ fn maps_fixture() -> MapsFixture {
         let p = s % PROCESSES;
         let key = StackKey {
             tgid: 1000 + p as u32,
-            user_stack_id: user_id as i32,
+            // Key 0 means "no user stack".
+            user_stack: user_id as u64 + 1,
             kernel_stack_id: kernel_id,
             comm: comm(&process_name(p)),
         };
@@ -119,12 +120,14 @@ fn decode_window(maps: &MapsFixture) -> RawWindow {
     let mut cache: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
     for (key, values) in &maps.entries {
         let count: u64 = values.iter().sum();
-        let (sample, missing) = decode_key(key, count, |id| {
+        let mut lookup = |id: u32| {
             cache
                 .entry(id)
                 .or_insert_with(|| maps.stack_map.get(&id).cloned())
                 .clone()
-        });
+        };
+        let user = lookup((key.user_stack - 1) as u32);
+        let (sample, missing) = decode_key(key, count, &mut lookup, |_| user.clone());
         if missing {
             window.missing_stacks += count;
         }

@@ -25,6 +25,31 @@ pub struct SamplerOptions {
     pub count_map_entries: u32,
     /// Time between flipping the active map set and reading the idle one.
     pub grace_period: Duration,
+    /// How user stacks are walked.
+    pub unwind: UnwindMode,
+    /// Kernel memory for unwind tables, in MiB (`--unwind-table-mib`).
+    pub unwind_table_mib: u32,
+}
+
+/// How the program walks user stacks (`--unwind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// Call-frame information (`.eh_frame`, `.debug_frame`) where the agent
+    /// built a table, checked frame pointers elsewhere.
+    #[default]
+    Cfi,
+    /// Checked frame pointers only: for diagnosis.
+    FramePointers,
+}
+
+impl UnwindMode {
+    /// The program's `Config::unwind_mode` value.
+    pub fn config_value(self) -> u32 {
+        match self {
+            UnwindMode::Cfi => profiler_common::unwind_mode::CFI,
+            UnwindMode::FramePointers => profiler_common::unwind_mode::FRAME_POINTERS,
+        }
+    }
 }
 
 impl Default for SamplerOptions {
@@ -36,6 +61,8 @@ impl Default for SamplerOptions {
             stack_map_entries: profiler_common::DEFAULT_STACK_MAP_ENTRIES,
             count_map_entries: profiler_common::DEFAULT_COUNT_MAP_ENTRIES,
             grace_period: Duration::from_millis(50),
+            unwind: UnwindMode::Cfi,
+            unwind_table_mib: profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB,
         }
     }
 }
@@ -53,6 +80,12 @@ impl SamplerOptions {
                     "{name} must be between 64 and 1048576, got {value}"
                 )));
             }
+        }
+        if !(1..=4096).contains(&self.unwind_table_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "--unwind-table-mib must be between 1 and 4096, got {}",
+                self.unwind_table_mib
+            )));
         }
         if self.pids.len() > profiler_common::MAX_FILTER_PIDS as usize {
             return Err(Error::InvalidArgument(format!(

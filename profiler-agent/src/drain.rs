@@ -5,7 +5,7 @@
 //! Sources implement [`crate::pipeline::SampleSource`].
 use std::collections::{BTreeMap, BTreeSet};
 
-use profiler_common::{Counter, StackKey, COMM_LEN, NO_STACK};
+use profiler_common::{unwind::StackEnd, Counter, StackKey, COMM_LEN, NO_STACK, NO_USER_STACK};
 
 use crate::sample_type::SampleType;
 
@@ -34,11 +34,15 @@ pub struct RawWindow {
     /// Samples whose key named a stack id that was not in the stack map
     /// (should not happen; counted rather than guessed).
     pub missing_stacks: u64,
-    /// Samples with a stack cut at the kernel's depth limit (root frames lost).
+    /// Samples with a stack cut at the depth limit (root frames lost).
     pub truncated_stacks: u64,
+    /// Samples with a user stack, by how the program's walk of it ended
+    /// (stack quality: [`StackEnd::Root`] and [`StackEnd::FramePointerEnd`]
+    /// reach the outermost frame, the others stopped early).
+    pub user_stack_ends: BTreeMap<StackEnd, u64>,
 }
 
-/// Depth at which the kernel cuts stacks (`PERF_MAX_STACK_DEPTH`).
+/// Depth at which the kernel cuts kernel stacks (`PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
 impl RawWindow {
@@ -62,6 +66,9 @@ impl RawWindow {
         self.samples.extend(other.samples);
         self.missing_stacks += other.missing_stacks;
         self.truncated_stacks += other.truncated_stacks;
+        for (end, n) in other.user_stack_ends {
+            *self.user_stack_ends.entry(end).or_default() += n;
+        }
     }
 }
 
@@ -95,28 +102,32 @@ impl Counters {
 /// Turns a map key and its stacks into a [`RawSample`] of
 /// [`SampleType::Cpu`] (the kernel maps hold sample counts).
 ///
-/// `lookup` returns the frames of a stack id, leaf first, or `None` when the
-/// id is not in the stack map.
+/// `kernel_lookup` returns the frames of a kernel stack id and
+/// `user_lookup` those of a user-stack key, leaf first, or `None` when the
+/// stack is not in its map.
 pub fn decode_key(
     key: &StackKey,
     count: u64,
-    mut lookup: impl FnMut(u32) -> Option<Vec<u64>>,
+    mut kernel_lookup: impl FnMut(u32) -> Option<Vec<u64>>,
+    mut user_lookup: impl FnMut(u64) -> Option<Vec<u64>>,
 ) -> (RawSample, bool) {
     let mut missing = false;
-    let mut stack = |id: i32| -> Vec<u64> {
-        if id == NO_STACK || id < 0 {
-            return Vec::new();
-        }
-        match lookup(id as u32) {
-            Some(frames) => frames,
-            None => {
-                missing = true;
-                Vec::new()
-            }
-        }
+    let mut found = |frames: Option<Vec<u64>>| {
+        frames.unwrap_or_else(|| {
+            missing = true;
+            Vec::new()
+        })
     };
-    let user = stack(key.user_stack_id);
-    let kernel = stack(key.kernel_stack_id);
+    let user = if key.user_stack == NO_USER_STACK {
+        Vec::new()
+    } else {
+        found(user_lookup(key.user_stack))
+    };
+    let kernel = if key.kernel_stack_id == NO_STACK || key.kernel_stack_id < 0 {
+        Vec::new()
+    } else {
+        found(kernel_lookup(key.kernel_stack_id as u32))
+    };
     (
         RawSample {
             tgid: key.tgid,
@@ -150,11 +161,16 @@ mod tests {
     fn decodes_both_stacks() {
         let key = StackKey {
             tgid: 42,
-            user_stack_id: 3,
+            user_stack: 3,
             kernel_stack_id: 7,
             comm: comm("worker"),
         };
-        let (s, missing) = decode_key(&key, 5, |id| Some(vec![id as u64 * 100, 1]));
+        let (s, missing) = decode_key(
+            &key,
+            5,
+            |id| Some(vec![id as u64 * 100, 1]),
+            |key| Some(vec![key * 100, 1]),
+        );
         assert!(!missing);
         assert_eq!(s.tgid, 42);
         assert_eq!(s.comm, "worker");
@@ -167,11 +183,11 @@ mod tests {
     fn absent_stacks_are_empty_not_missing() {
         let key = StackKey {
             tgid: 1,
-            user_stack_id: NO_STACK,
+            user_stack: NO_USER_STACK,
             kernel_stack_id: 2,
             comm: comm("kworker/0:1"),
         };
-        let (s, missing) = decode_key(&key, 1, |_| Some(vec![9]));
+        let (s, missing) = decode_key(&key, 1, |_| Some(vec![9]), |_| Some(vec![8]));
         assert!(!missing);
         assert!(s.user.is_empty());
         assert_eq!(s.kernel, vec![9]);
@@ -181,11 +197,11 @@ mod tests {
     fn vanished_stack_is_reported() {
         let key = StackKey {
             tgid: 1,
-            user_stack_id: 4,
+            user_stack: 4,
             kernel_stack_id: NO_STACK,
             comm: comm("x"),
         };
-        let (_, missing) = decode_key(&key, 1, |_| None);
+        let (_, missing) = decode_key(&key, 1, |_| Some(vec![1]), |_| None);
         assert!(missing);
     }
 

@@ -149,9 +149,20 @@ struct SamplingArgs {
     /// How often the kernel maps are drained (and, in `run`, a batch is sent).
     #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
     drain_interval: Duration,
-    /// Capacity of each stack-trace map (distinct stacks per drain interval).
+    /// Capacity of each stack map (distinct kernel stacks, and distinct
+    /// user stacks, per drain interval).
     #[arg(long, default_value_t = profiler_common::DEFAULT_STACK_MAP_ENTRIES)]
     stack_map_entries: u32,
+    /// How user stacks are walked: `cfi` (call-frame information where a
+    /// table was built, checked frame pointers elsewhere) or
+    /// `frame-pointers` (for diagnosis).
+    #[arg(long, value_enum, default_value_t = profiler_agent::config::UnwindMode::Cfi)]
+    unwind: profiler_agent::config::UnwindMode,
+    /// Kernel memory for unwind tables, in MiB (12 bytes a row; libc needs
+    /// about 0.3 MiB); least recently used tables of exited processes are
+    /// evicted when it is full.
+    #[arg(long, default_value_t = profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB)]
+    unwind_table_mib: u32,
     /// Capacity of each count map (distinct process+stack keys per drain interval).
     #[arg(long, default_value_t = profiler_common::DEFAULT_COUNT_MAP_ENTRIES)]
     count_map_entries: u32,
@@ -176,6 +187,8 @@ impl SamplingArgs {
                 include_idle: self.include_idle,
                 stack_map_entries: self.stack_map_entries,
                 count_map_entries: self.count_map_entries,
+                unwind: self.unwind,
+                unwind_table_mib: self.unwind_table_mib,
                 ..SamplerOptions::default()
             },
             duration: self.duration,

@@ -20,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_common::Counter;
+use std::collections::BTreeMap;
+
+use profiler_common::{unwind::StackEnd, Counter};
 use prometheus_client::{
     collector::Collector,
     encoding::{prometheus_text, DescriptorEncoder, EncodeMetric},
@@ -55,6 +57,8 @@ pub struct AgentMetrics {
     pub samples_drained: AtomicU64,
     pub missing_stacks: AtomicU64,
     pub truncated_stacks: AtomicU64,
+    /// Samples with a user stack, by how its walk ended.
+    user_stack_ends: Mutex<BTreeMap<StackEnd, u64>>,
     /// Pods in the pod cache (when watching Kubernetes).
     pub pods: AtomicU64,
     kernel: Mutex<Counters>,
@@ -85,6 +89,14 @@ impl AgentMetrics {
             .fetch_add(missing_stacks, Ordering::Relaxed);
         self.truncated_stacks
             .fetch_add(truncated_stacks, Ordering::Relaxed);
+    }
+
+    /// A drained window's user stacks, by how their walk ended.
+    pub fn add_user_stack_ends(&self, ends: &BTreeMap<StackEnd, u64>) {
+        let mut total = lock(&self.user_stack_ends);
+        for (end, n) in ends {
+            *total.entry(*end).or_default() += n;
+        }
     }
 
     pub fn set_kernel(&self, counters: Counters) {
@@ -165,6 +177,7 @@ struct Scrape {
     drain: [u64; DrainLoss::COUNT],
     samples_drained: u64,
     windows: u64,
+    user_stack_ends: BTreeMap<StackEnd, u64>,
     pods: u64,
     processes: ProcessGauges,
     symbolizer: SymbolizerStats,
@@ -268,6 +281,13 @@ impl Collector for Scrape {
             "Samples kept with a stack or name missing or cut, by reason.",
             "reason",
             kernel(Effect::Degraded).chain(drain),
+        )?;
+        t.labelled(
+            "user_stacks",
+            "Samples with a user stack, by how the program's walk of it ended: `root` and \
+             `frame_pointer_end` reach the outermost frame, the others stopped early.",
+            "end",
+            StackEnd::ALL.map(|e| (e.name(), self.user_stack_ends.get(&e).copied().unwrap_or(0))),
         )?;
         t.counter(
             "samples_kernel_only",
@@ -515,6 +535,7 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
         drain: std::array::from_fn(|i| m.drain_loss(DrainLoss::ALL[i])),
         samples_drained: m.samples_drained.load(Ordering::Relaxed),
         windows: m.windows.load(Ordering::Relaxed),
+        user_stack_ends: lock(&m.user_stack_ends).clone(),
         pods: m.pods.load(Ordering::Relaxed),
         processes: lock(&m.processes).clone(),
         symbolizer: lock(&m.symbolizer).clone(),

@@ -322,6 +322,16 @@ impl ProcessCache {
         self.processes.get(&pid)?.name.as_deref()
     }
 
+    /// The executable mappings of a cached process, sorted by start.
+    pub fn mappings(&self, pid: u32) -> Option<&[Mapping]> {
+        Some(&self.processes.get(&pid)?.mappings)
+    }
+
+    /// The process directory under the cache's proc root.
+    pub fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.proc_root.join(pid.to_string())
+    }
+
     fn read_mappings(&mut self, pid: u32) -> Option<Vec<Mapping>> {
         let maps_path = self.proc_root.join(pid.to_string()).join("maps");
         let text = std::fs::read_to_string(&maps_path).ok()?;
@@ -335,6 +345,8 @@ impl ProcessCache {
             }
             let binary = if line.inode != 0 && line.pathname.starts_with('/') {
                 self.binary_for(pid, &line)
+            } else if line.pathname == "[vdso]" {
+                self.vdso_for(pid, &line)
             } else {
                 None
             };
@@ -353,6 +365,49 @@ impl ProcessCache {
         }
         mappings.sort_by_key(|m| m.start);
         Some(mappings)
+    }
+
+    /// The vDSO as a binary: its image, read from the process's memory into
+    /// an anonymous in-memory file, so its frames are named like any ELF
+    /// file's (`__vdso_clock_gettime`). One image per kernel: the key has
+    /// no device and the image's size as inode.
+    fn vdso_for(&mut self, pid: u32, line: &MapsLine) -> Option<Arc<Binary>> {
+        use std::{io::Write, os::unix::fs::FileExt};
+        let len = line.end.checked_sub(line.start)?;
+        if len == 0 || len > 1 << 20 {
+            return None;
+        }
+        let key = BinaryKey {
+            dev_major: 0,
+            dev_minor: 0,
+            inode: len,
+        };
+        if let Some((binary, _)) = self.binaries.get(&key) {
+            return Some(binary.clone());
+        }
+        let mem = File::open(self.proc_root.join(pid.to_string()).join("mem")).ok()?;
+        let mut image = vec![0u8; len as usize];
+        mem.read_exact_at(&mut image, line.start).ok()?;
+        if !image.starts_with(b"\x7fELF") {
+            return None;
+        }
+        // SAFETY: a valid NUL-terminated name; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"vdso".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.write_all(&image).ok()?;
+        let binary = Arc::new(Binary {
+            key,
+            path: PathBuf::from("[vdso]"),
+            symbol_path: PathBuf::from(format!("/proc/self/fd/{fd}")),
+            _file: file,
+        });
+        self.stats.binaries_opened += 1;
+        self.binaries.insert(key, (binary.clone(), 0));
+        Some(binary)
     }
 
     fn binary_for(&mut self, pid: u32, line: &MapsLine) -> Option<Arc<Binary>> {

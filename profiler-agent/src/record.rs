@@ -40,8 +40,10 @@ pub struct Recording {
     pub symbolizer_stats: SymbolizerStats,
     /// Samples whose stack id had vanished from the stack map.
     pub missing_stacks: u64,
-    /// Samples whose stack was cut at the kernel's depth limit.
+    /// Samples whose stack was cut at the depth limit.
     pub truncated_stacks: u64,
+    /// Samples with a user stack, by how the program's walk ended.
+    pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
     /// Most distinct stacks seen in one drain window.
     pub max_window_stacks: u64,
     pub duration: Duration,
@@ -224,6 +226,7 @@ impl Recorder {
             symbolizer_stats: report.symbolizer_stats,
             missing_stacks: report.missing_stacks,
             truncated_stacks: report.truncated_stacks,
+            user_stack_ends: report.user_stack_ends,
             max_window_stacks: report.max_window_stacks,
             duration: report.duration,
             frequency: options.sampler.frequency,

@@ -39,6 +39,34 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
     drops
 }
 
+/// "User stacks: N of M reached the outermost frame (P %); stopped early: …"
+pub fn user_stack_quality(recording: &Recording) -> Option<String> {
+    use profiler_common::unwind::StackEnd;
+    let ends = &recording.user_stack_ends;
+    let total: u64 = ends.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let complete: u64 = [StackEnd::Root, StackEnd::FramePointerEnd]
+        .iter()
+        .map(|e| ends.get(e).copied().unwrap_or(0))
+        .sum();
+    let early: Vec<String> = ends
+        .iter()
+        .filter(|(e, n)| !matches!(e, StackEnd::Root | StackEnd::FramePointerEnd) && **n > 0)
+        .map(|(e, n)| format!("{} {n}", e.name()))
+        .collect();
+    let mut line = format!(
+        "User stacks: {complete} of {total} reached the outermost frame ({:.1} %)",
+        100.0 * complete as f64 / total as f64
+    );
+    if !early.is_empty() {
+        line.push_str(&format!("; stopped early: {}", early.join(", ")));
+    }
+    line.push('.');
+    Some(line)
+}
+
 /// Renders the summary: samples, top functions, non-zero drops, outputs.
 pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let mut s = String::new();
@@ -60,6 +88,9 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
         recording.cpus,
         recording.processes_seen,
     );
+    if let Some(line) = user_stack_quality(recording) {
+        let _ = writeln!(s, "{line}");
+    }
     if recording.profile.total() > 0 {
         let _ = writeln!(s, "Top functions by self samples:");
         for (name, count) in recording.profile.top_self(top) {
@@ -123,6 +154,7 @@ mod tests {
             symbolizer_stats: Default::default(),
             missing_stacks: 0,
             truncated_stacks: 0,
+            user_stack_ends: Default::default(),
             max_window_stacks: 7,
             duration: std::time::Duration::from_secs(10),
             frequency: 19,

@@ -35,16 +35,21 @@ pub const KNOWN_PIDS_ENTRIES: u32 = 32_768;
 /// Size in bytes of the ring buffer that announces new processes.
 pub const NEW_PID_RING_BYTES: u32 = 64 * 1024;
 
+/// Value of [`StackKey::user_stack`] when there is no user stack (a
+/// kernel thread, or a stack lost and counted).
+pub const NO_USER_STACK: u64 = 0;
+
 /// Key of the count maps: one entry per distinct (process, stacks, comm).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     /// Thread group id, i.e. the process id as userspace sees it.
     pub tgid: u32,
-    /// Id in the stack-trace map of the user stack, or [`NO_STACK`].
-    pub user_stack_id: i32,
     /// Id in the stack-trace map of the kernel stack, or [`NO_STACK`].
     pub kernel_stack_id: i32,
+    /// Key of the user stack in the user-stack map of the set (a hash of
+    /// its frames, never 0), or [`NO_USER_STACK`].
+    pub user_stack: u64,
     /// `comm` of the sampled thread, NUL padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -60,16 +65,39 @@ pub struct Config {
     pub filter_pids: u32,
     /// Non-zero: keep samples of the idle task (pid 0).
     pub include_idle: u32,
-    /// Reserved, keeps the struct free of implicit padding.
-    pub reserved: u32,
+    /// One of [`unwind_mode`].
+    pub unwind_mode: u32,
 }
 
-/// A new process announced through the `NEW_PIDS` ring buffer at its first
-/// sample, so userspace can snapshot its mappings before it exits.
+/// How the program walks user stacks; [`Config::unwind_mode`].
+pub mod unwind_mode {
+    /// Call-frame information where the agent loaded a table, checked
+    /// frame pointers elsewhere (the default).
+    pub const CFI: u32 = 0;
+    /// Checked frame pointers only (for diagnosis).
+    pub const FRAME_POINTERS: u32 = 1;
+}
+
+/// A process announced through the `NEW_PIDS` ring buffer at its first
+/// sample (so userspace can snapshot its mappings before it exits), or
+/// again when its mappings changed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NewPid {
     pub tgid: u32,
+    /// One of [`announce`].
+    pub reason: u32,
+}
+
+/// Why a process is announced ([`NewPid::reason`]); also the values of
+/// `KNOWN_PIDS`.
+pub mod announce {
+    /// Its first sample: snapshot it and load its unwind tables.
+    pub const NEW: u32 = 1;
+    /// A user stack reached an address outside its known mappings (a
+    /// library loaded later, JIT code): read its mappings again. At most
+    /// one such request is outstanding per process.
+    pub const REFRESH: u32 = 2;
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.
@@ -87,14 +115,14 @@ pub enum Counter {
     IdleSkipped = 2,
     /// Samples of processes outside the pid filter (not a drop).
     Filtered = 3,
-    /// User stack lost: its bucket held another stack in both the main and
-    /// the overflow stack-trace map (`-EEXIST`).
+    /// User stack lost: both of its slots in the user-stack map held other
+    /// stacks (hash collisions).
     UserStackCollision = 4,
     /// Kernel stack lost: its bucket held another stack in both maps (`-EEXIST`).
     KernelStackCollision = 5,
-    /// A stack lost because the stack-trace map was full (`-ENOMEM`).
+    /// A stack lost because its stack map was full.
     StackMapFull = 6,
-    /// A user-mode sample whose user stack could not be read (`-EFAULT`).
+    /// A sample whose user registers could not be read.
     UserStackFault = 7,
     /// A kernel-mode sample whose kernel stack could not be read (`-EFAULT`).
     KernelStackFault = 8,
@@ -110,10 +138,13 @@ pub enum Counter {
     KernelOnly = 12,
     /// Sample lost: any other error while counting it (logged at debug level).
     CountOtherError = 13,
+    /// The user-stack unwinder could not be reached (tail call failed): the
+    /// sample is recorded without its user stack.
+    UnwinderUnreachable = 14,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     /// All counters, in index order.
@@ -132,6 +163,7 @@ impl Counter {
         Counter::NewPidLost,
         Counter::KernelOnly,
         Counter::CountOtherError,
+        Counter::UnwinderUnreachable,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -147,6 +179,7 @@ impl Counter {
                 | Counter::CountMapFull
                 | Counter::NewPidLost
                 | Counter::CountOtherError
+                | Counter::UnwinderUnreachable
         )
     }
 
@@ -167,6 +200,7 @@ impl Counter {
             Counter::NewPidLost => "new_pid_lost",
             Counter::KernelOnly => "kernel_only",
             Counter::CountOtherError => "count_other_error",
+            Counter::UnwinderUnreachable => "unwinder_unreachable",
         }
     }
 }
@@ -190,7 +224,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 4 + COMM_LEN);
+        assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 8 + COMM_LEN);
         assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);
         assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 16);

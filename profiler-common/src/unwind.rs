@@ -15,8 +15,13 @@
 //! x86-64 only: the rules name `RSP`, `RBP` and `RIP`.
 
 /// Most user frames the program records; deeper stacks are cut and
-/// counted ([`StackEnd::DepthLimit`]).
-pub const MAX_USER_FRAMES: usize = 128;
+/// counted ([`StackEnd::DepthLimit`]). Deeper than perf's default (127),
+/// so recursive code and deep runtimes keep their roots.
+pub const MAX_USER_FRAMES: usize = 192;
+
+/// Default capacity of each user-stack map (distinct user stacks per
+/// window and set); each entry preallocates a [`UserStack`] (1.5 KiB).
+pub const DEFAULT_USER_STACK_ENTRIES: u32 = 8_192;
 
 /// Most executable mappings of one process the program searches; the
 /// agent counts processes with more (the rest unwind with frame pointers).
@@ -40,6 +45,12 @@ pub const DEFAULT_UNWIND_TABLE_MIB: u32 = 64;
 /// Capacity of the per-process map (`PROC_INFO`: processes the program
 /// unwinds with tables at once; the others unwind with frame pointers).
 pub const MAX_UNWIND_PROCESSES: u32 = 8_192;
+
+/// Set on a recorded user frame whose address is an instruction itself, not
+/// a return address: a signal trampoline (`__restore_rt`, reached by a
+/// "return" to its first byte) and the code the signal interrupted. The
+/// leaf frame is always exact and not marked. Userspace strips the bit.
+pub const EXACT_PC_BIT: u64 = 1 << 63;
 
 /// Marks a mapping without a table: the program steps it with checked
 /// frame pointers (JIT code, Go binaries, a table not loaded yet).

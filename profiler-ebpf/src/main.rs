@@ -1,9 +1,12 @@
 //! The profiler's eBPF program.
 //!
 //! `profile` runs on every tick of the software `cpu-clock` perf event of each
-//! CPU. It records the kernel and user stacks of the interrupted task with
-//! `bpf_get_stackid` and counts (tgid, user stack, kernel stack, comm) in a
-//! per-CPU hash map.
+//! CPU. It records the kernel stack of the interrupted task with
+//! `bpf_get_stackid`, then hands over to `unwind_user` (tail calls, see
+//! [`unwind`]), which walks the user stack from the task's user registers
+//! with the unwind tables the agent loaded, stores it in the user-stack map
+//! of the set (keyed by a hash of its frames), and counts (tgid, user stack,
+//! kernel stack, comm) in a per-CPU hash map.
 //!
 //! Maps come in two sets, A and B. `CONFIG.active_set` says which one new
 //! samples go to; userspace flips it, waits a grace period, then drains and
@@ -13,28 +16,40 @@
 //! `on_exec` forgets a process at exec so its new image is announced again
 //! (at its next new count-map key: after exec the comm and stacks differ).
 //!
-//! Cost per sample: see docs/kernel-cost.md. Most of it is the kernel's
-//! user-stack walk; the program itself keeps to one hash-map lookup on the
-//! common path.
+//! Cost per sample: see docs/kernel-cost.md.
 //!
-//! Minimum kernel: 5.8 (ring buffer); BTF is not required.
+//! Minimum kernel: 5.15 (`bpf_task_pt_regs` for the user registers of a
+//! sample taken in kernel mode; kernel BTF).
 #![no_std]
 #![no_main]
+
+mod unwind;
 
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
+    bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, generated},
     macros::{map, perf_event, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{
+        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf, StackTrace,
+    },
     programs::{tracing::StackIdContext, PerfEventContext, RawTracePointContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    Config, Counter, NewPid, StackKey, COMM_LEN, COUNTER_COUNT, DEFAULT_COUNT_MAP_ENTRIES,
-    DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS, NEW_PID_RING_BYTES, NO_STACK,
-    OVERFLOW_STACK_BIT,
+    announce as announce_reason,
+    unwind::{
+        ExecMapping, ProcInfo, StackEnd, TableInfo, UnwindRow, UserStack,
+        DEFAULT_USER_STACK_ENTRIES, EXEC_MAPPINGS_ENTRIES, MAX_TABLES, MAX_UNWIND_PROCESSES,
+    },
+    unwind_mode, Config, Counter, NewPid, StackKey, COMM_LEN, COUNTER_COUNT,
+    DEFAULT_COUNT_MAP_ENTRIES, DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS,
+    NEW_PID_RING_BYTES, NO_STACK, NO_USER_STACK, OVERFLOW_STACK_BIT,
+};
+use unwind::{
+    finish_hash, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
+    FRAMES_PER_CALL, MAX_UNWIND_CALLS, REG_RIP, REG_RSP,
 };
 
 // Helpers return negated errno values.
@@ -43,6 +58,8 @@ const ENOMEM: i32 = -12;
 const EFAULT: i32 = -14;
 const E2BIG: i32 = -7;
 const BPF_NOEXIST: u64 = 1;
+/// Added to a user-stack key whose slot holds another stack (second chance).
+const SECOND_SLOT: u64 = 0x5bd1_e995_5bd1_e995;
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -76,6 +93,36 @@ static COUNTS_A: PerCpuHashMap<StackKey, u64> =
 #[map]
 static COUNTS_B: PerCpuHashMap<StackKey, u64> =
     PerCpuHashMap::with_max_entries(DEFAULT_COUNT_MAP_ENTRIES, 0);
+
+/// User stacks the program unwound, keyed by a hash of their frames (with
+/// a second hash in the value to tell collisions apart).
+#[map]
+static USER_STACKS_A: HashMap<u64, UserStack> =
+    HashMap::with_max_entries(DEFAULT_USER_STACK_ENTRIES, 0);
+#[map]
+static USER_STACKS_B: HashMap<u64, UserStack> =
+    HashMap::with_max_entries(DEFAULT_USER_STACK_ENTRIES, 0);
+
+/// Unwind rows of every loaded binary; each binary owns a slice
+/// (`UNWIND_TABLES`). Sized by the agent (`--unwind-table-mib`).
+#[map]
+pub(crate) static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
+#[map]
+pub(crate) static UNWIND_TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
+/// Executable mappings of the processes with tables; each process owns a
+/// slice (`PROC_INFO`).
+#[map]
+pub(crate) static EXEC_MAPPINGS: Array<ExecMapping> =
+    Array::with_max_entries(EXEC_MAPPINGS_ENTRIES, 0);
+#[map]
+static PROC_INFO: HashMap<u32, ProcInfo> = HashMap::with_max_entries(MAX_UNWIND_PROCESSES, 0);
+
+/// The walk in progress on this CPU.
+#[map]
+static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+/// Index 0: `unwind_user`, set by the agent.
+#[map]
+static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Processes already announced through `NEW_PIDS`; userspace removes a pid
 /// when the process is gone so a reused pid is announced again.
@@ -135,72 +182,227 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
         return Ok(());
     }
 
+    let in_kernel = sampled_in_kernel(ctx);
     // One call site per set, so that every map helper call sees a single
     // map: the verifier then calls the map's own lookup directly (or inlines
     // it) instead of going through the generic helper.
-    if config.active_set == 0 {
-        record(ctx, tgid, &STACKS_A, &STACKS_A_OVERFLOW, &COUNTS_A)
+    let kernel_stack_id = if !in_kernel {
+        // A user-mode sample has no kernel stack: don't ask for one.
+        NO_STACK
+    } else if config.active_set == 0 {
+        kernel_stack(ctx, &STACKS_A, &STACKS_A_OVERFLOW)
     } else {
-        record(ctx, tgid, &STACKS_B, &STACKS_B_OVERFLOW, &COUNTS_B)
+        kernel_stack(ctx, &STACKS_B, &STACKS_B_OVERFLOW)
+    };
+
+    // Kernel threads have no user stack.
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        return Err(0);
+    };
+    // SAFETY: per-CPU value; this program and the unwinder it tail-calls are
+    // its only users on this CPU, one at a time.
+    let state = unsafe { &mut *state };
+    state.tgid = tgid;
+    state.kernel_stack_id = kernel_stack_id;
+    state.set = config.active_set;
+    if tgid == 0 || !user_registers(ctx, in_kernel, state) {
+        if tgid != 0 && in_kernel {
+            bump(Counter::KernelOnly);
+        }
+        return count(ctx, state, NO_USER_STACK);
+    }
+    state.stack.len = 0;
+    state.stack.end = StackEnd::DepthLimit as u32;
+    state.stack.check = CHECK_SEED;
+    state.hash = 0;
+    state.calls = 0;
+    state.refresh = 0;
+    state.flags = FLAG_ALL_REGS | FLAG_EXACT_PC;
+    state.proc_first = 0;
+    state.proc_count = 0;
+    if config.unwind_mode == unwind_mode::CFI {
+        if let Some(info) = PROC_INFO.get_ptr(tgid) {
+            // SAFETY: a map value; the agent replaces it whole.
+            let info = unsafe { *info };
+            state.proc_first = info.first;
+            state.proc_count = info.count;
+        }
+    }
+    // SAFETY: `ctx` is this program's context; on success the call does not
+    // return.
+    unsafe { UNWIND_PROGS.tail_call(ctx, 0) };
+    bump(Counter::UnwinderUnreachable);
+    count(ctx, state, NO_USER_STACK)
+}
+
+/// The kernel stack's id in one set's stack maps, or [`NO_STACK`] (counted).
+#[inline(always)]
+fn kernel_stack(ctx: &PerfEventContext, stacks: &StackTrace, overflow: &StackTrace) -> i32 {
+    match stack_id(ctx, stacks, overflow, 0) {
+        Ok(id) => id,
+        Err(err) => {
+            bump(match err {
+                EEXIST => Counter::KernelStackCollision,
+                ENOMEM => Counter::StackMapFull,
+                EFAULT => Counter::KernelStackFault,
+                _ => {
+                    debug!(ctx, "kernel bpf_get_stackid failed: {}", err);
+                    Counter::StackOtherError
+                }
+            });
+            NO_STACK
+        }
     }
 }
 
-/// Counts one sample of `tgid` in one map set.
+/// Fills `state.regs` with the task's user registers: the sampled ones for
+/// a user-mode sample, the ones saved at kernel entry otherwise. False when
+/// there are none (a kernel thread, a task exiting).
+#[inline(always)]
+fn user_registers(ctx: &PerfEventContext, in_kernel: bool, state: &mut UnwindState) -> bool {
+    let regs: pt_regs = if in_kernel {
+        // SAFETY: BTF-typed task pointer, passed as the helper expects; the
+        // registers are copied out with a checked read.
+        unsafe {
+            let task = generated::bpf_get_current_task_btf();
+            let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
+            match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
+                Ok(regs) => regs,
+                Err(_) => {
+                    bump(Counter::UserStackFault);
+                    return false;
+                }
+            }
+        }
+    } else {
+        // SAFETY: the perf context holds the sampled registers.
+        unsafe { (*ctx.ctx).regs }
+    };
+    set_registers(state, &regs);
+    state.regs[REG_RIP] != 0 && state.regs[REG_RSP] != 0 && (state.regs[REG_RIP] as i64) > 0
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn set_registers(state: &mut UnwindState, r: &pt_regs) {
+    // DWARF numbering: rax, rdx, rcx, rbx, rsi, rdi, rbp, rsp, r8..r15, rip.
+    state.regs = [
+        r.rax, r.rdx, r.rcx, r.rbx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15, r.rip,
+    ];
+}
+
+/// Other architectures: frame pointers only (the agent loads no tables):
+/// the pc, stack pointer and frame pointer in the x86-64 slots.
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+fn set_registers(state: &mut UnwindState, r: &pt_regs) {
+    state.regs = [0; unwind::REGS];
+    state.regs[REG_RIP] = r.pc;
+    state.regs[REG_RSP] = r.sp;
+    state.regs[unwind::REG_RBP] = r.regs[29];
+}
+
+/// Tail-called from `profile`: walks up to [`FRAMES_PER_CALL`] frames, then
+/// calls itself again, until the stack ends; then stores it and counts the
+/// sample.
+#[perf_event]
+pub fn unwind_user(ctx: PerfEventContext) -> u32 {
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        bump(Counter::CountOtherError);
+        return 0;
+    };
+    // SAFETY: per-CPU value, see `try_profile`.
+    let state = unsafe { &mut *state };
+    let mut end = None;
+    for _ in 0..FRAMES_PER_CALL {
+        if let Step::End(why) = step(state) {
+            end = Some(why);
+            break;
+        }
+    }
+    let end = match end {
+        Some(end) => end,
+        None => {
+            state.calls += 1;
+            if state.calls < MAX_UNWIND_CALLS {
+                // SAFETY: as in `try_profile`.
+                unsafe { UNWIND_PROGS.tail_call(&ctx, 0) };
+            }
+            StackEnd::DepthLimit
+        }
+    };
+    if end == StackEnd::NoMapping {
+        request_refresh(state.tgid);
+    }
+    let user = store_user_stack(state, end);
+    let _ = count(&ctx, state, user);
+    0
+}
+
+/// Stores the walked stack in the set's user-stack map; returns its key, or
+/// [`NO_USER_STACK`] when it was lost (counted).
+#[inline(always)]
+fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
+    if state.stack.len == 0 {
+        return NO_USER_STACK;
+    }
+    state.stack.end = end as u32;
+    let tail = ((end as u64) << 32) | state.stack.len as u64;
+    let key = finish_hash(state.hash ^ tail) | 1;
+    state.stack.check = finish_hash(state.stack.check ^ tail);
+    let stacks = if state.set == 0 {
+        &USER_STACKS_A
+    } else {
+        &USER_STACKS_B
+    };
+    for slot in [key, key ^ SECOND_SLOT] {
+        let slot = slot | 1;
+        match stacks.get_ptr(slot) {
+            // SAFETY: a map value; `check` is written with the stack.
+            Some(stored) if unsafe { (*stored).check } == state.stack.check => return slot,
+            Some(_) => continue,
+            // By reference: the value (1.5 KiB) must not be copied to the
+            // 512-byte program stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            None => match stacks.insert(slot, &state.stack, BPF_NOEXIST) {
+                Ok(()) => return slot,
+                // Another CPU stored a stack there just now: the same one,
+                // most likely.
+                Err(EEXIST) => match stacks.get_ptr(slot) {
+                    Some(stored) if unsafe { (*stored).check } == state.stack.check => return slot,
+                    _ => continue,
+                },
+                Err(_) => {
+                    bump(Counter::StackMapFull);
+                    return NO_USER_STACK;
+                }
+            },
+        }
+    }
+    bump(Counter::UserStackCollision);
+    NO_USER_STACK
+}
+
+/// Counts one sample of `state.tgid` in the set `state.set`.
+#[inline(always)]
+fn count(ctx: &PerfEventContext, state: &UnwindState, user_stack: u64) -> Result<(), i64> {
+    if state.set == 0 {
+        record(ctx, state, user_stack, &COUNTS_A)
+    } else {
+        record(ctx, state, user_stack, &COUNTS_B)
+    }
+}
+
+/// Counts one sample in one set's count map.
 #[inline(always)]
 fn record(
-    ctx: &PerfEventContext,
-    tgid: u32,
-    stacks: &StackTrace,
-    overflow: &StackTrace,
+    _ctx: &PerfEventContext,
+    state: &UnwindState,
+    user_stack: u64,
     counts: &PerCpuHashMap<StackKey, u64>,
 ) -> Result<(), i64> {
-    let in_kernel = sampled_in_kernel(ctx);
-
-    // A user-mode sample has no kernel stack: don't ask for one.
-    let kernel_stack_id = if in_kernel {
-        match stack_id(ctx, stacks, overflow, 0) {
-            Ok(id) => id,
-            Err(err) => {
-                bump(match err {
-                    EEXIST => Counter::KernelStackCollision,
-                    ENOMEM => Counter::StackMapFull,
-                    EFAULT => Counter::KernelStackFault,
-                    _ => {
-                        debug!(ctx, "kernel bpf_get_stackid failed: {}", err);
-                        Counter::StackOtherError
-                    }
-                });
-                NO_STACK
-            }
-        }
-    } else {
-        NO_STACK
-    };
-
-    // Kernel threads (tgid != 0, but no user memory) only have a kernel
-    // stack: a user-stack fault in kernel mode is counted as informational
-    // `KernelOnly`, since telling kthreads apart needs task_struct offsets.
-    let user_stack_id = if tgid == 0 {
-        NO_STACK
-    } else {
-        match stack_id(ctx, stacks, overflow, BPF_F_USER_STACK as u64) {
-            Ok(id) => id,
-            Err(err) => {
-                bump(match err {
-                    EEXIST => Counter::UserStackCollision,
-                    ENOMEM => Counter::StackMapFull,
-                    EFAULT if in_kernel => Counter::KernelOnly,
-                    EFAULT => Counter::UserStackFault,
-                    _ => {
-                        debug!(ctx, "user bpf_get_stackid failed: {}", err);
-                        Counter::StackOtherError
-                    }
-                });
-                NO_STACK
-            }
-        }
-    };
-
+    let tgid = state.tgid;
     // `comm` goes straight into the key: the helper writes all 16 bytes
     // (NUL padded, or zeroes on failure), so neither a zeroing pass nor a
     // copy of a returned array is needed.
@@ -208,8 +410,8 @@ fn record(
     let key = unsafe {
         let k = key.as_mut_ptr();
         (*k).tgid = tgid;
-        (*k).user_stack_id = user_stack_id;
-        (*k).kernel_stack_id = kernel_stack_id;
+        (*k).kernel_stack_id = state.kernel_stack_id;
+        (*k).user_stack = user_stack;
         generated::bpf_get_current_comm(addr_of_mut!((*k).comm).cast(), COMM_LEN as u32);
         key.assume_init()
     };
@@ -222,7 +424,7 @@ fn record(
                 // A process's first sample in a window always makes a new
                 // key (the tgid is part of it), so checking only here still
                 // announces every process, without a lookup per sample.
-                if user_stack_id != NO_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
+                if user_stack != NO_USER_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
                     announce(tgid);
                 }
             }
@@ -263,11 +465,14 @@ fn stack_id(
 
 /// Raw tracepoint `sched_process_exec` (no tracefs needed): the process got
 /// a new image, so its next sample announces it again and userspace re-reads
-/// its mappings.
+/// its mappings and loads its tables.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = KNOWN_PIDS.remove(tgid);
+    // The old image's mappings no longer apply: walk with frame pointers
+    // until the agent has loaded the new ones.
+    let _ = PROC_INFO.remove(tgid);
     0
 }
 
@@ -275,14 +480,47 @@ pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
 /// sample makes a new count-map key, see `record`).
 #[inline(always)]
 fn announce(tgid: u32) {
-    if KNOWN_PIDS.insert(tgid, 1u8, BPF_NOEXIST).is_err() {
+    if KNOWN_PIDS
+        .insert(tgid, announce_reason::NEW as u8, BPF_NOEXIST)
+        .is_err()
+    {
         // Another CPU announced it first.
         return;
     }
-    if NEW_PIDS.output::<NewPid>(&NewPid { tgid }, 0).is_err() {
+    let event = NewPid {
+        tgid,
+        reason: announce_reason::NEW,
+    };
+    if NEW_PIDS.output::<NewPid>(&event, 0).is_err() {
         bump(Counter::NewPidLost);
         // Forget it so the process's next new key tries again.
         let _ = KNOWN_PIDS.remove(tgid);
+    }
+}
+
+/// Asks userspace to read the mappings of an announced process again (a
+/// user stack left them); at most one request is outstanding per process:
+/// userspace marks it announced again when it has reloaded them.
+#[inline(always)]
+fn request_refresh(tgid: u32) {
+    let Some(known) = KNOWN_PIDS.get_ptr_mut(tgid) else {
+        return;
+    };
+    // SAFETY: a map value; a race with another CPU sends two requests at most.
+    unsafe {
+        if *known != announce_reason::NEW as u8 {
+            return;
+        }
+        *known = announce_reason::REFRESH as u8;
+    }
+    let event = NewPid {
+        tgid,
+        reason: announce_reason::REFRESH,
+    };
+    if NEW_PIDS.output::<NewPid>(&event, 0).is_err() {
+        bump(Counter::NewPidLost);
+        // SAFETY: as above.
+        unsafe { *known = announce_reason::NEW as u8 };
     }
 }
 

@@ -1,7 +1,8 @@
 //! The new-pid announcer: a background thread that reads the `NEW_PIDS`
 //! ring buffer and snapshots each new process into the [`ProcessCache`] at
-//! its first sample (before it can exit and take its maps with it), and
-//! forwards the program's aya-log records to the agent's log.
+//! its first sample (before it can exit and take its maps with it), loads
+//! its mappings and unwind tables into the program's maps, and forwards the
+//! program's aya-log records to the agent's log.
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::{
@@ -12,8 +13,9 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use profiler_common::NewPid;
+use profiler_common::{announce, NewPid};
 
+use super::unwind::UnwindMaps;
 use crate::{process::ProcessCache, Error, Result};
 
 pub(super) type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -31,13 +33,14 @@ impl Announcer {
         ring: RingBuf<MapData>,
         logger: Option<Logger>,
         processes: Arc<Mutex<ProcessCache>>,
+        unwind: Arc<Mutex<UnwindMaps>>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("pid-announcer".into())
-                .spawn(move || announce_loop(ring, logger, processes, stop))
+                .spawn(move || announce_loop(ring, logger, processes, unwind, stop))
                 .map_err(|e| Error::io("starting the pid announcer thread", e))?
         };
         Ok(Self {
@@ -61,10 +64,28 @@ impl Drop for Announcer {
     }
 }
 
+/// Snapshots process `pid` and loads its mappings (and the tables of
+/// binaries seen for the first time) into the program's maps.
+pub(super) fn load_process(pid: u32, processes: &Mutex<ProcessCache>, unwind: &Mutex<UnwindMaps>) {
+    let snapshot = {
+        let mut cache = processes.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.observe(pid) {
+            return;
+        }
+        let mappings = cache.mappings(pid).map(<[_]>::to_vec).unwrap_or_default();
+        (mappings, cache.pid_dir(pid))
+    };
+    unwind
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .load_process(pid, &snapshot.0, &snapshot.1);
+}
+
 fn announce_loop(
     mut ring: RingBuf<MapData>,
     mut logger: Option<Logger>,
     processes: Arc<Mutex<ProcessCache>>,
+    unwind: Arc<Mutex<UnwindMaps>>,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
@@ -86,10 +107,13 @@ fn announce_loop(
             if item.len() >= std::mem::size_of::<NewPid>() {
                 // SAFETY: the program writes a NewPid; read unaligned.
                 let event: NewPid = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                processes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .observe(event.tgid);
+                load_process(event.tgid, &processes, &unwind);
+                if event.reason == announce::REFRESH {
+                    unwind
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .refreshed(event.tgid);
+                }
             }
         }
         if let Some(logger) = &mut logger {

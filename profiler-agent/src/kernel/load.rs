@@ -11,7 +11,7 @@
 use std::io;
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, ProgramArray, RingBuf},
     programs::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
@@ -20,9 +20,12 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use profiler_common::Config;
+use profiler_common::{unwind::UnwindRow, Config};
 
-use super::maps::{write_config, MapSet, MAP_SETS};
+use super::{
+    maps::{write_config, MapSet, MAP_SETS},
+    unwind::UnwindMaps,
+};
 use crate::{config::SamplerOptions, privileges, Error, Result};
 
 /// The eBPF object built by `build.rs`.
@@ -34,6 +37,8 @@ static EBPF_OBJECT: &[u8] = &[];
 
 /// The sampling program's name in the object.
 pub(super) const PROFILE_PROGRAM: &str = "profile";
+/// The user-stack unwinder, tail-called by `profile` and by itself.
+const UNWIND_PROGRAM: &str = "unwind_user";
 
 /// The loaded object with the maps the agent reads and writes, before the
 /// sampling program is attached.
@@ -43,7 +48,9 @@ pub(super) struct Loaded {
     pub config_map: Array<MapData, Config>,
     pub config: Config,
     pub counters: aya::maps::PerCpuArray<MapData, u64>,
-    pub known_pids: BpfHashMap<MapData, u32, u8>,
+    pub unwind: UnwindMaps,
+    /// Holds the unwinder in the program array for as long as it lives.
+    pub programs: ProgramArray<MapData>,
     /// The pid filter: held until the `profile` program is loaded (the
     /// program refers to its fd), then not needed.
     pub filter: BpfHashMap<MapData, u32, u8>,
@@ -67,11 +74,15 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     raise_limits();
 
     let mut loader = EbpfLoader::new();
-    for (counts, stacks, overflow) in MAP_SETS {
-        loader.map_max_entries(counts, options.count_map_entries);
-        loader.map_max_entries(stacks, options.stack_map_entries);
-        loader.map_max_entries(overflow, (options.stack_map_entries / 4).max(64));
+    for set in &MAP_SETS {
+        loader.map_max_entries(set.counts, options.count_map_entries);
+        loader.map_max_entries(set.stacks, options.stack_map_entries);
+        loader.map_max_entries(set.overflow, (options.stack_map_entries / 4).max(64));
+        loader.map_max_entries(set.user, options.stack_map_entries);
     }
+    let rows =
+        (u64::from(options.unwind_table_mib) << 20) / std::mem::size_of::<UnwindRow>() as u64;
+    loader.map_max_entries("UNWIND_ROWS", rows.min(u32::MAX as u64) as u32);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| ebpf_error("loading the eBPF object", e))?;
@@ -80,7 +91,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         active_set: 0,
         filter_pids: u32::from(!options.pids.is_empty()),
         include_idle: u32::from(options.include_idle),
-        reserved: 0,
+        unwind_mode: options.unwind.config_value(),
     };
     let mut filter: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "FILTER_PIDS")?;
     for pid in &options.pids {
@@ -91,11 +102,30 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, "CONFIG")?;
     write_config(&mut config_map, config)?;
     let sets = [
-        MapSet::take(&mut ebpf, MAP_SETS[0])?,
-        MapSet::take(&mut ebpf, MAP_SETS[1])?,
+        MapSet::take(&mut ebpf, &MAP_SETS[0])?,
+        MapSet::take(&mut ebpf, &MAP_SETS[1])?,
     ];
     let counters = take_map(&mut ebpf, "COUNTERS")?;
-    let known_pids = take_map(&mut ebpf, "KNOWN_PIDS")?;
+    let unwind = UnwindMaps::new(
+        take_map(&mut ebpf, "KNOWN_PIDS")?,
+        take_map(&mut ebpf, "UNWIND_ROWS")?,
+        take_map(&mut ebpf, "UNWIND_TABLES")?,
+        take_map(&mut ebpf, "EXEC_MAPPINGS")?,
+        take_map(&mut ebpf, "PROC_INFO")?,
+    );
+
+    // The unwinder goes into the program array before `profile` runs.
+    let mut programs: ProgramArray<MapData> = take_map(&mut ebpf, "UNWIND_PROGS")?;
+    let unwinder: &mut PerfEvent = program(&mut ebpf, UNWIND_PROGRAM)?;
+    unwinder
+        .load()
+        .map_err(|e| ebpf_error("loading the unwind_user program (verifier)", e))?;
+    let fd = unwinder
+        .fd()
+        .map_err(|e| ebpf_error("the unwind_user program's fd", e))?;
+    programs
+        .set(0, fd, 0)
+        .map_err(|e| ebpf_error("filling the UNWIND_PROGS program array", e))?;
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
@@ -122,7 +152,8 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         config_map,
         config,
         counters,
-        known_pids,
+        unwind,
+        programs,
         filter,
         ring,
         logger,
@@ -182,6 +213,26 @@ pub(super) fn ebpf_error(
     err: impl std::error::Error + Send + Sync + 'static,
 ) -> Error {
     let what = what.into();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    // The verifier's refusal (EACCES) is not a missing privilege: show its log.
+    while let Some(e) = source {
+        if let Some(aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) = e.downcast_ref::<aya::programs::ProgramError>()
+        {
+            let log = verifier_log.to_string();
+            if !log.trim().is_empty() {
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Error::Ebpf {
+                    what: format!("{what}: the verifier refused it ({io_error})"),
+                    source: tail.join("\n").into(),
+                };
+            }
+        }
+        source = e.source();
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {

@@ -1,6 +1,7 @@
-//! The maps the agent reads: the A/B map sets (count map, stack map and
-//! overflow stack map each), flipped by `CONFIG.active_set` and read and
-//! cleared while idle, and the per-CPU counters.
+//! The maps the agent reads: the A/B map sets (count map, kernel stack map
+//! and its overflow map, user-stack map each), flipped by
+//! `CONFIG.active_set` and read and cleared while idle, and the per-CPU
+//! counters.
 //!
 //! Draining: flip `CONFIG.active_set`, wait a grace period so programs that
 //! read the old value finish, then read and clear the now idle set. Nothing
@@ -9,10 +10,13 @@
 use std::collections::HashMap;
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     Ebpf,
 };
-use profiler_common::{Config, Counter, StackKey, OVERFLOW_STACK_BIT};
+use profiler_common::{
+    unwind::{StackEnd, UserStack, EXACT_PC_BIT, MAX_USER_FRAMES},
+    Config, Counter, StackKey, OVERFLOW_STACK_BIT,
+};
 
 use super::load::{ebpf_error, take_map};
 use crate::{
@@ -20,10 +24,33 @@ use crate::{
     Result,
 };
 
-/// (count map, main stack map, overflow stack map) of the A and B sets.
-pub(super) const MAP_SETS: [(&str, &str, &str); 2] = [
-    ("COUNTS_A", "STACKS_A", "STACKS_A_OVERFLOW"),
-    ("COUNTS_B", "STACKS_B", "STACKS_B_OVERFLOW"),
+/// A user stack's frames (leaf first) and how its walk ended.
+type UserFrames = (Vec<u64>, Option<StackEnd>);
+
+/// The map names of one set.
+pub(super) struct SetNames {
+    pub counts: &'static str,
+    /// Kernel stacks (`bpf_get_stackid`) and their overflow map.
+    pub stacks: &'static str,
+    pub overflow: &'static str,
+    /// User stacks the program unwound.
+    pub user: &'static str,
+}
+
+/// The maps of the A and B sets.
+pub(super) const MAP_SETS: [SetNames; 2] = [
+    SetNames {
+        counts: "COUNTS_A",
+        stacks: "STACKS_A",
+        overflow: "STACKS_A_OVERFLOW",
+        user: "USER_STACKS_A",
+    },
+    SetNames {
+        counts: "COUNTS_B",
+        stacks: "STACKS_B",
+        overflow: "STACKS_B_OVERFLOW",
+        user: "USER_STACKS_B",
+    },
 ];
 
 /// The maps of one set, owned by the kernel source.
@@ -31,18 +58,39 @@ pub(super) struct MapSet {
     counts: PerCpuHashMap<MapData, StackKey, u64>,
     stacks: StackTraceMap<MapData>,
     overflow: StackTraceMap<MapData>,
+    user: BpfHashMap<MapData, u64, UserStack>,
 }
 
 impl MapSet {
-    pub(super) fn take(
-        ebpf: &mut Ebpf,
-        (counts, stacks, overflow): (&str, &str, &str),
-    ) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf, names: &SetNames) -> Result<Self> {
         Ok(Self {
-            counts: take_map(ebpf, counts)?,
-            stacks: take_map(ebpf, stacks)?,
-            overflow: take_map(ebpf, overflow)?,
+            counts: take_map(ebpf, names.counts)?,
+            stacks: take_map(ebpf, names.stacks)?,
+            overflow: take_map(ebpf, names.overflow)?,
+            user: take_map(ebpf, names.user)?,
         })
+    }
+
+    /// Frames of a user stack, leaf first, and how its walk ended.
+    ///
+    /// A frame the program marked exact ([`EXACT_PC_BIT`]: a signal
+    /// trampoline, the code a signal interrupted) is returned one byte
+    /// further, so that the symbolizer's "return address minus one" looks
+    /// up the instruction itself.
+    fn user_frames(&self, key: u64) -> Option<UserFrames> {
+        let stack = self.user.get(&key, 0).ok()?;
+        let len = (stack.len as usize).min(MAX_USER_FRAMES);
+        let frames = stack.frames[..len]
+            .iter()
+            .map(|&ip| {
+                if ip & EXACT_PC_BIT != 0 {
+                    (ip & !EXACT_PC_BIT) + 1
+                } else {
+                    ip
+                }
+            })
+            .collect();
+        Some((frames, StackEnd::from_u32(stack.end)))
     }
 
     /// Frames of a stack id, leaf first; ids tagged with
@@ -65,18 +113,36 @@ impl MapSet {
             entries.push((key, values.iter().sum()));
         }
         let mut window = RawWindow::default();
-        let mut cache: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
+        let mut kernel: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
+        let mut user: HashMap<u64, Option<UserFrames>> = HashMap::new();
         for (key, count) in &entries {
-            let (sample, missing) = decode_key(key, *count, |id| {
-                cache.entry(id).or_insert_with(|| self.frames(id)).clone()
-            });
+            let mut end = None;
+            let (sample, missing) = decode_key(
+                key,
+                *count,
+                |id| kernel.entry(id).or_insert_with(|| self.frames(id)).clone(),
+                |k| {
+                    let found = user.entry(k).or_insert_with(|| self.user_frames(k)).clone();
+                    found.map(|(frames, why)| {
+                        end = why;
+                        frames
+                    })
+                },
+            );
             if missing {
                 window.missing_stacks += count;
             }
-            if sample.user.len() >= MAX_STACK_DEPTH || sample.kernel.len() >= MAX_STACK_DEPTH {
+            if let Some(end) = end {
+                *window.user_stack_ends.entry(end).or_default() += count;
+            }
+            if end == Some(StackEnd::DepthLimit) || sample.kernel.len() >= MAX_STACK_DEPTH {
                 window.truncated_stacks += count;
             }
             window.samples.push(sample);
+        }
+        let user_keys: Vec<u64> = self.user.keys().filter_map(|k| k.ok()).collect();
+        for key in user_keys {
+            let _ = self.user.remove(&key);
         }
         for map in [&mut self.stacks, &mut self.overflow] {
             let ids: Vec<u32> = map.stack_ids().filter_map(|id| id.ok()).collect();

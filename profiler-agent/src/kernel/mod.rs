@@ -8,9 +8,10 @@
 //! - [`maps`]: flipping and reading the A/B map sets, and the counters;
 //! - [`announce`]: the thread that snapshots each new process at its first
 //!   sample;
-//! - [`unwind`]: unwind tables the agent builds and pushes into maps.
+//! - [`unwind`]: the unwind tables and process mappings in the program's
+//!   maps.
 //!
-//! Minimum kernel: 5.8 (`CAP_BPF`/`CAP_PERFMON`, ring buffer).
+//! Minimum kernel: 5.15 (`bpf_task_pt_regs`), with BTF.
 mod announce;
 mod load;
 mod maps;
@@ -22,13 +23,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray, ProgramArray},
     programs::perf_event::PerfEventLinkId,
     Ebpf,
 };
 use profiler_common::Config;
 
-use self::{announce::Announcer, maps::MapSet};
+use self::{announce::Announcer, maps::MapSet, unwind::UnwindMaps};
 use crate::{
     config::SamplerOptions,
     drain::{Counters, RawWindow},
@@ -43,7 +44,8 @@ pub struct KernelSource {
     sets: [MapSet; 2],
     config_map: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
-    known_pids: BpfHashMap<MapData, u32, u8>,
+    unwind: Arc<Mutex<UnwindMaps>>,
+    _programs: ProgramArray<MapData>,
     config: Config,
     grace: Duration,
     started: Instant,
@@ -57,15 +59,23 @@ impl KernelSource {
     /// every process at its first sample.
     pub fn start(options: &SamplerOptions, processes: Arc<Mutex<ProcessCache>>) -> Result<Self> {
         let mut loaded = load::load(options)?;
+        let unwind = Arc::new(Mutex::new(loaded.unwind));
+        // Processes named on the command line are loaded before the first
+        // sample; the others at their first sample (walked with frame
+        // pointers until then).
+        for pid in &options.pids {
+            announce::load_process(*pid, &processes, &unwind);
+        }
         let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
         drop(loaded.filter);
-        let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes)?;
+        let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes, unwind.clone())?;
         let source = Self {
             ebpf: loaded.ebpf,
             sets: loaded.sets,
             config_map: loaded.config_map,
             counters: loaded.counters,
-            known_pids: loaded.known_pids,
+            unwind,
+            _programs: loaded.programs,
             config: loaded.config,
             grace: options.grace_period,
             started: Instant::now(),
@@ -116,8 +126,9 @@ impl SampleSource for KernelSource {
     }
 
     fn forget_pids(&mut self, pids: &[u32]) {
+        let mut unwind = self.unwind.lock().unwrap_or_else(|e| e.into_inner());
         for pid in pids {
-            let _ = self.known_pids.remove(pid);
+            unwind.forget_process(*pid);
         }
     }
 

@@ -101,8 +101,10 @@ pub struct RunReport {
     pub delivered: BTreeMap<SampleType, u64>,
     /// Samples whose stack id had vanished from the stack map.
     pub missing_stacks: u64,
-    /// Samples whose stack was cut at the kernel's depth limit.
+    /// Samples whose stack was cut at the depth limit.
     pub truncated_stacks: u64,
+    /// Samples with a user stack, by how the program's walk ended.
+    pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
     /// Most distinct `cpu` stacks (process and frames) in one window.
     pub max_window_stacks: u64,
     pub symbolizer_stats: SymbolizerStats,
@@ -265,6 +267,10 @@ fn deliver(
     let cpu_total = window.total(SampleType::Cpu);
     tracing::debug!(samples = cpu_total, "drained a window");
     metrics.add_window(cpu_total, window.missing_stacks, window.truncated_stacks);
+    metrics.add_user_stack_ends(&window.user_stack_ends);
+    for (end, n) in &window.user_stack_ends {
+        *report.user_stack_ends.entry(*end).or_default() += n;
+    }
     report.windows += 1;
     report.missing_stacks += window.missing_stacks;
     report.truncated_stacks += window.truncated_stacks;

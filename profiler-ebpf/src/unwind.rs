@@ -1,0 +1,335 @@
+//! The user-stack unwinder: walks a user stack from the sampled registers
+//! with the unwind tables the agent loaded (see `profiler_common::unwind`),
+//! and with checked frame-pointer steps where no table covers the code.
+//!
+//! A walk is split over tail calls of `unwind_user` (at most
+//! [`FRAMES_PER_CALL`] frames per call): every program stays small enough
+//! for the verifier of Linux 5.15 (no `bpf_loop` there), and the chain of
+//! calls stays under the kernel's limit of 32 tail calls. The walk's state
+//! lives in the per-CPU `UNWIND_STATE`, so a call continues where the
+//! previous one stopped.
+use aya_ebpf::helpers::generated;
+use profiler_common::unwind::{
+    cfa, mapping_kind, rbp, ExecMapping, StackEnd, TableInfo, UnwindRow, UserStack, EXACT_PC_BIT,
+    MAPPING_SEARCH_STEPS, MAX_USER_FRAMES, NO_TABLE, ROW_SEARCH_STEPS,
+};
+
+use crate::{EXEC_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES};
+
+/// Frames one call of `unwind_user` walks before it tail-calls itself.
+pub const FRAMES_PER_CALL: u32 = 8;
+/// Calls of `unwind_user` per sample: enough for [`MAX_USER_FRAMES`].
+pub const MAX_UNWIND_CALLS: u32 = (MAX_USER_FRAMES as u32).div_ceil(FRAMES_PER_CALL);
+
+/// DWARF register numbers on x86-64.
+pub const REG_RBP: usize = 6;
+pub const REG_RSP: usize = 7;
+pub const REG_RIP: usize = 16;
+/// Registers the walk tracks: DWARF 0..=16.
+pub const REGS: usize = 17;
+
+/// Every register is known (the leaf frame, or the context a signal
+/// frame saved): register-based CFA rules apply.
+pub const FLAG_ALL_REGS: u32 = 1;
+/// The instruction pointer is exact (the leaf, or the interrupted
+/// instruction of a signal frame), not a return address: look it up as is
+/// rather than minus one.
+pub const FLAG_EXACT_PC: u32 = 2;
+/// RBP could not be recovered in an earlier frame.
+pub const FLAG_RBP_UNKNOWN: u32 = 4;
+
+/// The walk of one sample, in the per-CPU `UNWIND_STATE`.
+#[repr(C)]
+pub struct UnwindState {
+    /// The frames so far; inserted as is into the user-stack map.
+    pub stack: UserStack,
+    /// Registers of the frame being unwound (DWARF numbering).
+    pub regs: [u64; REGS],
+    /// Scratch space for a signal frame's saved registers.
+    pub saved: [u64; REGS],
+    /// Running hash of the frames (the map key).
+    pub hash: u64,
+    pub tgid: u32,
+    pub kernel_stack_id: i32,
+    /// The map set the sample goes to (read once, in `profile`).
+    pub set: u32,
+    /// Calls of `unwind_user` so far.
+    pub calls: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// The process's mappings in `EXEC_MAPPINGS` (`count` 0: none loaded,
+    /// frame pointers only).
+    pub proc_first: u32,
+    pub proc_count: u32,
+    /// Whether the walk asked for the process's mappings to be read again.
+    pub refresh: u32,
+}
+
+/// What one step did.
+pub enum Step {
+    /// The caller's registers are in `regs`: walk on.
+    Next,
+    /// The stack ends here.
+    End(StackEnd),
+}
+
+const HASH_K1: u64 = 0x9e37_79b9_7f4a_7c15;
+const HASH_K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+/// Seed of the check hash (the key hash starts from 0).
+pub const CHECK_SEED: u64 = 0x1656_67b1_9e37_79f9;
+
+#[inline(always)]
+fn mix(h: u64, x: u64, k: u64, r: u32) -> u64 {
+    (h.rotate_left(r) ^ x).wrapping_mul(k)
+}
+
+/// The final avalanche of a 64-bit hash (MurmurHash3's `fmix64`).
+#[inline(always)]
+pub fn finish_hash(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: the helper writes at most 8 bytes into `value`.
+    let ret = unsafe {
+        generated::bpf_probe_read_user(
+            (&mut value as *mut u64).cast(),
+            8,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    (ret == 0).then_some(value)
+}
+
+/// Records the current frame and moves `state.regs` to its caller.
+#[inline(always)]
+pub fn step(state: &mut UnwindState) -> Step {
+    let len = state.stack.len as usize;
+    if len >= MAX_USER_FRAMES {
+        return Step::End(StackEnd::DepthLimit);
+    }
+    let ip = state.regs[REG_RIP];
+    if ip == 0 {
+        return Step::End(StackEnd::FramePointerEnd);
+    }
+    state.stack.frames[len] = if len > 0 && state.flags & FLAG_EXACT_PC != 0 {
+        ip | EXACT_PC_BIT
+    } else {
+        ip
+    };
+    state.stack.len = len as u32 + 1;
+    state.hash = mix(state.hash, ip, HASH_K1, 5);
+    state.stack.check = mix(state.stack.check, ip, HASH_K2, 7);
+
+    if state.proc_count == 0 {
+        return frame_pointer_step(state);
+    }
+    // A return address points after the call: the call itself is one byte
+    // before (it may be the last instruction of a function).
+    let pc = if state.flags & FLAG_EXACT_PC != 0 {
+        ip
+    } else {
+        ip - 1
+    };
+    let Some(mapping) = find_mapping(state.proc_first, state.proc_count, pc) else {
+        return Step::End(StackEnd::NoMapping);
+    };
+    if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
+        return frame_pointer_step(state);
+    }
+    let Some(row) = find_row(mapping, pc) else {
+        return frame_pointer_step(state);
+    };
+    apply_row(state, &row, ip)
+}
+
+/// The caller by the frame-pointer convention (`[RBP]` = the caller's RBP,
+/// `[RBP + 8]` = the return address), checked: the frame must lie above
+/// the stack pointer and the chain must move up the stack.
+#[inline(always)]
+fn frame_pointer_step(state: &mut UnwindState) -> Step {
+    let sp = state.regs[REG_RSP];
+    let bp = state.regs[REG_RBP];
+    if bp == 0 || state.flags & FLAG_RBP_UNKNOWN != 0 {
+        return Step::End(StackEnd::FramePointerEnd);
+    }
+    if bp < sp || bp & 7 != 0 {
+        return Step::End(StackEnd::BadRead);
+    }
+    let Some(next_bp) = read_user(bp) else {
+        return Step::End(StackEnd::BadRead);
+    };
+    let Some(ra) = read_user(bp + 8) else {
+        return Step::End(StackEnd::BadRead);
+    };
+    if ra == 0 {
+        return Step::End(StackEnd::FramePointerEnd);
+    }
+    state.regs[REG_RSP] = bp + 16;
+    state.regs[REG_RBP] = next_bp;
+    state.regs[REG_RIP] = ra;
+    state.flags &= !(FLAG_ALL_REGS | FLAG_EXACT_PC);
+    Step::Next
+}
+
+#[inline(always)]
+fn apply_row(state: &mut UnwindState, row: &UnwindRow, ip: u64) -> Step {
+    let sp = state.regs[REG_RSP];
+    let bp = state.regs[REG_RBP];
+    let offset = row.cfa_offset as i64 as u64;
+    let rule = row.cfa_rule;
+    let cfa = if rule == cfa::RSP {
+        sp.wrapping_add(offset)
+    } else if rule == cfa::RBP {
+        if state.flags & FLAG_RBP_UNKNOWN != 0 {
+            return Step::End(StackEnd::UnsupportedRow);
+        }
+        bp.wrapping_add(offset)
+    } else if rule == cfa::NONE {
+        return frame_pointer_step(state);
+    } else if rule == cfa::END {
+        return Step::End(StackEnd::Root);
+    } else if rule == cfa::PLT_11 || rule == cfa::PLT_10 {
+        let threshold = if rule == cfa::PLT_11 { 11 } else { 10 };
+        sp + 8 + if ip & 15 >= threshold { 8 } else { 0 }
+    } else if rule == cfa::DEREF_RSP || rule == cfa::DEREF_RBP {
+        let base = if rule == cfa::DEREF_RSP { sp } else { bp };
+        match read_user(base.wrapping_add(offset)) {
+            Some(value) => value,
+            None => return Step::End(StackEnd::BadRead),
+        }
+    } else if rule == cfa::SIGNAL {
+        return signal_frame(state);
+    } else if rule >= cfa::REG_BASE && ((rule - cfa::REG_BASE) as usize) < REGS {
+        if state.flags & FLAG_ALL_REGS == 0 {
+            return Step::End(StackEnd::UnsupportedRow);
+        }
+        let reg = (rule - cfa::REG_BASE) as usize;
+        state.regs[reg].wrapping_add(offset)
+    } else {
+        return Step::End(StackEnd::UnsupportedRow);
+    };
+    if cfa <= sp {
+        return Step::End(StackEnd::BadRead);
+    }
+    let Some(ra) = read_user(cfa - 8) else {
+        return Step::End(StackEnd::BadRead);
+    };
+    if row.rbp_rule == rbp::AT_CFA {
+        match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+            Some(value) => {
+                state.regs[REG_RBP] = value;
+                state.flags &= !FLAG_RBP_UNKNOWN;
+            }
+            None => return Step::End(StackEnd::BadRead),
+        }
+    } else if row.rbp_rule == rbp::UNKNOWN {
+        state.flags |= FLAG_RBP_UNKNOWN;
+    }
+    if ra == 0 {
+        return Step::End(StackEnd::Root);
+    }
+    state.regs[REG_RSP] = cfa;
+    state.regs[REG_RIP] = ra;
+    state.flags &= !(FLAG_ALL_REGS | FLAG_EXACT_PC);
+    Step::Next
+}
+
+/// `__restore_rt`: RSP points at the kernel's `ucontext` (the handler's
+/// return popped `pretcode`); its `sigcontext` at +40 holds every register
+/// of the interrupted code: r8..r15, rdi, rsi, rbp, rbx, rdx, rax, rcx,
+/// rsp, rip.
+#[inline(always)]
+fn signal_frame(state: &mut UnwindState) -> Step {
+    let sp = state.regs[REG_RSP];
+    // SAFETY: the helper writes at most size_of_val(&state.saved) bytes.
+    let ret = unsafe {
+        generated::bpf_probe_read_user(
+            state.saved.as_mut_ptr().cast(),
+            (REGS * 8) as u32,
+            (sp + 40) as *const core::ffi::c_void,
+        )
+    };
+    if ret != 0 {
+        return Step::End(StackEnd::BadRead);
+    }
+    let s = &state.saved;
+    let new_sp = s[15];
+    if new_sp <= sp {
+        return Step::End(StackEnd::BadRead);
+    }
+    // The trampoline's own frame is named by its exact address.
+    let top = (state.stack.len as usize).wrapping_sub(1);
+    if top < MAX_USER_FRAMES {
+        state.stack.frames[top] |= EXACT_PC_BIT;
+    }
+    // sigcontext order -> DWARF numbering.
+    state.regs = [
+        s[13], s[12], s[14], s[11], s[9], s[8], s[10], s[15], s[0], s[1], s[2], s[3], s[4], s[5],
+        s[6], s[7], s[16],
+    ];
+    state.flags = (state.flags & !FLAG_RBP_UNKNOWN) | FLAG_ALL_REGS | FLAG_EXACT_PC;
+    Step::Next
+}
+
+/// The mapping of the process that contains `pc`: binary search over its
+/// slice of `EXEC_MAPPINGS`, sorted by start.
+#[inline(always)]
+fn find_mapping(first: u32, count: u32, pc: u64) -> Option<ExecMapping> {
+    let mut lo: u32 = 0;
+    let mut hi: u32 = count;
+    for _ in 0..MAPPING_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let mapping = EXEC_MAPPINGS.get(first.wrapping_add(mid))?;
+        if mapping.start <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        return None;
+    }
+    let mapping = *EXEC_MAPPINGS.get(first.wrapping_add(lo - 1))?;
+    (pc < mapping.end).then_some(mapping)
+}
+
+/// The last row of the mapping's table at or below `pc`.
+#[inline(always)]
+fn find_row(mapping: ExecMapping, pc: u64) -> Option<UnwindRow> {
+    let table: TableInfo = *UNWIND_TABLES.get(mapping.table)?;
+    let vaddr = pc.wrapping_sub(mapping.bias);
+    if vaddr < table.base || vaddr - table.base > u32::MAX as u64 {
+        return None;
+    }
+    let target = (vaddr - table.base) as u32;
+    let mut lo: u32 = 0;
+    let mut hi: u32 = table.rows;
+    for _ in 0..ROW_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = UNWIND_ROWS.get(table.first_row.wrapping_add(mid))?;
+        if row.pc <= target {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        return None;
+    }
+    UNWIND_ROWS
+        .get(table.first_row.wrapping_add(lo - 1))
+        .copied()
+}
