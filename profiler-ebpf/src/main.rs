@@ -464,20 +464,27 @@ fn stack_id(
 }
 
 /// Raw tracepoint `sched_process_exec` (no tracefs needed): the process got
-/// a new image, so its next sample announces it again and userspace re-reads
-/// its mappings and loads its tables.
+/// a new image. Its old mappings no longer apply (walks use frame pointers
+/// until the agent has loaded the new ones), and it is announced now, so
+/// the agent snapshots it and loads its tables before it has run for long:
+/// processes that live milliseconds get whole, named stacks too.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = KNOWN_PIDS.remove(tgid);
-    // The old image's mappings no longer apply: walk with frame pointers
-    // until the agent has loaded the new ones.
     let _ = PROC_INFO.remove(tgid);
+    let _ = KNOWN_PIDS.remove(tgid);
+    let wanted = match CONFIG.get(0) {
+        Some(config) => config.filter_pids == 0 || FILTER_PIDS.get_ptr(tgid).is_some(),
+        None => false,
+    };
+    if wanted {
+        announce(tgid);
+    }
     0
 }
 
-/// Tells userspace about a process at its first sample (checked when a
-/// sample makes a new count-map key, see `record`).
+/// Tells userspace about a process: at exec, and at its first sample in a
+/// window when it is not known yet (see `record`).
 #[inline(always)]
 fn announce(tgid: u32) {
     if KNOWN_PIDS

@@ -1,14 +1,17 @@
 //! The new-pid announcer: a background thread that reads the `NEW_PIDS`
 //! ring buffer and snapshots each new process into the [`ProcessCache`] at
-//! its first sample (before it can exit and take its maps with it), loads
-//! its mappings and unwind tables into the program's maps, and forwards the
-//! program's aya-log records to the agent's log.
+//! its first sample (before it can exit and take its maps with it), and
+//! forwards the program's aya-log records to the agent's log; and the
+//! unwind loader, a second thread that loads each announced process's
+//! mappings and unwind tables into the program's maps. Building a table
+//! takes milliseconds, so it never delays the next snapshot.
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    sync::mpsc,
     thread::JoinHandle,
 };
 
@@ -20,11 +23,13 @@ use crate::{process::ProcessCache, Error, Result};
 
 pub(super) type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// The running announcer thread; [`Announcer::stop`] (or dropping it) ends
-/// it within its 100 ms poll.
+/// The running announcer and loader threads; [`Announcer::stop`] (or
+/// dropping it) ends them within the announcer's 100 ms poll and the
+/// table being built.
 pub(super) struct Announcer {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    loader: Option<JoinHandle<()>>,
 }
 
 impl Announcer {
@@ -36,24 +41,44 @@ impl Announcer {
         unwind: Arc<Mutex<UnwindMaps>>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let (to_loader, requests) = mpsc::channel::<NewPid>();
+        let loader = {
+            let processes = processes.clone();
+            std::thread::Builder::new()
+                .name("unwind-loader".into())
+                .spawn(move || {
+                    for event in requests {
+                        load_tables(event.tgid, &processes, &unwind);
+                        if event.reason == announce::REFRESH {
+                            lock(&unwind).refreshed(event.tgid);
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("starting the unwind loader thread", e))?
+        };
         let handle = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("pid-announcer".into())
-                .spawn(move || announce_loop(ring, logger, processes, unwind, stop))
+                .spawn(move || announce_loop(ring, logger, processes, to_loader, stop))
                 .map_err(|e| Error::io("starting the pid announcer thread", e))?
         };
         Ok(Self {
             stop,
             handle: Some(handle),
+            loader: Some(loader),
         })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the threads and waits for them.
     pub(super) fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
+        }
+        // The announcer dropped the channel's sender: the loader ends.
+        if let Some(loader) = self.loader.take() {
+            let _ = loader.join();
         }
     }
 }
@@ -64,28 +89,36 @@ impl Drop for Announcer {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Snapshots process `pid` and loads its mappings (and the tables of
 /// binaries seen for the first time) into the program's maps.
 pub(super) fn load_process(pid: u32, processes: &Mutex<ProcessCache>, unwind: &Mutex<UnwindMaps>) {
-    let snapshot = {
-        let mut cache = processes.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache.observe(pid) {
+    if lock(processes).observe(pid) {
+        load_tables(pid, processes, unwind);
+    }
+}
+
+/// Loads the mappings of a snapshotted process (and the tables of binaries
+/// seen for the first time) into the program's maps.
+fn load_tables(pid: u32, processes: &Mutex<ProcessCache>, unwind: &Mutex<UnwindMaps>) {
+    let (mappings, pid_dir) = {
+        let cache = lock(processes);
+        let Some(mappings) = cache.mappings(pid) else {
             return;
-        }
-        let mappings = cache.mappings(pid).map(<[_]>::to_vec).unwrap_or_default();
-        (mappings, cache.pid_dir(pid))
+        };
+        (mappings.to_vec(), cache.pid_dir(pid))
     };
-    unwind
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .load_process(pid, &snapshot.0, &snapshot.1);
+    lock(unwind).load_process(pid, &mappings, &pid_dir);
 }
 
 fn announce_loop(
     mut ring: RingBuf<MapData>,
     mut logger: Option<Logger>,
     processes: Arc<Mutex<ProcessCache>>,
-    unwind: Arc<Mutex<UnwindMaps>>,
+    to_loader: mpsc::Sender<NewPid>,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
@@ -107,12 +140,8 @@ fn announce_loop(
             if item.len() >= std::mem::size_of::<NewPid>() {
                 // SAFETY: the program writes a NewPid; read unaligned.
                 let event: NewPid = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                load_process(event.tgid, &processes, &unwind);
-                if event.reason == announce::REFRESH {
-                    unwind
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .refreshed(event.tgid);
+                if lock(&processes).observe(event.tgid) {
+                    let _ = to_loader.send(event);
                 }
             }
         }

@@ -78,7 +78,8 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         loader.map_max_entries(set.counts, options.count_map_entries);
         loader.map_max_entries(set.stacks, options.stack_map_entries);
         loader.map_max_entries(set.overflow, (options.stack_map_entries / 4).max(64));
-        loader.map_max_entries(set.user, options.stack_map_entries);
+        // A user stack (1.5 KiB) is larger than a kernel one: half as many.
+        loader.map_max_entries(set.user, (options.stack_map_entries / 2).max(64));
     }
     let rows =
         (u64::from(options.unwind_table_mib) << 20) / std::mem::size_of::<UnwindRow>() as u64;
