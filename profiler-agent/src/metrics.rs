@@ -33,6 +33,7 @@ use prometheus_client::{
 use crate::{
     drain::Counters,
     export::ExportStats,
+    kernel::unwind::UnwindStats,
     loss::{DrainLoss, Effect, KernelLoss, ProcessLoss, SymbolizerDegrade},
     memory::{MemoryReading, MemoryStats},
     process::ProcessStats,
@@ -59,6 +60,7 @@ pub struct AgentMetrics {
     pub truncated_stacks: AtomicU64,
     /// Samples with a user stack, by how its walk ended.
     user_stack_ends: Mutex<BTreeMap<StackEnd, u64>>,
+    unwind: Mutex<Option<UnwindStats>>,
     /// Pods in the pod cache (when watching Kubernetes).
     pub pods: AtomicU64,
     kernel: Mutex<Counters>,
@@ -97,6 +99,10 @@ impl AgentMetrics {
         for (end, n) in ends {
             *total.entry(*end).or_default() += n;
         }
+    }
+
+    pub fn set_unwind(&self, stats: UnwindStats) {
+        *lock(&self.unwind) = Some(stats);
     }
 
     pub fn set_kernel(&self, counters: Counters) {
@@ -178,6 +184,7 @@ struct Scrape {
     samples_drained: u64,
     windows: u64,
     user_stack_ends: BTreeMap<StackEnd, u64>,
+    unwind: Option<UnwindStats>,
     pods: u64,
     processes: ProcessGauges,
     symbolizer: SymbolizerStats,
@@ -242,6 +249,61 @@ fn symbolizer_help(reason: SymbolizerDegrade) -> &'static str {
     }
 }
 
+/// The unwind tables in the program's maps.
+fn unwind_families(t: &mut Families<'_>, u: &UnwindStats) -> Encoded {
+    t.gauge(
+        "unwind_tables",
+        "Binaries with an unwind table loaded.",
+        u.tables_loaded,
+    )?;
+    t.gauge(
+        "unwind_rows",
+        "Unwind rows in use in the kernel's row array.",
+        u.rows_used,
+    )?;
+    t.gauge(
+        "unwind_rows_capacity",
+        "Capacity of the row array (--unwind-table-mib).",
+        u.rows_capacity,
+    )?;
+    t.counter(
+        "unwind_tables_built",
+        "Unwind tables built from binaries' CFI.",
+        u.tables_built,
+    )?;
+    t.counter(
+        "unwind_tables_evicted",
+        "Unused unwind tables evicted to make room.",
+        u.tables_evicted,
+    )?;
+    t.counter(
+        "unwind_tables_not_fitting",
+        "Tables that did not fit even after evictions (those binaries unwind with frame pointers).",
+        u.tables_not_fitting,
+    )?;
+    t.labelled(
+        "unwind_binaries_without_table",
+        "Binaries whose CFI could not be used, by reason (they unwind with frame pointers).",
+        "reason",
+        u.build_failures.iter().map(|(why, n)| (*why, *n)),
+    )?;
+    t.counter(
+        "unwind_processes_loaded",
+        "Processes whose mappings were loaded into the program's maps (first sight, exec, refresh).",
+        u.processes_loaded,
+    )?;
+    t.counter(
+        "unwind_processes_not_fitting",
+        "Processes not loaded: mapping array or process map full.",
+        u.processes_not_fitting,
+    )?;
+    t.counter(
+        "unwind_table_build_milliseconds",
+        "Time spent building unwind tables.",
+        u.build_time.as_millis() as u64,
+    )
+}
+
 impl Collector for Scrape {
     fn encode(&self, encoder: DescriptorEncoder) -> Encoded {
         let mut t = Families(encoder);
@@ -289,6 +351,9 @@ impl Collector for Scrape {
             "end",
             StackEnd::ALL.map(|e| (e.name(), self.user_stack_ends.get(&e).copied().unwrap_or(0))),
         )?;
+        if let Some(u) = &self.unwind {
+            unwind_families(&mut t, u)?;
+        }
         t.counter(
             "samples_kernel_only",
             "Kernel-mode samples without a user stack (kernel threads; informational).",
@@ -536,6 +601,7 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
         samples_drained: m.samples_drained.load(Ordering::Relaxed),
         windows: m.windows.load(Ordering::Relaxed),
         user_stack_ends: lock(&m.user_stack_ends).clone(),
+        unwind: lock(&m.unwind).clone(),
         pods: m.pods.load(Ordering::Relaxed),
         processes: lock(&m.processes).clone(),
         symbolizer: lock(&m.symbolizer).clone(),

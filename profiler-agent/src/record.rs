@@ -44,6 +44,8 @@ pub struct Recording {
     pub truncated_stacks: u64,
     /// Samples with a user stack, by how the program's walk ended.
     pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
+    /// The unwind tables at the end.
+    pub unwind: Option<crate::kernel::unwind::UnwindStats>,
     /// Most distinct stacks seen in one drain window.
     pub max_window_stacks: u64,
     pub duration: Duration,
@@ -227,6 +229,7 @@ impl Recorder {
             missing_stacks: report.missing_stacks,
             truncated_stacks: report.truncated_stacks,
             user_stack_ends: report.user_stack_ends,
+            unwind: report.unwind,
             max_window_stacks: report.max_window_stacks,
             duration: report.duration,
             frequency: options.sampler.frequency,

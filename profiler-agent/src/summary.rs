@@ -91,6 +91,32 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     if let Some(line) = user_stack_quality(recording) {
         let _ = writeln!(s, "{line}");
     }
+    if let Some(u) = &recording.unwind {
+        let mut line = format!(
+            "Unwind tables: {} loaded ({} of {} rows), {} built in {:.0} ms, {} evicted",
+            u.tables_loaded,
+            u.rows_used,
+            u.rows_capacity,
+            u.tables_built,
+            u.build_time.as_secs_f64() * 1e3,
+            u.tables_evicted,
+        );
+        let failures: Vec<String> = u
+            .build_failures
+            .iter()
+            .map(|(why, n)| format!("{why} {n}"))
+            .collect();
+        if !failures.is_empty() {
+            line.push_str(&format!(
+                "; binaries without a table: {}",
+                failures.join(", ")
+            ));
+        }
+        if u.tables_not_fitting > 0 {
+            line.push_str(&format!("; {} did not fit", u.tables_not_fitting));
+        }
+        let _ = writeln!(s, "{line}.");
+    }
     if recording.profile.total() > 0 {
         let _ = writeln!(s, "Top functions by self samples:");
         for (name, count) in recording.profile.top_self(top) {
@@ -155,6 +181,7 @@ mod tests {
             missing_stacks: 0,
             truncated_stacks: 0,
             user_stack_ends: Default::default(),
+            unwind: None,
             max_window_stacks: 7,
             duration: std::time::Duration::from_secs(10),
             frequency: 19,

@@ -7,11 +7,11 @@
 //! takes milliseconds, so it never delays the next snapshot.
 use std::{
     os::fd::{AsFd, AsRawFd},
+    sync::mpsc,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    sync::mpsc,
     thread::JoinHandle,
 };
 

@@ -139,6 +139,15 @@ impl SampleSource for KernelSource {
         load::detach_sampling(&mut self.ebpf, links)
     }
 
+    fn unwind_stats(&self) -> Option<unwind::UnwindStats> {
+        Some(
+            self.unwind
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stats(),
+        )
+    }
+
     fn info(&self) -> SourceInfo {
         SourceInfo {
             cpus: self.attached_cpus,

@@ -105,6 +105,8 @@ pub struct RunReport {
     pub truncated_stacks: u64,
     /// Samples with a user stack, by how the program's walk ended.
     pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
+    /// The unwind tables at the end, for a source that has them.
+    pub unwind: Option<crate::kernel::unwind::UnwindStats>,
     /// Most distinct `cpu` stacks (process and frames) in one window.
     pub max_window_stacks: u64,
     pub symbolizer_stats: SymbolizerStats,
@@ -247,6 +249,7 @@ impl Pipeline {
             return Err(e);
         }
         report.source = stages.source.info();
+        report.unwind = stages.source.unwind_stats();
         report.process_stats = stages.processes.gauges().stats;
         report.symbolizer_stats = stages.symbolizer.stats();
         Ok(report)

@@ -54,6 +54,9 @@ impl Monitor {
             Err(e) => tracing::debug!("reading the kernel counters: {e}"),
         }
         self.metrics.set_processes(processes.gauges());
+        if let Some(stats) = source.unwind_stats() {
+            self.metrics.set_unwind(stats);
+        }
         if let Some(pods) = pods {
             self.metrics
                 .pods

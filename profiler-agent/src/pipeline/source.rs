@@ -38,4 +38,8 @@ pub trait SampleSource {
     fn info(&self) -> SourceInfo {
         SourceInfo::default()
     }
+    /// The unwind tables' figures, for a source that unwinds with them.
+    fn unwind_stats(&self) -> Option<crate::kernel::unwind::UnwindStats> {
+        None
+    }
 }
