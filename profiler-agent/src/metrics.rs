@@ -285,7 +285,9 @@ fn unwind_families(t: &mut Families<'_>, u: &UnwindStats) -> Encoded {
         "unwind_binaries_without_table",
         "Binaries whose CFI could not be used, by reason (they unwind with frame pointers).",
         "reason",
-        u.build_failures.iter().map(|(why, n)| (*why, *n)),
+        crate::kernel::unwind::FAILURE_REASONS
+            .iter()
+            .map(|why| (*why, u.build_failures.get(why).copied().unwrap_or(0))),
     )?;
     t.counter(
         "unwind_processes_loaded",

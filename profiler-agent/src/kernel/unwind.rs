@@ -34,6 +34,19 @@ use crate::{
     unwind::{build_table, TableError, UnwindTable},
 };
 
+/// Every reason a binary has no table (`/metrics` lists them all).
+pub const FAILURE_REASONS: [&str; 9] = [
+    "unreadable",
+    "not_elf",
+    "bad_elf",
+    "not_x86_64",
+    "no_cfi",
+    "bad_cfi",
+    "too_many_rows",
+    "span_too_large",
+    "map_write",
+];
+
 /// The failure reason counted for a binary without a table.
 fn failure_name(e: &TableError) -> &'static str {
     match e {
