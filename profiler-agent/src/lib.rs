@@ -24,6 +24,7 @@ pub mod record;
 pub mod render;
 pub mod retry;
 pub mod sample_type;
+pub mod sigbus;
 pub mod summary;
 pub mod symbolize;
 pub mod transport;

@@ -365,6 +365,8 @@ impl BlazeSymbolizer {
     }
 
     pub fn with_limits(processes: Arc<Mutex<ProcessCache>>, limits: SymbolizeLimits) -> Self {
+        // A binary truncated while blazesym has it mapped must not stop us.
+        crate::sigbus::install();
         Self {
             symbolizer: new_blazesym(),
             kernel_symbolizer: new_blazesym(),
@@ -503,16 +505,32 @@ impl BlazeSymbolizer {
             }
             SymbolizerCounters::bump(&self.counters.lookups, chunk.len() as u64);
             let symbolizer = &self.symbolizer;
-            let results = match guarded(|| symbolizer.symbolize(src, Input::FileOffset(chunk))) {
-                Some(Ok(results)) => results,
-                Some(Err(error)) => {
+            let outcome = crate::sigbus::checked(|| {
+                guarded(|| symbolizer.symbolize(src, Input::FileOffset(chunk)))
+            });
+            let results = match outcome {
+                Err(()) => {
+                    // The file shrank under blazesym's mapping: what it read
+                    // may be zeros. Drop its mappings and never ask again.
+                    tracing::warn!(
+                        module,
+                        "binary truncated while read; its frames stay unnamed"
+                    );
+                    self.symbolizer = new_blazesym();
+                    self.unreadable.insert(key);
+                    self.counters
+                        .degrade(SymbolizerDegrade::BinariesUnreadable, 1);
+                    Vec::new()
+                }
+                Ok(Some(Ok(results))) => results,
+                Ok(Some(Err(error))) => {
                     tracing::debug!(%error, module, "binary not symbolizable");
                     self.unreadable.insert(key);
                     self.counters
                         .degrade(SymbolizerDegrade::BinariesUnreadable, 1);
                     Vec::new()
                 }
-                None => {
+                Ok(None) => {
                     tracing::warn!(
                         module,
                         "blazesym panicked; the binary's frames stay unnamed"
