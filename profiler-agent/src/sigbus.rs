@@ -51,15 +51,19 @@ pub fn faults() -> u64 {
     FAULTS.load(Ordering::SeqCst)
 }
 
-/// Runs `f`; `Err(())` when a mapped file faulted meanwhile (whatever `f`
-/// read from it may be zeros: the caller discards it).
-pub fn checked<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+/// A mapped file shrank while it was read: what was read may be zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedFileFault;
+
+/// Runs `f`; [`MappedFileFault`] when a mapped file faulted meanwhile (the
+/// caller discards what `f` read).
+pub fn checked<T>(f: impl FnOnce() -> T) -> Result<T, MappedFileFault> {
     let before = faults();
     let value = f();
     if faults() == before {
         Ok(value)
     } else {
-        Err(())
+        Err(MappedFileFault)
     }
 }
 
@@ -130,7 +134,7 @@ mod tests {
         file.set_len(page as u64).unwrap();
         // SAFETY: within the mapping; past the file's end now, so it faults.
         let read = checked(|| unsafe { std::ptr::read_volatile(bytes.add(page * 2)) });
-        assert_eq!(read, Err(()), "the fault is reported");
+        assert_eq!(read, Err(MappedFileFault), "the fault is reported");
         // SAFETY: the page is mapped (zeros) now.
         assert_eq!(unsafe { std::ptr::read_volatile(bytes.add(page * 2)) }, 0);
         // SAFETY: unmapping what we mapped.

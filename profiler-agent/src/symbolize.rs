@@ -509,7 +509,7 @@ impl BlazeSymbolizer {
                 guarded(|| symbolizer.symbolize(src, Input::FileOffset(chunk)))
             });
             let results = match outcome {
-                Err(()) => {
+                Err(crate::sigbus::MappedFileFault) => {
                     // The file shrank under blazesym's mapping: what it read
                     // may be zeros. Drop its mappings and never ask again.
                     tracing::warn!(
