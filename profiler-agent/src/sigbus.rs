@@ -34,7 +34,7 @@ pub fn install() {
         // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO is valid.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_sigbus as usize;
+            action.sa_sigaction = on_sigbus as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
