@@ -27,6 +27,7 @@ pub mod sample_type;
 pub mod summary;
 pub mod symbolize;
 pub mod transport;
+pub mod unwind;
 
 pub use error::{Error, Result};
 /// The spill directory, part of the export stage.
