@@ -652,3 +652,668 @@ fn cfa_expression(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        ffi::CStr,
+        path::{Path, PathBuf},
+        process::Command,
+    };
+
+    use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+
+    use super::*;
+
+    const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+    const LIBSTDCXX: &str = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+
+    fn read(path: &Path) -> Vec<u8> {
+        std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    fn table_of(path: &Path) -> UnwindTable {
+        build_table(&read(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    // ---- readelf --debug-dump=frames-interp as the reference ----
+
+    /// One FDE as readelf prints it.
+    #[derive(Debug)]
+    struct ReadelfFde {
+        source: Source,
+        start: u64,
+        end: u64,
+        /// Its CIE's augmentation has `S`.
+        signal: bool,
+        /// In readelf's order; an FDE without instructions gets its CIE's
+        /// row at `start`.
+        rows: Vec<ReadelfRow>,
+    }
+
+    /// One row of readelf's table: the cells of the CFA, RBP and RA
+    /// columns (`None`: no such column).
+    #[derive(Clone, Debug)]
+    struct ReadelfRow {
+        loc: u64,
+        cfa: String,
+        rbp: Option<String>,
+        ra: Option<String>,
+    }
+
+    fn readelf_frames(path: &Path) -> String {
+        // Only this file's CFI: not that of a separate debug file it links to.
+        let output = Command::new("readelf")
+            .args(["--debug-dump=frames-interp", "--debug-dump=no-follow-links"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running readelf ({e}): install binutils (`apt-get install binutils`); \
+                     the unwind tables are checked against readelf's CFI"
+                )
+            });
+        assert!(
+            output.status.success(),
+            "readelf --debug-dump=frames-interp {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("readelf prints UTF-8")
+    }
+
+    fn hex(s: &str) -> u64 {
+        u64::from_str_radix(s, 16).unwrap_or_else(|e| panic!("readelf hex {s:?}: {e}"))
+    }
+
+    fn parse_readelf(text: &str) -> Vec<ReadelfFde> {
+        enum Entry {
+            None,
+            Cie(Source, u64),
+            Fde(usize),
+        }
+        let mut source = Source::EhFrame;
+        // (section, CIE offset) -> (signal frame, its initial row)
+        let mut cies: HashMap<(Source, u64), (bool, Option<ReadelfRow>)> = HashMap::new();
+        let mut fdes: Vec<ReadelfFde> = Vec::new();
+        let mut fde_cies = Vec::new();
+        let mut entry = Entry::None;
+        let mut header: Vec<String> = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("Contents of the .eh_frame section") {
+                source = Source::EhFrame;
+                continue;
+            }
+            if line.starts_with("Contents of the .debug_frame section") {
+                source = Source::DebugFrame;
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.len() >= 5 && words[3] == "CIE" {
+                let augmentation = words[4].trim_matches('"');
+                cies.insert((source, hex(words[0])), (augmentation.contains('S'), None));
+                entry = Entry::Cie(source, hex(words[0]));
+                header.clear();
+                continue;
+            }
+            if words.len() >= 6 && words[3] == "FDE" {
+                let cie = hex(words[4].strip_prefix("cie=").expect("cie="));
+                let (start, end) = words[5]
+                    .strip_prefix("pc=")
+                    .and_then(|pc| pc.split_once(".."))
+                    .expect("pc=START..END");
+                fde_cies.push((source, cie));
+                fdes.push(ReadelfFde {
+                    source,
+                    start: hex(start),
+                    end: hex(end),
+                    signal: cies.get(&(source, cie)).expect("CIE before FDE").0,
+                    rows: Vec::new(),
+                });
+                entry = Entry::Fde(fdes.len() - 1);
+                header.clear();
+                continue;
+            }
+            if words.first() == Some(&"LOC") {
+                header = words.iter().map(|w| w.to_string()).collect();
+                continue;
+            }
+            let is_row = words.len() >= 2
+                && words[0].len() == 16
+                && words[0].bytes().all(|b| b.is_ascii_hexdigit())
+                && !header.is_empty();
+            if !is_row {
+                continue;
+            }
+            // A register cell is `r9 (r9)`: rejoin what the split cut.
+            let mut cells: Vec<String> = Vec::new();
+            for word in &words {
+                match cells.last_mut() {
+                    Some(last) if word.starts_with('(') => {
+                        last.push(' ');
+                        last.push_str(word);
+                    }
+                    _ => cells.push(word.to_string()),
+                }
+            }
+            let cell = |name: &str| {
+                let column = header.iter().position(|h| h == name)?;
+                cells.get(column).cloned()
+            };
+            let row = ReadelfRow {
+                loc: hex(&cells[0]),
+                cfa: cells[1].clone(),
+                rbp: cell("rbp"),
+                ra: cell("ra"),
+            };
+            match entry {
+                Entry::Cie(source, offset) => {
+                    cies.get_mut(&(source, offset)).expect("CIE").1 = Some(row);
+                }
+                Entry::Fde(i) => fdes[i].rows.push(row),
+                Entry::None => {}
+            }
+        }
+        for (fde, cie) in fdes.iter_mut().zip(&fde_cies) {
+            if fde.rows.is_empty() {
+                let initial = cies[cie].1.clone().expect("CIE without a row");
+                fde.rows.push(ReadelfRow {
+                    loc: fde.start,
+                    ..initial
+                });
+            }
+        }
+        fdes
+    }
+
+    /// x86-64 DWARF register numbers of readelf's names.
+    fn dwarf_register(name: &str) -> Option<u8> {
+        const NAMES: [&str; 17] = [
+            "rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15", "rip",
+        ];
+        NAMES.iter().position(|&n| n == name).map(|n| n as u8)
+    }
+
+    /// Does the table's row match readelf's cells?
+    fn check_row(row: &UnwindRow, cells: &ReadelfRow, signal: bool) -> Result<(), String> {
+        let want = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
+        if signal {
+            return want(row.cfa_rule == cfa::SIGNAL, "SIGNAL (signal frame)");
+        }
+        match cells.ra.as_deref() {
+            Some("u") => return want(row.cfa_rule == cfa::END, "END (ra undefined)"),
+            Some("c-8") => {}
+            _ => return want(row.cfa_rule == cfa::UNSUPPORTED, "UNSUPPORTED (ra)"),
+        }
+        if cells.cfa == "exp" {
+            want(
+                matches!(
+                    row.cfa_rule,
+                    cfa::PLT_11 | cfa::PLT_10 | cfa::DEREF_RSP | cfa::DEREF_RBP | cfa::UNSUPPORTED
+                ),
+                "PLT, DEREF or UNSUPPORTED (CFA exp)",
+            )?;
+        } else {
+            let split = cells
+                .cfa
+                .find(['+', '-'])
+                .ok_or_else(|| format!("readelf CFA cell {:?}", cells.cfa))?;
+            let (register, offset) = cells.cfa.split_at(split);
+            let offset: i64 = offset.parse().map_err(|e| format!("CFA offset: {e}"))?;
+            let expected = match (dwarf_register(register), i32::try_from(offset)) {
+                (_, Err(_)) | (None, _) => (cfa::UNSUPPORTED, 0),
+                (Some(7), Ok(offset)) => (cfa::RSP, offset),
+                (Some(6), Ok(offset)) => (cfa::RBP, offset),
+                (Some(n), Ok(offset)) => (cfa::REG_BASE + n, offset),
+            };
+            want(
+                (row.cfa_rule, row.cfa_offset) == expected,
+                &format!("CFA {}/{}", cfa_rule_name(expected.0), expected.1),
+            )?;
+        }
+        if row.cfa_rule == cfa::UNSUPPORTED {
+            return Ok(());
+        }
+        let expected = match cells.rbp.as_deref() {
+            None | Some("u") | Some("s") => (rbp::SAME, 0),
+            Some(cell) if cell.starts_with('c') => cell[1..]
+                .parse::<i64>()
+                .ok()
+                .and_then(|n| i16::try_from(n).ok())
+                .map_or((rbp::UNKNOWN, 0), |n| (rbp::AT_CFA, n)),
+            Some(_) => (rbp::UNKNOWN, 0),
+        };
+        want(
+            (row.rbp_rule, row.rbp_offset) == expected,
+            &format!("rbp rule {}/{}", expected.0, expected.1),
+        )
+    }
+
+    /// Builds `path`'s table and checks it against readelf: the rule at
+    /// the first and last address of every readelf row, `NONE` after every
+    /// FDE not followed by another, nothing below the base; returns the
+    /// table and a listing of its unsupported rows.
+    fn compare_with_readelf(path: &Path) -> (UnwindTable, String) {
+        let table = table_of(path);
+        let fdes = parse_readelf(&readelf_frames(path));
+        assert!(
+            !fdes.is_empty(),
+            "readelf shows no FDE in {}",
+            path.display()
+        );
+
+        // The FDEs the table should be built from, as `build` selects them.
+        let mut spans: Vec<&ReadelfFde> = fdes.iter().filter(|f| f.end > f.start).collect();
+        spans.sort_by_key(|f| (f.start, f.source));
+        let eh: Vec<(u64, u64)> = spans
+            .iter()
+            .filter(|f| f.source == Source::EhFrame)
+            .map(|f| (f.start, f.end))
+            .collect();
+        spans.retain(|f| {
+            f.source == Source::EhFrame
+                || !eh
+                    .iter()
+                    .any(|&(start, end)| start < f.end && f.start < end)
+        });
+        assert_eq!(
+            table.stats.fdes,
+            spans.len(),
+            "{}: FDEs in the table vs readelf's",
+            path.display()
+        );
+        assert_eq!(table.base, spans[0].start, "{}: base", path.display());
+        assert_eq!(table.lookup(table.base - 1), None);
+
+        let mut mismatches = Vec::new();
+        let mut checked = 0usize;
+        let check = |address: u64, cells: &ReadelfRow, fde: &ReadelfFde| {
+            let (expected, row) = match table.lookup(address) {
+                Some(row) => (check_row(row, cells, fde.signal).err()?, Some(*row)),
+                None => ("a row".to_string(), None),
+            };
+            Some(format!(
+                "{address:#x} in FDE {:#x}..{:#x} ({}): readelf CFA {} rbp {:?} ra {:?} \
+                 wants {expected}, table has {row:?}",
+                fde.start,
+                fde.end,
+                fde.source.name(),
+                cells.cfa,
+                cells.rbp,
+                cells.ra
+            ))
+        };
+        let mut gaps = 0usize;
+        for (i, fde) in spans.iter().enumerate() {
+            let next = spans.get(i + 1).map(|n| n.start);
+            let end = next.map_or(fde.end, |n| n.min(fde.end));
+            let rows: Vec<&ReadelfRow> = fde.rows.iter().filter(|r| r.loc < end).collect();
+            for (j, row) in rows.iter().enumerate() {
+                // readelf prints a row per advance: the last at a LOC holds.
+                let Some(until) = rows[j + 1..]
+                    .iter()
+                    .find(|r| r.loc != row.loc)
+                    .map_or(Some(end), |r| (r.loc > row.loc).then_some(r.loc))
+                else {
+                    continue;
+                };
+                if rows.get(j + 1).is_some_and(|r| r.loc == row.loc) {
+                    continue;
+                }
+                for address in [row.loc, until - 1] {
+                    checked += 1;
+                    mismatches.extend(check(address, row, fde));
+                }
+            }
+            if next.is_none_or(|n| fde.end < n) {
+                gaps += 1;
+                let rule = table.lookup(fde.end).map(|r| r.cfa_rule);
+                if rule != Some(cfa::NONE) {
+                    mismatches.push(format!(
+                        "{:#x} after FDE {:#x}..{:#x}: wants NONE, table has {rule:?}",
+                        fde.end, fde.start, fde.end
+                    ));
+                }
+            }
+        }
+        println!(
+            "{}: {checked} addresses of {} FDEs and {gaps} gaps match readelf",
+            path.display(),
+            spans.len()
+        );
+        assert!(
+            mismatches.is_empty(),
+            "{}: {} of {checked} addresses and {gaps} gaps differ from readelf:\n{}",
+            path.display(),
+            mismatches.len(),
+            mismatches
+                .iter()
+                .take(40)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(
+            table
+                .rows
+                .iter()
+                .filter(|r| r.cfa_rule == cfa::NONE)
+                .count(),
+            table.stats.rows_by_rule.get("none").copied().unwrap_or(0)
+        );
+
+        let mut unsupported = String::new();
+        for (i, row) in table.rows.iter().enumerate() {
+            if row.cfa_rule != cfa::UNSUPPORTED {
+                continue;
+            }
+            let address = table.base + u64::from(row.pc);
+            let until = table
+                .rows
+                .get(i + 1)
+                .map_or(address, |r| table.base + u64::from(r.pc));
+            let cells = spans
+                .iter()
+                .filter(|f| f.start <= address && address < f.end)
+                .flat_map(|f| f.rows.iter().rfind(|r| r.loc <= address))
+                .last();
+            unsupported.push_str(&format!(
+                "  {address:#x}..{until:#x}: readelf CFA {:?} rbp {:?} ra {:?}\n",
+                cells.map(|c| &c.cfa),
+                cells.and_then(|c| c.rbp.as_ref()),
+                cells.and_then(|c| c.ra.as_ref()),
+            ));
+        }
+        (table, unsupported)
+    }
+
+    fn assert_few_unsupported(path: &Path, table: &UnwindTable, listing: &str, max: usize) {
+        assert!(
+            table.stats.unsupported_rows <= max,
+            "{}: {} unsupported rows (at most {max} expected), by reason {:?}:\n{listing}",
+            path.display(),
+            table.stats.unsupported_rows,
+            table.stats.unsupported
+        );
+    }
+
+    #[test]
+    fn libc_matches_readelf() {
+        let path = Path::new(LIBC);
+        let (table, listing) = compare_with_readelf(path);
+        // 5 rows in Debian 12's libc, all code that switches to another
+        // context (setcontext/longjmp style): the return address is in rdx
+        // or rdi, or saved above a CFA taken from rdx.
+        assert_few_unsupported(path, &table, &listing, 8);
+    }
+
+    #[test]
+    fn libstdcxx_matches_readelf() {
+        let path = Path::new(LIBSTDCXX);
+        let (table, listing) = compare_with_readelf(path);
+        assert_few_unsupported(path, &table, &listing, 0);
+    }
+
+    #[test]
+    fn rust_binary_matches_readelf() {
+        let path = std::env::current_exe().expect("current_exe");
+        let (table, listing) = compare_with_readelf(&path);
+        assert_few_unsupported(&path, &table, &listing, 0);
+    }
+
+    // ---- targeted checks ----
+
+    #[test]
+    fn merged_table_is_smaller_than_the_cfi() {
+        let table = table_of(Path::new(LIBC));
+        let stats = &table.stats;
+        // NONE rows close the gaps; every other row is a CFI row or a
+        // merge of several.
+        let none = stats.rows_by_rule.get("none").copied().unwrap_or(0);
+        assert!(
+            stats.rows - none < stats.cfi_rows,
+            "{} rows ({none} NONE) from {} CFI rows",
+            stats.rows,
+            stats.cfi_rows
+        );
+        assert_eq!(stats.rows, table.rows.len());
+        assert_eq!(stats.rows_by_rule.values().sum::<usize>(), stats.rows);
+        assert!(stats.eh_frame.present && stats.eh_frame.fdes == stats.fdes);
+        assert!(table.rows.windows(2).all(|w| w[0].pc < w[1].pc));
+        assert!(table.rows.windows(2).all(|w| !same_rule(&w[0], &w[1])));
+        assert_eq!(table.rows.last().map(|r| r.cfa_rule), Some(cfa::NONE));
+    }
+
+    /// glibc's `__restore_rt` as this process uses it: `sigaction()` puts
+    /// it in `sa_restorer` (it is in no symbol table of Debian's libc), and
+    /// Rust's runtime installed a SIGSEGV handler through `sigaction()`.
+    /// Returns the file and the address in it.
+    fn restore_rt() -> (PathBuf, u64) {
+        // SAFETY: a query of the current action; nothing is changed.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut action) };
+        assert_eq!(rc, 0, "sigaction(SIGSEGV)");
+        let restorer = action
+            .sa_restorer
+            .expect("the SIGSEGV handler of Rust's runtime has glibc's sa_restorer")
+            as usize;
+        // SAFETY: dladdr fills `info` with pointers into the loader's data.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        let found = unsafe { libc::dladdr(restorer as *const libc::c_void, &mut info) };
+        assert!(
+            found != 0 && !info.dli_fname.is_null(),
+            "dladdr(sa_restorer)"
+        );
+        let file = unsafe { CStr::from_ptr(info.dli_fname) };
+        let file = PathBuf::from(file.to_str().expect("UTF-8 path"));
+        let bytes = read(&file);
+        let elf = object::File::parse(&*bytes).expect("libc parses");
+        let first_load = elf.segments().map(|s| s.address()).min().expect("segments");
+        (
+            file,
+            (restorer - info.dli_fbase as usize) as u64 + first_load,
+        )
+    }
+
+    #[test]
+    fn restore_rt_is_a_signal_frame() {
+        let (file, address) = restore_rt();
+        assert_eq!(
+            std::fs::canonicalize(&file).unwrap(),
+            std::fs::canonicalize(LIBC).unwrap(),
+            "sa_restorer is in {}",
+            file.display()
+        );
+        let bytes = read(&file);
+        let elf = object::File::parse(&*bytes).unwrap();
+        let code = elf
+            .sections()
+            .find(|s| s.address() <= address && address < s.address() + s.size())
+            .and_then(|s| s.data_range(address, 9).ok().flatten())
+            .expect("__restore_rt's code");
+        assert_eq!(
+            code,
+            [0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05],
+            "mov $15,%rax; syscall (rt_sigreturn) at {address:#x}"
+        );
+        let table = build_table(&bytes).unwrap();
+        // The program looks up return address - 1: the FDE starts one byte
+        // before the code.
+        for at in [address - 1, address, address + 8] {
+            assert_eq!(
+                table.lookup(at).map(|r| r.cfa_rule),
+                Some(cfa::SIGNAL),
+                "{at:#x} in __restore_rt ({address:#x})"
+            );
+        }
+        assert_eq!(table.stats.rows_by_rule.get("signal"), Some(&1));
+    }
+
+    #[test]
+    fn start_of_a_binary_is_the_end() {
+        for path in [
+            std::env::current_exe().unwrap(),
+            PathBuf::from("/usr/bin/ls"),
+        ] {
+            let bytes = read(&path);
+            let entry = object::File::parse(&*bytes).unwrap().entry();
+            let table = build_table(&bytes).unwrap();
+            assert_eq!(
+                table.lookup(entry).map(|r| r.cfa_rule),
+                Some(cfa::END),
+                "_start ({entry:#x}) of {}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn libc_plt_uses_the_plt_rules() {
+        let bytes = read(Path::new(LIBC));
+        let elf = object::File::parse(&*bytes).unwrap();
+        let plt = elf.section_by_name(".plt").expect("libc has a .plt");
+        let table = build_table(&bytes).unwrap();
+        // PLT0 pushes and jumps; the 16-byte entries from 16 on use the
+        // expression.
+        let entries = plt.address() + 16..plt.address() + plt.size();
+        assert!(!entries.is_empty());
+        for address in entries {
+            let rule = table.lookup(address).map(|r| r.cfa_rule);
+            assert!(
+                matches!(rule, Some(cfa::PLT_11 | cfa::PLT_10)),
+                "{address:#x} in .plt: {rule:?}"
+            );
+        }
+    }
+
+    /// `leaf` and `main` have CFI only in `.debug_frame` (C built without
+    /// asynchronous unwind tables); `both` (assembler) in both sections.
+    const MAIN_C: &str = "int leaf(int);\nint both(int);\n\
+        int leaf(int x) { volatile int y = x; return y + 1; }\n\
+        int main(int argc, char **argv) { (void)argv; return both(argc) + leaf(argc); }\n";
+    const BOTH_S: &str = "\t.cfi_sections .eh_frame, .debug_frame\n\t.text\n\
+        \t.globl both\n\t.type both, @function\nboth:\n\t.cfi_startproc\n\
+        \tpushq %rbp\n\t.cfi_def_cfa_offset 16\n\t.cfi_offset %rbp, -16\n\
+        \tmovq %rsp, %rbp\n\t.cfi_def_cfa_register %rbp\n\tcall leaf\n\
+        \tpopq %rbp\n\t.cfi_def_cfa %rsp, 8\n\tret\n\t.cfi_endproc\n\
+        \t.size both, .-both\n\t.section .note.GNU-stack,\"\",@progbits\n";
+
+    #[test]
+    fn debug_frame_adds_what_eh_frame_lacks() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (main_c, both_s) = (dir.path().join("main.c"), dir.path().join("both.s"));
+        std::fs::write(&main_c, MAIN_C).unwrap();
+        std::fs::write(&both_s, BOTH_S).unwrap();
+        let program = dir.path().join("program");
+        let status = Command::new("gcc")
+            .args(["-O1", "-g", "-fno-asynchronous-unwind-tables", "-o"])
+            .args([&program, &main_c, &both_s])
+            .status()
+            .unwrap_or_else(|e| panic!("running gcc ({e}): install gcc (`apt-get install gcc`)"));
+        assert!(status.success(), "gcc failed");
+
+        let (table, listing) = compare_with_readelf(&program);
+        assert_few_unsupported(&program, &table, &listing, 0);
+        let stats = &table.stats;
+        assert!(stats.eh_frame.present && stats.debug_frame.present);
+        assert_eq!(stats.debug_frame.fdes, 2, "leaf and main: {stats:?}");
+        assert_eq!(stats.debug_frame.skipped_fdes, 1, "both: {stats:?}");
+
+        let bytes = read(&program);
+        let elf = object::File::parse(&*bytes).unwrap();
+        let address = |name| elf.symbol_by_name(name).expect(name).address();
+        let leaf = table.lookup(address("leaf")).copied();
+        assert_eq!(
+            leaf.map(|r| (r.cfa_rule, r.cfa_offset)),
+            Some((cfa::RSP, 8))
+        );
+        let both = table.lookup(address("both") + 4).copied();
+        assert_eq!(
+            both.map(|r| (r.cfa_rule, r.cfa_offset, r.rbp_rule, r.rbp_offset)),
+            Some((cfa::RBP, 16, rbp::AT_CFA, -16))
+        );
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        assert!(matches!(
+            build_table(b"not an elf"),
+            Err(TableError::NotElf)
+        ));
+        assert!(matches!(build_table(b""), Err(TableError::NotElf)));
+
+        let libc = read(Path::new(LIBC));
+        // Truncated while being read: section headers or data past the end.
+        for len in [4, 64, 4096, libc.len() / 2, libc.len() - 1] {
+            let result = build_table(&libc[..len]);
+            assert!(result.is_err(), "libc cut at {len} bytes built a table");
+        }
+
+        let mut arm = libc.clone();
+        arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+        assert!(matches!(build_table(&arm), Err(TableError::NotX86_64(_))));
+
+        let mut no_sections = libc.clone();
+        no_sections[40..48].fill(0); // e_shoff
+        no_sections[60..64].fill(0); // e_shnum, e_shstrndx
+        assert!(matches!(build_table(&no_sections), Err(TableError::NoCfi)));
+
+        let too_many = build(&libc, 100);
+        assert!(matches!(
+            too_many,
+            Err(TableError::TooManyRows { max: 100 })
+        ));
+    }
+
+    #[test]
+    fn cfa_expressions_by_their_operations() {
+        let classify = |bytes: &[u8]| {
+            let encoding = Encoding {
+                address_size: 8,
+                format: gimli::Format::Dwarf32,
+                version: 1,
+            };
+            cfa_expression(
+                gimli::Expression(EndianSlice::new(bytes, LittleEndian)),
+                encoding,
+            )
+        };
+        // breg7 8; breg16 0; lit15; and; lit11|lit10; ge; lit3; shl; plus
+        let plt = |lit| [0x77, 8, 0x80, 0, 0x3f, 0x1a, lit, 0x2a, 0x33, 0x24, 0x22];
+        assert_eq!(classify(&plt(0x3b)), Some((cfa::PLT_11, 0)));
+        assert_eq!(classify(&plt(0x3a)), Some((cfa::PLT_10, 0)));
+        assert_eq!(classify(&plt(0x39)), None);
+        assert_eq!(classify(&plt(0x3b)[..10]), None);
+        // breg7|breg6 n; deref
+        assert_eq!(classify(&[0x77, 0x28, 0x06]), Some((cfa::DEREF_RSP, 40)));
+        assert_eq!(classify(&[0x76, 0x78, 0x06]), Some((cfa::DEREF_RBP, -8)));
+        assert_eq!(classify(&[0x70, 0x08, 0x06]), None, "breg0");
+        // OpenSSL/BoringSSL's breg7 n; deref; plus_uconst 8
+        assert_eq!(classify(&[0x77, 0x28, 0x06, 0x23, 0x08]), None);
+        assert_eq!(classify(&[0x77]), None, "truncated");
+        assert_eq!(classify(&[]), None);
+    }
+
+    #[test]
+    fn lookup_finds_the_last_row_at_or_below() {
+        let row = |pc, cfa_rule| UnwindRow {
+            pc,
+            cfa_rule,
+            ..UnwindRow::default()
+        };
+        let table = UnwindTable {
+            base: 0x1000,
+            rows: vec![row(0, cfa::RSP), row(0x10, cfa::RBP), row(0x20, cfa::NONE)],
+            stats: TableStats::default(),
+        };
+        let rule = |vaddr| table.lookup(vaddr).map(|r| r.cfa_rule);
+        assert_eq!(rule(0xfff), None);
+        assert_eq!(rule(0x1000), Some(cfa::RSP));
+        assert_eq!(rule(0x100f), Some(cfa::RSP));
+        assert_eq!(rule(0x1010), Some(cfa::RBP));
+        assert_eq!(rule(0x1020), Some(cfa::NONE));
+        assert_eq!(rule(u64::MAX), Some(cfa::NONE));
+    }
+}
