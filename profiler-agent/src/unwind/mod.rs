@@ -35,5 +35,6 @@ mod table;
 
 pub use profiler_common::unwind::UnwindRow;
 pub use table::{
-    build_table, cfa_rule_name, SectionStats, TableError, TableStats, Unsupported, UnwindTable,
+    build_table, cfa_rule_name, FdeAt, SectionStats, TableError, TableStats, Unsupported,
+    UnwindTable,
 };
