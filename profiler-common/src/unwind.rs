@@ -83,6 +83,11 @@ pub mod cfa {
     pub const END: u8 = 8;
     /// A rule the program does not implement; counted, never guessed.
     pub const UNSUPPORTED: u8 = 9;
+    /// `CFA = *(RSP + offset) + 8` (OpenSSL-style assembly: BoringSSL,
+    /// ring, crypto in Node and Chromium).
+    pub const DEREF_RSP_8: u8 = 10;
+    /// `CFA = *(RBP + offset) + 8`.
+    pub const DEREF_RBP_8: u8 = 11;
     /// `CFA = register + offset` for DWARF register `cfa_rule - REG_BASE`
     /// (0..=16); only known in the leaf frame, where every register was
     /// sampled.

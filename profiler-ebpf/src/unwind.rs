@@ -198,10 +198,25 @@ fn apply_row(state: &mut UnwindState, row: &UnwindRow, ip: u64) -> Step {
     } else if rule == cfa::PLT_11 || rule == cfa::PLT_10 {
         let threshold = if rule == cfa::PLT_11 { 11 } else { 10 };
         sp + 8 + if ip & 15 >= threshold { 8 } else { 0 }
-    } else if rule == cfa::DEREF_RSP || rule == cfa::DEREF_RBP {
-        let base = if rule == cfa::DEREF_RSP { sp } else { bp };
+    } else if rule == cfa::DEREF_RSP
+        || rule == cfa::DEREF_RBP
+        || rule == cfa::DEREF_RSP_8
+        || rule == cfa::DEREF_RBP_8
+    {
+        let base = if rule == cfa::DEREF_RSP || rule == cfa::DEREF_RSP_8 {
+            sp
+        } else if state.flags & FLAG_RBP_UNKNOWN != 0 {
+            return Step::End(StackEnd::UnsupportedRow);
+        } else {
+            bp
+        };
+        let plus = if rule == cfa::DEREF_RSP_8 || rule == cfa::DEREF_RBP_8 {
+            8
+        } else {
+            0
+        };
         match read_user(base.wrapping_add(offset)) {
-            Some(value) => value,
+            Some(value) => value.wrapping_add(plus),
             None => return Step::End(StackEnd::BadRead),
         }
     } else if rule == cfa::SIGNAL {
