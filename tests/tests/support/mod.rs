@@ -4,6 +4,7 @@
 
 pub mod clickhouse;
 pub mod collector;
+pub mod perf;
 
 use std::{
     path::{Path, PathBuf},
@@ -77,7 +78,9 @@ fn run_build(cmd: &mut Command, what: &str) {
 }
 
 /// Builds (once per test run) the workload `name` and returns its path.
-/// C and Rust are built with frame pointers; Go keeps them by default.
+/// The first workloads (`workloads/*`) are built with frame pointers (Go
+/// keeps them by default); the unwinding ones (`workloads/unwind/`) without,
+/// as distributions and `cargo build --release` build software.
 pub fn workload(name: &str) -> PathBuf {
     static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,7 +88,18 @@ pub fn workload(name: &str) -> PathBuf {
         return path.clone();
     }
     let src = workloads_src();
+    let unwind = src.join("unwind");
     let out = build_dir().join(name);
+    let compile = |compiler: &str, flags: &[&str], source: &str, out: &Path| {
+        run_build(
+            Command::new(compiler)
+                .args(flags)
+                .arg("-o")
+                .arg(out)
+                .arg(unwind.join(source)),
+            name,
+        )
+    };
     match name {
         "chain" | "ratio" | "syscalls" => run_build(
             Command::new("gcc")
@@ -121,6 +135,47 @@ pub fn workload(name: &str) -> PathBuf {
                     .env("GO111MODULE", "off"),
                 name,
             )
+        }
+        "nofp" => compile(
+            "gcc",
+            &["-O2", "-fomit-frame-pointer", "-g"],
+            "nofp.c",
+            &out,
+        ),
+        "nofp_nopie" => compile(
+            "gcc",
+            &["-O2", "-fomit-frame-pointer", "-g", "-no-pie"],
+            "nofp.c",
+            &out,
+        ),
+        "qsort_cb" | "signal" | "recurse" | "bigframe" => {
+            compile("gcc", &["-O2", "-g"], &format!("{name}.c"), &out)
+        }
+        // The frame-pointer `syscalls` keeps its name.
+        "unwind_syscalls" => compile("gcc", &["-O2", "-g"], "syscalls.c", &out),
+        "threads" => compile("gcc", &["-O2", "-g", "-pthread"], "threads.c", &out),
+        "cxx" => compile("g++", &["-O2", "-g"], "cxx.cpp", &out),
+        "rust_release" => compile(
+            "rustc",
+            &[
+                "--edition=2021",
+                "-C",
+                "opt-level=3",
+                "-C",
+                "strip=debuginfo",
+            ],
+            "rust_release.rs",
+            &out,
+        ),
+        // dlopen_main loads the library from its own directory.
+        "dlopen_main" => {
+            compile(
+                "gcc",
+                &["-O2", "-g", "-fPIC", "-shared"],
+                "dlopen_lib.c",
+                &build_dir().join("libdlopen_lib.so"),
+            );
+            compile("gcc", &["-O2", "-g"], "dlopen_main.c", &out);
         }
         other => panic!("unknown workload {other}"),
     }
