@@ -246,12 +246,23 @@ fn setup(needs: Needs) -> Result<()> {
             ("go", "golang-go"),
             ("unshare", "util-linux"),
             ("chromium", "chromium"),
+            // The unwinding tests: C++ workloads, perf's DWARF call graphs as
+            // the reference, readelf's CFI dump for the table builder.
+            ("g++", "g++"),
+            ("perf", "linux-perf"),
+            ("readelf", "binutils"),
         ]);
     }
     for (tool, package) in tools {
         if !succeeds("sh", &["-c", &format!("command -v {tool}")]) {
             packages.push(package);
         }
+    }
+    // glibc's symbol tables (Debian ships them apart): without them
+    // `clone3`, `__restore_rt` and other libc frames have no names, for perf
+    // and for the agent alike.
+    if test && !succeeds("dpkg", &["-s", "libc6-dbg"]) {
+        packages.push("libc6-dbg");
     }
     if !is_root() && !succeeds("sh", &["-c", "command -v sudo"]) {
         bail!("not root and no sudo: run `cargo xtask setup` as root");
@@ -364,7 +375,7 @@ fn setup(needs: Needs) -> Result<()> {
         .context("installing cargo-fuzz failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, go, chromium, clickhouse-server, chdb-core, kubernetes-validate, cargo-fuzz)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, g++, perf, binutils, libc6-dbg, go, chromium, clickhouse-server, chdb-core, kubernetes-validate, cargo-fuzz)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
