@@ -30,11 +30,11 @@ use core::{mem::MaybeUninit, ptr::addr_of_mut};
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, generated},
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{fexit, map, perf_event, raw_tracepoint},
     maps::{
         Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf, StackTrace,
     },
-    programs::{tracing::StackIdContext, PerfEventContext, RawTracePointContext},
+    programs::{tracing::StackIdContext, FExitContext, PerfEventContext, RawTracePointContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
@@ -479,6 +479,23 @@ pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
     };
     if wanted {
         announce(tgid);
+    }
+    0
+}
+
+/// `PROT_EXEC` of `mmap(2)`.
+const PROT_EXEC: u64 = 4;
+
+/// After `do_mmap(file, addr, len, prot, ...)`: a process mapped a file
+/// executable (a library loaded by the dynamic linker or `dlopen`), so its
+/// mappings are read again before its code runs much, rather than after a
+/// walk first stops in the new code.
+#[fexit(function = "do_mmap")]
+pub fn on_mmap(ctx: FExitContext) -> i32 {
+    let file: u64 = ctx.arg(0);
+    let prot: u64 = ctx.arg(3);
+    if file != 0 && prot & PROT_EXEC != 0 {
+        request_refresh((bpf_get_current_pid_tgid() >> 32) as u32);
     }
     0
 }

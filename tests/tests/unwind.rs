@@ -494,6 +494,10 @@ fn agent_check(spec: Spec) {
     );
 }
 
+/// Samples the agent may lose, against perf, while a newly loaded library's
+/// table is being loaded (see `versus_perf`).
+const NEW_CODE_GRACE: u64 = 2;
+
 /// perf and the agent record the same run: the agent's stacks are complete
 /// at least as often as perf's.
 fn versus_perf(spec: Spec) {
@@ -515,8 +519,14 @@ fn versus_perf(spec: Spec) {
         by_perf.total > 0 && by_agent.total > 0,
         "no samples\n{summary}"
     );
+    // perf unwinds after the fact, knowing every mapping; the agent unwinds
+    // in the kernel and needs a library's table before its code runs. The
+    // samples in the milliseconds between a `dlopen` and the agent loading
+    // the library's table (one or two at 499 Hz) stop at the unknown code
+    // and are counted as `no_mapping`: that much is allowed, no more.
+    let expected = by_perf.complete_share() / 100.0 * by_agent.total as f64 - NEW_CODE_GRACE as f64;
     assert!(
-        by_agent.complete_share() >= by_perf.complete_share(),
+        by_agent.complete as f64 >= expected,
         "the agent has fewer complete stacks than perf\n{summary}\nagent:\n{}\nperf:\n{}",
         dump(&rec.profile, spec.name),
         dump(&perf_profile, spec.name)

@@ -141,6 +141,23 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         .try_into()
         .map_err(|e| ebpf_error("opening the NEW_PIDS ring buffer", e))?;
 
+    // Executable file mappings (libraries) announce a refresh; without BTF
+    // for fexit, the first walk that leaves the known mappings asks instead.
+    match aya::Btf::from_sys_fs() {
+        Ok(btf) => {
+            let mmap: &mut aya::programs::FExit = program(&mut ebpf, "on_mmap")?;
+            let attached = mmap
+                .load("do_mmap", &btf)
+                .and_then(|()| mmap.attach().map(|_| ()));
+            if let Err(e) = attached {
+                tracing::debug!("cannot trace do_mmap ({e}): libraries loaded later are noticed at their first sample");
+            }
+        }
+        Err(e) => tracing::debug!(
+            "no kernel BTF ({e}): libraries loaded later are noticed at their first sample"
+        ),
+    }
+
     let exec: &mut RawTracePoint = program(&mut ebpf, "on_exec")?;
     exec.load()
         .map_err(|e| ebpf_error("loading the on_exec program", e))?;
