@@ -4,13 +4,13 @@
 //! `support::privileged`).
 //!
 //! Each workload states its call chains and their shares of its samples.
-//! Three tests per workload:
-//! - `*_perf`: perf finds the chains and shares (the workload is right);
-//! - `*_agent`: at least 99 % of the agent's stacks are complete (they start
-//!   at a [`ROOTS`] frame), and each chain's share is within
-//!   [`SHARE_TOLERANCE`] points of the stated one;
-//! - `*_agent_vs_perf`: both record the same run; the agent has complete
-//!   stacks at least as often as perf.
+//! One test per workload, `*_agent_vs_perf`: the agent and perf record the
+//! same run; at least 99 % of the agent's stacks are complete (they start at
+//! a [`ROOTS`] frame), each chain's share is within [`SHARE_TOLERANCE`]
+//! points of the stated one, and the agent has complete stacks at least as
+//! often as perf. `*_perf` (ignored: `cargo test -p profiler-tests --test
+//! unwind -- --ignored`) checks a workload itself: perf finds its chains
+//! and shares.
 mod support;
 
 use std::{
@@ -479,11 +479,20 @@ fn perf_check(spec: Spec) {
     check(&profile, &spec, "perf", PERF_SECONDS, perf::FREQUENCY, None);
 }
 
-/// The agent sees complete stacks, the stated chains and shares.
-fn agent_check(spec: Spec) {
+/// Samples the agent may lose, against perf, while a newly loaded library's
+/// table is being loaded (see `versus_perf`).
+const NEW_CODE_GRACE: u64 = 2;
+
+/// perf and the agent record the same run: the agent sees complete stacks
+/// and the stated chains and shares, and has complete stacks at least as
+/// often as perf.
+fn versus_perf(spec: Spec) {
     let mut w = start(&spec);
     let opts = options(vec![w.pid()], AGENT_SECONDS, AGENT_FREQUENCY);
-    let (rec, ()) = record_with(&opts, || go(&spec, &mut w));
+    let (perf_rec, (rec, ())) = perf::record_host(PERF_SECONDS, spec.stack_dump, || {
+        record_with(&opts, || go(&spec, &mut w))
+    });
+    let perf_profile = perf_rec.profile(w.pid());
     check(
         &rec.profile,
         &spec,
@@ -492,21 +501,6 @@ fn agent_check(spec: Spec) {
         AGENT_FREQUENCY,
         Some(COMPLETE_MIN),
     );
-}
-
-/// Samples the agent may lose, against perf, while a newly loaded library's
-/// table is being loaded (see `versus_perf`).
-const NEW_CODE_GRACE: u64 = 2;
-
-/// perf and the agent record the same run: the agent's stacks are complete
-/// at least as often as perf's.
-fn versus_perf(spec: Spec) {
-    let mut w = start(&spec);
-    let opts = options(vec![w.pid()], AGENT_SECONDS, AGENT_FREQUENCY);
-    let (perf_rec, (rec, ())) = perf::record_host(PERF_SECONDS, spec.stack_dump, || {
-        record_with(&opts, || go(&spec, &mut w))
-    });
-    let perf_profile = perf_rec.profile(w.pid());
     let by_perf = Measured::of(&perf_profile, &spec);
     let by_agent = Measured::of(&rec.profile, &spec);
     let summary = format!(
@@ -534,23 +528,15 @@ fn versus_perf(spec: Spec) {
 }
 
 macro_rules! unwind_tests {
-    ($($spec:expr => $perf:ident, $agent:ident, $versus:ident;)*) => {$(
+    ($($spec:expr => $perf:ident, $versus:ident;)*) => {$(
         #[test]
+        #[ignore = "checks the workload itself against perf; run on demand"]
         fn $perf() {
             if !privileged() {
                 return;
             }
             let _serial = serial();
             perf_check($spec);
-        }
-
-        #[test]
-        fn $agent() {
-            if !privileged() {
-                return;
-            }
-            let _serial = serial();
-            agent_check($spec);
         }
 
         #[test]
@@ -565,17 +551,17 @@ macro_rules! unwind_tests {
 }
 
 unwind_tests! {
-    nofp("nofp") => nofp_perf, nofp_agent, nofp_agent_vs_perf;
-    nofp("nofp_nopie") => nofp_nopie_perf, nofp_nopie_agent, nofp_nopie_agent_vs_perf;
-    qsort_cb() => qsort_cb_perf, qsort_cb_agent, qsort_cb_agent_vs_perf;
-    cxx() => cxx_perf, cxx_agent, cxx_agent_vs_perf;
-    rust_release() => rust_release_perf, rust_release_agent, rust_release_agent_vs_perf;
-    dlopen_main() => dlopen_perf, dlopen_agent, dlopen_agent_vs_perf;
-    threads() => threads_perf, threads_agent, threads_agent_vs_perf;
-    signal() => signal_perf, signal_agent, signal_agent_vs_perf;
-    recurse() => recurse_perf, recurse_agent, recurse_agent_vs_perf;
-    bigframe() => bigframe_perf, bigframe_agent, bigframe_agent_vs_perf;
-    unwind_syscalls() => syscalls_perf, syscalls_agent, syscalls_agent_vs_perf;
+    nofp("nofp") => nofp_perf, nofp_agent_vs_perf;
+    nofp("nofp_nopie") => nofp_nopie_perf, nofp_nopie_agent_vs_perf;
+    qsort_cb() => qsort_cb_perf, qsort_cb_agent_vs_perf;
+    cxx() => cxx_perf, cxx_agent_vs_perf;
+    rust_release() => rust_release_perf, rust_release_agent_vs_perf;
+    dlopen_main() => dlopen_perf, dlopen_agent_vs_perf;
+    threads() => threads_perf, threads_agent_vs_perf;
+    signal() => signal_perf, signal_agent_vs_perf;
+    recurse() => recurse_perf, recurse_agent_vs_perf;
+    bigframe() => bigframe_perf, bigframe_agent_vs_perf;
+    unwind_syscalls() => syscalls_perf, syscalls_agent_vs_perf;
 }
 
 /// The chain matcher: anchored at the leaf, `*` for any frames, C++
