@@ -93,6 +93,21 @@ pub fn finish_hash(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// Two consecutive words of user memory, in one read.
+#[inline(always)]
+fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+    let mut value = [0u64; 2];
+    // SAFETY: the helper writes at most 16 bytes into `value`.
+    let ret = unsafe {
+        generated::bpf_probe_read_user(
+            value.as_mut_ptr().cast(),
+            16,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    (ret == 0).then_some(value)
+}
+
 #[inline(always)]
 fn read_user(addr: u64) -> Option<u64> {
     let mut value: u64 = 0;
@@ -162,10 +177,7 @@ fn frame_pointer_step(state: &mut UnwindState) -> Step {
     if bp < sp || bp & 7 != 0 {
         return Step::End(StackEnd::BadRead);
     }
-    let Some(next_bp) = read_user(bp) else {
-        return Step::End(StackEnd::BadRead);
-    };
-    let Some(ra) = read_user(bp + 8) else {
+    let Some([next_bp, ra]) = read_user_pair(bp) else {
         return Step::End(StackEnd::BadRead);
     };
     if ra == 0 {
@@ -233,10 +245,21 @@ fn apply_row(state: &mut UnwindState, row: &UnwindRow, ip: u64) -> Step {
     if cfa <= sp {
         return Step::End(StackEnd::BadRead);
     }
-    let Some(ra) = read_user(cfa - 8) else {
-        return Step::End(StackEnd::BadRead);
+    // The usual frame saves RBP right below the return address: one read.
+    let ra = if row.rbp_rule == rbp::AT_CFA && row.rbp_offset == -16 {
+        let Some([saved_bp, ra]) = read_user_pair(cfa - 16) else {
+            return Step::End(StackEnd::BadRead);
+        };
+        state.regs[REG_RBP] = saved_bp;
+        state.flags &= !FLAG_RBP_UNKNOWN;
+        ra
+    } else {
+        let Some(ra) = read_user(cfa - 8) else {
+            return Step::End(StackEnd::BadRead);
+        };
+        ra
     };
-    if row.rbp_rule == rbp::AT_CFA {
+    if row.rbp_rule == rbp::AT_CFA && row.rbp_offset != -16 {
         match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
             Some(value) => {
                 state.regs[REG_RBP] = value;
