@@ -253,6 +253,19 @@ impl ProcessCache {
         self.processes.contains_key(&pid)
     }
 
+    /// A process just exec'd: snapshot it as [`Self::observe`] does, but one
+    /// gone already is not counted as a loss (it may never be sampled; if
+    /// it was, its first sample's announcement counts it).
+    pub fn observe_at_exec(&mut self, pid: u32) -> bool {
+        let before = self.stats[ProcessLoss::ProcessGoneBeforeSnapshot];
+        let seen = self.observe(pid);
+        if !seen {
+            self.stats[ProcessLoss::ProcessGoneBeforeSnapshot] = before;
+            self.unavailable.remove(&pid);
+        }
+        seen
+    }
+
     /// First sight of a process (or a fresh look after an exec): snapshot its
     /// executable mappings and open its binaries. Returns whether it worked.
     pub fn observe(&mut self, pid: u32) -> bool {

@@ -98,6 +98,9 @@ pub mod announce {
     /// library loaded later, JIT code): read its mappings again. At most
     /// one such request is outstanding per process.
     pub const REFRESH: u32 = 2;
+    /// It exec'd: snapshot it early (it may never be sampled; a process
+    /// gone before this snapshot is not a loss). Not a `KNOWN_PIDS` value.
+    pub const EXEC: u32 = 3;
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.

@@ -425,7 +425,7 @@ fn record(
                 // key (the tgid is part of it), so checking only here still
                 // announces every process, without a lookup per sample.
                 if user_stack != NO_USER_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
-                    announce(tgid);
+                    announce(tgid, announce_reason::NEW);
                 }
             }
             // Another CPU inserted the key between our lookup and insert
@@ -478,7 +478,7 @@ pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
         None => false,
     };
     if wanted {
-        announce(tgid);
+        announce(tgid, announce_reason::EXEC);
     }
     0
 }
@@ -503,7 +503,7 @@ pub fn on_mmap(ctx: FExitContext) -> i32 {
 /// Tells userspace about a process: at exec, and at its first sample in a
 /// window when it is not known yet (see `record`).
 #[inline(always)]
-fn announce(tgid: u32) {
+fn announce(tgid: u32, reason: u32) {
     if KNOWN_PIDS
         .insert(tgid, announce_reason::NEW as u8, BPF_NOEXIST)
         .is_err()
@@ -511,10 +511,7 @@ fn announce(tgid: u32) {
         // Another CPU announced it first.
         return;
     }
-    let event = NewPid {
-        tgid,
-        reason: announce_reason::NEW,
-    };
+    let event = NewPid { tgid, reason };
     if NEW_PIDS.output::<NewPid>(&event, 0).is_err() {
         bump(Counter::NewPidLost);
         // Forget it so the process's next new key tries again.

@@ -140,7 +140,12 @@ fn announce_loop(
             if item.len() >= std::mem::size_of::<NewPid>() {
                 // SAFETY: the program writes a NewPid; read unaligned.
                 let event: NewPid = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if lock(&processes).observe(event.tgid) {
+                let seen = if event.reason == announce::EXEC {
+                    lock(&processes).observe_at_exec(event.tgid)
+                } else {
+                    lock(&processes).observe(event.tgid)
+                };
+                if seen {
                     let _ = to_loader.send(event);
                 }
             }
