@@ -126,7 +126,7 @@ fn decode_window(maps: &MapsFixture) -> RawWindow {
                 .or_insert_with(|| maps.stack_map.get(&id).cloned())
                 .clone()
         };
-        let user = lookup((key.user_stack - 1) as u32);
+        let user = lookup((key.user_stack - 1) as u32).map(|frames| (frames, None));
         let (sample, missing) = decode_key(key, count, &mut lookup, |_| user.clone());
         if missing {
             window.missing_stacks += count;

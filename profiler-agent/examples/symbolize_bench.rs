@@ -377,6 +377,7 @@ fn make_window(
             tgid: pid,
             comm: "bigprog".into(),
             user: chosen.iter().rev().map(|&p| picks[p].addr).collect(),
+            user_end: None,
             kernel: Vec::new(),
             sample_type: profiler_agent::sample_type::SampleType::Cpu,
             value: 1 + (s % 5) as u64,

@@ -19,6 +19,9 @@ pub struct RawSample {
     /// User stack, leaf first, as returned by the kernel (instruction
     /// pointer, then return addresses). Empty when absent.
     pub user: Vec<u64>,
+    /// How the walk of the user stack ended (stack quality); `None`
+    /// without a user stack.
+    pub user_end: Option<StackEnd>,
     /// Kernel stack, leaf first. Empty when absent.
     pub kernel: Vec<u64>,
     /// What `value` measures.
@@ -103,36 +106,37 @@ impl Counters {
 /// [`SampleType::Cpu`] (the kernel maps hold sample counts).
 ///
 /// `kernel_lookup` returns the frames of a kernel stack id and
-/// `user_lookup` those of a user-stack key, leaf first, or `None` when the
-/// stack is not in its map.
+/// `user_lookup` those of a user-stack key with how its walk ended, leaf
+/// first, or `None` when the stack is not in its map.
 pub fn decode_key(
     key: &StackKey,
     count: u64,
     mut kernel_lookup: impl FnMut(u32) -> Option<Vec<u64>>,
-    mut user_lookup: impl FnMut(u64) -> Option<Vec<u64>>,
+    mut user_lookup: impl FnMut(u64) -> Option<(Vec<u64>, Option<StackEnd>)>,
 ) -> (RawSample, bool) {
     let mut missing = false;
-    let mut found = |frames: Option<Vec<u64>>| {
-        frames.unwrap_or_else(|| {
-            missing = true;
-            Vec::new()
-        })
-    };
-    let user = if key.user_stack == NO_USER_STACK {
-        Vec::new()
+    let (user, user_end) = if key.user_stack == NO_USER_STACK {
+        (Vec::new(), None)
     } else {
-        found(user_lookup(key.user_stack))
+        user_lookup(key.user_stack).unwrap_or_else(|| {
+            missing = true;
+            (Vec::new(), None)
+        })
     };
     let kernel = if key.kernel_stack_id == NO_STACK || key.kernel_stack_id < 0 {
         Vec::new()
     } else {
-        found(kernel_lookup(key.kernel_stack_id as u32))
+        kernel_lookup(key.kernel_stack_id as u32).unwrap_or_else(|| {
+            missing = true;
+            Vec::new()
+        })
     };
     (
         RawSample {
             tgid: key.tgid,
             comm: comm_to_string(&key.comm),
             user,
+            user_end,
             kernel,
             sample_type: SampleType::Cpu,
             value: count,
@@ -169,12 +173,13 @@ mod tests {
             &key,
             5,
             |id| Some(vec![id as u64 * 100, 1]),
-            |key| Some(vec![key * 100, 1]),
+            |key| Some((vec![key * 100, 1], Some(StackEnd::NoTable))),
         );
         assert!(!missing);
         assert_eq!(s.tgid, 42);
         assert_eq!(s.comm, "worker");
         assert_eq!(s.user, vec![300, 1]);
+        assert_eq!(s.user_end, Some(StackEnd::NoTable));
         assert_eq!(s.kernel, vec![700, 1]);
         assert_eq!((s.sample_type, s.value), (SampleType::Cpu, 5));
     }
@@ -187,9 +192,15 @@ mod tests {
             kernel_stack_id: 2,
             comm: comm("kworker/0:1"),
         };
-        let (s, missing) = decode_key(&key, 1, |_| Some(vec![9]), |_| Some(vec![8]));
+        let (s, missing) = decode_key(
+            &key,
+            1,
+            |_| Some(vec![9]),
+            |_| Some((vec![8], Some(StackEnd::Root))),
+        );
         assert!(!missing);
         assert!(s.user.is_empty());
+        assert_eq!(s.user_end, None);
         assert_eq!(s.kernel, vec![9]);
     }
 
@@ -201,8 +212,9 @@ mod tests {
             kernel_stack_id: NO_STACK,
             comm: comm("x"),
         };
-        let (_, missing) = decode_key(&key, 1, |_| Some(vec![1]), |_| None);
+        let (s, missing) = decode_key(&key, 1, |_| Some(vec![1]), |_| None);
         assert!(missing);
+        assert_eq!(s.user_end, None);
     }
 
     #[test]

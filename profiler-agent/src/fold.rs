@@ -1,7 +1,11 @@
 //! Folded stacks: `process;root;...;leaf VALUE`, the FlameGraph/inferno
 //! input format, aggregated over a whole recording (one profile per sample
-//! type); and the symbolize step that names a drained window's frames.
+//! type); and the symbolize step that names a drained window's frames and
+//! marks the stacks whose user stack stopped early
+//! (`process;[stack cut: REASON];...`).
 use std::{collections::HashMap, io::Write};
+
+use profiler_common::unwind::StackEnd;
 
 use crate::{
     drain::RawWindow,
@@ -13,7 +17,21 @@ use crate::{
 /// count is kept.
 pub const NO_STACK_FRAME: &str = "[no stack]";
 
-/// A sample with its frames named, root first (user, then kernel frames).
+/// The root-side frame of a sample whose user stack stopped early, e.g.
+/// `[stack cut: no_table]` (the reason is [`StackEnd::name`]); `None` for a
+/// complete user stack or none.
+pub fn stack_cut_frame(end: Option<StackEnd>) -> Option<String> {
+    end.filter(|end| !end.is_complete())
+        .map(|end| profiler_proto::frames::stack_cut(end.name()))
+}
+
+/// The reason a [`stack_cut_frame`] names; `None` for any other frame.
+pub fn parse_stack_cut_frame(frame: &str) -> Option<StackEnd> {
+    profiler_proto::frames::parse_stack_cut(frame).and_then(StackEnd::from_name)
+}
+
+/// A sample with its frames named, root first (a [`stack_cut_frame`] when
+/// the user stack stopped early, user, then kernel frames).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SymbolizedSample {
     pub tgid: u32,
@@ -26,7 +44,8 @@ pub struct SymbolizedSample {
     pub value: u64,
 }
 
-/// Names the frames of every sample of a window, once.
+/// Names the frames of every sample of a window, once; a sample whose user
+/// stack stopped early gets its [`stack_cut_frame`] at the root.
 pub fn symbolize_window(
     window: &RawWindow,
     symbolizer: &mut dyn Symbolize,
@@ -36,7 +55,8 @@ pub fn symbolize_window(
         .samples
         .iter()
         .map(|sample| {
-            let mut frames = symbolizer.user_stack(sample.tgid, &sample.user);
+            let mut frames: Vec<String> = stack_cut_frame(sample.user_end).into_iter().collect();
+            frames.extend(symbolizer.user_stack(sample.tgid, &sample.user));
             frames.extend(symbolizer.kernel_stack(&sample.kernel));
             SymbolizedSample {
                 tgid: sample.tgid,
@@ -181,6 +201,7 @@ mod tests {
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
+                    user_end: Some(StackEnd::Root),
                     kernel: vec![20, 10],
                     sample_type: SampleType::Cpu,
                     value: 4,
@@ -189,6 +210,7 @@ mod tests {
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
+                    user_end: Some(StackEnd::Root),
                     kernel: vec![20, 10],
                     sample_type: SampleType::Cpu,
                     value: 1,
@@ -197,6 +219,7 @@ mod tests {
                     tgid: 8,
                     comm: "kworker/1:0".into(),
                     user: vec![],
+                    user_end: None,
                     kernel: vec![5],
                     sample_type: SampleType::Cpu,
                     value: 2,
@@ -213,6 +236,76 @@ mod tests {
             vec!["app;f1;f2;f3;k10_[k];k20_[k] 5", "kworker/1:0;k5_[k] 2"]
         );
         assert_eq!(profile.total(), 7);
+    }
+
+    #[test]
+    fn stack_cut_frame_round_trips() {
+        for end in StackEnd::ALL {
+            match stack_cut_frame(Some(end)) {
+                Some(frame) => {
+                    assert!(!end.is_complete());
+                    assert_eq!(frame, format!("[stack cut: {}]", end.name()));
+                    assert_eq!(parse_stack_cut_frame(&frame), Some(end));
+                }
+                None => assert!(end.is_complete(), "{end:?}"),
+            }
+        }
+        assert_eq!(stack_cut_frame(None), None);
+        assert_eq!(
+            stack_cut_frame(Some(StackEnd::NoTable)).as_deref(),
+            Some("[stack cut: no_table]")
+        );
+        assert_eq!(parse_stack_cut_frame("[stack cut: root_of_all_evil]"), None);
+        assert_eq!(parse_stack_cut_frame("main"), None);
+    }
+
+    #[test]
+    fn cut_stacks_fold_under_their_marker_and_complete_ones_do_not() {
+        let sample = |user: Vec<u64>, user_end, kernel: Vec<u64>, value| RawSample {
+            tgid: 7,
+            comm: "app".into(),
+            user,
+            user_end,
+            kernel,
+            sample_type: SampleType::Cpu,
+            value,
+        };
+        let window = RawWindow {
+            samples: vec![
+                sample(vec![3, 2, 1], Some(StackEnd::Root), vec![], 90),
+                sample(vec![3, 2, 1], Some(StackEnd::FramePointerEnd), vec![], 2),
+                sample(vec![3, 2], Some(StackEnd::NoTable), vec![10], 5),
+                sample(vec![3], Some(StackEnd::BadRead), vec![], 2),
+                sample(vec![3], Some(StackEnd::BadRead), vec![], 1),
+                sample(vec![], None, vec![10], 4),
+            ],
+            ..RawWindow::default()
+        };
+        let mut profile = FoldedProfile::default();
+        for sample in symbolize_window(&window, &mut FakeSymbolizer) {
+            profile.add(&sample.process, &sample.frames, sample.value);
+        }
+        assert_eq!(
+            profile.lines(),
+            vec![
+                "app;[stack cut: bad_read];f3 3",
+                "app;[stack cut: no_table];f2;f3;k10_[k] 5",
+                "app;f1;f2;f3 92",
+                "app;k10_[k] 4",
+            ]
+        );
+        let cut: u64 = profile
+            .iter()
+            .filter(|(stack, _)| {
+                stack
+                    .split(';')
+                    .nth(1)
+                    .and_then(parse_stack_cut_frame)
+                    .is_some()
+            })
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!((cut, profile.total()), (8, 104));
     }
 
     #[test]

@@ -41,19 +41,19 @@ pub fn nonzero_drops(recording: &Recording) -> Vec<(&'static str, u64)> {
 
 /// "User stacks: N of M reached the outermost frame (P %); stopped early: …"
 pub fn user_stack_quality(recording: &Recording) -> Option<String> {
-    use profiler_common::unwind::StackEnd;
     let ends = &recording.user_stack_ends;
     let total: u64 = ends.values().sum();
     if total == 0 {
         return None;
     }
-    let complete: u64 = [StackEnd::Root, StackEnd::FramePointerEnd]
+    let complete: u64 = ends
         .iter()
-        .map(|e| ends.get(e).copied().unwrap_or(0))
+        .filter(|(e, _)| e.is_complete())
+        .map(|(_, n)| n)
         .sum();
     let early: Vec<String> = ends
         .iter()
-        .filter(|(e, n)| !matches!(e, StackEnd::Root | StackEnd::FramePointerEnd) && **n > 0)
+        .filter(|(e, n)| !e.is_complete() && **n > 0)
         .map(|(e, n)| format!("{} {n}", e.name()))
         .collect();
     let mut line = format!(

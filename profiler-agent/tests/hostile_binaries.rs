@@ -527,6 +527,7 @@ fn process_gone_before_first_sight_gives_unknown_frames() {
             tgid: pid,
             comm: "victim".into(),
             user: vec![addr, addr + 0x40],
+            user_end: None,
             kernel: vec![],
             sample_type: profiler_agent::sample_type::SampleType::Cpu,
             value: 4,

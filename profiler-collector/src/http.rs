@@ -13,6 +13,7 @@
 //! | `GET /api/v1/folded` | folded stacks (text) |
 //! | `GET /api/v1/pprof` | gzipped pprof (`go tool pprof` reads it) |
 //! | `GET /api/v1/top` | top-N functions, self and total (JSON) |
+//! | `GET /api/v1/quality` | the share of complete stacks, and of cut ones by reason (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
 //!
 //! Selections: `type=` the sample type (default `cpu`; a type with no data
@@ -34,7 +35,7 @@ use axum::{
 use crate::{
     metrics::Metrics,
     model::{Profile, SampleType, Selector},
-    render::{self, title, type_title},
+    render::{self, title, type_title, StackQuality},
     selection::{sample_type_param, selector, svg_options, top_n},
     store::{SharedStore, Store},
 };
@@ -74,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/folded", get(folded))
         .route("/api/v1/pprof", get(pprof))
         .route("/api/v1/top", get(top))
+        .route("/api/v1/quality", get(quality))
         .route("/api/v1/diff.svg", get(diff))
         .with_state(state)
 }
@@ -241,6 +243,40 @@ async fn top(State(state): State<AppState>, Query(params): Params) -> Response {
             "functions": render::top(&profile, n),
         }))
         .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Stack quality of the selection: `total`, `complete` and `cut` values
+/// with their shares (0-1, `null` when the selection is empty), and
+/// `cut_by_reason`, most first.
+async fn quality(State(state): State<AppState>, Query(params): Params) -> Response {
+    match profile_for(&state, &params, "").await {
+        Ok((_, profile, sample_type)) => {
+            let q = StackQuality::of(&profile);
+            let reasons: Vec<serde_json::Value> = q
+                .reasons()
+                .into_iter()
+                .map(|(reason, value)| {
+                    serde_json::json!({
+                        "reason": reason,
+                        "value": value,
+                        "share": q.share(value),
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({
+                "type": sample_type.name,
+                "unit": sample_type.unit,
+                "total": q.total,
+                "complete": q.complete(),
+                "complete_share": q.share(q.complete()),
+                "cut": q.cut_total(),
+                "cut_share": q.share(q.cut_total()),
+                "cut_by_reason": reasons,
+            }))
+            .into_response()
+        }
         Err(r) => r,
     }
 }

@@ -1,9 +1,12 @@
 //! Turning a stored [`Profile`] into what users read, in the unit of its
 //! sample type: flame graph SVGs (inferno), differential flame graphs,
-//! gzipped pprof, top-N functions, and the titles they carry.
-use std::{collections::HashMap, io::Write};
+//! gzipped pprof, top-N functions, stack quality, and the titles they carry.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+};
 
-use profiler_proto::pprof;
+use profiler_proto::{frames::stack_cut_of_folded, pprof};
 use prost::Message;
 
 use crate::model::{Profile, SampleType, Selector, CPU};
@@ -277,6 +280,54 @@ pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
     entries
 }
 
+/// How much of a profile's value has complete stacks: the stacks whose
+/// second frame is a `[stack cut: REASON]` marker
+/// ([`profiler_proto::frames`]) stopped early; any other stack, stored
+/// before agents marked cut stacks too, counts as complete.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackQuality {
+    pub total: u64,
+    /// Value of the cut stacks, by the reason their marker names.
+    pub cut: BTreeMap<String, u64>,
+}
+
+impl StackQuality {
+    pub fn of(profile: &Profile) -> Self {
+        let mut quality = StackQuality::default();
+        for (stack, value) in &profile.stacks {
+            quality.total = quality.total.saturating_add(*value);
+            if let Some(reason) = stack_cut_of_folded(stack) {
+                let cut = quality.cut.entry(reason.to_string()).or_default();
+                *cut = cut.saturating_add(*value);
+            }
+        }
+        quality
+    }
+
+    /// Value of the stacks without a marker.
+    pub fn complete(&self) -> u64 {
+        self.total.saturating_sub(self.cut_total())
+    }
+
+    /// Value of the cut stacks.
+    pub fn cut_total(&self) -> u64 {
+        self.cut.values().fold(0u64, |t, v| t.saturating_add(*v))
+    }
+
+    /// `value`'s share of the total, 0-1; `None` for an empty profile.
+    pub fn share(&self, value: u64) -> Option<f64> {
+        (self.total > 0).then(|| value as f64 / self.total as f64)
+    }
+
+    /// The cut reasons, most value first (ties by name).
+    pub fn reasons(&self) -> Vec<(&str, u64)> {
+        let mut reasons: Vec<(&str, u64)> =
+            self.cut.iter().map(|(r, v)| (r.as_str(), *v)).collect();
+        reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        reasons
+    }
+}
+
 /// What a flame graph of a type is called: `CPU` for `cpu`, else the type.
 pub fn type_title(sample_type: &SampleType) -> String {
     if sample_type.name == CPU {
@@ -335,6 +386,28 @@ mod tests {
             "the process is not a function"
         );
         assert_eq!(top(&profile(), 1).len(), 1);
+    }
+
+    #[test]
+    fn stack_quality_counts_marked_stacks_by_reason() {
+        let mut p = profile();
+        p.add("app;[stack cut: no_table];hot", 4);
+        p.add("app;[stack cut: bad_read];x;hot", 3);
+        p.add("other;[stack cut: no_table]", 1);
+        // Not markers: not the second frame, or not a reason.
+        p.add("app;main;[stack cut: no_table]", 5);
+        p.add("app;[stack cut: ];main", 2);
+        let q = StackQuality::of(&p);
+        assert_eq!(q.total, 25);
+        assert_eq!(q.cut_total(), 8);
+        assert_eq!(q.complete(), 17);
+        assert_eq!(q.reasons(), vec![("no_table", 5), ("bad_read", 3)]);
+        assert_eq!(q.share(q.cut_total()), Some(0.32));
+        let old = StackQuality::of(&profile());
+        assert_eq!((old.complete(), old.total), (10, 10), "no marker: complete");
+        let empty = StackQuality::of(&Profile::default());
+        assert_eq!(empty.share(0), None);
+        assert!(empty.reasons().is_empty());
     }
 
     #[test]

@@ -579,3 +579,105 @@ async fn a_type_keeps_one_unit_and_bad_type_names_are_rejected() {
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     c.shutdown().await.unwrap();
 }
+
+/// [`batch`] with two more stacks of `app` cut by the agent's unwinder:
+/// `[stack cut: no_table];hot` x2 and `[stack cut: bad_read];cold` x1.
+fn cut_batch(seq: u64) -> Batch {
+    let mut b = batch(seq);
+    let no_table = b.strings.len() as u32;
+    b.strings.push(b"[stack cut: no_table]".to_vec());
+    b.strings.push(b"[stack cut: bad_read]".to_vec());
+    b.stacks.push(Stack {
+        frames: vec![1, no_table, 3],
+    });
+    b.stacks.push(Stack {
+        frames: vec![1, no_table + 1, 4],
+    });
+    b.samples.push(Sample {
+        label_set: 0,
+        stack: 2,
+        value: 2,
+    });
+    b.samples.push(Sample {
+        label_set: 0,
+        stack: 3,
+        value: 1,
+    });
+    b
+}
+
+#[tokio::test]
+async fn quality_gives_the_share_of_complete_and_cut_stacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&dir.path().join("p.db")).await;
+    let mut cl = client(&c).await;
+    cl.push_batch(cut_batch(1)).await.unwrap();
+    let json = |body: String| serde_json::from_str::<serde_json::Value>(&body).unwrap();
+
+    let q = json(text(&c, &format!("/api/v1/quality?{APP}&start=now-1h&end=now")).await);
+    assert_eq!(
+        q,
+        serde_json::json!({
+            "type": "cpu",
+            "unit": "samples",
+            "total": 7,
+            "complete": 4,
+            "complete_share": 4.0 / 7.0,
+            "cut": 3,
+            "cut_share": 3.0 / 7.0,
+            "cut_by_reason": [
+                {"reason": "no_table", "value": 2, "share": 2.0 / 7.0},
+                {"reason": "bad_read", "value": 1, "share": 1.0 / 7.0},
+            ],
+        })
+    );
+    // The marker is a frame of its own under the process: a tower of its own.
+    assert_eq!(
+        text(&c, &format!("/api/v1/folded?{APP}")).await,
+        "app;[stack cut: bad_read];cold 1\napp;[stack cut: no_table];hot 2\n\
+         app;main;cold 1\napp;main;hot 3\n"
+    );
+
+    // Stacks without a marker (stored before agents marked them) are complete.
+    cl.push_batch(typed_batch(2, "off_cpu", "nanoseconds", 30, 10))
+        .await
+        .unwrap();
+    let q = json(text(&c, "/api/v1/quality?type=off_cpu").await);
+    assert_eq!(
+        (&q["unit"], &q["total"], &q["complete_share"], &q["cut"]),
+        (
+            &serde_json::json!("nanoseconds"),
+            &serde_json::json!(40),
+            &serde_json::json!(1.0),
+            &serde_json::json!(0)
+        )
+    );
+    assert_eq!(q["cut_by_reason"], serde_json::json!([]));
+
+    // An empty selection: zero, and no shares.
+    for empty in [
+        "/api/v1/quality?query=%7Bprocess%3D%22nobody%22%7D",
+        "/api/v1/quality?start=now-3h&end=now-2h",
+        "/api/v1/quality?type=wall",
+    ] {
+        let q = json(text(&c, empty).await);
+        assert_eq!(q["total"], 0, "{empty}");
+        assert_eq!(q["complete_share"], serde_json::Value::Null, "{empty}");
+        assert_eq!(q["cut_share"], serde_json::Value::Null, "{empty}");
+        assert_eq!(q["cut_by_reason"], serde_json::json!([]), "{empty}");
+    }
+
+    for bad in [
+        "/api/v1/quality?query=%7Bprocess",
+        "/api/v1/quality?start=yesterday",
+        "/api/v1/quality?start=20&end=10",
+        "/api/v1/quality?type=Off-CPU",
+    ] {
+        let (status, body) = get(&c, bad).await;
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}");
+    }
+    assert_eq!(total(&c).await, 7, "nothing was dropped");
+    c.shutdown().await.unwrap();
+}

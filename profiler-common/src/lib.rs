@@ -240,6 +240,19 @@ mod tests {
     }
 
     #[test]
+    fn stack_ends_are_indexed_and_named_once() {
+        use unwind::StackEnd;
+        for (i, end) in StackEnd::ALL.iter().enumerate() {
+            assert_eq!(StackEnd::from_u32(i as u32), Some(*end));
+            assert_eq!(StackEnd::from_name(end.name()), Some(*end));
+        }
+        assert_eq!(StackEnd::from_u32(unwind::STACK_END_COUNT as u32), None);
+        assert_eq!(StackEnd::from_name("Root"), None);
+        let complete: usize = StackEnd::ALL.iter().filter(|e| e.is_complete()).count();
+        assert_eq!(complete, 2, "root and frame_pointer_end");
+    }
+
+    #[test]
     fn counters_are_indexed_in_order() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);

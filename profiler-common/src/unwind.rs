@@ -222,6 +222,17 @@ impl StackEnd {
         }
     }
 
+    /// Whether the walk reached the outermost frame ([`StackEnd::Root`],
+    /// [`StackEnd::FramePointerEnd`]); the others stopped early.
+    pub const fn is_complete(self) -> bool {
+        matches!(self, StackEnd::Root | StackEnd::FramePointerEnd)
+    }
+
+    /// The reason named [`StackEnd::name`] `name`.
+    pub fn from_name(name: &str) -> Option<StackEnd> {
+        StackEnd::ALL.into_iter().find(|end| end.name() == name)
+    }
+
     /// Stable snake_case name used in logs, summaries and metrics.
     pub const fn name(self) -> &'static str {
         match self {

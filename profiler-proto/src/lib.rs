@@ -2,8 +2,11 @@
 //! - [`v1`]: the agent → collector gRPC service (`profiler.v1.Ingest`);
 //! - [`pprof`]: the pprof profile format the collector serves;
 //! - [`metadata`]: the typed push-back and rejection reasons a collector
-//!   sends as gRPC metadata, read by agents.
+//!   sends as gRPC metadata, read by agents;
+//! - [`frames`]: marker frames agents put in stacks (`[stack cut: REASON]`),
+//!   read by the collector.
 
+pub mod frames;
 pub mod metadata;
 
 /// `profiler.v1`: batches of folded stacks with labels, and their acks.

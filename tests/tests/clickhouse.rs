@@ -315,6 +315,90 @@ fn an_off_cpu_batch_reads_back_exact_on_current_clickhouse() {
     off_cpu_through_the_api(&CurrentClickHouse::start());
 }
 
+/// Stack quality (`/api/v1/quality`) of a collector on ClickHouse answers
+/// exactly like one on SQLite given the same batch, for every selection:
+/// it reads the stored stacks' `[stack cut: REASON]` frames.
+fn quality_through_the_api(ch: &dyn Server) {
+    use profiler_proto::v1::{ingest_client::IngestClient, Sample, Stack};
+    let rt = runtime();
+    let on_clickhouse = start_on(&rt, ch, "quality", None);
+    let dir = tempfile::tempdir().unwrap();
+    let on_sqlite = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    // synthetic;main;work x5, synthetic;[stack cut: no_table];work x3,
+    // synthetic;[stack cut: depth_limit];main;work x2.
+    let mut batch = synthetic_batch("n1", 1, 5);
+    let cut = batch.strings.len() as u32;
+    batch.strings.push(b"[stack cut: no_table]".to_vec());
+    batch.strings.push(b"[stack cut: depth_limit]".to_vec());
+    batch.stacks.push(Stack {
+        frames: vec![4, cut, 6],
+    });
+    batch.stacks.push(Stack {
+        frames: vec![4, cut + 1, 5, 6],
+    });
+    for (stack, value) in [(1, 3), (2, 2)] {
+        batch.samples.push(Sample {
+            label_set: 0,
+            stack,
+            value,
+        });
+    }
+    for c in [&on_clickhouse, &on_sqlite] {
+        let batch = batch.clone();
+        rt.block_on(async {
+            IngestClient::connect(format!("http://{}", c.grpc_addr))
+                .await
+                .unwrap()
+                .push_batch(batch)
+                .await
+                .unwrap()
+        });
+    }
+    let quality = |c: &RunningCollector, selection: &str| -> serde_json::Value {
+        serde_json::from_slice(&http_get(
+            c.http_addr,
+            &format!("/api/v1/quality?{selection}"),
+        ))
+        .unwrap()
+    };
+    let all = quality(&on_clickhouse, "start=now-1h");
+    assert_eq!(
+        (&all["total"], &all["complete"], &all["cut"]),
+        (
+            &serde_json::json!(10),
+            &serde_json::json!(5),
+            &serde_json::json!(5)
+        )
+    );
+    assert_eq!(
+        all["cut_by_reason"],
+        serde_json::json!([
+            {"reason": "no_table", "value": 3, "share": 0.3},
+            {"reason": "depth_limit", "value": 2, "share": 0.2},
+        ])
+    );
+    for selection in [
+        "start=now-1h",
+        "start=now-1h&query=%7Bprocess%3D%22synthetic%22%7D",
+        "start=now-1h&query=%7Bnode%3D%22elsewhere%22%7D",
+        "start=now-3h&end=now-2h",
+        "type=off_cpu&start=now-1h",
+    ] {
+        assert_eq!(
+            quality(&on_clickhouse, selection),
+            quality(&on_sqlite, selection),
+            "{selection}"
+        );
+    }
+    rt.block_on(on_clickhouse.shutdown()).unwrap();
+    rt.block_on(on_sqlite.shutdown()).unwrap();
+}
+
+#[test]
+fn stack_quality_on_clickhouse_answers_like_sqlite() {
+    quality_through_the_api(&ClickHouse::start());
+}
+
 fn conformance_suite(ch: &dyn Server) {
     let mut n = 0;
     conformance::check_all(&mut || {

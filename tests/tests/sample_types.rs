@@ -76,6 +76,7 @@ fn sample(
         tgid,
         comm: comm.into(),
         user: user.to_vec(),
+        user_end: None,
         kernel: kernel.to_vec(),
         sample_type,
         value,

@@ -116,22 +116,16 @@ impl MapSet {
         let mut kernel: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
         let mut user: HashMap<u64, Option<UserFrames>> = HashMap::new();
         for (key, count) in &entries {
-            let mut end = None;
             let (sample, missing) = decode_key(
                 key,
                 *count,
                 |id| kernel.entry(id).or_insert_with(|| self.frames(id)).clone(),
-                |k| {
-                    let found = user.entry(k).or_insert_with(|| self.user_frames(k)).clone();
-                    found.map(|(frames, why)| {
-                        end = why;
-                        frames
-                    })
-                },
+                |k| user.entry(k).or_insert_with(|| self.user_frames(k)).clone(),
             );
             if missing {
                 window.missing_stacks += count;
             }
+            let end = sample.user_end;
             if let Some(end) = end {
                 *window.user_stack_ends.entry(end).or_default() += count;
             }

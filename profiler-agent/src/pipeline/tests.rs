@@ -36,6 +36,7 @@ fn sample(tgid: u32, comm: &str, user: &[u64], kernel: &[u64], value: u64) -> Ra
         tgid,
         comm: comm.into(),
         user: user.to_vec(),
+        user_end: None,
         kernel: kernel.to_vec(),
         sample_type: SampleType::Cpu,
         value,
