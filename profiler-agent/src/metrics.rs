@@ -33,11 +33,11 @@ use prometheus_client::{
 use crate::{
     drain::Counters,
     export::ExportStats,
-    kernel::unwind::UnwindStats,
     loss::{DrainLoss, Effect, KernelLoss, ProcessLoss, SymbolizerDegrade},
     memory::{MemoryReading, MemoryStats},
     process::ProcessStats,
     symbolize::SymbolizerStats,
+    unwind::UnwindStats,
     Error, Result,
 };
 
@@ -285,7 +285,7 @@ fn unwind_families(t: &mut Families<'_>, u: &UnwindStats) -> Encoded {
         "unwind_binaries_without_table",
         "Binaries whose CFI could not be used, by reason (they unwind with frame pointers).",
         "reason",
-        crate::kernel::unwind::FAILURE_REASONS
+        crate::unwind::FAILURE_REASONS
             .iter()
             .map(|why| (*why, u.build_failures.get(why).copied().unwrap_or(0))),
     )?;

@@ -45,7 +45,7 @@ pub struct Recording {
     /// Samples with a user stack, by how the program's walk ended.
     pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
     /// The unwind tables at the end.
-    pub unwind: Option<crate::kernel::unwind::UnwindStats>,
+    pub unwind: Option<crate::unwind::UnwindStats>,
     /// Most distinct stacks seen in one drain window.
     pub max_window_stacks: u64,
     pub duration: Duration,

@@ -139,7 +139,7 @@ impl SampleSource for KernelSource {
         load::detach_sampling(&mut self.ebpf, links)
     }
 
-    fn unwind_stats(&self) -> Option<unwind::UnwindStats> {
+    fn unwind_stats(&self) -> Option<crate::unwind::UnwindStats> {
         Some(
             self.unwind
                 .lock()

@@ -106,7 +106,7 @@ pub struct RunReport {
     /// Samples with a user stack, by how the program's walk ended.
     pub user_stack_ends: BTreeMap<profiler_common::unwind::StackEnd, u64>,
     /// The unwind tables at the end, for a source that has them.
-    pub unwind: Option<crate::kernel::unwind::UnwindStats>,
+    pub unwind: Option<crate::unwind::UnwindStats>,
     /// Most distinct `cpu` stacks (process and frames) in one window.
     pub max_window_stacks: u64,
     pub symbolizer_stats: SymbolizerStats,

@@ -39,7 +39,7 @@ pub trait SampleSource {
         SourceInfo::default()
     }
     /// The unwind tables' figures, for a source that unwinds with them.
-    fn unwind_stats(&self) -> Option<crate::kernel::unwind::UnwindStats> {
+    fn unwind_stats(&self) -> Option<crate::unwind::UnwindStats> {
         None
     }
 }

@@ -31,9 +31,11 @@
 //!   covered address (row addresses are 32-bit).
 //! - Files are passed as bytes the caller read, never mapped: a binary
 //!   truncated while being read is an error, not a `SIGBUS`.
+mod stats;
 mod table;
 
 pub use profiler_common::unwind::UnwindRow;
+pub use stats::{UnwindStats, FAILURE_REASONS};
 pub use table::{
     build_table, cfa_rule_name, FdeAt, SectionStats, TableError, TableStats, Unsupported,
     UnwindTable,
