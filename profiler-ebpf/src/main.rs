@@ -217,6 +217,7 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     state.hash = 0;
     state.calls = 0;
     state.refresh = 0;
+    state.last_mapping.end = 0;
     state.flags = FLAG_ALL_REGS | FLAG_EXACT_PC;
     state.proc_first = 0;
     state.proc_count = 0;

@@ -63,6 +63,9 @@ pub struct UnwindState {
     pub proc_count: u32,
     /// Whether the walk asked for the process's mappings to be read again.
     pub refresh: u32,
+    /// The mapping of the previous frame (`end` 0: none yet): callers are
+    /// often in the same binary, so most frames skip the mapping search.
+    pub last_mapping: ExecMapping,
 }
 
 /// What one step did.
@@ -152,8 +155,14 @@ pub fn step(state: &mut UnwindState) -> Step {
     } else {
         ip - 1
     };
-    let Some(mapping) = find_mapping(state.proc_first, state.proc_count, pc) else {
-        return Step::End(StackEnd::NoMapping);
+    let mapping = if pc >= state.last_mapping.start && pc < state.last_mapping.end {
+        state.last_mapping
+    } else {
+        let Some(mapping) = find_mapping(state.proc_first, state.proc_count, pc) else {
+            return Step::End(StackEnd::NoMapping);
+        };
+        state.last_mapping = mapping;
+        mapping
     };
     if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
         return frame_pointer_step(state);
