@@ -583,21 +583,33 @@ fn test() -> Result<()> {
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
     clippy()?;
+    // Every build of the run selects the same packages (the workspace but
+    // the eBPF crate), so cargo resolves features once and reuses what it
+    // built: another selection (`-p profiler-agent`, or the default members)
+    // unifies features differently and rebuilds the dependencies whose
+    // features change (tokio, syn, ... about a minute on 2 cores).
+    let (unit, privileged) = test_targets()?;
     step("unit tests (no root needed)");
-    cargo(&["test"])?;
-    // The fuzz crate's own tests: its seeds pass their checks.
-    cargo(&["test", "-p", "profiler-fuzz"])?;
+    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
+    args.extend(["--lib", "--bins", "--examples", "--benches"]);
+    for name in &unit {
+        args.extend(["--test", name.as_str()]);
+    }
+    cargo(&args)?;
     fuzz(CI_FUZZ_SECONDS, None)?;
     step("privileged end-to-end tests (real eBPF, real workloads)");
-    cargo(&["build", "-p", "profiler-agent", "-p", "profiler-collector"])?;
+    // The agent's and collector's binaries the tests run were built with
+    // the unit tests (same selection).
+    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
+    for name in &privileged {
+        args.extend(["--test", name.as_str()]);
+    }
+    args.extend(["--", "--test-threads=1"]);
     if is_root() {
-        cargo(&["test", "-p", "profiler-tests", "--", "--test-threads=1"])?;
+        cargo(&args)?;
     } else {
         let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        status(&mut as_root(
-            &cargo_bin,
-            &["test", "-p", "profiler-tests", "--", "--test-threads=1"],
-        ))?;
+        status(&mut as_root(&cargo_bin, &args))?;
     }
     // Every benchmark, briefly, on the debug build: breaks show in CI, the
     // figures (target/bench/report.md) mean nothing.
@@ -616,6 +628,55 @@ fn test() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The integration test targets: those that need no root (every member's
+/// `tests/*.rs` but the privileged crate's), and the privileged ones
+/// (`tests/tests/*.rs`). Names are unique across the workspace, so
+/// `--test NAME` picks one target.
+fn test_targets() -> Result<(Vec<String>, Vec<String>)> {
+    let root = workspace_root();
+    let names = |dir: &Path| -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(names);
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                if let Some(stem) = path.file_stem() {
+                    names.push(stem.to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    };
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
+    let mut unit = Vec::new();
+    for member in workspace_members(&manifest) {
+        if member != "tests" {
+            unit.extend(names(&root.join(member).join("tests"))?);
+        }
+    }
+    let privileged = names(&root.join("tests/tests"))?;
+    if let Some(both) = unit.iter().find(|n| privileged.contains(n)) {
+        bail!("integration test name {both:?} is used twice: `--test {both}` would run both");
+    }
+    Ok((unit, privileged))
+}
+
+/// The `members` of the workspace's Cargo.toml.
+fn workspace_members(manifest: &str) -> Vec<String> {
+    let Some(start) = manifest.find("members = [") else {
+        return Vec::new();
+    };
+    let list = &manifest[start + "members = [".len()..];
+    let list = &list[..list.find(']').unwrap_or(list.len())];
+    list.split(',')
+        .map(|m| m.trim().trim_matches('"').to_string())
+        .filter(|m| !m.is_empty())
+        .collect()
 }
 
 /// Clippy with `-D warnings` on every crate: the workspace's (the privileged
@@ -743,6 +804,21 @@ fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_targets_cover_every_member() {
+        let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+        let members = workspace_members(&manifest);
+        assert!(
+            members.contains(&"profiler-agent".to_string()),
+            "{members:?}"
+        );
+        assert!(members.contains(&"fuzz".to_string()), "{members:?}");
+        let (unit, privileged) = test_targets().unwrap();
+        assert!(unit.contains(&"golden".to_string()), "{unit:?}");
+        assert!(unit.contains(&"api".to_string()), "{unit:?}");
+        assert!(privileged.contains(&"e2e".to_string()), "{privileged:?}");
+    }
 
     #[test]
     fn reads_the_pinned_toolchain() {
