@@ -268,7 +268,7 @@ fn setup(needs: Needs) -> Result<()> {
         bail!("not root and no sudo: run `cargo xtask setup` as root");
     }
     // ClickHouse for the store tests, which run private servers on free
-    // ports (tests/tests/support/clickhouse.rs). /usr/sbin may not be on PATH.
+    // ports (testkit's clickhouse module). /usr/sbin may not be on PATH.
     let install_clickhouse = test
         && !succeeds(
             "sh",
@@ -632,8 +632,8 @@ fn test() -> Result<()> {
 
 /// The integration test targets: those that need no root (every member's
 /// `tests/*.rs` but the privileged crate's), and the privileged ones
-/// (`tests/tests/*.rs`). Names are unique across the workspace, so
-/// `--test NAME` picks one target.
+/// (`tests/tests/`: one target, `privileged`). Names are unique across the
+/// workspace, so `--test NAME` picks one target.
 fn test_targets() -> Result<(Vec<String>, Vec<String>)> {
     let root = workspace_root();
     let names = |dir: &Path| -> Result<Vec<String>> {
@@ -643,10 +643,16 @@ fn test_targets() -> Result<(Vec<String>, Vec<String>)> {
         };
         for entry in entries {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "rs") {
-                if let Some(stem) = path.file_stem() {
-                    names.push(stem.to_string_lossy().into_owned());
-                }
+            // `NAME.rs`, or `NAME/main.rs` (a target of several files).
+            let name = if path.extension().is_some_and(|e| e == "rs") {
+                path.file_stem()
+            } else if path.join("main.rs").is_file() {
+                path.file_name()
+            } else {
+                None
+            };
+            if let Some(name) = name {
+                names.push(name.to_string_lossy().into_owned());
             }
         }
         names.sort();
@@ -817,7 +823,7 @@ mod tests {
         let (unit, privileged) = test_targets().unwrap();
         assert!(unit.contains(&"golden".to_string()), "{unit:?}");
         assert!(unit.contains(&"api".to_string()), "{unit:?}");
-        assert!(privileged.contains(&"e2e".to_string()), "{privileged:?}");
+        assert_eq!(privileged, ["privileged"]);
     }
 
     #[test]

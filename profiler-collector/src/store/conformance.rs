@@ -1,7 +1,7 @@
 //! The conformance suite: what every [`Store`] must answer, checked on
 //! fresh stores. The SQLite store runs it in its unit tests; the ClickHouse
 //! store runs it against a real server in `profiler-tests`
-//! (`tests/tests/clickhouse.rs`). Besides fixed cases, it stores the same
+//! (`tests/tests/privileged/clickhouse.rs`). Besides fixed cases, it stores the same
 //! random batches in the store under test and in an in-memory SQLite store
 //! (the reference) and compares every answer.
 //!

@@ -3,12 +3,11 @@
 //! nothing while paused, and answers again once resumed. The current engine
 //! (chdb behind testkit/chdb_shim.py) answers as ClickHouse 26, takes
 //! RowBinary rows in an INSERT's body and applies a table's TTL.
-mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use profiler_testkit::{current::CurrentClickHouse, Server};
-use support::clickhouse::ClickHouse;
+use crate::support::clickhouse::ClickHouse;
 
 #[test]
 fn clickhouse_survives_kill_and_restart_and_pauses() {

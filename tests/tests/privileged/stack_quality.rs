@@ -4,7 +4,6 @@
 //! (the default) marks none; a real collector's `/api/v1/quality` gives the
 //! same shares as the agent's own profile, and its web UI shows them next
 //! to the flame graph.
-mod support;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -15,7 +14,7 @@ use profiler_agent::{
 };
 use profiler_collector::server::RunningCollector;
 use serde_json::json;
-use support::{collector::*, *};
+use crate::support::{collector::*, *};
 
 const SECONDS: f64 = 3.0;
 const FREQUENCY: u64 = 499;

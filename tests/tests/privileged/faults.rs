@@ -2,7 +2,6 @@
 //! a proxy that cuts and stalls connections mid-stream, a spill directory on
 //! a full disk, and a corrupted spill file. In each, every sample the kernel
 //! recorded is either stored once or counted as dropped with its reason.
-mod support;
 
 use std::{
     io::{Read, Write},
@@ -22,7 +21,7 @@ use profiler_agent::{
     spill::Spill,
 };
 use profiler_common::Counter;
-use support::{collector::*, *};
+use crate::support::{collector::*, *};
 
 /// A TCP proxy to `upstream` that can cut every connection it carries, or
 /// stall them (bytes are held, not forwarded, until it stops stalling).

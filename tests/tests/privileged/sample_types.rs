@@ -6,7 +6,6 @@
 //! 18.16 and the current engine), and to local folded files as `run -o`
 //! does; the HTTP API serves back exactly what was sent, per type and with
 //! its unit. Needs no root.
-mod support;
 
 use std::{
     collections::BTreeMap,
@@ -32,7 +31,7 @@ use profiler_agent::{
 };
 use profiler_collector::server::{RunningCollector, StoreLocation};
 use profiler_testkit::{current::CurrentClickHouse, Server};
-use support::{clickhouse::ClickHouse, collector::*};
+use crate::support::{clickhouse::ClickHouse, collector::*};
 
 const NODE: &str = "types-node";
 

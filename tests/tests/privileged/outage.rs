@@ -5,7 +5,6 @@
 //! dropped and counted with their samples, and once the collector is up
 //! everything within the cap arrives: collector total = samples drained −
 //! samples counted as dropped, exactly.
-mod support;
 
 use std::{
     io::Read,
@@ -15,7 +14,7 @@ use std::{
 };
 
 use profiler_testkit::net::Reserved;
-use support::*;
+use crate::support::*;
 
 const CEILING_MIB: u64 = 64;
 
@@ -150,7 +149,7 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     );
     let agent_pid = agent.0.id();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let scrape = || support::scrape(&metrics_url);
+    let scrape = || crate::support::scrape(&metrics_url);
     let log_path = dir.path().join("agent.log");
     let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
@@ -254,7 +253,7 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     let url = format!(
         "http://127.0.0.1:{http}/api/v1/folded?start=now-1h&query=%7Bnode%3D%22outage-node%22%7D"
     );
-    let (stored, bad) = profiler_agent::fold::parse_folded(&support::scrape(&url).expect("folded"));
+    let (stored, bad) = profiler_agent::fold::parse_folded(&crate::support::scrape(&url).expect("folded"));
     assert_eq!(bad, 0);
     let stored = stored.total();
     eprintln!(

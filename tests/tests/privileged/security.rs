@@ -3,7 +3,6 @@
 //! test: the good set is accepted, and an unknown CA, a missing or foreign
 //! client certificate, an expired certificate and a wrong or rotated-out
 //! token are each refused with their own message, on both sides.
-mod support;
 
 use std::{
     io::Read,
@@ -21,7 +20,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::{agent_binary, collector_binary, privileged, serial, within};
+use crate::support::{agent_binary, collector_binary, privileged, serial, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A CA that signs server and client certificates into `dir`.

@@ -1,7 +1,6 @@
 //! End-to-end always-on mode: the real agent profiles real workloads and
 //! streams them to a real collector on loopback (SQLite); the HTTP API, `go
 //! tool pprof` and the web UI in headless Chromium show what a user checks.
-mod support;
 
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +11,7 @@ use std::{
 
 use profiler_agent::export::ExportOptions;
 use profiler_collector::server;
-use support::{collector::*, *};
+use crate::support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
 const RATIO: &str = "%7Bprocess%3D%22ratio%22%7D";

@@ -2,7 +2,6 @@
 //! local server that speaks the Kubernetes pod API: the profile in the
 //! collector carries the right container id, pod, namespace, container and
 //! service labels, and the web UI offers them.
-mod support;
 
 use std::{
     io::{Read, Write},
@@ -18,7 +17,7 @@ use std::{
 
 use profiler_agent::{export::ExportOptions, kube::KubeConfig};
 use profiler_collector::server::{self, CollectorConfig, StoreLocation};
-use support::*;
+use crate::support::*;
 
 const POD_UID: &str = "6a1f1e3c-2b4d-4e5f-8a9b-0c1d2e3f4a5b";
 const POD: &str = "checkout-7d9f8c6b5-x2x9q";

@@ -1,7 +1,7 @@
 //! User stacks without frame pointers: workloads built the way real
 //! software is built (`workloads/unwind/`), profiled by the agent and by
 //! perf `--call-graph dwarf`, the reference. Needs root (see
-//! `support::privileged`).
+//! `crate::support::privileged`).
 //!
 //! Each workload states its call chains and their shares of its samples.
 //! One test per workload, `*_agent_vs_perf`: the agent and perf record the
@@ -9,9 +9,8 @@
 //! a [`ROOTS`] frame), each chain's share is within [`SHARE_TOLERANCE`]
 //! points of the stated one, and the agent has complete stacks at least as
 //! often as perf. `*_perf` (ignored: `cargo test -p profiler-tests --test
-//! unwind -- --ignored`) checks a workload itself: perf finds its chains
+//! privileged unwind:: -- --ignored`) checks a workload itself: perf finds its chains
 //! and shares.
-mod support;
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +22,7 @@ use profiler_agent::{
     fold::FoldedProfile,
     symbolize::{INLINED_SUFFIX, KERNEL_SUFFIX},
 };
-use support::*;
+use crate::support::*;
 
 /// Outermost frames of a complete user stack: the main thread's (`_start`
 /// and glibc's start-up functions) and other threads' (glibc's `clone3` and
@@ -80,7 +79,7 @@ enum Start {
 }
 
 struct Spec {
-    /// The workload (see `support::workload`), also its process name.
+    /// The workload (see `crate::support::workload`), also its process name.
     name: &'static str,
     parts: Vec<Part>,
     /// CPUs the workload keeps busy.

@@ -1,17 +1,16 @@
 //! Hostile input. The real agent against hostile conditions for
 //! symbolization: a binary deleted while its process runs, and a window
 //! with no time left to name frames (needs root, see
-//! `support::privileged`); corrupt, truncated and huge ELF files are
+//! `crate::support::privileged`); corrupt, truncated and huge ELF files are
 //! covered without BPF in `profiler-agent/tests/hostile_binaries.rs`. The
 //! real collector against gRPC messages no agent sends: bytes that are not
 //! a batch, and frames flagged compressed that are not.
-mod support;
 
 use std::time::Duration;
 
 use profiler_proto::metadata::{Reason, REASON};
 use prost::Message as _;
-use support::{collector::*, *};
+use crate::support::{collector::*, *};
 
 /// The workload runs from a copy that is deleted once it started: its
 /// frames are still named, through the binary the agent opened.

@@ -3,7 +3,6 @@
 //! installs it): the conformance suite shared with SQLite, several
 //! collectors on one ClickHouse with an agent switching between them and
 //! replaying, and a ClickHouse restarted or stalled mid-ingest.
-mod support;
 
 use std::{
     io::{Read, Write},
@@ -24,7 +23,7 @@ use profiler_collector::{
     },
 };
 use profiler_testkit::{current::CurrentClickHouse, Server};
-use support::{clickhouse::ClickHouse, collector::*, *};
+use crate::support::{clickhouse::ClickHouse, collector::*, *};
 
 const WEEK: Duration = Duration::from_secs(7 * 86400);
 

@@ -3,14 +3,13 @@
 //! setup`), the agent's security properties, and the capability set it
 //! declares — each capability shown to be needed by running the real agent
 //! with exactly that set, and with each one removed.
-mod support;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
 };
 
-use support::*;
+use crate::support::*;
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")

@@ -1,10 +1,9 @@
 //! End-to-end: the real agent profiles real workloads, and we check what a
-//! user would check in the flame graph. Needs root (see `support::privileged`).
-mod support;
+//! user would check in the flame graph. Needs root (see `crate::support::privileged`).
 
 use std::{path::Path, process::Command, time::Duration};
 
-use support::*;
+use crate::support::*;
 
 /// C built with frame pointers: the hot path main -> outer -> inner_hot
 /// appears in that order under the process name.

@@ -1,0 +1,20 @@
+//! The privileged end-to-end tests, one test binary (one build and link,
+//! workloads built once, one `serial()` lock): the real agent, collector and
+//! stores against real workloads. Needs root (see `support::privileged`);
+//! `cargo xtask test` runs them one at a time (`--test-threads=1`). Run one
+//! file's tests with `cargo test -p profiler-tests --test privileged e2e::`.
+mod support;
+
+mod clickhouse;
+mod clickhouse_harness;
+mod collector;
+mod deploy;
+mod e2e;
+mod faults;
+mod hostile;
+mod kubernetes;
+mod outage;
+mod sample_types;
+mod security;
+mod stack_quality;
+mod unwind;
