@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{clickhouse::ClickHouse, collector::*, *};
 use profiler_agent::export::ExportOptions;
 use profiler_collector::{
     server::{self, CollectorConfig, RunningCollector, StoreLocation},
@@ -23,7 +24,6 @@ use profiler_collector::{
     },
 };
 use profiler_testkit::{current::CurrentClickHouse, Server};
-use crate::support::{clickhouse::ClickHouse, collector::*, *};
 
 const WEEK: Duration = Duration::from_secs(7 * 86400);
 

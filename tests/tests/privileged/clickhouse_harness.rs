@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use profiler_testkit::{current::CurrentClickHouse, Server};
 use crate::support::clickhouse::ClickHouse;
+use profiler_testkit::{current::CurrentClickHouse, Server};
 
 #[test]
 fn clickhouse_survives_kill_and_restart_and_pauses() {

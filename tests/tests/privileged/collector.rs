@@ -9,9 +9,9 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{collector::*, *};
 use profiler_agent::export::ExportOptions;
 use profiler_collector::server;
-use crate::support::{collector::*, *};
 
 const CHAIN: &str = "%7Bprocess%3D%22chain%22%7D";
 const RATIO: &str = "%7Bprocess%3D%22ratio%22%7D";

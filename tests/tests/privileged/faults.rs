@@ -15,13 +15,13 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{collector::*, *};
 use profiler_agent::{
     export::{batch_samples, DropReason, ExportOptions, ExportStats},
     record::{Recorder, Recording},
     spill::Spill,
 };
 use profiler_common::Counter;
-use crate::support::{collector::*, *};
 
 /// A TCP proxy to `upstream` that can cut every connection it carries, or
 /// stall them (bytes are held, not forwarded, until it stops stalling).

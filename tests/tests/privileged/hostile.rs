@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
+use crate::support::{collector::*, *};
 use profiler_proto::metadata::{Reason, REASON};
 use prost::Message as _;
-use crate::support::{collector::*, *};
 
 /// The workload runs from a copy that is deleted once it started: its
 /// frames are still named, through the binary the agent opened.

@@ -15,9 +15,9 @@ use std::{
     time::Duration,
 };
 
+use crate::support::*;
 use profiler_agent::{export::ExportOptions, kube::KubeConfig};
 use profiler_collector::server::{self, CollectorConfig, StoreLocation};
-use crate::support::*;
 
 const POD_UID: &str = "6a1f1e3c-2b4d-4e5f-8a9b-0c1d2e3f4a5b";
 const POD: &str = "checkout-7d9f8c6b5-x2x9q";

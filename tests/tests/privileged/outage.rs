@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler_testkit::net::Reserved;
 use crate::support::*;
+use profiler_testkit::net::Reserved;
 
 const CEILING_MIB: u64 = 64;
 
@@ -253,7 +253,8 @@ fn long_outage_with_small_spill_cap_stays_under_the_ceiling_and_counts_every_dro
     let url = format!(
         "http://127.0.0.1:{http}/api/v1/folded?start=now-1h&query=%7Bnode%3D%22outage-node%22%7D"
     );
-    let (stored, bad) = profiler_agent::fold::parse_folded(&crate::support::scrape(&url).expect("folded"));
+    let (stored, bad) =
+        profiler_agent::fold::parse_folded(&crate::support::scrape(&url).expect("folded"));
     assert_eq!(bad, 0);
     let stored = stored.total();
     eprintln!(

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{clickhouse::ClickHouse, collector::*};
 use profiler_agent::{
     drain::{Counters, RawSample, RawWindow},
     export::Exporter,
@@ -31,7 +32,6 @@ use profiler_agent::{
 };
 use profiler_collector::server::{RunningCollector, StoreLocation};
 use profiler_testkit::{current::CurrentClickHouse, Server};
-use crate::support::{clickhouse::ClickHouse, collector::*};
 
 const NODE: &str = "types-node";
 

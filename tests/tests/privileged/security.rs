@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use crate::support::{agent_binary, collector_binary, privileged, serial, within};
 use profiler_security::{
     rustls::pki_types::ServerName, tls::client_config, tokio_rustls::TlsConnector, ClientTlsFiles,
 };
@@ -20,7 +21,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use crate::support::{agent_binary, collector_binary, privileged, serial, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A CA that signs server and client certificates into `dir`.

@@ -7,6 +7,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use crate::support::{collector::*, *};
 use profiler_agent::{
     config::UnwindMode,
     fold::{parse_stack_cut_frame, FoldedProfile},
@@ -14,7 +15,6 @@ use profiler_agent::{
 };
 use profiler_collector::server::RunningCollector;
 use serde_json::json;
-use crate::support::{collector::*, *};
 
 const SECONDS: f64 = 3.0;
 const FREQUENCY: u64 = 499;

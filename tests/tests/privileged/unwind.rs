@@ -18,11 +18,11 @@ use std::{
     time::Duration,
 };
 
+use crate::support::*;
 use profiler_agent::{
     fold::FoldedProfile,
     symbolize::{INLINED_SUFFIX, KERNEL_SUFFIX},
 };
-use crate::support::*;
 
 /// Outermost frames of a complete user stack: the main thread's (`_start`
 /// and glibc's start-up functions) and other threads' (glibc's `clone3` and
