@@ -277,32 +277,31 @@ pub fn smoke() -> Result<()> {
     })
 }
 
+/// How every cargo command of the benchmarks selects packages.
+pub(crate) const WORKSPACE: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
+
 /// Builds what the selected benchmarks run, all before the first
 /// measurement, so no compiler competes with them.
 fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
+    // The whole workspace is selected (targets picked by name), as in
+    // `cargo xtask test`: the same feature resolution, so what the tests
+    // built is reused.
     let mut args: Vec<&str> = vec!["build"];
     if ctx.release {
         args.push("--release");
     }
-    let mut packages = vec![];
+    args.extend(WORKSPACE);
     let mut targets = vec![];
     if ["overhead", "kernel-cost", "footprint", "startup"]
         .iter()
         .any(|b| wants(b))
     {
-        packages.push("profiler-agent");
         targets.extend(["--bin", "profiler-agent"]);
     }
     if wants("footprint") {
-        packages.push("profiler-collector");
         targets.extend(["--bin", "profiler-collector"]);
     }
     if !targets.is_empty() {
-        packages.sort_unstable();
-        packages.dedup();
-        for p in &packages {
-            args.extend(["-p", p]);
-        }
         args.extend(&targets);
         step(&format!(
             "building what the benchmarks run ({})",
@@ -313,13 +312,13 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
     // Each program on its own: the collector benchmark's feature must not
     // change how the binaries above are built.
     for program in suites::PROGRAMS.iter().filter(|p| wants(p.bench)) {
-        let mut args = vec!["build"];
+        let mut args = vec!["build".to_string()];
         if ctx.release {
-            args.push("--release");
+            args.push("--release".into());
         }
         args.extend(program.build_args());
         step(&format!("building {}", program.name));
-        cargo(&args)?;
+        cargo(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     if wants("criterion") {
         suites::build_criterion(ctx)?;

@@ -71,10 +71,13 @@ impl Program {
     }
 
     /// The `cargo build` arguments that build it.
-    pub(crate) fn build_args(&self) -> Vec<&'static str> {
-        let mut args = vec!["-p", self.package, self.kind, self.name];
+    /// The workspace selection (see [`super::WORKSPACE`]) and the target;
+    /// a feature is named with its package.
+    pub(crate) fn build_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = super::WORKSPACE.iter().map(|a| a.to_string()).collect();
+        args.extend([self.kind.to_string(), self.name.to_string()]);
         if let Some(f) = self.features {
-            args.extend(["--features", f]);
+            args.extend(["--features".to_string(), format!("{}/{f}", self.package)]);
         }
         args
     }
@@ -187,8 +190,9 @@ pub(crate) fn program_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> R
 pub(crate) fn build_criterion(ctx: &Ctx) -> Result<()> {
     step("building the Criterion benchmarks");
     let mut args = vec![if ctx.release { "bench" } else { "test" }, "--no-run"];
-    for (package, bench) in CRITERION {
-        args.extend(["-p", package, "--bench", bench]);
+    args.extend(super::WORKSPACE);
+    for (_, bench) in CRITERION {
+        args.extend(["--bench", bench]);
     }
     cargo(&args)
 }
@@ -243,9 +247,9 @@ fn criterion_names(stdout: &str) -> Vec<String> {
 }
 
 pub(crate) fn criterion(ctx: &Ctx) -> Result<String> {
-    let mut packages = Vec::new();
-    for (package, bench) in CRITERION {
-        packages.extend(["-p", package, "--bench", bench]);
+    let mut packages: Vec<&str> = super::WORKSPACE.to_vec();
+    for (_, bench) in CRITERION {
+        packages.extend(["--bench", bench]);
     }
     let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut out = String::from("\n## 5. Micro-benchmarks of the hot paths (Criterion)\n\n");
