@@ -135,10 +135,17 @@ pub(crate) fn program_report(ctx: &Ctx, bench: &str, figures: &mut Figures) -> R
     if ctx.plan.quick {
         args.push("--quick".into());
     }
+    // How to run it by hand (`cargo run` takes one package).
+    let features = program
+        .features
+        .map(|f| format!(" --features {f}"))
+        .unwrap_or_default();
     let shown = format!(
-        "cargo run{} {} -- {}",
+        "cargo run{} -p {} {} {}{features} -- {}",
         if ctx.release { " --release" } else { "" },
-        program.build_args().join(" "),
+        program.package,
+        program.kind,
+        program.name,
         args.join(" ")
     );
     step(&format!("{bench}: {shown}"));
