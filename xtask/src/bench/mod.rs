@@ -90,7 +90,7 @@ impl Plan {
                 quick,
                 rounds: 1,
                 scale: 0.1,
-                cost_seconds: 2,
+                cost_seconds: 1,
                 footprint_seconds: 3,
                 fleet_size: 50,
                 startup_runs: 2,
