@@ -79,7 +79,7 @@ extern "C" fn on_sigbus(
         let page = PAGE_SIZE.load(Ordering::Relaxed);
         let start = addr & !(page - 1);
         // SAFETY: replaces one page of a file mapping that faulted (its file
-        // no longer backs it) with zeros; nothing else lives at that page.
+        // does not back it past its end) with zeros; nothing else lives at that page.
         let mapped = unsafe {
             libc::mmap(
                 start as *mut libc::c_void,

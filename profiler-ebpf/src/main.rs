@@ -465,7 +465,7 @@ fn stack_id(
 }
 
 /// Raw tracepoint `sched_process_exec` (no tracefs needed): the process got
-/// a new image. Its old mappings no longer apply (walks use frame pointers
+/// a new image. The previous image's mappings do not apply to it (walks use frame pointers
 /// until the agent has loaded the new ones), and it is announced now, so
 /// the agent snapshots it and loads its tables before it has run for long:
 /// processes that live milliseconds get whole, named stacks too.

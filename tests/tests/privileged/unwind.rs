@@ -8,9 +8,7 @@
 //! same run; at least 99 % of the agent's stacks are complete (they start at
 //! a [`ROOTS`] frame), each chain's share is within [`SHARE_TOLERANCE`]
 //! points of the stated one, and the agent has complete stacks at least as
-//! often as perf. `*_perf` (ignored: `cargo test -p profiler-tests --test
-//! privileged unwind:: -- --ignored`) checks a workload itself: perf finds its chains
-//! and shares.
+//! often as perf.
 
 use std::{
     collections::BTreeMap,
@@ -470,14 +468,6 @@ fn check(
     m
 }
 
-/// perf sees the stated chains and shares: the workload is right.
-fn perf_check(spec: Spec) {
-    let mut w = start(&spec);
-    let (rec, ()) = perf::record_host(PERF_SECONDS, spec.stack_dump, || go(&spec, &mut w));
-    let profile = rec.profile(w.pid());
-    check(&profile, &spec, "perf", PERF_SECONDS, perf::FREQUENCY, None);
-}
-
 /// Samples the agent may lose, against perf, while a newly loaded library's
 /// table is being loaded (see `versus_perf`).
 const NEW_CODE_GRACE: u64 = 2;
@@ -527,17 +517,7 @@ fn versus_perf(spec: Spec) {
 }
 
 macro_rules! unwind_tests {
-    ($($spec:expr => $perf:ident, $versus:ident;)*) => {$(
-        #[test]
-        #[ignore = "checks the workload itself against perf; run on demand"]
-        fn $perf() {
-            if !privileged() {
-                return;
-            }
-            let _serial = serial();
-            perf_check($spec);
-        }
-
+    ($($spec:expr => $versus:ident;)*) => {$(
         #[test]
         fn $versus() {
             if !privileged() {
@@ -550,17 +530,17 @@ macro_rules! unwind_tests {
 }
 
 unwind_tests! {
-    nofp("nofp") => nofp_perf, nofp_agent_vs_perf;
-    nofp("nofp_nopie") => nofp_nopie_perf, nofp_nopie_agent_vs_perf;
-    qsort_cb() => qsort_cb_perf, qsort_cb_agent_vs_perf;
-    cxx() => cxx_perf, cxx_agent_vs_perf;
-    rust_release() => rust_release_perf, rust_release_agent_vs_perf;
-    dlopen_main() => dlopen_perf, dlopen_agent_vs_perf;
-    threads() => threads_perf, threads_agent_vs_perf;
-    signal() => signal_perf, signal_agent_vs_perf;
-    recurse() => recurse_perf, recurse_agent_vs_perf;
-    bigframe() => bigframe_perf, bigframe_agent_vs_perf;
-    unwind_syscalls() => syscalls_perf, syscalls_agent_vs_perf;
+    nofp("nofp") => nofp_agent_vs_perf;
+    nofp("nofp_nopie") => nofp_nopie_agent_vs_perf;
+    qsort_cb() => qsort_cb_agent_vs_perf;
+    cxx() => cxx_agent_vs_perf;
+    rust_release() => rust_release_agent_vs_perf;
+    dlopen_main() => dlopen_agent_vs_perf;
+    threads() => threads_agent_vs_perf;
+    signal() => signal_agent_vs_perf;
+    recurse() => recurse_agent_vs_perf;
+    bigframe() => bigframe_agent_vs_perf;
+    unwind_syscalls() => syscalls_agent_vs_perf;
 }
 
 /// The chain matcher: anchored at the leaf, `*` for any frames, C++
