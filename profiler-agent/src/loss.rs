@@ -73,6 +73,9 @@ reasons! {
         BinaryCacheFull => "binary_cache_full",
         /// A mapped binary could not be opened.
         BinaryOpenFailed => "binary_open_failed",
+        /// Process events the kernel dropped (a full ring) or the log had no
+        /// room for: a process gone before its snapshot may stay unnamed.
+        ProcessEventsLost => "process_events_lost",
     }
 }
 

@@ -383,6 +383,11 @@ impl Collector for Scrape {
             "Open binaries in the metadata cache.",
             p.binaries,
         )?;
+        t.counter(
+            "process_snapshots_from_events",
+            "Processes gone before their maps were read, named from the kernel's process events.",
+            p.stats.from_events,
+        )?;
         t.labelled(
             "process_metadata_failures",
             "Processes or binaries whose frames stay unnamed, by reason.",

@@ -111,6 +111,11 @@ fn load_tables(pid: u32, processes: &Mutex<ProcessCache>, unwind: &Mutex<UnwindM
         };
         (mappings.to_vec(), cache.pid_dir(pid))
     };
+    // A process already gone (named from its process events) is never
+    // sampled again.
+    if !pid_dir.exists() {
+        return;
+    }
     lock(unwind).load_process(pid, &mappings, &pid_dir);
 }
 

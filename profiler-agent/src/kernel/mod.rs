@@ -34,7 +34,10 @@ use crate::{
     config::SamplerOptions,
     drain::{Counters, RawWindow},
     pipeline::{SampleSource, SourceInfo},
-    process::ProcessCache,
+    process::{
+        events::{ProcessEvents, DEFAULT_MAX_LOGGED_PROCESSES},
+        ProcessCache,
+    },
     Result,
 };
 
@@ -59,6 +62,10 @@ impl KernelSource {
     /// every process at its first sample.
     pub fn start(options: &SamplerOptions, processes: Arc<Mutex<ProcessCache>>) -> Result<Self> {
         let mut loaded = load::load(options)?;
+        // The kernel's record of every exec and executable mapping, from
+        // before the first sample: processes gone before their maps are
+        // read are still named.
+        start_process_events(&processes);
         let unwind = Arc::new(Mutex::new(loaded.unwind));
         // Processes named on the command line are loaded before the first
         // sample; the others at their first sample (walked with frame
@@ -108,6 +115,25 @@ impl KernelSource {
     /// and program size in instructions, if the kernel reports them.
     pub fn program_info(&self) -> Option<(u64, u64)> {
         load::program_info(&self.ebpf)
+    }
+}
+
+/// Starts reading the kernel's process events into `processes`; without
+/// them (no perf events for every process), short-lived processes may stay
+/// unnamed, which is logged.
+fn start_process_events(processes: &Mutex<ProcessCache>) {
+    let started = aya::util::online_cpus()
+        .map_err(|(_, e)| e)
+        .and_then(|cpus| ProcessEvents::start(&cpus, DEFAULT_MAX_LOGGED_PROCESSES));
+    match started {
+        Ok(events) => processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_events(Arc::new(events)),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot read process events: processes that exit within milliseconds may stay unnamed"
+        ),
     }
 }
 

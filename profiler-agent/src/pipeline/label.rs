@@ -142,7 +142,7 @@ impl ProcessTable for Mutex<ProcessCache> {
     fn gauges(&self) -> ProcessGauges {
         let cache = self.lock().unwrap_or_else(|e| e.into_inner());
         ProcessGauges {
-            stats: cache.stats().clone(),
+            stats: cache.stats(),
             processes: cache.process_count() as u64,
             binaries: cache.binary_count() as u64,
         }

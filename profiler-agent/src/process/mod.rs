@@ -7,13 +7,19 @@
 //! mount namespaces and deleted binaries resolve too. Binaries are shared by
 //! device and inode, so `libc` is opened once however many processes map it.
 //!
+//! A process that exits before its maps can be read is built from the
+//! kernel's record of its mappings instead ([`events`]).
+//!
 //! Memory is bounded: at most `max_processes` processes and `max_binaries`
 //! open binaries; what does not fit is counted and its frames are shown as
 //! `module+0xOFFSET`.
+pub mod events;
+
 use crate::{
     cgroup::{parse_proc_cgroup, CgroupInfo},
     loss::ProcessLoss,
 };
+use events::{LoggedMapping, ProcessEvents};
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
@@ -171,6 +177,9 @@ pub struct ProcessStats {
     pub failures: [u64; ProcessLoss::COUNT],
     /// Binaries opened (each once, however many processes map it).
     pub binaries_opened: u64,
+    /// Processes built from the kernel's process events, gone before their
+    /// maps could be read (counted in `snapshots` too).
+    pub from_events: u64,
 }
 
 impl std::ops::Index<ProcessLoss> for ProcessStats {
@@ -216,6 +225,8 @@ pub struct ProcessCache {
     /// frame by frame.
     unavailable: HashSet<u32>,
     stats: ProcessStats,
+    /// The kernel's process events, where the agent reads them.
+    events: Option<Arc<ProcessEvents>>,
 }
 
 impl Default for ProcessCache {
@@ -234,11 +245,27 @@ impl ProcessCache {
             binaries: HashMap::new(),
             unavailable: HashSet::new(),
             stats: ProcessStats::default(),
+            events: None,
         }
     }
 
-    pub fn stats(&self) -> &ProcessStats {
-        &self.stats
+    /// Builds processes gone before their snapshot from `events`.
+    pub fn set_events(&mut self, events: Arc<ProcessEvents>) {
+        self.events = Some(events);
+    }
+
+    /// The process events' counts, if they are read.
+    pub fn event_stats(&self) -> Option<events::LogStats> {
+        self.events.as_ref().map(|e| e.stats())
+    }
+
+    /// The cache's counts, with the process events' losses.
+    pub fn stats(&self) -> ProcessStats {
+        let mut stats = self.stats.clone();
+        if let Some(events) = self.event_stats() {
+            stats[ProcessLoss::ProcessEventsLost] = events.lost + events.full;
+        }
+        stats
     }
 
     pub fn process_count(&self) -> usize {
@@ -312,12 +339,132 @@ impl ProcessCache {
                 );
                 true
             }
+            None if self.observe_from_events(pid) => true,
             None => {
                 self.stats[ProcessLoss::ProcessGoneBeforeSnapshot] += 1;
                 self.unavailable.insert(pid);
                 false
             }
         }
+    }
+
+    /// Builds a process that is gone from what the process events logged:
+    /// its mappings, name and executable; a forked child that did not exec
+    /// takes the rest of its image (and its cgroup) from its parent.
+    fn observe_from_events(&mut self, pid: u32) -> bool {
+        let Some(logged) = self.events.as_ref().and_then(|e| e.snapshot(pid)) else {
+            return false;
+        };
+        let mut mappings = Vec::with_capacity(logged.mappings.len());
+        for m in &logged.mappings {
+            let binary = if m.inode != 0 && m.path.starts_with('/') {
+                self.binary_from_event(m, logged.inherits_from)
+            } else if &*m.path == "[vdso]" {
+                // One image per kernel, opened from any live process.
+                self.binaries
+                    .get(&BinaryKey {
+                        dev_major: 0,
+                        dev_minor: 0,
+                        inode: m.end - m.start,
+                    })
+                    .map(|(b, _)| b.clone())
+            } else {
+                None
+            };
+            let name = if m.path.starts_with("//anon") || m.path.is_empty() {
+                "[anon]".to_string()
+            } else {
+                m.path.trim_end_matches(" (deleted)").to_string()
+            };
+            mappings.push(Mapping {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                binary,
+                name,
+            });
+        }
+        let mut cgroup = CgroupInfo::default();
+        if let Some(parent) = logged.inherits_from {
+            if !self.processes.contains_key(&parent) {
+                self.observe(parent);
+            }
+            if let Some(info) = self.processes.get(&parent) {
+                for m in &info.mappings {
+                    if !mappings.iter().any(|o| o.start < m.end && m.start < o.end) {
+                        mappings.push(m.clone());
+                    }
+                }
+                cgroup = info.cgroup.clone();
+            }
+        }
+        mappings.sort_by_key(|m| m.start);
+        self.stats.snapshots += 1;
+        self.stats.from_events += 1;
+        self.processes.insert(
+            pid,
+            ProcessInfo {
+                name: logged.name,
+                exe: logged.exe,
+                cgroup,
+                start_time: None,
+                mappings,
+                previous: Vec::new(),
+                gone: false,
+                refreshed: false,
+            },
+        );
+        true
+    }
+
+    /// The binary a process event names: already open (same device and
+    /// inode), or opened by its path through the parent's root (the same
+    /// mount namespace, most likely) or the host's, if the file there is
+    /// still the one that was mapped.
+    fn binary_from_event(&mut self, m: &LoggedMapping, parent: Option<u32>) -> Option<Arc<Binary>> {
+        let key = BinaryKey {
+            dev_major: m.dev_major,
+            dev_minor: m.dev_minor,
+            inode: m.inode,
+        };
+        if let Some((binary, _)) = self.binaries.get(&key) {
+            return Some(binary.clone());
+        }
+        if self.binaries.len() >= self.max_binaries {
+            self.stats[ProcessLoss::BinaryCacheFull] += 1;
+            return None;
+        }
+        let path = PathBuf::from(m.path.trim_end_matches(" (deleted)"));
+        let relative = path.strip_prefix("/").ok()?;
+        let roots = parent
+            .into_iter()
+            .map(|p| p.to_string())
+            .chain(["1".to_string()]);
+        let file = roots
+            .filter_map(|root| {
+                File::open(self.proc_root.join(root).join("root").join(relative)).ok()
+            })
+            .find(|file| {
+                file.metadata().is_ok_and(|meta| {
+                    meta.ino() == m.inode
+                        && libc::major(meta.dev()) == m.dev_major
+                        && libc::minor(meta.dev()) == m.dev_minor
+                })
+            });
+        let Some(file) = file else {
+            self.stats[ProcessLoss::BinaryOpenFailed] += 1;
+            return None;
+        };
+        let symbol_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let binary = Arc::new(Binary {
+            key,
+            path,
+            symbol_path,
+            _file: file,
+        });
+        self.stats.binaries_opened += 1;
+        self.binaries.insert(key, (binary.clone(), 0));
+        Some(binary)
     }
 
     /// Container, pod and systemd unit of a cached process.
