@@ -83,6 +83,10 @@ pub struct LoggedProcess {
     /// mappings (from `/proc`) complete this process's, where they do not
     /// overlap.
     pub inherits_from: Option<u32>,
+    /// The image before its last exec (for samples taken between the fork
+    /// and the exec, or inside the exec), completed the same way.
+    pub previous: Vec<LoggedMapping>,
+    pub previous_inherits_from: Option<u32>,
 }
 
 /// Counts of the log's work and losses.
@@ -107,6 +111,9 @@ struct Logged {
     /// An exec was seen: the mappings are the whole image.
     execd: bool,
     mappings: Vec<LoggedMapping>,
+    /// The image before the last exec, and its ancestor outside the log.
+    previous: Vec<LoggedMapping>,
+    previous_inherits_from: Option<u32>,
     exited: Option<Instant>,
 }
 
@@ -181,6 +188,10 @@ impl ProcessLog {
             }
             Event::Exec { pid, comm } => {
                 let reused = self.procs.get(&pid).is_some_and(|p| p.exited.is_some());
+                let (previous, previous_inherits_from) = match self.image(pid) {
+                    Some(image) if !reused => image,
+                    _ => (Vec::new(), None),
+                };
                 let entry = if reused {
                     self.fresh_entry(pid, now)
                 } else {
@@ -190,6 +201,8 @@ impl ProcessLog {
                     entry.execd = true;
                     entry.parent = None;
                     entry.mappings.clear();
+                    entry.previous = previous;
+                    entry.previous_inherits_from = previous_inherits_from;
                     entry.exe = None;
                     entry.name = Some(comm);
                 }
@@ -278,16 +291,42 @@ impl ProcessLog {
     /// or a fork from a process it knows or that started before the agent).
     pub fn snapshot(&self, pid: u32) -> Option<LoggedProcess> {
         let entry = self.procs.get(&pid)?;
-        if !entry.complete() {
-            return None;
-        }
+        let (mappings, inherits_from) = self.image(pid)?;
         let mut process = LoggedProcess {
             name: entry.name.clone(),
             exe: entry.exe.as_deref().map(str::to_string),
-            mappings: entry.mappings.clone(),
-            inherits_from: None,
+            mappings,
+            inherits_from,
+            previous: entry.previous.clone(),
+            previous_inherits_from: entry.previous_inherits_from,
         };
-        // A child that did not exec runs its parent's image.
+        // A child that did not exec runs its parent's image, under its name.
+        let mut current = entry;
+        for _ in 0..MAX_ANCESTORS {
+            if current.execd || process.name.is_some() && process.exe.is_some() {
+                break;
+            }
+            let Some(parent) = current.parent.and_then(|p| self.procs.get(&p)) else {
+                break;
+            };
+            if process.name.is_none() {
+                process.name = parent.name.clone();
+            }
+            if process.exe.is_none() {
+                process.exe = parent.exe.as_deref().map(str::to_string);
+            }
+            current = parent;
+        }
+        Some(process)
+    }
+
+    /// The mappings of `pid`'s current image, if the log saw it start: its
+    /// own, and for a child that did not exec, its ancestors' where they do
+    /// not overlap; with the nearest ancestor outside the log, whose
+    /// mappings complete them.
+    fn image(&self, pid: u32) -> Option<(Vec<LoggedMapping>, Option<u32>)> {
+        let entry = self.procs.get(&pid).filter(|p| p.complete())?;
+        let mut mappings = entry.mappings.clone();
         let mut current = entry;
         for _ in 0..MAX_ANCESTORS {
             if current.execd {
@@ -297,23 +336,16 @@ impl ProcessLog {
                 break;
             };
             let Some(logged) = self.procs.get(&parent).filter(|p| p.complete()) else {
-                process.inherits_from = Some(parent);
-                break;
+                return Some((mappings, Some(parent)));
             };
             for mapping in &logged.mappings {
-                if !overlaps_any(&process.mappings, mapping) {
-                    insert_mapping(&mut process.mappings, mapping.clone());
+                if !overlaps_any(&mappings, mapping) {
+                    insert_mapping(&mut mappings, mapping.clone());
                 }
-            }
-            if process.name.is_none() {
-                process.name = logged.name.clone();
-            }
-            if process.exe.is_none() {
-                process.exe = logged.exe.as_deref().map(str::to_string);
             }
             current = logged;
         }
-        Some(process)
+        Some((mappings, None))
     }
 }
 
@@ -599,6 +631,11 @@ mod tests {
         let starts: Vec<u64> = p.mappings.iter().map(|m| m.start).collect();
         assert_eq!(starts, [0x5000, 0x9000, 0xb000]);
         assert_eq!(p.inherits_from, None);
+        // The image before the exec: the child's own mapping, completed by
+        // its parent (started before the log) from /proc.
+        let before: Vec<&str> = p.previous.iter().map(|m| &*m.path).collect();
+        assert_eq!(before, ["/bin/sh"]);
+        assert_eq!(p.previous_inherits_from, Some(1));
     }
 
     #[test]

@@ -320,10 +320,19 @@ impl ProcessCache {
                 });
                 // Same process (exec or new libraries): keep the old mappings
                 // for samples taken before; a reused pid starts afresh.
-                let previous = match self.processes.remove(&pid) {
+                let mut previous = match self.processes.remove(&pid) {
                     Some(old) if old.start_time == start_time => old.mappings,
                     _ => Vec::new(),
                 };
+                // First seen after an exec: its image before (samples taken
+                // between its fork and exec) is in the process events.
+                if previous.is_empty() {
+                    if let Some(logged) = self.events.as_ref().and_then(|e| e.snapshot(pid)) {
+                        previous = self
+                            .mappings_from_events(&logged.previous, logged.previous_inherits_from)
+                            .0;
+                    }
+                }
                 self.processes.insert(
                     pid,
                     ProcessInfo {
@@ -355,10 +364,39 @@ impl ProcessCache {
         let Some(logged) = self.events.as_ref().and_then(|e| e.snapshot(pid)) else {
             return false;
         };
-        let mut mappings = Vec::with_capacity(logged.mappings.len());
-        for m in &logged.mappings {
+        let (mappings, cgroup) = self.mappings_from_events(&logged.mappings, logged.inherits_from);
+        let (previous, _) =
+            self.mappings_from_events(&logged.previous, logged.previous_inherits_from);
+        self.stats.snapshots += 1;
+        self.stats.from_events += 1;
+        self.processes.insert(
+            pid,
+            ProcessInfo {
+                name: logged.name,
+                exe: logged.exe,
+                cgroup,
+                start_time: None,
+                mappings,
+                previous,
+                gone: false,
+                refreshed: false,
+            },
+        );
+        true
+    }
+
+    /// Mappings from process events, sorted, with the binaries they name;
+    /// completed by those of `inherits_from` (a live ancestor the log did
+    /// not see start), whose cgroup is returned too.
+    fn mappings_from_events(
+        &mut self,
+        logged: &[LoggedMapping],
+        inherits_from: Option<u32>,
+    ) -> (Vec<Mapping>, CgroupInfo) {
+        let mut mappings = Vec::with_capacity(logged.len());
+        for m in logged {
             let binary = if m.inode != 0 && m.path.starts_with('/') {
-                self.binary_from_event(m, logged.inherits_from)
+                self.binary_from_event(m, inherits_from)
             } else if &*m.path == "[vdso]" {
                 // One image per kernel, opened from any live process.
                 self.binaries
@@ -385,7 +423,7 @@ impl ProcessCache {
             });
         }
         let mut cgroup = CgroupInfo::default();
-        if let Some(parent) = logged.inherits_from {
+        if let Some(parent) = inherits_from {
             if !self.processes.contains_key(&parent) {
                 self.observe(parent);
             }
@@ -399,22 +437,7 @@ impl ProcessCache {
             }
         }
         mappings.sort_by_key(|m| m.start);
-        self.stats.snapshots += 1;
-        self.stats.from_events += 1;
-        self.processes.insert(
-            pid,
-            ProcessInfo {
-                name: logged.name,
-                exe: logged.exe,
-                cgroup,
-                start_time: None,
-                mappings,
-                previous: Vec::new(),
-                gone: false,
-                refreshed: false,
-            },
-        );
-        true
+        (mappings, cgroup)
     }
 
     /// The binary a process event names: already open (same device and
@@ -625,12 +648,18 @@ impl ProcessCache {
             Some(info) => !info.refreshed && !info.gone,
             None => !self.unavailable.contains(&pid),
         };
-        if refresh && self.observe(pid) {
+        if refresh {
+            // Once per drain, whether or not the process is still there.
             if let Some(info) = self.processes.get_mut(&pid) {
                 info.refreshed = true;
             }
-            if let Some(location) = self.lookup(pid, addr) {
-                return location;
+            if self.observe(pid) {
+                if let Some(info) = self.processes.get_mut(&pid) {
+                    info.refreshed = true;
+                }
+                if let Some(location) = self.lookup(pid, addr) {
+                    return location;
+                }
             }
         }
         Location::Unknown

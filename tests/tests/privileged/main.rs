@@ -16,5 +16,6 @@ mod kubernetes;
 mod outage;
 mod sample_types;
 mod security;
+mod short_lived;
 mod stack_quality;
 mod unwind;

@@ -155,6 +155,12 @@ pub fn workload(name: &str) -> PathBuf {
         "unwind_syscalls" => compile("gcc", &["-O2", "-g"], "syscalls.c", &out),
         "threads" => compile("gcc", &["-O2", "-g", "-pthread"], "threads.c", &out),
         "cxx" => compile("g++", &["-O2", "-g"], "cxx.cpp", &out),
+        "short_lived" => compile(
+            "gcc",
+            &["-O2", "-g", "-fno-omit-frame-pointer"],
+            "short_lived.c",
+            &out,
+        ),
         "rust_release" => compile(
             "rustc",
             &[
