@@ -216,6 +216,7 @@ mod pod {
     unsafe impl aya::Pod for super::NewPid {}
     unsafe impl aya::Pod for super::unwind::UnwindRow {}
     unsafe impl aya::Pod for super::unwind::TableInfo {}
+    unsafe impl aya::Pod for super::unwind::RowCacheEntry {}
     unsafe impl aya::Pod for super::unwind::ExecMapping {}
     unsafe impl aya::Pod for super::unwind::ProcInfo {}
     unsafe impl aya::Pod for super::unwind::UserStack {}
@@ -226,11 +227,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn row_cache_slots_spread_over_the_cache() {
+        let mut used = [0u32; unwind::ROW_CACHE_ENTRIES as usize];
+        for pc in (0..4096u32).map(|i| i * 7) {
+            let slot = unwind::row_cache_slot(3, pc);
+            assert!(slot < unwind::ROW_CACHE_ENTRIES);
+            used[slot as usize] += 1;
+        }
+        // 4096 addresses over 512 slots: none far above the mean of 8.
+        assert!(used.iter().all(|&n| n <= 32), "{used:?}");
+    }
+
+    #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 8 + COMM_LEN);
         assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);
-        assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 16);
+        assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 24);
+        assert_eq!(core::mem::size_of::<unwind::RowCacheEntry>(), 20);
         assert_eq!(core::mem::size_of::<unwind::ExecMapping>(), 32);
         assert_eq!(core::mem::size_of::<unwind::ProcInfo>(), 8);
         assert_eq!(

@@ -135,6 +135,33 @@ pub struct TableInfo {
     pub first_row: u32,
     /// Number of rows (at most [`MAX_TABLE_ROWS`]).
     pub rows: u32,
+    /// Nonzero, different for every table the agent loads (table ids are
+    /// reused): what the program's row cache is keyed by.
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Entries of the per-CPU row cache (`ROW_CACHE`): a power of two.
+pub const ROW_CACHE_ENTRIES: u32 = 512;
+
+/// One entry of the per-CPU row cache: the row found for an address of a
+/// table. Profiles repeat the stacks of the hot code sample after sample,
+/// so most frames find their row here instead of searching the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowCacheEntry {
+    /// [`TableInfo::generation`] of the table (0: empty).
+    pub generation: u32,
+    /// The address looked up, relative to the table's base.
+    pub pc: u32,
+    pub row: UnwindRow,
+}
+
+/// The slot of the row cache for `pc` of the table `generation`.
+#[inline(always)]
+pub fn row_cache_slot(generation: u32, pc: u32) -> u32 {
+    let h = (pc ^ generation.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - ROW_CACHE_ENTRIES.trailing_zeros())
 }
 
 /// One executable mapping of a process, as the program sees it.

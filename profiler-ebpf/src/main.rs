@@ -40,8 +40,9 @@ use aya_log_ebpf::debug;
 use profiler_common::{
     announce as announce_reason,
     unwind::{
-        ExecMapping, ProcInfo, StackEnd, TableInfo, UnwindRow, UserStack,
+        ExecMapping, ProcInfo, RowCacheEntry, StackEnd, TableInfo, UnwindRow, UserStack,
         DEFAULT_USER_STACK_ENTRIES, EXEC_MAPPINGS_ENTRIES, MAX_TABLES, MAX_UNWIND_PROCESSES,
+        ROW_CACHE_ENTRIES,
     },
     unwind_mode, Config, Counter, NewPid, StackKey, COMM_LEN, COUNTER_COUNT,
     DEFAULT_COUNT_MAP_ENTRIES, DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS,
@@ -109,6 +110,10 @@ static USER_STACKS_B: HashMap<u64, UserStack> =
 pub(crate) static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static UNWIND_TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
+/// Rows found lately on this CPU (see [`RowCacheEntry`]).
+#[map]
+pub(crate) static ROW_CACHE: PerCpuArray<RowCacheEntry> =
+    PerCpuArray::with_max_entries(ROW_CACHE_ENTRIES, 0);
 /// Executable mappings of the processes with tables; each process owns a
 /// slice (`PROC_INFO`).
 #[map]

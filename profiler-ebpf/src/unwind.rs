@@ -10,11 +10,11 @@
 //! previous one stopped.
 use aya_ebpf::helpers::generated;
 use profiler_common::unwind::{
-    cfa, mapping_kind, rbp, ExecMapping, StackEnd, TableInfo, UnwindRow, UserStack, EXACT_PC_BIT,
-    MAPPING_SEARCH_STEPS, MAX_USER_FRAMES, NO_TABLE, ROW_SEARCH_STEPS,
+    cfa, mapping_kind, rbp, row_cache_slot, ExecMapping, StackEnd, TableInfo, UnwindRow, UserStack,
+    EXACT_PC_BIT, MAPPING_SEARCH_STEPS, MAX_USER_FRAMES, NO_TABLE, ROW_SEARCH_STEPS,
 };
 
-use crate::{EXEC_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES};
+use crate::{EXEC_MAPPINGS, ROW_CACHE, UNWIND_ROWS, UNWIND_TABLES};
 
 /// Frames one call of `unwind_user` walks before it tail-calls itself.
 pub const FRAMES_PER_CALL: u32 = 8;
@@ -350,7 +350,8 @@ fn find_mapping(first: u32, count: u32, pc: u64) -> Option<ExecMapping> {
     (pc < mapping.end).then_some(mapping)
 }
 
-/// The last row of the mapping's table at or below `pc`.
+/// The last row of the mapping's table at or below `pc`: from the per-CPU
+/// row cache, else by a binary search (whose answer is cached).
 #[inline(always)]
 fn find_row(mapping: ExecMapping, pc: u64) -> Option<UnwindRow> {
     let table: TableInfo = *UNWIND_TABLES.get(mapping.table)?;
@@ -359,6 +360,29 @@ fn find_row(mapping: ExecMapping, pc: u64) -> Option<UnwindRow> {
         return None;
     }
     let target = (vaddr - table.base) as u32;
+    if table.generation == 0 {
+        // Unloaded: no rows.
+        return None;
+    }
+    let cached = ROW_CACHE.get_ptr_mut(row_cache_slot(table.generation, target));
+    if let Some(entry) = cached {
+        // SAFETY: per-CPU value; only this program touches it on this CPU.
+        let entry = unsafe { &mut *entry };
+        if entry.generation == table.generation && entry.pc == target {
+            return Some(entry.row);
+        }
+        let row = search_rows(&table, target)?;
+        entry.generation = table.generation;
+        entry.pc = target;
+        entry.row = row;
+        return Some(row);
+    }
+    search_rows(&table, target)
+}
+
+/// Binary search of a table's rows for the last one at or below `target`.
+#[inline(always)]
+fn search_rows(table: &TableInfo, target: u32) -> Option<UnwindRow> {
     let mut lo: u32 = 0;
     let mut hi: u32 = table.rows;
     for _ in 0..ROW_SEARCH_STEPS {

@@ -173,6 +173,8 @@ pub struct UnwindMaps {
     files: HashMap<BinaryKey, Option<TableKey>>,
     processes: HashMap<u32, LoadedProcess>,
     clock: u64,
+    /// The last [`TableInfo::generation`] given out.
+    generation: u32,
     stats: UnwindStats,
 }
 
@@ -234,6 +236,7 @@ impl UnwindMaps {
             files: HashMap::new(),
             processes: HashMap::new(),
             clock: 0,
+            generation: 0,
             stats: UnwindStats {
                 rows_capacity: capacity as u64,
                 ..UnwindStats::default()
@@ -464,10 +467,13 @@ impl UnwindMaps {
                 return None;
             }
         }
+        self.generation = self.generation.checked_add(1).unwrap_or(1);
         let info = TableInfo {
             base: table.base,
             first_row,
             rows,
+            generation: self.generation,
+            _pad: 0,
         };
         if self.tables.set(id, info, 0).is_err() {
             self.row_space.release(first_row, rows, Instant::now());
