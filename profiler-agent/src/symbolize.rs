@@ -505,10 +505,16 @@ impl BlazeSymbolizer {
             }
             SymbolizerCounters::bump(&self.counters.lookups, chunk.len() as u64);
             let symbolizer = &self.symbolizer;
+            // Names borrow from the mapped file: they are copied out inside
+            // `checked`, so a fault while reading them is seen too.
             let outcome = crate::sigbus::checked(|| {
-                guarded(|| symbolizer.symbolize(src, Input::FileOffset(chunk)))
+                guarded(|| {
+                    symbolizer
+                        .symbolize(src, Input::FileOffset(chunk))
+                        .map(|results| results.iter().map(names_of).collect::<Vec<_>>())
+                })
             });
-            let results = match outcome {
+            let mut results = match outcome {
                 Err(crate::sigbus::MappedFileFault) => {
                     // The file shrank under blazesym's mapping: what it read
                     // may be zeros. Drop its mappings and never ask again.
@@ -545,7 +551,7 @@ impl BlazeSymbolizer {
                 }
             };
             for (i, offset) in chunk.iter().enumerate() {
-                let names = match results.get(i).and_then(names_of) {
+                let names = match results.get_mut(i).and_then(Option::take) {
                     Some(frames) => CachedNames::named(frames),
                     None => CachedNames::unnamed(unknown_frame(module, *offset)),
                 };

@@ -20,6 +20,7 @@ use profiler_agent::{
     process::{parse_maps_line, Location, ProcessCache},
     symbolize::{BlazeSymbolizer, Symbolize, SymbolizeLimits, SymbolizerStats},
 };
+use profiler_testkit::elf::Layout;
 
 /// Where the fake process maps every file: one mapping from file offset 0.
 const MAP_START: u64 = 0x1_0000_0000;
@@ -45,14 +46,19 @@ fn own_file_offset(addr: u64) -> (PathBuf, u64) {
     }
 }
 
+#[inline(never)]
+fn another_function_in_the_victim(x: u64) -> u64 {
+    std::hint::black_box(x.wrapping_add(11).rotate_right(3))
+}
+
 fn victim_offset() -> (PathBuf, u64) {
     std::hint::black_box(a_function_in_the_victim(1));
     own_file_offset(a_function_in_the_victim as *const () as u64)
 }
 
-/// Names file offset `offset` of `file` as the agent would: through a fake
-/// `/proc/100/maps` that maps the file.
-fn name_in(file: &Path, offset: u64, limits: SymbolizeLimits) -> (Vec<String>, SymbolizerStats) {
+/// A fake `/proc` whose process 100 maps `file` at [`MAP_START`] from
+/// offset 0, observed as the agent would (the process cache opens `file`).
+fn fake_process(file: &Path) -> (tempfile::TempDir, Arc<Mutex<ProcessCache>>) {
     let root = tempfile::tempdir().unwrap();
     let pid_dir = root.path().join(FAKE_PID.to_string());
     std::fs::create_dir_all(&pid_dir).unwrap();
@@ -69,6 +75,13 @@ fn name_in(file: &Path, offset: u64, limits: SymbolizeLimits) -> (Vec<String>, S
     std::os::unix::fs::symlink("/", pid_dir.join("root")).unwrap();
     let processes = Arc::new(Mutex::new(ProcessCache::new(root.path(), 16, 16)));
     assert!(processes.lock().unwrap().observe(FAKE_PID));
+    (root, processes)
+}
+
+/// Names file offset `offset` of `file` as the agent would: through a fake
+/// `/proc/100/maps` that maps the file.
+fn name_in(file: &Path, offset: u64, limits: SymbolizeLimits) -> (Vec<String>, SymbolizerStats) {
+    let (_root, processes) = fake_process(file);
     let mut sym = BlazeSymbolizer::with_limits(processes, limits);
     sym.start_window();
     let frames = sym.user_stack(FAKE_PID, &[MAP_START + offset]);
@@ -244,6 +257,51 @@ fn real_binary_cut_in_half_gives_module_offset() {
     assert_eq!(frames, fallback(&path, offset));
     assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
     assert_eq!(stats[SymbolizerDegrade::Panics], 0);
+}
+
+/// Named once, then cut to its loaded part between two lookups (a package
+/// upgrade truncating it in place): blazesym sees the file changed and reads
+/// it again instead of its stale mapping, so nothing faults; the new
+/// address is `module+0xOFFSET`, the binary is counted unreadable, and the
+/// name read before the cut stays.
+#[test]
+fn binary_cut_between_two_lookups_is_read_again_and_counted() {
+    let (exe, first) = victim_offset();
+    std::hint::black_box(another_function_in_the_victim(1));
+    let (_, second) = own_file_offset(another_function_in_the_victim as *const () as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut-later");
+    std::fs::copy(&exe, &path).unwrap();
+    let loaded_end = Layout::of(&std::fs::read(&path).unwrap())
+        .unwrap()
+        .loaded_end;
+    let (_root, processes) = fake_process(&path);
+    let mut sym = BlazeSymbolizer::new(processes);
+    sym.start_window();
+    let named = sym.user_stack(FAKE_PID, &[MAP_START + first]);
+    assert!(named[0].contains("a_function_in_the_victim"), "{named:?}");
+
+    let faults = profiler_agent::sigbus::faults();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(loaded_end)
+        .unwrap();
+    assert_eq!(
+        sym.user_stack(FAKE_PID, &[MAP_START + second]),
+        fallback(&path, second)
+    );
+    assert_eq!(sym.user_stack(FAKE_PID, &[MAP_START + first]), named);
+    let stats = sym.stats();
+    assert_eq!(stats[SymbolizerDegrade::BinariesUnreadable], 1);
+    assert_eq!(stats[SymbolizerDegrade::Panics], 0);
+    // No other test here truncates a mapped file.
+    assert_eq!(
+        profiler_agent::sigbus::faults(),
+        faults,
+        "read through the stale mapping"
+    );
 }
 
 /// A real binary grown to 8 GiB (sparse): over the DWARF limit, so it is

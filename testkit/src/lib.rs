@@ -4,6 +4,7 @@
 //!
 //! - [`clickhouse`]: a private `clickhouse-server` on free loopback ports.
 //! - [`current`]: the current ClickHouse engine (chdb) behind an HTTP shim.
+//! - [`elf`]: where an ELF file's loaded part ends, for tests that cut one.
 //! - [`net`]: loopback ports bound before they are handed over.
 //! - [`rng`]: a seeded random generator and Zipf weights.
 //! - [`stats`]: the median of measurements.
@@ -12,6 +13,7 @@
 //! Both ClickHouse servers speak its HTTP interface: [`Server`].
 pub mod clickhouse;
 pub mod current;
+pub mod elf;
 pub mod net;
 pub mod rng;
 pub mod stats;

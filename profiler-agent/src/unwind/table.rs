@@ -1268,6 +1268,17 @@ mod tests {
             let result = build_table(&libc[..len]);
             assert!(result.is_err(), "libc cut at {len} bytes built a table");
         }
+        // Cut after its loaded segments (a library truncated in place while
+        // it runs): .eh_frame is there, the section headers are not.
+        let loaded = profiler_testkit::elf::Layout::of(&libc).unwrap().loaded_end as usize;
+        assert!(matches!(
+            build_table(&libc[..loaded]),
+            Err(TableError::BadElf(_))
+        ));
+        let mut garbage = libc[..64].to_vec();
+        let mut rng = profiler_testkit::Rng::new(7);
+        garbage.extend((0..65536).map(|_| rng.next_u64() as u8));
+        assert!(build_table(&garbage).is_err(), "garbage built a table");
 
         let mut arm = libc.clone();
         arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64

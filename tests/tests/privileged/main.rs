@@ -18,4 +18,5 @@ mod sample_types;
 mod security;
 mod short_lived;
 mod stack_quality;
+mod truncate;
 mod unwind;
