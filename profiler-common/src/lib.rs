@@ -246,7 +246,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 24);
         assert_eq!(core::mem::size_of::<unwind::RowCacheEntry>(), 20);
         assert_eq!(core::mem::size_of::<unwind::ExecMapping>(), 32);
-        assert_eq!(core::mem::size_of::<unwind::ProcInfo>(), 8);
+        assert_eq!(core::mem::size_of::<unwind::ProcInfo>(), 12);
         assert_eq!(
             core::mem::size_of::<unwind::UserStack>(),
             16 + 8 * unwind::MAX_USER_FRAMES

@@ -199,7 +199,15 @@ pub mod mapping_kind {
 pub struct ProcInfo {
     pub first: u32,
     pub count: u32,
+    /// Nonzero, different for every slice the agent writes (slices are
+    /// reused): the program keeps a process's mappings found in earlier
+    /// samples while it stays the same.
+    pub generation: u32,
 }
+
+/// Mappings the program keeps per CPU between samples of one process
+/// (the executable, libc, ...): most frames need no mapping search.
+pub const MAPPING_CACHE: usize = 4;
 
 /// Why a recorded user stack ended; [`UserStack::end`].
 #[repr(u32)]

@@ -49,7 +49,7 @@ use profiler_common::{
     NEW_PID_RING_BYTES, NO_STACK, NO_USER_STACK, OVERFLOW_STACK_BIT,
 };
 use unwind::{
-    finish_hash, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
+    finish_hash, set_process, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
     FRAMES_PER_CALL, MAX_UNWIND_CALLS, REG_RIP, REG_RSP,
 };
 
@@ -222,18 +222,14 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     state.hash = 0;
     state.calls = 0;
     state.refresh = 0;
-    state.last_mapping.end = 0;
     state.flags = FLAG_ALL_REGS | FLAG_EXACT_PC;
-    state.proc_first = 0;
-    state.proc_count = 0;
-    if config.unwind_mode == unwind_mode::CFI {
-        if let Some(info) = PROC_INFO.get_ptr(tgid) {
-            // SAFETY: a map value; the agent replaces it whole.
-            let info = unsafe { *info };
-            state.proc_first = info.first;
-            state.proc_count = info.count;
-        }
-    }
+    let info = if config.unwind_mode == unwind_mode::CFI {
+        // SAFETY: a map value; the agent replaces it whole.
+        PROC_INFO.get_ptr(tgid).map(|info| unsafe { *info })
+    } else {
+        None
+    };
+    set_process(state, tgid, info);
     // SAFETY: `ctx` is this program's context; on success the call does not
     // return.
     unsafe { UNWIND_PROGS.tail_call(ctx, 0) };

@@ -10,8 +10,9 @@
 //! previous one stopped.
 use aya_ebpf::helpers::generated;
 use profiler_common::unwind::{
-    cfa, mapping_kind, rbp, row_cache_slot, ExecMapping, StackEnd, TableInfo, UnwindRow, UserStack,
-    EXACT_PC_BIT, MAPPING_SEARCH_STEPS, MAX_USER_FRAMES, NO_TABLE, ROW_SEARCH_STEPS,
+    cfa, mapping_kind, rbp, row_cache_slot, ExecMapping, ProcInfo, StackEnd, TableInfo, UnwindRow,
+    UserStack, EXACT_PC_BIT, MAPPING_CACHE, MAPPING_SEARCH_STEPS, MAX_USER_FRAMES, NO_TABLE,
+    ROW_SEARCH_STEPS,
 };
 
 use crate::{EXEC_MAPPINGS, ROW_CACHE, UNWIND_ROWS, UNWIND_TABLES};
@@ -63,9 +64,17 @@ pub struct UnwindState {
     pub proc_count: u32,
     /// Whether the walk asked for the process's mappings to be read again.
     pub refresh: u32,
-    /// The mapping of the previous frame (`end` 0: none yet): callers are
-    /// often in the same binary, so most frames skip the mapping search.
-    pub last_mapping: ExecMapping,
+    /// [`ProcInfo::generation`] of the process's slice.
+    pub proc_generation: u32,
+    /// Mappings found in this walk and, while the same process with the
+    /// same slice is sampled on this CPU, in earlier ones (`end` 0: empty):
+    /// most frames skip the mapping search.
+    pub mappings: [ExecMapping; MAPPING_CACHE],
+    /// The process and slice `mappings` belong to.
+    pub cached_tgid: u32,
+    pub cached_generation: u32,
+    /// The entry of `mappings` replaced next.
+    pub next_mapping: u32,
 }
 
 /// What one step did.
@@ -155,14 +164,8 @@ pub fn step(state: &mut UnwindState) -> Step {
     } else {
         ip - 1
     };
-    let mapping = if pc >= state.last_mapping.start && pc < state.last_mapping.end {
-        state.last_mapping
-    } else {
-        let Some(mapping) = find_mapping(state.proc_first, state.proc_count, pc) else {
-            return Step::End(StackEnd::NoMapping);
-        };
-        state.last_mapping = mapping;
-        mapping
+    let Some(mapping) = mapping_of(state, pc) else {
+        return Step::End(StackEnd::NoMapping);
     };
     if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
         return frame_pointer_step(state);
@@ -323,6 +326,40 @@ fn signal_frame(state: &mut UnwindState) -> Step {
     ];
     state.flags = (state.flags & !FLAG_RBP_UNKNOWN) | FLAG_ALL_REGS | FLAG_EXACT_PC;
     Step::Next
+}
+
+/// The mapping of the sampled process that contains `pc`: from the walk's
+/// cache, else searched (and cached).
+#[inline(always)]
+fn mapping_of(state: &mut UnwindState, pc: u64) -> Option<ExecMapping> {
+    for i in 0..MAPPING_CACHE {
+        let m = &state.mappings[i];
+        if pc >= m.start && pc < m.end {
+            return Some(*m);
+        }
+    }
+    let mapping = find_mapping(state.proc_first, state.proc_count, pc)?;
+    let slot = state.next_mapping as usize % MAPPING_CACHE;
+    state.mappings[slot] = mapping;
+    state.next_mapping = state.next_mapping.wrapping_add(1);
+    Some(mapping)
+}
+
+/// Starts a walk of process `tgid` whose mappings are the slice `info`:
+/// keeps the cached mappings if they are of the same slice.
+#[inline(always)]
+pub fn set_process(state: &mut UnwindState, tgid: u32, info: Option<ProcInfo>) {
+    let info = info.unwrap_or_default();
+    state.proc_first = info.first;
+    state.proc_count = info.count;
+    state.proc_generation = info.generation;
+    if state.cached_tgid != tgid || state.cached_generation != info.generation {
+        for i in 0..MAPPING_CACHE {
+            state.mappings[i].end = 0;
+        }
+        state.cached_tgid = tgid;
+        state.cached_generation = info.generation;
+    }
 }
 
 /// The mapping of the process that contains `pc`: binary search over its

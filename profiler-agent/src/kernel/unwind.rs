@@ -173,7 +173,8 @@ pub struct UnwindMaps {
     files: HashMap<BinaryKey, Option<TableKey>>,
     processes: HashMap<u32, LoadedProcess>,
     clock: u64,
-    /// The last [`TableInfo::generation`] given out.
+    /// The last [`TableInfo::generation`] or [`ProcInfo::generation`]
+    /// given out.
     generation: u32,
     stats: UnwindStats,
 }
@@ -322,9 +323,11 @@ impl UnwindMaps {
                 return;
             }
         }
+        self.generation = self.generation.checked_add(1).unwrap_or(1);
         let info = ProcInfo {
             first,
             count: entries.len() as u32,
+            generation: self.generation,
         };
         if self.procs.insert(pid, info, 0).is_err() {
             self.mapping_space.release(first, info.count, now);
