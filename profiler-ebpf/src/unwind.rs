@@ -18,7 +18,7 @@ use profiler_common::unwind::{
 use crate::{EXEC_MAPPINGS, ROW_CACHE, UNWIND_ROWS, UNWIND_TABLES};
 
 /// Frames one call of `unwind_user` walks before it tail-calls itself.
-pub const FRAMES_PER_CALL: u32 = 8;
+pub const FRAMES_PER_CALL: u32 = 16;
 /// Calls of `unwind_user` per sample: enough for [`MAX_USER_FRAMES`].
 pub const MAX_UNWIND_CALLS: u32 = (MAX_USER_FRAMES as u32).div_ceil(FRAMES_PER_CALL);
 

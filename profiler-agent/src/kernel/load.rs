@@ -218,10 +218,15 @@ pub(super) fn detach_sampling(ebpf: &mut Ebpf, links: Vec<PerfEventLinkId>) -> R
 /// Verifier statistics of the `profile` program: instructions processed
 /// and program size in instructions, if the kernel reports them.
 pub(super) fn program_info(ebpf: &Ebpf) -> Option<(u64, u64)> {
-    let prog: &PerfEvent = ebpf.program(PROFILE_PROGRAM)?.try_into().ok()?;
-    let info = prog.info().ok()?;
-    let size = info.size_translated().unwrap_or(0) as u64 / 8;
-    Some((info.verified_instruction_count().unwrap_or(0) as u64, size))
+    let (mut verified, mut size) = (0, 0);
+    // A sample runs both: `profile`, then `unwind_user` (tail calls).
+    for name in [PROFILE_PROGRAM, UNWIND_PROGRAM] {
+        let prog: &PerfEvent = ebpf.program(name)?.try_into().ok()?;
+        let info = prog.info().ok()?;
+        size += info.size_translated().unwrap_or(0) as u64 / 8;
+        verified += info.verified_instruction_count().unwrap_or(0) as u64;
+    }
+    Some((verified, size))
 }
 
 /// An error of the eBPF layer, naming the privilege or kernel feature when
