@@ -30,6 +30,8 @@ use perf_event::{events::Software, Builder, Record, SampleFlag, Sampler};
 pub const EXITED_RETENTION: Duration = Duration::from_secs(10);
 /// Most mappings logged per process (a process with more keeps its first).
 pub const MAX_LOGGED_MAPPINGS: usize = 1024;
+/// Most distinct paths kept interned at once.
+const MAX_INTERNED_PATHS: usize = 8_192;
 /// Default bound on logged processes.
 pub const DEFAULT_MAX_LOGGED_PROCESSES: usize = 16_384;
 /// Size of each CPU's ring (records are 100-200 bytes: thousands of
@@ -163,6 +165,10 @@ impl ProcessLog {
     pub fn intern(&mut self, path: &str) -> Arc<str> {
         if let Some(path) = self.paths.get(path) {
             return path.clone();
+        }
+        // Bounded: paths in use stay valid, the set only forgets them.
+        if self.paths.len() >= MAX_INTERNED_PATHS {
+            self.paths.clear();
         }
         let path: Arc<str> = Arc::from(path);
         self.paths.insert(path.clone());
