@@ -158,8 +158,8 @@ struct SamplingArgs {
     /// `frame-pointers` (for diagnosis).
     #[arg(long, value_enum, default_value_t = profiler_agent::config::UnwindMode::Cfi)]
     unwind: profiler_agent::config::UnwindMode,
-    /// Kernel memory for unwind tables, in MiB (12 bytes a row; libc needs
-    /// about 0.3 MiB); least recently used tables of exited processes are
+    /// Kernel memory for unwind tables, in MiB (16 bytes a row; libc needs
+    /// about 0.45 MiB); least recently used tables of exited processes are
     /// evicted when it is full.
     #[arg(long, default_value_t = profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB)]
     unwind_table_mib: u32,

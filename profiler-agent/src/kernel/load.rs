@@ -81,8 +81,10 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         // A user stack (1.5 KiB) is larger than a kernel one: half as many.
         loader.map_max_entries(set.user, (options.stack_map_entries / 2).max(64));
     }
-    let rows =
-        (u64::from(options.unwind_table_mib) << 20) / std::mem::size_of::<UnwindRow>() as u64;
+    // The kernel stores array values in 8-byte aligned slots: a 12-byte
+    // row takes 16.
+    let slot = std::mem::size_of::<UnwindRow>().next_multiple_of(8) as u64;
+    let rows = (u64::from(options.unwind_table_mib) << 20) / slot;
     loader.map_max_entries("UNWIND_ROWS", rows.min(u32::MAX as u64) as u32);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
