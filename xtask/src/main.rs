@@ -171,8 +171,13 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The cargo that runs this xtask (`CARGO`), else `cargo` from PATH.
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    status(Command::new(cargo_bin()).args(args))
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
@@ -597,29 +602,15 @@ fn test() -> Result<()> {
     }
     cargo(&args)?;
     fuzz(CI_FUZZ_SECONDS, None)?;
-    step("privileged end-to-end tests (real eBPF, real workloads)");
-    // The agent's and collector's binaries the tests run were built with
-    // the unit tests (same selection).
-    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
-    for name in &privileged {
-        args.extend(["--test", name.as_str()]);
-    }
-    args.extend(["--", "--test-threads=1"]);
-    if is_root() {
-        cargo(&args)?;
-    } else {
-        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        status(&mut as_root(&cargo_bin, &args))?;
-    }
+    privileged_tests(&privileged)?;
     // Every benchmark, briefly, on the debug build: breaks show in CI, the
     // figures (target/bench/report.md) mean nothing.
     step("smoke run of the benchmarks (debug build; report in target/bench/report.md)");
     if is_root() {
         bench::smoke()?;
     } else {
-        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         status(&mut as_root(
-            &cargo_bin,
+            &cargo_bin(),
             &["xtask", "bench", "--quick", "--debug-build"],
         ))?;
     }
@@ -627,6 +618,47 @@ fn test() -> Result<()> {
         "all checks passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Modules of the privileged tests that only talk to stores (no eBPF, no
+/// CPU share measured), each test with its own servers on free ports and
+/// temp dirs: they run two at a time. The other tests run one at a time,
+/// as several measure CPU shares or run perf on two CPUs.
+const STORE_TEST_MODULES: [&str; 3] = ["clickhouse::", "clickhouse_harness::", "sample_types::"];
+
+/// The privileged tests (`targets`: the privileged crate's test targets):
+/// the store modules two at a time, then every other test one at a time.
+/// The agent's and collector's binaries the tests run were built with the
+/// unit tests (same selection).
+fn privileged_tests(targets: &[String]) -> Result<()> {
+    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
+    for name in targets {
+        args.extend(["--test", name.as_str()]);
+    }
+    args.push("--");
+    let mut stores = args.clone();
+    stores.push("--test-threads=2");
+    stores.extend(STORE_TEST_MODULES);
+    let mut others = args;
+    others.push("--test-threads=1");
+    for module in STORE_TEST_MODULES {
+        others.extend(["--skip", module]);
+    }
+    for (what, args) in [
+        ("privileged tests of the stores, two at a time", stores),
+        (
+            "privileged end-to-end tests (real eBPF, real workloads), one at a time",
+            others,
+        ),
+    ] {
+        step(what);
+        if is_root() {
+            cargo(&args)?;
+        } else {
+            status(&mut as_root(&cargo_bin(), &args))?;
+        }
+    }
     Ok(())
 }
 
@@ -717,7 +749,7 @@ fn clippy() -> Result<()> {
     // architecture cfg aya-build passes.
     step("cargo clippy -D warnings (profiler-ebpf, bpfel-unknown-none)");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        Command::new(cargo_bin())
             .args([
                 "clippy",
                 "-p",
@@ -824,6 +856,19 @@ mod tests {
         assert!(unit.contains(&"golden".to_string()), "{unit:?}");
         assert!(unit.contains(&"api".to_string()), "{unit:?}");
         assert_eq!(privileged, ["privileged"]);
+    }
+
+    #[test]
+    fn store_test_modules_are_modules_of_the_privileged_tests() {
+        let main = workspace_root().join("tests/tests/privileged/main.rs");
+        let main = std::fs::read_to_string(main).unwrap();
+        for module in STORE_TEST_MODULES {
+            let name = module.trim_end_matches("::");
+            assert!(
+                main.lines().any(|l| l.trim() == format!("mod {name};")),
+                "tests/tests/privileged/main.rs declares no `mod {name};`"
+            );
+        }
     }
 
     #[test]
