@@ -94,6 +94,7 @@ fn main() -> Result<()> {
     STARTED.get_or_init(Instant::now);
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
+    forget_cargo_run_env();
     match cli.command {
         Task::Setup => setup(Needs::Test),
         Task::Build => {
@@ -146,6 +147,29 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` of the
+/// workspace.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Removes the variables `cargo xtask` (`cargo run`) sets for this package
+/// (`CARGO_MANIFEST_*`, `CARGO_PKG_*`) from this process, so the cargo
+/// commands it runs see the environment of a cargo run by hand: build
+/// scripts that read them (ring's) would otherwise rebuild, with everything
+/// above them, at each switch between the two.
+fn forget_cargo_run_env() {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_MANIFEST_") || key.starts_with("CARGO_PKG_") {
+            std::env::remove_var(key);
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -178,6 +202,15 @@ fn cargo_bin() -> String {
 
 fn cargo(args: &[&str]) -> Result<()> {
     status(Command::new(cargo_bin()).args(args))
+}
+
+/// Builds with `RUSTC_BOOTSTRAP=1` (the eBPF crate's clippy, cargo-fuzz) use
+/// this target directory of their own: the build scripts of proc-macro2,
+/// anyhow and thiserror rerun when `RUSTC_BOOTSTRAP` changes, and in a
+/// shared directory every crate above them would be rebuilt at each switch
+/// (about a minute on 2 cores).
+fn bootstrap_target_dir() -> PathBuf {
+    target_dir().join("rustc-bootstrap")
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
@@ -508,7 +541,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         "starting the collector (store: {})",
         dir.join("profiles.db").display()
     ));
-    let mut collector = Command::new(root.join("target/release/profiler-collector"))
+    let mut collector = Command::new(target_dir().join("release/profiler-collector"))
         .arg("--store")
         .arg(format!("sqlite:{}", dir.join("profiles.db").display()))
         .args(["--grpc-listen", GRPC_ADDR, "--http-listen", UI_ADDR])
@@ -553,7 +586,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
     }
     args.extend(agent_args.into_iter().map(OsString::from));
 
-    let agent = root.join("target/release/profiler-agent");
+    let agent = target_dir().join("release/profiler-agent");
     let mut cmd = if is_root() {
         Command::new(&agent)
     } else {
@@ -764,6 +797,7 @@ fn clippy() -> Result<()> {
                 "warnings",
             ])
             .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", bootstrap_target_dir())
             .env(
                 "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
                 format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
@@ -810,7 +844,8 @@ fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
         let mut cmd = Command::new("cargo");
         cmd.args(["fuzz", sub])
             .args(flags)
-            .env("RUSTC_BOOTSTRAP", "1");
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", bootstrap_target_dir());
         cmd
     };
     step("building the fuzz targets");
