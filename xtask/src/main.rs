@@ -175,13 +175,41 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// When this xtask started: each step says how far in it begins, so a CI
-/// log shows where the time goes.
+/// When this xtask started: each step says how far in it begins and how
+/// long the one before took, so a CI log shows where the time goes.
 static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
+/// The steps so far: what, and when each began (seconds after [`STARTED`]).
+static STEPS: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
 fn step(what: &str) {
-    let at = STARTED.get_or_init(Instant::now).elapsed().as_secs();
-    eprintln!("==> [{at:>4} s] {what}");
+    let at = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    let mut steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((previous, began)) = steps.last() {
+        eprintln!("<== {:.0} s: {previous}", at - began);
+    }
+    eprintln!("==> [{at:>4.0} s] {what}");
+    steps.push((what.to_string(), at));
+}
+
+/// Every step so far with its duration (the last one up to now), longest
+/// first.
+fn step_times() -> String {
+    let now = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    let steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut times: Vec<(f64, &str)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (what, began))| {
+            let end = steps.get(i + 1).map_or(now, |(_, next)| *next);
+            (end - began, what.as_str())
+        })
+        .collect();
+    times.sort_by(|a, b| b.0.total_cmp(&a.0));
+    times
+        .iter()
+        .map(|(secs, what)| format!("{secs:>6.0} s  {what}\n"))
+        .collect()
 }
 
 fn status(cmd: &mut Command) -> Result<()> {
@@ -615,8 +643,20 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// What CI runs; ends with the time each step took, passed or not.
 fn test() -> Result<()> {
     let started = Instant::now();
+    let result = checks();
+    eprint!("time per step, longest first:\n{}", step_times());
+    result?;
+    eprintln!(
+        "all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn checks() -> Result<()> {
     setup(Needs::Test)?;
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -647,10 +687,6 @@ fn test() -> Result<()> {
             &["xtask", "bench", "--quick", "--debug-build"],
         ))?;
     }
-    eprintln!(
-        "all checks passed in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
