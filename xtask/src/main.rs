@@ -94,6 +94,7 @@ fn main() -> Result<()> {
     STARTED.get_or_init(Instant::now);
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
+    forget_cargo_run_env();
     match cli.command {
         Task::Setup => setup(Needs::Test),
         Task::Build => {
@@ -146,18 +147,69 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` of the
+/// workspace.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Removes the variables `cargo xtask` (`cargo run`) sets for this package
+/// (`CARGO_MANIFEST_*`, `CARGO_PKG_*`) from this process, so the cargo
+/// commands it runs see the environment of a cargo run by hand: build
+/// scripts that read them (ring's) would otherwise rebuild, with everything
+/// above them, at each switch between the two.
+fn forget_cargo_run_env() {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_MANIFEST_") || key.starts_with("CARGO_PKG_") {
+            std::env::remove_var(key);
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
-/// When this xtask started: each step says how far in it begins, so a CI
-/// log shows where the time goes.
+/// When this xtask started: each step says how far in it begins and how
+/// long the one before took, so a CI log shows where the time goes.
 static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
+/// The steps so far: what, and when each began (seconds after [`STARTED`]).
+static STEPS: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
 fn step(what: &str) {
-    let at = STARTED.get_or_init(Instant::now).elapsed().as_secs();
-    eprintln!("==> [{at:>4} s] {what}");
+    let at = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    let mut steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((previous, began)) = steps.last() {
+        eprintln!("<== {:.0} s: {previous}", at - began);
+    }
+    eprintln!("==> [{at:>4.0} s] {what}");
+    steps.push((what.to_string(), at));
+}
+
+/// Every step so far with its duration (the last one up to now), longest
+/// first.
+fn step_times() -> String {
+    let now = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    let steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut times: Vec<(f64, &str)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (what, began))| {
+            let end = steps.get(i + 1).map_or(now, |(_, next)| *next);
+            (end - began, what.as_str())
+        })
+        .collect();
+    times.sort_by(|a, b| b.0.total_cmp(&a.0));
+    times
+        .iter()
+        .map(|(secs, what)| format!("{secs:>6.0} s  {what}\n"))
+        .collect()
 }
 
 fn status(cmd: &mut Command) -> Result<()> {
@@ -171,8 +223,22 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The cargo that runs this xtask (`CARGO`), else `cargo` from PATH.
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    status(Command::new(cargo_bin()).args(args))
+}
+
+/// Builds with `RUSTC_BOOTSTRAP=1` (the eBPF crate's clippy, cargo-fuzz) use
+/// this target directory of their own: the build scripts of proc-macro2,
+/// anyhow and thiserror rerun when `RUSTC_BOOTSTRAP` changes, and in a
+/// shared directory every crate above them would be rebuilt at each switch
+/// (about a minute on 2 cores).
+fn bootstrap_target_dir() -> PathBuf {
+    target_dir().join("rustc-bootstrap")
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
@@ -503,7 +569,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
         "starting the collector (store: {})",
         dir.join("profiles.db").display()
     ));
-    let mut collector = Command::new(root.join("target/release/profiler-collector"))
+    let mut collector = Command::new(target_dir().join("release/profiler-collector"))
         .arg("--store")
         .arg(format!("sqlite:{}", dir.join("profiles.db").display()))
         .args(["--grpc-listen", GRPC_ADDR, "--http-listen", UI_ADDR])
@@ -548,7 +614,7 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
     }
     args.extend(agent_args.into_iter().map(OsString::from));
 
-    let agent = root.join("target/release/profiler-agent");
+    let agent = target_dir().join("release/profiler-agent");
     let mut cmd = if is_root() {
         Command::new(&agent)
     } else {
@@ -577,8 +643,20 @@ fn run(duration: Option<String>, agent_args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// What CI runs; ends with the time each step took, passed or not.
 fn test() -> Result<()> {
     let started = Instant::now();
+    let result = checks();
+    eprint!("time per step, longest first:\n{}", step_times());
+    result?;
+    eprintln!(
+        "all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn checks() -> Result<()> {
     setup(Needs::Test)?;
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -597,36 +675,59 @@ fn test() -> Result<()> {
     }
     cargo(&args)?;
     fuzz(CI_FUZZ_SECONDS, None)?;
-    step("privileged end-to-end tests (real eBPF, real workloads)");
-    // The agent's and collector's binaries the tests run were built with
-    // the unit tests (same selection).
-    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
-    for name in &privileged {
-        args.extend(["--test", name.as_str()]);
-    }
-    args.extend(["--", "--test-threads=1"]);
-    if is_root() {
-        cargo(&args)?;
-    } else {
-        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        status(&mut as_root(&cargo_bin, &args))?;
-    }
+    privileged_tests(&privileged)?;
     // Every benchmark, briefly, on the debug build: breaks show in CI, the
     // figures (target/bench/report.md) mean nothing.
     step("smoke run of the benchmarks (debug build; report in target/bench/report.md)");
     if is_root() {
         bench::smoke()?;
     } else {
-        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         status(&mut as_root(
-            &cargo_bin,
+            &cargo_bin(),
             &["xtask", "bench", "--quick", "--debug-build"],
         ))?;
     }
-    eprintln!(
-        "all checks passed in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
+    Ok(())
+}
+
+/// Modules of the privileged tests that only talk to stores (no eBPF, no
+/// CPU share measured), each test with its own servers on free ports and
+/// temp dirs: they run two at a time. The other tests run one at a time,
+/// as several measure CPU shares or run perf on two CPUs.
+const STORE_TEST_MODULES: [&str; 3] = ["clickhouse::", "clickhouse_harness::", "sample_types::"];
+
+/// The privileged tests (`targets`: the privileged crate's test targets):
+/// the store modules two at a time, then every other test one at a time.
+/// The agent's and collector's binaries the tests run were built with the
+/// unit tests (same selection).
+fn privileged_tests(targets: &[String]) -> Result<()> {
+    let mut args = vec!["test", "--workspace", "--exclude", "profiler-ebpf"];
+    for name in targets {
+        args.extend(["--test", name.as_str()]);
+    }
+    args.push("--");
+    let mut stores = args.clone();
+    stores.push("--test-threads=2");
+    stores.extend(STORE_TEST_MODULES);
+    let mut others = args;
+    others.push("--test-threads=1");
+    for module in STORE_TEST_MODULES {
+        others.extend(["--skip", module]);
+    }
+    for (what, args) in [
+        ("privileged tests of the stores, two at a time", stores),
+        (
+            "privileged end-to-end tests (real eBPF, real workloads), one at a time",
+            others,
+        ),
+    ] {
+        step(what);
+        if is_root() {
+            cargo(&args)?;
+        } else {
+            status(&mut as_root(&cargo_bin(), &args))?;
+        }
+    }
     Ok(())
 }
 
@@ -717,7 +818,7 @@ fn clippy() -> Result<()> {
     // architecture cfg aya-build passes.
     step("cargo clippy -D warnings (profiler-ebpf, bpfel-unknown-none)");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        Command::new(cargo_bin())
             .args([
                 "clippy",
                 "-p",
@@ -732,6 +833,7 @@ fn clippy() -> Result<()> {
                 "warnings",
             ])
             .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", bootstrap_target_dir())
             .env(
                 "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
                 format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
@@ -778,7 +880,8 @@ fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
         let mut cmd = Command::new("cargo");
         cmd.args(["fuzz", sub])
             .args(flags)
-            .env("RUSTC_BOOTSTRAP", "1");
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", bootstrap_target_dir());
         cmd
     };
     step("building the fuzz targets");
@@ -824,6 +927,19 @@ mod tests {
         assert!(unit.contains(&"golden".to_string()), "{unit:?}");
         assert!(unit.contains(&"api".to_string()), "{unit:?}");
         assert_eq!(privileged, ["privileged"]);
+    }
+
+    #[test]
+    fn store_test_modules_are_modules_of_the_privileged_tests() {
+        let main = workspace_root().join("tests/tests/privileged/main.rs");
+        let main = std::fs::read_to_string(main).unwrap();
+        for module in STORE_TEST_MODULES {
+            let name = module.trim_end_matches("::");
+            assert!(
+                main.lines().any(|l| l.trim() == format!("mod {name};")),
+                "tests/tests/privileged/main.rs declares no `mod {name};`"
+            );
+        }
     }
 
     #[test]

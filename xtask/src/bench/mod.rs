@@ -132,9 +132,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// target/release or target/debug.
     fn target_dir(&self) -> PathBuf {
-        self.root
-            .join("target")
-            .join(if self.release { "release" } else { "debug" })
+        super::target_dir().join(if self.release { "release" } else { "debug" })
     }
 
     fn bins(&self) -> &Workloads {
@@ -204,8 +202,8 @@ pub fn bench(opts: Options) -> Result<()> {
     let profile = if opts.debug_build { "debug" } else { "release" };
     let mut ctx = Ctx {
         plan: Plan::new(opts.quick, opts.debug_build),
-        agent: root.join("target").join(profile).join("profiler-agent"),
-        collector: root.join("target").join(profile).join("profiler-collector"),
+        agent: super::target_dir().join(profile).join("profiler-agent"),
+        collector: super::target_dir().join(profile).join("profiler-collector"),
         root,
         dir,
         release: !opts.debug_build,
@@ -283,43 +281,40 @@ pub(crate) const WORKSPACE: [&str; 3] = ["--workspace", "--exclude", "profiler-e
 /// Builds what the selected benchmarks run, all before the first
 /// measurement, so no compiler competes with them.
 fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
-    // The whole workspace is selected (targets picked by name), as in
-    // `cargo xtask test`: the same feature resolution, so what the tests
-    // built is reused.
     let mut args: Vec<&str> = vec!["build"];
     if ctx.release {
         args.push("--release");
     }
+    // The whole workspace with the targets picked by name, the examples
+    // among them: cargo then resolves features as for the `cargo test` of
+    // `cargo xtask test` (an example brings in the dev-dependencies), so the
+    // debug build reuses what the tests built. Without an example the
+    // features of about 20 dependencies differ.
     args.extend(WORKSPACE);
-    let mut targets = vec![];
+    args.push("--examples");
     if ["overhead", "kernel-cost", "footprint", "startup"]
         .iter()
         .any(|b| wants(b))
     {
-        targets.extend(["--bin", "profiler-agent"]);
+        args.extend(["--bin", "profiler-agent"]);
     }
     if wants("footprint") {
-        targets.extend(["--bin", "profiler-collector"]);
+        args.extend(["--bin", "profiler-collector"]);
     }
-    if !targets.is_empty() {
-        args.extend(&targets);
-        step(&format!(
-            "building what the benchmarks run ({})",
-            if ctx.release { "release" } else { "debug" }
-        ));
-        cargo(&args)?;
-    }
-    // Each program on its own: the collector benchmark's feature must not
-    // change how the binaries above are built.
-    for program in suites::PROGRAMS.iter().filter(|p| wants(p.bench)) {
-        let mut args = vec!["build".to_string()];
-        if ctx.release {
-            args.push("--release".into());
-        }
-        args.extend(program.build_args());
-        step(&format!("building {}", program.name));
-        cargo(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    }
+    // One build: the collector benchmark's feature adds only xtask's own
+    // optional dependencies, with features the workspace already enables,
+    // so it changes how nothing else is built.
+    let program_args: Vec<String> = suites::PROGRAMS
+        .iter()
+        .filter(|p| wants(p.bench))
+        .flat_map(|p| p.build_args())
+        .collect();
+    args.extend(program_args.iter().map(String::as_str));
+    step(&format!(
+        "building what the benchmarks run ({})",
+        if ctx.release { "release" } else { "debug" }
+    ));
+    cargo(&args)?;
     if wants("criterion") {
         suites::build_criterion(ctx)?;
     }

@@ -70,12 +70,11 @@ impl Program {
         }
     }
 
-    /// The `cargo build` arguments that build it.
-    /// The workspace selection (see [`super::WORKSPACE`]) and the target;
-    /// a feature is named with its package.
+    /// The `cargo build` arguments that select it, after the workspace
+    /// selection (see [`super::WORKSPACE`]): the target, and a feature named
+    /// with its package.
     pub(crate) fn build_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = super::WORKSPACE.iter().map(|a| a.to_string()).collect();
-        args.extend([self.kind.to_string(), self.name.to_string()]);
+        let mut args = vec![self.kind.to_string(), self.name.to_string()];
         if let Some(f) = self.features {
             args.extend(["--features".to_string(), format!("{}/{f}", self.package)]);
         }
@@ -258,7 +257,7 @@ pub(crate) fn criterion(ctx: &Ctx) -> Result<String> {
     for (_, bench) in CRITERION {
         packages.extend(["--bench", bench]);
     }
-    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo_bin = crate::cargo_bin();
     let mut out = String::from("\n## 5. Micro-benchmarks of the hot paths (Criterion)\n\n");
     if !ctx.release {
         step("criterion: each benchmark once (test mode, debug build)");
@@ -315,7 +314,7 @@ pub(crate) fn criterion(ctx: &Ctx) -> Result<String> {
          | benchmark | median | throughput |\n|---|---:|---:|"
     );
     for name in &names {
-        let dir = ctx.root.join("target/criterion").join(name).join("new");
+        let dir = crate::target_dir().join("criterion").join(name).join("new");
         let estimates = fs::read_to_string(dir.join("estimates.json")).unwrap_or_default();
         let meta = fs::read_to_string(dir.join("benchmark.json")).unwrap_or_default();
         let Some(ns) = json_number(&estimates, "\"median\"", "\"point_estimate\"") else {

@@ -89,6 +89,12 @@ pub fn folded(addr: std::net::SocketAddr, query: &str) -> profiler_agent::fold::
     profile
 }
 
+/// Samples of `node` the collector serving HTTP on `addr` has for the last
+/// hour.
+pub fn node_total(addr: std::net::SocketAddr, node: &str) -> u64 {
+    folded(addr, &format!("%7Bnode%3D%22{node}%22%7D")).total()
+}
+
 /// `profiler_batches_stored_total` on the `/metrics` of the collector
 /// serving HTTP on `http`, or `None` while it does not answer.
 pub fn batches_stored(http: std::net::SocketAddr) -> Option<u64> {
