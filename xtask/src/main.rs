@@ -87,6 +87,11 @@ enum Task {
         /// `cargo xtask test` does: the figures mean nothing.
         #[arg(long)]
         debug_build: bool,
+        /// Another agent binary (e.g. a release build of an earlier commit)
+        /// whose kernel cost per sample is measured side by side with this
+        /// one's, in the same rounds.
+        #[arg(long, value_name = "PATH")]
+        baseline_agent: Option<PathBuf>,
     },
 }
 
@@ -114,10 +119,12 @@ fn main() -> Result<()> {
             quick,
             only,
             debug_build,
+            baseline_agent,
         } => bench::bench(bench::Options {
             quick,
             only,
             debug_build,
+            baseline_agent,
         }),
     }
 }

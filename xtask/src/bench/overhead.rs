@@ -431,99 +431,169 @@ impl Drop for Workers {
     }
 }
 
+/// One agent configuration whose kernel cost is measured.
+struct CostCase<'a> {
+    label: String,
+    agent: &'a Path,
+    /// `--unwind` value, or none (a baseline agent without the flag).
+    unwind: Option<&'static str>,
+}
+
+/// One measurement: the growth of the program's counters over a run.
+fn cost_run(ctx: &Ctx, case: &CostCase, depth: u32) -> Result<(u64, f64, Option<usize>)> {
+    let dir = &ctx.dir;
+    let before = bpf_progs()?;
+    let folded = dir.join("cost.folded");
+    let _ = fs::remove_file(&folded);
+    let mut args = vec![
+        "record".to_string(),
+        "--no-progress".into(),
+        "-F".into(),
+        "99".into(),
+        "-o".into(),
+        dir.join("cost.svg").display().to_string(),
+        "--folded".into(),
+        folded.display().to_string(),
+    ];
+    if let Some(flag) = case.unwind {
+        args.extend(["--unwind".to_string(), flag.to_string()]);
+    }
+    let agent = AgentRun::start(case.agent, &args, dir, "cost-agent")?;
+    let id = bpf_progs()?
+        .into_iter()
+        .filter(|p| before.iter().all(|b| b.id != p.id))
+        .map(|p| p.id)
+        .max()
+        .context("the agent attached but bpftool shows no new `profile` program")?;
+    let workers = Workers(
+        (0..cores())
+            .map(|_| {
+                Command::new(&ctx.bins().work)
+                    .args([depth.to_string(), "0".into()])
+                    .spawn()
+            })
+            .collect::<std::io::Result<Vec<_>>>()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let find = || -> Result<ProgStats> {
+        bpf_progs()?
+            .into_iter()
+            .find(|p| p.id == id)
+            .context("the agent's program disappeared")
+    };
+    let a = find()?;
+    std::thread::sleep(Duration::from_secs(ctx.plan.cost_seconds));
+    let b = find()?;
+    drop(workers);
+    agent.stop()?;
+    let (ns, cnt) = (b.run_time_ns - a.run_time_ns, b.run_cnt - a.run_cnt);
+    if cnt == 0 {
+        bail!(
+            "{}: the agent's program ran 0 times in {} s",
+            case.label,
+            ctx.plan.cost_seconds
+        );
+    }
+    Ok((cnt, ns as f64 / cnt as f64, folded_depth(&folded)))
+}
+
 pub(crate) fn kernel_cost(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
     let plan = &ctx.plan;
-    let dir = &ctx.dir;
     let stats = BpfStats::enable()?;
+    let mut cases = vec![
+        CostCase {
+            label: "CFI".into(),
+            agent: &ctx.agent,
+            unwind: Some("cfi"),
+        },
+        CostCase {
+            label: "frame pointers".into(),
+            agent: &ctx.agent,
+            unwind: Some("frame-pointers"),
+        },
+    ];
+    if let Some(baseline) = &ctx.baseline_agent {
+        cases.push(CostCase {
+            label: format!("baseline `{}`", baseline.display()),
+            agent: baseline,
+            unwind: None,
+        });
+    }
     let mut out = String::new();
     writeln!(
         out,
         "\n## 2. Cost per sample in the kernel\n\n\
          With `kernel.bpf_stats_enabled=1` (restored afterwards) the kernel counts the time \
          spent in each eBPF program. The agent (`record -F 99`) samples while one process per \
-         CPU recurses to a given depth and spins at the leaf; the figure is the growth of the \
-         program's run_time_ns divided by that of run_cnt over {secs} s, read with `bpftool \
-         prog show` after the workloads started (it includes the unwinder the program \
-         tail-calls). *Frames* is the median stack length of the workload's samples in the \
-         agent's folded output (process name not counted). *CFI* is the default walk (the \
-         workload's unwind table, loaded when the agent first sees it); *frame pointers* is \
-         `--unwind frame-pointers` (the checked frame-pointer walk, as for Go and JIT code).\n\n\
-         | unwinding | recursion depth | frames | samples | mean ns/sample |\n|---|---:|---:|---:|---:|",
-        secs = plan.cost_seconds
+         CPU recurses to a given depth and spins at the leaf (built with frame pointers); a \
+         run's figure is the growth of the program's run_time_ns divided by that of run_cnt \
+         over {secs} s, read with `bpftool prog show` after the workloads started (it includes \
+         the unwinder the program tail-calls). The cases run in turn, {rounds} round(s), and \
+         the table gives the median of the rounds. *Frames* is the median stack length of the \
+         workload's samples in the agent's folded output (process name not counted). *CFI* is \
+         the default walk (the workload's unwind table, loaded when the agent first sees it); \
+         *frame pointers* is `--unwind frame-pointers` (the checked frame-pointer walk, as for \
+         Go and JIT code); a *baseline* is another agent binary (`--baseline-agent`), run \
+         with its defaults, side by side.\n\n\
+         | unwinding | recursion depth | frames | samples | median ns/sample | rounds (ns/sample) |\n\
+         |---|---:|---:|---:|---:|---|",
+        secs = plan.cost_seconds,
+        rounds = plan.cost_rounds,
     )?;
     // A quick run measures the 30-frame case only.
     let depths: &[u32] = if plan.quick { &[27] } else { &[2, 27, 117] };
-    let modes = [("CFI", "cfi"), ("frame pointers", "frame-pointers")];
-    for ((mode, flag), depth) in modes
-        .iter()
-        .flat_map(|m| depths.iter().map(move |d| (*m, *d)))
-    {
-        step(&format!("kernel cost: {mode}, stack depth {depth}"));
-        let before = bpf_progs()?;
-        let folded = dir.join("cost.folded");
-        let _ = fs::remove_file(&folded);
-        let args = [
-            "record".to_string(),
-            "--no-progress".into(),
-            "-F".into(),
-            "99".into(),
-            "-o".into(),
-            dir.join("cost.svg").display().to_string(),
-            "--folded".into(),
-            folded.display().to_string(),
-            "--unwind".into(),
-            flag.into(),
-        ];
-        let agent = AgentRun::start(&ctx.agent, &args, dir, "cost-agent")?;
-        let id = bpf_progs()?
-            .into_iter()
-            .filter(|p| before.iter().all(|b| b.id != p.id))
-            .map(|p| p.id)
-            .max()
-            .context("the agent attached but bpftool shows no new `profile` program")?;
-        let workers = Workers(
-            (0..cores())
-                .map(|_| {
-                    Command::new(&ctx.bins().work)
-                        .args([depth.to_string(), "0".into()])
-                        .spawn()
-                })
-                .collect::<std::io::Result<Vec<_>>>()?,
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        let find = || -> Result<ProgStats> {
-            bpf_progs()?
-                .into_iter()
-                .find(|p| p.id == id)
-                .context("the agent's program disappeared")
-        };
-        let a = find()?;
-        std::thread::sleep(Duration::from_secs(plan.cost_seconds));
-        let b = find()?;
-        drop(workers);
-        agent.stop()?;
-        let (ns, cnt) = (b.run_time_ns - a.run_time_ns, b.run_cnt - a.run_cnt);
-        if cnt == 0 {
-            bail!("the agent's program ran 0 times in {} s", plan.cost_seconds);
+    for &depth in depths {
+        // Per case: samples, means of the rounds, frames.
+        let mut runs: Vec<(u64, Vec<f64>, Option<usize>)> = vec![(0, vec![], None); cases.len()];
+        for round in 1..=plan.cost_rounds {
+            for (case, run) in cases.iter().zip(&mut runs) {
+                step(&format!(
+                    "kernel cost: {}, stack depth {depth}, round {round}/{}",
+                    case.label, plan.cost_rounds
+                ));
+                let (cnt, mean, frames) = cost_run(ctx, case, depth)?;
+                eprintln!(
+                    "    {cnt} samples, {mean:.0} ns each, {} frames",
+                    frames.map_or("?".into(), |f| f.to_string())
+                );
+                run.0 += cnt;
+                run.1.push(mean);
+                run.2 = run.2.or(frames);
+            }
         }
-        let mean = ns as f64 / cnt as f64;
-        let frames = folded_depth(&folded).map_or("?".to_string(), |d| d.to_string());
-        eprintln!("    {cnt} samples, {mean:.0} ns each, {frames} frames");
-        writeln!(out, "| {mode} | {depth} | {frames} | {cnt} | {mean:.0} |")?;
-        if depth == 27 && flag == "cfi" {
-            figures.kernel_ns_30 = Some(mean);
-        } else if depth == 27 {
-            figures.kernel_ns_30_fp = Some(mean);
+        for (case, (cnt, means, frames)) in cases.iter().zip(&runs) {
+            let mid = median(means);
+            let frames = frames.map_or("?".to_string(), |d| d.to_string());
+            let each: Vec<String> = means.iter().map(|m| format!("{m:.0}")).collect();
+            writeln!(
+                out,
+                "| {} | {depth} | {frames} | {cnt} | {mid:.0} | {} |",
+                case.label,
+                each.join(", ")
+            )?;
+            if depth == 27 {
+                match case.unwind {
+                    Some("cfi") => figures.kernel_ns_30 = Some(mid),
+                    Some(_) => figures.kernel_ns_30_fp = Some(mid),
+                    None => figures.kernel_ns_30_baseline = Some(mid),
+                }
+            }
         }
     }
     drop(stats);
     if let Some(m) = figures.kernel_ns_30 {
         writeln!(
             out,
-            "\nTargets at 30 frames: CFI ≤ 5 µs mean, measured {:.2} µs; frame pointers no \
-             more than the kernel's own frame-pointer walk (`bpf_get_stackid`, 3.0 µs here), \
-             measured {}.",
+            "\nTargets at 30 frames: CFI ≤ 5 µs, measured {:.2} µs; frame pointers no more \
+             than {}, measured {}.",
             m / 1000.0,
+            figures.kernel_ns_30_baseline.map_or(
+                "the kernel's own frame-pointer walk (`bpf_get_stackid`, 3.0 µs here)".to_string(),
+                |b| format!(
+                    "the baseline agent's program, {:.2} µs in the same run",
+                    b / 1000.0
+                )
+            ),
             figures
                 .kernel_ns_30_fp
                 .map_or("-".to_string(), |fp| format!("{:.2} µs", fp / 1000.0))
