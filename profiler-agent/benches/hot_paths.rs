@@ -152,6 +152,7 @@ fn symbolized() -> Vec<SymbolizedSample> {
                 frames.push(format!("kernel_fn_{}", (s % 16) * 8 + d));
             }
             SymbolizedSample {
+                thread_state: None,
                 tgid: 1000 + (s % PROCESSES) as u32,
                 process: process_name(s % PROCESSES),
                 frames,

@@ -374,6 +374,7 @@ fn make_window(
         used.extend(chosen.iter().copied());
         expected.push(chosen.iter().map(|&p| picks[p].function).collect());
         samples.push(RawSample {
+            thread_state: None,
             tgid: pid,
             comm: "bigprog".into(),
             user: chosen.iter().rev().map(|&p| picks[p].addr).collect(),

@@ -29,6 +29,71 @@ pub struct SamplerOptions {
     pub unwind: UnwindMode,
     /// Kernel memory for unwind tables, in MiB (`--unwind-table-mib`).
     pub unwind_table_mib: u32,
+    /// Off-CPU time, when recorded.
+    pub off_cpu: Option<OffCpuOptions>,
+}
+
+/// How off-CPU time is recorded (`--off-cpu-*`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OffCpuOptions {
+    /// Times off the CPU shorter than this are not recorded (counted as
+    /// `off_cpu_short`): they cost a stack walk each and add little.
+    pub min_block: Duration,
+    /// Share of switch-outs timed, in (0, 1]; the times kept are scaled by
+    /// its inverse, so totals stay unbiased.
+    pub sample: f64,
+}
+
+/// Default `--off-cpu-min`.
+pub const DEFAULT_OFF_CPU_MIN: Duration = Duration::from_micros(500);
+
+impl Default for OffCpuOptions {
+    fn default() -> Self {
+        Self {
+            min_block: DEFAULT_OFF_CPU_MIN,
+            sample: 1.0,
+        }
+    }
+}
+
+impl OffCpuOptions {
+    /// The program's `Config::off_cpu_keep`: the share in 1/65536ths.
+    pub fn keep(&self) -> u32 {
+        let all = profiler_common::OFF_CPU_KEEP_ALL;
+        ((self.sample * all as f64).round() as u32).clamp(1, all)
+    }
+
+    /// What a time the program kept stands for: `value * 65536 / keep`.
+    pub fn scale(&self, ns: u64) -> u64 {
+        let keep = u64::from(self.keep());
+        let all = u64::from(profiler_common::OFF_CPU_KEEP_ALL);
+        ((u128::from(ns) * u128::from(all)) / u128::from(keep)).min(u64::MAX as u128) as u64
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.sample > 0.0 && self.sample <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--off-cpu-sample must be above 0 and at most 1, got {}",
+                self.sample
+            )));
+        }
+        if self.min_block > Duration::from_secs(10) {
+            return Err(Error::InvalidArgument(format!(
+                "--off-cpu-min must be at most 10s, got {:?}",
+                self.min_block
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--off-cpu-min`: a duration such as `500us`, `1ms`; `0` keeps
+/// every time.
+pub fn parse_min_block(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 1ms: {e}"))
 }
 
 /// How the program walks user stacks (`--unwind`).
@@ -63,6 +128,7 @@ impl Default for SamplerOptions {
             grace_period: Duration::from_millis(50),
             unwind: UnwindMode::Cfi,
             unwind_table_mib: profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB,
+            off_cpu: None,
         }
     }
 }
@@ -86,6 +152,9 @@ impl SamplerOptions {
                 "--unwind-table-mib must be between 1 and 4096, got {}",
                 self.unwind_table_mib
             )));
+        }
+        if let Some(off_cpu) = &self.off_cpu {
+            off_cpu.validate()?;
         }
         if self.pids.len() > profiler_common::MAX_FILTER_PIDS as usize {
             return Err(Error::InvalidArgument(format!(
@@ -211,6 +280,36 @@ mod tests {
         assert!(parse_frequency("fast")
             .unwrap_err()
             .contains("not a whole number"));
+    }
+
+    #[test]
+    fn off_cpu_sampling_scales_kept_times_back() {
+        let all = OffCpuOptions::default();
+        assert_eq!(all.keep(), profiler_common::OFF_CPU_KEEP_ALL);
+        assert_eq!(all.scale(1_000), 1_000);
+        let tenth = OffCpuOptions {
+            sample: 0.1,
+            ..Default::default()
+        };
+        // 6554/65536 of the switches: each kept time stands for ~10.
+        assert_eq!(tenth.keep(), 6554);
+        assert_eq!(tenth.scale(6554), 65_536);
+        let tiny = OffCpuOptions {
+            sample: 1e-9,
+            ..Default::default()
+        };
+        assert_eq!(tiny.keep(), 1);
+        assert!(OffCpuOptions {
+            sample: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--off-cpu-sample"));
+        assert_eq!(parse_min_block("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_min_block("2ms"), Ok(Duration::from_millis(2)));
+        assert!(parse_min_block("soon").is_err());
     }
 
     #[test]

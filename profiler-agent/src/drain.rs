@@ -28,6 +28,9 @@ pub struct RawSample {
     pub sample_type: SampleType,
     /// In the unit of `sample_type`.
     pub value: u64,
+    /// Off-CPU: how the thread left the CPU (`sleeping`, `uninterruptible`,
+    /// `runnable`, `other`).
+    pub thread_state: Option<&'static str>,
 }
 
 /// Samples drained from the idle map set.
@@ -140,6 +143,7 @@ pub fn decode_key(
             kernel,
             sample_type: SampleType::Cpu,
             value: count,
+            thread_state: None,
         },
         missing,
     )

@@ -42,6 +42,8 @@ pub struct SymbolizedSample {
     pub sample_type: SampleType,
     /// In the unit of `sample_type`.
     pub value: u64,
+    /// Off-CPU: how the thread left the CPU.
+    pub thread_state: Option<&'static str>,
 }
 
 /// Names the frames of every sample of a window, once; a sample whose user
@@ -64,6 +66,7 @@ pub fn symbolize_window(
                 frames,
                 sample_type: sample.sample_type,
                 value: sample.value,
+                thread_state: sample.thread_state,
             }
         })
         .collect()
@@ -198,6 +201,7 @@ mod tests {
         let window = RawWindow {
             samples: vec![
                 RawSample {
+                    thread_state: None,
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
@@ -207,6 +211,7 @@ mod tests {
                     value: 4,
                 },
                 RawSample {
+                    thread_state: None,
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
@@ -216,6 +221,7 @@ mod tests {
                     value: 1,
                 },
                 RawSample {
+                    thread_state: None,
                     tgid: 8,
                     comm: "kworker/1:0".into(),
                     user: vec![],
@@ -262,6 +268,7 @@ mod tests {
     #[test]
     fn cut_stacks_fold_under_their_marker_and_complete_ones_do_not() {
         let sample = |user: Vec<u64>, user_end, kernel: Vec<u64>, value| RawSample {
+            thread_state: None,
             tgid: 7,
             comm: "app".into(),
             user,

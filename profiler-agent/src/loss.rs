@@ -136,7 +136,12 @@ impl KernelLoss {
 
     pub fn effect(self) -> Effect {
         match self {
-            KernelLoss::Counter(Counter::CountMapFull | Counter::CountOtherError)
+            KernelLoss::Counter(
+                Counter::CountMapFull
+                | Counter::CountOtherError
+                | Counter::OffCpuStartLost
+                | Counter::OffCpuMapFull,
+            )
             | KernelLoss::Unaccounted => Effect::Lost,
             KernelLoss::Counter(_) => Effect::Degraded,
         }
@@ -202,7 +207,16 @@ mod tests {
             .filter(|r| r.effect() == Effect::Lost)
             .map(KernelLoss::name)
             .collect();
-        assert_eq!(lost, ["count_map_full", "count_other_error", "unaccounted"]);
+        assert_eq!(
+            lost,
+            [
+                "count_map_full",
+                "count_other_error",
+                "off_cpu_start_lost",
+                "off_cpu_map_full",
+                "unaccounted"
+            ]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
-    config::{self, RecordOptions, SamplerOptions},
+    config::{self, OffCpuOptions, RecordOptions, SamplerOptions},
     export::{self, ExportOptions},
     kube::KubeConfig,
     record, summary,
@@ -38,6 +38,11 @@ enum Command {
         /// Sampling frequency on every CPU (1-10000 Hz).
         #[arg(short = 'F', long, default_value_t = config::DEFAULT_FREQUENCY, value_parser = config::parse_frequency)]
         frequency: u64,
+        /// Also record where threads wait off the CPU (sleeps, locks, I/O):
+        /// an off-CPU flame graph is written next to the CPU one
+        /// (`NAME.off_cpu.svg`).
+        #[arg(long)]
+        off_cpu: bool,
     },
     /// Profile continuously and stream every window to a collector.
     Run {
@@ -85,6 +90,9 @@ enum Command {
         /// Sampling frequency on every CPU (1-10000 Hz); low by default, to be always on.
         #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
         frequency: u64,
+        /// Do not record off-CPU time (on by default).
+        #[arg(long)]
+        no_off_cpu: bool,
     },
 }
 
@@ -176,10 +184,22 @@ struct SamplingArgs {
     /// Binaries larger than this (MiB) are named from ELF symbols only (no DWARF).
     #[arg(long, default_value_t = profiler_agent::symbolize::DEFAULT_MAX_DWARF_BYTES >> 20)]
     max_dwarf_mib: u64,
+    /// Off-CPU: times off the CPU shorter than this are not recorded
+    /// (counted); `0` keeps every one.
+    #[arg(long, default_value = "500us", value_parser = config::parse_min_block)]
+    off_cpu_min: Duration,
+    /// Off-CPU: share of context switches timed, above 0 and at most 1;
+    /// the times kept are scaled by its inverse.
+    #[arg(long, default_value_t = 1.0)]
+    off_cpu_sample: f64,
 }
 
 impl SamplingArgs {
-    fn options(self, frequency: u64, svg: Option<PathBuf>) -> RecordOptions {
+    fn options(self, frequency: u64, svg: Option<PathBuf>, off_cpu: bool) -> RecordOptions {
+        let off_cpu = off_cpu.then_some(OffCpuOptions {
+            min_block: self.off_cpu_min,
+            sample: self.off_cpu_sample,
+        });
         RecordOptions {
             sampler: SamplerOptions {
                 frequency,
@@ -189,6 +209,7 @@ impl SamplingArgs {
                 count_map_entries: self.count_map_entries,
                 unwind: self.unwind,
                 unwind_table_mib: self.unwind_table_mib,
+                off_cpu,
                 ..SamplerOptions::default()
             },
             duration: self.duration,
@@ -238,7 +259,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sampling,
             output,
             frequency,
-        } => sampling.options(frequency, Some(output)),
+            off_cpu,
+        } => sampling.options(frequency, Some(output), off_cpu),
         Command::Run {
             sampling,
             collector,
@@ -253,11 +275,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_kube,
             output,
             frequency,
+            no_off_cpu,
         } => {
             if queue_bytes > 4096 << 20 {
                 anyhow::bail!("--queue-mib must be at most 4096");
             }
-            let mut options = sampling.options(frequency, output);
+            let mut options = sampling.options(frequency, output, !no_off_cpu);
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);
             let node = node.unwrap_or_else(record::hostname);

@@ -356,6 +356,23 @@ impl Collector for Scrape {
         if let Some(u) = &self.unwind {
             unwind_families(&mut t, u)?;
         }
+        t.labelled(
+            "off_cpu_switches",
+            "Context switches seen by the off-CPU programs, by what became of them: \
+             `recorded` (time added), `short` (below --off-cpu-min), `not_sampled` \
+             (--off-cpu-sample), `filtered_out`, `kernel_thread`; `seen` counts them all. \
+             Losses are in samples_dropped (off_cpu_start_lost, off_cpu_map_full).",
+            "outcome",
+            [
+                ("seen", Counter::OffCpuSwitches),
+                ("recorded", Counter::OffCpuRecorded),
+                ("short", Counter::OffCpuShort),
+                ("not_sampled", Counter::OffCpuNotSampled),
+                ("filtered_out", Counter::OffCpuFiltered),
+                ("kernel_thread", Counter::OffCpuKernelThreads),
+            ]
+            .map(|(name, c)| (name, k.get(c))),
+        )?;
         t.counter(
             "samples_kernel_only",
             "Kernel-mode samples without a user stack (kernel threads; informational).",

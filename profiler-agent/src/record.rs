@@ -100,9 +100,12 @@ impl Recorder {
     /// Checks the outputs are writable, then loads and attaches the sampler.
     pub fn start(options: &RecordOptions) -> Result<Self> {
         let host = hostname();
-        let local = keeps_local_profile(options)
+        let mut local = keeps_local_profile(options)
             .then(|| LocalSink::open(options.svg.as_deref(), options.folded.as_deref(), &host))
             .transpose()?;
+        if let (Some(local), Some(_)) = (local.as_mut(), options.sampler.off_cpu) {
+            local.expect(SampleType::OffCpu);
+        }
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
         let started = (|| {
             let exporter = options.export.clone().map(Exporter::start).transpose()?;

@@ -67,6 +67,30 @@ pub fn user_stack_quality(recording: &Recording) -> Option<String> {
     Some(line)
 }
 
+/// "Off-CPU: 12.3 s of waiting recorded (N switches timed of M seen; …)"
+pub fn off_cpu_line(recording: &Recording) -> Option<String> {
+    use profiler_common::Counter;
+    let profile = recording
+        .other_profiles
+        .get(&crate::sample_type::SampleType::OffCpu);
+    let k = &recording.counters;
+    let seen = k.get(Counter::OffCpuSwitches);
+    if profile.is_none() && seen == 0 {
+        return None;
+    }
+    let ns = profile.map_or(0, |p| p.total());
+    Some(format!(
+        "Off-CPU: {:.2} s of waiting recorded, {} waits timed of {} context switches \
+         ({} shorter than the threshold, {} not sampled, {} of kernel threads).",
+        ns as f64 / 1e9,
+        k.get(Counter::OffCpuRecorded),
+        seen,
+        k.get(Counter::OffCpuShort),
+        k.get(Counter::OffCpuNotSampled),
+        k.get(Counter::OffCpuKernelThreads),
+    ))
+}
+
 /// Renders the summary: samples, top functions, non-zero drops, outputs.
 pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let mut s = String::new();
@@ -116,6 +140,9 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
             line.push_str(&format!("; {} did not fit", u.tables_not_fitting));
         }
         let _ = writeln!(s, "{line}.");
+    }
+    if let Some(line) = off_cpu_line(recording) {
+        let _ = writeln!(s, "{line}");
     }
     if recording.profile.total() > 0 {
         let _ = writeln!(s, "Top functions by self samples:");

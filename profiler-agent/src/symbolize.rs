@@ -856,6 +856,7 @@ mod tests {
         let window = crate::drain::RawWindow {
             samples: vec![
                 crate::drain::RawSample {
+                    thread_state: None,
                     tgid: pid,
                     comm: "me".into(),
                     user: vec![addr, addr],
@@ -865,6 +866,7 @@ mod tests {
                     value: 3,
                 },
                 crate::drain::RawSample {
+                    thread_state: None,
                     tgid: pid,
                     comm: "me".into(),
                     user: vec![addr],

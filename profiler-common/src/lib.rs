@@ -54,6 +54,103 @@ pub struct StackKey {
     pub comm: [u8; COMM_LEN],
 }
 
+/// Default capacity of each off-CPU map (distinct keys per window).
+pub const DEFAULT_OFF_CPU_MAP_ENTRIES: u32 = 8_192;
+/// Threads that can be off the CPU, waiting to be timed, at once
+/// (`OFF_CPU_START`, least recently used evicted).
+pub const OFF_CPU_THREADS: u32 = 32_768;
+/// Distinct kernel stacks of off-CPU waits kept (`OFF_CPU_KERNEL_STACKS`,
+/// least recently used evicted; not cleared by drains).
+pub const OFF_CPU_KERNEL_STACK_ENTRIES: u32 = 4_096;
+/// Frames of an off-CPU kernel stack (`PERF_MAX_STACK_DEPTH`).
+pub const OFF_CPU_KERNEL_FRAMES: usize = 127;
+/// [`Config::off_cpu_keep`] that keeps every switch.
+pub const OFF_CPU_KEEP_ALL: u32 = 1 << 16;
+
+/// Key of the off-CPU maps: one entry per distinct (process, thread state,
+/// stacks, comm); the value is nanoseconds off the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffCpuKey {
+    pub tgid: u32,
+    /// One of [`thread_state`]: how the thread left the CPU.
+    pub state: u32,
+    /// Key of the user stack in the set's user-stack map, or
+    /// [`NO_USER_STACK`].
+    pub user_stack: u64,
+    /// Key of the kernel stack in `OFF_CPU_KERNEL_STACKS`, or 0.
+    pub kernel_stack: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A thread off the CPU (value of `OFF_CPU_START`, keyed by the address of
+/// its `task_struct`): timed from its switch-out; once back on a CPU
+/// ([`OFF_CPU_READY`]) its time waits for the end of the system call it
+/// blocked in, where its user stack is walked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuStart {
+    /// `bpf_ktime_get_ns` when it last left the CPU.
+    pub since_ns: u64,
+    /// Time off the CPU so far in this system call (blocks in one call
+    /// add up).
+    pub waited_ns: u64,
+    /// Key in `OFF_CPU_KERNEL_STACKS` of the kernel stack it first waited
+    /// in, or 0.
+    pub kernel_stack: u64,
+    /// The user instruction and stack pointers saved at its kernel entry:
+    /// the system call's end must find the same ones.
+    pub user_ip: u64,
+    pub user_sp: u64,
+    /// One of [`thread_state`].
+    pub state: u32,
+    /// [`OFF_CPU_READY`] once back on a CPU.
+    pub flags: u32,
+}
+
+/// [`OffCpuStart::flags`]: the thread is back on a CPU.
+pub const OFF_CPU_READY: u32 = 1;
+
+/// How a thread left the CPU ([`OffCpuKey::state`]).
+pub mod thread_state {
+    /// Preempted or yielding while runnable: waiting for a CPU.
+    pub const RUNNABLE: u32 = 0;
+    /// Sleeping, interruptibly (`S`): a lock, a sleep, I/O readiness.
+    pub const SLEEPING: u32 = 1;
+    /// Uninterruptible sleep (`D`): mostly disk I/O, page faults.
+    pub const UNINTERRUPTIBLE: u32 = 2;
+    /// Anything else (stopped, traced, parked).
+    pub const OTHER: u32 = 3;
+    /// Number of states.
+    pub const COUNT: u32 = 4;
+
+    /// The state's label value.
+    pub const fn name(state: u32) -> &'static str {
+        match state {
+            RUNNABLE => "runnable",
+            SLEEPING => "sleeping",
+            UNINTERRUPTIBLE => "uninterruptible",
+            _ => "other",
+        }
+    }
+
+    /// The state of a thread switched out: `preempt` and `prev_state` as
+    /// the `sched_switch` tracepoint passes them (`TASK_*` bits).
+    pub const fn from_switch(preempt: bool, prev_state: u32) -> u32 {
+        // TASK_INTERRUPTIBLE 0x1, TASK_UNINTERRUPTIBLE 0x2, TASK_NOLOAD
+        // 0x400 (TASK_IDLE: uninterruptible without counting as load).
+        if preempt || prev_state == 0 {
+            RUNNABLE
+        } else if prev_state & 0x2 != 0 && prev_state & 0x400 == 0 {
+            UNINTERRUPTIBLE
+        } else if prev_state & 0x3 != 0 {
+            SLEEPING
+        } else {
+            OTHER
+        }
+    }
+}
+
 /// Run-time settings the program reads on every sample (index 0 of `CONFIG`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +164,13 @@ pub struct Config {
     pub include_idle: u32,
     /// One of [`unwind_mode`].
     pub unwind_mode: u32,
+    /// Off-CPU: a switch-out is timed when a random 16-bit number is below
+    /// this ([`OFF_CPU_KEEP_ALL`]: every one); its time then stands for
+    /// `OFF_CPU_KEEP_ALL / off_cpu_keep` of the same.
+    pub off_cpu_keep: u32,
+    pub _pad: u32,
+    /// Off-CPU: times shorter than this are not recorded (counted).
+    pub off_cpu_min_ns: u64,
 }
 
 /// How the program walks user stacks; [`Config::unwind_mode`].
@@ -144,10 +248,35 @@ pub enum Counter {
     /// The user-stack unwinder could not be reached (tail call failed): the
     /// sample is recorded without its user stack.
     UnwinderUnreachable = 14,
+    /// Off-CPU: threads switched out (informational).
+    OffCpuSwitches = 15,
+    /// Off-CPU: switch-outs of processes outside the pid filter (not a drop).
+    OffCpuFiltered = 16,
+    /// Off-CPU: switch-outs of kernel threads, not timed (not a drop).
+    OffCpuKernelThreads = 17,
+    /// Off-CPU: switch-outs left out by sampling (`--off-cpu-sample`); the
+    /// times kept are scaled up for them (not a drop).
+    OffCpuNotSampled = 18,
+    /// Off-CPU: a switch-out that could not be remembered (map update
+    /// failed): its time is lost.
+    OffCpuStartLost = 19,
+    /// Off-CPU: times below the threshold (`--off-cpu-min`), not recorded
+    /// (not a drop).
+    OffCpuShort = 20,
+    /// Off-CPU: times recorded in an off-CPU map.
+    OffCpuRecorded = 21,
+    /// Off-CPU: a time lost because the off-CPU map was full.
+    OffCpuMapFull = 22,
+    /// Off-CPU: waits that were not in a system call (page faults,
+    /// preemption of user code), not recorded (informational).
+    OffCpuOutsideSyscall = 23,
+    /// Off-CPU: a wait recorded without its kernel stack (it could not be
+    /// read or stored).
+    OffCpuKernelStackLost = 24,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 25;
 
 impl Counter {
     /// All counters, in index order.
@@ -167,6 +296,16 @@ impl Counter {
         Counter::KernelOnly,
         Counter::CountOtherError,
         Counter::UnwinderUnreachable,
+        Counter::OffCpuSwitches,
+        Counter::OffCpuFiltered,
+        Counter::OffCpuKernelThreads,
+        Counter::OffCpuNotSampled,
+        Counter::OffCpuStartLost,
+        Counter::OffCpuShort,
+        Counter::OffCpuRecorded,
+        Counter::OffCpuMapFull,
+        Counter::OffCpuOutsideSyscall,
+        Counter::OffCpuKernelStackLost,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -183,6 +322,9 @@ impl Counter {
                 | Counter::NewPidLost
                 | Counter::CountOtherError
                 | Counter::UnwinderUnreachable
+                | Counter::OffCpuStartLost
+                | Counter::OffCpuMapFull
+                | Counter::OffCpuKernelStackLost
         )
     }
 
@@ -204,6 +346,16 @@ impl Counter {
             Counter::KernelOnly => "kernel_only",
             Counter::CountOtherError => "count_other_error",
             Counter::UnwinderUnreachable => "unwinder_unreachable",
+            Counter::OffCpuSwitches => "off_cpu_switches",
+            Counter::OffCpuFiltered => "off_cpu_filtered_out",
+            Counter::OffCpuKernelThreads => "off_cpu_kernel_threads",
+            Counter::OffCpuNotSampled => "off_cpu_not_sampled",
+            Counter::OffCpuStartLost => "off_cpu_start_lost",
+            Counter::OffCpuShort => "off_cpu_short",
+            Counter::OffCpuRecorded => "off_cpu_recorded",
+            Counter::OffCpuMapFull => "off_cpu_map_full",
+            Counter::OffCpuOutsideSyscall => "off_cpu_outside_syscall",
+            Counter::OffCpuKernelStackLost => "off_cpu_kernel_stack_lost",
         }
     }
 }
@@ -212,6 +364,8 @@ impl Counter {
 mod pod {
     // SAFETY: plain `repr(C)` data without padding or pointers.
     unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::OffCpuKey {}
+    unsafe impl aya::Pod for super::OffCpuStart {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::NewPid {}
     unsafe impl aya::Pod for super::unwind::UnwindRow {}
@@ -241,7 +395,9 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 8 + COMM_LEN);
-        assert_eq!(core::mem::size_of::<Config>(), 16);
+        assert_eq!(core::mem::size_of::<Config>(), 32);
+        assert_eq!(core::mem::size_of::<OffCpuKey>(), 40);
+        assert_eq!(core::mem::size_of::<OffCpuStart>(), 48);
         assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);
         assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 24);
         assert_eq!(core::mem::size_of::<unwind::RowCacheEntry>(), 20);
@@ -264,6 +420,21 @@ mod tests {
         assert_eq!(StackEnd::from_name("Root"), None);
         let complete: usize = StackEnd::ALL.iter().filter(|e| e.is_complete()).count();
         assert_eq!(complete, 2, "root and frame_pointer_end");
+    }
+
+    #[test]
+    fn thread_states_from_switches() {
+        use thread_state::*;
+        assert_eq!(from_switch(true, 1), RUNNABLE);
+        assert_eq!(from_switch(false, 0), RUNNABLE);
+        assert_eq!(from_switch(false, 1), SLEEPING);
+        assert_eq!(from_switch(false, 2), UNINTERRUPTIBLE);
+        // TASK_KILLABLE (WAKEKILL | UNINTERRUPTIBLE) is a D state too.
+        assert_eq!(from_switch(false, 0x102), UNINTERRUPTIBLE);
+        // TASK_IDLE does not count as load: a sleep.
+        assert_eq!(from_switch(false, 0x402), SLEEPING);
+        assert_eq!(from_switch(false, 0x4), OTHER);
+        assert_eq!(name(UNINTERRUPTIBLE), "uninterruptible");
     }
 
     #[test]

@@ -29,24 +29,30 @@ use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_get_current_pid_tgid, generated},
-    macros::{fexit, map, perf_event, raw_tracepoint},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
+    macros::{btf_tracepoint, fexit, map, perf_event, raw_tracepoint},
     maps::{
         Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf, StackTrace,
     },
-    programs::{tracing::StackIdContext, FExitContext, PerfEventContext, RawTracePointContext},
+    programs::{
+        tracing::StackIdContext, BtfTracePointContext, FExitContext, PerfEventContext,
+        RawTracePointContext,
+    },
+    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    announce as announce_reason,
+    announce as announce_reason, thread_state,
     unwind::{
         ExecMapping, ProcInfo, RowCacheEntry, StackEnd, TableInfo, UnwindRow, UserStack,
         DEFAULT_USER_STACK_ENTRIES, EXEC_MAPPINGS_ENTRIES, MAX_TABLES, MAX_UNWIND_PROCESSES,
         ROW_CACHE_ENTRIES,
     },
-    unwind_mode, Config, Counter, NewPid, StackKey, COMM_LEN, COUNTER_COUNT,
-    DEFAULT_COUNT_MAP_ENTRIES, DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS,
-    NEW_PID_RING_BYTES, NO_STACK, NO_USER_STACK, OVERFLOW_STACK_BIT,
+    unwind_mode, Config, Counter, NewPid, OffCpuKey, OffCpuStart, StackKey, COMM_LEN,
+    COUNTER_COUNT, DEFAULT_COUNT_MAP_ENTRIES, DEFAULT_OFF_CPU_MAP_ENTRIES,
+    DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS, NEW_PID_RING_BYTES, NO_STACK,
+    NO_USER_STACK, OFF_CPU_KEEP_ALL, OFF_CPU_KERNEL_FRAMES, OFF_CPU_KERNEL_STACK_ENTRIES,
+    OFF_CPU_READY, OFF_CPU_THREADS, OVERFLOW_STACK_BIT,
 };
 use unwind::{
     finish_hash, set_process, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
@@ -110,9 +116,14 @@ static USER_STACKS_B: HashMap<u64, UserStack> =
 pub(crate) static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
 #[map]
 pub(crate) static UNWIND_TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
-/// Rows found lately on this CPU (see [`RowCacheEntry`]).
+/// Rows found lately on this CPU (see [`RowCacheEntry`]), by CPU samples.
 #[map]
-pub(crate) static ROW_CACHE: PerCpuArray<RowCacheEntry> =
+static ROW_CACHE: PerCpuArray<RowCacheEntry> = PerCpuArray::with_max_entries(ROW_CACHE_ENTRIES, 0);
+/// The same for off-CPU walks: a CPU sample can interrupt one (trampoline
+/// programs do not hold off perf event programs), so they share nothing
+/// that is written.
+#[map]
+static OFF_CPU_ROW_CACHE: PerCpuArray<RowCacheEntry> =
     PerCpuArray::with_max_entries(ROW_CACHE_ENTRIES, 0);
 /// Executable mappings of the processes with tables; each process owns a
 /// slice (`PROC_INFO`).
@@ -125,9 +136,42 @@ static PROC_INFO: HashMap<u32, ProcInfo> = HashMap::with_max_entries(MAX_UNWIND_
 /// The walk in progress on this CPU.
 #[map]
 static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+/// The off-CPU walk in progress on this CPU (see [`OFF_CPU_ROW_CACHE`]).
+#[map]
+static OFF_CPU_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
 /// Index 0: `unwind_user`, set by the agent.
 #[map]
 static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Off-CPU time, nanoseconds per (process, thread state, stacks, comm), in
+/// the same A/B sets as the counts (stacks in the set's stack maps).
+#[map]
+static OFF_CPU_A: PerCpuHashMap<OffCpuKey, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_OFF_CPU_MAP_ENTRIES, 0);
+#[map]
+static OFF_CPU_B: PerCpuHashMap<OffCpuKey, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_OFF_CPU_MAP_ENTRIES, 0);
+/// Threads off the CPU, by thread id: since when, in which state.
+#[map]
+static OFF_CPU_START: LruHashMap<u64, OffCpuStart> =
+    LruHashMap::with_max_entries(OFF_CPU_THREADS, 0);
+/// Kernel stacks of off-CPU waits, keyed by a hash of their frames (a
+/// second hash in the value tells collisions apart); read, not cleared, by
+/// the drains.
+#[map]
+static OFF_CPU_KERNEL_STACKS: LruHashMap<u64, UserStack> =
+    LruHashMap::with_max_entries(OFF_CPU_KERNEL_STACK_ENTRIES, 0);
+/// Scratch space for a kernel stack being read.
+#[map]
+static OFF_CPU_KERNEL_SCRATCH: PerCpuArray<UserStack> = PerCpuArray::with_max_entries(1, 0);
+/// The task (address of its `task_struct`) that came back on this CPU
+/// with an off-CPU time to record at the end of its system call; 0: none.
+#[map]
+static OFF_CPU_RESUMED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Index 0: `unwind_user_off_cpu` (the unwinder as a raw tracepoint
+/// program, so `off_cpu_syscall_exit` can tail-call it), set by the agent.
+#[map]
+static OFF_CPU_UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Processes already announced through `NEW_PIDS`; userspace removes a pid
 /// when the process is gone so a reused pid is announced again.
@@ -210,12 +254,30 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     state.tgid = tgid;
     state.kernel_stack_id = kernel_stack_id;
     state.set = config.active_set;
-    if tgid == 0 || !user_registers(ctx, in_kernel, state) {
+    state.off_cpu_ns = 0;
+    let regs = if in_kernel {
+        saved_user_registers(state)
+    } else {
+        sampled_user_registers(ctx, state)
+    };
+    if tgid == 0 || !regs {
         if tgid != 0 && in_kernel {
             bump(Counter::KernelOnly);
         }
-        return count(ctx, state, NO_USER_STACK);
+        return count(state, NO_USER_STACK);
     }
+    start_walk(state, &config);
+    // SAFETY: `ctx` is this program's context; on success the call does not
+    // return.
+    unsafe { UNWIND_PROGS.tail_call(ctx, 0) };
+    bump(Counter::UnwinderUnreachable);
+    count(state, NO_USER_STACK)
+}
+
+/// Prepares `state` for a walk of the user stack from its registers.
+#[inline(always)]
+fn start_walk(state: &mut UnwindState, config: &Config) {
+    let tgid = state.tgid;
     state.stack.len = 0;
     state.stack.end = StackEnd::DepthLimit as u32;
     state.stack.check = CHECK_SEED;
@@ -230,16 +292,11 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
         None
     };
     set_process(state, tgid, info);
-    // SAFETY: `ctx` is this program's context; on success the call does not
-    // return.
-    unsafe { UNWIND_PROGS.tail_call(ctx, 0) };
-    bump(Counter::UnwinderUnreachable);
-    count(ctx, state, NO_USER_STACK)
 }
 
 /// The kernel stack's id in one set's stack maps, or [`NO_STACK`] (counted).
 #[inline(always)]
-fn kernel_stack(ctx: &PerfEventContext, stacks: &StackTrace, overflow: &StackTrace) -> i32 {
+fn kernel_stack<C: StackIdContext>(ctx: &C, stacks: &StackTrace, overflow: &StackTrace) -> i32 {
     match stack_id(ctx, stacks, overflow, 0) {
         Ok(id) => id,
         Err(err) => {
@@ -257,30 +314,40 @@ fn kernel_stack(ctx: &PerfEventContext, stacks: &StackTrace, overflow: &StackTra
     }
 }
 
-/// Fills `state.regs` with the task's user registers: the sampled ones for
-/// a user-mode sample, the ones saved at kernel entry otherwise. False when
-/// there are none (a kernel thread, a task exiting).
+/// Fills `state.regs` with the registers of a user-mode sample. False when
+/// they are not user registers.
 #[inline(always)]
-fn user_registers(ctx: &PerfEventContext, in_kernel: bool, state: &mut UnwindState) -> bool {
-    let regs: pt_regs = if in_kernel {
-        // SAFETY: BTF-typed task pointer, passed as the helper expects; the
-        // registers are copied out with a checked read.
-        unsafe {
-            let task = generated::bpf_get_current_task_btf();
-            let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
-            match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
-                Ok(regs) => regs,
-                Err(_) => {
-                    bump(Counter::UserStackFault);
-                    return false;
-                }
+fn sampled_user_registers(ctx: &PerfEventContext, state: &mut UnwindState) -> bool {
+    // SAFETY: the perf context holds the sampled registers.
+    let regs = unsafe { (*ctx.ctx).regs };
+    set_registers(state, &regs);
+    user_registers_valid(state)
+}
+
+/// Fills `state.regs` with the current task's user registers saved at
+/// kernel entry. False when there are none (a kernel thread, a task
+/// exiting).
+#[inline(always)]
+fn saved_user_registers(state: &mut UnwindState) -> bool {
+    // SAFETY: BTF-typed task pointer, passed as the helper expects; the
+    // registers are copied out with a checked read.
+    let regs: pt_regs = unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
+        match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
+            Ok(regs) => regs,
+            Err(_) => {
+                bump(Counter::UserStackFault);
+                return false;
             }
         }
-    } else {
-        // SAFETY: the perf context holds the sampled registers.
-        unsafe { (*ctx.ctx).regs }
     };
     set_registers(state, &regs);
+    user_registers_valid(state)
+}
+
+#[inline(always)]
+fn user_registers_valid(state: &UnwindState) -> bool {
     state.regs[REG_RIP] != 0 && state.regs[REG_RSP] != 0 && (state.regs[REG_RIP] as i64) > 0
 }
 
@@ -310,7 +377,32 @@ fn set_registers(state: &mut UnwindState, r: &pt_regs) {
 /// sample.
 #[perf_event]
 pub fn unwind_user(ctx: PerfEventContext) -> u32 {
-    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+    unwind_calls(&ctx, &UNWIND_PROGS, &UNWIND_STATE, &ROW_CACHE)
+}
+
+/// [`unwind_user`] for `off_cpu_syscall_exit`, which can only tail-call a
+/// program of its own kind (loaded, never attached): adds the off-CPU time
+/// at the end.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn unwind_user_off_cpu(ctx: RawTracePointContext) -> i32 {
+    unwind_calls(
+        &ctx,
+        &OFF_CPU_UNWIND_PROGS,
+        &OFF_CPU_STATE,
+        &OFF_CPU_ROW_CACHE,
+    ) as i32
+}
+
+/// One call of an unwinder program: `progs` holds the program itself,
+/// `states` and `cache` its walk and row cache.
+#[inline(always)]
+fn unwind_calls<C: EbpfContext>(
+    ctx: &C,
+    progs: &ProgramArray,
+    states: &PerCpuArray<UnwindState>,
+    cache: &PerCpuArray<RowCacheEntry>,
+) -> u32 {
+    let Some(state) = states.get_ptr_mut(0) else {
         bump(Counter::CountOtherError);
         return 0;
     };
@@ -318,7 +410,7 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
     let state = unsafe { &mut *state };
     let mut end = None;
     for _ in 0..FRAMES_PER_CALL {
-        if let Step::End(why) = step(state) {
+        if let Step::End(why) = step(state, cache) {
             end = Some(why);
             break;
         }
@@ -329,7 +421,7 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
             state.calls += 1;
             if state.calls < MAX_UNWIND_CALLS {
                 // SAFETY: as in `try_profile`.
-                unsafe { UNWIND_PROGS.tail_call(&ctx, 0) };
+                unsafe { progs.tail_call(ctx, 0) };
             }
             StackEnd::DepthLimit
         }
@@ -338,7 +430,7 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
         request_refresh(state.tgid);
     }
     let user = store_user_stack(state, end);
-    let _ = count(&ctx, state, user);
+    let _ = count(state, user);
     0
 }
 
@@ -386,20 +478,70 @@ fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
     NO_USER_STACK
 }
 
-/// Counts one sample of `state.tgid` in the set `state.set`.
+/// Counts one sample of `state.tgid` in the set `state.set`, or adds its
+/// off-CPU time (`state.off_cpu_ns`, when not 0).
 #[inline(always)]
-fn count(ctx: &PerfEventContext, state: &UnwindState, user_stack: u64) -> Result<(), i64> {
-    if state.set == 0 {
-        record(ctx, state, user_stack, &COUNTS_A)
+fn count(state: &UnwindState, user_stack: u64) -> Result<(), i64> {
+    if state.off_cpu_ns != 0 {
+        if state.set == 0 {
+            record_off_cpu(state, user_stack, &OFF_CPU_A)
+        } else {
+            record_off_cpu(state, user_stack, &OFF_CPU_B)
+        }
+    } else if state.set == 0 {
+        record(state, user_stack, &COUNTS_A)
     } else {
-        record(ctx, state, user_stack, &COUNTS_B)
+        record(state, user_stack, &COUNTS_B)
     }
+}
+
+/// Adds an off-CPU time to one set's off-CPU map.
+#[inline(always)]
+fn record_off_cpu(
+    state: &UnwindState,
+    user_stack: u64,
+    times: &PerCpuHashMap<OffCpuKey, u64>,
+) -> Result<(), i64> {
+    let tgid = state.tgid;
+    let mut key = MaybeUninit::<OffCpuKey>::uninit();
+    // SAFETY: every field is written; `comm` by the helper (all 16 bytes).
+    let key = unsafe {
+        let k = key.as_mut_ptr();
+        (*k).tgid = tgid;
+        (*k).state = state.thread_state;
+        (*k).user_stack = user_stack;
+        (*k).kernel_stack = state.off_cpu_kernel_stack;
+        generated::bpf_get_current_comm(addr_of_mut!((*k).comm).cast(), COMM_LEN as u32);
+        key.assume_init()
+    };
+    let ns = state.off_cpu_ns;
+    match times.get_ptr_mut(key) {
+        // Per-CPU value: this CPU is its only writer.
+        Some(total) => unsafe { *total += ns },
+        None => match times.insert(key, ns, BPF_NOEXIST) {
+            Ok(()) => {
+                if user_stack != NO_USER_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
+                    announce(tgid, announce_reason::NEW);
+                }
+            }
+            Err(EEXIST) => match times.get_ptr_mut(key) {
+                Some(total) => unsafe { *total += ns },
+                None => return Err(EEXIST as i64),
+            },
+            Err(E2BIG) | Err(ENOMEM) => {
+                bump(Counter::OffCpuMapFull);
+                return Ok(());
+            }
+            Err(err) => return Err(err as i64),
+        },
+    }
+    bump(Counter::OffCpuRecorded);
+    Ok(())
 }
 
 /// Counts one sample in one set's count map.
 #[inline(always)]
 fn record(
-    _ctx: &PerfEventContext,
     state: &UnwindState,
     user_stack: u64,
     counts: &PerCpuHashMap<StackKey, u64>,
@@ -450,8 +592,8 @@ fn record(
 /// Stack id in the main map, or in the overflow map (tagged) when the main
 /// map's bucket holds another stack.
 #[inline(always)]
-fn stack_id(
-    ctx: &PerfEventContext,
+fn stack_id<C: StackIdContext>(
+    ctx: &C,
     main: &StackTrace,
     overflow: &StackTrace,
     flags: u64,
@@ -545,6 +687,283 @@ fn request_refresh(tgid: u32) {
         // SAFETY: as above.
         unsafe { *known = announce_reason::NEW as u8 };
     }
+}
+
+/// `TASK_DEAD`: the thread switched out for the last time.
+const TASK_DEAD: u32 = 0x80;
+
+/// BTF tracepoint `sched_switch(preempt, prev, next, prev_state)`, run by
+/// `prev` at every context switch: times threads off the CPU. `prev`
+/// leaving is remembered; `next` coming back after at least the threshold
+/// gets its kernel stack read (it has not moved since it left) and its
+/// time marked for the end of its system call (`off_cpu_syscall_exit`),
+/// where the user stack is walked in its own address space.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn off_cpu_switch(ctx: BtfTracePointContext) -> i32 {
+    let preempt: u64 = ctx.arg(0);
+    let next: *const core::ffi::c_void = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    switch_out(preempt & 0xff != 0, prev_state as u32);
+    switch_in(next as u64, |frames| {
+        // SAFETY: `next` is the BTF-typed task pointer of the tracepoint;
+        // the helper writes at most `size` bytes into the scratch frames.
+        unsafe {
+            generated::bpf_get_task_stack(
+                next as *mut _,
+                frames.cast(),
+                (OFF_CPU_KERNEL_FRAMES * 8) as u32,
+                0,
+            )
+        }
+    });
+    0
+}
+
+/// [`off_cpu_switch`] as a raw tracepoint, for kernels where the BTF one
+/// cannot attach: without kernel stacks (the helper that reads another
+/// task's needs its BTF type).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn off_cpu_switch_raw(ctx: RawTracePointContext) -> i32 {
+    let preempt: u64 = ctx.arg(0);
+    let next: u64 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    switch_out(preempt & 0xff != 0, prev_state as u32);
+    switch_in(next, |_| -1);
+    0
+}
+
+/// The current task's user registers saved at kernel entry: instruction
+/// pointer, stack pointer, and `orig_ax` (the system call number; negative
+/// for an interrupt).
+#[inline(always)]
+fn saved_user_context() -> Option<(u64, u64, u64)> {
+    // SAFETY: BTF-typed task pointer, passed as the helper expects; the
+    // registers are copied out with a checked read.
+    let regs: pt_regs = unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
+        aya_ebpf::helpers::bpf_probe_read_kernel(saved).ok()?
+    };
+    #[cfg(bpf_target_arch = "x86_64")]
+    return Some((regs.rip, regs.rsp, regs.orig_rax));
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    return Some((regs.pc, regs.sp, regs.syscallno as u64));
+}
+
+/// `prev` (the current task) leaves the CPU.
+#[inline(always)]
+fn switch_out(preempt: bool, prev_state: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    if pid == 0 || prev_state & TASK_DEAD != 0 {
+        return;
+    }
+    bump(Counter::OffCpuSwitches);
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    if config.filter_pids != 0 && FILTER_PIDS.get_ptr(tgid).is_none() {
+        bump(Counter::OffCpuFiltered);
+        return;
+    }
+    // SAFETY: no arguments.
+    let task = unsafe { generated::bpf_get_current_task() };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Back on a CPU and off again before its system call ended (a lock
+    // retried, a sleep interrupted): the call's waits add up.
+    if let Some(entry) = OFF_CPU_START.get_ptr_mut(task) {
+        // SAFETY: a map value; only this task's switches touch its entry.
+        let entry = unsafe { &mut *entry };
+        if entry.flags & OFF_CPU_READY != 0 {
+            match saved_user_context() {
+                Some((ip, sp, _)) if ip == entry.user_ip && sp == entry.user_sp => {
+                    entry.since_ns = now;
+                    entry.flags = 0;
+                    return;
+                }
+                _ => bump(Counter::OffCpuOutsideSyscall),
+            }
+        }
+    }
+    if config.off_cpu_keep < OFF_CPU_KEEP_ALL {
+        // SAFETY: no arguments.
+        let draw = unsafe { generated::bpf_get_prandom_u32() } & (OFF_CPU_KEEP_ALL - 1);
+        if draw >= config.off_cpu_keep {
+            bump(Counter::OffCpuNotSampled);
+            let _ = OFF_CPU_START.remove(task);
+            return;
+        }
+    }
+    let Some((ip, sp, syscall)) = saved_user_context() else {
+        bump(Counter::OffCpuKernelThreads);
+        return;
+    };
+    if ip == 0 || (ip as i64) < 0 {
+        // Kernel threads have no user context.
+        bump(Counter::OffCpuKernelThreads);
+        let _ = OFF_CPU_START.remove(task);
+        return;
+    }
+    if (syscall as i64) < 0 {
+        // Interrupted user code (preempted): no system call ends the wait.
+        bump(Counter::OffCpuOutsideSyscall);
+        let _ = OFF_CPU_START.remove(task);
+        return;
+    }
+    let start = OffCpuStart {
+        since_ns: now,
+        waited_ns: 0,
+        kernel_stack: 0,
+        user_ip: ip,
+        user_sp: sp,
+        state: thread_state::from_switch(preempt, prev_state),
+        flags: 0,
+    };
+    if OFF_CPU_START.insert(task, start, 0).is_err() {
+        bump(Counter::OffCpuStartLost);
+    }
+}
+
+/// `next` (the address of its `task_struct`) comes back on the CPU;
+/// `read_stack` reads its kernel stack into the frames given and returns
+/// the bytes read (negative: none).
+#[inline(always)]
+fn switch_in(next: u64, read_stack: impl FnOnce(*mut u64) -> i64) {
+    let Some(entry) = OFF_CPU_START.get_ptr_mut(next) else {
+        return;
+    };
+    // SAFETY: a map value; only this task's switches touch its entry.
+    let entry = unsafe { &mut *entry };
+    if entry.flags & OFF_CPU_READY != 0 {
+        return;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let waited = entry.waited_ns + now.saturating_sub(entry.since_ns);
+    if waited < config.off_cpu_min_ns.max(1) {
+        bump(Counter::OffCpuShort);
+        let _ = OFF_CPU_START.remove(next);
+        return;
+    }
+    entry.waited_ns = waited;
+    entry.flags = OFF_CPU_READY;
+    if entry.kernel_stack == 0 {
+        entry.kernel_stack = store_kernel_stack(read_stack);
+    }
+    if let Some(slot) = OFF_CPU_RESUMED.get_ptr_mut(0) {
+        // SAFETY: per-CPU value.
+        unsafe { *slot = next };
+    }
+}
+
+/// Reads a kernel stack with `read_stack` and keeps it in
+/// `OFF_CPU_KERNEL_STACKS`; returns its key, or 0 (counted) when it could
+/// not be read or kept.
+#[inline(always)]
+fn store_kernel_stack(read_stack: impl FnOnce(*mut u64) -> i64) -> u64 {
+    let Some(scratch) = OFF_CPU_KERNEL_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch value, used by this program only.
+    let scratch = unsafe { &mut *scratch };
+    let bytes = read_stack(scratch.frames.as_mut_ptr());
+    if bytes <= 0 {
+        bump(Counter::OffCpuKernelStackLost);
+        return 0;
+    }
+    let len = (bytes as usize / 8).min(OFF_CPU_KERNEL_FRAMES);
+    let mut hash = 0x8f3a_5c1d_2b4e_6f70u64;
+    let mut check = CHECK_SEED;
+    for i in 0..OFF_CPU_KERNEL_FRAMES {
+        if i >= len {
+            break;
+        }
+        let ip = scratch.frames[i];
+        hash = (hash.rotate_left(5) ^ ip).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        check = (check.rotate_left(7) ^ ip).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    }
+    scratch.len = len as u32;
+    scratch.end = StackEnd::Root as u32;
+    scratch.check = finish_hash(check ^ len as u64);
+    let key = finish_hash(hash ^ len as u64) | 1;
+    for slot in [key, key ^ SECOND_SLOT] {
+        let slot = slot | 1;
+        match OFF_CPU_KERNEL_STACKS.get_ptr(slot) {
+            // SAFETY: a map value; `check` is written with the stack.
+            Some(stored) if unsafe { (*stored).check } == scratch.check => return slot,
+            Some(_) => continue,
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            None => match OFF_CPU_KERNEL_STACKS.insert(slot, &*scratch, BPF_NOEXIST) {
+                Ok(()) => return slot,
+                Err(_) => continue,
+            },
+        }
+    }
+    bump(Counter::OffCpuKernelStackLost);
+    0
+}
+
+/// Raw tracepoint `sys_exit`, run by every task at the end of every system
+/// call: cheap unless this task is the one that came back on this CPU with
+/// an off-CPU time. Then, if the user context is still the one it blocked
+/// in, its user stack is walked (same unwinder as CPU samples) and the time
+/// added.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn off_cpu_syscall_exit(ctx: RawTracePointContext) -> i32 {
+    let Some(slot) = OFF_CPU_RESUMED.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: no arguments.
+    let task = unsafe { generated::bpf_get_current_task() };
+    // SAFETY: per-CPU value.
+    unsafe {
+        if *slot != task {
+            return 0;
+        }
+        *slot = 0;
+    }
+    // SAFETY: a map value, copied out before its entry is removed.
+    let Some(start) = OFF_CPU_START.get_ptr(task).map(|s| unsafe { *s }) else {
+        return 0;
+    };
+    if start.flags & OFF_CPU_READY == 0 {
+        return 0;
+    }
+    let _ = OFF_CPU_START.remove(task);
+    let Some(config) = CONFIG.get(0).copied() else {
+        return 0;
+    };
+    let Some(state) = OFF_CPU_STATE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU value of the off-CPU walks only (a CPU sample that
+    // interrupts this program has its own); the kernel does not nest this
+    // program on a CPU.
+    let state = unsafe { &mut *state };
+    if !saved_user_registers(state)
+        || state.regs[REG_RIP] != start.user_ip
+        || state.regs[REG_RSP] != start.user_sp
+    {
+        bump(Counter::OffCpuOutsideSyscall);
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    state.tgid = (pid_tgid >> 32) as u32;
+    state.kernel_stack_id = NO_STACK;
+    state.set = config.active_set;
+    state.off_cpu_ns = start.waited_ns.max(1);
+    state.off_cpu_kernel_stack = start.kernel_stack;
+    state.thread_state = start.state;
+    start_walk(state, &config);
+    // SAFETY: as in `try_profile`.
+    unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
+    bump(Counter::UnwinderUnreachable);
+    let _ = count(state, NO_USER_STACK);
+    0
 }
 
 #[cfg(not(test))]

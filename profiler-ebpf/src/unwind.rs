@@ -15,7 +15,10 @@ use profiler_common::unwind::{
     ROW_SEARCH_STEPS,
 };
 
-use crate::{EXEC_MAPPINGS, ROW_CACHE, UNWIND_ROWS, UNWIND_TABLES};
+use aya_ebpf::maps::PerCpuArray;
+use profiler_common::unwind::RowCacheEntry;
+
+use crate::{EXEC_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES};
 
 /// Frames one call of `unwind_user` walks before it tail-calls itself.
 pub const FRAMES_PER_CALL: u32 = 16;
@@ -50,6 +53,10 @@ pub struct UnwindState {
     pub saved: [u64; REGS],
     /// Running hash of the frames (the map key).
     pub hash: u64,
+    /// Off-CPU time the walk is for (nanoseconds), or 0 for a CPU sample.
+    pub off_cpu_ns: u64,
+    /// Off-CPU: key of the wait's kernel stack in `OFF_CPU_KERNEL_STACKS`.
+    pub off_cpu_kernel_stack: u64,
     pub tgid: u32,
     pub kernel_stack_id: i32,
     /// The map set the sample goes to (read once, in `profile`).
@@ -75,6 +82,8 @@ pub struct UnwindState {
     pub cached_generation: u32,
     /// The entry of `mappings` replaced next.
     pub next_mapping: u32,
+    /// Off-CPU: how the thread left the CPU (`thread_state`).
+    pub thread_state: u32,
 }
 
 /// What one step did.
@@ -136,7 +145,7 @@ fn read_user(addr: u64) -> Option<u64> {
 
 /// Records the current frame and moves `state.regs` to its caller.
 #[inline(always)]
-pub fn step(state: &mut UnwindState) -> Step {
+pub fn step(state: &mut UnwindState, cache: &PerCpuArray<RowCacheEntry>) -> Step {
     let len = state.stack.len as usize;
     if len >= MAX_USER_FRAMES {
         return Step::End(StackEnd::DepthLimit);
@@ -170,7 +179,7 @@ pub fn step(state: &mut UnwindState) -> Step {
     if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
         return frame_pointer_step(state);
     }
-    let Some(row) = find_row(mapping, pc) else {
+    let Some(row) = find_row(cache, mapping, pc) else {
         return frame_pointer_step(state);
     };
     apply_row(state, &row, ip)
@@ -390,7 +399,11 @@ fn find_mapping(first: u32, count: u32, pc: u64) -> Option<ExecMapping> {
 /// The last row of the mapping's table at or below `pc`: from the per-CPU
 /// row cache, else by a binary search (whose answer is cached).
 #[inline(always)]
-fn find_row(mapping: ExecMapping, pc: u64) -> Option<UnwindRow> {
+fn find_row(
+    cache: &PerCpuArray<RowCacheEntry>,
+    mapping: ExecMapping,
+    pc: u64,
+) -> Option<UnwindRow> {
     let table: TableInfo = *UNWIND_TABLES.get(mapping.table)?;
     let vaddr = pc.wrapping_sub(mapping.bias);
     if vaddr < table.base || vaddr - table.base > u32::MAX as u64 {
@@ -401,7 +414,7 @@ fn find_row(mapping: ExecMapping, pc: u64) -> Option<UnwindRow> {
         // Unloaded: no rows.
         return None;
     }
-    let cached = ROW_CACHE.get_ptr_mut(row_cache_slot(table.generation, target));
+    let cached = cache.get_ptr_mut(row_cache_slot(table.generation, target));
     if let Some(entry) = cached {
         // SAFETY: per-CPU value; only this program touches it on this CPU.
         let entry = unsafe { &mut *entry };

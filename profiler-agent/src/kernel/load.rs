@@ -1,7 +1,8 @@
 //! Loading the eBPF object and attaching its programs: the checks that come
 //! first (privileges, perf events, the kernel's sample-rate limit), the map
-//! sizes, the `on_exec` raw tracepoint and the `profile` program on the
-//! `cpu-clock` perf event of every online CPU.
+//! sizes, the `on_exec` raw tracepoint, the `profile` program on the
+//! `cpu-clock` perf event of every online CPU, and the off-CPU programs on
+//! `sched_switch` and `sys_exit`.
 //!
 //! Every kernel refusal becomes an [`Error`] that names what the user must
 //! change: a missing capability ([`Error::MissingPrivilege`]) or a missing
@@ -16,11 +17,11 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        PerfEvent, RawTracePoint,
+        BtfTracePoint, PerfEvent, RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
-use profiler_common::{unwind::UnwindRow, Config};
+use profiler_common::{unwind::UnwindRow, Config, OFF_CPU_KEEP_ALL};
 
 use super::{
     maps::{write_config, MapSet, MAP_SETS},
@@ -39,6 +40,14 @@ static EBPF_OBJECT: &[u8] = &[];
 pub(super) const PROFILE_PROGRAM: &str = "profile";
 /// The user-stack unwinder, tail-called by `profile` and by itself.
 const UNWIND_PROGRAM: &str = "unwind_user";
+/// The same unwinder for off-CPU times (a raw tracepoint program).
+const OFF_CPU_UNWIND_PROGRAM: &str = "unwind_user_off_cpu";
+/// Threads leaving and coming back on a CPU (`sched_switch`), as a BTF
+/// tracepoint and, without BTF, a raw one.
+const OFF_CPU_SWITCH: &str = "off_cpu_switch";
+const OFF_CPU_SWITCH_RAW: &str = "off_cpu_switch_raw";
+/// The end of a system call: where an off-CPU time is recorded.
+const OFF_CPU_SYSCALL_EXIT: &str = "off_cpu_syscall_exit";
 
 /// The loaded object with the maps the agent reads and writes, before the
 /// sampling program is attached.
@@ -56,6 +65,8 @@ pub(super) struct Loaded {
     pub filter: BpfHashMap<MapData, u32, u8>,
     pub ring: RingBuf<MapData>,
     pub logger: Option<super::announce::Logger>,
+    /// Holds the off-CPU unwinder in its program array (off-CPU on).
+    pub off_cpu_programs: Option<ProgramArray<MapData>>,
 }
 
 /// Checks what loading needs, loads the object, sizes and fills its maps,
@@ -86,6 +97,18 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     let slot = std::mem::size_of::<UnwindRow>().next_multiple_of(8) as u64;
     let rows = (u64::from(options.unwind_table_mib) << 20) / slot;
     loader.map_max_entries("UNWIND_ROWS", rows.min(u32::MAX as u64) as u32);
+    // Without off-CPU recording its maps take no memory.
+    if options.off_cpu.is_some() {
+        for set in &MAP_SETS {
+            loader.map_max_entries(set.off_cpu, (options.count_map_entries / 2).max(64));
+        }
+    } else {
+        for set in &MAP_SETS {
+            loader.map_max_entries(set.off_cpu, 1);
+        }
+        loader.map_max_entries("OFF_CPU_START", 1);
+        loader.map_max_entries("OFF_CPU_KERNEL_STACKS", 1);
+    }
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| ebpf_error("loading the eBPF object", e))?;
@@ -95,6 +118,11 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         filter_pids: u32::from(!options.pids.is_empty()),
         include_idle: u32::from(options.include_idle),
         unwind_mode: options.unwind.config_value(),
+        off_cpu_keep: options.off_cpu.map_or(OFF_CPU_KEEP_ALL, |o| o.keep()),
+        _pad: 0,
+        off_cpu_min_ns: options
+            .off_cpu
+            .map_or(0, |o| o.min_block.as_nanos().min(u64::MAX as u128) as u64),
     };
     let mut filter: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "FILTER_PIDS")?;
     for pid in &options.pids {
@@ -129,6 +157,11 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     programs
         .set(0, fd, 0)
         .map_err(|e| ebpf_error("filling the UNWIND_PROGS program array", e))?;
+
+    let off_cpu_programs = match options.off_cpu {
+        Some(_) => Some(load_off_cpu_unwinder(&mut ebpf)?),
+        None => None,
+    };
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
@@ -177,7 +210,107 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         filter,
         ring,
         logger,
+        off_cpu_programs,
     })
+}
+
+/// The off-CPU unwinder (`unwind_user` as a raw tracepoint program, loaded
+/// but not attached), in its program array.
+fn load_off_cpu_unwinder(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
+    let mut programs: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_UNWIND_PROGS")?;
+    let unwinder: &mut RawTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM)?;
+    unwinder
+        .load()
+        .map_err(|e| ebpf_error("loading the unwind_user_off_cpu program (verifier)", e))?;
+    let fd = unwinder
+        .fd()
+        .map_err(|e| ebpf_error("the unwind_user_off_cpu program's fd", e))?;
+    programs
+        .set(0, fd, 0)
+        .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
+    Ok(programs)
+}
+
+/// The off-CPU programs' links, detached at stop.
+pub(super) struct OffCpuLinks {
+    switch: Switch,
+    syscall_exit: aya::programs::raw_trace_point::RawTracePointLinkId,
+}
+
+/// `sched_switch` as a BTF tracepoint, or as a raw one without BTF.
+enum Switch {
+    Btf(aya::programs::tp_btf::BtfTracePointLinkId),
+    Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
+}
+
+/// Attaches the off-CPU programs: the end of system calls first (where
+/// times are recorded), then `sched_switch` (where they are taken).
+pub(super) fn attach_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuLinks> {
+    // The thread's state at switch-out is an argument of the tracepoint
+    // since Linux 5.18.
+    if let Ok(version) = aya::util::KernelVersion::current() {
+        if version < aya::util::KernelVersion::new(5, 18, 0) {
+            return Err(Error::KernelFeature {
+                feature: "off-CPU recording",
+                detail: format!(
+                    "Linux {version} passes no thread state to sched_switch (5.18 does); \
+                     run with --no-off-cpu"
+                ),
+            });
+        }
+    }
+    let exit: &mut RawTracePoint = program(ebpf, OFF_CPU_SYSCALL_EXIT)?;
+    exit.load()
+        .map_err(|e| ebpf_error("loading the off_cpu_syscall_exit program (verifier)", e))?;
+    let syscall_exit = exit
+        .attach("sys_exit")
+        .map_err(|e| ebpf_error("attaching to the sys_exit raw tracepoint", e))?;
+    let btf = (|| {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error("reading the kernel's BTF", e))?;
+        let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
+        prog.load("sched_switch", &btf)
+            .map_err(|e| ebpf_error("loading the off_cpu_switch program (verifier)", e))?;
+        prog.attach()
+            .map_err(|e| ebpf_error("attaching to the sched_switch BTF tracepoint", e))
+    })();
+    let switch = match btf {
+        Ok(link) => Switch::Btf(link),
+        Err(e) => {
+            tracing::warn!(
+                "{e}: off-CPU times through the raw sched_switch tracepoint, without kernel stacks"
+            );
+            let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
+            prog.load()
+                .map_err(|e| ebpf_error("loading the off_cpu_switch_raw program (verifier)", e))?;
+            Switch::Raw(
+                prog.attach("sched_switch")
+                    .map_err(|e| ebpf_error("attaching to the sched_switch raw tracepoint", e))?,
+            )
+        }
+    };
+    Ok(OffCpuLinks {
+        switch,
+        syscall_exit,
+    })
+}
+
+/// Detaches the off-CPU programs: `sched_switch` first, so no time is
+/// taken that nothing would record.
+pub(super) fn detach_off_cpu(ebpf: &mut Ebpf, links: OffCpuLinks) -> Result<()> {
+    match links.switch {
+        Switch::Btf(link) => {
+            let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
+            prog.detach(link)
+        }
+        Switch::Raw(link) => {
+            let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
+            prog.detach(link)
+        }
+    }
+    .map_err(|e| ebpf_error("detaching the sched_switch program", e))?;
+    let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SYSCALL_EXIT)?;
+    prog.detach(links.syscall_exit)
+        .map_err(|e| ebpf_error("detaching the sys_exit program", e))
 }
 
 /// Loads the `profile` program and attaches it to the software `cpu-clock`
@@ -238,6 +371,7 @@ pub(super) fn ebpf_error(
     err: impl std::error::Error + Send + Sync + 'static,
 ) -> Error {
     let what = what.into();
+    tracing::debug!(error = %err, "{what}");
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     // The verifier's refusal (EACCES) is not a missing privilege: show its log.
     while let Some(e) = source {

@@ -1,5 +1,5 @@
-//! The maps the agent reads: the A/B map sets (count map, kernel stack map
-//! and its overflow map, user-stack map each), flipped by
+//! The maps the agent reads: the A/B map sets (count map, off-CPU map,
+//! kernel stack map and its overflow map, user-stack map each), flipped by
 //! `CONFIG.active_set` and read and cleared while idle, and the per-CPU
 //! counters.
 //!
@@ -14,13 +14,16 @@ use aya::{
     Ebpf,
 };
 use profiler_common::{
+    thread_state,
     unwind::{StackEnd, UserStack, EXACT_PC_BIT, MAX_USER_FRAMES},
-    Config, Counter, StackKey, OVERFLOW_STACK_BIT,
+    Config, Counter, OffCpuKey, StackKey, OVERFLOW_STACK_BIT,
 };
 
 use super::load::{ebpf_error, take_map};
 use crate::{
+    config::OffCpuOptions,
     drain::{decode_key, Counters, RawWindow, MAX_STACK_DEPTH},
+    sample_type::SampleType,
     Result,
 };
 
@@ -30,6 +33,8 @@ type UserFrames = (Vec<u64>, Option<StackEnd>);
 /// The map names of one set.
 pub(super) struct SetNames {
     pub counts: &'static str,
+    /// Off-CPU nanoseconds.
+    pub off_cpu: &'static str,
     /// Kernel stacks (`bpf_get_stackid`) and their overflow map.
     pub stacks: &'static str,
     pub overflow: &'static str,
@@ -41,12 +46,14 @@ pub(super) struct SetNames {
 pub(super) const MAP_SETS: [SetNames; 2] = [
     SetNames {
         counts: "COUNTS_A",
+        off_cpu: "OFF_CPU_A",
         stacks: "STACKS_A",
         overflow: "STACKS_A_OVERFLOW",
         user: "USER_STACKS_A",
     },
     SetNames {
         counts: "COUNTS_B",
+        off_cpu: "OFF_CPU_B",
         stacks: "STACKS_B",
         overflow: "STACKS_B_OVERFLOW",
         user: "USER_STACKS_B",
@@ -56,6 +63,7 @@ pub(super) const MAP_SETS: [SetNames; 2] = [
 /// The maps of one set, owned by the kernel source.
 pub(super) struct MapSet {
     counts: PerCpuHashMap<MapData, StackKey, u64>,
+    off_cpu: PerCpuHashMap<MapData, OffCpuKey, u64>,
     stacks: StackTraceMap<MapData>,
     overflow: StackTraceMap<MapData>,
     user: BpfHashMap<MapData, u64, UserStack>,
@@ -65,6 +73,7 @@ impl MapSet {
     pub(super) fn take(ebpf: &mut Ebpf, names: &SetNames) -> Result<Self> {
         Ok(Self {
             counts: take_map(ebpf, names.counts)?,
+            off_cpu: take_map(ebpf, names.off_cpu)?,
             stacks: take_map(ebpf, names.stacks)?,
             overflow: take_map(ebpf, names.overflow)?,
             user: take_map(ebpf, names.user)?,
@@ -106,11 +115,23 @@ impl MapSet {
     }
 
     /// Reads every entry, then empties the set. Only called on the idle set.
-    pub(super) fn read_and_clear(&mut self) -> Result<RawWindow> {
+    /// Off-CPU times (when `off_cpu` is on) are scaled back for the
+    /// switches it left out; their kernel stacks are in `kernel_stacks`.
+    pub(super) fn read_and_clear(
+        &mut self,
+        off_cpu: Option<(&OffCpuOptions, &KernelStacks)>,
+    ) -> Result<RawWindow> {
         let mut entries: Vec<(StackKey, u64)> = Vec::new();
         for item in self.counts.iter() {
             let (key, values) = item.map_err(|e| ebpf_error("reading a count map", e))?;
             entries.push((key, values.iter().sum()));
+        }
+        let mut times: Vec<(OffCpuKey, u64)> = Vec::new();
+        if off_cpu.is_some() {
+            for item in self.off_cpu.iter() {
+                let (key, values) = item.map_err(|e| ebpf_error("reading an off-CPU map", e))?;
+                times.push((key, values.iter().sum()));
+            }
         }
         let mut window = RawWindow::default();
         let mut kernel: HashMap<u32, Option<Vec<u64>>> = HashMap::new();
@@ -134,6 +155,35 @@ impl MapSet {
             }
             window.samples.push(sample);
         }
+        // Off-CPU times: stack quality and the sample counts above are
+        // about CPU samples; a lost stack here shows as a shorter stack.
+        if let Some((options, kernel_stacks)) = off_cpu {
+            let mut waits: HashMap<u64, Vec<u64>> = HashMap::new();
+            for (key, ns) in &times {
+                let stack = StackKey {
+                    tgid: key.tgid,
+                    kernel_stack_id: profiler_common::NO_STACK,
+                    user_stack: key.user_stack,
+                    comm: key.comm,
+                };
+                let (mut sample, _) = decode_key(
+                    &stack,
+                    *ns,
+                    |_| None,
+                    |k| user.entry(k).or_insert_with(|| self.user_frames(k)).clone(),
+                );
+                if key.kernel_stack != 0 {
+                    sample.kernel = waits
+                        .entry(key.kernel_stack)
+                        .or_insert_with(|| kernel_stacks.frames(key.kernel_stack))
+                        .clone();
+                }
+                sample.sample_type = SampleType::OffCpu;
+                sample.value = options.scale(*ns);
+                sample.thread_state = Some(thread_state::name(key.state));
+                window.samples.push(sample);
+            }
+        }
         let user_keys: Vec<u64> = self.user.keys().filter_map(|k| k.ok()).collect();
         for key in user_keys {
             let _ = self.user.remove(&key);
@@ -148,7 +198,24 @@ impl MapSet {
         for (key, _) in &entries {
             let _ = self.counts.remove(key);
         }
+        for (key, _) in &times {
+            let _ = self.off_cpu.remove(key);
+        }
         Ok(window)
+    }
+}
+
+/// The kernel stacks of off-CPU waits (`OFF_CPU_KERNEL_STACKS`): shared
+/// by both sets and never cleared (least recently used entries go).
+pub(super) struct KernelStacks(pub BpfHashMap<MapData, u64, UserStack>);
+
+impl KernelStacks {
+    /// Frames of a kernel stack, leaf first; empty when it is gone.
+    fn frames(&self, key: u64) -> Vec<u64> {
+        self.0
+            .get(&key, 0)
+            .map(|s| s.frames[..(s.len as usize).min(MAX_USER_FRAMES)].to_vec())
+            .unwrap_or_default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The kernel side of the agent: the eBPF program loaded and attached to
-//! `cpu-clock` on every online CPU, drained through its A/B map sets
-//! without losing samples. [`KernelSource`] is the pipeline's real
+//! `cpu-clock` on every online CPU (and, for off-CPU time, to
+//! `sched_switch` and `finish_task_switch`), drained through its A/B map
+//! sets without losing samples. [`KernelSource`] is the pipeline's real
 //! [`SampleSource`].
 //!
 //! - [`load`]: checks, loading the object, attaching and detaching programs,
@@ -31,7 +32,7 @@ use profiler_common::Config;
 
 use self::{announce::Announcer, maps::MapSet, unwind::UnwindMaps};
 use crate::{
-    config::SamplerOptions,
+    config::{OffCpuOptions, SamplerOptions},
     drain::{Counters, RawWindow},
     pipeline::{SampleSource, SourceInfo},
     process::{
@@ -54,6 +55,10 @@ pub struct KernelSource {
     started: Instant,
     attached_cpus: usize,
     links: Vec<PerfEventLinkId>,
+    /// Off-CPU recording, when on: its settings, kernel stacks and links.
+    off_cpu: Option<(OffCpuOptions, maps::KernelStacks)>,
+    off_cpu_links: Option<load::OffCpuLinks>,
+    _off_cpu_programs: Option<ProgramArray<MapData>>,
     announcer: Announcer,
 }
 
@@ -73,6 +78,15 @@ impl KernelSource {
         for pid in &options.pids {
             announce::load_process(*pid, &processes, &unwind);
         }
+        let (off_cpu, off_cpu_links) = match options.off_cpu {
+            Some(off_cpu) => {
+                let stacks =
+                    maps::KernelStacks(load::take_map(&mut loaded.ebpf, "OFF_CPU_KERNEL_STACKS")?);
+                let links = load::attach_off_cpu(&mut loaded.ebpf)?;
+                (Some((off_cpu, stacks)), Some(links))
+            }
+            None => (None, None),
+        };
         let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
         drop(loaded.filter);
         let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes, unwind.clone())?;
@@ -88,6 +102,9 @@ impl KernelSource {
             started: Instant::now(),
             attached_cpus: links.len(),
             links,
+            off_cpu,
+            off_cpu_links,
+            _off_cpu_programs: loaded.off_cpu_programs,
             announcer,
         };
         let (verified, size) = source.program_info().unwrap_or_default();
@@ -96,6 +113,7 @@ impl KernelSource {
             frequency = options.frequency,
             verified_instructions = verified,
             program_instructions = size,
+            off_cpu = source.off_cpu.is_some(),
             "profiler attached to cpu-clock on every online CPU"
         );
         Ok(source)
@@ -144,7 +162,7 @@ impl SampleSource for KernelSource {
         maps::write_config(&mut self.config_map, self.config)?;
         // Programs that read the old active set run for microseconds.
         std::thread::sleep(self.grace);
-        self.sets[idle].read_and_clear()
+        self.sets[idle].read_and_clear(self.off_cpu.as_ref().map(|(o, s)| (o, s)))
     }
 
     fn counters(&self) -> Result<Counters> {
@@ -158,9 +176,13 @@ impl SampleSource for KernelSource {
         }
     }
 
-    /// Detaches the sampling program from every CPU; the maps stay readable
-    /// so the final [`SampleSource::drain_all`] leaves nothing behind.
+    /// Detaches the sampling (and off-CPU) programs; the maps stay
+    /// readable so the final [`SampleSource::drain_all`] leaves nothing
+    /// behind.
     fn stop(&mut self) -> Result<()> {
+        if let Some(links) = self.off_cpu_links.take() {
+            load::detach_off_cpu(&mut self.ebpf, links)?;
+        }
         let links = std::mem::take(&mut self.links);
         load::detach_sampling(&mut self.ebpf, links)
     }

@@ -185,6 +185,8 @@ pub(super) struct WindowLabeller<'a> {
     pub processes: &'a dyn ProcessTable,
     pub pods: Option<&'a dyn PodDirectory>,
     pub seen: HashMap<(u32, String), Arc<Labels>>,
+    /// Labels with a `thread_state` (off-CPU samples).
+    pub seen_in_state: HashMap<(u32, String, &'static str), Arc<Labels>>,
 }
 
 impl WindowLabeller<'_> {
@@ -196,6 +198,27 @@ impl WindowLabeller<'_> {
         let pod = lookup_pod(&facts, self.pods);
         let labels = Arc::new(labels(self.node, tgid, comm, &facts, &pod));
         self.seen.insert((tgid, comm.to_string()), labels.clone());
+        labels
+    }
+
+    /// [`Self::labels`], plus `thread_state` when given (off-CPU samples).
+    pub fn labels_in_state(
+        &mut self,
+        tgid: u32,
+        comm: &str,
+        state: Option<&'static str>,
+    ) -> Arc<Labels> {
+        let Some(state) = state else {
+            return self.labels(tgid, comm);
+        };
+        let key = (tgid, comm.to_string(), state);
+        if let Some(labels) = self.seen_in_state.get(&key) {
+            return labels.clone();
+        }
+        let mut labels = (*self.labels(tgid, comm)).clone();
+        labels.pairs.push(("thread_state", state.to_string()));
+        let labels = Arc::new(labels);
+        self.seen_in_state.insert(key, labels.clone());
         labels
     }
 }

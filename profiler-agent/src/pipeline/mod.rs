@@ -288,11 +288,12 @@ fn deliver(
         processes: stages.processes,
         pods: stages.pods,
         seen: HashMap::new(),
+        seen_in_state: HashMap::new(),
     };
     let mut by_type: BTreeMap<SampleType, Vec<LabelledSample>> =
         BTreeMap::from([(SampleType::Cpu, Vec::new())]);
     for sample in named {
-        let labels = labeller.labels(sample.tgid, &sample.process);
+        let labels = labeller.labels_in_state(sample.tgid, &sample.process, sample.thread_state);
         by_type
             .entry(sample.sample_type)
             .or_default()

@@ -33,6 +33,7 @@ const CONTAINER: &str = "3f2b4e1c9a8d7f6e5d4c3b2a19080706f5e4d3c2b1a09f8e7d6c5b4
 
 fn sample(tgid: u32, comm: &str, user: &[u64], kernel: &[u64], value: u64) -> RawSample {
     RawSample {
+        thread_state: None,
         tgid,
         comm: comm.into(),
         user: user.to_vec(),
@@ -399,6 +400,66 @@ fn each_sample_type_gets_its_own_window_and_cpu_is_always_sent() {
         0,
         "nanoseconds are not samples"
     );
+}
+
+#[test]
+fn off_cpu_samples_carry_their_thread_state_and_cpu_samples_none() {
+    let stop = AtomicBool::new(true);
+    let off = |state, ns| {
+        let mut s = sample(10, "srv", &[1], &[], ns);
+        s.sample_type = SampleType::OffCpu;
+        s.thread_state = Some(state);
+        s
+    };
+    let mut source = FakeSource::new(
+        vec![],
+        window(vec![
+            sample(10, "srv", &[1], &[], 5),
+            off("sleeping", 3_000),
+            off("uninterruptible", 1_000),
+            off("sleeping", 500),
+        ]),
+        Counters::default(),
+    );
+    let mut sink = CollectingSink::default();
+    let (report, _) = run(
+        &mut source,
+        &FakeProcesses::default(),
+        None,
+        vec![&mut sink],
+        options(Duration::from_secs(10), None),
+        &stop,
+    );
+    report.unwrap();
+    let by_state = |t: SampleType| -> Vec<(Option<String>, u64)> {
+        let mut v: Vec<(Option<String>, u64)> = sink
+            .windows
+            .iter()
+            .filter(|w| w.sample_type == t)
+            .flat_map(|w| &w.samples)
+            .map(|s| (s.labels.get("thread_state").map(String::from), s.value))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(by_state(SampleType::Cpu), vec![(None, 5)]);
+    assert_eq!(
+        by_state(SampleType::OffCpu),
+        vec![
+            (Some("sleeping".into()), 500),
+            (Some("sleeping".into()), 3_000),
+            (Some("uninterruptible".into()), 1_000),
+        ]
+    );
+    // The process's other labels are the same for both types.
+    let off = &sink
+        .windows
+        .iter()
+        .find(|w| w.sample_type == SampleType::OffCpu)
+        .unwrap()
+        .samples[0];
+    assert_eq!(off.labels.get("pid"), Some("10"));
+    assert_eq!(off.labels.process, "srv");
 }
 
 #[test]

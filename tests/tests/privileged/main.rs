@@ -16,6 +16,7 @@ mod e2e;
 mod faults;
 mod hostile;
 mod kubernetes;
+mod off_cpu;
 mod outage;
 mod replicas;
 mod sample_types;

@@ -72,6 +72,7 @@ fn sample(
     value: u64,
 ) -> RawSample {
     RawSample {
+        thread_state: None,
         tgid,
         comm: comm.into(),
         user: user.to_vec(),

@@ -154,6 +154,13 @@ pub fn workload(name: &str) -> PathBuf {
         // The frame-pointer `syscalls` keeps its name.
         "unwind_syscalls" => compile("gcc", &["-O2", "-g"], "syscalls.c", &out),
         "threads" => compile("gcc", &["-O2", "-g", "-pthread"], "threads.c", &out),
+        "offcpu" => run_build(
+            Command::new("gcc")
+                .args(["-O2", "-g", "-pthread", "-o"])
+                .arg(&out)
+                .arg(src.join("offcpu/offcpu.c")),
+            name,
+        ),
         "cxx" => compile("g++", &["-O2", "-g"], "cxx.cpp", &out),
         "short_lived" => compile(
             "gcc",

@@ -1,0 +1,72 @@
+//! Off-CPU time: where threads wait, in nanoseconds, from `sched_switch`
+//! and `finish_task_switch`, with the same unwinder as CPU samples.
+
+use crate::support::*;
+use profiler_agent::{config::OffCpuOptions, sample_type::SampleType};
+
+/// Nanoseconds of a process's off-CPU stacks that satisfy `pred`.
+fn ns_where(
+    profile: &profiler_agent::fold::FoldedProfile,
+    process: &str,
+    pred: impl Fn(&[&str]) -> bool,
+) -> u64 {
+    count_where(profile, process, pred).0
+}
+
+#[test]
+fn sleeps_split_by_the_function_that_waited() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("offcpu");
+    let w = Workload::spawn(&bin, &["sleep", "30"]);
+    wait_for_exec(w.pid(), "offcpu");
+    let mut opts = options(vec![w.pid()], 4.0, 99);
+    opts.sampler.off_cpu = Some(OffCpuOptions::default());
+    let (rec, ()) = record_with(&opts, || ());
+    let off = rec
+        .other_profiles
+        .get(&SampleType::OffCpu)
+        .unwrap_or_else(|| panic!("no off-CPU profile; counters: {:?}", rec.counters));
+    let long = ns_where(off, "offcpu", |f| f.contains(&"sleep_long"));
+    let short = ns_where(off, "offcpu", |f| f.contains(&"sleep_short"));
+    let total = count_where(off, "offcpu", |_| true).1;
+    let stacks = dump(off, "offcpu");
+    // Whole stacks: from main through the waiting function into the
+    // kernel's sleep (the scheduler's own frames are left out).
+    let whole = ns_where(off, "offcpu", |f| {
+        has_chain(f, &["main", "sleeper", "sleep_long"])
+            && f.iter()
+                .any(|k| k.ends_with("_[k]") && k.contains("nanosleep"))
+    });
+    assert!(
+        whole * 100 >= long * 95,
+        "sleep_long's time should have whole stacks into the kernel's nanosleep \
+         ({whole} of {long} ns):\n{stacks}"
+    );
+    let share = long as f64 / (long + short).max(1) as f64;
+    assert!(
+        (0.70..=0.80).contains(&share),
+        "sleep_long should have 3/4 of the sleeping time, has {:.1} % \
+         ({long} vs {short} ns):\n{stacks}",
+        share * 100.0
+    );
+    // One thread, off the CPU nearly all the time: its off-CPU total is
+    // the wall time of the recording.
+    let wall = rec.duration.as_nanos() as f64;
+    let ratio = total as f64 / wall;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "off-CPU total {:.3} s for {:.3} s of wall time ({:.1} %):\n{stacks}",
+        total as f64 / 1e9,
+        wall / 1e9,
+        ratio * 100.0
+    );
+    assert!(rec.counters.get(profiler_common::Counter::OffCpuRecorded) > 0);
+    assert_eq!(rec.counters.get(profiler_common::Counter::OffCpuMapFull), 0);
+    assert_eq!(
+        rec.counters.get(profiler_common::Counter::OffCpuStartLost),
+        0
+    );
+}
