@@ -189,16 +189,19 @@ struct SamplingArgs {
     #[arg(long, default_value = "500us", value_parser = config::parse_min_block)]
     off_cpu_min: Duration,
     /// Off-CPU: share of context switches timed, above 0 and at most 1;
-    /// the times kept are scaled by its inverse.
-    #[arg(long, default_value_t = 1.0)]
-    off_cpu_sample: f64,
+    /// the times kept are scaled by its inverse. Default: 1 in `record`,
+    /// 0.05 in `run` (always on, within its CPU budget).
+    #[arg(long)]
+    off_cpu_sample: Option<f64>,
 }
 
 impl SamplingArgs {
-    fn options(self, frequency: u64, svg: Option<PathBuf>, off_cpu: bool) -> RecordOptions {
-        let off_cpu = off_cpu.then_some(OffCpuOptions {
+    /// `off_cpu`: the share of switches timed unless `--off-cpu-sample`
+    /// says otherwise, or `None` for no off-CPU recording.
+    fn options(self, frequency: u64, svg: Option<PathBuf>, off_cpu: Option<f64>) -> RecordOptions {
+        let off_cpu = off_cpu.map(|sample| OffCpuOptions {
             min_block: self.off_cpu_min,
-            sample: self.off_cpu_sample,
+            sample: self.off_cpu_sample.unwrap_or(sample),
         });
         RecordOptions {
             sampler: SamplerOptions {
@@ -260,7 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             frequency,
             off_cpu,
-        } => sampling.options(frequency, Some(output), off_cpu),
+        } => sampling.options(frequency, Some(output), off_cpu.then_some(1.0)),
         Command::Run {
             sampling,
             collector,
@@ -280,7 +283,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if queue_bytes > 4096 << 20 {
                 anyhow::bail!("--queue-mib must be at most 4096");
             }
-            let mut options = sampling.options(frequency, output, !no_off_cpu);
+            let mut options = sampling.options(
+                frequency,
+                output,
+                (!no_off_cpu).then_some(config::RUN_OFF_CPU_SAMPLE),
+            );
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);
             let node = node.unwrap_or_else(record::hostname);

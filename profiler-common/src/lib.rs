@@ -59,8 +59,9 @@ pub const DEFAULT_OFF_CPU_MAP_ENTRIES: u32 = 8_192;
 /// Threads that can be off the CPU, waiting to be timed, at once
 /// (`OFF_CPU_START`, least recently used evicted).
 pub const OFF_CPU_THREADS: u32 = 32_768;
-/// Distinct kernel stacks of off-CPU waits kept (`OFF_CPU_KERNEL_STACKS`,
-/// least recently used evicted; not cleared by drains).
+/// Distinct kernel stacks, and user stacks, of off-CPU waits kept
+/// (`OFF_CPU_KERNEL_STACKS`, `OFF_CPU_USER_STACKS`; least recently used
+/// evicted; not cleared by drains: a wait can span windows).
 pub const OFF_CPU_KERNEL_STACK_ENTRIES: u32 = 4_096;
 /// Frames of an off-CPU kernel stack (`PERF_MAX_STACK_DEPTH`).
 pub const OFF_CPU_KERNEL_FRAMES: usize = 127;
@@ -75,7 +76,7 @@ pub struct OffCpuKey {
     pub tgid: u32,
     /// One of [`thread_state`]: how the thread left the CPU.
     pub state: u32,
-    /// Key of the user stack in the set's user-stack map, or
+    /// Key of the user stack in `OFF_CPU_USER_STACKS`, or
     /// [`NO_USER_STACK`].
     pub user_stack: u64,
     /// Key of the kernel stack in `OFF_CPU_KERNEL_STACKS`, or 0.
@@ -84,32 +85,21 @@ pub struct OffCpuKey {
 }
 
 /// A thread off the CPU (value of `OFF_CPU_START`, keyed by the address of
-/// its `task_struct`): timed from its switch-out; once back on a CPU
-/// ([`OFF_CPU_READY`]) its time waits for the end of the system call it
-/// blocked in, where its user stack is walked.
+/// its `task_struct`), with what its time is added to when it comes back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuStart {
-    /// `bpf_ktime_get_ns` when it last left the CPU.
+    /// `bpf_ktime_get_ns` when it left the CPU.
     pub since_ns: u64,
-    /// Time off the CPU so far in this system call (blocks in one call
-    /// add up).
-    pub waited_ns: u64,
-    /// Key in `OFF_CPU_KERNEL_STACKS` of the kernel stack it first waited
-    /// in, or 0.
-    pub kernel_stack: u64,
-    /// The user instruction and stack pointers saved at its kernel entry:
-    /// the system call's end must find the same ones.
-    pub user_ip: u64,
-    pub user_sp: u64,
+    pub tgid: u32,
     /// One of [`thread_state`].
     pub state: u32,
-    /// [`OFF_CPU_READY`] once back on a CPU.
-    pub flags: u32,
+    /// Key in `OFF_CPU_USER_STACKS`, or [`NO_USER_STACK`].
+    pub user_stack: u64,
+    /// Key in `OFF_CPU_KERNEL_STACKS`, or 0.
+    pub kernel_stack: u64,
+    pub comm: [u8; COMM_LEN],
 }
-
-/// [`OffCpuStart::flags`]: the thread is back on a CPU.
-pub const OFF_CPU_READY: u32 = 1;
 
 /// How a thread left the CPU ([`OffCpuKey::state`]).
 pub mod thread_state {
@@ -267,16 +257,13 @@ pub enum Counter {
     OffCpuRecorded = 21,
     /// Off-CPU: a time lost because the off-CPU map was full.
     OffCpuMapFull = 22,
-    /// Off-CPU: waits that were not in a system call (page faults,
-    /// preemption of user code), not recorded (informational).
-    OffCpuOutsideSyscall = 23,
     /// Off-CPU: a wait recorded without its kernel stack (it could not be
     /// read or stored).
-    OffCpuKernelStackLost = 24,
+    OffCpuKernelStackLost = 23,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 25;
+pub const COUNTER_COUNT: u32 = 24;
 
 impl Counter {
     /// All counters, in index order.
@@ -304,7 +291,6 @@ impl Counter {
         Counter::OffCpuShort,
         Counter::OffCpuRecorded,
         Counter::OffCpuMapFull,
-        Counter::OffCpuOutsideSyscall,
         Counter::OffCpuKernelStackLost,
     ];
 
@@ -354,7 +340,6 @@ impl Counter {
             Counter::OffCpuShort => "off_cpu_short",
             Counter::OffCpuRecorded => "off_cpu_recorded",
             Counter::OffCpuMapFull => "off_cpu_map_full",
-            Counter::OffCpuOutsideSyscall => "off_cpu_outside_syscall",
             Counter::OffCpuKernelStackLost => "off_cpu_kernel_stack_lost",
         }
     }

@@ -52,7 +52,7 @@ use profiler_common::{
     COUNTER_COUNT, DEFAULT_COUNT_MAP_ENTRIES, DEFAULT_OFF_CPU_MAP_ENTRIES,
     DEFAULT_STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, MAX_FILTER_PIDS, NEW_PID_RING_BYTES, NO_STACK,
     NO_USER_STACK, OFF_CPU_KEEP_ALL, OFF_CPU_KERNEL_FRAMES, OFF_CPU_KERNEL_STACK_ENTRIES,
-    OFF_CPU_READY, OFF_CPU_THREADS, OVERFLOW_STACK_BIT,
+    OFF_CPU_THREADS, OVERFLOW_STACK_BIT,
 };
 use unwind::{
     finish_hash, set_process, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
@@ -164,12 +164,13 @@ static OFF_CPU_KERNEL_STACKS: LruHashMap<u64, UserStack> =
 /// Scratch space for a kernel stack being read.
 #[map]
 static OFF_CPU_KERNEL_SCRATCH: PerCpuArray<UserStack> = PerCpuArray::with_max_entries(1, 0);
-/// The task (address of its `task_struct`) that came back on this CPU
-/// with an off-CPU time to record at the end of its system call; 0: none.
+/// User stacks of off-CPU waits, like `OFF_CPU_KERNEL_STACKS`: a wait can
+/// outlast a drain window, so its stacks must outlast the A/B sets.
 #[map]
-static OFF_CPU_RESUMED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// Index 0: `unwind_user_off_cpu` (the unwinder as a raw tracepoint
-/// program, so `off_cpu_syscall_exit` can tail-call it), set by the agent.
+static OFF_CPU_USER_STACKS: LruHashMap<u64, UserStack> =
+    LruHashMap::with_max_entries(OFF_CPU_KERNEL_STACK_ENTRIES, 0);
+/// Index 0: `unwind_user_off_cpu` (the unwinder as a program of the same
+/// kind as `off_cpu_switch`, which tail-calls it), set by the agent.
 #[map]
 static OFF_CPU_UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
@@ -380,11 +381,22 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
     unwind_calls(&ctx, &UNWIND_PROGS, &UNWIND_STATE, &ROW_CACHE)
 }
 
-/// [`unwind_user`] for `off_cpu_syscall_exit`, which can only tail-call a
-/// program of its own kind (loaded, never attached): adds the off-CPU time
-/// at the end.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn unwind_user_off_cpu(ctx: RawTracePointContext) -> i32 {
+/// [`unwind_user`] for `off_cpu_switch`, which can only tail-call a
+/// program of its own kind (loaded, never attached): remembers the thread
+/// with its stacks at the end.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn unwind_user_off_cpu(ctx: BtfTracePointContext) -> i32 {
+    unwind_calls(
+        &ctx,
+        &OFF_CPU_UNWIND_PROGS,
+        &OFF_CPU_STATE,
+        &OFF_CPU_ROW_CACHE,
+    ) as i32
+}
+
+/// [`unwind_user_off_cpu`] for [`off_cpu_switch_raw`].
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn unwind_user_off_cpu_raw(ctx: RawTracePointContext) -> i32 {
     unwind_calls(
         &ctx,
         &OFF_CPU_UNWIND_PROGS,
@@ -445,6 +457,9 @@ fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
     let tail = ((end as u64) << 32) | state.stack.len as u64;
     let key = finish_hash(state.hash ^ tail) | 1;
     state.stack.check = finish_hash(state.stack.check ^ tail);
+    if state.off_cpu_ns != 0 {
+        return keep_stack(&OFF_CPU_USER_STACKS, key, &state.stack);
+    }
     let stacks = if state.set == 0 {
         &USER_STACKS_A
     } else {
@@ -478,16 +493,14 @@ fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
     NO_USER_STACK
 }
 
-/// Counts one sample of `state.tgid` in the set `state.set`, or adds its
-/// off-CPU time (`state.off_cpu_ns`, when not 0).
+/// Counts one sample of `state.tgid` in the set `state.set`, or, for a
+/// thread leaving the CPU (`state.off_cpu_ns` not 0), remembers it with its
+/// stacks until it comes back.
 #[inline(always)]
 fn count(state: &UnwindState, user_stack: u64) -> Result<(), i64> {
     if state.off_cpu_ns != 0 {
-        if state.set == 0 {
-            record_off_cpu(state, user_stack, &OFF_CPU_A)
-        } else {
-            record_off_cpu(state, user_stack, &OFF_CPU_B)
-        }
+        remember_off_cpu(state, user_stack);
+        Ok(())
     } else if state.set == 0 {
         record(state, user_stack, &COUNTS_A)
     } else {
@@ -495,48 +508,59 @@ fn count(state: &UnwindState, user_stack: u64) -> Result<(), i64> {
     }
 }
 
+/// Remembers the thread that is leaving the CPU (the current one), with
+/// its stacks, until it comes back (`switch_in`).
+#[inline(always)]
+fn remember_off_cpu(state: &UnwindState, user_stack: u64) {
+    let mut start = MaybeUninit::<OffCpuStart>::uninit();
+    // SAFETY: every field is written; `comm` by the helper (all 16 bytes).
+    let start = unsafe {
+        let s = start.as_mut_ptr();
+        (*s).since_ns = state.off_cpu_ns;
+        (*s).tgid = state.tgid;
+        (*s).state = state.thread_state;
+        (*s).user_stack = user_stack;
+        (*s).kernel_stack = state.off_cpu_kernel_stack;
+        generated::bpf_get_current_comm(addr_of_mut!((*s).comm).cast(), COMM_LEN as u32);
+        start.assume_init()
+    };
+    // SAFETY: no arguments.
+    let task = unsafe { generated::bpf_get_current_task() };
+    if OFF_CPU_START.insert(task, start, 0).is_err() {
+        bump(Counter::OffCpuStartLost);
+    }
+}
+
 /// Adds an off-CPU time to one set's off-CPU map.
 #[inline(always)]
-fn record_off_cpu(
-    state: &UnwindState,
-    user_stack: u64,
-    times: &PerCpuHashMap<OffCpuKey, u64>,
-) -> Result<(), i64> {
-    let tgid = state.tgid;
-    let mut key = MaybeUninit::<OffCpuKey>::uninit();
-    // SAFETY: every field is written; `comm` by the helper (all 16 bytes).
-    let key = unsafe {
-        let k = key.as_mut_ptr();
-        (*k).tgid = tgid;
-        (*k).state = state.thread_state;
-        (*k).user_stack = user_stack;
-        (*k).kernel_stack = state.off_cpu_kernel_stack;
-        generated::bpf_get_current_comm(addr_of_mut!((*k).comm).cast(), COMM_LEN as u32);
-        key.assume_init()
+fn record_off_cpu(start: &OffCpuStart, ns: u64, times: &PerCpuHashMap<OffCpuKey, u64>) {
+    let key = OffCpuKey {
+        tgid: start.tgid,
+        state: start.state,
+        user_stack: start.user_stack,
+        kernel_stack: start.kernel_stack,
+        comm: start.comm,
     };
-    let ns = state.off_cpu_ns;
     match times.get_ptr_mut(key) {
         // Per-CPU value: this CPU is its only writer.
         Some(total) => unsafe { *total += ns },
         None => match times.insert(key, ns, BPF_NOEXIST) {
             Ok(()) => {
-                if user_stack != NO_USER_STACK && KNOWN_PIDS.get_ptr(tgid).is_none() {
-                    announce(tgid, announce_reason::NEW);
+                if start.user_stack != NO_USER_STACK && KNOWN_PIDS.get_ptr(start.tgid).is_none() {
+                    announce(start.tgid, announce_reason::NEW);
                 }
             }
             Err(EEXIST) => match times.get_ptr_mut(key) {
                 Some(total) => unsafe { *total += ns },
-                None => return Err(EEXIST as i64),
+                None => return,
             },
-            Err(E2BIG) | Err(ENOMEM) => {
+            Err(_) => {
                 bump(Counter::OffCpuMapFull);
-                return Ok(());
+                return;
             }
-            Err(err) => return Err(err as i64),
         },
     }
     bump(Counter::OffCpuRecorded);
-    Ok(())
 }
 
 /// Counts one sample in one set's count map.
@@ -689,178 +713,155 @@ fn request_refresh(tgid: u32) {
     }
 }
 
+/// Frames `bpf_get_stack` leaves out at `sched_switch`: this program's own
+/// and `bpf_trace_run4`, which calls it.
+const SKIP_TRACEPOINT_FRAMES: u64 = 2;
+
 /// `TASK_DEAD`: the thread switched out for the last time.
 const TASK_DEAD: u32 = 0x80;
 
 /// BTF tracepoint `sched_switch(preempt, prev, next, prev_state)`, run by
-/// `prev` at every context switch: times threads off the CPU. `prev`
-/// leaving is remembered; `next` coming back after at least the threshold
-/// gets its kernel stack read (it has not moved since it left) and its
-/// time marked for the end of its system call (`off_cpu_syscall_exit`),
-/// where the user stack is walked in its own address space.
+/// `prev` at every context switch. `next` coming back: if it was timed and
+/// away at least the threshold, its time is added with the stacks it left
+/// with. `prev` leaving (if drawn, see `--off-cpu-sample`): its kernel stack
+/// is read and its user stack walked now, in its own address space, by the
+/// tail-called unwinder, which then remembers it.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn off_cpu_switch(ctx: BtfTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
-    let next: *const core::ffi::c_void = ctx.arg(2);
+    let next: u64 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    switch_out(preempt & 0xff != 0, prev_state as u32);
-    switch_in(next as u64, |frames| {
-        // SAFETY: `next` is the BTF-typed task pointer of the tracepoint;
-        // the helper writes at most `size` bytes into the scratch frames.
+    switch_in(next);
+    if switch_out(preempt & 0xff != 0, prev_state as u32, |frames| {
+        // SAFETY: the helper writes at most `size` bytes into the frames.
         unsafe {
-            generated::bpf_get_task_stack(
-                next as *mut _,
+            generated::bpf_get_stack(
+                ctx.as_ptr(),
                 frames.cast(),
                 (OFF_CPU_KERNEL_FRAMES * 8) as u32,
-                0,
+                SKIP_TRACEPOINT_FRAMES,
             )
         }
-    });
+    }) {
+        // SAFETY: `ctx` is this program's context; on success the call
+        // does not return.
+        unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
+        off_cpu_unwinder_unreachable();
+    }
     0
 }
 
 /// [`off_cpu_switch`] as a raw tracepoint, for kernels where the BTF one
-/// cannot attach: without kernel stacks (the helper that reads another
-/// task's needs its BTF type).
+/// cannot attach.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn off_cpu_switch_raw(ctx: RawTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let next: u64 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    switch_out(preempt & 0xff != 0, prev_state as u32);
-    switch_in(next, |_| -1);
+    switch_in(next);
+    if switch_out(preempt & 0xff != 0, prev_state as u32, |frames| {
+        // SAFETY: as in `off_cpu_switch`.
+        unsafe {
+            generated::bpf_get_stack(
+                ctx.as_ptr(),
+                frames.cast(),
+                (OFF_CPU_KERNEL_FRAMES * 8) as u32,
+                SKIP_TRACEPOINT_FRAMES,
+            )
+        }
+    }) {
+        // SAFETY: as in `off_cpu_switch`.
+        unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
+        off_cpu_unwinder_unreachable();
+    }
     0
 }
 
-/// The current task's user registers saved at kernel entry: instruction
-/// pointer, stack pointer, and `orig_ax` (the system call number; negative
-/// for an interrupt).
+/// The off-CPU unwinder could not be tail-called: the thread is
+/// remembered without its user stack.
 #[inline(always)]
-fn saved_user_context() -> Option<(u64, u64, u64)> {
-    // SAFETY: BTF-typed task pointer, passed as the helper expects; the
-    // registers are copied out with a checked read.
-    let regs: pt_regs = unsafe {
-        let task = generated::bpf_get_current_task_btf();
-        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
-        aya_ebpf::helpers::bpf_probe_read_kernel(saved).ok()?
-    };
-    #[cfg(bpf_target_arch = "x86_64")]
-    return Some((regs.rip, regs.rsp, regs.orig_rax));
-    #[cfg(not(bpf_target_arch = "x86_64"))]
-    return Some((regs.pc, regs.sp, regs.syscallno as u64));
+fn off_cpu_unwinder_unreachable() {
+    bump(Counter::UnwinderUnreachable);
+    if let Some(state) = OFF_CPU_STATE.get_ptr(0) {
+        // SAFETY: per-CPU value, see `switch_out`.
+        remember_off_cpu(unsafe { &*state }, NO_USER_STACK);
+    }
 }
 
-/// `prev` (the current task) leaves the CPU.
+/// `next` (the address of its `task_struct`) comes back on the CPU.
 #[inline(always)]
-fn switch_out(preempt: bool, prev_state: u32) {
+fn switch_in(next: u64) {
+    // SAFETY: a map value, copied out before its entry is removed.
+    let Some(start) = OFF_CPU_START.get_ptr(next).map(|s| unsafe { *s }) else {
+        return;
+    };
+    let _ = OFF_CPU_START.remove(next);
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    // SAFETY: no arguments.
+    let waited = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.since_ns);
+    if waited < config.off_cpu_min_ns.max(1) {
+        bump(Counter::OffCpuShort);
+        return;
+    }
+    if config.active_set == 0 {
+        record_off_cpu(&start, waited, &OFF_CPU_A);
+    } else {
+        record_off_cpu(&start, waited, &OFF_CPU_B);
+    }
+}
+
+/// `prev` (the current task) leaves the CPU: true when it was drawn and its
+/// walk is set up in `OFF_CPU_STATE` (kernel stack read with `read_stack`,
+/// which returns the bytes it wrote), for the unwinder to finish.
+#[inline(always)]
+fn switch_out(preempt: bool, prev_state: u32, read_stack: impl FnOnce(*mut u64) -> i64) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
     if pid == 0 || prev_state & TASK_DEAD != 0 {
-        return;
+        return false;
     }
     bump(Counter::OffCpuSwitches);
-    let Some(config) = CONFIG.get(0) else {
-        return;
+    let Some(config) = CONFIG.get(0).copied() else {
+        return false;
     };
     if config.filter_pids != 0 && FILTER_PIDS.get_ptr(tgid).is_none() {
         bump(Counter::OffCpuFiltered);
-        return;
-    }
-    // SAFETY: no arguments.
-    let task = unsafe { generated::bpf_get_current_task() };
-    let now = unsafe { bpf_ktime_get_ns() };
-    // Back on a CPU and off again before its system call ended (a lock
-    // retried, a sleep interrupted): the call's waits add up.
-    if let Some(entry) = OFF_CPU_START.get_ptr_mut(task) {
-        // SAFETY: a map value; only this task's switches touch its entry.
-        let entry = unsafe { &mut *entry };
-        if entry.flags & OFF_CPU_READY != 0 {
-            match saved_user_context() {
-                Some((ip, sp, _)) if ip == entry.user_ip && sp == entry.user_sp => {
-                    entry.since_ns = now;
-                    entry.flags = 0;
-                    return;
-                }
-                _ => bump(Counter::OffCpuOutsideSyscall),
-            }
-        }
+        return false;
     }
     if config.off_cpu_keep < OFF_CPU_KEEP_ALL {
         // SAFETY: no arguments.
         let draw = unsafe { generated::bpf_get_prandom_u32() } & (OFF_CPU_KEEP_ALL - 1);
         if draw >= config.off_cpu_keep {
             bump(Counter::OffCpuNotSampled);
-            let _ = OFF_CPU_START.remove(task);
-            return;
+            return false;
         }
     }
-    let Some((ip, sp, syscall)) = saved_user_context() else {
-        bump(Counter::OffCpuKernelThreads);
-        return;
+    let Some(state) = OFF_CPU_STATE.get_ptr_mut(0) else {
+        return false;
     };
-    if ip == 0 || (ip as i64) < 0 {
+    // SAFETY: per-CPU value of the off-CPU walks only (a CPU sample cannot
+    // interrupt: the scheduler runs this tracepoint with interrupts off).
+    let state = unsafe { &mut *state };
+    if !saved_user_registers(state) {
         // Kernel threads have no user context.
         bump(Counter::OffCpuKernelThreads);
-        let _ = OFF_CPU_START.remove(task);
-        return;
+        return false;
     }
-    if (syscall as i64) < 0 {
-        // Interrupted user code (preempted): no system call ends the wait.
-        bump(Counter::OffCpuOutsideSyscall);
-        let _ = OFF_CPU_START.remove(task);
-        return;
-    }
-    let start = OffCpuStart {
-        since_ns: now,
-        waited_ns: 0,
-        kernel_stack: 0,
-        user_ip: ip,
-        user_sp: sp,
-        state: thread_state::from_switch(preempt, prev_state),
-        flags: 0,
-    };
-    if OFF_CPU_START.insert(task, start, 0).is_err() {
-        bump(Counter::OffCpuStartLost);
-    }
-}
-
-/// `next` (the address of its `task_struct`) comes back on the CPU;
-/// `read_stack` reads its kernel stack into the frames given and returns
-/// the bytes read (negative: none).
-#[inline(always)]
-fn switch_in(next: u64, read_stack: impl FnOnce(*mut u64) -> i64) {
-    let Some(entry) = OFF_CPU_START.get_ptr_mut(next) else {
-        return;
-    };
-    // SAFETY: a map value; only this task's switches touch its entry.
-    let entry = unsafe { &mut *entry };
-    if entry.flags & OFF_CPU_READY != 0 {
-        return;
-    }
-    let Some(config) = CONFIG.get(0) else {
-        return;
-    };
+    state.tgid = tgid;
+    state.kernel_stack_id = NO_STACK;
+    state.set = config.active_set;
     // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let waited = entry.waited_ns + now.saturating_sub(entry.since_ns);
-    if waited < config.off_cpu_min_ns.max(1) {
-        bump(Counter::OffCpuShort);
-        let _ = OFF_CPU_START.remove(next);
-        return;
-    }
-    entry.waited_ns = waited;
-    entry.flags = OFF_CPU_READY;
-    if entry.kernel_stack == 0 {
-        entry.kernel_stack = store_kernel_stack(read_stack);
-    }
-    if let Some(slot) = OFF_CPU_RESUMED.get_ptr_mut(0) {
-        // SAFETY: per-CPU value.
-        unsafe { *slot = next };
-    }
+    state.off_cpu_ns = unsafe { bpf_ktime_get_ns() }.max(1);
+    state.off_cpu_kernel_stack = store_kernel_stack(read_stack);
+    state.thread_state = thread_state::from_switch(preempt, prev_state);
+    start_walk(state, &config);
+    true
 }
 
-/// Reads a kernel stack with `read_stack` and keeps it in
+/// Reads the current kernel stack with `read_stack` and keeps it in
 /// `OFF_CPU_KERNEL_STACKS`; returns its key, or 0 (counted) when it could
 /// not be read or kept.
 #[inline(always)]
@@ -889,80 +890,34 @@ fn store_kernel_stack(read_stack: impl FnOnce(*mut u64) -> i64) -> u64 {
     scratch.len = len as u32;
     scratch.end = StackEnd::Root as u32;
     scratch.check = finish_hash(check ^ len as u64);
-    let key = finish_hash(hash ^ len as u64) | 1;
+    let key = keep_stack(
+        &OFF_CPU_KERNEL_STACKS,
+        finish_hash(hash ^ len as u64),
+        scratch,
+    );
+    if key == 0 {
+        bump(Counter::OffCpuKernelStackLost);
+    }
+    key
+}
+
+/// Keeps `stack` in an off-CPU stack map under `key` (or its second slot
+/// when the first holds another stack); returns the key used, or 0.
+#[inline(always)]
+fn keep_stack(map: &LruHashMap<u64, UserStack>, key: u64, stack: &UserStack) -> u64 {
     for slot in [key, key ^ SECOND_SLOT] {
         let slot = slot | 1;
-        match OFF_CPU_KERNEL_STACKS.get_ptr(slot) {
+        match map.get_ptr(slot) {
             // SAFETY: a map value; `check` is written with the stack.
-            Some(stored) if unsafe { (*stored).check } == scratch.check => return slot,
+            Some(stored) if unsafe { (*stored).check } == stack.check => return slot,
             Some(_) => continue,
             #[allow(clippy::needless_borrows_for_generic_args)]
-            None => match OFF_CPU_KERNEL_STACKS.insert(slot, &*scratch, BPF_NOEXIST) {
+            None => match map.insert(slot, stack, BPF_NOEXIST) {
                 Ok(()) => return slot,
                 Err(_) => continue,
             },
         }
     }
-    bump(Counter::OffCpuKernelStackLost);
-    0
-}
-
-/// Raw tracepoint `sys_exit`, run by every task at the end of every system
-/// call: cheap unless this task is the one that came back on this CPU with
-/// an off-CPU time. Then, if the user context is still the one it blocked
-/// in, its user stack is walked (same unwinder as CPU samples) and the time
-/// added.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn off_cpu_syscall_exit(ctx: RawTracePointContext) -> i32 {
-    let Some(slot) = OFF_CPU_RESUMED.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: no arguments.
-    let task = unsafe { generated::bpf_get_current_task() };
-    // SAFETY: per-CPU value.
-    unsafe {
-        if *slot != task {
-            return 0;
-        }
-        *slot = 0;
-    }
-    // SAFETY: a map value, copied out before its entry is removed.
-    let Some(start) = OFF_CPU_START.get_ptr(task).map(|s| unsafe { *s }) else {
-        return 0;
-    };
-    if start.flags & OFF_CPU_READY == 0 {
-        return 0;
-    }
-    let _ = OFF_CPU_START.remove(task);
-    let Some(config) = CONFIG.get(0).copied() else {
-        return 0;
-    };
-    let Some(state) = OFF_CPU_STATE.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU value of the off-CPU walks only (a CPU sample that
-    // interrupts this program has its own); the kernel does not nest this
-    // program on a CPU.
-    let state = unsafe { &mut *state };
-    if !saved_user_registers(state)
-        || state.regs[REG_RIP] != start.user_ip
-        || state.regs[REG_RSP] != start.user_sp
-    {
-        bump(Counter::OffCpuOutsideSyscall);
-        return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    state.tgid = (pid_tgid >> 32) as u32;
-    state.kernel_stack_id = NO_STACK;
-    state.set = config.active_set;
-    state.off_cpu_ns = start.waited_ns.max(1);
-    state.off_cpu_kernel_stack = start.kernel_stack;
-    state.thread_state = start.state;
-    start_walk(state, &config);
-    // SAFETY: as in `try_profile`.
-    unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
-    bump(Counter::UnwinderUnreachable);
-    let _ = count(state, NO_USER_STACK);
     0
 }
 

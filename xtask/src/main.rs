@@ -79,7 +79,7 @@ enum Task {
         /// target/bench/report.md.
         #[arg(long)]
         quick: bool,
-        /// One benchmark only: overhead, kernel-cost, footprint, startup,
+        /// One benchmark only: overhead, kernel-cost, off-cpu, footprint, startup,
         /// criterion, collector or symbolize (report in target/bench/report.md).
         #[arg(long, value_name = "NAME")]
         only: Option<String>,

@@ -2,7 +2,7 @@
 //! first (privileges, perf events, the kernel's sample-rate limit), the map
 //! sizes, the `on_exec` raw tracepoint, the `profile` program on the
 //! `cpu-clock` perf event of every online CPU, and the off-CPU programs on
-//! `sched_switch` and `sys_exit`.
+//! `sched_switch`.
 //!
 //! Every kernel refusal becomes an [`Error`] that names what the user must
 //! change: a missing capability ([`Error::MissingPrivilege`]) or a missing
@@ -40,14 +40,13 @@ static EBPF_OBJECT: &[u8] = &[];
 pub(super) const PROFILE_PROGRAM: &str = "profile";
 /// The user-stack unwinder, tail-called by `profile` and by itself.
 const UNWIND_PROGRAM: &str = "unwind_user";
-/// The same unwinder for off-CPU times (a raw tracepoint program).
-const OFF_CPU_UNWIND_PROGRAM: &str = "unwind_user_off_cpu";
 /// Threads leaving and coming back on a CPU (`sched_switch`), as a BTF
-/// tracepoint and, without BTF, a raw one.
+/// tracepoint and, without BTF, a raw one; and the unwinder each
+/// tail-calls (a program of its own kind).
 const OFF_CPU_SWITCH: &str = "off_cpu_switch";
+const OFF_CPU_UNWIND_PROGRAM: &str = "unwind_user_off_cpu";
 const OFF_CPU_SWITCH_RAW: &str = "off_cpu_switch_raw";
-/// The end of a system call: where an off-CPU time is recorded.
-const OFF_CPU_SYSCALL_EXIT: &str = "off_cpu_syscall_exit";
+const OFF_CPU_UNWIND_PROGRAM_RAW: &str = "unwind_user_off_cpu_raw";
 
 /// The loaded object with the maps the agent reads and writes, before the
 /// sampling program is attached.
@@ -65,8 +64,8 @@ pub(super) struct Loaded {
     pub filter: BpfHashMap<MapData, u32, u8>,
     pub ring: RingBuf<MapData>,
     pub logger: Option<super::announce::Logger>,
-    /// Holds the off-CPU unwinder in its program array (off-CPU on).
-    pub off_cpu_programs: Option<ProgramArray<MapData>>,
+    /// The off-CPU programs, loaded (off-CPU on).
+    pub off_cpu: Option<OffCpuPrograms>,
 }
 
 /// Checks what loading needs, loads the object, sizes and fills its maps,
@@ -108,6 +107,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         }
         loader.map_max_entries("OFF_CPU_START", 1);
         loader.map_max_entries("OFF_CPU_KERNEL_STACKS", 1);
+        loader.map_max_entries("OFF_CPU_USER_STACKS", 1);
     }
     let mut ebpf = loader
         .load(EBPF_OBJECT)
@@ -158,8 +158,8 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         .set(0, fd, 0)
         .map_err(|e| ebpf_error("filling the UNWIND_PROGS program array", e))?;
 
-    let off_cpu_programs = match options.off_cpu {
-        Some(_) => Some(load_off_cpu_unwinder(&mut ebpf)?),
+    let off_cpu = match options.off_cpu {
+        Some(_) => Some(load_off_cpu(&mut ebpf)?),
         None => None,
     };
 
@@ -210,42 +210,22 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         filter,
         ring,
         logger,
-        off_cpu_programs,
+        off_cpu,
     })
 }
 
-/// The off-CPU unwinder (`unwind_user` as a raw tracepoint program, loaded
-/// but not attached), in its program array.
-fn load_off_cpu_unwinder(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
-    let mut programs: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_UNWIND_PROGS")?;
-    let unwinder: &mut RawTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM)?;
-    unwinder
-        .load()
-        .map_err(|e| ebpf_error("loading the unwind_user_off_cpu program (verifier)", e))?;
-    let fd = unwinder
-        .fd()
-        .map_err(|e| ebpf_error("the unwind_user_off_cpu program's fd", e))?;
-    programs
-        .set(0, fd, 0)
-        .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
-    Ok(programs)
+/// The off-CPU programs, loaded: the `sched_switch` program of one kind
+/// (BTF or raw tracepoint) and its unwinder in the program array it
+/// tail-calls.
+pub(super) struct OffCpuPrograms {
+    /// Holds the unwinder for as long as it lives.
+    _unwinder: ProgramArray<MapData>,
+    btf: bool,
 }
 
-/// The off-CPU programs' links, detached at stop.
-pub(super) struct OffCpuLinks {
-    switch: Switch,
-    syscall_exit: aya::programs::raw_trace_point::RawTracePointLinkId,
-}
-
-/// `sched_switch` as a BTF tracepoint, or as a raw one without BTF.
-enum Switch {
-    Btf(aya::programs::tp_btf::BtfTracePointLinkId),
-    Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
-}
-
-/// Attaches the off-CPU programs: the end of system calls first (where
-/// times are recorded), then `sched_switch` (where they are taken).
-pub(super) fn attach_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuLinks> {
+/// Loads the off-CPU programs: as a BTF tracepoint, else (no BTF, or the
+/// kernel refuses it) as a raw one.
+fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
     // The thread's state at switch-out is an argument of the tracepoint
     // since Linux 5.18.
     if let Ok(version) = aya::util::KernelVersion::current() {
@@ -259,58 +239,86 @@ pub(super) fn attach_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuLinks> {
             });
         }
     }
-    let exit: &mut RawTracePoint = program(ebpf, OFF_CPU_SYSCALL_EXIT)?;
-    exit.load()
-        .map_err(|e| ebpf_error("loading the off_cpu_syscall_exit program (verifier)", e))?;
-    let syscall_exit = exit
-        .attach("sys_exit")
-        .map_err(|e| ebpf_error("attaching to the sys_exit raw tracepoint", e))?;
-    let btf = (|| {
+    let mut unwinder: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_UNWIND_PROGS")?;
+    let btf = (|| -> Result<i32> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error("reading the kernel's BTF", e))?;
-        let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
-        prog.load("sched_switch", &btf)
+        let unwind: &mut BtfTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM)?;
+        unwind
+            .load("sched_switch", &btf)
+            .map_err(|e| ebpf_error("loading the unwind_user_off_cpu program (verifier)", e))?;
+        let fd = unwind
+            .fd()
+            .map_err(|e| ebpf_error("the unwind_user_off_cpu program's fd", e))?;
+        unwinder
+            .set(0, fd, 0)
+            .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
+        let switch: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
+        switch
+            .load("sched_switch", &btf)
             .map_err(|e| ebpf_error("loading the off_cpu_switch program (verifier)", e))?;
-        prog.attach()
-            .map_err(|e| ebpf_error("attaching to the sched_switch BTF tracepoint", e))
+        Ok(0)
     })();
-    let switch = match btf {
-        Ok(link) => Switch::Btf(link),
-        Err(e) => {
-            tracing::warn!(
-                "{e}: off-CPU times through the raw sched_switch tracepoint, without kernel stacks"
-            );
-            let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
-            prog.load()
-                .map_err(|e| ebpf_error("loading the off_cpu_switch_raw program (verifier)", e))?;
-            Switch::Raw(
-                prog.attach("sched_switch")
-                    .map_err(|e| ebpf_error("attaching to the sched_switch raw tracepoint", e))?,
-            )
-        }
-    };
-    Ok(OffCpuLinks {
-        switch,
-        syscall_exit,
+    if let Err(e) = btf {
+        tracing::warn!("{e}: off-CPU times through the raw sched_switch tracepoint");
+        let unwind: &mut RawTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM_RAW)?;
+        unwind
+            .load()
+            .map_err(|e| ebpf_error("loading the unwind_user_off_cpu_raw program (verifier)", e))?;
+        let fd = unwind
+            .fd()
+            .map_err(|e| ebpf_error("the unwind_user_off_cpu_raw program's fd", e))?;
+        unwinder
+            .set(0, fd, 0)
+            .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
+        let switch: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
+        switch
+            .load()
+            .map_err(|e| ebpf_error("loading the off_cpu_switch_raw program (verifier)", e))?;
+        return Ok(OffCpuPrograms {
+            _unwinder: unwinder,
+            btf: false,
+        });
+    }
+    Ok(OffCpuPrograms {
+        _unwinder: unwinder,
+        btf: true,
     })
 }
 
-/// Detaches the off-CPU programs: `sched_switch` first, so no time is
-/// taken that nothing would record.
-pub(super) fn detach_off_cpu(ebpf: &mut Ebpf, links: OffCpuLinks) -> Result<()> {
-    match links.switch {
-        Switch::Btf(link) => {
+/// The off-CPU program's link, detached at stop.
+pub(super) enum OffCpuLink {
+    Btf(aya::programs::tp_btf::BtfTracePointLinkId),
+    Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
+}
+
+/// Attaches the loaded off-CPU program to `sched_switch`.
+pub(super) fn attach_off_cpu(ebpf: &mut Ebpf, loaded: &OffCpuPrograms) -> Result<OffCpuLink> {
+    if loaded.btf {
+        let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
+        prog.attach()
+            .map(OffCpuLink::Btf)
+            .map_err(|e| ebpf_error("attaching to the sched_switch BTF tracepoint", e))
+    } else {
+        let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
+        prog.attach("sched_switch")
+            .map(OffCpuLink::Raw)
+            .map_err(|e| ebpf_error("attaching to the sched_switch raw tracepoint", e))
+    }
+}
+
+/// Detaches the off-CPU program.
+pub(super) fn detach_off_cpu(ebpf: &mut Ebpf, link: OffCpuLink) -> Result<()> {
+    match link {
+        OffCpuLink::Btf(link) => {
             let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
             prog.detach(link)
         }
-        Switch::Raw(link) => {
+        OffCpuLink::Raw(link) => {
             let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
             prog.detach(link)
         }
     }
-    .map_err(|e| ebpf_error("detaching the sched_switch program", e))?;
-    let prog: &mut RawTracePoint = program(ebpf, OFF_CPU_SYSCALL_EXIT)?;
-    prog.detach(links.syscall_exit)
-        .map_err(|e| ebpf_error("detaching the sys_exit program", e))
+    .map_err(|e| ebpf_error("detaching the sched_switch program", e))
 }
 
 /// Loads the `profile` program and attaches it to the software `cpu-clock`

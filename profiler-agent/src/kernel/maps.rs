@@ -87,19 +87,7 @@ impl MapSet {
     /// further, so that the symbolizer's "return address minus one" looks
     /// up the instruction itself.
     fn user_frames(&self, key: u64) -> Option<UserFrames> {
-        let stack = self.user.get(&key, 0).ok()?;
-        let len = (stack.len as usize).min(MAX_USER_FRAMES);
-        let frames = stack.frames[..len]
-            .iter()
-            .map(|&ip| {
-                if ip & EXACT_PC_BIT != 0 {
-                    (ip & !EXACT_PC_BIT) + 1
-                } else {
-                    ip
-                }
-            })
-            .collect();
-        Some((frames, StackEnd::from_u32(stack.end)))
+        stack_frames(&self.user, key)
     }
 
     /// Frames of a stack id, leaf first; ids tagged with
@@ -116,10 +104,10 @@ impl MapSet {
 
     /// Reads every entry, then empties the set. Only called on the idle set.
     /// Off-CPU times (when `off_cpu` is on) are scaled back for the
-    /// switches it left out; their kernel stacks are in `kernel_stacks`.
+    /// switches it left out; their stacks are in `stacks`.
     pub(super) fn read_and_clear(
         &mut self,
-        off_cpu: Option<(&OffCpuOptions, &KernelStacks)>,
+        off_cpu: Option<(&OffCpuOptions, &OffCpuStacks)>,
     ) -> Result<RawWindow> {
         let mut entries: Vec<(StackKey, u64)> = Vec::new();
         for item in self.counts.iter() {
@@ -157,8 +145,9 @@ impl MapSet {
         }
         // Off-CPU times: stack quality and the sample counts above are
         // about CPU samples; a lost stack here shows as a shorter stack.
-        if let Some((options, kernel_stacks)) = off_cpu {
-            let mut waits: HashMap<u64, Vec<u64>> = HashMap::new();
+        if let Some((options, stacks)) = off_cpu {
+            let mut kernel_waits: HashMap<u64, Vec<u64>> = HashMap::new();
+            let mut user_waits: HashMap<u64, Option<UserFrames>> = HashMap::new();
             for (key, ns) in &times {
                 let stack = StackKey {
                     tgid: key.tgid,
@@ -170,12 +159,25 @@ impl MapSet {
                     &stack,
                     *ns,
                     |_| None,
-                    |k| user.entry(k).or_insert_with(|| self.user_frames(k)).clone(),
+                    |k| {
+                        user_waits
+                            .entry(k)
+                            .or_insert_with(|| stack_frames(&stacks.user, k))
+                            .clone()
+                    },
                 );
                 if key.kernel_stack != 0 {
-                    sample.kernel = waits
+                    sample.kernel = kernel_waits
                         .entry(key.kernel_stack)
-                        .or_insert_with(|| kernel_stacks.frames(key.kernel_stack))
+                        .or_insert_with(|| {
+                            // Kernel addresses as they are: their top bit
+                            // is not `EXACT_PC_BIT`.
+                            stacks
+                                .kernel
+                                .get(&key.kernel_stack, 0)
+                                .map(|s| s.frames[..(s.len as usize).min(MAX_USER_FRAMES)].to_vec())
+                                .unwrap_or_default()
+                        })
                         .clone();
                 }
                 sample.sample_type = SampleType::OffCpu;
@@ -205,18 +207,33 @@ impl MapSet {
     }
 }
 
-/// The kernel stacks of off-CPU waits (`OFF_CPU_KERNEL_STACKS`): shared
-/// by both sets and never cleared (least recently used entries go).
-pub(super) struct KernelStacks(pub BpfHashMap<MapData, u64, UserStack>);
+/// The stacks of off-CPU waits (`OFF_CPU_USER_STACKS`,
+/// `OFF_CPU_KERNEL_STACKS`): shared by both sets and never cleared (least
+/// recently used entries go), as a wait can span windows.
+pub(super) struct OffCpuStacks {
+    pub user: BpfHashMap<MapData, u64, UserStack>,
+    pub kernel: BpfHashMap<MapData, u64, UserStack>,
+}
 
-impl KernelStacks {
-    /// Frames of a kernel stack, leaf first; empty when it is gone.
-    fn frames(&self, key: u64) -> Vec<u64> {
-        self.0
-            .get(&key, 0)
-            .map(|s| s.frames[..(s.len as usize).min(MAX_USER_FRAMES)].to_vec())
-            .unwrap_or_default()
-    }
+/// Frames of a stack in a user-stack map (leaf first) and how its walk
+/// ended. A frame the program marked exact ([`EXACT_PC_BIT`]: a signal
+/// trampoline, the code a signal interrupted) is returned one byte
+/// further, so that the symbolizer's "return address minus one" looks up
+/// the instruction itself.
+fn stack_frames(map: &BpfHashMap<MapData, u64, UserStack>, key: u64) -> Option<UserFrames> {
+    let stack = map.get(&key, 0).ok()?;
+    let len = (stack.len as usize).min(MAX_USER_FRAMES);
+    let frames = stack.frames[..len]
+        .iter()
+        .map(|&ip| {
+            if ip & EXACT_PC_BIT != 0 {
+                (ip & !EXACT_PC_BIT) + 1
+            } else {
+                ip
+            }
+        })
+        .collect();
+    Some((frames, StackEnd::from_u32(stack.end)))
 }
 
 /// Writes the program's settings (active set, filters).

@@ -56,9 +56,9 @@ pub struct KernelSource {
     attached_cpus: usize,
     links: Vec<PerfEventLinkId>,
     /// Off-CPU recording, when on: its settings, kernel stacks and links.
-    off_cpu: Option<(OffCpuOptions, maps::KernelStacks)>,
-    off_cpu_links: Option<load::OffCpuLinks>,
-    _off_cpu_programs: Option<ProgramArray<MapData>>,
+    off_cpu: Option<(OffCpuOptions, maps::OffCpuStacks)>,
+    off_cpu_link: Option<load::OffCpuLink>,
+    _off_cpu_programs: Option<load::OffCpuPrograms>,
     announcer: Announcer,
 }
 
@@ -78,14 +78,16 @@ impl KernelSource {
         for pid in &options.pids {
             announce::load_process(*pid, &processes, &unwind);
         }
-        let (off_cpu, off_cpu_links) = match options.off_cpu {
-            Some(off_cpu) => {
-                let stacks =
-                    maps::KernelStacks(load::take_map(&mut loaded.ebpf, "OFF_CPU_KERNEL_STACKS")?);
-                let links = load::attach_off_cpu(&mut loaded.ebpf)?;
-                (Some((off_cpu, stacks)), Some(links))
+        let (off_cpu, off_cpu_link) = match (options.off_cpu, &loaded.off_cpu) {
+            (Some(off_cpu), Some(programs)) => {
+                let stacks = maps::OffCpuStacks {
+                    user: load::take_map(&mut loaded.ebpf, "OFF_CPU_USER_STACKS")?,
+                    kernel: load::take_map(&mut loaded.ebpf, "OFF_CPU_KERNEL_STACKS")?,
+                };
+                let link = load::attach_off_cpu(&mut loaded.ebpf, programs)?;
+                (Some((off_cpu, stacks)), Some(link))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
         drop(loaded.filter);
@@ -103,8 +105,8 @@ impl KernelSource {
             attached_cpus: links.len(),
             links,
             off_cpu,
-            off_cpu_links,
-            _off_cpu_programs: loaded.off_cpu_programs,
+            off_cpu_link,
+            _off_cpu_programs: loaded.off_cpu,
             announcer,
         };
         let (verified, size) = source.program_info().unwrap_or_default();
@@ -180,8 +182,8 @@ impl SampleSource for KernelSource {
     /// readable so the final [`SampleSource::drain_all`] leaves nothing
     /// behind.
     fn stop(&mut self) -> Result<()> {
-        if let Some(links) = self.off_cpu_links.take() {
-            load::detach_off_cpu(&mut self.ebpf, links)?;
+        if let Some(link) = self.off_cpu_link.take() {
+            load::detach_off_cpu(&mut self.ebpf, link)?;
         }
         let links = std::mem::take(&mut self.links);
         load::detach_sampling(&mut self.ebpf, links)

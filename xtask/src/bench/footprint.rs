@@ -303,7 +303,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// User + system CPU seconds of a process (all its threads).
-fn proc_cpu(pid: libc::pid_t) -> Result<f64> {
+pub(crate) fn proc_cpu(pid: libc::pid_t) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);

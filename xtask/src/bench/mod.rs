@@ -6,6 +6,9 @@
 //!   (`overhead.rs`).
 //! - `kernel-cost`: the kernel's own run_time_ns / run_cnt of the agent's
 //!   perf_event program at about 5, 30 and 120 frames (`overhead.rs`).
+//! - `off-cpu`: what `--off-cpu` adds (agent CPU, kernel time of all the
+//!   agent's programs) at about 10 k and 50 k context switches a second
+//!   (`offcpu.rs`).
 //! - `footprint`: the always-on agent's CPU and peak RSS on a busy host with
 //!   ~200 processes, some spawned continuously (`footprint.rs`).
 //! - `startup`: exec of the agent to its program attached on every CPU
@@ -21,6 +24,7 @@
 //! `target/bench/report.md` instead, so a smoke run never replaces the report.
 //! `cargo xtask test` ends with [`smoke`]: `--quick` on the debug binaries.
 mod footprint;
+mod offcpu;
 mod overhead;
 mod suites;
 
@@ -42,9 +46,10 @@ use profiler_testkit::median;
 use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root, Needs};
 
 /// The benchmarks, in the order they run; `--only` names one.
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 8] = [
     "overhead",
     "kernel-cost",
+    "off-cpu",
     "footprint",
     "startup",
     "criterion",
@@ -237,6 +242,7 @@ pub fn bench(opts: Options) -> Result<()> {
         let section = match *name {
             "overhead" => overhead::overhead(&ctx, &mut figures)?,
             "kernel-cost" => overhead::kernel_cost(&ctx, &mut figures)?,
+            "off-cpu" => offcpu::off_cpu(&ctx)?,
             "footprint" => footprint::footprint(&ctx, &mut figures)?,
             "startup" => footprint::startup(&ctx, &mut figures)?,
             "criterion" => suites::criterion(&ctx)?,
@@ -308,7 +314,7 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
     // features of about 20 dependencies differ.
     args.extend(WORKSPACE);
     args.push("--examples");
-    if ["overhead", "kernel-cost", "footprint", "startup"]
+    if ["overhead", "kernel-cost", "off-cpu", "footprint", "startup"]
         .iter()
         .any(|b| wants(b))
     {
@@ -334,7 +340,7 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
     if wants("criterion") {
         suites::build_criterion(ctx)?;
     }
-    if ["overhead", "kernel-cost", "footprint"]
+    if ["overhead", "kernel-cost", "off-cpu", "footprint"]
         .iter()
         .any(|b| wants(b))
     {
@@ -353,6 +359,8 @@ pub(crate) struct Workloads {
     gowork: PathBuf,
     /// `tick PERIOD_MS WORK_US`: wakes, works a little, sleeps; forever.
     tick: PathBuf,
+    /// `switch THREADS WAIT_US`: threads that each wait in a loop; forever.
+    switch: PathBuf,
 }
 
 fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
@@ -363,15 +371,17 @@ fn build_workloads(root: &Path, dir: &Path) -> Result<Workloads> {
         sys: dir.join("sys"),
         gowork: dir.join("gowork"),
         tick: dir.join("tick"),
+        switch: dir.join("switch"),
     };
     for (c, bin) in [
         ("work.c", &bins.work),
         ("sys.c", &bins.sys),
         ("tick.c", &bins.tick),
+        ("switch.c", &bins.switch),
     ] {
         super::status(
             Command::new("gcc")
-                .args(["-O0", "-fno-omit-frame-pointer", "-o"])
+                .args(["-O0", "-fno-omit-frame-pointer", "-pthread", "-o"])
                 .arg(bin)
                 .arg(src.join(c)),
         )?;
@@ -900,11 +910,42 @@ impl Drop for AgentRun {
 
 /// A perf_event program loaded in the kernel: id, run time and count (the
 /// last two only with kernel.bpf_stats_enabled=1).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct ProgStats {
     id: u64,
+    /// The program's name as the kernel keeps it (15 characters at most).
+    name: String,
     run_time_ns: u64,
     run_cnt: u64,
+}
+
+/// Every program `bpftool prog show` lists, with its `bpf_stats` figures.
+fn bpf_progs_all() -> Result<Vec<ProgStats>> {
+    let text = output("bpftool", &["prog", "show"]).context("bpftool prog show failed")?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let field = |name: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == name)
+                    .and_then(|i| words.get(i + 1)?.parse::<u64>().ok())
+            };
+            let name = words
+                .iter()
+                .position(|w| *w == "name")
+                .and_then(|i| words.get(i + 1))
+                .map_or(String::new(), |n| n.to_string());
+            Some(ProgStats {
+                id: words.first()?.trim_end_matches(':').parse().ok()?,
+                name,
+                run_time_ns: field("run_time_ns").unwrap_or(0),
+                run_cnt: field("run_cnt").unwrap_or(0),
+            })
+        })
+        .collect())
 }
 
 /// The perf_event programs named `profile` (the agent's), from `bpftool prog
@@ -931,6 +972,7 @@ fn bpf_progs() -> Result<Vec<ProgStats>> {
         if is_profile {
             progs.push(ProgStats {
                 id,
+                name: "profile".into(),
                 run_time_ns: field("run_time_ns").unwrap_or(0),
                 run_cnt: field("run_cnt").unwrap_or(0),
             });

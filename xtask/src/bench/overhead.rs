@@ -374,12 +374,12 @@ pub(crate) fn overhead(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
 }
 
 /// Restores kernel.bpf_stats_enabled when dropped.
-struct BpfStats {
+pub(crate) struct BpfStats {
     old: String,
 }
 
 impl BpfStats {
-    fn enable() -> Result<Self> {
+    pub(crate) fn enable() -> Result<Self> {
         let path = "/proc/sys/kernel/bpf_stats_enabled";
         let old = fs::read_to_string(path).context("cannot read kernel.bpf_stats_enabled")?;
         fs::write(path, "1").context("cannot set kernel.bpf_stats_enabled=1")?;
@@ -420,7 +420,7 @@ fn folded_depth(path: &Path) -> Option<usize> {
 }
 
 /// Kills the spinning workers of one depth when dropped.
-struct Workers(Vec<Child>);
+pub(crate) struct Workers(pub Vec<Child>);
 
 impl Drop for Workers {
     fn drop(&mut self) {
