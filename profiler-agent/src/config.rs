@@ -46,11 +46,10 @@ pub struct OffCpuOptions {
 
 /// Default `--off-cpu-min`.
 pub const DEFAULT_OFF_CPU_MIN: Duration = Duration::from_micros(500);
-/// `run`'s default `--off-cpu-sample`: 5 % of context switches timed.
-/// Each wait recorded costs a kernel stack read and a user stack walk
-/// (about 5 µs on the benchmark machine); at 5 % a host with 50,000 long
-/// waits a second stays near 1.5 % of a core, and a usual one (~10,000
-/// switches a second, most waits short) well under 0.5 % (docs/benchmarks.md).
+/// `run --off-cpu`'s default `--off-cpu-sample`: 5 % of context switches
+/// timed. A timed switch costs a kernel stack read and a user stack walk
+/// (about 5 µs on the benchmark machine), an untimed one under 1 µs
+/// (docs/benchmarks.md).
 pub const RUN_OFF_CPU_SAMPLE: f64 = 0.05;
 
 impl Default for OffCpuOptions {

@@ -234,7 +234,7 @@ fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
                 feature: "off-CPU recording",
                 detail: format!(
                     "Linux {version} passes no thread state to sched_switch (5.18 does); \
-                     run with --no-off-cpu"
+                     run without --off-cpu"
                 ),
             });
         }

@@ -31,7 +31,7 @@ const MODES: [(&str, &[&str]); 3] = [
         &["--off-cpu"],
     ),
     (
-        "+ off-CPU, 5 % of switches (`run`'s default)",
+        "+ off-CPU, 5 % of switches (`run --off-cpu`)",
         &["--off-cpu", "--off-cpu-sample", "0.05"],
     ),
 ];
@@ -113,13 +113,13 @@ pub(crate) fn off_cpu(ctx: &Ctx) -> Result<String> {
         "\n## Off-CPU recording\n\n\
          What off-CPU recording adds to `record -F 19` of the whole host, while threads that \
          each wait in a loop (`switch`) make the host switch context: waits of 100 µs (below \
-         the 500 µs threshold: timed, not recorded) and of 1 ms (each one recorded: a kernel \
-         stack read and a user stack walk, the worst case). *Agent* is its CPU time, *kernel* \
+         the 500 µs threshold: not recorded) and of 1 ms (each one recorded). Stacks are \
+         taken when a thread leaves the CPU, so every timed switch costs a kernel stack read \
+         and a user stack walk, however long the wait. *Agent* is its CPU time, *kernel* \
          the run time of all its eBPF programs (`bpf_stats`), both in % of one core, over {} s \
          after start-up.\n\n\
-         *Programs* gives each program that ran: runs a second and mean ns a run (the \
-         `sys_exit` one runs at every system call of the host; its cost per run is what \
-         other syscall rates cost).\n\n\
+         *Programs* gives each program that ran: runs a second and mean ns a run \
+         (`off_cpu_switch` runs at every context switch; a timed one costs a stack walk).\n\n\
          | load | recording | switches/s measured | agent % | kernel % | total % | programs |\n\
          |---|---|---:|---:|---:|---:|---|",
         ctx.plan.cost_seconds * 2
