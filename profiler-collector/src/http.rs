@@ -15,6 +15,7 @@
 //! | `GET /api/v1/top` | top-N functions, self and total (JSON) |
 //! | `GET /api/v1/quality` | the share of complete stacks, and of cut ones by reason (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
+//! | `GET /api/v1/contention` | lock contention: futex waits of the `off_cpu` profile by lock site, and Go's on-CPU lock spinning (JSON) |
 //!
 //! Selections: `type=` the sample type (default `cpu`; a type with no data
 //! in the range gives an empty answer), `query={name="value",...}` (all
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/top", get(top))
         .route("/api/v1/quality", get(quality))
         .route("/api/v1/diff.svg", get(diff))
+        .route("/api/v1/contention", get(contention))
         .with_state(state)
 }
 
@@ -245,6 +247,64 @@ async fn top(State(state): State<AppState>, Query(params): Params) -> Response {
         .into_response(),
         Err(r) => r,
     }
+}
+
+/// The contention preset: the selection's `off_cpu` time waiting in a
+/// futex, by lock site (`n` of them, default 10), and the share of its
+/// `cpu` samples spinning in Go's locks.
+async fn contention(State(state): State<AppState>, Query(params): Params) -> Response {
+    let n = match top_n(&params) {
+        Ok(n) => n,
+        Err(e) => return BadRequest(e).into_response(),
+    };
+    let with_type = |t: &str| {
+        let mut p = params.clone();
+        p.insert("type".to_string(), t.to_string());
+        p
+    };
+    let off = match profile_for(&state, &with_type(crate::model::OFF_CPU), "").await {
+        Ok((_, profile, _)) => profile,
+        Err(r) => return r,
+    };
+    let cpu = match profile_for(&state, &with_type(crate::model::CPU), "").await {
+        Ok((_, profile, _)) => profile,
+        Err(r) => return r,
+    };
+    let view = crate::contention::contention(&off, n);
+    let share = |part: u64, whole: u64| (whole > 0).then(|| part as f64 / whole as f64);
+    let sites: Vec<serde_json::Value> = view
+        .sites
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "site": s.site,
+                "stack": s.stack,
+                "wait_ns": s.wait,
+                "share": share(s.wait, view.futex_wait),
+            })
+        })
+        .collect();
+    let functions: Vec<serde_json::Value> = view
+        .functions
+        .iter()
+        .map(|(f, w)| serde_json::json!({"function": f, "wait_ns": w, "share": share(*w, view.futex_wait)}))
+        .collect();
+    let cpu_total = cpu.total();
+    let spin: Vec<serde_json::Value> = crate::contention::go_lock_spin(&cpu)
+        .into_iter()
+        .map(
+            |(f, v)| serde_json::json!({"function": f, "samples": v, "share": share(v, cpu_total)}),
+        )
+        .collect();
+    Json(serde_json::json!({
+        "off_cpu_ns": view.total,
+        "futex_wait_ns": view.futex_wait,
+        "sites": sites,
+        "functions": functions,
+        "cpu_samples": cpu_total,
+        "go_lock_spin": spin,
+    }))
+    .into_response()
 }
 
 /// Stack quality of the selection: `total`, `complete` and `cut` values

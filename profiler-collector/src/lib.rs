@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod contention;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

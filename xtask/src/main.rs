@@ -852,7 +852,7 @@ fn clippy() -> Result<()> {
 /// The targets in fuzz/fuzz_targets/ (docs/collector.md, "Fuzzing").
 const FUZZ_TARGETS: [&str; 3] = ["batch_validate", "parse_folded", "query_params"];
 /// How long CI runs each fuzz target.
-const CI_FUZZ_SECONDS: u64 = 5;
+const CI_FUZZ_SECONDS: u64 = 3;
 
 /// Builds the fuzz targets and runs each for `seconds`. A panic or failed
 /// invariant makes libFuzzer exit non-zero (failing this step) and leaves the

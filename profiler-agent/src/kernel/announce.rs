@@ -23,6 +23,9 @@ use crate::{process::ProcessCache, Error, Result};
 
 pub(super) type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
+/// How often the idle loader looks at the stop flag.
+const LOADER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The running announcer and loader threads; [`Announcer::stop`] (or
 /// dropping it) ends them within the announcer's 100 ms poll and the
 /// table being built.
@@ -30,6 +33,8 @@ pub(super) struct Announcer {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     loader: Option<JoinHandle<()>>,
+    /// Requests to the loader, from elsewhere than the ring buffer.
+    to_loader: mpsc::Sender<NewPid>,
 }
 
 impl Announcer {
@@ -42,12 +47,21 @@ impl Announcer {
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (to_loader, requests) = mpsc::channel::<NewPid>();
+        let requests_from_elsewhere = to_loader.clone();
         let loader = {
             let processes = processes.clone();
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name("unwind-loader".into())
                 .spawn(move || {
-                    for event in requests {
+                    // Senders outlive the announcer (the process events'
+                    // hook holds one): the stop flag ends the loop.
+                    while !stop.load(Ordering::Relaxed) {
+                        let event = match requests.recv_timeout(LOADER_POLL) {
+                            Ok(event) => event,
+                            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        };
                         load_tables(event.tgid, &processes, &unwind);
                         if event.reason == announce::REFRESH {
                             lock(&unwind).refreshed(event.tgid);
@@ -67,7 +81,38 @@ impl Announcer {
             stop,
             handle: Some(handle),
             loader: Some(loader),
+            to_loader: requests_from_elsewhere,
         })
+    }
+
+    /// Reads the mappings of loaded processes that mapped new executable
+    /// code again, and reloads them into the program's maps, so their
+    /// first walks into a new library find it (the process events say so
+    /// within 100 ms; the program's own `do_mmap` hook needs BPF
+    /// trampolines, which not every kernel allows).
+    pub(super) fn refresh_on_mappings(
+        &self,
+        events: &crate::process::events::ProcessEvents,
+        processes: Arc<Mutex<ProcessCache>>,
+        unwind: Arc<Mutex<UnwindMaps>>,
+    ) {
+        let to_loader = Mutex::new(self.to_loader.clone());
+        // Weak: the process cache owns the events, which own this hook.
+        let (processes, unwind) = (Arc::downgrade(&processes), Arc::downgrade(&unwind));
+        events.on_executable_mappings(Box::new(move |pids: &[u32]| {
+            let (Some(processes), Some(unwind)) = (processes.upgrade(), unwind.upgrade()) else {
+                return;
+            };
+            for &pid in pids {
+                if !lock(&unwind).has_process(pid) || !lock(&processes).observe(pid) {
+                    continue;
+                }
+                let _ = lock(&to_loader).send(NewPid {
+                    tgid: pid,
+                    reason: announce::NEW,
+                });
+            }
+        }));
     }
 
     /// Stops the threads and waits for them.
@@ -76,7 +121,7 @@ impl Announcer {
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }
-        // The announcer dropped the channel's sender: the loader ends.
+        // The loader sees the stop flag within its poll.
         if let Some(loader) = self.loader.take() {
             let _ = loader.join();
         }

@@ -70,3 +70,70 @@ fn sleeps_split_by_the_function_that_waited() {
         0
     );
 }
+
+/// The stacks of `process` in the agent's profile, as the collector holds
+/// them when a selection picks that process.
+fn as_stored(
+    profile: &profiler_agent::fold::FoldedProfile,
+    process: &str,
+) -> profiler_collector::model::Profile {
+    let mut stored = profiler_collector::model::Profile::default();
+    for (stack, value) in profile.iter() {
+        if stack.split(';').next() == Some(process) {
+            stored.add(stack, value);
+        }
+    }
+    stored
+}
+
+#[test]
+fn lock_waits_are_found_at_their_lock_site() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let bin = workload("offcpu");
+    let mut opts = options(Vec::new(), 5.0, 99);
+    // Every wait, however short: the total is compared with the workload's.
+    opts.sampler.off_cpu = Some(OffCpuOptions {
+        min_block: std::time::Duration::ZERO,
+        sample: 1.0,
+    });
+    let (rec, out) = record_with(&opts, || {
+        std::process::Command::new(&bin)
+            .args(["mutex", "3", "3"])
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "workload failed: {out:?}");
+    let measured: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let off = rec
+        .other_profiles
+        .get(&SampleType::OffCpu)
+        .expect("an off-CPU profile");
+    let view = profiler_collector::contention::contention(&as_stored(off, "offcpu"), 5);
+    let stacks = dump(off, "offcpu");
+    let top = view
+        .functions
+        .first()
+        .unwrap_or_else(|| panic!("no futex waits found:\n{stacks}"));
+    assert_eq!(top.0, "take_lock", "{view:?}\n{stacks}");
+    let take_lock = top.1;
+    let ratio = take_lock as f64 / measured as f64;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "futex waits at take_lock {:.3} s, the workload measured {:.3} s of waiting \
+         ({:.1} %):\n{stacks}",
+        take_lock as f64 / 1e9,
+        measured as f64 / 1e9,
+        ratio * 100.0
+    );
+    assert!(
+        view.sites[0]
+            .stack
+            .starts_with(&["start_thread".to_string()])
+            || view.sites[0].stack.iter().any(|f| f == "contender"),
+        "the lock site's stack reaches the thread's function: {:?}",
+        view.sites[0].stack
+    );
+}

@@ -4,8 +4,15 @@
 //     One thread sleeps 3 ms in sleep_long, then 1 ms in sleep_short, in
 //     turn: its time off the CPU splits 3:1 between the two stacks.
 //
+//   offcpu mutex SECONDS THREADS
+//     After half a second (a service that has started), THREADS threads
+//     take one pthread mutex in take_lock and hold it for about 1 ms of
+//     work in hold_lock, in a loop. At exit it prints the nanoseconds all
+//     threads spent waiting in pthread_mutex_lock, as it measured them.
+//
 // Built with -O2 and no frame pointers: the stacks are unwound from the
 // registers saved at the system call.
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,11 +50,59 @@ __attribute__((noinline)) void sleeper(double seconds) {
     __asm__ volatile("" ::: "memory");
 }
 
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static double mutex_end;
+static long long waited_ns;
+
+__attribute__((noinline)) void hold_lock(void) {
+    double until = now() + 0.001;
+    volatile unsigned long acc = 1;
+    while (now() < until)
+        for (int i = 0; i < 1000; i++)
+            acc = acc * 6364136223846793005UL + 1;
+    __asm__ volatile("" ::: "memory");
+}
+
+// Returns the nanoseconds it waited for the lock.
+__attribute__((noinline)) long long take_lock(void) {
+    double before = now();
+    pthread_mutex_lock(&lock);
+    long long waited = (long long)((now() - before) * 1e9);
+    __asm__ volatile("" ::: "memory");
+    return waited;
+}
+
+__attribute__((noinline)) void *contender(void *arg) {
+    long long mine = 0;
+    (void)arg;
+    while (now() < mutex_end) {
+        mine += take_lock();
+        hold_lock();
+        pthread_mutex_unlock(&lock);
+    }
+    __atomic_add_fetch(&waited_ns, mine, __ATOMIC_RELAXED);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "mutex") == 0) {
+        int threads = atoi(argv[3]);
+        pthread_t t[64];
+        if (threads < 1 || threads > 64)
+            return 2;
+        sleep_ns(500000000);
+        mutex_end = now() + atof(argv[2]);
+        for (int i = 0; i < threads; i++)
+            pthread_create(&t[i], 0, contender, 0);
+        for (int i = 0; i < threads; i++)
+            pthread_join(t[i], 0);
+        printf("%lld\n", waited_ns);
+        return 0;
+    }
     if (argc == 3 && strcmp(argv[1], "sleep") == 0) {
         sleeper(atof(argv[2]));
         return 0;
     }
-    fprintf(stderr, "usage: offcpu sleep SECONDS\n");
+    fprintf(stderr, "usage: offcpu sleep SECONDS | offcpu mutex SECONDS THREADS\n");
     return 2;
 }

@@ -124,13 +124,19 @@ pub(crate) fn off_cpu(ctx: &Ctx) -> Result<String> {
          |---|---|---:|---:|---:|---:|---|",
         ctx.plan.cost_seconds * 2
     )?;
-    for (label, threads, wait_us) in LOADS {
+    // A quick run measures one load, with and without off-CPU recording.
+    let (loads, modes) = if ctx.plan.quick {
+        (&LOADS[1..2], &MODES[..2])
+    } else {
+        (&LOADS[..], &MODES[..])
+    };
+    for &(label, threads, wait_us) in loads {
         let workers = Workers(vec![Command::new(&ctx.bins().switch)
             .args([threads.to_string(), wait_us.to_string()])
             .spawn()
             .context("starting the switch workload")?]);
         std::thread::sleep(Duration::from_millis(300));
-        for (mode, flags) in MODES {
+        for &(mode, flags) in modes {
             step(&format!("off-cpu: {label}, {mode}"));
             let m = measure(ctx, flags)?;
             let programs: Vec<String> = m
