@@ -33,8 +33,6 @@ pub(super) struct Announcer {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     loader: Option<JoinHandle<()>>,
-    /// Requests to the loader, from elsewhere than the ring buffer.
-    to_loader: mpsc::Sender<NewPid>,
 }
 
 impl Announcer {
@@ -47,15 +45,14 @@ impl Announcer {
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (to_loader, requests) = mpsc::channel::<NewPid>();
-        let requests_from_elsewhere = to_loader.clone();
         let loader = {
             let processes = processes.clone();
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("unwind-loader".into())
                 .spawn(move || {
-                    // Senders outlive the announcer (the process events'
-                    // hook holds one): the stop flag ends the loop.
+                    // The stop flag ends the loop without waiting for the
+                    // queued loads: sampling has stopped.
                     while !stop.load(Ordering::Relaxed) {
                         let event = match requests.recv_timeout(LOADER_POLL) {
                             Ok(event) => event,
@@ -81,38 +78,7 @@ impl Announcer {
             stop,
             handle: Some(handle),
             loader: Some(loader),
-            to_loader: requests_from_elsewhere,
         })
-    }
-
-    /// Reads the mappings of loaded processes that mapped new executable
-    /// code again, and reloads them into the program's maps, so their
-    /// first walks into a new library find it (the process events say so
-    /// within 100 ms; the program's own `do_mmap` hook needs BPF
-    /// trampolines, which not every kernel allows).
-    pub(super) fn refresh_on_mappings(
-        &self,
-        events: &crate::process::events::ProcessEvents,
-        processes: Arc<Mutex<ProcessCache>>,
-        unwind: Arc<Mutex<UnwindMaps>>,
-    ) {
-        let to_loader = Mutex::new(self.to_loader.clone());
-        // Weak: the process cache owns the events, which own this hook.
-        let (processes, unwind) = (Arc::downgrade(&processes), Arc::downgrade(&unwind));
-        events.on_executable_mappings(Box::new(move |pids: &[u32]| {
-            let (Some(processes), Some(unwind)) = (processes.upgrade(), unwind.upgrade()) else {
-                return;
-            };
-            for &pid in pids {
-                if !lock(&unwind).has_process(pid) || !lock(&processes).observe(pid) {
-                    continue;
-                }
-                let _ = lock(&to_loader).send(NewPid {
-                    tgid: pid,
-                    reason: announce::NEW,
-                });
-            }
-        }));
     }
 
     /// Stops the threads and waits for them.

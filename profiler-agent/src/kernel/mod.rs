@@ -70,7 +70,7 @@ impl KernelSource {
         // The kernel's record of every exec and executable mapping, from
         // before the first sample: processes gone before their maps are
         // read are still named.
-        let events = start_process_events(&processes);
+        start_process_events(&processes);
         let unwind = Arc::new(Mutex::new(loaded.unwind));
         // Processes named on the command line are loaded before the first
         // sample; the others at their first sample (walked with frame
@@ -91,15 +91,7 @@ impl KernelSource {
         };
         let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
         drop(loaded.filter);
-        let announcer = Announcer::spawn(
-            loaded.ring,
-            loaded.logger,
-            processes.clone(),
-            unwind.clone(),
-        )?;
-        if let Some(events) = &events {
-            announcer.refresh_on_mappings(events, processes, unwind.clone());
-        }
+        let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes, unwind.clone())?;
         let source = Self {
             ebpf: loaded.ebpf,
             sets: loaded.sets,
@@ -149,26 +141,19 @@ impl KernelSource {
 /// Starts reading the kernel's process events into `processes`; without
 /// them (no perf events for every process), short-lived processes may stay
 /// unnamed, which is logged.
-fn start_process_events(processes: &Mutex<ProcessCache>) -> Option<Arc<ProcessEvents>> {
+fn start_process_events(processes: &Mutex<ProcessCache>) {
     let started = aya::util::online_cpus()
         .map_err(|(_, e)| e)
         .and_then(|cpus| ProcessEvents::start(&cpus, DEFAULT_MAX_LOGGED_PROCESSES));
     match started {
-        Ok(events) => {
-            let events = Arc::new(events);
-            processes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_events(events.clone());
-            Some(events)
-        }
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "cannot read process events: processes that exit within milliseconds may stay unnamed"
-            );
-            None
-        }
+        Ok(events) => processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_events(Arc::new(events)),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot read process events: processes that exit within milliseconds may stay unnamed"
+        ),
     }
 }
 

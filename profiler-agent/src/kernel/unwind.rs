@@ -352,11 +352,6 @@ impl UnwindMaps {
 
     /// Marks a process announced again after a refresh, so its next walk
     /// that leaves its mappings asks again.
-    /// Whether process `pid`'s mappings are in the program's maps.
-    pub fn has_process(&self, pid: u32) -> bool {
-        self.processes.contains_key(&pid)
-    }
-
     pub fn refreshed(&mut self, pid: u32) {
         let _ = self
             .known_pids

@@ -452,28 +452,17 @@ fn record_time(record: &Record) -> u64 {
         .unwrap_or(0)
 }
 
-/// Told the processes that mapped executable code in a catch-up.
-pub type MappedHook = Box<dyn Fn(&[u32]) + Send>;
-
 struct State {
     rings: Vec<Sampler>,
     log: ProcessLog,
     /// Records of one catch-up, put in time order across CPUs (a process
     /// can exec on one CPU and map its libraries on another).
     batch: Vec<(u64, Event)>,
-    /// Processes that mapped executable code since the read loop last told
-    /// the hook.
-    mapped: Vec<u32>,
 }
 
 impl State {
     fn catch_up(&mut self) {
-        let State {
-            rings,
-            log,
-            batch,
-            mapped,
-        } = self;
+        let State { rings, log, batch } = self;
         for ring in rings.iter_mut() {
             while let Some(record) = ring.next_record() {
                 let time = record_time(&record);
@@ -485,11 +474,6 @@ impl State {
         batch.sort_by_key(|(time, _)| *time);
         let now = Instant::now();
         for (_, event) in batch.drain(..) {
-            if let Event::Mmap { pid, .. } = &event {
-                if !mapped.contains(pid) {
-                    mapped.push(*pid);
-                }
-            }
             log.apply(event, now);
         }
         log.expire(now);
@@ -500,7 +484,6 @@ impl State {
 /// drains them, and [`ProcessEvents::snapshot`] catches up first.
 pub struct ProcessEvents {
     state: Arc<Mutex<State>>,
-    hook: Arc<Mutex<Option<MappedHook>>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -543,19 +526,16 @@ impl ProcessEvents {
             rings,
             log: ProcessLog::new(max_processes),
             batch: Vec::new(),
-            mapped: Vec::new(),
         }));
-        let hook: Arc<Mutex<Option<MappedHook>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
-            let (state, stop, hook) = (state.clone(), stop.clone(), hook.clone());
+            let (state, stop) = (state.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("process-events".into())
-                .spawn(move || read_loop(&state, &hook, &stop))?
+                .spawn(move || read_loop(&state, &stop))?
         };
         Ok(Self {
             state,
-            hook,
             stop,
             handle: Some(handle),
         })
@@ -571,12 +551,6 @@ impl ProcessEvents {
     pub fn stats(&self) -> LogStats {
         lock(&self.state).log.stats()
     }
-
-    /// Calls `hook` with the processes that mapped executable code (a
-    /// library loaded, `dlopen`), within the read loop's poll interval.
-    pub fn on_executable_mappings(&self, hook: MappedHook) {
-        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
-    }
 }
 
 impl Drop for ProcessEvents {
@@ -588,9 +562,7 @@ impl Drop for ProcessEvents {
     }
 }
 
-/// Reads the rings as records come (and at least every poll interval), and
-/// tells the hook, outside the state's lock, which processes mapped code.
-fn read_loop(state: &Mutex<State>, hook: &Mutex<Option<MappedHook>>, stop: &AtomicBool) {
+fn read_loop(state: &Mutex<State>, stop: &AtomicBool) {
     use std::os::fd::AsRawFd;
     let mut fds: Vec<libc::pollfd> = lock(state)
         .rings
@@ -611,16 +583,7 @@ fn read_loop(state: &Mutex<State>, hook: &Mutex<Option<MappedHook>>, stop: &Atom
                 POLL_INTERVAL_MS,
             )
         };
-        let mapped = {
-            let mut state = lock(state);
-            state.catch_up();
-            std::mem::take(&mut state.mapped)
-        };
-        if !mapped.is_empty() {
-            if let Some(hook) = hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                hook(&mapped);
-            }
-        }
+        lock(state).catch_up();
     }
 }
 

@@ -93,18 +93,29 @@ fn lock_waits_are_found_at_their_lock_site() {
     }
     let _serial = serial();
     let bin = workload("offcpu");
-    let mut opts = options(Vec::new(), 5.0, 99);
+    // A service already running when the agent starts (its contention
+    // begins half a second after its exec): recorded by pid, its mappings
+    // loaded at the start.
+    let child = std::process::Command::new(&bin)
+        .args(["mutex", "3", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for_exec(pid, "offcpu");
+    let maps = format!("/proc/{pid}/maps");
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "the workload has mapped libc",
+        || std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("libc")),
+    );
+    let mut opts = options(vec![pid], 4.5, 99);
     // Every wait, however short: the total is compared with the workload's.
     opts.sampler.off_cpu = Some(OffCpuOptions {
         min_block: std::time::Duration::ZERO,
         sample: 1.0,
     });
-    let (rec, out) = record_with(&opts, || {
-        std::process::Command::new(&bin)
-            .args(["mutex", "3", "3"])
-            .output()
-            .unwrap()
-    });
+    let (rec, out) = record_with(&opts, || child.wait_with_output().unwrap());
     assert!(out.status.success(), "workload failed: {out:?}");
     let measured: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let off = rec
