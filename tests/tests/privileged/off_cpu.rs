@@ -93,11 +93,12 @@ fn lock_waits_are_found_at_their_lock_site() {
     }
     let _serial = serial();
     let bin = workload("offcpu");
-    // A service already running when the agent starts (its contention
-    // begins half a second after its exec): recorded by pid, its mappings
-    // loaded at the start.
-    let child = std::process::Command::new(&bin)
+    // A service already running when the agent starts, recorded by pid
+    // (its mappings loaded at the start); its contention begins once the
+    // agent is attached (a line on its stdin).
+    let mut child = std::process::Command::new(&bin)
         .args(["mutex", "3", "3"])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -115,7 +116,13 @@ fn lock_waits_are_found_at_their_lock_site() {
         min_block: std::time::Duration::ZERO,
         sample: 1.0,
     });
-    let (rec, out) = record_with(&opts, || child.wait_with_output().unwrap());
+    let (rec, out) = record_with(&opts, || {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    });
     assert!(out.status.success(), "workload failed: {out:?}");
     let measured: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let off = rec

@@ -5,10 +5,11 @@
 //     turn: its time off the CPU splits 3:1 between the two stacks.
 //
 //   offcpu mutex SECONDS THREADS
-//     After half a second (a service that has started), THREADS threads
-//     take one pthread mutex in take_lock and hold it for about 1 ms of
-//     work in hold_lock, in a loop. At exit it prints the nanoseconds all
-//     threads spent waiting in pthread_mutex_lock, as it measured them.
+//     Once a line arrives on its standard input (the profiler is
+//     attached), THREADS threads take one pthread mutex in take_lock and
+//     hold it for about 1 ms of work in hold_lock, in a loop. At exit it
+//     prints the nanoseconds all threads spent waiting in
+//     pthread_mutex_lock, as it measured them.
 //
 // Built with -O2 and no frame pointers: the stacks are unwound from the
 // registers saved at the system call.
@@ -90,7 +91,9 @@ int main(int argc, char **argv) {
         pthread_t t[64];
         if (threads < 1 || threads > 64)
             return 2;
-        sleep_ns(500000000);
+        char go[8];
+        if (!fgets(go, sizeof go, stdin))
+            return 2;
         mutex_end = now() + atof(argv[2]);
         for (int i = 0; i < threads; i++)
             pthread_create(&t[i], 0, contender, 0);
