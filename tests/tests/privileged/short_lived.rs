@@ -12,13 +12,11 @@ const FREQUENCY: u64 = 999;
 /// About 5 ms of work per process.
 const ITERATIONS: &str = "3000000";
 
-/// Whether a frame is an address the agent could not name: `[unknown]`, or
-/// `module+0xOFFSET`.
+/// Whether a frame is an address of a process the agent knew nothing of:
+/// `[unknown]` or `[unknown]+0xADDR`. A `module+0xOFFSET` frame is not: its
+/// process and binary were known, the address has no symbol (a PLT stub).
 fn unnamed(frame: &str) -> bool {
-    frame == UNKNOWN_FRAME
-        || frame
-            .rsplit_once("+0x")
-            .is_some_and(|(_, hex)| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
+    frame == UNKNOWN_FRAME || frame.starts_with(&format!("{UNKNOWN_FRAME}+0x"))
 }
 
 #[test]
