@@ -728,9 +728,19 @@ const TASK_DEAD: u32 = 0x80;
 /// tail-called unwinder, which then remembers it.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn off_cpu_switch(ctx: BtfTracePointContext) -> i32 {
-    let preempt: u64 = ctx.arg(0);
-    let next: u64 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
+    off_cpu_switch_with(&ctx, ctx.arg(0), ctx.arg(2), ctx.arg(3))
+}
+
+/// [`off_cpu_switch`] as a raw tracepoint, for kernels where the BTF one
+/// cannot attach.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn off_cpu_switch_raw(ctx: RawTracePointContext) -> i32 {
+    off_cpu_switch_with(&ctx, ctx.arg(0), ctx.arg(2), ctx.arg(3))
+}
+
+/// Both kinds of `sched_switch` program, from the tracepoint's arguments.
+#[inline(always)]
+fn off_cpu_switch_with<C: EbpfContext>(ctx: &C, preempt: u64, next: u64, prev_state: u64) -> i32 {
     switch_in(next);
     if switch_out(preempt & 0xff != 0, prev_state as u32, |frames| {
         // SAFETY: the helper writes at most `size` bytes into the frames.
@@ -745,33 +755,7 @@ pub fn off_cpu_switch(ctx: BtfTracePointContext) -> i32 {
     }) {
         // SAFETY: `ctx` is this program's context; on success the call
         // does not return.
-        unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
-        off_cpu_unwinder_unreachable();
-    }
-    0
-}
-
-/// [`off_cpu_switch`] as a raw tracepoint, for kernels where the BTF one
-/// cannot attach.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn off_cpu_switch_raw(ctx: RawTracePointContext) -> i32 {
-    let preempt: u64 = ctx.arg(0);
-    let next: u64 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
-    switch_in(next);
-    if switch_out(preempt & 0xff != 0, prev_state as u32, |frames| {
-        // SAFETY: as in `off_cpu_switch`.
-        unsafe {
-            generated::bpf_get_stack(
-                ctx.as_ptr(),
-                frames.cast(),
-                (OFF_CPU_KERNEL_FRAMES * 8) as u32,
-                SKIP_TRACEPOINT_FRAMES,
-            )
-        }
-    }) {
-        // SAFETY: as in `off_cpu_switch`.
-        unsafe { OFF_CPU_UNWIND_PROGS.tail_call(&ctx, 0) };
+        unsafe { OFF_CPU_UNWIND_PROGS.tail_call(ctx, 0) };
         off_cpu_unwinder_unreachable();
     }
     0
