@@ -286,6 +286,7 @@ fn start_walk(state: &mut UnwindState, config: &Config) {
     state.calls = 0;
     state.refresh = 0;
     state.flags = FLAG_ALL_REGS | FLAG_EXACT_PC;
+    state.window_len = 0;
     let info = if config.unwind_mode == unwind_mode::CFI {
         // SAFETY: a map value; the agent replaces it whole.
         PROC_INFO.get_ptr(tgid).map(|info| unsafe { *info })

@@ -84,6 +84,42 @@ pub struct UnwindState {
     pub next_mapping: u32,
     /// Off-CPU: how the thread left the CPU (`thread_state`).
     pub thread_state: u32,
+    /// Steps found lately on this CPU, by address: the frames of the hot
+    /// code repeat sample after sample, and a hit skips the mapping, the
+    /// table and the row cache (lines that are cold by the next sample).
+    pub frames: [FrameCacheEntry; FRAME_CACHE],
+    /// User memory copied in one read: `window_len` bytes from
+    /// `window_start` (0: empty; emptied at the start of each walk).
+    pub window_start: u64,
+    pub window_len: u64,
+    pub window: [u64; WINDOW_WORDS],
+}
+
+/// Words of user memory the walk copies at once ([`UnwindState::window`]):
+/// a page. The frames of a stack lie close together, and one read of the
+/// rest of a page costs about what one read of a word does (the helper's
+/// fixed cost dominates), so most frames are read from the copy.
+pub const WINDOW_WORDS: usize = 512;
+const WINDOW_BYTES: u64 = (WINDOW_WORDS * 8) as u64;
+const PAGE_SIZE: u64 = 4096;
+
+/// Entries of the walk's frame cache ([`UnwindState::frames`]): a power of
+/// two.
+pub const FRAME_CACHE: usize = 32;
+
+/// What a step of one address of one process's slice does: its row, or
+/// `cfa::NONE` for a frame-pointer step. A slice's mappings and their
+/// tables stay the same while the slice lives (the agent writes a new slice,
+/// with a new generation, to change them, and keeps a table while a slice
+/// points at it), so an entry holds as long as its generation matches.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FrameCacheEntry {
+    /// The address looked up (`pc`, not the return address).
+    pub pc: u64,
+    /// [`ProcInfo::generation`] of the slice (0: empty).
+    pub generation: u32,
+    pub row: UnwindRow,
 }
 
 /// What one step did.
@@ -114,23 +150,58 @@ pub fn finish_hash(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Two consecutive words of user memory, in one read.
+/// Two consecutive words of user memory.
 #[inline(always)]
-fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
-    let mut value = [0u64; 2];
-    // SAFETY: the helper writes at most 16 bytes into `value`.
-    let ret = unsafe {
-        generated::bpf_probe_read_user(
-            value.as_mut_ptr().cast(),
-            16,
-            addr as *const core::ffi::c_void,
-        )
-    };
-    (ret == 0).then_some(value)
+fn read_user_pair(state: &mut UnwindState, addr: u64) -> Option<[u64; 2]> {
+    Some([
+        read_user(state, addr)?,
+        read_user(state, addr.wrapping_add(8))?,
+    ])
+}
+
+/// A word of user memory: from the walk's window, which is refilled from
+/// `addr` to the end of its page when `addr` lies outside it (the window
+/// never spans two pages, so a read fails only where a read of the word
+/// itself would). Unaligned words are read on their own.
+#[inline(always)]
+fn read_user(state: &mut UnwindState, addr: u64) -> Option<u64> {
+    if addr & 7 != 0 {
+        return read_user_word(addr);
+    }
+    let mut offset = addr.wrapping_sub(state.window_start);
+    if offset >= state.window_len {
+        let len = PAGE_SIZE - (addr & (PAGE_SIZE - 1));
+        let len = if len > WINDOW_BYTES {
+            WINDOW_BYTES
+        } else {
+            len
+        };
+        // SAFETY: the helper writes at most `len` <= WINDOW_BYTES bytes into
+        // the window.
+        let ret = unsafe {
+            generated::bpf_probe_read_user(
+                state.window.as_mut_ptr().cast(),
+                len as u32,
+                addr as *const core::ffi::c_void,
+            )
+        };
+        if ret != 0 {
+            state.window_len = 0;
+            return None;
+        }
+        state.window_start = addr;
+        state.window_len = len;
+        offset = 0;
+    }
+    let index = (offset >> 3) as usize;
+    if index >= WINDOW_WORDS {
+        return None;
+    }
+    Some(state.window[index])
 }
 
 #[inline(always)]
-fn read_user(addr: u64) -> Option<u64> {
+fn read_user_word(addr: u64) -> Option<u64> {
     let mut value: u64 = 0;
     // SAFETY: the helper writes at most 8 bytes into `value`.
     let ret = unsafe {
@@ -173,16 +244,33 @@ pub fn step(state: &mut UnwindState, cache: &PerCpuArray<RowCacheEntry>) -> Step
     } else {
         ip - 1
     };
+    let slot = frame_cache_slot(pc);
+    let cached = state.frames[slot];
+    if cached.pc == pc && cached.generation == state.proc_generation {
+        return apply_row(state, &cached.row, ip);
+    }
     let Some(mapping) = mapping_of(state, pc) else {
         return Step::End(StackEnd::NoMapping);
     };
-    if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
-        return frame_pointer_step(state);
-    }
-    let Some(row) = find_row(cache, mapping, pc) else {
-        return frame_pointer_step(state);
+    let row = if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
+        None
+    } else {
+        find_row(cache, mapping, pc)
+    };
+    // No row: a frame-pointer step.
+    let row = row.unwrap_or_default();
+    state.frames[slot] = FrameCacheEntry {
+        pc,
+        generation: state.proc_generation,
+        row,
     };
     apply_row(state, &row, ip)
+}
+
+#[inline(always)]
+fn frame_cache_slot(pc: u64) -> usize {
+    let h = (pc ^ (pc >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> (64 - FRAME_CACHE.trailing_zeros())) as usize & (FRAME_CACHE - 1)
 }
 
 /// The caller by the frame-pointer convention (`[RBP]` = the caller's RBP,
@@ -198,7 +286,7 @@ fn frame_pointer_step(state: &mut UnwindState) -> Step {
     if bp < sp || bp & 7 != 0 {
         return Step::End(StackEnd::BadRead);
     }
-    let Some([next_bp, ra]) = read_user_pair(bp) else {
+    let Some([next_bp, ra]) = read_user_pair(state, bp) else {
         return Step::End(StackEnd::BadRead);
     };
     if ra == 0 {
@@ -248,7 +336,7 @@ fn apply_row(state: &mut UnwindState, row: &UnwindRow, ip: u64) -> Step {
         } else {
             0
         };
-        match read_user(base.wrapping_add(offset)) {
+        match read_user(state, base.wrapping_add(offset)) {
             Some(value) => value.wrapping_add(plus),
             None => return Step::End(StackEnd::BadRead),
         }
@@ -268,20 +356,20 @@ fn apply_row(state: &mut UnwindState, row: &UnwindRow, ip: u64) -> Step {
     }
     // The usual frame saves RBP right below the return address: one read.
     let ra = if row.rbp_rule == rbp::AT_CFA && row.rbp_offset == -16 {
-        let Some([saved_bp, ra]) = read_user_pair(cfa - 16) else {
+        let Some([saved_bp, ra]) = read_user_pair(state, cfa - 16) else {
             return Step::End(StackEnd::BadRead);
         };
         state.regs[REG_RBP] = saved_bp;
         state.flags &= !FLAG_RBP_UNKNOWN;
         ra
     } else {
-        let Some(ra) = read_user(cfa - 8) else {
+        let Some(ra) = read_user(state, cfa - 8) else {
             return Step::End(StackEnd::BadRead);
         };
         ra
     };
     if row.rbp_rule == rbp::AT_CFA && row.rbp_offset != -16 {
-        match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+        match read_user(state, cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
             Some(value) => {
                 state.regs[REG_RBP] = value;
                 state.flags &= !FLAG_RBP_UNKNOWN;
