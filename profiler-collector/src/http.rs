@@ -16,6 +16,7 @@
 //! | `GET /api/v1/quality` | the share of complete stacks, and of cut ones by reason (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
 //! | `GET /api/v1/contention` | lock contention: futex waits of the `off_cpu` profile by lock site, and Go's on-CPU lock spinning (JSON) |
+//! | `GET /api/v1/go/gc` | Go's GC tax: per Go process (`runtime=go`), CPU shares of marking, assists, allocation, sweeping, write barriers, flags, top allocation sites (JSON) |
 //!
 //! Selections: `type=` the sample type (default `cpu`; a type with no data
 //! in the range gives an empty answer), `query={name="value",...}` (all
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/quality", get(quality))
         .route("/api/v1/diff.svg", get(diff))
         .route("/api/v1/contention", get(contention))
+        .route("/api/v1/go/gc", get(go_gc))
         .with_state(state)
 }
 
@@ -303,6 +305,34 @@ async fn contention(State(state): State<AppState>, Query(params): Params) -> Res
         "functions": functions,
         "cpu_samples": cpu_total,
         "go_lock_spin": spin,
+    }))
+    .into_response()
+}
+
+/// Go's GC tax in the selection's `cpu` samples of Go processes (those
+/// labelled `runtime=go`): per process, the figures of [`crate::gogc`]
+/// and `n` allocation sites (default 10).
+async fn go_gc(State(state): State<AppState>, Query(params): Params) -> Response {
+    let n = match top_n(&params) {
+        Ok(n) => n,
+        Err(e) => return BadRequest(e).into_response(),
+    };
+    let mut params = params;
+    params.insert("type".to_string(), crate::model::CPU.to_string());
+    let mut sel = match selector(&params, "") {
+        Ok(sel) => sel,
+        Err(e) => return BadRequest(e).into_response(),
+    };
+    sel.matchers.retain(|(name, _)| name != "runtime");
+    sel.matchers.push(("runtime".to_string(), "go".to_string()));
+    let profile = match with_store(&state, move |s| s.profile(&sel)).await {
+        Ok(profile) => profile,
+        Err(r) => return r,
+    };
+    Json(serde_json::json!({
+        "alloc_threshold": crate::gogc::ALLOC_THRESHOLD,
+        "assist_threshold": crate::gogc::ASSIST_THRESHOLD,
+        "processes": crate::gogc::go_gc(&profile, n),
     }))
     .into_response()
 }

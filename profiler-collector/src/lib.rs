@@ -4,6 +4,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod contention;
+pub mod gogc;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

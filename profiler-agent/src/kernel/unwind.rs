@@ -42,6 +42,7 @@ fn failure_name(e: &TableError) -> &'static str {
         TableError::NotX86_64(_) => "not_x86_64",
         TableError::NoCfi => "no_cfi",
         TableError::BadCfi { .. } => "bad_cfi",
+        TableError::BadCompressed { .. } => "bad_compressed",
         TableError::TooManyRows { .. } => "too_many_rows",
         TableError::SpanTooLarge { .. } => "span_too_large",
     }

@@ -1,11 +1,14 @@
 //! The label stage: which labels a sample carries (`node`, `process`, `pid`,
-//! `exe`, `container_id`, `pod`, `namespace`, `container`, `service`), as a
+//! `exe`, `runtime`, `go_version`, `container_id`, `pod`, `namespace`,
+//! `container`, `service`), as a
 //! pure function of the sample, what is known about its process, and what
 //! the pod watch answered ([`labels`]).
 //!
 //! Rules:
 //! - `process` is the process's name at first sight (`/proc/PID/comm`),
 //!   else the sampled thread's `comm`; `exe` and `container_id` when known;
+//! - `runtime` is `go` for a Go executable (told from its build info, with
+//!   `go_version` when the build info names it);
 //! - `pod`, `namespace` (and `container`) only when the watch knows the pod:
 //!   never guessed;
 //! - `service`: the pod's service; for a process in a pod the watch does
@@ -30,6 +33,8 @@ pub struct ProcessFacts {
     pub exe: Option<String>,
     /// What its cgroup says (container, pod, systemd unit).
     pub cgroup: Option<CgroupInfo>,
+    /// The Go version of a Go executable (empty when it does not say).
+    pub go_version: Option<String>,
 }
 
 /// What the pod watch answered for a process.
@@ -79,6 +84,12 @@ pub fn labels(node: &str, tgid: u32, comm: &str, facts: &ProcessFacts, pod: &Pod
     let exe = facts.exe.as_deref();
     if let Some(exe) = exe {
         pairs.push(("exe", exe.to_string()));
+    }
+    if let Some(version) = &facts.go_version {
+        pairs.push(("runtime", "go".to_string()));
+        if !version.is_empty() {
+            pairs.push(("go_version", version.clone()));
+        }
     }
     let cgroup = facts.cgroup.as_ref();
     if let Some(id) = cgroup.and_then(|c| c.container_id.as_deref()) {
@@ -132,6 +143,7 @@ impl ProcessTable for Mutex<ProcessCache> {
             name: cache.name(pid).map(str::to_string),
             exe: cache.exe(pid).map(str::to_string),
             cgroup: cache.cgroup(pid).cloned(),
+            go_version: cache.go_build(pid).map(|b| b.version.clone()),
         }
     }
 
@@ -243,6 +255,7 @@ mod tests {
                 pod_uid: Some(UID.into()),
                 systemd_unit: None,
             }),
+            go_version: None,
         }
     }
 
@@ -264,6 +277,7 @@ mod tests {
                 systemd_unit: Some("postgresql@15-main.service".into()),
                 ..CgroupInfo::default()
             }),
+            go_version: None,
         };
         let l = labels("n1", 42, "postgres: wal", &facts, &PodLookup::NoWatch);
         assert_eq!(
@@ -283,11 +297,32 @@ mod tests {
     }
 
     #[test]
+    fn a_go_executable_is_labelled_with_its_runtime_and_version() {
+        let mut facts = ProcessFacts {
+            name: Some("api".into()),
+            exe: Some("/srv/api".into()),
+            go_version: Some("go1.22.3".into()),
+            ..ProcessFacts::default()
+        };
+        let l = labels("n1", 7, "api", &facts, &PodLookup::NoWatch);
+        assert_eq!(l.get("runtime"), Some("go"));
+        assert_eq!(l.get("go_version"), Some("go1.22.3"));
+        facts.go_version = Some(String::new());
+        let l = labels("n1", 7, "api", &facts, &PodLookup::NoWatch);
+        assert_eq!(l.get("runtime"), Some("go"));
+        assert_eq!(l.get("go_version"), None, "an old binary names no version");
+        facts.go_version = None;
+        let l = labels("n1", 7, "api", &facts, &PodLookup::NoWatch);
+        assert_eq!(l.get("runtime"), None);
+    }
+
+    #[test]
     fn host_process_without_unit_is_named_after_its_executable() {
         let facts = ProcessFacts {
             name: None,
             exe: Some("/usr/sbin/nginx".into()),
             cgroup: Some(CgroupInfo::default()),
+            go_version: None,
         };
         let l = labels("n1", 7, "nginx", &facts, &PodLookup::NotFound);
         assert_eq!(

@@ -262,6 +262,7 @@ fn samples_are_labelled_from_their_process_and_pod() {
                     pod_uid: Some(POD_UID.into()),
                     systemd_unit: None,
                 }),
+                go_version: None,
             },
         )
         .with(
@@ -273,6 +274,7 @@ fn samples_are_labelled_from_their_process_and_pod() {
                     systemd_unit: Some("postgresql.service".into()),
                     ..CgroupInfo::default()
                 }),
+                go_version: None,
             },
         )
         .with(
@@ -284,6 +286,7 @@ fn samples_are_labelled_from_their_process_and_pod() {
                     pod_uid: Some("0000ffff-2b4d-4e5f-8a9b-0c1d2e3f4a5b".into()),
                     ..CgroupInfo::default()
                 }),
+                go_version: None,
             },
         );
     let pods = FakePods(HashMap::from([(
@@ -743,6 +746,7 @@ fn the_collector_sink_sends_one_batch_per_window_and_type() {
             name: Some("server".into()),
             exe: Some("/app/server".into()),
             cgroup: None,
+            go_version: None,
         },
     );
     let (report, _) = run(

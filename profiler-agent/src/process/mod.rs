@@ -14,6 +14,7 @@
 //! open binaries; what does not fit is counted and its frames are shown as
 //! `module+0xOFFSET`.
 pub mod events;
+pub mod goinfo;
 
 use crate::{
     cgroup::{parse_proc_cgroup, CgroupInfo},
@@ -25,7 +26,7 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 /// Identity of a binary on disk: (device, inode) as `/proc/PID/maps` shows them.
@@ -45,12 +46,21 @@ pub struct Binary {
     /// A path that reaches the open file from this process: `/proc/self/fd/N`.
     pub symbol_path: PathBuf,
     _file: File,
+    /// The Go build info, read at the first question.
+    go: OnceLock<Option<goinfo::GoBuild>>,
 }
 
 impl Binary {
     /// Short name for `module+0xOFFSET` frames: the file name.
     pub fn module_name(&self) -> String {
         module_name(&self.path)
+    }
+
+    /// The Go build info, if this is a Go binary.
+    pub fn go_build(&self) -> Option<&goinfo::GoBuild> {
+        self.go
+            .get_or_init(|| goinfo::go_build(&self._file))
+            .as_ref()
     }
 }
 
@@ -484,6 +494,7 @@ impl ProcessCache {
             path,
             symbol_path,
             _file: file,
+            go: OnceLock::new(),
         });
         self.stats.binaries_opened += 1;
         self.binaries.insert(key, (binary.clone(), 0));
@@ -498,6 +509,25 @@ impl ProcessCache {
     /// The executable path of a cached process, if known.
     pub fn exe(&self, pid: u32) -> Option<&str> {
         self.processes.get(&pid)?.exe.as_deref()
+    }
+
+    /// The Go build info of a cached process's executable, if it is a Go
+    /// binary (its first executable mapping of the file `exe` names, else
+    /// its first executable mapping of a file).
+    pub fn go_build(&self, pid: u32) -> Option<&goinfo::GoBuild> {
+        let info = self.processes.get(&pid)?;
+        let files = info.mappings.iter().filter(|m| m.binary.is_some());
+        let main = match info.exe.as_deref() {
+            Some(exe) => info
+                .mappings
+                .iter()
+                .find(|m| m.binary.is_some() && m.name == exe),
+            None => None,
+        };
+        main.or_else(|| files.clone().next())?
+            .binary
+            .as_ref()?
+            .go_build()
     }
 
     /// The name of a cached process, if known.
@@ -587,6 +617,7 @@ impl ProcessCache {
             path: PathBuf::from("[vdso]"),
             symbol_path: PathBuf::from(format!("/proc/self/fd/{fd}")),
             _file: file,
+            go: OnceLock::new(),
         });
         self.stats.binaries_opened += 1;
         self.binaries.insert(key, (binary.clone(), 0));
@@ -631,6 +662,7 @@ impl ProcessCache {
             path,
             symbol_path,
             _file: file,
+            go: OnceLock::new(),
         });
         self.stats.binaries_opened += 1;
         self.binaries.insert(key, (binary.clone(), 0));

@@ -3,13 +3,14 @@
 use std::{collections::BTreeMap, time::Duration};
 
 /// Every reason a binary has no table (`/metrics` lists them all).
-pub const FAILURE_REASONS: [&str; 9] = [
+pub const FAILURE_REASONS: [&str; 10] = [
     "unreadable",
     "not_elf",
     "bad_elf",
     "not_x86_64",
     "no_cfi",
     "bad_cfi",
+    "bad_compressed",
     "too_many_rows",
     "span_too_large",
     "map_write",

@@ -7,6 +7,7 @@
 //! is not resumed after a nested one ends); a `.debug_frame` FDE covering
 //! any address an `.eh_frame` FDE describes is left out.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     fmt,
 };
@@ -84,7 +85,9 @@ pub struct TableStats {
 pub struct SectionStats {
     /// The section is in the file and was read.
     pub present: bool,
-    /// The section is compressed (`SHF_COMPRESSED`) and was not read.
+    /// The section is compressed (`SHF_COMPRESSED`, zlib as Go's linker
+    /// and `gcc -gz` write it) and was inflated to be read; a format other
+    /// than zlib (zstd) is not read.
     pub compressed: bool,
     /// Its FDEs in the table.
     pub fdes: usize,
@@ -166,6 +169,8 @@ pub enum TableError {
     BadElf(#[source] object::Error),
     #[error("not an x86-64 binary ({0:?}): the unwind rules name x86-64 registers")]
     NotX86_64(Architecture),
+    #[error("{section} is compressed and cannot be inflated: {why}")]
+    BadCompressed { section: &'static str, why: String },
     #[error("no call-frame information (no FDE in .eh_frame or .debug_frame)")]
     NoCfi,
     #[error("bad call-frame information in {section}{fde}: {source}")]
@@ -241,7 +246,8 @@ fn build(elf: &[u8], max_rows: usize) -> Result<UnwindTable, TableError> {
     let debug_data = cfi_section(&file, ".debug_frame", &mut stats.debug_frame)?;
 
     let mut bases = BaseAddresses::default();
-    if let Some((_, address)) = eh_data {
+    if let Some((_, address)) = &eh_data {
+        let address = *address;
         bases = bases.set_eh_frame(address);
     }
     if let Some(text) = file.section_by_name(".text") {
@@ -250,12 +256,12 @@ fn build(elf: &[u8], max_rows: usize) -> Result<UnwindTable, TableError> {
     if let Some(got) = file.section_by_name(".got") {
         bases = bases.set_got(got.address());
     }
-    let eh = eh_data.map(|(data, _)| {
+    let eh = eh_data.as_ref().map(|(data, _)| {
         let mut section = EhFrame::new(data, LittleEndian);
         section.set_address_size(8);
         section
     });
-    let debug = debug_data.map(|(data, _)| {
+    let debug = debug_data.as_ref().map(|(data, _)| {
         let mut section = DebugFrame::new(data, LittleEndian);
         section.set_address_size(8);
         section
@@ -304,12 +310,15 @@ fn build(elf: &[u8], max_rows: usize) -> Result<UnwindTable, TableError> {
         cfi_rows: 0,
         unsupported: BTreeMap::new(),
     };
+    let switches = go_stack_switches(&file);
     let mut ctx = UnwindContext::new();
     for (i, span) in spans.iter().enumerate() {
         let next = spans.get(i + 1).map(|next| next.start);
         // A later start wins from its start.
         let end = next.map_or(span.end, |next| next.min(span.end));
-        if end > span.start {
+        if end > span.start && switches.contains(&span.start) {
+            out.push(span.start, rule_only(cfa::END))?;
+        } else if end > span.start {
             match (span.source, &eh, &debug) {
                 (Source::EhFrame, Some(section), _) => emit_fde(
                     section,
@@ -356,17 +365,50 @@ fn build(elf: &[u8], max_rows: usize) -> Result<UnwindTable, TableError> {
     Ok(UnwindTable { base, rows, stats })
 }
 
+/// Go's functions that switch to the system stack (`g0`) and call a
+/// function there. Their CFI describes the goroutine's stack, so a walk
+/// that reaches them from `g0` would read the return address from the
+/// wrong stack: the walk ends there (`runtime.systemstack` is then the
+/// outermost frame, as in a traceback of `g0`). Empty for other binaries.
+fn go_stack_switches(file: &object::File) -> Vec<u64> {
+    use object::ObjectSymbol;
+    const SWITCHES: [&str; 4] = [
+        "runtime.systemstack",
+        "runtime.mcall",
+        "runtime.asmcgocall",
+        "runtime.morestack",
+    ];
+    if file.section_by_name(".go.buildinfo").is_none() {
+        return Vec::new();
+    }
+    // Assembly functions are named with their ABI (`runtime.systemstack.abi0`).
+    file.symbols()
+        .filter(|sym| {
+            sym.name().is_ok_and(|name| {
+                SWITCHES.contains(&name)
+                    || name
+                        .strip_suffix(".abi0")
+                        .is_some_and(|name| SWITCHES.contains(&name))
+            })
+        })
+        .map(|sym| sym.address())
+        .collect()
+}
+
 fn spans_of(spans: &[Span], source: Source) -> usize {
     spans.iter().filter(|span| span.source == source).count()
 }
+
+/// A section's bytes (inflated if it was compressed) and its address.
+type SectionData<'a> = (Cow<'a, [u8]>, u64);
 
 /// The bytes and address of a CFI section, if it is in the file with
 /// contents.
 fn cfi_section<'a>(
     file: &object::File<'a>,
-    name: &str,
+    name: &'static str,
     stats: &mut SectionStats,
-) -> Result<Option<(&'a [u8], u64)>, TableError> {
+) -> Result<Option<SectionData<'a>>, TableError> {
     let Some(section) = file.section_by_name(name) else {
         return Ok(None);
     };
@@ -377,17 +419,59 @@ fn cfi_section<'a>(
     let range = section
         .compressed_file_range()
         .map_err(TableError::BadElf)?;
-    if range.format != CompressionFormat::None {
-        stats.compressed = true;
-        return Ok(None);
-    }
-    let data = section.data().map_err(TableError::BadElf)?;
+    let data = match range.format {
+        CompressionFormat::None => Cow::Borrowed(section.data().map_err(TableError::BadElf)?),
+        CompressionFormat::Zlib => {
+            stats.compressed = true;
+            let compressed = section.compressed_data().map_err(TableError::BadElf)?;
+            Cow::Owned(inflate(
+                name,
+                compressed.data,
+                compressed.uncompressed_size,
+            )?)
+        }
+        _ => {
+            stats.compressed = true;
+            return Ok(None);
+        }
+    };
     if data.is_empty() {
         return Ok(None);
     }
     stats.present = true;
     Ok(Some((data, section.address())))
 }
+
+/// Inflates a zlib-compressed section that says it holds `size` bytes
+/// (at most [`MAX_INFLATED`]).
+fn inflate(name: &'static str, data: &[u8], size: u64) -> Result<Vec<u8>, TableError> {
+    use std::io::Read;
+    if size > MAX_INFLATED {
+        return Err(TableError::BadCompressed {
+            section: name,
+            why: format!("it says it holds {size} bytes, more than {MAX_INFLATED}"),
+        });
+    }
+    let mut out = Vec::with_capacity(size as usize);
+    flate2::read::ZlibDecoder::new(data)
+        .take(size)
+        .read_to_end(&mut out)
+        .map_err(|e| TableError::BadCompressed {
+            section: name,
+            why: e.to_string(),
+        })?;
+    if out.len() as u64 != size {
+        return Err(TableError::BadCompressed {
+            section: name,
+            why: format!("{} bytes inflated, {size} announced", out.len()),
+        });
+    }
+    Ok(out)
+}
+
+/// The largest CFI section inflated: far above any real one (libxul's
+/// `.eh_frame` is about 10 MiB).
+const MAX_INFLATED: u64 = 256 << 20;
 
 /// Parses every FDE of `section` into `fdes`, and a [`Span`] for each
 /// non-empty one into `spans`.
@@ -1348,5 +1432,48 @@ mod tests {
         assert_eq!(rule(0x1010), Some(cfa::RBP));
         assert_eq!(rule(0x1020), Some(cfa::NONE));
         assert_eq!(rule(u64::MAX), Some(cfa::NONE));
+    }
+
+    /// Go's linker writes `.debug_frame` zlib-compressed: it is inflated,
+    /// frameless assembly leaves get their `RSP + 8` row, and the functions
+    /// that switch to the system stack end the walk.
+    #[test]
+    fn go_binary_compressed_debug_frame() {
+        use object::{Object, ObjectSymbol};
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("gowork");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/workloads/gowork.go");
+        let out = std::process::Command::new("go")
+            .args(["build", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .env("GOCACHE", dir.path().join("cache"))
+            .env("GOPATH", dir.path().join("path"))
+            .env("GO111MODULE", "off")
+            .output()
+            .expect("go is installed (cargo xtask setup)");
+        assert!(out.status.success(), "{out:?}");
+        let bytes = read(&bin);
+        let table = table_of(&bin);
+        assert!(table.stats.debug_frame.compressed, "{:?}", table.stats);
+        assert!(table.stats.debug_frame.fdes > 500, "{:?}", table.stats);
+        let elf = object::File::parse(&*bytes).unwrap();
+        // The symbol table names assembly functions with their ABI.
+        let symbol = |name: &str| {
+            elf.symbols()
+                .find(|s| s.name() == Ok(name))
+                .unwrap_or_else(|| panic!("{name} in the symbol table"))
+                .address()
+        };
+        let leaf = table
+            .lookup(symbol("runtime.memclrNoHeapPointers"))
+            .unwrap();
+        assert_eq!((leaf.cfa_rule, leaf.cfa_offset), (cfa::RSP, 8));
+        for switch in ["runtime.systemstack.abi0", "runtime.mcall"] {
+            let row = table.lookup(symbol(switch)).unwrap();
+            assert_eq!(row.cfa_rule, cfa::END, "{switch}");
+        }
+        let main = table.lookup(symbol("main.main") + 8).unwrap();
+        assert_eq!(main.cfa_rule, cfa::RSP, "main.main past its prologue");
     }
 }

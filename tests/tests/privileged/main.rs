@@ -14,6 +14,7 @@ mod collector;
 mod deploy;
 mod e2e;
 mod faults;
+mod go_gc;
 mod hostile;
 mod kubernetes;
 mod off_cpu;

@@ -148,6 +148,7 @@ fn processes() -> FakeProcesses {
                 name: Some("web".into()),
                 exe: Some("/srv/web".into()),
                 cgroup: None,
+                go_version: None,
             },
         )
         .with(
@@ -156,6 +157,7 @@ fn processes() -> FakeProcesses {
                 name: Some("db".into()),
                 exe: Some("/usr/bin/db".into()),
                 cgroup: None,
+                go_version: None,
             },
         )
 }

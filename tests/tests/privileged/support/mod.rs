@@ -123,13 +123,13 @@ pub fn workload(name: &str) -> PathBuf {
                 .arg(src.join("rustwork.rs")),
             name,
         ),
-        "gowork" => {
+        "gowork" | "gcalloc" => {
             let cache = build_dir().join("go-cache");
             run_build(
                 Command::new("go")
                     .args(["build", "-o"])
                     .arg(&out)
-                    .arg(src.join("gowork.go"))
+                    .arg(src.join(format!("{name}.go")))
                     .env("GOCACHE", &cache)
                     .env("GOPATH", build_dir().join("go-path"))
                     .env("GO111MODULE", "off"),
