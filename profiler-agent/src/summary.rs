@@ -78,11 +78,13 @@ pub fn off_cpu_line(recording: &Recording) -> Option<String> {
     if profile.is_none() && seen == 0 {
         return None;
     }
-    let ns = profile.map_or(0, |p| p.total());
+    // `run` keeps no whole-run profile: its windows went to the collector.
+    let waited = profile.map_or(String::new(), |p| {
+        format!("{:.2} s of waiting recorded, ", p.total() as f64 / 1e9)
+    });
     Some(format!(
-        "Off-CPU: {:.2} s of waiting recorded, {} waits timed of {} context switches \
+        "Off-CPU: {waited}{} waits timed of {} context switches \
          ({} shorter than the threshold, {} not sampled, {} of kernel threads).",
-        ns as f64 / 1e9,
         k.get(Counter::OffCpuRecorded),
         seen,
         k.get(Counter::OffCpuShort),

@@ -682,6 +682,11 @@ fn checks() -> Result<()> {
     }
     cargo(&args)?;
     fuzz(CI_FUZZ_SECONDS, None)?;
+    // The storm test measures the agent as deployed (its memory ceiling
+    // holds for the release build; the debug build's text alone is several
+    // times larger).
+    step("building the agent (release) for the tests that measure it");
+    cargo(&["build", "--release", "-p", "profiler-agent"])?;
     privileged_tests(&privileged)?;
     // Every benchmark, briefly, on the debug build: breaks show in CI, the
     // figures (target/bench/report.md) mean nothing.

@@ -1,6 +1,8 @@
 //! Off-CPU time: where threads wait, in nanoseconds, from `sched_switch`
 //! and `finish_task_switch`, with the same unwinder as CPU samples.
 
+use std::time::Duration;
+
 use crate::support::*;
 use profiler_agent::{config::OffCpuOptions, sample_type::SampleType};
 
@@ -154,4 +156,227 @@ fn lock_waits_are_found_at_their_lock_site() {
         "the lock site's stack reaches the thread's function: {:?}",
         view.sites[0].stack
     );
+}
+
+/// Host context switches since boot (/proc/stat `ctxt`).
+fn context_switches() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("ctxt ")?.trim().parse().ok())
+        .expect("/proc/stat has a ctxt line")
+}
+
+/// User + system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// A `kB` field of /proc/PID/status (`VmHWM`, `RssAnon`), bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+/// A host doing 50 k context switches a second or more for a minute, the
+/// agent (its release build, as deployed) always on (`run --off-cpu`, its
+/// defaults): every switch its
+/// programs saw is accounted for by what became of it, the agent stays
+/// within its memory ceiling, and the off-CPU time it reports for the
+/// waiting threads is the time they waited.
+#[test]
+fn a_storm_of_context_switches_is_counted_and_bounded() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    use crate::support::collector::*;
+    const THREADS: u64 = 60;
+    const SECONDS: f64 = 60.0;
+    const CEILING_MIB: u64 = 64;
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    // 60 threads each waiting 1 ms in a loop: ~2 switches per wait.
+    let storm = Workload::spawn(&workload("switch"), &[&THREADS.to_string(), "1000"]);
+    wait_for_exec(storm.pid(), "switch");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = dir.path().join("agent.log");
+    let mut agent = Workload::spawn_command(
+        std::process::Command::new(release_agent_binary())
+            .args(["run", "--collector", &format!("http://{}", c.grpc_addr)])
+            .args([
+                "--plaintext",
+                "--no-kube",
+                "--no-progress",
+                "--node",
+                "storm",
+            ])
+            .args(["-F", "19", "--off-cpu"])
+            .args(["--memory-limit-mib", &CEILING_MIB.to_string()])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    let pid = agent.pid();
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Attached: its programs count switches.
+    let first = within(Duration::from_secs(30), || {
+        let text = scrape(&url)?;
+        (metric(
+            &text,
+            "profiler_agent_off_cpu_switches_total{outcome=\"seen\"}",
+        ) > 0)
+            .then_some(text)
+    })
+    .unwrap_or_else(|| panic!("the agent never counted a switch:\n{}", log()));
+    let (ctxt0, cpu0, t0) = (
+        context_switches(),
+        cpu_seconds(pid),
+        std::time::Instant::now(),
+    );
+    let seen0 = metric(
+        &first,
+        "profiler_agent_off_cpu_switches_total{outcome=\"seen\"}",
+    );
+    // The storm lasts a minute; the agent's memory is watched meanwhile:
+    // its heap (anonymous memory) is what the ceiling bounds here. Its RSS
+    // also counts the pages of the binaries it maps to symbolize (this
+    // test's own debug binary among them), which the watchdog gives back
+    // when the RSS nears the limit.
+    let mut peak = 0;
+    while t0.elapsed().as_secs_f64() < SECONDS {
+        assert!(
+            agent.0.try_wait().unwrap().is_none(),
+            "the agent exited:\n{}",
+            log()
+        );
+        peak = peak.max(status_bytes(pid, "RssAnon:"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let text = scrape(&url).expect("metrics");
+    let elapsed = t0.elapsed().as_secs_f64();
+    let switches = (context_switches() - ctxt0) as f64 / elapsed;
+    let agent_cpu = (cpu_seconds(pid) - cpu0) / elapsed;
+    peak = peak.max(status_bytes(pid, "RssAnon:"));
+    let hwm = status_bytes(pid, "VmHWM:");
+    let m = |outcome: &str| {
+        metric(
+            &text,
+            &format!("profiler_agent_off_cpu_switches_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let dropped = |reason: &str| {
+        metric(
+            &text,
+            &format!("profiler_agent_samples_dropped_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let seen = m("seen");
+    let accounted = m("recorded")
+        + m("short")
+        + m("not_sampled")
+        + m("filtered_out")
+        + m("kernel_thread")
+        + dropped("off_cpu_start_lost")
+        + dropped("off_cpu_map_full");
+    eprintln!(
+        "storm: {switches:.0} switches/s on the host; the agent's programs saw {:.0}/s; \
+         agent CPU {:.2} % of one core; heap at most {:.1} MiB (peak RSS {:.1} MiB); \
+         seen {seen}, accounted {accounted}; \
+         recorded {}, short {}, not sampled {}, kernel threads {}, start lost {}, map full {}",
+        (seen - seen0) as f64 / elapsed,
+        agent_cpu * 100.0,
+        peak as f64 / (1 << 20) as f64,
+        hwm as f64 / (1 << 20) as f64,
+        m("recorded"),
+        m("short"),
+        m("not_sampled"),
+        m("kernel_thread"),
+        dropped("off_cpu_start_lost"),
+        dropped("off_cpu_map_full"),
+    );
+    assert!(
+        switches >= 50_000.0,
+        "the host did {switches:.0} switches a second, not a storm"
+    );
+    // Every switch seen is accounted for, but those of threads that are
+    // off the CPU right now (each thread of the host at most once).
+    let threads_on_host = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_dir(e.ok()?.path().join("task")).ok())
+        .map(|t| t.count() as u64)
+        .sum::<u64>();
+    assert!(
+        accounted <= seen && seen - accounted <= threads_on_host + 1000,
+        "seen {seen}, accounted for {accounted} ({threads_on_host} threads on the host)\n{text}"
+    );
+    eprintln!(
+        "memory shedding actions: {}",
+        metric(&text, "profiler_agent_memory_shed_total")
+    );
+    assert!(
+        peak <= CEILING_MIB << 20,
+        "heap {:.1} MiB over the {CEILING_MIB} MiB ceiling",
+        peak as f64 / (1 << 20) as f64
+    );
+
+    // Stopped, it flushes; the waits it reports are the threads' time off
+    // the CPU (each waits almost all the time), scaled back from the 5 %
+    // of switches it timed.
+    // The programs were attached before `t0` (the metrics come up later):
+    // for as long as the switches they had seen by then took at the rate
+    // measured since.
+    let rate = (seen - seen0) as f64 / elapsed;
+    let attached_for = t0.elapsed().as_secs_f64() + seen0 as f64 / rate;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let stopped = within(Duration::from_secs(30), || agent.0.try_wait().unwrap());
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "the agent did not stop cleanly: {stopped:?}\n{}",
+        log()
+    );
+    let waited: u64 = serde_json::from_slice::<serde_json::Value>(&http_get(
+        c.http_addr,
+        "/api/v1/top?type=off_cpu&start=now-1h&n=1&query=%7Bprocess%3D%22switch%22%7D",
+    ))
+    .unwrap()["total"]
+        .as_u64()
+        .unwrap_or(0);
+    let expected = THREADS as f64 * attached_for * 1e9;
+    let ratio = waited as f64 / expected;
+    eprintln!(
+        "off-CPU time of the storm: {:.1} s, {:.1} % of {THREADS} threads × {attached_for:.1} s",
+        waited as f64 / 1e9,
+        ratio * 100.0
+    );
+    assert!(
+        (0.85..=1.1).contains(&ratio),
+        "the threads waited {:.1} s by the agent, about {:.1} s by the clock\n{}\n{}",
+        waited as f64 / 1e9,
+        expected / 1e9,
+        text.lines()
+            .filter(|l| l.contains("export") || l.contains("dropped") || l.contains("memory"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        log()
+    );
+    rt.block_on(c.shutdown()).unwrap();
 }

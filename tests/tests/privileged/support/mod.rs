@@ -154,6 +154,14 @@ pub fn workload(name: &str) -> PathBuf {
         // The frame-pointer `syscalls` keeps its name.
         "unwind_syscalls" => compile("gcc", &["-O2", "-g"], "syscalls.c", &out),
         "threads" => compile("gcc", &["-O2", "-g", "-pthread"], "threads.c", &out),
+        // The benchmarks' context-switch load.
+        "switch" => run_build(
+            Command::new("gcc")
+                .args(["-O2", "-g", "-pthread", "-o"])
+                .arg(&out)
+                .arg(src.join("../../xtask/workloads/switch.c")),
+            name,
+        ),
         "offcpu" => run_build(
             Command::new("gcc")
                 .args(["-O2", "-g", "-pthread", "-o"])
@@ -349,6 +357,28 @@ pub fn agent_binary() -> PathBuf {
 /// The collector binary built next to this test (by `cargo xtask test`).
 pub fn collector_binary() -> PathBuf {
     built_binary("profiler-collector")
+}
+
+/// The agent's release build (`cargo build --release -p profiler-agent`,
+/// done by `cargo xtask test`), for what is measured as deployed.
+pub fn release_agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/release/profiler-agent
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("release/profiler-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --release -p profiler-agent`, done by \
+         `cargo xtask test`)",
+        path.display()
+    );
+    path
 }
 
 fn built_binary(name: &str) -> PathBuf {
