@@ -266,11 +266,7 @@ mod tests {
     use super::*;
 
     fn profile(stacks: &[(&str, u64)]) -> Profile {
-        let mut p = Profile::default();
-        for (s, v) in stacks {
-            p.add(s, *v);
-        }
-        p
+        Profile::of(stacks.iter().copied())
     }
 
     #[test]

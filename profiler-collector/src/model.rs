@@ -139,6 +139,15 @@ impl Profile {
         *entry = entry.saturating_add(value);
     }
 
+    /// A profile of (stack, value) pairs, values of equal stacks summed.
+    pub fn of<'a>(stacks: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        let mut p = Profile::default();
+        for (stack, value) in stacks {
+            p.add(stack, value);
+        }
+        p
+    }
+
     /// `stack VALUE` lines, sorted.
     pub fn folded(&self) -> String {
         let mut out = String::new();

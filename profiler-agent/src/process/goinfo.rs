@@ -8,7 +8,14 @@
 //! reported as Go without a version.
 use std::{fs::File, os::unix::fs::FileExt};
 
-use object::{read::ReadCache, Object, ObjectSection};
+use object::{
+    elf::FileHeader64,
+    read::{
+        elf::{FileHeader, SectionHeader},
+        ReadCache,
+    },
+    Endianness,
+};
 
 const MAGIC: &[u8] = b"\xff Go buildinf:";
 const HEADER: usize = 32;
@@ -24,12 +31,16 @@ pub struct GoBuild {
 }
 
 /// The Go build info of the ELF file `file`, or `None` when it is not a Go
-/// binary (or not a readable ELF file).
+/// binary (or not a readable 64-bit ELF file). Reads the ELF header, the
+/// section headers and their names only (not the symbol tables: this runs
+/// for every new executable, and debug builds have large ones).
 pub fn go_build(file: &File) -> Option<GoBuild> {
     let cache = ReadCache::new(file);
-    let elf = object::File::parse(&cache).ok()?;
-    let section = elf.section_by_name(".go.buildinfo")?;
-    let (offset, size) = section.file_range()?;
+    let header = FileHeader64::<Endianness>::parse(&cache).ok()?;
+    let endian = header.endian().ok()?;
+    let sections = header.sections(endian, &cache).ok()?;
+    let (_, section) = sections.section_by_name(endian, b".go.buildinfo")?;
+    let (offset, size) = section.file_range(endian)?;
     let mut buf = vec![0u8; READ.min(usize::try_from(size).ok()?)];
     file.read_exact_at(&mut buf, offset).ok()?;
     Some(parse(&buf))
