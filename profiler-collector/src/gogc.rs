@@ -104,8 +104,11 @@ fn is_assist(f: &str) -> bool {
     is_or_closure_of(f, "runtime.gcAssistAlloc") || f == "runtime.gcAssistAlloc1"
 }
 
+/// `runtime.mallocgc`, or the heap's span allocation it calls, which runs
+/// on the system stack (`runtime.(*mheap).alloc.func1`), where the walk
+/// ends above it.
 fn is_alloc(f: &str) -> bool {
-    f == "runtime.mallocgc"
+    f == "runtime.mallocgc" || is_or_closure_of(f, "runtime.(*mheap).alloc")
 }
 
 fn is_sweep(f: &str) -> bool {
@@ -179,7 +182,7 @@ pub fn go_gc(profile: &Profile, n: usize) -> Vec<GoProcessGc> {
         // Assists happen only inside mallocgc (its stack may end at
         // runtime.systemstack above the assist).
         add(&mut t.alloc, assist || frames.iter().any(|f| is_alloc(f)));
-        if let Some(at) = frames.iter().position(|f| is_alloc(f)) {
+        if let Some(at) = frames.iter().position(|f| *f == "runtime.mallocgc") {
             let site = frames[..at]
                 .iter()
                 .rev()
@@ -327,11 +330,12 @@ mod tests {
             ),
             ("api;runtime.goexit;main.main", 3),
             ("api;runtime.gcBgMarkWorkerX", 0),
+            ("api;runtime.systemstack;runtime.(*mheap).alloc.func1;runtime.(*mheap).allocSpan", 2),
         ]);
         let api = &go_gc(&p, 5)[0];
         assert_eq!(api.mark_background.samples, 4);
         assert_eq!(api.assist.samples, 3);
-        assert_eq!(api.alloc.samples, 3);
+        assert_eq!(api.alloc.samples, 5, "assists and span allocation");
         assert_eq!(api.gc_total.samples, 7);
         assert!(!is_mark_worker("runtime.gcBgMarkWorkerX"));
     }
