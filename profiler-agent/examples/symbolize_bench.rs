@@ -375,6 +375,7 @@ fn make_window(
         expected.push(chosen.iter().map(|&p| picks[p].function).collect());
         samples.push(RawSample {
             thread_state: None,
+            waker: Vec::new(),
             tgid: pid,
             comm: "bigprog".into(),
             user: chosen.iter().rev().map(|&p| picks[p].addr).collect(),

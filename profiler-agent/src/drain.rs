@@ -31,6 +31,10 @@ pub struct RawSample {
     /// Off-CPU: how the thread left the CPU (`sleeping`, `uninterruptible`,
     /// `runnable`, `other`).
     pub thread_state: Option<&'static str>,
+    /// Off-CPU: the user stack (leaf first) of the thread of the same
+    /// process that woke this one, when it did so in a system call; empty
+    /// otherwise.
+    pub waker: Vec<u64>,
 }
 
 /// Samples drained from the idle map set.
@@ -144,6 +148,7 @@ pub fn decode_key(
             sample_type: SampleType::Cpu,
             value: count,
             thread_state: None,
+            waker: Vec::new(),
         },
         missing,
     )

@@ -60,6 +60,12 @@ pub fn symbolize_window(
             let mut frames: Vec<String> = stack_cut_frame(sample.user_end).into_iter().collect();
             frames.extend(symbolizer.user_stack(sample.tgid, &sample.user));
             frames.extend(symbolizer.kernel_stack(&sample.kernel));
+            if !sample.waker.is_empty() {
+                frames.push(profiler_proto::frames::WOKEN_BY.to_string());
+                let mut waker = symbolizer.user_stack(sample.tgid, &sample.waker);
+                waker.reverse();
+                frames.extend(waker);
+            }
             SymbolizedSample {
                 tgid: sample.tgid,
                 process: sample.comm.clone(),
@@ -202,6 +208,7 @@ mod tests {
             samples: vec![
                 RawSample {
                     thread_state: None,
+                    waker: Vec::new(),
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
@@ -212,6 +219,7 @@ mod tests {
                 },
                 RawSample {
                     thread_state: None,
+                    waker: Vec::new(),
                     tgid: 7,
                     comm: "app".into(),
                     user: vec![3, 2, 1],
@@ -222,6 +230,7 @@ mod tests {
                 },
                 RawSample {
                     thread_state: None,
+                    waker: Vec::new(),
                     tgid: 8,
                     comm: "kworker/1:0".into(),
                     user: vec![],
@@ -269,6 +278,7 @@ mod tests {
     fn cut_stacks_fold_under_their_marker_and_complete_ones_do_not() {
         let sample = |user: Vec<u64>, user_end, kernel: Vec<u64>, value| RawSample {
             thread_state: None,
+            waker: Vec::new(),
             tgid: 7,
             comm: "app".into(),
             user,

@@ -90,11 +90,11 @@ enum Command {
         /// Sampling frequency on every CPU (1-10000 Hz); low by default, to be always on.
         #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
         frequency: u64,
-        /// Also record where threads wait off the CPU (5 % of context
-        /// switches timed unless --off-cpu-sample says otherwise). Off by
-        /// default: see docs/benchmarks.md for what it costs.
+        /// Do not record where threads wait off the CPU (recorded by
+        /// default, a share of context switches timed: --off-cpu-sample;
+        /// docs/benchmarks.md gives what it costs).
         #[arg(long)]
-        off_cpu: bool,
+        no_off_cpu: bool,
     },
 }
 
@@ -192,7 +192,7 @@ struct SamplingArgs {
     off_cpu_min: Duration,
     /// Off-CPU: share of context switches timed, above 0 and at most 1;
     /// the times kept are scaled by its inverse. Default: 1 in `record`,
-    /// 0.05 in `run` (always on).
+    /// the share `run` keeps always on (docs/agent.md).
     #[arg(long)]
     off_cpu_sample: Option<f64>,
 }
@@ -280,7 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_kube,
             output,
             frequency,
-            off_cpu,
+            no_off_cpu,
         } => {
             if queue_bytes > 4096 << 20 {
                 anyhow::bail!("--queue-mib must be at most 4096");
@@ -288,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut options = sampling.options(
                 frequency,
                 output,
-                off_cpu.then_some(config::RUN_OFF_CPU_SAMPLE),
+                (!no_off_cpu).then_some(config::RUN_OFF_CPU_SAMPLE),
             );
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);

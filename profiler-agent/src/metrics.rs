@@ -360,7 +360,7 @@ impl Collector for Scrape {
             "off_cpu_switches",
             "Context switches seen by the off-CPU programs, by what became of them: \
              `recorded` (time added), `short` (below --off-cpu-min), `not_sampled` \
-             (--off-cpu-sample), `filtered_out`, `kernel_thread`; `seen` counts them all. \
+             (--off-cpu-period), `filtered_out`, `kernel_thread`; `seen` counts them all. \
              Losses are in samples_dropped (off_cpu_start_lost, off_cpu_map_full).",
             "outcome",
             [
@@ -372,6 +372,13 @@ impl Collector for Scrape {
                 ("kernel_thread", Counter::OffCpuKernelThreads),
             ]
             .map(|(name, c)| (name, k.get(c))),
+        )?;
+        t.counter(
+            "off_cpu_waker_stacks",
+            "Stacks taken of threads waking another thread of their process in a system \
+             call (a lock released, a condition signalled): the `[woken by]` part of \
+             off-CPU stacks.",
+            k.get(Counter::OffCpuWakerStacks),
         )?;
         t.counter(
             "samples_kernel_only",

@@ -857,6 +857,7 @@ mod tests {
             samples: vec![
                 crate::drain::RawSample {
                     thread_state: None,
+                    waker: Vec::new(),
                     tgid: pid,
                     comm: "me".into(),
                     user: vec![addr, addr],
@@ -867,6 +868,7 @@ mod tests {
                 },
                 crate::drain::RawSample {
                     thread_state: None,
+                    waker: Vec::new(),
                     tgid: pid,
                     comm: "me".into(),
                     user: vec![addr],

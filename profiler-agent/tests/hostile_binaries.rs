@@ -583,6 +583,7 @@ fn process_gone_before_first_sight_gives_unknown_frames() {
     let window = profiler_agent::drain::RawWindow {
         samples: vec![profiler_agent::drain::RawSample {
             thread_state: None,
+            waker: Vec::new(),
             tgid: pid,
             comm: "victim".into(),
             user: vec![addr, addr + 0x40],

@@ -1,11 +1,15 @@
 //! The lock-contention view: off-CPU time spent waiting in a futex (the
 //! kernel's wait behind pthread mutexes, condition variables, Go's runtime
 //! locks, Rust's `std::sync`), grouped by the user stack that waited, with
-//! the function that asked for the lock named as the lock site; and, from
-//! the CPU profile, the share of Go's on-CPU lock spinning.
+//! the function that asked for the lock named as the lock site, and, where
+//! the agent saw who woke the waiting thread (a thread of the same process
+//! releasing the lock: the `[woken by]` part of a stack), the holders'
+//! sites; and, from the CPU profile, the share of Go's on-CPU lock spinning.
 use std::collections::HashMap;
 
 use serde::Serialize;
+
+use profiler_proto::frames;
 
 use crate::model::Profile;
 
@@ -23,7 +27,24 @@ pub struct LockSite {
     pub stack: Vec<String>,
     /// Time waited, in the profile's unit (nanoseconds).
     pub wait: u64,
+    /// Where the lock was released to these waits, by the time they waited,
+    /// most first (waits without a known waker are not in it).
+    pub holders: Vec<Holder>,
 }
+
+/// The site where a lock holder woke waiting threads: its innermost
+/// function outside the locking code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub site: String,
+    /// The holder's user frames, root first.
+    pub stack: Vec<String>,
+    /// Time the threads it woke had waited.
+    pub wait: u64,
+}
+
+/// Holders kept per lock site.
+const HOLDERS_PER_SITE: usize = 5;
 
 /// The contention view of an off-CPU profile.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -37,6 +58,10 @@ pub struct Contention {
     /// Time waited per site function (sites with several stacks summed),
     /// most first.
     pub functions: Vec<(String, u64)>,
+    /// The part of `futex_wait` whose waker is known.
+    pub woken_known: u64,
+    /// Time waited per holder site function, most first.
+    pub holder_functions: Vec<(String, u64)>,
 }
 
 /// Whether a kernel frame is a futex wait (`futex_wait`,
@@ -80,9 +105,17 @@ pub fn contention(profile: &Profile, n: usize) -> Contention {
         total: profile.total(),
         ..Contention::default()
     };
-    let mut by_stack: HashMap<Vec<&str>, u64> = HashMap::new();
+    type Waits<'a> = (u64, HashMap<Vec<&'a str>, u64>);
+    let mut by_stack: HashMap<Vec<&str>, Waits> = HashMap::new();
+    let mut holder_functions: HashMap<String, u64> = HashMap::new();
     for (stack, value) in &profile.stacks {
-        let frames: Vec<&str> = stack.split(';').skip(1).collect();
+        let waited = frames::waited_part(stack);
+        let waker = stack[waited.len()..].strip_prefix(';').map(|rest| {
+            rest.strip_prefix(frames::WOKEN_BY)
+                .unwrap_or(rest)
+                .trim_start_matches(';')
+        });
+        let frames: Vec<&str> = waited.split(';').skip(1).collect();
         if !frames.iter().any(|f| is_futex_frame(f)) {
             continue;
         }
@@ -92,24 +125,40 @@ pub fn contention(profile: &Profile, n: usize) -> Contention {
             .filter(|f| !f.ends_with(KERNEL_SUFFIX))
             .collect();
         let entry = by_stack.entry(user).or_default();
-        *entry = entry.saturating_add(*value);
+        entry.0 = entry.0.saturating_add(*value);
+        if let Some(waker) = waker {
+            // Leaf first after the marker: root first here.
+            let mut holder: Vec<&str> = waker.split(';').filter(|f| !f.is_empty()).collect();
+            holder.reverse();
+            out.woken_known = out.woken_known.saturating_add(*value);
+            let total = holder_functions.entry(site_of(&holder)).or_default();
+            *total = total.saturating_add(*value);
+            let wait = entry.1.entry(holder).or_default();
+            *wait = wait.saturating_add(*value);
+        }
     }
     let mut functions: HashMap<String, u64> = HashMap::new();
     let mut sites: Vec<LockSite> = by_stack
         .into_iter()
-        .map(|(stack, wait)| {
-            let site = stack
-                .iter()
-                .rev()
-                .find(|f| !is_lock_internal(f))
-                .or(stack.last())
-                .map_or_else(|| "[unknown]".to_string(), |f| f.to_string());
+        .map(|(stack, (wait, holders))| {
+            let site = site_of(&stack);
             let entry = functions.entry(site.clone()).or_default();
             *entry = entry.saturating_add(wait);
+            let mut holders: Vec<Holder> = holders
+                .into_iter()
+                .map(|(stack, wait)| Holder {
+                    site: site_of(&stack),
+                    stack: stack.into_iter().map(str::to_string).collect(),
+                    wait,
+                })
+                .collect();
+            holders.sort_by(|a, b| b.wait.cmp(&a.wait).then_with(|| a.stack.cmp(&b.stack)));
+            holders.truncate(HOLDERS_PER_SITE);
             LockSite {
                 site,
                 stack: stack.into_iter().map(str::to_string).collect(),
                 wait,
+                holders,
             }
         })
         .collect();
@@ -120,7 +169,22 @@ pub fn contention(profile: &Profile, n: usize) -> Contention {
     functions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     functions.truncate(n);
     out.functions = functions;
+    let mut holder_functions: Vec<(String, u64)> = holder_functions.into_iter().collect();
+    holder_functions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    holder_functions.truncate(n);
+    out.holder_functions = holder_functions;
     out
+}
+
+/// The innermost function of a user stack (root first) outside the
+/// locking code.
+fn site_of(stack: &[&str]) -> String {
+    stack
+        .iter()
+        .rev()
+        .find(|f| !is_lock_internal(f))
+        .or(stack.last())
+        .map_or_else(|| "[unknown]".to_string(), |f| f.to_string())
 }
 
 /// Go's on-CPU signs of lock contention (spinning and handing off before
@@ -187,6 +251,58 @@ mod tests {
         );
         assert_eq!(c.sites[0].stack[..3], ["main", "worker", "take_lock"]);
         assert_eq!(contention(&p, 1).sites.len(), 1);
+        assert_eq!(c.woken_known, 0);
+        assert!(c.sites.iter().all(|s| s.holders.is_empty()));
+    }
+
+    #[test]
+    fn wakers_name_the_holders_site() {
+        let wait = "app;main;worker;take_lock;pthread_mutex_lock;__lll_lock_wait;futex_wait_[k]";
+        let p = profile(&[
+            (
+                &format!("{wait};[woken by];__lll_unlock_wake;pthread_mutex_unlock;hold_lock;worker;main"),
+                600,
+            ),
+            (
+                &format!("{wait};[woken by];__lll_unlock_wake;pthread_mutex_unlock;flush;main"),
+                100,
+            ),
+            (wait, 50),
+            (
+                "app;main;nap;do_nanosleep_[k];[woken by];futex_wake;main",
+                1000,
+            ),
+        ]);
+        let c = contention(&p, 10);
+        assert_eq!(c.futex_wait, 750);
+        assert_eq!(c.woken_known, 700);
+        assert_eq!(
+            c.sites.len(),
+            1,
+            "the waker's frames do not make a new lock site"
+        );
+        let site = &c.sites[0];
+        assert_eq!((site.site.as_str(), site.wait), ("take_lock", 750));
+        let holders: Vec<(&str, u64)> = site
+            .holders
+            .iter()
+            .map(|h| (h.site.as_str(), h.wait))
+            .collect();
+        assert_eq!(holders, [("hold_lock", 600), ("flush", 100)]);
+        assert_eq!(
+            site.holders[0].stack,
+            [
+                "main",
+                "worker",
+                "hold_lock",
+                "pthread_mutex_unlock",
+                "__lll_unlock_wake"
+            ]
+        );
+        assert_eq!(
+            c.holder_functions,
+            [("hold_lock".to_string(), 600), ("flush".to_string(), 100)]
+        );
     }
 
     #[test]

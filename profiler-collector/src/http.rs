@@ -278,11 +278,24 @@ async fn contention(State(state): State<AppState>, Query(params): Params) -> Res
         .sites
         .iter()
         .map(|s| {
+            let holders: Vec<serde_json::Value> = s
+                .holders
+                .iter()
+                .map(|h| {
+                    serde_json::json!({
+                        "site": h.site,
+                        "stack": h.stack,
+                        "wait_ns": h.wait,
+                        "share": share(h.wait, s.wait),
+                    })
+                })
+                .collect();
             serde_json::json!({
                 "site": s.site,
                 "stack": s.stack,
                 "wait_ns": s.wait,
                 "share": share(s.wait, view.futex_wait),
+                "holders": holders,
             })
         })
         .collect();
@@ -303,6 +316,10 @@ async fn contention(State(state): State<AppState>, Query(params): Params) -> Res
         "futex_wait_ns": view.futex_wait,
         "sites": sites,
         "functions": functions,
+        "woken_known_ns": view.woken_known,
+        "holder_functions": view.holder_functions.iter()
+            .map(|(f, w)| serde_json::json!({"function": f, "wait_ns": w, "share": share(*w, view.futex_wait)}))
+            .collect::<Vec<_>>(),
         "cpu_samples": cpu_total,
         "go_lock_spin": spin,
     }))

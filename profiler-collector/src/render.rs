@@ -248,7 +248,10 @@ pub struct TopEntry {
 pub fn top(profile: &Profile, n: usize) -> Vec<TopEntry> {
     let mut by_name: HashMap<&str, (u64, u64)> = HashMap::new();
     for (stack, value) in &profile.stacks {
-        let frames: Vec<&str> = stack.split(';').skip(1).collect();
+        // An off-CPU wait's functions are those that waited, not its
+        // waker's.
+        let waited = profiler_proto::frames::waited_part(stack);
+        let frames: Vec<&str> = waited.split(';').skip(1).collect();
         if let Some(leaf) = frames.last() {
             let entry = by_name.entry(leaf).or_default();
             entry.0 = entry.0.saturating_add(*value);

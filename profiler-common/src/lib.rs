@@ -81,6 +81,10 @@ pub struct OffCpuKey {
     pub user_stack: u64,
     /// Key of the kernel stack in `OFF_CPU_KERNEL_STACKS`, or 0.
     pub kernel_stack: u64,
+    /// Key in `OFF_CPU_USER_STACKS` of the user stack of the thread of the
+    /// same process that woke this one in a system call (where it released
+    /// a lock, signalled, wrote), or [`NO_USER_STACK`].
+    pub waker_stack: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -98,6 +102,9 @@ pub struct OffCpuStart {
     pub user_stack: u64,
     /// Key in `OFF_CPU_KERNEL_STACKS`, or 0.
     pub kernel_stack: u64,
+    /// Key in `OFF_CPU_USER_STACKS` of its waker's user stack, or
+    /// [`NO_USER_STACK`] (set by the first wake-up that took one).
+    pub waker_stack: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -260,10 +267,13 @@ pub enum Counter {
     /// Off-CPU: a wait recorded without its kernel stack (it could not be
     /// read or stored).
     OffCpuKernelStackLost = 23,
+    /// Off-CPU: user stacks taken of threads waking a timed thread of their
+    /// own process in a system call (informational).
+    OffCpuWakerStacks = 24,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 25;
 
 impl Counter {
     /// All counters, in index order.
@@ -292,6 +302,7 @@ impl Counter {
         Counter::OffCpuRecorded,
         Counter::OffCpuMapFull,
         Counter::OffCpuKernelStackLost,
+        Counter::OffCpuWakerStacks,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -341,6 +352,7 @@ impl Counter {
             Counter::OffCpuRecorded => "off_cpu_recorded",
             Counter::OffCpuMapFull => "off_cpu_map_full",
             Counter::OffCpuKernelStackLost => "off_cpu_kernel_stack_lost",
+            Counter::OffCpuWakerStacks => "off_cpu_waker_stacks",
         }
     }
 }
@@ -381,8 +393,8 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 8 + COMM_LEN);
         assert_eq!(core::mem::size_of::<Config>(), 32);
-        assert_eq!(core::mem::size_of::<OffCpuKey>(), 40);
-        assert_eq!(core::mem::size_of::<OffCpuStart>(), 48);
+        assert_eq!(core::mem::size_of::<OffCpuKey>(), 48);
+        assert_eq!(core::mem::size_of::<OffCpuStart>(), 56);
         assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);
         assert_eq!(core::mem::size_of::<unwind::TableInfo>(), 24);
         assert_eq!(core::mem::size_of::<unwind::RowCacheEntry>(), 20);

@@ -55,8 +55,8 @@ use profiler_common::{
     OFF_CPU_THREADS, OVERFLOW_STACK_BIT,
 };
 use unwind::{
-    finish_hash, set_process, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS, FLAG_EXACT_PC,
-    FRAMES_PER_CALL, MAX_UNWIND_CALLS, REG_RIP, REG_RSP,
+    finish_hash, purpose, set_process, step, Step, UnwindState, CHECK_SEED, FLAG_ALL_REGS,
+    FLAG_EXACT_PC, FRAMES_PER_CALL, MAX_UNWIND_CALLS, REG_RIP, REG_RSP,
 };
 
 // Helpers return negated errno values.
@@ -173,6 +173,9 @@ static OFF_CPU_USER_STACKS: LruHashMap<u64, UserStack> =
 /// kind as `off_cpu_switch`, which tail-calls it), set by the agent.
 #[map]
 static OFF_CPU_UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Index 0: `unwind_user_waker`, the same for `off_cpu_waking`.
+#[map]
+static OFF_CPU_WAKER_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Processes already announced through `NEW_PIDS`; userspace removes a pid
 /// when the process is gone so a reused pid is announced again.
@@ -255,7 +258,7 @@ fn try_profile(ctx: &PerfEventContext) -> Result<(), i64> {
     state.tgid = tgid;
     state.kernel_stack_id = kernel_stack_id;
     state.set = config.active_set;
-    state.off_cpu_ns = 0;
+    state.purpose = purpose::CPU_SAMPLE;
     let regs = if in_kernel {
         saved_user_registers(state)
     } else {
@@ -395,6 +398,18 @@ pub fn unwind_user_off_cpu(ctx: BtfTracePointContext) -> i32 {
     ) as i32
 }
 
+/// [`unwind_user`] for `off_cpu_waking`: keeps the waker's stack with the
+/// woken thread's wait at the end.
+#[btf_tracepoint(function = "sched_waking")]
+pub fn unwind_user_waker(ctx: BtfTracePointContext) -> i32 {
+    unwind_calls(
+        &ctx,
+        &OFF_CPU_WAKER_PROGS,
+        &OFF_CPU_STATE,
+        &OFF_CPU_ROW_CACHE,
+    ) as i32
+}
+
 /// [`unwind_user_off_cpu`] for [`off_cpu_switch_raw`].
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn unwind_user_off_cpu_raw(ctx: RawTracePointContext) -> i32 {
@@ -458,7 +473,7 @@ fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
     let tail = ((end as u64) << 32) | state.stack.len as u64;
     let key = finish_hash(state.hash ^ tail) | 1;
     state.stack.check = finish_hash(state.stack.check ^ tail);
-    if state.off_cpu_ns != 0 {
+    if state.purpose != purpose::CPU_SAMPLE {
         return keep_stack(&OFF_CPU_USER_STACKS, key, &state.stack);
     }
     let stacks = if state.set == 0 {
@@ -494,13 +509,16 @@ fn store_user_stack(state: &mut UnwindState, end: StackEnd) -> u64 {
     NO_USER_STACK
 }
 
-/// Counts one sample of `state.tgid` in the set `state.set`, or, for a
-/// thread leaving the CPU (`state.off_cpu_ns` not 0), remembers it with its
-/// stacks until it comes back.
+/// Ends a walk: counts one sample of `state.tgid` in the set `state.set`;
+/// or remembers a thread leaving the CPU with its stacks until it comes
+/// back; or keeps a waker's stack with the wait of the thread it wakes.
 #[inline(always)]
 fn count(state: &UnwindState, user_stack: u64) -> Result<(), i64> {
-    if state.off_cpu_ns != 0 {
+    if state.purpose == purpose::OFF_CPU {
         remember_off_cpu(state, user_stack);
+        Ok(())
+    } else if state.purpose == purpose::WAKER {
+        remember_waker(state, user_stack);
         Ok(())
     } else if state.set == 0 {
         record(state, user_stack, &COUNTS_A)
@@ -522,6 +540,7 @@ fn remember_off_cpu(state: &UnwindState, user_stack: u64) {
         (*s).state = state.thread_state;
         (*s).user_stack = user_stack;
         (*s).kernel_stack = state.off_cpu_kernel_stack;
+        (*s).waker_stack = NO_USER_STACK;
         generated::bpf_get_current_comm(addr_of_mut!((*s).comm).cast(), COMM_LEN as u32);
         start.assume_init()
     };
@@ -529,6 +548,21 @@ fn remember_off_cpu(state: &UnwindState, user_stack: u64) {
     let task = unsafe { generated::bpf_get_current_task() };
     if OFF_CPU_START.insert(task, start, 0).is_err() {
         bump(Counter::OffCpuStartLost);
+    }
+}
+
+/// Keeps a waker's user stack with the wait of the thread it wakes
+/// (`state.wakee`), whose time is added with it when it runs again.
+#[inline(always)]
+fn remember_waker(state: &UnwindState, user_stack: u64) {
+    if user_stack == NO_USER_STACK {
+        return;
+    }
+    if let Some(start) = OFF_CPU_START.get_ptr_mut(state.wakee) {
+        // SAFETY: a map value; the woken thread cannot run (and add its
+        // time) before the wake-up this program runs in is done.
+        unsafe { (*start).waker_stack = user_stack };
+        bump(Counter::OffCpuWakerStacks);
     }
 }
 
@@ -540,6 +574,7 @@ fn record_off_cpu(start: &OffCpuStart, ns: u64, times: &PerCpuHashMap<OffCpuKey,
         state: start.state,
         user_stack: start.user_stack,
         kernel_stack: start.kernel_stack,
+        waker_stack: start.waker_stack,
         comm: start.comm,
     };
     match times.get_ptr_mut(key) {
@@ -762,6 +797,90 @@ fn off_cpu_switch_with<C: EbpfContext>(ctx: &C, preempt: u64, next: u64, prev_st
     0
 }
 
+/// BTF tracepoint `sched_waking(p)`, run by whoever wakes `p`. When `p`'s
+/// wait is timed (it was drawn when it left the CPU), has lasted at least
+/// the threshold, and the waker is a thread of `p`'s own process in a
+/// system call (a futex wake where a lock is released, a condition
+/// signalled, a pipe written), the waker's user stack is walked by the
+/// tail-called unwinder and kept with the wait: the lock holder's site.
+/// Only the first such wake-up of a wait is walked.
+#[btf_tracepoint(function = "sched_waking")]
+pub fn off_cpu_waking(ctx: BtfTracePointContext) -> i32 {
+    if waking(ctx.arg(0)) {
+        // SAFETY: `ctx` is this program's context; on success the call
+        // does not return.
+        unsafe { OFF_CPU_WAKER_PROGS.tail_call(&ctx, 0) };
+        bump(Counter::UnwinderUnreachable);
+    }
+    0
+}
+
+/// `wakee` (the address of its `task_struct`) is being woken by the
+/// current thread: true when the waker's walk is set up in `OFF_CPU_STATE`
+/// for the unwinder to finish (see [`off_cpu_waking`]).
+#[inline(always)]
+fn waking(wakee: u64) -> bool {
+    // SAFETY: a map value, copied out.
+    let Some(start) = OFF_CPU_START.get_ptr(wakee).map(|s| unsafe { *s }) else {
+        return false;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if start.waker_stack != NO_USER_STACK
+        || (pid_tgid >> 32) as u32 != start.tgid
+        || pid_tgid as u32 == 0
+    {
+        return false;
+    }
+    let Some(config) = CONFIG.get(0).copied() else {
+        return false;
+    };
+    // SAFETY: no arguments.
+    let waited = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.since_ns);
+    if waited < config.off_cpu_min_ns {
+        return false;
+    }
+    let Some(state) = OFF_CPU_STATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value of the off-CPU and waker walks; both run with
+    // interrupts off (the scheduler's and the wake-up's locks are held),
+    // never one inside the other.
+    let state = unsafe { &mut *state };
+    if !waker_in_system_call(state) {
+        return false;
+    }
+    state.purpose = purpose::WAKER;
+    state.tgid = start.tgid;
+    state.kernel_stack_id = NO_STACK;
+    state.set = config.active_set;
+    state.wakee = wakee;
+    start_walk(state, &config);
+    true
+}
+
+/// Reads the current thread's user registers into `state`; true when it is
+/// in a system call (not an interrupt that landed on it).
+#[inline(always)]
+fn waker_in_system_call(state: &mut UnwindState) -> bool {
+    // SAFETY: as in `saved_user_registers`.
+    let regs: pt_regs = unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
+        match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
+            Ok(regs) => regs,
+            Err(_) => return false,
+        }
+    };
+    #[cfg(bpf_target_arch = "x86_64")]
+    let syscall = regs.orig_rax as i64;
+    // Elsewhere the system call number is not in these registers: every
+    // waker of the process counts.
+    #[cfg(not(bpf_target_arch = "x86_64"))]
+    let syscall = 0i64;
+    set_registers(state, &regs);
+    syscall >= 0 && user_registers_valid(state)
+}
+
 /// The off-CPU unwinder could not be tail-called: the thread is
 /// remembered without its user stack.
 #[inline(always)]
@@ -835,11 +954,12 @@ fn switch_out(preempt: bool, prev_state: u32, read_stack: impl FnOnce(*mut u64) 
         bump(Counter::OffCpuKernelThreads);
         return false;
     }
+    state.purpose = purpose::OFF_CPU;
     state.tgid = tgid;
     state.kernel_stack_id = NO_STACK;
     state.set = config.active_set;
     // SAFETY: no arguments.
-    state.off_cpu_ns = unsafe { bpf_ktime_get_ns() }.max(1);
+    state.off_cpu_ns = unsafe { bpf_ktime_get_ns() };
     state.off_cpu_kernel_stack = store_kernel_stack(read_stack);
     state.thread_state = thread_state::from_switch(preempt, prev_state);
     start_walk(state, &config);

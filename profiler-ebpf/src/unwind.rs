@@ -53,10 +53,15 @@ pub struct UnwindState {
     pub saved: [u64; REGS],
     /// Running hash of the frames (the map key).
     pub hash: u64,
-    /// Off-CPU time the walk is for (nanoseconds), or 0 for a CPU sample.
+    /// What the walk is for: one of [`purpose`].
+    pub purpose: u32,
+    pub _pad: u32,
+    /// Off-CPU: when the thread left the CPU (`bpf_ktime_get_ns`).
     pub off_cpu_ns: u64,
     /// Off-CPU: key of the wait's kernel stack in `OFF_CPU_KERNEL_STACKS`.
     pub off_cpu_kernel_stack: u64,
+    /// A waker's walk: the `task_struct` address of the thread it wakes.
+    pub wakee: u64,
     pub tgid: u32,
     pub kernel_stack_id: i32,
     /// The map set the sample goes to (read once, in `profile`).
@@ -93,6 +98,18 @@ pub struct UnwindState {
     pub window_start: u64,
     pub window_len: u64,
     pub window: [u64; WINDOW_WORDS],
+}
+
+/// What a walk is for ([`UnwindState::purpose`]).
+pub mod purpose {
+    /// A CPU sample: counted in the set's count map.
+    pub const CPU_SAMPLE: u32 = 0;
+    /// A thread leaving the CPU: remembered with its stacks until it
+    /// comes back.
+    pub const OFF_CPU: u32 = 1;
+    /// A thread waking a remembered thread of its process: its stack is
+    /// kept with the woken thread's wait.
+    pub const WAKER: u32 = 2;
 }
 
 /// Words of user memory the walk copies at once ([`UnwindState::window`]):

@@ -6,9 +6,25 @@
 //!   `StackEnd::name`, e.g. `no_table`). It is the frame right after the
 //!   process name, so cut stacks form towers of their own in a flame graph
 //!   instead of mixing with real roots. A stack without it is complete.
+//! - `[woken by]`: in an off-CPU stack, what follows it is the user stack
+//!   of the thread of the same process that woke the waiting one (where it
+//!   released the lock, signalled, wrote), leaf first, so that a flame
+//!   graph shows it upside down above the wait, as `offwaketime` does. The
+//!   wait itself is the part before it.
 
 const STACK_CUT_PREFIX: &str = "[stack cut: ";
 const STACK_CUT_SUFFIX: &str = "]";
+
+/// The marker between a wait's stack and its waker's.
+pub const WOKEN_BY: &str = "[woken by]";
+
+/// A folded stack without its waker part: the wait itself.
+pub fn waited_part(stack: &str) -> &str {
+    match stack.find(";[woken by]") {
+        Some(at) => &stack[..at],
+        None => stack,
+    }
+}
 
 /// The marker frame of a stack cut for `reason` (snake_case).
 pub fn stack_cut(reason: &str) -> String {
@@ -39,6 +55,15 @@ pub fn stack_cut_of_folded(stack: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_waker_part_is_cut_off() {
+        assert_eq!(
+            waited_part("app;main;lock_[k];[woken by];unlock;holder;main"),
+            "app;main;lock_[k]"
+        );
+        assert_eq!(waited_part("app;main;sleep_[k]"), "app;main;sleep_[k]");
+    }
 
     #[test]
     fn marker_round_trips() {

@@ -47,6 +47,9 @@ const OFF_CPU_SWITCH: &str = "off_cpu_switch";
 const OFF_CPU_UNWIND_PROGRAM: &str = "unwind_user_off_cpu";
 const OFF_CPU_SWITCH_RAW: &str = "off_cpu_switch_raw";
 const OFF_CPU_UNWIND_PROGRAM_RAW: &str = "unwind_user_off_cpu_raw";
+/// Wake-ups (`sched_waking`, BTF only) and the waker's unwinder.
+const OFF_CPU_WAKING: &str = "off_cpu_waking";
+const OFF_CPU_WAKER_UNWIND_PROGRAM: &str = "unwind_user_waker";
 
 /// The loaded object with the maps the agent reads and writes, before the
 /// sampling program is attached.
@@ -215,12 +218,35 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
 }
 
 /// The off-CPU programs, loaded: the `sched_switch` program of one kind
-/// (BTF or raw tracepoint) and its unwinder in the program array it
-/// tail-calls.
+/// (BTF or raw tracepoint), with BTF the `sched_waking` one, and their
+/// unwinders in the program arrays they tail-call.
 pub(super) struct OffCpuPrograms {
     /// Holds the unwinder for as long as it lives.
     _unwinder: ProgramArray<MapData>,
     btf: bool,
+    /// Holds the waker's unwinder, when wakers are walked.
+    waker: Option<ProgramArray<MapData>>,
+}
+
+/// Loads the wake-up program and its unwinder (BTF tracepoints).
+fn load_waking(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error("reading the kernel's BTF", e))?;
+    let mut unwinder: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_WAKER_PROGS")?;
+    let unwind: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKER_UNWIND_PROGRAM)?;
+    unwind
+        .load("sched_waking", &btf)
+        .map_err(|e| ebpf_error("loading the unwind_user_waker program (verifier)", e))?;
+    let fd = unwind
+        .fd()
+        .map_err(|e| ebpf_error("the unwind_user_waker program's fd", e))?;
+    unwinder
+        .set(0, fd, 0)
+        .map_err(|e| ebpf_error("filling the OFF_CPU_WAKER_PROGS program array", e))?;
+    let waking: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKING)?;
+    waking
+        .load("sched_waking", &btf)
+        .map_err(|e| ebpf_error("loading the off_cpu_waking program (verifier)", e))?;
+    Ok(unwinder)
 }
 
 /// Loads the off-CPU programs: as a BTF tracepoint, else (no BTF, or the
@@ -277,22 +303,51 @@ fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
         return Ok(OffCpuPrograms {
             _unwinder: unwinder,
             btf: false,
+            waker: None,
         });
     }
+    let waker = load_waking(ebpf)
+        .inspect_err(|e| {
+            tracing::warn!("{e}: off-CPU waits are recorded without the stacks of their wakers")
+        })
+        .ok();
     Ok(OffCpuPrograms {
         _unwinder: unwinder,
         btf: true,
+        waker,
     })
 }
 
-/// The off-CPU program's link, detached at stop.
-pub(super) enum OffCpuLink {
+/// The off-CPU programs' links, detached at stop.
+pub(super) struct OffCpuLinks {
+    switch: OffCpuLink,
+    waking: Option<aya::programs::tp_btf::BtfTracePointLinkId>,
+}
+
+enum OffCpuLink {
     Btf(aya::programs::tp_btf::BtfTracePointLinkId),
     Raw(aya::programs::raw_trace_point::RawTracePointLinkId),
 }
 
-/// Attaches the loaded off-CPU program to `sched_switch`.
-pub(super) fn attach_off_cpu(ebpf: &mut Ebpf, loaded: &OffCpuPrograms) -> Result<OffCpuLink> {
+/// Attaches the loaded off-CPU programs: `sched_waking` first, so that no
+/// timed wait misses its waker.
+pub(super) fn attach_off_cpu(ebpf: &mut Ebpf, loaded: &OffCpuPrograms) -> Result<OffCpuLinks> {
+    let waking = match loaded.waker {
+        Some(_) => {
+            let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKING)?;
+            Some(
+                prog.attach()
+                    .map_err(|e| ebpf_error("attaching to the sched_waking BTF tracepoint", e))?,
+            )
+        }
+        None => None,
+    };
+    let switch = attach_switch(ebpf, loaded)?;
+    Ok(OffCpuLinks { switch, waking })
+}
+
+/// Attaches the loaded `sched_switch` program.
+fn attach_switch(ebpf: &mut Ebpf, loaded: &OffCpuPrograms) -> Result<OffCpuLink> {
     if loaded.btf {
         let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
         prog.attach()
@@ -306,9 +361,14 @@ pub(super) fn attach_off_cpu(ebpf: &mut Ebpf, loaded: &OffCpuPrograms) -> Result
     }
 }
 
-/// Detaches the off-CPU program.
-pub(super) fn detach_off_cpu(ebpf: &mut Ebpf, link: OffCpuLink) -> Result<()> {
-    match link {
+/// Detaches the off-CPU programs.
+pub(super) fn detach_off_cpu(ebpf: &mut Ebpf, links: OffCpuLinks) -> Result<()> {
+    if let Some(link) = links.waking {
+        let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKING)?;
+        prog.detach(link)
+            .map_err(|e| ebpf_error("detaching the sched_waking program", e))?;
+    }
+    match links.switch {
         OffCpuLink::Btf(link) => {
             let prog: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
             prog.detach(link)

@@ -180,6 +180,14 @@ impl MapSet {
                         })
                         .clone();
                 }
+                if key.waker_stack != profiler_common::NO_USER_STACK {
+                    sample.waker = user_waits
+                        .entry(key.waker_stack)
+                        .or_insert_with(|| stack_frames(&stacks.user, key.waker_stack))
+                        .clone()
+                        .map(|(frames, _)| frames)
+                        .unwrap_or_default();
+                }
                 sample.sample_type = SampleType::OffCpu;
                 sample.value = options.scale(*ns);
                 sample.thread_state = Some(thread_state::name(key.state));

@@ -57,7 +57,7 @@ pub struct KernelSource {
     links: Vec<PerfEventLinkId>,
     /// Off-CPU recording, when on: its settings, kernel stacks and links.
     off_cpu: Option<(OffCpuOptions, maps::OffCpuStacks)>,
-    off_cpu_link: Option<load::OffCpuLink>,
+    off_cpu_link: Option<load::OffCpuLinks>,
     _off_cpu_programs: Option<load::OffCpuPrograms>,
     announcer: Announcer,
 }

@@ -34,6 +34,7 @@ const CONTAINER: &str = "3f2b4e1c9a8d7f6e5d4c3b2a19080706f5e4d3c2b1a09f8e7d6c5b4
 fn sample(tgid: u32, comm: &str, user: &[u64], kernel: &[u64], value: u64) -> RawSample {
     RawSample {
         thread_state: None,
+        waker: Vec::new(),
         tgid,
         comm: comm.into(),
         user: user.to_vec(),

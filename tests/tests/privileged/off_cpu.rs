@@ -156,6 +156,43 @@ fn lock_waits_are_found_at_their_lock_site() {
         "the lock site's stack reaches the thread's function: {:?}",
         view.sites[0].stack
     );
+    // The holder's site: the lock is released (and the waiting threads
+    // woken) in hold_lock, by threads of the same process.
+    let holder = view.sites[0]
+        .holders
+        .first()
+        .unwrap_or_else(|| panic!("no holder found for the lock site:\n{view:?}\n{stacks}"));
+    assert_eq!(holder.site, "hold_lock", "{view:?}\n{stacks}");
+    assert!(
+        holder.stack.iter().any(|f| f == "contender"),
+        "the holder's stack reaches the thread's function: {:?}",
+        holder.stack
+    );
+    assert_eq!(
+        view.holder_functions.first().map(|(f, _)| f.as_str()),
+        Some("hold_lock"),
+        "{view:?}"
+    );
+    let known = view.woken_known as f64 / view.futex_wait.max(1) as f64;
+    assert!(
+        known >= 0.9,
+        "a waker is known for {:.1} % of the futex waits only:\n{stacks}",
+        known * 100.0
+    );
+    assert!(
+        rec.counters
+            .get(profiler_common::Counter::OffCpuWakerStacks)
+            > 0
+    );
+    eprintln!(
+        "lock: {:.3} s waited at take_lock, {:.3} s measured by the workload; waker known \
+         for {:.1} % of futex waits, {:.1} % of the site's wait released in {}",
+        take_lock as f64 / 1e9,
+        measured as f64 / 1e9,
+        known * 100.0,
+        holder.wait as f64 * 100.0 / view.sites[0].wait.max(1) as f64,
+        holder.site
+    );
 }
 
 /// Host context switches since boot (/proc/stat `ctxt`).
@@ -227,7 +264,7 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
                 "--node",
                 "storm",
             ])
-            .args(["-F", "19", "--off-cpu"])
+            .args(["-F", "19"])
             // The watchdog's limit is on the whole RSS, which also counts the
             // pages of the binaries the agent maps to symbolize (this test's
             // own debug binary is several hundred MiB): at 64 MiB it would

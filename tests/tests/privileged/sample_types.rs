@@ -73,6 +73,7 @@ fn sample(
 ) -> RawSample {
     RawSample {
         thread_state: None,
+        waker: Vec::new(),
         tgid,
         comm: comm.into(),
         user: user.to_vec(),

@@ -7,7 +7,8 @@
 //   offcpu mutex SECONDS THREADS
 //     Once a line arrives on its standard input (the profiler is
 //     attached), THREADS threads take one pthread mutex in take_lock and
-//     hold it for about 1 ms of work in hold_lock, in a loop. At exit it
+//     hold it for about 1 ms of work in hold_lock, which releases it (the
+//     holder's site: where waiting threads are woken), in a loop. At exit it
 //     prints the nanoseconds all threads spent waiting in
 //     pthread_mutex_lock, as it measured them.
 //
@@ -61,6 +62,7 @@ __attribute__((noinline)) void hold_lock(void) {
     while (now() < until)
         for (int i = 0; i < 1000; i++)
             acc = acc * 6364136223846793005UL + 1;
+    pthread_mutex_unlock(&lock);
     __asm__ volatile("" ::: "memory");
 }
 
@@ -79,7 +81,6 @@ __attribute__((noinline)) void *contender(void *arg) {
     while (now() < mutex_end) {
         mine += take_lock();
         hold_lock();
-        pthread_mutex_unlock(&lock);
     }
     __atomic_add_fetch(&waited_ns, mine, __ATOMIC_RELAXED);
     return 0;
