@@ -50,7 +50,7 @@ pub const DEFAULT_OFF_CPU_MIN: Duration = Duration::from_micros(500);
 /// timed. A timed switch costs a kernel stack read and a user stack walk
 /// (about 5 µs on the benchmark machine), an untimed one under 1 µs
 /// (docs/benchmarks.md).
-pub const RUN_OFF_CPU_SAMPLE: f64 = 0.05;
+pub const RUN_OFF_CPU_SAMPLE: f64 = 0.01;
 
 impl Default for OffCpuOptions {
     fn default() -> Self {

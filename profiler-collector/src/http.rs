@@ -107,6 +107,9 @@ async fn profile_for(
     prefix: &str,
 ) -> Result<(Selector, Profile, SampleType), Response> {
     let sel = selector(params, prefix).map_err(|e| BadRequest(e).into_response())?;
+    if sel.sample_type == crate::wall::WALL {
+        return wall_profile(state, sel).await;
+    }
     let q = sel.clone();
     let (profile, unit) = with_store(state, move |s| {
         Ok((s.profile(&q)?, s.unit(&q.sample_type)?))
@@ -116,6 +119,31 @@ async fn profile_for(
         .or_else(|| SampleType::known_unit(&sel.sample_type).map(str::to_string))
         .unwrap_or_else(|| "count".to_string());
     let sample_type = SampleType::new(&sel.sample_type, &unit);
+    Ok((sel, profile, sample_type))
+}
+
+/// The wall view of a selection (`type=wall`): its `cpu` and `off_cpu`
+/// samples on one axis, in nanoseconds ([`crate::wall`]).
+async fn wall_profile(
+    state: &AppState,
+    sel: Selector,
+) -> Result<(Selector, Profile, SampleType), Response> {
+    let of_type = |t: &str| Selector {
+        sample_type: t.to_string(),
+        ..sel.clone()
+    };
+    let (cpu_sel, off_sel) = (of_type(crate::model::CPU), of_type(crate::model::OFF_CPU));
+    let (cpu, off, frequencies) = with_store(state, move |s| {
+        Ok((
+            s.profile(&cpu_sel)?,
+            s.profile(&off_sel)?,
+            s.cpu_frequencies(cpu_sel.start_ns, cpu_sel.end_ns)?,
+        ))
+    })
+    .await?;
+    let profile =
+        crate::wall::wall(&cpu, &off, &frequencies).map_err(|e| BadRequest(e).into_response())?;
+    let sample_type = SampleType::new(crate::wall::WALL, crate::wall::WALL_UNIT);
     Ok((sel, profile, sample_type))
 }
 
@@ -134,7 +162,14 @@ async fn sample_types(State(state): State<AppState>, Query(params): Params) -> R
         Err(e) => return BadRequest(e).into_response(),
     };
     match with_store(&state, move |s| s.sample_types(sel.start_ns, sel.end_ns)).await {
-        Ok(types) => Json(types).into_response(),
+        Ok(mut types) => {
+            // The wall view is offered where both of its types exist.
+            let has = |t: &str| types.iter().any(|s| s.name == t);
+            if has(crate::model::CPU) && has(crate::model::OFF_CPU) {
+                types.push(SampleType::new(crate::wall::WALL, crate::wall::WALL_UNIT));
+            }
+            Json(types).into_response()
+        }
         Err(r) => r,
     }
 }

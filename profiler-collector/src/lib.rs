@@ -16,4 +16,5 @@ pub mod selection;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod wall;
 pub mod writer;

@@ -62,6 +62,8 @@ pub enum Rejection {
     Frequency { got: u32, expected: &'static str },
     #[error("sample_type.{field} {value:?} must be 1-64 lower-case ASCII letters, digits or `_`")]
     SampleTypeName { field: &'static str, value: String },
+    #[error("sample type {0:?} is reserved: it names a view of the collector (cpu and off_cpu on one axis)")]
+    ReservedType(String),
     #[error("sample type {sample_type:?} has unit {expected:?}, not {got:?}")]
     UnitMismatch {
         sample_type: String,
@@ -103,7 +105,7 @@ impl Rejection {
             Rejection::MissingAgentId => Reject::MissingAgentId,
             Rejection::Window(_) => Reject::BadWindow,
             Rejection::Frequency { .. } => Reject::BadFrequency,
-            Rejection::SampleTypeName { .. } => Reject::BadSampleType,
+            Rejection::SampleTypeName { .. } | Rejection::ReservedType(_) => Reject::BadSampleType,
             Rejection::UnitMismatch { .. } => Reject::UnitMismatch,
             Rejection::InvalidUtf8(_) => Reject::InvalidUtf8,
             Rejection::IndexOutOfRange { .. } => Reject::IndexOutOfRange,
@@ -152,6 +154,9 @@ pub fn sample_type(batch: &Batch) -> Result<SampleType, Rejection> {
                 value: value.chars().take(80).collect(),
             });
         }
+    }
+    if t.r#type == crate::wall::WALL {
+        return Err(Rejection::ReservedType(t.r#type.clone()));
     }
     if let Some(unit) = SampleType::known_unit(&t.r#type) {
         if unit != t.unit {

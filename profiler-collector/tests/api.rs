@@ -448,7 +448,7 @@ async fn an_off_cpu_batch_reads_back_exact_in_its_unit() {
         "app;main;cold 1\napp;main;hot 3\n"
     );
     assert_eq!(
-        text(&c, "/api/v1/folded?type=wall").await,
+        text(&c, "/api/v1/folded?type=heap_live").await,
         "",
         "a type with no data is an empty answer"
     );
@@ -459,8 +459,19 @@ async fn an_off_cpu_batch_reads_back_exact_in_its_unit() {
         types,
         serde_json::json!([
             {"type": "cpu", "unit": "samples"},
-            {"type": "off_cpu", "unit": "nanoseconds"}
+            {"type": "off_cpu", "unit": "nanoseconds"},
+            {"type": "wall", "unit": "nanoseconds"}
         ])
+    );
+    // The wall view: 3 and 1 samples at 99 Hz as the time they stand for,
+    // plus the waits.
+    assert_eq!(
+        text(
+            &c,
+            &format!("/api/v1/folded?type=wall&start=now-1h&end=now&{APP}")
+        )
+        .await,
+        "app;main;cold 1510101010\napp;main;hot 3030303037\n"
     );
     let types: serde_json::Value =
         serde_json::from_str(&text(&c, "/api/v1/types?start=now-3h&end=now-2h").await).unwrap();
@@ -470,7 +481,7 @@ async fn an_off_cpu_batch_reads_back_exact_in_its_unit() {
         serde_json::from_str(&text(&c, &format!("/api/v1/labels?{off}")).await).unwrap();
     assert_eq!(labels, ["node", "pid", "process"]);
     let labels: Vec<String> =
-        serde_json::from_str(&text(&c, "/api/v1/labels?type=wall").await).unwrap();
+        serde_json::from_str(&text(&c, "/api/v1/labels?type=heap_live").await).unwrap();
     assert!(labels.is_empty());
     let values: Vec<String> =
         serde_json::from_str(&text(&c, &format!("/api/v1/labels/process/values?{off}")).await)
@@ -552,8 +563,12 @@ async fn a_type_keeps_one_unit_and_bad_type_names_are_rejected() {
             r#"sample_type.type "Off-CPU" must be 1-64 lower-case ASCII letters"#,
         ),
         (
-            typed_batch(5, "wall", "", 1, 1),
+            typed_batch(5, "heap_live", "", 1, 1),
             r#"sample_type.unit "" must be"#,
+        ),
+        (
+            typed_batch(6, "wall", "nanoseconds", 1, 1),
+            r#"sample type "wall" is reserved"#,
         ),
     ];
     for (b, message) in cases {
@@ -567,7 +582,7 @@ async fn a_type_keeps_one_unit_and_bad_type_names_are_rejected() {
         "nothing of the refused batches was stored"
     );
     let metrics = text(&c, "/metrics").await;
-    for (reason, n) in [("unit_mismatch", 2), ("bad_sample_type", 2)] {
+    for (reason, n) in [("unit_mismatch", 2), ("bad_sample_type", 3)] {
         assert!(
             metrics.contains(&format!(
                 "profiler_batches_rejected_total{{reason=\"{reason}\"}} {n}"
@@ -658,7 +673,7 @@ async fn quality_gives_the_share_of_complete_and_cut_stacks() {
     for empty in [
         "/api/v1/quality?query=%7Bprocess%3D%22nobody%22%7D",
         "/api/v1/quality?start=now-3h&end=now-2h",
-        "/api/v1/quality?type=wall",
+        "/api/v1/quality?type=heap_live",
     ] {
         let q = json(text(&c, empty).await);
         assert_eq!(q["total"], 0, "{empty}");

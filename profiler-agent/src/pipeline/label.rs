@@ -1,12 +1,14 @@
 //! The label stage: which labels a sample carries (`node`, `process`, `pid`,
-//! `exe`, `runtime`, `go_version`, `container_id`, `pod`, `namespace`,
-//! `container`, `service`), as a
+//! `thread`, `exe`, `runtime`, `go_version`, `container_id`, `pod`,
+//! `namespace`, `container`, `service`), as a
 //! pure function of the sample, what is known about its process, and what
 //! the pod watch answered ([`labels`]).
 //!
 //! Rules:
 //! - `process` is the process's name at first sight (`/proc/PID/comm`),
-//!   else the sampled thread's `comm`; `exe` and `container_id` when known;
+//!   else the sampled thread's `comm`; `thread` is the sampled thread's
+//!   `comm` where it differs from `process`; `exe` and `container_id` when
+//!   known;
 //! - `runtime` is `go` for a Go executable (told from its build info, with
 //!   `go_version` when the build info names it);
 //! - `pod`, `namespace` (and `container`) only when the watch knows the pod:
@@ -81,6 +83,11 @@ pub fn labels(node: &str, tgid: u32, comm: &str, facts: &ProcessFacts, pod: &Pod
         ("process", process.clone()),
         ("pid", tgid.to_string()),
     ];
+    // The sampled thread's name, where it is not the process's: per-thread
+    // views (the wall view) select by it.
+    if comm != process && !comm.is_empty() {
+        pairs.push(("thread", comm.to_string()));
+    }
     let exe = facts.exe.as_deref();
     if let Some(exe) = exe {
         pairs.push(("exe", exe.to_string()));
@@ -290,6 +297,7 @@ mod tests {
                 ("node", "n1"),
                 ("process", "postgres"),
                 ("pid", "42"),
+                ("thread", "postgres: wal"),
                 ("exe", "/usr/lib/postgresql/15/bin/postgres"),
                 ("service", "postgresql@15-main"),
             ]

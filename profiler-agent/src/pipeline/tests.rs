@@ -335,6 +335,7 @@ fn samples_are_labelled_from_their_process_and_pod() {
             ("node", "n1"),
             ("process", "server"),
             ("pid", "10"),
+            ("thread", "tokio-worker"),
             ("exe", "/app/server"),
             ("container_id", CONTAINER),
             ("pod", "web-0"),
@@ -826,7 +827,8 @@ fn the_collector_sink_sends_one_batch_per_window_and_type() {
             ("exe", "/app/server"),
             ("node", "n1"),
             ("pid", "10"),
-            ("process", "server")
+            ("process", "server"),
+            ("thread", "srv")
         ]),
         "server;main;serve;parse".into(),
         6
@@ -843,7 +845,8 @@ fn the_collector_sink_sends_one_batch_per_window_and_type() {
                 ("exe", "/app/server"),
                 ("node", "n1"),
                 ("pid", "10"),
-                ("process", "server")
+                ("process", "server"),
+                ("thread", "srv")
             ]),
             "server;main;serve".into(),
             5_000

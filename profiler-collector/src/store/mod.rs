@@ -140,6 +140,9 @@ pub trait Store: Send {
     /// The unit a sample type is stored with; `None` for a type never
     /// stored.
     fn unit(&self, sample_type: &str) -> Result<Option<String>, StoreError>;
+    /// The distinct sampling frequencies of the `cpu` windows ending in
+    /// `(start_ns, end_ns]`, sorted.
+    fn cpu_frequencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<u32>, StoreError>;
     /// Folded stacks and summed values of the samples a selector picks (an
     /// unknown type picks none).
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError>;

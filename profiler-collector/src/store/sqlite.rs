@@ -985,6 +985,17 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn cpu_frequencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<u32>, StoreError> {
+        // A batch is one type; only `cpu` batches have a frequency.
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT frequency_hz FROM batches
+             WHERE window_end > ?1 AND window_end <= ?2 AND frequency_hz > 0
+             ORDER BY frequency_hz",
+        )?;
+        let rows = stmt.query_map([start_ns, end_ns], |r| r.get::<_, u32>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn unit(&self, sample_type: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn

@@ -240,14 +240,21 @@ fn off_cpu_through_the_api(ch: &dyn Server) {
         text("/api/v1/folded?start=now-1h"),
         "synthetic;main;work 7\n"
     );
-    assert_eq!(text("/api/v1/folded?type=wall&start=now-1h"), "");
+    // The wall view: 7 samples at 99 Hz as the time they stand for, plus
+    // the wait.
+    assert_eq!(
+        text("/api/v1/folded?type=wall&start=now-1h"),
+        "synthetic;main;work 2570707071\n"
+    );
+    assert_eq!(text("/api/v1/folded?type=heap_live&start=now-1h"), "");
     let types: serde_json::Value =
         serde_json::from_str(&text("/api/v1/types?start=now-1h&end=now")).unwrap();
     assert_eq!(
         types,
         serde_json::json!([
             {"type": "cpu", "unit": "samples"},
-            {"type": "off_cpu", "unit": "nanoseconds"}
+            {"type": "off_cpu", "unit": "nanoseconds"},
+            {"type": "wall", "unit": "nanoseconds"}
         ])
     );
     let labels: Vec<String> =

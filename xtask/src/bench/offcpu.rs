@@ -24,15 +24,19 @@ const LOADS: [(&str, u32, u32); 3] = [
 ];
 
 /// The agent's settings compared: flags after `record -F 19`.
-const MODES: [(&str, &[&str]); 3] = [
+const MODES: [(&str, &[&str]); 4] = [
     ("CPU only", &[]),
     (
         "+ off-CPU, every switch (`record --off-cpu`)",
         &["--off-cpu"],
     ),
     (
-        "+ off-CPU, 5 % of switches (`run --off-cpu`)",
+        "+ off-CPU, 5 % of switches",
         &["--off-cpu", "--off-cpu-sample", "0.05"],
+    ),
+    (
+        "+ off-CPU, 1 % of switches (`run`'s default)",
+        &["--off-cpu", "--off-cpu-sample", "0.01"],
     ),
 ];
 

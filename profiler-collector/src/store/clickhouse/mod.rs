@@ -1096,6 +1096,25 @@ impl Store for ClickHouseStore {
         Ok(types)
     }
 
+    fn cpu_frequencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<u32>, StoreError> {
+        let Some(range) = self.range(start_ns, end_ns) else {
+            return Ok(Vec::new());
+        };
+        // The registry rows, one per batch; only `cpu` batches have a
+        // frequency.
+        let out = self.query_rows(&format!(
+            "SELECT DISTINCT toUInt64(frequency_hz) AS f FROM {}.samples
+             WHERE {range} AND label_set_id = 0 AND frequency_hz > 0 ORDER BY f",
+            self.db
+        ))?;
+        let mut rows = Rows::new(&out);
+        let mut frequencies = Vec::new();
+        while !rows.is_empty() {
+            frequencies.push(rows.u64()?.min(u64::from(u32::MAX)) as u32);
+        }
+        Ok(frequencies)
+    }
+
     fn profile(&self, selector: &Selector) -> Result<Profile, StoreError> {
         let Some(sql) = self.profile_sql(selector) else {
             return Ok(Profile::default());
