@@ -46,9 +46,10 @@ pub struct OffCpuOptions {
 
 /// Default `--off-cpu-min`.
 pub const DEFAULT_OFF_CPU_MIN: Duration = Duration::from_micros(500);
-/// `run --off-cpu`'s default `--off-cpu-sample`: 5 % of context switches
-/// timed. A timed switch costs a kernel stack read and a user stack walk
-/// (about 5 µs on the benchmark machine), an untimed one under 1 µs
+/// `run`'s default `--off-cpu-sample`: 1 % of context switches timed. A
+/// timed switch costs a kernel stack read and a user stack walk (about 5 µs
+/// on the benchmark machine), an untimed one about 0.4 µs, a wake-up 0.15
+/// µs: about 0.05 % of a core per 1,000 switches a second in all
 /// (docs/benchmarks.md).
 pub const RUN_OFF_CPU_SAMPLE: f64 = 0.01;
 
@@ -66,6 +67,17 @@ impl OffCpuOptions {
     pub fn keep(&self) -> u32 {
         let all = profiler_common::OFF_CPU_KEEP_ALL;
         ((self.sample * all as f64).round() as u32).clamp(1, all)
+    }
+
+    /// Entries of the program's `OFF_CPU_START` (threads away with a timed
+    /// wait): only the drawn share of waiting threads is in it, so it is
+    /// sized for that share of [`profiler_common::OFF_CPU_THREADS`], four
+    /// times over, at least 1,024. Every context switch looks its incoming
+    /// thread up there, and a small table stays in the CPU's caches.
+    pub fn threads_map_entries(&self) -> u32 {
+        let all = profiler_common::OFF_CPU_THREADS;
+        let wanted = (f64::from(all) * self.sample * 4.0).ceil() as u32;
+        wanted.next_power_of_two().clamp(1024, all)
     }
 
     /// What a time the program kept stands for: `value * 65536 / keep`.
@@ -285,6 +297,18 @@ mod tests {
         assert!(parse_frequency("fast")
             .unwrap_err()
             .contains("not a whole number"));
+    }
+
+    #[test]
+    fn the_threads_map_is_sized_for_the_share_drawn() {
+        let share = |sample| OffCpuOptions {
+            sample,
+            ..Default::default()
+        };
+        assert_eq!(share(1.0).threads_map_entries(), 32_768);
+        assert_eq!(share(0.05).threads_map_entries(), 8_192);
+        assert_eq!(share(0.01).threads_map_entries(), 2_048);
+        assert_eq!(share(1e-6).threads_map_entries(), 1_024);
     }
 
     #[test]

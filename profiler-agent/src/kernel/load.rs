@@ -100,10 +100,11 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     let rows = (u64::from(options.unwind_table_mib) << 20) / slot;
     loader.map_max_entries("UNWIND_ROWS", rows.min(u32::MAX as u64) as u32);
     // Without off-CPU recording its maps take no memory.
-    if options.off_cpu.is_some() {
+    if let Some(off_cpu) = &options.off_cpu {
         for set in &MAP_SETS {
             loader.map_max_entries(set.off_cpu, (options.count_map_entries / 2).max(64));
         }
+        loader.map_max_entries("OFF_CPU_START", off_cpu.threads_map_entries());
     } else {
         for set in &MAP_SETS {
             loader.map_max_entries(set.off_cpu, 1);

@@ -352,9 +352,23 @@ fn check_api(c: &RunningCollector) {
         types,
         serde_json::json!([
             {"type": "cpu", "unit": "samples"},
-            {"type": "off_cpu", "unit": "nanoseconds"}
+            {"type": "off_cpu", "unit": "nanoseconds"},
+            {"type": "wall", "unit": "nanoseconds"}
         ])
     );
+
+    // The wall view: CPU samples (at 99 Hz) as the time they stand for,
+    // plus the waits, per stack; for one process's thread as for all.
+    let mut wall = expected(SampleType::OffCpu);
+    for (stack, samples) in expected(SampleType::Cpu) {
+        *wall.entry(stack).or_default() += samples * 1_000_000_000 / 99;
+    }
+    assert_eq!(folded_of(c, "wall", ""), wall, "wall stacks");
+    let web: BTreeMap<String, u64> = wall
+        .into_iter()
+        .filter(|(s, _)| s.starts_with("web;"))
+        .collect();
+    assert_eq!(folded_of(c, "wall", &selector("process", "web")), web);
 
     let off = folded_of(c, "off_cpu", "");
     assert_eq!(off, expected(SampleType::OffCpu), "off_cpu stacks");
@@ -401,8 +415,9 @@ fn check_api(c: &RunningCollector) {
         "worker had only off-CPU time"
     );
 
+    // `thread`: where a sampled thread's name is not its process's.
     let names: Vec<String> = json(c, "/api/v1/labels?type=off_cpu&start=now-1h");
-    assert_eq!(names, ["exe", "node", "pid", "process"]);
+    assert_eq!(names, ["exe", "node", "pid", "process", "thread"]);
     let values: Vec<String> = json(c, "/api/v1/labels/process/values?type=off_cpu&start=now-1h");
     assert_eq!(values, ["db", "web", "worker"]);
     let values: Vec<String> = json(c, "/api/v1/labels/process/values?type=cpu&start=now-1h");

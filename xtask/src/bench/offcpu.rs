@@ -123,7 +123,7 @@ pub(crate) fn off_cpu(ctx: &Ctx) -> Result<String> {
          the run time of all its eBPF programs (`bpf_stats`), both in % of one core, over {} s \
          after start-up.\n\n\
          *Programs* gives each program that ran: runs a second and mean ns a run \
-         (`off_cpu_switch` runs at every context switch; a timed one costs a stack walk).\n\n\
+         (`off_cpu_switch` runs at every context switch, a timed one costs a stack walk; `off_cpu_waking` at every wake-up, and walks the waker of a timed wait).\n\n\
          | load | recording | switches/s measured | agent % | kernel % | total % | programs |\n\
          |---|---|---:|---:|---:|---:|---|",
         ctx.plan.cost_seconds * 2
