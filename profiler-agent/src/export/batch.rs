@@ -10,9 +10,17 @@ use profiler_proto::v1::{Batch, Label, LabelSet, Sample, Stack};
 
 use crate::sample_type::SampleType;
 
-/// The sum of a batch's values (samples for `cpu`, nanoseconds for
-/// `off_cpu`).
+/// The CPU samples in a batch: the sum of its values for a `cpu` batch, 0
+/// for other types, whose values are not counts of samples (nanoseconds for
+/// `off_cpu`); their batches are counted as batches.
 pub fn batch_samples(batch: &Batch) -> u64 {
+    let cpu = batch
+        .sample_type
+        .as_ref()
+        .is_none_or(|t| t.r#type == SampleType::Cpu.name());
+    if !cpu {
+        return 0;
+    }
     batch.samples.iter().map(|s| s.value.max(0) as u64).sum()
 }
 
@@ -186,19 +194,24 @@ mod tests {
     }
 
     #[test]
-    fn batch_samples_sums_the_values_and_the_header_names_the_type() {
-        let mut b = BatchBuilder::for_type(SampleType::OffCpu);
-        b.add(&[("node", "n")], &["main".to_string()], 1_500);
-        b.add(&[("node", "n")], &["idle".to_string()], 2_500);
-        let batch = b.finish(BatchHeader {
-            agent_id: "a".into(),
-            sequence: 1,
-            node: "n".into(),
-            window_start: UNIX_EPOCH,
-            window_end: UNIX_EPOCH + Duration::from_secs(1),
-            frequency_hz: 0,
-        });
-        assert_eq!(batch_samples(&batch), 4_000);
-        assert_eq!(batch.sample_type, Some(SampleType::OffCpu.to_proto()));
+    fn batch_samples_counts_cpu_samples_and_the_header_names_the_type() {
+        let batch = |sample_type| {
+            let mut b = BatchBuilder::for_type(sample_type);
+            b.add(&[("node", "n")], &["main".to_string()], 1_500);
+            b.add(&[("node", "n")], &["idle".to_string()], 2_500);
+            b.finish(BatchHeader {
+                agent_id: "a".into(),
+                sequence: 1,
+                node: "n".into(),
+                window_start: UNIX_EPOCH,
+                window_end: UNIX_EPOCH + Duration::from_secs(1),
+                frequency_hz: 0,
+            })
+        };
+        let cpu = batch(SampleType::Cpu);
+        assert_eq!(batch_samples(&cpu), 4_000);
+        let off = batch(SampleType::OffCpu);
+        assert_eq!(off.sample_type, Some(SampleType::OffCpu.to_proto()));
+        assert_eq!(batch_samples(&off), 0, "nanoseconds are not samples");
     }
 }
