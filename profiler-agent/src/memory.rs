@@ -1,6 +1,10 @@
-//! The agent's memory ceiling: a watchdog reads the agent's resident set
-//! size (`/proc/self/statm`) every drain window and, once it passes 90 % of
-//! the ceiling, sheds memory in a fixed order until it is back under:
+//! The agent's memory ceiling: a watchdog reads the agent's anonymous
+//! resident memory (heap, stacks: `/proc/self/statm` resident minus shared)
+//! every drain window and, once it passes 90 % of the ceiling, sheds memory
+//! in a fixed order until it is back under. File pages (the agent's own
+//! code, the binaries it maps to name frames) are left out: the kernel
+//! drops and reads them again as it needs, and they grow with the size of
+//! the host's binaries, not with anything the agent keeps. The order:
 //!
 //! 1. the export queue goes to the spill directory (without one, its oldest
 //!    half is dropped and counted), then the allocator is trimmed;
@@ -24,14 +28,23 @@ pub const THRESHOLD_PERCENT: u64 = 90;
 pub struct MemoryReading {
     /// Resident set size now.
     pub rss_bytes: u64,
+    /// The anonymous part of it (resident minus file and shared pages):
+    /// what the ceiling applies to.
+    pub anon_bytes: u64,
     /// Highest resident set size since start (`VmHWM`, kept by the kernel).
     pub peak_bytes: u64,
 }
 
-/// Resident pages (the second field of `/proc/PID/statm`) in bytes.
-pub fn parse_statm(statm: &str, page_size: u64) -> Option<u64> {
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages.saturating_mul(page_size))
+/// Resident pages (the second field of `/proc/PID/statm`) and the
+/// anonymous ones among them (resident minus shared, the third), in bytes.
+pub fn parse_statm(statm: &str, page_size: u64) -> Option<(u64, u64)> {
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
+    Some((
+        resident.saturating_mul(page_size),
+        resident.saturating_sub(shared).saturating_mul(page_size),
+    ))
 }
 
 /// `VmHWM` of `/proc/PID/status`, in bytes.
@@ -46,7 +59,8 @@ pub fn read_self() -> Option<MemoryReading> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let page = if page > 0 { page as u64 } else { 4096 };
-    let rss_bytes = parse_statm(&std::fs::read_to_string("/proc/self/statm").ok()?, page)?;
+    let (rss_bytes, anon_bytes) =
+        parse_statm(&std::fs::read_to_string("/proc/self/statm").ok()?, page)?;
     let peak_bytes = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| parse_vm_hwm(&s))
@@ -54,6 +68,7 @@ pub fn read_self() -> Option<MemoryReading> {
         .max(rss_bytes);
     Some(MemoryReading {
         rss_bytes,
+        anon_bytes,
         peak_bytes,
     })
 }
@@ -141,6 +156,9 @@ pub struct MemoryStats {
     pub rss_bytes: AtomicU64,
     /// Highest RSS seen (the kernel's `VmHWM`).
     pub peak_bytes: AtomicU64,
+    /// Anonymous memory at the last check, and the most seen at a check.
+    pub anon_bytes: AtomicU64,
+    pub anon_peak_bytes: AtomicU64,
     /// Checks that found the RSS over the threshold.
     pub over_threshold: AtomicU64,
     /// Times the export queue was parked on disk (or its oldest half dropped).
@@ -156,6 +174,9 @@ pub struct MemoryStats {
 impl MemoryStats {
     fn record(&self, reading: MemoryReading) {
         self.rss_bytes.store(reading.rss_bytes, Ordering::Relaxed);
+        self.anon_bytes.store(reading.anon_bytes, Ordering::Relaxed);
+        self.anon_peak_bytes
+            .fetch_max(reading.anon_bytes, Ordering::Relaxed);
         self.peak_bytes
             .fetch_max(reading.peak_bytes.max(reading.rss_bytes), Ordering::Relaxed);
     }
@@ -236,7 +257,7 @@ impl<R: FnMut() -> Option<MemoryReading>> Watchdog<R> {
     fn read(&mut self) -> Option<u64> {
         let reading = (self.read)()?;
         self.stats.record(reading);
-        Some(reading.rss_bytes)
+        Some(reading.anon_bytes)
     }
 
     /// One check: reads the RSS and, over the threshold, sheds in order,
@@ -344,7 +365,8 @@ mod tests {
     fn parses_statm_and_status() {
         assert_eq!(
             parse_statm("5000 1234 300 10 0 900 0\n", 4096),
-            Some(1234 * 4096)
+            Some((1234 * 4096, (1234 - 300) * 4096)),
+            "resident, and its anonymous part"
         );
         assert_eq!(parse_statm("5000", 4096), None);
         let status =
@@ -392,6 +414,7 @@ mod tests {
         let read = move || {
             rss.borrow_mut().pop().map(|b| MemoryReading {
                 rss_bytes: b,
+                anon_bytes: b,
                 peak_bytes: b,
             })
         };

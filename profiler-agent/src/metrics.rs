@@ -579,10 +579,29 @@ fn memory_families(
     reading: Option<MemoryReading>,
 ) -> Encoded {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let (rss, peak) = match reading {
-        Some(r) => (r.rss_bytes, r.peak_bytes.max(load(&mem.peak_bytes))),
-        None => (load(&mem.rss_bytes), load(&mem.peak_bytes)),
+    let (rss, peak, anon) = match reading {
+        Some(r) => (
+            r.rss_bytes,
+            r.peak_bytes.max(load(&mem.peak_bytes)),
+            r.anon_bytes,
+        ),
+        None => (
+            load(&mem.rss_bytes),
+            load(&mem.peak_bytes),
+            load(&mem.anon_bytes),
+        ),
     };
+    t.gauge(
+        "anonymous_memory_bytes",
+        "The agent's anonymous resident memory (heap, stacks; no file pages): what \
+         --memory-limit-mib applies to.",
+        anon,
+    )?;
+    t.gauge(
+        "anonymous_memory_peak_bytes",
+        "The most anonymous memory the watchdog saw at a check.",
+        load(&mem.anon_peak_bytes).max(anon),
+    )?;
     t.gauge(
         "resident_memory_bytes",
         "Resident set size of the agent.",
@@ -595,7 +614,7 @@ fn memory_families(
     )?;
     t.gauge(
         "memory_limit_bytes",
-        "The agent's RSS ceiling (0: none); shedding starts at 90 %.",
+        "The agent's ceiling on its anonymous memory (0: none); shedding starts at 90 %.",
         load(&mem.limit_bytes),
     )?;
     t.counter(
@@ -882,6 +901,7 @@ mod tests {
         let m = metrics();
         let reading = MemoryReading {
             rss_bytes: 20 << 20,
+            anon_bytes: 12 << 20,
             peak_bytes: 25 << 20,
         };
         let text = render(&m, Some(reading));

@@ -264,13 +264,8 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
                 "--node",
                 "storm",
             ])
+            // Its defaults: off-CPU recording on, the 64 MiB ceiling.
             .args(["-F", "19"])
-            // The watchdog's limit is on the whole RSS, which also counts the
-            // pages of the binaries the agent maps to symbolize (this test's
-            // own debug binary is several hundred MiB): at 64 MiB it would
-            // shed, and drop windows, for pages that are not its heap. The
-            // heap is checked against the ceiling below.
-            .args(["--memory-limit-mib", "512"])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(&log_path).unwrap()),
