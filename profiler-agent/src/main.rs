@@ -90,11 +90,12 @@ enum Command {
         /// Sampling frequency on every CPU (1-10000 Hz); low by default, to be always on.
         #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
         frequency: u64,
-        /// Do not record where threads wait off the CPU (recorded by
-        /// default, a share of context switches timed: --off-cpu-sample;
-        /// docs/benchmarks.md gives what it costs).
+        /// Also record where threads wait off the CPU (1 % of context
+        /// switches timed unless --off-cpu-sample says otherwise). Off by
+        /// default: on a busy host its cost is above the agent's budget
+        /// (docs/agent.md, "Off-CPU time").
         #[arg(long)]
-        no_off_cpu: bool,
+        off_cpu: bool,
     },
 }
 
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_kube,
             output,
             frequency,
-            no_off_cpu,
+            off_cpu,
         } => {
             if queue_bytes > 4096 << 20 {
                 anyhow::bail!("--queue-mib must be at most 4096");
@@ -288,7 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut options = sampling.options(
                 frequency,
                 output,
-                (!no_off_cpu).then_some(config::RUN_OFF_CPU_SAMPLE),
+                off_cpu.then_some(config::RUN_OFF_CPU_SAMPLE),
             );
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);

@@ -264,8 +264,9 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
                 "--node",
                 "storm",
             ])
-            // Its defaults: off-CPU recording on, the 64 MiB ceiling.
-            .args(["-F", "19"])
+            // Its defaults with off-CPU recording: 1 % of switches timed,
+            // the 64 MiB ceiling.
+            .args(["-F", "19", "--off-cpu"])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(&log_path).unwrap()),
