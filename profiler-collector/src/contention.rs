@@ -109,12 +109,7 @@ pub fn contention(profile: &Profile, n: usize) -> Contention {
     let mut by_stack: HashMap<Vec<&str>, Waits> = HashMap::new();
     let mut holder_functions: HashMap<String, u64> = HashMap::new();
     for (stack, value) in &profile.stacks {
-        let waited = frames::waited_part(stack);
-        let waker = stack[waited.len()..].strip_prefix(';').map(|rest| {
-            rest.strip_prefix(frames::WOKEN_BY)
-                .unwrap_or(rest)
-                .trim_start_matches(';')
-        });
+        let (waited, waker) = frames::split_woken_by(stack);
         let frames: Vec<&str> = waited.split(';').skip(1).collect();
         if !frames.iter().any(|f| is_futex_frame(f)) {
             continue;

@@ -334,21 +334,25 @@ fn sampled_user_registers(ctx: &PerfEventContext, state: &mut UnwindState) -> bo
 /// exiting).
 #[inline(always)]
 fn saved_user_registers(state: &mut UnwindState) -> bool {
-    // SAFETY: BTF-typed task pointer, passed as the helper expects; the
-    // registers are copied out with a checked read.
-    let regs: pt_regs = unsafe {
-        let task = generated::bpf_get_current_task_btf();
-        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
-        match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
-            Ok(regs) => regs,
-            Err(_) => {
-                bump(Counter::UserStackFault);
-                return false;
-            }
-        }
+    let Some(regs) = saved_registers() else {
+        bump(Counter::UserStackFault);
+        return false;
     };
     set_registers(state, &regs);
     user_registers_valid(state)
+}
+
+/// The current task's registers saved at kernel entry (its user context,
+/// and on x86-64 the system call it is in).
+#[inline(always)]
+fn saved_registers() -> Option<pt_regs> {
+    // SAFETY: BTF-typed task pointer, passed as the helper expects; the
+    // registers are copied out with a checked read.
+    unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
+        aya_ebpf::helpers::bpf_probe_read_kernel(saved).ok()
+    }
 }
 
 #[inline(always)]
@@ -862,14 +866,8 @@ fn waking(wakee: u64) -> bool {
 /// in a system call (not an interrupt that landed on it).
 #[inline(always)]
 fn waker_in_system_call(state: &mut UnwindState) -> bool {
-    // SAFETY: as in `saved_user_registers`.
-    let regs: pt_regs = unsafe {
-        let task = generated::bpf_get_current_task_btf();
-        let saved = generated::bpf_task_pt_regs(task) as *const pt_regs;
-        match aya_ebpf::helpers::bpf_probe_read_kernel(saved) {
-            Ok(regs) => regs,
-            Err(_) => return false,
-        }
+    let Some(regs) = saved_registers() else {
+        return false;
     };
     #[cfg(bpf_target_arch = "x86_64")]
     let syscall = regs.orig_rax as i64;

@@ -18,12 +18,22 @@ const STACK_CUT_SUFFIX: &str = "]";
 /// The marker between a wait's stack and its waker's.
 pub const WOKEN_BY: &str = "[woken by]";
 
+/// A folded stack split at its [`WOKEN_BY`] marker: the wait itself, and
+/// the waker's frames (leaf first) when there are any.
+pub fn split_woken_by(stack: &str) -> (&str, Option<&str>) {
+    const MARKER: &str = ";[woken by]";
+    match stack.find(MARKER) {
+        Some(at) => (
+            &stack[..at],
+            Some(stack[at + MARKER.len()..].trim_start_matches(';')),
+        ),
+        None => (stack, None),
+    }
+}
+
 /// A folded stack without its waker part: the wait itself.
 pub fn waited_part(stack: &str) -> &str {
-    match stack.find(";[woken by]") {
-        Some(at) => &stack[..at],
-        None => stack,
-    }
+    split_woken_by(stack).0
 }
 
 /// The marker frame of a stack cut for `reason` (snake_case).
@@ -63,6 +73,11 @@ mod tests {
             "app;main;lock_[k]"
         );
         assert_eq!(waited_part("app;main;sleep_[k]"), "app;main;sleep_[k]");
+        assert_eq!(
+            split_woken_by("app;main;lock_[k];[woken by];unlock;holder;main"),
+            ("app;main;lock_[k]", Some("unlock;holder;main"))
+        );
+        assert_eq!(split_woken_by("app;main"), ("app;main", None));
     }
 
     #[test]

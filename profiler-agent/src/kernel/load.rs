@@ -229,29 +229,69 @@ pub(super) struct OffCpuPrograms {
     waker: Option<ProgramArray<MapData>>,
 }
 
-/// Loads the wake-up program and its unwinder (BTF tracepoints).
-fn load_waking(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error("reading the kernel's BTF", e))?;
-    let mut unwinder: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_WAKER_PROGS")?;
-    let unwind: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKER_UNWIND_PROGRAM)?;
-    unwind
-        .load("sched_waking", &btf)
-        .map_err(|e| ebpf_error("loading the unwind_user_waker program (verifier)", e))?;
-    let fd = unwind
+/// Puts the loaded program `name` at index 0 of `array`.
+fn set_unwinder(ebpf: &Ebpf, array: &mut ProgramArray<MapData>, name: &str) -> Result<()> {
+    let fd = ebpf
+        .program(name)
+        .ok_or_else(|| Error::Ebpf {
+            what: format!("the eBPF object has no program {name}"),
+            source: "built object does not match the agent".into(),
+        })?
         .fd()
-        .map_err(|e| ebpf_error("the unwind_user_waker program's fd", e))?;
-    unwinder
+        .map_err(|e| ebpf_error(format!("the {name} program's fd"), e))?;
+    array
         .set(0, fd, 0)
-        .map_err(|e| ebpf_error("filling the OFF_CPU_WAKER_PROGS program array", e))?;
-    let waking: &mut BtfTracePoint = program(ebpf, OFF_CPU_WAKING)?;
-    waking
-        .load("sched_waking", &btf)
-        .map_err(|e| ebpf_error("loading the off_cpu_waking program (verifier)", e))?;
+        .map_err(|e| ebpf_error(format!("putting {name} in its program array"), e))
+}
+
+/// Loads the BTF tracepoint program `name` on `tracepoint`.
+fn load_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, name)?;
+    prog.load(tracepoint, btf)
+        .map_err(|e| ebpf_error(format!("loading the {name} program (verifier)"), e))
+}
+
+/// Loads the `sched_switch` programs as BTF tracepoints, the unwinder in
+/// `unwinder`.
+fn load_switch_btf(
+    ebpf: &mut Ebpf,
+    unwinder: &mut ProgramArray<MapData>,
+    btf: &aya::Btf,
+) -> Result<()> {
+    load_btf_tracepoint(ebpf, OFF_CPU_UNWIND_PROGRAM, "sched_switch", btf)?;
+    set_unwinder(ebpf, unwinder, OFF_CPU_UNWIND_PROGRAM)?;
+    load_btf_tracepoint(ebpf, OFF_CPU_SWITCH, "sched_switch", btf)
+}
+
+/// Loads the `sched_switch` programs as raw tracepoints, the unwinder in
+/// `unwinder`.
+fn load_switch_raw(ebpf: &mut Ebpf, unwinder: &mut ProgramArray<MapData>) -> Result<()> {
+    for name in [OFF_CPU_UNWIND_PROGRAM_RAW, OFF_CPU_SWITCH_RAW] {
+        let prog: &mut RawTracePoint = program(ebpf, name)?;
+        prog.load()
+            .map_err(|e| ebpf_error(format!("loading the {name} program (verifier)"), e))?;
+    }
+    set_unwinder(ebpf, unwinder, OFF_CPU_UNWIND_PROGRAM_RAW)
+}
+
+/// Loads the wake-up program and its unwinder (BTF tracepoints); returns
+/// the program array that holds the unwinder.
+fn load_waking(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<ProgramArray<MapData>> {
+    let mut unwinder: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_WAKER_PROGS")?;
+    load_btf_tracepoint(ebpf, OFF_CPU_WAKER_UNWIND_PROGRAM, "sched_waking", btf)?;
+    set_unwinder(ebpf, &mut unwinder, OFF_CPU_WAKER_UNWIND_PROGRAM)?;
+    load_btf_tracepoint(ebpf, OFF_CPU_WAKING, "sched_waking", btf)?;
     Ok(unwinder)
 }
 
-/// Loads the off-CPU programs: as a BTF tracepoint, else (no BTF, or the
-/// kernel refuses it) as a raw one.
+/// Loads the off-CPU programs: `sched_switch` as a BTF tracepoint, else
+/// (no BTF, or the kernel refuses it) as a raw one; with BTF, the wake-up
+/// program too (without it, waits carry no waker).
 fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
     // The thread's state at switch-out is an argument of the tracepoint
     // since Linux 5.18.
@@ -267,47 +307,23 @@ fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
         }
     }
     let mut unwinder: ProgramArray<MapData> = take_map(ebpf, "OFF_CPU_UNWIND_PROGS")?;
-    let btf = (|| -> Result<i32> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error("reading the kernel's BTF", e))?;
-        let unwind: &mut BtfTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM)?;
-        unwind
-            .load("sched_switch", &btf)
-            .map_err(|e| ebpf_error("loading the unwind_user_off_cpu program (verifier)", e))?;
-        let fd = unwind
-            .fd()
-            .map_err(|e| ebpf_error("the unwind_user_off_cpu program's fd", e))?;
-        unwinder
-            .set(0, fd, 0)
-            .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
-        let switch: &mut BtfTracePoint = program(ebpf, OFF_CPU_SWITCH)?;
-        switch
-            .load("sched_switch", &btf)
-            .map_err(|e| ebpf_error("loading the off_cpu_switch program (verifier)", e))?;
-        Ok(0)
-    })();
-    if let Err(e) = btf {
-        tracing::warn!("{e}: off-CPU times through the raw sched_switch tracepoint");
-        let unwind: &mut RawTracePoint = program(ebpf, OFF_CPU_UNWIND_PROGRAM_RAW)?;
-        unwind
-            .load()
-            .map_err(|e| ebpf_error("loading the unwind_user_off_cpu_raw program (verifier)", e))?;
-        let fd = unwind
-            .fd()
-            .map_err(|e| ebpf_error("the unwind_user_off_cpu_raw program's fd", e))?;
-        unwinder
-            .set(0, fd, 0)
-            .map_err(|e| ebpf_error("filling the OFF_CPU_UNWIND_PROGS program array", e))?;
-        let switch: &mut RawTracePoint = program(ebpf, OFF_CPU_SWITCH_RAW)?;
-        switch
-            .load()
-            .map_err(|e| ebpf_error("loading the off_cpu_switch_raw program (verifier)", e))?;
-        return Ok(OffCpuPrograms {
-            _unwinder: unwinder,
-            btf: false,
-            waker: None,
-        });
-    }
-    let waker = load_waking(ebpf)
+    // The kernel's BTF, parsed once for every program that needs it.
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| ebpf_error("reading the kernel's BTF", e))
+        .and_then(|btf| load_switch_btf(ebpf, &mut unwinder, &btf).map(|()| btf));
+    let btf = match btf {
+        Ok(btf) => btf,
+        Err(e) => {
+            tracing::warn!("{e}: off-CPU times through the raw sched_switch tracepoint");
+            load_switch_raw(ebpf, &mut unwinder)?;
+            return Ok(OffCpuPrograms {
+                _unwinder: unwinder,
+                btf: false,
+                waker: None,
+            });
+        }
+    };
+    let waker = load_waking(ebpf, &btf)
         .inspect_err(|e| {
             tracing::warn!("{e}: off-CPU waits are recorded without the stacks of their wakers")
         })

@@ -215,17 +215,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-/// A `kB` field of /proc/PID/status (`VmHWM`, `RssAnon`), bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kib| kib << 10)
-}
-
 /// A host doing 50 k context switches a second or more for a minute, the
 /// agent (its release build, as deployed) always on (`run --off-cpu`, its
 /// defaults): every switch its

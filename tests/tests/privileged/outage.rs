@@ -78,17 +78,6 @@ fn start_collector(db: &Path, grpc: u16, http: u16) -> Killed {
     collector
 }
 
-/// A `kB` field of /proc/PID/status (`VmHWM`, `RssAnon`), in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kib| kib << 10)
-}
-
 const MIB: f64 = (1 << 20) as f64;
 
 #[test]

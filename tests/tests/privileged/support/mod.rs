@@ -215,6 +215,18 @@ pub fn wait_for_exec(pid: u32, name: &str) {
     );
 }
 
+/// A `kB` field of /proc/PID/status (`VmHWM`, `RssAnon`), in bytes; 0
+/// when the process or the field is gone.
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(field))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
 /// The body of `GET url`, or `None` if the server did not answer 2xx (not
 /// up yet, or down).
 pub fn scrape(url: &str) -> Option<String> {
