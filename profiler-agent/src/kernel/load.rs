@@ -24,6 +24,7 @@ use aya::{
 use profiler_common::{unwind::UnwindRow, Config, OFF_CPU_KEEP_ALL};
 
 use super::{
+    array::BatchArray,
     maps::{write_config, MapSet, MAP_SETS},
     unwind::UnwindMaps,
 };
@@ -143,9 +144,9 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     let counters = take_map(&mut ebpf, "COUNTERS")?;
     let unwind = UnwindMaps::new(
         take_map(&mut ebpf, "KNOWN_PIDS")?,
-        take_map(&mut ebpf, "UNWIND_ROWS")?,
+        take_batch_array(&mut ebpf, "UNWIND_ROWS")?,
         take_map(&mut ebpf, "UNWIND_TABLES")?,
-        take_map(&mut ebpf, "EXEC_MAPPINGS")?,
+        take_batch_array(&mut ebpf, "EXEC_MAPPINGS")?,
         take_map(&mut ebpf, "PROC_INFO")?,
     );
 
@@ -525,6 +526,11 @@ where
 {
     let map = ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
     T::try_from(map).map_err(|e| ebpf_error(format!("opening map {name}"), e))
+}
+
+fn take_batch_array<V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<BatchArray<V>> {
+    let map = ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
+    BatchArray::new(map).map_err(|e| ebpf_error(format!("opening map {name}"), e))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

@@ -1,6 +1,6 @@
 //! The kernel side of the agent: the eBPF program loaded and attached to
 //! `cpu-clock` on every online CPU (and, for off-CPU time, to
-//! `sched_switch` and `finish_task_switch`), drained through its A/B map
+//! `sched_switch` and `sched_waking`), drained through its A/B map
 //! sets without losing samples. [`KernelSource`] is the pipeline's real
 //! [`SampleSource`].
 //!
@@ -10,10 +10,11 @@
 //! - [`announce`]: the thread that snapshots each new process at its first
 //!   sample;
 //! - [`unwind`]: the unwind tables and process mappings in the program's
-//!   maps.
+//!   maps, written a slice at a time ([`array`]).
 //!
 //! Minimum kernel: 5.15 (`bpf_task_pt_regs`), with BTF.
 mod announce;
+mod array;
 mod load;
 mod maps;
 pub mod unwind;

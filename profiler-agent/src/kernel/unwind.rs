@@ -29,6 +29,7 @@ use profiler_common::unwind::{
     MAX_TABLES, NO_TABLE,
 };
 
+use super::array::BatchArray;
 use crate::{
     process::{BinaryKey, Mapping},
     unwind::{build_table, TableError, UnwindStats, UnwindTable},
@@ -161,9 +162,9 @@ struct LoadedProcess {
 /// of announced processes (`KNOWN_PIDS`).
 pub struct UnwindMaps {
     known_pids: BpfHashMap<MapData, u32, u8>,
-    rows: Array<MapData, UnwindRow>,
+    rows: BatchArray<UnwindRow>,
     tables: Array<MapData, TableInfo>,
-    mappings: Array<MapData, ExecMapping>,
+    mappings: BatchArray<ExecMapping>,
     procs: BpfHashMap<MapData, u32, ProcInfo>,
     row_space: Ranges,
     mapping_space: Ranges,
@@ -219,9 +220,9 @@ fn mapping_bias(start: u64, offset: u64, segments: &[(u64, u64, u64)]) -> Option
 impl UnwindMaps {
     pub(super) fn new(
         known_pids: BpfHashMap<MapData, u32, u8>,
-        rows: Array<MapData, UnwindRow>,
+        rows: BatchArray<UnwindRow>,
         tables: Array<MapData, TableInfo>,
-        mappings: Array<MapData, ExecMapping>,
+        mappings: BatchArray<ExecMapping>,
         procs: BpfHashMap<MapData, u32, ProcInfo>,
     ) -> Self {
         let capacity = rows.len();
@@ -317,12 +318,10 @@ impl UnwindMaps {
             self.stats.processes_not_fitting += 1;
             return;
         };
-        for (i, entry) in entries.iter().enumerate() {
-            if self.mappings.set(first + i as u32, *entry, 0).is_err() {
-                self.mapping_space.release(first, entries.len() as u32, now);
-                self.stats.processes_not_fitting += 1;
-                return;
-            }
+        if self.mappings.write(first, &entries).is_err() {
+            self.mapping_space.release(first, entries.len() as u32, now);
+            self.stats.processes_not_fitting += 1;
+            return;
         }
         self.generation = self.generation.checked_add(1).unwrap_or(1);
         let info = ProcInfo {
@@ -463,13 +462,11 @@ impl UnwindMaps {
             self.stats.tables_not_fitting += 1;
             return None;
         };
-        for (i, row) in table.rows.iter().enumerate() {
-            if self.rows.set(first_row + i as u32, *row, 0).is_err() {
-                self.row_space.release(first_row, rows, Instant::now());
-                self.free_ids.push(id);
-                *self.stats.build_failures.entry("map_write").or_default() += 1;
-                return None;
-            }
+        if self.rows.write(first_row, &table.rows).is_err() {
+            self.row_space.release(first_row, rows, Instant::now());
+            self.free_ids.push(id);
+            *self.stats.build_failures.entry("map_write").or_default() += 1;
+            return None;
         }
         self.generation = self.generation.checked_add(1).unwrap_or(1);
         let info = TableInfo {
