@@ -46,7 +46,7 @@ pub struct OffCpuOptions {
 
 /// Default `--off-cpu-min`.
 pub const DEFAULT_OFF_CPU_MIN: Duration = Duration::from_micros(500);
-/// `run --off-cpu`'s default `--off-cpu-sample`: 1 % of context switches timed. A
+/// `run`'s default `--off-cpu-sample`: 1 % of context switches timed. A
 /// timed switch costs a kernel stack read and a user stack walk (about 5 µs
 /// on the benchmark machine), an untimed one about 0.4 µs, a wake-up 0.15
 /// µs: about 0.05 % of a core per 1,000 switches a second in all

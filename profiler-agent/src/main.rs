@@ -90,12 +90,14 @@ enum Command {
         /// Sampling frequency on every CPU (1-10000 Hz); low by default, to be always on.
         #[arg(short = 'F', long, default_value_t = 19, value_parser = config::parse_frequency)]
         frequency: u64,
-        /// Also record where threads wait off the CPU (1 % of context
-        /// switches timed unless --off-cpu-sample says otherwise). Off by
-        /// default: on a busy host its cost is above the agent's budget
-        /// (docs/agent.md, "Off-CPU time").
-        #[arg(long)]
+        /// Record where threads wait off the CPU: on by default in `run`, a
+        /// share of context switches timed (--off-cpu-sample);
+        /// docs/benchmarks.md gives what it costs.
+        #[arg(long, overrides_with = "no_off_cpu")]
         off_cpu: bool,
+        /// Do not record where threads wait off the CPU.
+        #[arg(long, overrides_with = "off_cpu")]
+        no_off_cpu: bool,
     },
 }
 
@@ -281,7 +283,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_kube,
             output,
             frequency,
-            off_cpu,
+            off_cpu: _,
+            no_off_cpu,
         } => {
             if queue_bytes > 4096 << 20 {
                 anyhow::bail!("--queue-mib must be at most 4096");
@@ -289,7 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut options = sampling.options(
                 frequency,
                 output,
-                off_cpu.then_some(config::RUN_OFF_CPU_SAMPLE),
+                (!no_off_cpu).then_some(config::RUN_OFF_CPU_SAMPLE),
             );
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);
@@ -325,4 +328,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     print!("{}", summary::render(&recording, &outputs, 10));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// Whether `run` with `args` records off-CPU time.
+    fn run_records_off_cpu(args: &[&str]) -> bool {
+        let argv = [
+            &["profiler-agent", "run", "--collector", "http://c:1"],
+            args,
+        ]
+        .concat();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run { no_off_cpu, .. } => !no_off_cpu,
+            Command::Record { .. } => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn run_records_off_cpu_unless_told_not_to() {
+        assert!(run_records_off_cpu(&[]));
+        assert!(run_records_off_cpu(&["--off-cpu"]));
+        assert!(!run_records_off_cpu(&["--no-off-cpu"]));
+        // The last of the two flags wins.
+        assert!(run_records_off_cpu(&["--no-off-cpu", "--off-cpu"]));
+        assert!(!run_records_off_cpu(&["--off-cpu", "--no-off-cpu"]));
+    }
 }

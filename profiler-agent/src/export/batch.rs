@@ -14,14 +14,18 @@ use crate::sample_type::SampleType;
 /// for other types, whose values are not counts of samples (nanoseconds for
 /// `off_cpu`); their batches are counted as batches.
 pub fn batch_samples(batch: &Batch) -> u64 {
-    let cpu = batch
-        .sample_type
-        .as_ref()
-        .is_none_or(|t| t.r#type == SampleType::Cpu.name());
-    if !cpu {
+    if !is_cpu_batch(batch) {
         return 0;
     }
     batch.samples.iter().map(|s| s.value.max(0) as u64).sum()
+}
+
+/// Whether a batch holds CPU samples (a batch without a type does).
+pub fn is_cpu_batch(batch: &Batch) -> bool {
+    batch
+        .sample_type
+        .as_ref()
+        .is_none_or(|t| t.r#type == SampleType::Cpu.name())
 }
 
 /// Builds one batch of one sample type, interning strings, stacks and label

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tonic::codec::CompressionEncoding;
 
 use super::{
-    batch::batch_samples,
+    batch::{batch_samples, is_cpu_batch},
     queue::Queue,
     spill::Spill,
     stats::{DropReason, ExportStats},
@@ -125,6 +125,9 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
             continue;
         };
         let (size, samples) = (batch.encoded_len() as u64, batch_samples(&batch));
+        // The collector acknowledges the sum of the values it stored: CPU
+        // samples are counted, other types' values (nanoseconds) are not.
+        let cpu = is_cpu_batch(&batch);
         let status = match client.push_batch(batch).await {
             Ok(ack) => {
                 reach.update(true, &stats);
@@ -136,9 +139,11 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
                 if !ack.newly_stored {
                     ExportStats::bump(&stats.batches_duplicate);
                 }
-                stats
-                    .samples_acked
-                    .fetch_add(ack.samples, Ordering::Relaxed);
+                if cpu {
+                    stats
+                        .samples_acked
+                        .fetch_add(ack.samples, Ordering::Relaxed);
+                }
                 queue.pop(spilled, &stats);
                 queue.publish(&stats);
                 continue;

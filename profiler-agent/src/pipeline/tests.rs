@@ -676,13 +676,15 @@ impl Ingest for KeepingCollector {
         request: tonic::Request<Batch>,
     ) -> std::result::Result<tonic::Response<Ack>, tonic::Status> {
         let batch = request.into_inner();
-        let samples = crate::export::batch_samples(&batch);
-        self.acked_samples.fetch_add(samples, Ordering::Relaxed);
+        self.acked_samples
+            .fetch_add(crate::export::batch_samples(&batch), Ordering::Relaxed);
+        // As the collector does: the sum of the values stored, whatever
+        // their unit.
         let ack = Ack {
             agent_id: batch.agent_id.clone(),
             sequence: batch.sequence,
             newly_stored: true,
-            samples,
+            samples: batch.samples.iter().map(|s| s.value.max(0) as u64).sum(),
         };
         self.batches.lock().unwrap().push(batch);
         Ok(tonic::Response::new(ack))

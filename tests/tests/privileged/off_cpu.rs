@@ -216,8 +216,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A host doing 50 k context switches a second or more for a minute, the
-/// agent (its release build, as deployed) always on (`run --off-cpu`, its
-/// defaults): every switch its
+/// agent (its release build, as deployed) always on (`run` at its
+/// defaults, off-CPU recording included): every switch its
 /// programs saw is accounted for by what became of it, the agent stays
 /// within its memory ceiling, and the off-CPU time it reports for the
 /// waiting threads is the time they waited.
@@ -253,9 +253,8 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
                 "--node",
                 "storm",
             ])
-            // Its defaults with off-CPU recording: 1 % of switches timed,
-            // the 64 MiB ceiling.
-            .args(["-F", "19", "--off-cpu"])
+            // Its defaults: off-CPU recording on, the 64 MiB ceiling.
+            .args(["-F", "19"])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(&log_path).unwrap()),

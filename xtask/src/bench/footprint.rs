@@ -46,6 +46,12 @@ impl Drop for Fleet {
     }
 }
 
+/// The name of a run's agent output files in target/bench.
+fn run_name(hz: u64, off_cpu: bool) -> String {
+    let mode = if off_cpu { "" } else { "-no-off-cpu" };
+    format!("footprint-{hz}hz{mode}")
+}
+
 impl Fleet {
     fn spawn(&mut self, program: &Path, args: &[&str]) -> Result<()> {
         let child = Command::new(program)
@@ -328,11 +334,14 @@ fn proc_status_mib(pid: libc::pid_t, field: &str) -> Result<f64> {
 }
 
 /// Busy and total jiffies of all CPUs, and processes forked since boot.
-fn host_counters() -> (u64, u64, u64) {
+/// Host totals from /proc/stat: busy and all CPU ticks, processes forked,
+/// context switches.
+fn host_counters() -> (u64, u64, u64, u64) {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let mut busy = 0;
     let mut total = 0;
     let mut forks = 0;
+    let mut switches = 0;
     for line in stat.lines() {
         let mut words = line.split_whitespace();
         match words.next() {
@@ -343,10 +352,11 @@ fn host_counters() -> (u64, u64, u64) {
                 busy = total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0);
             }
             Some("processes") => forks = words.next().and_then(|w| w.parse().ok()).unwrap_or(0),
+            Some("ctxt") => switches = words.next().and_then(|w| w.parse().ok()).unwrap_or(0),
             _ => {}
         }
     }
-    (busy, total, forks)
+    (busy, total, forks, switches)
 }
 
 fn count_processes() -> usize {
@@ -366,6 +376,8 @@ fn unix_now() -> u64 {
 /// One footprint run of the agent at one frequency.
 struct Run {
     hz: u64,
+    /// Off-CPU recording on (`run`'s default).
+    off_cpu: bool,
     attach_ms: f64,
     /// CPU seconds from attached to the end of the window.
     cpu: f64,
@@ -376,6 +388,7 @@ struct Run {
     rss_mib: f64,
     host_busy: f64,
     forks_per_s: f64,
+    switches_per_s: f64,
     processes: usize,
     agent_pids: Option<f64>,
     agent_binaries: Option<f64>,
@@ -387,10 +400,11 @@ struct Run {
     names: BTreeSet<String>,
 }
 
-fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
+fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64, off_cpu: bool) -> Result<Run> {
     let secs = ctx.plan.footprint_seconds;
+    let mode = if off_cpu { "" } else { " --no-off-cpu" };
     step(&format!(
-        "footprint: agent `run` at {hz} Hz for {secs} s on the busy host"
+        "footprint: agent `run{mode}` at {hz} Hz for {secs} s on the busy host"
     ));
     // The agent binds its metrics port itself: it is held until just before.
     let metrics_port = profiler_testkit::net::Reserved::new();
@@ -410,22 +424,25 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if !off_cpu {
+        args.push("--no-off-cpu".into());
+    }
     if ctx.plan.quick {
         // A few windows even in a short run.
         args.extend(["--drain-interval".into(), "1s".into()]);
     }
     let start_unix = unix_now();
-    let name = format!("footprint-{hz}hz");
+    let name = run_name(hz, off_cpu);
     metrics_port.release();
     let agent = AgentRun::start(&ctx.agent, &args, &ctx.dir, &name)?;
     let pid = agent.pid();
-    let (busy0, total0, forks0) = host_counters();
+    let (busy0, total0, forks0, switches0) = host_counters();
     let cpu0 = proc_cpu(pid)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let cpu1 = proc_cpu(pid)?;
     let elapsed = t0.elapsed().as_secs_f64();
-    let (busy1, total1, forks1) = host_counters();
+    let (busy1, total1, forks1, switches1) = host_counters();
     let processes = count_processes();
     let hwm_mib = proc_status_mib(pid, "VmHWM")?;
     let rss_mib = proc_status_mib(pid, "VmRSS")?;
@@ -450,6 +467,7 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
         .collect();
     let run = Run {
         hz,
+        off_cpu,
         attach_ms,
         cpu: cpu1 - cpu0,
         secs: elapsed,
@@ -458,6 +476,7 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64) -> Result<Run> {
         rss_mib,
         host_busy: (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
         forks_per_s: (forks1 - forks0) as f64 / elapsed,
+        switches_per_s: (switches1 - switches0) as f64 / elapsed,
         processes,
         agent_pids: m("process_cache_processes"),
         agent_binaries: m("process_cache_binaries"),
@@ -493,8 +512,10 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
     // Let the fleet start and settle into its rhythm.
     std::thread::sleep(Duration::from_secs(2));
     let mut runs = Vec::new();
-    for hz in [19, 99] {
-        runs.push(footprint_run(ctx, &collector, hz)?);
+    // `run` as deployed (off-CPU recording on), the same without it (what
+    // off-CPU recording adds), and at 99 Hz.
+    for (hz, off_cpu) in [(19, true), (19, false), (99, true)] {
+        runs.push(footprint_run(ctx, &collector, hz, off_cpu)?);
     }
     let names = fleet.names.clone();
     drop(fleet);
@@ -509,10 +530,10 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
         if r.pids == 0 || missing.iter().any(|n| n.starts_with("busy")) {
             bail!(
                 "footprint at {} Hz: the collector got {} pids and lacks {missing:?}: the agent \
-                 did not see the busy host (see target/bench/footprint-{}hz.err)",
+                 did not see the busy host (see target/bench/{}.err)",
                 r.hz,
                 r.pids,
-                r.hz
+                run_name(r.hz, r.off_cpu)
             );
         }
     }
@@ -525,7 +546,8 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
          binary caches full; the spawners add short-lived processes continuously:\n\n{list}\n\
          The agent runs as it would always on: `profiler-agent run -F HZ --no-kube \
          --metrics-listen ...` sending every window ({window}) to a local collector \
-         (`--plaintext`, SQLite in target/bench), for {secs} s at 19 Hz, then {secs} s at 99 Hz. \
+         (`--plaintext`, SQLite in target/bench), for {secs} s at 19 Hz, {secs} s at 19 Hz \
+         with `--no-off-cpu` (what off-CPU recording, on by default, adds) and {secs} s at 99 Hz. \
          *Agent CPU* is the growth of utime + stime in /proc/PID/stat from the moment it logged \
          that it was attached to the end of the period (the *whole life* column adds start-up \
          and the final flush at exit, from wait4); *peak RSS* is VmHWM from /proc/PID/status \
@@ -543,7 +565,11 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
         out,
         "| | {} |\n|---|{}",
         runs.iter()
-            .map(|r| format!("{} Hz", r.hz))
+            .map(|r| if r.off_cpu {
+                format!("{} Hz", r.hz)
+            } else {
+                format!("{} Hz, `--no-off-cpu`", r.hz)
+            })
             .collect::<Vec<_>>()
             .join(" | "),
         "---:|".repeat(runs.len())
@@ -581,6 +607,9 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
     row(&mut out, "new processes per second", &|r| {
         format!("{:.0}", r.forks_per_s)
     });
+    row(&mut out, "context switches per second", &|r| {
+        format!("{:.0}", r.switches_per_s)
+    });
     row(&mut out, "samples (kernel counter)", &|r| opt(r.samples));
     row(&mut out, "batches acknowledged", &|r| opt(r.batches_acked));
     row(&mut out, "seen: processes in the agent's cache", &|r| {
@@ -611,7 +640,7 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
         }
     });
 
-    if let Some(r19) = runs.iter().find(|r| r.hz == 19) {
+    if let Some(r19) = runs.iter().find(|r| r.hz == 19 && r.off_cpu) {
         let pct = r19.cpu / r19.secs * 100.0;
         figures.agent_cpu_19 = Some(pct);
         writeln!(

@@ -35,7 +35,7 @@ const MODES: [(&str, &[&str]); 4] = [
         &["--off-cpu", "--off-cpu-sample", "0.05"],
     ),
     (
-        "+ off-CPU, 1 % of switches (`run --off-cpu`'s default)",
+        "+ off-CPU, 1 % of switches (`run`'s default)",
         &["--off-cpu", "--off-cpu-sample", "0.01"],
     ),
 ];
