@@ -140,7 +140,8 @@ impl KernelLoss {
                 Counter::CountMapFull
                 | Counter::CountOtherError
                 | Counter::OffCpuStartLost
-                | Counter::OffCpuMapFull,
+                | Counter::OffCpuMapFull
+                | Counter::OffCpuPaused,
             )
             | KernelLoss::Unaccounted => Effect::Lost,
             KernelLoss::Counter(_) => Effect::Degraded,
@@ -214,6 +215,7 @@ mod tests {
                 "count_other_error",
                 "off_cpu_start_lost",
                 "off_cpu_map_full",
+                "off_cpu_paused",
                 "unaccounted"
             ]
         );

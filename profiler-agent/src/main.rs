@@ -198,15 +198,30 @@ struct SamplingArgs {
     /// the share `run` keeps always on (docs/agent.md).
     #[arg(long)]
     off_cpu_sample: Option<f64>,
+    /// Off-CPU: recording pauses while the host switches context more
+    /// often than this a second (its kernel cost grows with the switch
+    /// rate), and resumes below 80 % of it; `0`: never pauses. Default:
+    /// never in `record`, 15000 in `run` (docs/agent.md).
+    #[arg(long)]
+    off_cpu_max_switches: Option<u64>,
 }
 
 impl SamplingArgs {
-    /// `off_cpu`: the share of switches timed unless `--off-cpu-sample`
-    /// says otherwise, or `None` for no off-CPU recording.
-    fn options(self, frequency: u64, svg: Option<PathBuf>, off_cpu: Option<f64>) -> RecordOptions {
-        let off_cpu = off_cpu.map(|sample| OffCpuOptions {
+    /// `off_cpu`: the share of switches timed and the switch rate that
+    /// pauses recording (0: none) unless `--off-cpu-sample` and
+    /// `--off-cpu-max-switches` say otherwise, or `None` for no off-CPU
+    /// recording.
+    fn options(
+        self,
+        frequency: u64,
+        svg: Option<PathBuf>,
+        off_cpu: Option<(f64, u64)>,
+    ) -> RecordOptions {
+        let off_cpu = off_cpu.map(|(sample, max_switches)| OffCpuOptions {
             min_block: self.off_cpu_min,
             sample: self.off_cpu_sample.unwrap_or(sample),
+            max_switches_per_sec: Some(self.off_cpu_max_switches.unwrap_or(max_switches))
+                .filter(|&n| n > 0),
         });
         RecordOptions {
             sampler: SamplerOptions {
@@ -268,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             frequency,
             off_cpu,
-        } => sampling.options(frequency, Some(output), off_cpu.then_some(1.0)),
+        } => sampling.options(frequency, Some(output), off_cpu.then_some((1.0, 0))),
         Command::Run {
             sampling,
             collector,
@@ -292,7 +307,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut options = sampling.options(
                 frequency,
                 output,
-                (!no_off_cpu).then_some(config::RUN_OFF_CPU_SAMPLE),
+                (!no_off_cpu)
+                    .then_some((config::RUN_OFF_CPU_SAMPLE, config::RUN_OFF_CPU_MAX_SWITCHES)),
             );
             options.metrics_listen = metrics_listen;
             options.memory_limit_bytes = Some(memory_limit_bytes);

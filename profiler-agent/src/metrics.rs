@@ -35,6 +35,7 @@ use crate::{
     export::ExportStats,
     loss::{DrainLoss, Effect, KernelLoss, ProcessLoss, SymbolizerDegrade},
     memory::{MemoryReading, MemoryStats},
+    pipeline::source::OffCpuPauses,
     process::ProcessStats,
     symbolize::SymbolizerStats,
     unwind::UnwindStats,
@@ -61,6 +62,8 @@ pub struct AgentMetrics {
     /// Samples with a user stack, by how its walk ended.
     user_stack_ends: Mutex<BTreeMap<StackEnd, u64>>,
     unwind: Mutex<Option<UnwindStats>>,
+    /// Off-CPU recording's pauses, when it can pause.
+    off_cpu_pauses: Mutex<Option<OffCpuPauses>>,
     /// Pods in the pod cache (when watching Kubernetes).
     pub pods: AtomicU64,
     kernel: Mutex<Counters>,
@@ -103,6 +106,10 @@ impl AgentMetrics {
 
     pub fn set_unwind(&self, stats: UnwindStats) {
         *lock(&self.unwind) = Some(stats);
+    }
+
+    pub fn set_off_cpu_pauses(&self, pauses: OffCpuPauses) {
+        *lock(&self.off_cpu_pauses) = Some(pauses);
     }
 
     pub fn set_kernel(&self, counters: Counters) {
@@ -185,6 +192,7 @@ struct Scrape {
     windows: u64,
     user_stack_ends: BTreeMap<StackEnd, u64>,
     unwind: Option<UnwindStats>,
+    off_cpu_pauses: Option<OffCpuPauses>,
     pods: u64,
     processes: ProcessGauges,
     symbolizer: SymbolizerStats,
@@ -361,7 +369,8 @@ impl Collector for Scrape {
             "Context switches seen by the off-CPU programs, by what became of them: \
              `recorded` (time added), `short` (below --off-cpu-min), `not_sampled` \
              (--off-cpu-period), `filtered_out`, `kernel_thread`; `seen` counts them all. \
-             Losses are in samples_dropped (off_cpu_start_lost, off_cpu_map_full).",
+             Losses are in samples_dropped (off_cpu_start_lost, off_cpu_map_full, \
+             off_cpu_paused).",
             "outcome",
             [
                 ("seen", Counter::OffCpuSwitches),
@@ -373,6 +382,19 @@ impl Collector for Scrape {
             ]
             .map(|(name, c)| (name, k.get(c))),
         )?;
+        if let Some(p) = &self.off_cpu_pauses {
+            t.gauge(
+                "off_cpu_paused",
+                "1 while off-CPU recording is paused: the host switches context more often \
+                 than --off-cpu-max-switches allows.",
+                u64::from(p.paused),
+            )?;
+            t.counter(
+                "off_cpu_pauses",
+                "Times off-CPU recording was paused for the host's context switch rate.",
+                p.pauses,
+            )?;
+        }
         t.counter(
             "off_cpu_waker_stacks",
             "Stacks taken of threads waking another thread of their process in a system \
@@ -652,6 +674,7 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
         windows: m.windows.load(Ordering::Relaxed),
         user_stack_ends: lock(&m.user_stack_ends).clone(),
         unwind: lock(&m.unwind).clone(),
+        off_cpu_pauses: *lock(&m.off_cpu_pauses),
         pods: m.pods.load(Ordering::Relaxed),
         processes: lock(&m.processes).clone(),
         symbolizer: lock(&m.symbolizer).clone(),

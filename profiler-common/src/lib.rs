@@ -168,6 +168,11 @@ pub struct Config {
     pub _pad: u32,
     /// Off-CPU: times shorter than this are not recorded (counted).
     pub off_cpu_min_ns: u64,
+    /// Off-CPU: a thread that left the CPU before this time
+    /// (`bpf_ktime_get_ns`) left while recording was paused or before: its
+    /// wait is not timed (counted as [`Counter::OffCpuPaused`]). 0 until
+    /// the agent first resumes recording after a pause.
+    pub off_cpu_valid_from_ns: u64,
 }
 
 /// How the program walks user stacks; [`Config::unwind_mode`].
@@ -270,10 +275,14 @@ pub enum Counter {
     /// Off-CPU: user stacks taken of threads waking a timed thread of their
     /// own process in a system call (informational).
     OffCpuWakerStacks = 24,
+    /// Off-CPU: a wait cut by a pause of off-CPU recording (the host
+    /// switched context faster than `--off-cpu-max-switches`): its time is
+    /// lost.
+    OffCpuPaused = 25,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 25;
+pub const COUNTER_COUNT: u32 = 26;
 
 impl Counter {
     /// All counters, in index order.
@@ -303,6 +312,7 @@ impl Counter {
         Counter::OffCpuMapFull,
         Counter::OffCpuKernelStackLost,
         Counter::OffCpuWakerStacks,
+        Counter::OffCpuPaused,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -322,6 +332,7 @@ impl Counter {
                 | Counter::OffCpuStartLost
                 | Counter::OffCpuMapFull
                 | Counter::OffCpuKernelStackLost
+                | Counter::OffCpuPaused
         )
     }
 
@@ -353,6 +364,7 @@ impl Counter {
             Counter::OffCpuMapFull => "off_cpu_map_full",
             Counter::OffCpuKernelStackLost => "off_cpu_kernel_stack_lost",
             Counter::OffCpuWakerStacks => "off_cpu_waker_stacks",
+            Counter::OffCpuPaused => "off_cpu_paused",
         }
     }
 }
@@ -392,7 +404,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<StackKey>(), 4 + 4 + 8 + COMM_LEN);
-        assert_eq!(core::mem::size_of::<Config>(), 32);
+        assert_eq!(core::mem::size_of::<Config>(), 40);
         assert_eq!(core::mem::size_of::<OffCpuKey>(), 48);
         assert_eq!(core::mem::size_of::<OffCpuStart>(), 56);
         assert_eq!(core::mem::size_of::<unwind::UnwindRow>(), 12);

@@ -550,6 +550,17 @@ fn remember_off_cpu(state: &UnwindState, user_stack: u64) {
     };
     // SAFETY: no arguments.
     let task = unsafe { generated::bpf_get_current_task() };
+    // After a pause of the recording, a thread that left before it and
+    // came back unseen: its old wait is replaced, and counted as cut.
+    let valid_from = CONFIG.get(0).map_or(0, |c| c.off_cpu_valid_from_ns);
+    if valid_from != 0 {
+        if let Some(old) = OFF_CPU_START.get_ptr(task) {
+            // SAFETY: a map value, read once.
+            if unsafe { (*old).since_ns } < valid_from {
+                bump(Counter::OffCpuPaused);
+            }
+        }
+    }
     if OFF_CPU_START.insert(task, start, 0).is_err() {
         bump(Counter::OffCpuStartLost);
     }
@@ -840,7 +851,7 @@ fn waking(wakee: u64) -> bool {
     };
     // SAFETY: no arguments.
     let waited = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.since_ns);
-    if waited < config.off_cpu_min_ns {
+    if waited < config.off_cpu_min_ns || start.since_ns < config.off_cpu_valid_from_ns {
         return false;
     }
     let Some(state) = OFF_CPU_STATE.get_ptr_mut(0) else {
@@ -901,6 +912,11 @@ fn switch_in(next: u64) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
+    if start.since_ns < config.off_cpu_valid_from_ns {
+        // It left before a pause of the recording: its time is not known.
+        bump(Counter::OffCpuPaused);
+        return;
+    }
     // SAFETY: no arguments.
     let waited = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.since_ns);
     if waited < config.off_cpu_min_ns.max(1) {

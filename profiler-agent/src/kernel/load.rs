@@ -68,8 +68,6 @@ pub(super) struct Loaded {
     pub filter: BpfHashMap<MapData, u32, u8>,
     pub ring: RingBuf<MapData>,
     pub logger: Option<super::announce::Logger>,
-    /// The off-CPU programs, loaded (off-CPU on).
-    pub off_cpu: Option<OffCpuPrograms>,
 }
 
 /// Checks what loading needs, loads the object, sizes and fills its maps,
@@ -128,6 +126,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         off_cpu_min_ns: options
             .off_cpu
             .map_or(0, |o| o.min_block.as_nanos().min(u64::MAX as u128) as u64),
+        off_cpu_valid_from_ns: 0,
     };
     let mut filter: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "FILTER_PIDS")?;
     for pid in &options.pids {
@@ -162,11 +161,6 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     programs
         .set(0, fd, 0)
         .map_err(|e| ebpf_error("filling the UNWIND_PROGS program array", e))?;
-
-    let off_cpu = match options.off_cpu {
-        Some(_) => Some(load_off_cpu(&mut ebpf)?),
-        None => None,
-    };
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
@@ -215,7 +209,6 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         filter,
         ring,
         logger,
-        off_cpu,
     })
 }
 
@@ -293,7 +286,7 @@ fn load_waking(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<ProgramArray<MapData>>
 /// Loads the off-CPU programs: `sched_switch` as a BTF tracepoint, else
 /// (no BTF, or the kernel refuses it) as a raw one; with BTF, the wake-up
 /// program too (without it, waits carry no waker).
-fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
+pub(super) fn load_off_cpu(ebpf: &mut Ebpf) -> Result<OffCpuPrograms> {
     // The thread's state at switch-out is an argument of the tracepoint
     // since Linux 5.18.
     if let Ok(version) = aya::util::KernelVersion::current() {

@@ -9,12 +9,15 @@
 //! - [`maps`]: flipping and reading the A/B map sets, and the counters;
 //! - [`announce`]: the thread that snapshots each new process at its first
 //!   sample;
+//! - [`guard`]: pauses off-CPU recording while the host switches context
+//!   too often for its cost;
 //! - [`unwind`]: the unwind tables and process mappings in the program's
 //!   maps, written a slice at a time ([`array`]).
 //!
 //! Minimum kernel: 5.15 (`bpf_task_pt_regs`), with BTF.
 mod announce;
 mod array;
+pub mod guard;
 mod load;
 mod maps;
 pub mod unwind;
@@ -31,11 +34,16 @@ use aya::{
 };
 use profiler_common::Config;
 
-use self::{announce::Announcer, maps::MapSet, unwind::UnwindMaps};
+use self::{
+    announce::Announcer,
+    guard::{Change, OffCpuGuard},
+    maps::MapSet,
+    unwind::UnwindMaps,
+};
 use crate::{
     config::{OffCpuOptions, SamplerOptions},
     drain::{Counters, RawWindow},
-    pipeline::{SampleSource, SourceInfo},
+    pipeline::{source::OffCpuPauses, SampleSource, SourceInfo},
     process::{
         events::{ProcessEvents, DEFAULT_MAX_LOGGED_PROCESSES},
         ProcessCache,
@@ -59,7 +67,9 @@ pub struct KernelSource {
     /// Off-CPU recording, when on: its settings, kernel stacks and links.
     off_cpu: Option<(OffCpuOptions, maps::OffCpuStacks)>,
     off_cpu_link: Option<load::OffCpuLinks>,
-    _off_cpu_programs: Option<load::OffCpuPrograms>,
+    off_cpu_programs: Option<load::OffCpuPrograms>,
+    /// Pauses off-CPU recording on a host that switches too often.
+    off_cpu_guard: Option<OffCpuGuard>,
     announcer: Announcer,
 }
 
@@ -79,18 +89,22 @@ impl KernelSource {
         for pid in &options.pids {
             announce::load_process(*pid, &processes, &unwind);
         }
-        let (off_cpu, off_cpu_link) = match (options.off_cpu, &loaded.off_cpu) {
-            (Some(off_cpu), Some(programs)) => {
+        let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
+        // Off-CPU programs after the CPU sampler: the verifier takes
+        // seconds over them on a busy host, and CPU samples need not wait.
+        let (off_cpu, off_cpu_programs, off_cpu_link) = match options.off_cpu {
+            Some(off_cpu) => {
+                let programs = load::load_off_cpu(&mut loaded.ebpf)?;
                 let stacks = maps::OffCpuStacks {
                     user: load::take_map(&mut loaded.ebpf, "OFF_CPU_USER_STACKS")?,
                     kernel: load::take_map(&mut loaded.ebpf, "OFF_CPU_KERNEL_STACKS")?,
                 };
-                let link = load::attach_off_cpu(&mut loaded.ebpf, programs)?;
-                (Some((off_cpu, stacks)), Some(link))
+                let link = load::attach_off_cpu(&mut loaded.ebpf, &programs)?;
+                (Some((off_cpu, stacks)), Some(programs), Some(link))
             }
-            _ => (None, None),
+            None => (None, None, None),
         };
-        let links = load::attach_sampling(&mut loaded.ebpf, options.frequency)?;
+        // Every program that refers to the pid filter is loaded.
         drop(loaded.filter);
         let announcer = Announcer::spawn(loaded.ring, loaded.logger, processes, unwind.clone())?;
         let source = Self {
@@ -105,9 +119,13 @@ impl KernelSource {
             started: Instant::now(),
             attached_cpus: links.len(),
             links,
+            off_cpu_guard: off_cpu
+                .as_ref()
+                .and_then(|(o, _)| o.max_switches_per_sec)
+                .map(OffCpuGuard::new),
             off_cpu,
             off_cpu_link,
-            _off_cpu_programs: loaded.off_cpu,
+            off_cpu_programs,
             announcer,
         };
         let (verified, size) = source.program_info().unwrap_or_default();
@@ -120,6 +138,47 @@ impl KernelSource {
             "profiler attached to cpu-clock on every online CPU"
         );
         Ok(source)
+    }
+
+    /// Once a window: pauses or resumes off-CPU recording by the host's
+    /// context switch rate ([`guard`]).
+    fn guard_off_cpu(&mut self) -> Result<()> {
+        let Some(guard) = &mut self.off_cpu_guard else {
+            return Ok(());
+        };
+        let Some(switches) = guard::host_context_switches() else {
+            return Ok(());
+        };
+        let max = guard.max_per_sec();
+        match guard.observe(Instant::now(), switches) {
+            Some(Change::Pause { rate }) => {
+                if let Some(link) = self.off_cpu_link.take() {
+                    load::detach_off_cpu(&mut self.ebpf, link)?;
+                }
+                tracing::warn!(
+                    switches_per_sec = rate as u64,
+                    max = max,
+                    "off-CPU recording paused: the host switches context more often than \
+                     --off-cpu-max-switches allows (resumes below 80 % of it)"
+                );
+            }
+            Some(Change::Resume { rate }) => {
+                // Threads that left before now were not followed: their
+                // waits are not timed.
+                self.config.off_cpu_valid_from_ns = guard::monotonic_ns();
+                maps::write_config(&mut self.config_map, self.config)?;
+                if let Some(programs) = &self.off_cpu_programs {
+                    self.off_cpu_link = Some(load::attach_off_cpu(&mut self.ebpf, programs)?);
+                }
+                tracing::info!(
+                    switches_per_sec = rate as u64,
+                    max = max,
+                    "off-CPU recording resumed"
+                );
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// Number of CPUs the program is attached to.
@@ -160,6 +219,7 @@ fn start_process_events(processes: &Mutex<ProcessCache>) {
 
 impl SampleSource for KernelSource {
     fn drain(&mut self) -> Result<RawWindow> {
+        self.guard_off_cpu()?;
         let idle = self.config.active_set as usize;
         self.config.active_set ^= 1;
         maps::write_config(&mut self.config_map, self.config)?;
@@ -170,6 +230,13 @@ impl SampleSource for KernelSource {
 
     fn counters(&self) -> Result<Counters> {
         maps::read_counters(&self.counters)
+    }
+
+    fn off_cpu_pauses(&self) -> Option<OffCpuPauses> {
+        self.off_cpu_guard.as_ref().map(|g| OffCpuPauses {
+            paused: g.paused(),
+            pauses: g.pauses,
+        })
     }
 
     fn forget_pids(&mut self, pids: &[u32]) {

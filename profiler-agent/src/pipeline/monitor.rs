@@ -57,6 +57,9 @@ impl Monitor {
         if let Some(stats) = source.unwind_stats() {
             self.metrics.set_unwind(stats);
         }
+        if let Some(pauses) = source.off_cpu_pauses() {
+            self.metrics.set_off_cpu_pauses(pauses);
+        }
         if let Some(pods) = pods {
             self.metrics
                 .pods

@@ -15,6 +15,15 @@ pub struct SourceInfo {
     pub program_info: Option<(u64, u64)>,
 }
 
+/// Off-CPU recording's pauses ([`crate::kernel::guard`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuPauses {
+    /// Paused now.
+    pub paused: bool,
+    /// Pauses so far.
+    pub pauses: u64,
+}
+
 /// Something that can be drained of samples, window by window.
 pub trait SampleSource {
     /// Returns what was sampled since the previous drain. Nothing sampled
@@ -37,6 +46,10 @@ pub trait SampleSource {
     /// CPUs and program size, for the summary.
     fn info(&self) -> SourceInfo {
         SourceInfo::default()
+    }
+    /// Off-CPU recording's pauses, for a source whose recording can pause.
+    fn off_cpu_pauses(&self) -> Option<OffCpuPauses> {
+        None
     }
     /// The unwind tables' figures, for a source that unwinds with them.
     fn unwind_stats(&self) -> Option<crate::unwind::UnwindStats> {

@@ -117,6 +117,7 @@ fn lock_waits_are_found_at_their_lock_site() {
     opts.sampler.off_cpu = Some(OffCpuOptions {
         min_block: std::time::Duration::ZERO,
         sample: 1.0,
+        max_switches_per_sec: None,
     });
     let (rec, out) = record_with(&opts, || {
         use std::io::Write;
@@ -217,7 +218,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// A host doing 50 k context switches a second or more for a minute, the
 /// agent (its release build, as deployed) always on (`run` at its
-/// defaults, off-CPU recording included): every switch its
+/// defaults, off-CPU recording included, but never paused for the switch
+/// rate, which the next test covers): every switch its
 /// programs saw is accounted for by what became of it, the agent stays
 /// within its memory ceiling, and the off-CPU time it reports for the
 /// waiting threads is the time they waited.
@@ -253,8 +255,9 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
                 "--node",
                 "storm",
             ])
-            // Its defaults: off-CPU recording on, the 64 MiB ceiling.
-            .args(["-F", "19"])
+            // Its defaults: off-CPU recording on, the 64 MiB ceiling;
+            // recording kept on through the storm.
+            .args(["-F", "19", "--off-cpu-max-switches", "0"])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "warn")
             .stderr(std::fs::File::create(&log_path).unwrap()),
@@ -318,7 +321,8 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
         + m("filtered_out")
         + m("kernel_thread")
         + dropped("off_cpu_start_lost")
-        + dropped("off_cpu_map_full");
+        + dropped("off_cpu_map_full")
+        + dropped("off_cpu_paused");
     eprintln!(
         "storm: {switches:.0} switches/s on the host; the agent's programs saw {:.0}/s; \
          agent CPU {:.2} % of one core; heap at most {:.1} MiB (peak RSS {:.1} MiB); \
@@ -407,4 +411,166 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
         log()
     );
     rt.block_on(c.shutdown()).unwrap();
+}
+
+/// Above `--off-cpu-max-switches` context switches a second the agent
+/// pauses off-CPU recording (its programs detached: no switch is seen), and
+/// resumes below 80 % of it; a wait that spans the pause is counted as cut
+/// (`off_cpu_paused`), never recorded with the pause in it.
+#[test]
+fn off_cpu_recording_pauses_while_the_host_switches_too_often() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    use crate::support::collector::*;
+    const SLEEP_S: u64 = 12;
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = dir.path().join("agent.log");
+    let mut agent = Workload::spawn_command(
+        std::process::Command::new(release_agent_binary())
+            .args(["run", "--collector", &format!("http://{}", c.grpc_addr)])
+            .args([
+                "--plaintext",
+                "--no-kube",
+                "--no-progress",
+                "--node",
+                "guard",
+            ])
+            // Every switch timed, so the long wait below surely is.
+            .args([
+                "-F",
+                "19",
+                "--drain-interval",
+                "1s",
+                "--off-cpu-sample",
+                "1",
+            ])
+            .args(["--off-cpu-max-switches", "20000"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .env("RUST_LOG", "warn,profiler_agent::kernel=info")
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let seen = |text: &str| {
+        metric(
+            text,
+            "profiler_agent_off_cpu_switches_total{outcome=\"seen\"}",
+        )
+    };
+    let url_ref: &str = &url;
+    let paused_now = |want: u64| {
+        move || {
+            let text = scrape(url_ref)?;
+            (text.contains("profiler_agent_off_cpu_paused ")
+                && metric(&text, "profiler_agent_off_cpu_paused") == want)
+                .then_some(text)
+        }
+    };
+    within(Duration::from_secs(30), || {
+        scrape(&url).filter(|t| seen(t) > 0)
+    })
+    .unwrap_or_else(|| panic!("the agent never counted a switch:\n{}", log()));
+    // One thread that waits 12 s, timed before the pause and back after it.
+    let sleeper = Workload::spawn(
+        &workload("switch"),
+        &["1", &(SLEEP_S * 1_000_000).to_string()],
+    );
+    wait_for_exec(sleeper.pid(), "switch");
+    let slept_from = std::time::Instant::now();
+    // About 65 k switches a second: over the limit.
+    let storm = Workload::spawn(&workload("switch"), &["60", "1000"]);
+    let paused = within(Duration::from_secs(15), paused_now(1))
+        .unwrap_or_else(|| panic!("recording did not pause in the storm:\n{}", log()));
+    assert!(
+        log().contains("off-CPU recording paused"),
+        "no warning logged:\n{}",
+        log()
+    );
+    // Paused: the programs see no switch (two windows later, the same count).
+    std::thread::sleep(Duration::from_millis(2500));
+    let still = scrape(&url).expect("metrics");
+    assert_eq!(metric(&still, "profiler_agent_off_cpu_paused"), 1);
+    assert_eq!(seen(&still), seen(&paused), "switches seen while paused");
+    drop(storm);
+    let resumed = within(Duration::from_secs(15), paused_now(0))
+        .unwrap_or_else(|| panic!("recording did not resume after the storm:\n{}", log()));
+    assert_eq!(metric(&resumed, "profiler_agent_off_cpu_pauses_total"), 1);
+    assert!(log().contains("off-CPU recording resumed"), "{}", log());
+    assert!(
+        slept_from.elapsed() < Duration::from_secs(SLEEP_S - 1),
+        "resumed {:?} after the sleeper began its {SLEEP_S} s wait: the wait does not span \
+         the pause",
+        slept_from.elapsed()
+    );
+    // Waits that spanned the pause are cut, and counted.
+    let cut = within(Duration::from_secs(SLEEP_S + 10), || {
+        let text = scrape(&url)?;
+        (metric(
+            &text,
+            "profiler_agent_samples_dropped_total{reason=\"off_cpu_paused\"}",
+        ) > 0
+            && seen(&text) > seen(&still))
+        .then_some(text)
+    })
+    .unwrap_or_else(|| panic!("no wait was counted as cut by the pause:\n{}", log()));
+    eprintln!(
+        "guard: switches seen {} before the storm ended, {} after resuming; waits cut {}",
+        seen(&still),
+        seen(&cut),
+        metric(
+            &cut,
+            "profiler_agent_samples_dropped_total{reason=\"off_cpu_paused\"}"
+        )
+    );
+    // The sleeper's wait ends after the resume (it has left the CPU twice),
+    // and two windows later it is drained.
+    let switched_out = || {
+        std::fs::read_to_string(format!("/proc/{}/status", sleeper.pid()))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    within(Duration::from_secs(SLEEP_S + 5), || {
+        switched_out().filter(|&n| n >= 2)
+    })
+    .expect("the sleeper's wait never ended");
+    let windows = metric(
+        &scrape(&url).expect("metrics"),
+        "profiler_agent_windows_total",
+    );
+    within(Duration::from_secs(10), || {
+        let text = scrape(&url)?;
+        (metric(&text, "profiler_agent_windows_total") >= windows + 2).then_some(())
+    })
+    .expect("no window drained after the sleeper's wait");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) }, 0);
+    let stopped = within(Duration::from_secs(30), || agent.0.try_wait().unwrap());
+    assert!(stopped.is_some_and(|s| s.success()), "{}", log());
+    // No wait of the sleeper was recorded with the pause in it: its first
+    // wait is cut, its second has not ended.
+    let query = format!("%7Bpid%3D%22{}%22%7D", sleeper.pid());
+    let waited: u64 = serde_json::from_slice::<serde_json::Value>(&http_get(
+        c.http_addr,
+        &format!("/api/v1/top?type=off_cpu&start=now-1h&n=1&query={query}"),
+    ))
+    .unwrap()["total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        waited < 1_000_000_000,
+        "the sleeper's wait across the pause was recorded: {waited} ns"
+    );
 }

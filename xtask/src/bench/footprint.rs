@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{http_get, median, output, step, AgentRun, Ctx, Figures};
+use super::{
+    bpf_progs_all, http_get, median, output, overhead::BpfStats, step, AgentRun, Ctx, Figures,
+};
 
 /// Processes started for the benchmark, each in its own process group (with
 /// whatever it spawns); all killed when dropped.
@@ -381,6 +383,8 @@ struct Run {
     attach_ms: f64,
     /// CPU seconds from attached to the end of the window.
     cpu: f64,
+    /// Run time of the agent's eBPF programs over the same time (`bpf_stats`), s.
+    kernel: f64,
     secs: f64,
     /// CPU seconds of the whole process life (start-up and shutdown too).
     cpu_total: f64,
@@ -434,13 +438,29 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64, off_cpu: bool) -> Re
     let start_unix = unix_now();
     let name = run_name(hz, off_cpu);
     metrics_port.release();
+    let before: Vec<u64> = bpf_progs_all()?.iter().map(|p| p.id).collect();
     let agent = AgentRun::start(&ctx.agent, &args, &ctx.dir, &name)?;
     let pid = agent.pid();
+    // The agent's programs: those loaded since it started.
+    let ours: Vec<u64> = bpf_progs_all()?
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| !before.contains(id))
+        .collect();
+    let kernel_ns = || -> Result<u64> {
+        Ok(bpf_progs_all()?
+            .iter()
+            .filter(|p| ours.contains(&p.id))
+            .map(|p| p.run_time_ns)
+            .sum())
+    };
+    let kernel0 = kernel_ns()?;
     let (busy0, total0, forks0, switches0) = host_counters();
     let cpu0 = proc_cpu(pid)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let cpu1 = proc_cpu(pid)?;
+    let kernel1 = kernel_ns()?;
     let elapsed = t0.elapsed().as_secs_f64();
     let (busy1, total1, forks1, switches1) = host_counters();
     let processes = count_processes();
@@ -470,6 +490,7 @@ fn footprint_run(ctx: &Ctx, collector: &Collector, hz: u64, off_cpu: bool) -> Re
         off_cpu,
         attach_ms,
         cpu: cpu1 - cpu0,
+        kernel: (kernel1 - kernel0) as f64 / 1e9,
         secs: elapsed,
         cpu_total,
         hwm_mib,
@@ -512,6 +533,7 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
     // Let the fleet start and settle into its rhythm.
     std::thread::sleep(Duration::from_secs(2));
     let mut runs = Vec::new();
+    let _stats = BpfStats::enable()?;
     // `run` as deployed (off-CPU recording on), the same without it (what
     // off-CPU recording adds), and at 99 Hz.
     for (hz, off_cpu) in [(19, true), (19, false), (99, true)] {
@@ -551,7 +573,8 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
          *Agent CPU* is the growth of utime + stime in /proc/PID/stat from the moment it logged \
          that it was attached to the end of the period (the *whole life* column adds start-up \
          and the final flush at exit, from wait4); *peak RSS* is VmHWM from /proc/PID/status \
-         read just before it was stopped. *Seen* is what the agent reported: processes in its cache \
+         read just before it was stopped; *kernel programs* the run time of its eBPF programs \
+         over the same period, with `kernel.bpf_stats_enabled=1` (which itself adds a little to it). *Seen* is what the agent reported: processes in its cache \
          (/metrics `process_cache_processes`), processes it took a snapshot of (its summary), \
          and the distinct `pid` and `process` label values the collector received.\n",
         list = composition
@@ -585,6 +608,11 @@ pub(crate) fn footprint(ctx: &Ctx, figures: &mut Figures) -> Result<String> {
     row(&mut out, "**agent CPU, % of one core**", &|r| {
         format!("**{:.3} %**", r.cpu / r.secs * 100.0)
     });
+    row(
+        &mut out,
+        "**kernel programs, % of one core** (`bpf_stats`)",
+        &|r| format!("**{:.3} %**", r.kernel / r.secs * 100.0),
+    );
     row(&mut out, "agent CPU, whole life (s)", &|r| {
         format!("{:.3}", r.cpu_total)
     });
