@@ -216,6 +216,36 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Starts the release agent's `run` at 19 Hz sending to `grpc` (plain
+/// text), with `args` added and `RUST_LOG=rust_log`: the agent, its
+/// `/metrics` URL and the file its log goes to (in `dir`).
+fn run_agent(
+    grpc: &str,
+    dir: &std::path::Path,
+    node: &str,
+    args: &[&str],
+    rust_log: &str,
+) -> (Workload, String, std::path::PathBuf) {
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = dir.join("agent.log");
+    let agent = Workload::spawn_command(
+        std::process::Command::new(release_agent_binary())
+            .args(["run", "--collector", &format!("http://{grpc}")])
+            .args(["--plaintext", "--no-kube", "--no-progress", "--node", node])
+            .args(["-F", "19"])
+            .args(args)
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .env("RUST_LOG", rust_log)
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    (agent, url, log_path)
+}
+
 /// A host doing 50 k context switches a second or more for a minute, the
 /// agent (its release build, as deployed) always on (`run` at its
 /// defaults, off-CPU recording included, but never paused for the switch
@@ -239,31 +269,16 @@ fn a_storm_of_context_switches_is_counted_and_bounded() {
     // 60 threads each waiting 1 ms in a loop: ~2 switches per wait.
     let storm = Workload::spawn(&workload("switch"), &[&THREADS.to_string(), "1000"]);
     wait_for_exec(storm.pid(), "switch");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log_path = dir.path().join("agent.log");
-    let mut agent = Workload::spawn_command(
-        std::process::Command::new(release_agent_binary())
-            .args(["run", "--collector", &format!("http://{}", c.grpc_addr)])
-            .args([
-                "--plaintext",
-                "--no-kube",
-                "--no-progress",
-                "--node",
-                "storm",
-            ])
-            // Its defaults: off-CPU recording on, the 64 MiB ceiling;
-            // recording kept on through the storm.
-            .args(["-F", "19", "--off-cpu-max-switches", "0"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .env("RUST_LOG", "warn")
-            .stderr(std::fs::File::create(&log_path).unwrap()),
+    // Its defaults: off-CPU recording on, the 64 MiB ceiling; recording
+    // kept on through the storm.
+    let (mut agent, url, log_path) = run_agent(
+        &c.grpc_addr.to_string(),
+        dir.path(),
+        "storm",
+        &["--off-cpu-max-switches", "0"],
+        "warn",
     );
     let pid = agent.pid();
-    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Attached: its programs count switches.
     let first = within(Duration::from_secs(30), || {
@@ -428,37 +443,21 @@ fn off_cpu_recording_pauses_while_the_host_switches_too_often() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log_path = dir.path().join("agent.log");
-    let mut agent = Workload::spawn_command(
-        std::process::Command::new(release_agent_binary())
-            .args(["run", "--collector", &format!("http://{}", c.grpc_addr)])
-            .args([
-                "--plaintext",
-                "--no-kube",
-                "--no-progress",
-                "--node",
-                "guard",
-            ])
-            // Every switch timed, so the long wait below surely is.
-            .args([
-                "-F",
-                "19",
-                "--drain-interval",
-                "1s",
-                "--off-cpu-sample",
-                "1",
-            ])
-            .args(["--off-cpu-max-switches", "20000"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .env("RUST_LOG", "warn,profiler_agent::kernel=info")
-            .stderr(std::fs::File::create(&log_path).unwrap()),
+    // Every switch timed, so the long wait below surely is.
+    let (mut agent, url, log_path) = run_agent(
+        &c.grpc_addr.to_string(),
+        dir.path(),
+        "guard",
+        &[
+            "--drain-interval",
+            "1s",
+            "--off-cpu-sample",
+            "1",
+            "--off-cpu-max-switches",
+            "20000",
+        ],
+        "warn,profiler_agent::kernel=info",
     );
-    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let seen = |text: &str| {
         metric(
