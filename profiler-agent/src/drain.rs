@@ -160,6 +160,15 @@ pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
+/// Off-CPU recording's pauses ([`crate::kernel::guard`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuPauses {
+    /// Paused now.
+    pub paused: bool,
+    /// Pauses so far.
+    pub pauses: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,11 +31,10 @@ use prometheus_client::{
 };
 
 use crate::{
-    drain::Counters,
+    drain::{Counters, OffCpuPauses},
     export::ExportStats,
     loss::{DrainLoss, Effect, KernelLoss, ProcessLoss, SymbolizerDegrade},
     memory::{MemoryReading, MemoryStats},
-    pipeline::source::OffCpuPauses,
     process::ProcessStats,
     symbolize::SymbolizerStats,
     unwind::UnwindStats,

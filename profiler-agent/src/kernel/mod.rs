@@ -42,8 +42,8 @@ use self::{
 };
 use crate::{
     config::{OffCpuOptions, SamplerOptions},
-    drain::{Counters, RawWindow},
-    pipeline::{source::OffCpuPauses, SampleSource, SourceInfo},
+    drain::{Counters, OffCpuPauses, RawWindow},
+    pipeline::{SampleSource, SourceInfo},
     process::{
         events::{ProcessEvents, DEFAULT_MAX_LOGGED_PROCESSES},
         ProcessCache,

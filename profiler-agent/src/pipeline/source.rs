@@ -1,7 +1,7 @@
 //! The source stage: where raw samples come from (the kernel maps through
 //! [`crate::kernel::KernelSource`], or [`super::testing::FakeSource`]).
 use crate::{
-    drain::{Counters, RawWindow},
+    drain::{Counters, OffCpuPauses, RawWindow},
     Result,
 };
 
@@ -13,15 +13,6 @@ pub struct SourceInfo {
     /// The kernel verifier's processed instruction count and the program's
     /// size in instructions, when known.
     pub program_info: Option<(u64, u64)>,
-}
-
-/// Off-CPU recording's pauses ([`crate::kernel::guard`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OffCpuPauses {
-    /// Paused now.
-    pub paused: bool,
-    /// Pauses so far.
-    pub pauses: u64,
 }
 
 /// Something that can be drained of samples, window by window.
