@@ -196,13 +196,10 @@ fn lock_waits_are_found_at_their_lock_site() {
     );
 }
 
-/// Host context switches since boot (/proc/stat `ctxt`).
+/// Host context switches since boot (/proc/stat `ctxt`), as the agent's
+/// off-CPU guard reads them.
 fn context_switches() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("ctxt ")?.trim().parse().ok())
-        .expect("/proc/stat has a ctxt line")
+    profiler_agent::kernel::guard::host_context_switches().expect("/proc/stat has a ctxt line")
 }
 
 /// User + system CPU seconds of process `pid` so far.
