@@ -35,7 +35,7 @@ fn go_gc_shares_match_the_programs_own_profile() {
     let own_profile = dir.path().join("own.prof");
     let bin = workload("gcalloc");
     let mut child = Command::new(&bin)
-        .arg("6")
+        .arg("8")
         .arg(&own_profile)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -44,7 +44,7 @@ fn go_gc_shares_match_the_programs_own_profile() {
         .unwrap();
     let pid = child.id();
     wait_for_exec(pid, "gcalloc");
-    let mut opts = options(vec![pid], 7.5, 999);
+    let mut opts = options(vec![pid], 9.5, 999);
     opts.export = Some(export_to(&c));
     let (_rec, ()) = record_with(&opts, || {
         // The program starts its work (and its own profile) once the agent
