@@ -465,6 +465,36 @@ impl Collector for Scrape {
             "Times the name cache was emptied to stay within its bound.",
             s.cache_resets,
         )?;
+        t.counter(
+            "symbolizer_jit_frames_named",
+            "Frames of JIT-compiled code named from the process's perf map.",
+            s.jit_frames_named,
+        )?;
+        t.counter(
+            "symbolizer_jit_frames_unnamed",
+            "Frames of JIT-compiled code no perf map names (shown as [jit]).",
+            s.jit_frames_unnamed,
+        )?;
+        t.gauge(
+            "perf_map_entries",
+            "Entries of processes' perf maps held in memory.",
+            s.perf_map.entries,
+        )?;
+        t.counter(
+            "perf_map_malformed_lines",
+            "Perf map lines that are not START SIZE NAME, skipped.",
+            s.perf_map.malformed_lines,
+        )?;
+        t.counter(
+            "perf_map_dropped_entries",
+            "Perf map entries not kept because their memory bound was reached.",
+            s.perf_map.dropped_entries,
+        )?;
+        t.counter(
+            "perf_map_refused_files",
+            "Perf map files refused: not a regular file, or owned by another user.",
+            s.perf_map.refused_files,
+        )?;
         for reason in SymbolizerDegrade::ALL {
             t.counter(
                 &format!("symbolizer_{}", reason.name()),

@@ -8,7 +8,10 @@
 //!   module), or `[unknown]` when the address is in no executable mapping
 //!   (a stale frame pointer); never a bare address and never dropped;
 //! - every frame but the leaf is a return address: it is looked up minus one
-//!   so it lands in the calling instruction (and the right inlined scope).
+//!   so it lands in the calling instruction (and the right inlined scope);
+//! - code in anonymous executable memory (JIT compilers) is named from the
+//!   process's perf map ([`crate::process::perfmap`]) with `_[j]`, or shown
+//!   as one `[jit]` frame per run of frames the map does not name.
 //!
 //! Hostile binaries (corrupt, truncated, huge, deleted, changed on disk) and
 //! slow ones never stop a drain for long: each window has a time budget
@@ -39,7 +42,10 @@ use blazesym::symbolize::{
 
 use crate::{
     loss::SymbolizerDegrade,
-    process::{BinaryKey, Location, ProcessCache},
+    process::{
+        perfmap::{PerfMapLimits, PerfMapStats, PerfMaps},
+        BinaryKey, Location, ProcessCache,
+    },
 };
 
 /// Suffix of kernel frames.
@@ -48,6 +54,10 @@ pub const KERNEL_SUFFIX: &str = "_[k]";
 pub const UNKNOWN_FRAME: &str = "[unknown]";
 /// Suffix of inlined frames.
 pub const INLINED_SUFFIX: &str = "_[i]";
+/// Suffix of frames of JIT-compiled code named from a perf map.
+pub const JIT_SUFFIX: &str = "_[j]";
+/// A run of frames of JIT-compiled code that no perf map names.
+pub const JIT_FRAME: &str = "[jit]";
 
 /// Turns stacks into frame names: the pipeline's symbolize stage
 /// ([`BlazeSymbolizer`] for real, a table of names in tests).
@@ -110,6 +120,11 @@ pub fn symbol_frames(function: &str, inlined: &[&str]) -> Vec<String> {
 /// Name of a frame that could not be symbolized.
 pub fn unknown_frame(module: &str, offset: u64) -> String {
     format!("{}+{offset:#x}", sanitize(module))
+}
+
+/// Name of a frame of JIT-compiled code.
+pub fn jit_frame(name: &str) -> String {
+    format!("{}{JIT_SUFFIX}", sanitize(name))
 }
 
 /// Name of a kernel frame.
@@ -177,6 +192,18 @@ pub struct SymbolizerCounters {
     pub unnamed_frames: AtomicU64,
     /// Times the cache was emptied to stay within its bound.
     pub cache_resets: AtomicU64,
+    /// Frames of JIT-compiled code named from a perf map.
+    pub jit_frames_named: AtomicU64,
+    /// Frames of JIT-compiled code no perf map names (shown as `[jit]`).
+    pub jit_frames_unnamed: AtomicU64,
+    /// Perf map entries held now.
+    pub perf_map_entries: AtomicU64,
+    /// Perf map lines that did not parse, skipped.
+    pub perf_map_malformed_lines: AtomicU64,
+    /// Perf map entries not kept (memory bound reached).
+    pub perf_map_dropped_entries: AtomicU64,
+    /// Perf map files refused (not regular, or owned by another user).
+    pub perf_map_refused_files: AtomicU64,
     /// Work cut or degraded, by reason: windows over their time budget,
     /// frames left as `module+0xOFFSET` because the budget was spent,
     /// binaries named without DWARF (over `max_dwarf_bytes`), binaries
@@ -205,6 +232,14 @@ impl SymbolizerCounters {
             lookups: load(&self.lookups),
             unnamed_frames: load(&self.unnamed_frames),
             cache_resets: load(&self.cache_resets),
+            jit_frames_named: load(&self.jit_frames_named),
+            jit_frames_unnamed: load(&self.jit_frames_unnamed),
+            perf_map: PerfMapStats {
+                entries: load(&self.perf_map_entries),
+                malformed_lines: load(&self.perf_map_malformed_lines),
+                dropped_entries: load(&self.perf_map_dropped_entries),
+                refused_files: load(&self.perf_map_refused_files),
+            },
             degraded: std::array::from_fn(|i| load(&self.degraded[i])),
         }
     }
@@ -217,6 +252,9 @@ pub struct SymbolizerStats {
     pub lookups: u64,
     pub unnamed_frames: u64,
     pub cache_resets: u64,
+    pub jit_frames_named: u64,
+    pub jit_frames_unnamed: u64,
+    pub perf_map: PerfMapStats,
     /// By reason; read with `stats[reason]`.
     pub degraded: [u64; SymbolizerDegrade::COUNT],
 }
@@ -342,6 +380,8 @@ pub struct BlazeSymbolizer {
     /// sorting kallsyms again (100k+ lines) costs more CPU than it frees.
     kernel_symbolizer: Symbolizer,
     processes: Arc<Mutex<ProcessCache>>,
+    /// Names of JIT-compiled code, from the processes' perf maps.
+    perf_maps: PerfMaps,
     user_cache: NameMap<(BinaryKey, u64)>,
     kernel_cache: NameMap<u64>,
     /// Binaries blazesym failed on: not looked up again while open.
@@ -367,10 +407,16 @@ impl BlazeSymbolizer {
     pub fn with_limits(processes: Arc<Mutex<ProcessCache>>, limits: SymbolizeLimits) -> Self {
         // A binary truncated while blazesym has it mapped must not stop us.
         crate::sigbus::install();
+        let proc_root = processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .proc_root()
+            .to_path_buf();
         Self {
             symbolizer: new_blazesym(),
             kernel_symbolizer: new_blazesym(),
             processes,
+            perf_maps: PerfMaps::new(proc_root, PerfMapLimits::default()),
             user_cache: NameMap::default(),
             kernel_cache: NameMap::default(),
             unreadable: HashSet::new(),
@@ -414,6 +460,20 @@ impl BlazeSymbolizer {
         self.user_cache = NameMap::default();
         self.kernel_cache = NameMap::default();
         self.symbolizer = new_blazesym();
+        self.perf_maps.clear();
+    }
+
+    /// Publishes the perf maps' counters in the shared counters.
+    fn publish_perf_map_stats(&self) {
+        let stats = self.perf_maps.stats();
+        let c = &self.counters;
+        c.perf_map_entries.store(stats.entries, Ordering::Relaxed);
+        c.perf_map_malformed_lines
+            .store(stats.malformed_lines, Ordering::Relaxed);
+        c.perf_map_dropped_entries
+            .store(stats.dropped_entries, Ordering::Relaxed);
+        c.perf_map_refused_files
+            .store(stats.refused_files, Ordering::Relaxed);
     }
 
     /// Whether the current window's budget is spent (counting the window the
@@ -627,9 +687,37 @@ impl Symbolize for BlazeSymbolizer {
             .map(|names| names.map_or(1, |n| n.frames.len()))
             .sum();
         let (mut unnamed, mut over_budget) = (0, 0);
-        let mut frames = Vec::with_capacity(len);
-        for (location, names) in locations.iter().zip(&cached).rev() {
+        let (mut jit_named, mut jit_unnamed) = (0, 0);
+        let mut frames: Vec<String> = Vec::with_capacity(len);
+        let perf_maps = &mut self.perf_maps;
+        for (i, (location, names)) in locations.iter().zip(&cached).enumerate().rev() {
             match (location, names) {
+                (Location::Jit, _) => match perf_maps.lookup(pid, lookup_address(i, ips[i])) {
+                    Some(name) => {
+                        jit_named += 1;
+                        frames.push(jit_frame(name));
+                    }
+                    None => {
+                        jit_unnamed += 1;
+                        // One frame for a run of unnamed JIT frames.
+                        if frames.last().map(String::as_str) != Some(JIT_FRAME) {
+                            frames.push(JIT_FRAME.to_string());
+                        }
+                    }
+                },
+                // Code mapped since the mappings were read may be a JIT's.
+                (Location::Unknown, None) => {
+                    match perf_maps.lookup(pid, lookup_address(i, ips[i])) {
+                        Some(name) => {
+                            jit_named += 1;
+                            frames.push(jit_frame(name));
+                        }
+                        None => {
+                            unnamed += 1;
+                            frames.push(UNKNOWN_FRAME.to_string());
+                        }
+                    }
+                }
                 (_, Some(names)) => {
                     unnamed += u64::from(names.unnamed);
                     frames.extend(names.frames.iter().cloned());
@@ -650,13 +738,14 @@ impl Symbolize for BlazeSymbolizer {
                     unnamed += 1;
                     frames.push(unknown_frame(name, *offset));
                 }
-                (Location::Unknown, None) => {
-                    unnamed += 1;
-                    frames.push(UNKNOWN_FRAME.to_string());
-                }
             }
         }
         SymbolizerCounters::bump(&self.counters.unnamed_frames, unnamed);
+        SymbolizerCounters::bump(&self.counters.jit_frames_named, jit_named);
+        SymbolizerCounters::bump(&self.counters.jit_frames_unnamed, jit_unnamed);
+        if jit_named + jit_unnamed > 0 {
+            self.publish_perf_map_stats();
+        }
         self.counters
             .degrade(SymbolizerDegrade::FramesOverBudget, over_budget);
         frames
@@ -665,6 +754,8 @@ impl Symbolize for BlazeSymbolizer {
     fn start_window(&mut self) {
         self.window_start = Some((self.clock)());
         self.window_over = false;
+        self.perf_maps.start_window();
+        self.publish_perf_map_stats();
     }
 
     fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String> {

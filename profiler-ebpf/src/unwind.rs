@@ -269,7 +269,9 @@ pub fn step(state: &mut UnwindState, cache: &PerCpuArray<RowCacheEntry>) -> Step
     let Some(mapping) = mapping_of(state, pc) else {
         return Step::End(StackEnd::NoMapping);
     };
-    let row = if mapping.table == NO_TABLE || mapping.kind == mapping_kind::ANONYMOUS {
+    let row = if mapping.kind == mapping_kind::ANONYMOUS {
+        jit_row(state, ip)
+    } else if mapping.table == NO_TABLE {
         None
     } else {
         find_row(cache, mapping, pc)
@@ -282,6 +284,31 @@ pub fn step(state: &mut UnwindState, cache: &PerCpuArray<RowCacheEntry>) -> Step
         row,
     };
     apply_row(state, &row, ip)
+}
+
+/// The bytes before a return address into CPython's perf trampoline
+/// (`-X perf`, 3.12 and 3.13): `sub $8, %rsp; call *%rcx`, read as the top
+/// six bytes of the word that ends at the return address.
+const CPYTHON_TRAMPOLINE_CALL: u64 = 0xd1ff_08ec_8348;
+
+/// The row of a frame in anonymous executable memory (JIT code), which has
+/// no call-frame information: CPython's perf trampolines keep no frame
+/// pointer, but their one shape is known (`CFA = RSP + 16`, RBP untouched);
+/// everything else takes a checked frame-pointer step (V8, HotSpot with
+/// `-XX:+PreserveFramePointer`).
+#[inline(always)]
+fn jit_row(state: &UnwindState, ip: u64) -> Option<UnwindRow> {
+    if state.flags & FLAG_EXACT_PC != 0 {
+        return None;
+    }
+    let code = read_user_word(ip.wrapping_sub(8))?;
+    (code >> 16 == CPYTHON_TRAMPOLINE_CALL).then_some(UnwindRow {
+        pc: 0,
+        cfa_offset: 16,
+        rbp_offset: 0,
+        cfa_rule: cfa::RSP,
+        rbp_rule: rbp::SAME,
+    })
 }
 
 #[inline(always)]

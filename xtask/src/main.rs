@@ -324,10 +324,15 @@ fn setup(needs: Needs) -> Result<()> {
             ("g++", "g++"),
             ("perf", "linux-perf"),
             ("readelf", "binutils"),
+            // The JIT-frame tests: runtimes that write perf maps (CPython
+            // comes from pyenv on these machines).
+            ("node", "nodejs"),
+            ("java", "openjdk-17-jdk-headless"),
+            ("jcmd", "openjdk-17-jdk-headless"),
         ]);
     }
     for (tool, package) in tools {
-        if !succeeds("sh", &["-c", &format!("command -v {tool}")]) {
+        if !succeeds("sh", &["-c", &format!("command -v {tool}")]) && !packages.contains(&package) {
             packages.push(package);
         }
     }
@@ -448,7 +453,7 @@ fn setup(needs: Needs) -> Result<()> {
         .context("installing cargo-fuzz failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, g++, perf, binutils, libc6-dbg, go, chromium, clickhouse-server, chdb-core, kubernetes-validate, cargo-fuzz)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, g++, perf, binutils, libc6-dbg, go, node, a JDK, chromium, clickhouse-server, chdb-core, kubernetes-validate, cargo-fuzz)",
         started.elapsed().as_secs_f64()
     );
     Ok(())

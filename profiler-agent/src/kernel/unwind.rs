@@ -284,7 +284,7 @@ impl UnwindMaps {
                 entry.kind = mapping_kind::VDSO;
                 self.table_for_vdso(pid_dir, m.start, m.end)
             } else {
-                if m.name == "[anon]" || m.name.starts_with("[anon:") {
+                if crate::process::is_anonymous(&m.name) {
                     entry.kind = mapping_kind::ANONYMOUS;
                 }
                 None

@@ -15,6 +15,7 @@
 //! `module+0xOFFSET`.
 pub mod events;
 pub mod goinfo;
+pub mod perfmap;
 
 use crate::{
     cgroup::{parse_proc_cgroup, CgroupInfo},
@@ -64,6 +65,12 @@ impl Binary {
     }
 }
 
+/// Whether a mapping's name is that of anonymous memory (`[anon]`, or a
+/// name given with `PR_SET_VMA_ANON_NAME`).
+pub fn is_anonymous(name: &str) -> bool {
+    name == "[anon]" || name.starts_with("[anon:")
+}
+
 fn module_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -93,6 +100,8 @@ pub enum Location {
     },
     /// In a mapping we cannot read symbols from.
     Module { name: String, offset: u64 },
+    /// In anonymous executable memory: code a JIT compiler wrote.
+    Jit,
     /// Outside every known mapping.
     Unknown,
 }
@@ -246,6 +255,11 @@ impl Default for ProcessCache {
 }
 
 impl ProcessCache {
+    /// The `/proc` the cache reads.
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
     pub fn new(proc_root: impl Into<PathBuf>, max_processes: usize, max_binaries: usize) -> Self {
         Self {
             proc_root: proc_root.into(),
@@ -707,6 +721,7 @@ impl ProcessCache {
                 binary: binary.clone(),
                 file_offset,
             },
+            None if is_anonymous(&mapping.name) => Location::Jit,
             None => Location::Module {
                 name: module_name(Path::new(&mapping.name)),
                 offset: file_offset,

@@ -16,6 +16,7 @@ mod e2e;
 mod faults;
 mod go_gc;
 mod hostile;
+mod jit;
 mod kubernetes;
 mod off_cpu;
 mod outage;
