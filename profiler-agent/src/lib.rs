@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod privileges;
 pub mod process;
+pub mod python;
 pub mod record;
 pub mod render;
 pub mod retry;

@@ -402,6 +402,23 @@ impl Collector for Scrape {
             k.get(Counter::OffCpuWakerStacks),
         )?;
         t.counter(
+            "python_stacks",
+            "Samples of Python processes whose Python frames were walked.",
+            k.get(Counter::PythonStacks),
+        )?;
+        t.counter(
+            "python_no_thread_state",
+            "Samples of threads of Python processes without a Python thread state \
+             (native frames only).",
+            k.get(Counter::PythonNoThreadState),
+        )?;
+        t.counter(
+            "python_unsupported_processes",
+            "Processes found running a CPython whose frames are not read (a version \
+             outside 3.10-3.13, or no interpreter symbols); each version is logged once.",
+            crate::python::unsupported_processes(),
+        )?;
+        t.counter(
             "samples_kernel_only",
             "Kernel-mode samples without a user stack (kernel threads; informational).",
             k.get(Counter::KernelOnly),

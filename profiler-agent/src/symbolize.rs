@@ -46,7 +46,9 @@ use crate::{
         perfmap::{PerfMapLimits, PerfMapStats, PerfMaps},
         BinaryKey, Location, ProcessCache,
     },
+    python::{eval_calls, splice, PythonNamer},
 };
+use profiler_common::python::PythonFrame;
 
 /// Suffix of kernel frames.
 pub const KERNEL_SUFFIX: &str = "_[k]";
@@ -148,6 +150,8 @@ fn names_of(result: &Symbolized<'_>) -> Option<Vec<String>> {
 pub const DEFAULT_SYMBOLIZE_BUDGET: Duration = Duration::from_secs(2);
 /// Default size above which a binary's DWARF is not read.
 pub const DEFAULT_MAX_DWARF_BYTES: u64 = 512 << 20;
+/// Windows after which the names of Python code objects are read again.
+const PYTHON_NAMES_WINDOWS: u32 = 60;
 /// Addresses per blazesym call; the window's budget is checked between calls.
 pub const CHUNK: usize = 256;
 /// After naming addresses in a binary larger than this, the file pages
@@ -382,6 +386,11 @@ pub struct BlazeSymbolizer {
     processes: Arc<Mutex<ProcessCache>>,
     /// Names of JIT-compiled code, from the processes' perf maps.
     perf_maps: PerfMaps,
+    /// Names of Python frames, from the processes' code objects.
+    python: PythonNamer,
+    /// Windows since the Python names were last dropped (code objects can be
+    /// freed and their memory reused).
+    python_age: u32,
     user_cache: NameMap<(BinaryKey, u64)>,
     kernel_cache: NameMap<u64>,
     /// Binaries blazesym failed on: not looked up again while open.
@@ -417,6 +426,8 @@ impl BlazeSymbolizer {
             kernel_symbolizer: new_blazesym(),
             processes,
             perf_maps: PerfMaps::new(proc_root, PerfMapLimits::default()),
+            python: PythonNamer::default(),
+            python_age: 0,
             user_cache: NameMap::default(),
             kernel_cache: NameMap::default(),
             unreadable: HashSet::new(),
@@ -461,6 +472,7 @@ impl BlazeSymbolizer {
         self.kernel_cache = NameMap::default();
         self.symbolizer = new_blazesym();
         self.perf_maps.clear();
+        self.python.clear();
     }
 
     /// Publishes the perf maps' counters in the shared counters.
@@ -636,14 +648,60 @@ impl Symbolize for BlazeSymbolizer {
 
     fn user_stack(&mut self, pid: u32, ips: &[u64]) -> Vec<String> {
         self.keep_bounded();
-        let locations: Vec<Location> = {
+        // Python frames follow the native ones.
+        let native_len = ips
+            .iter()
+            .position(|ip| PythonFrame::decode(*ip).is_some())
+            .unwrap_or(ips.len());
+        let (ips, python) = ips.split_at(native_len);
+        let (locations, python_process): (Vec<Location>, _) = {
             let mut processes = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-            ips.iter()
+            let python_process = if python.is_empty() {
+                None
+            } else {
+                processes.python(pid).cloned()
+            };
+            let locations = ips
+                .iter()
                 .enumerate()
                 .map(|(i, ip)| processes.locate(pid, lookup_address(i, *ip)))
-                .collect()
+                .collect();
+            (locations, python_process)
         };
+        let frames = self.native_names(pid, ips, locations);
+        match python_process {
+            Some(process) => {
+                let python: Vec<PythonFrame> = python
+                    .iter()
+                    .filter_map(|w| PythonFrame::decode(*w))
+                    .collect();
+                let named = self.python.name(pid, &process, &python);
+                splice(frames, eval_calls(&named))
+            }
+            None => frames,
+        }
+    }
 
+    fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String> {
+        self.kernel_names(ips)
+    }
+
+    fn start_window(&mut self) {
+        self.window_start = Some((self.clock)());
+        self.window_over = false;
+        self.perf_maps.start_window();
+        self.publish_perf_map_stats();
+        self.python_age += 1;
+        if self.python_age >= PYTHON_NAMES_WINDOWS {
+            self.python_age = 0;
+            self.python.clear();
+        }
+    }
+}
+
+impl BlazeSymbolizer {
+    /// Names of native frames (root first), from their locations.
+    fn native_names(&mut self, pid: u32, ips: &[u64], locations: Vec<Location>) -> Vec<String> {
         // Batch the cache misses per binary (none once the names are cached).
         let mut misses: HashMap<BinaryKey, (Arc<crate::process::Binary>, Vec<u64>)> =
             HashMap::new();
@@ -751,14 +809,8 @@ impl Symbolize for BlazeSymbolizer {
         frames
     }
 
-    fn start_window(&mut self) {
-        self.window_start = Some((self.clock)());
-        self.window_over = false;
-        self.perf_maps.start_window();
-        self.publish_perf_map_stats();
-    }
-
-    fn kernel_stack(&mut self, ips: &[u64]) -> Vec<String> {
+    /// Names of a kernel stack (root first).
+    fn kernel_names(&mut self, ips: &[u64]) -> Vec<String> {
         self.keep_bounded();
         let addrs: Vec<u64> = ips
             .iter()

@@ -6,6 +6,7 @@
 //! feature adds `aya::Pod` impls so the agent can read the maps.
 #![no_std]
 
+pub mod python;
 pub mod unwind;
 
 /// Length of `task_struct::comm` (`TASK_COMM_LEN`).
@@ -165,7 +166,10 @@ pub struct Config {
     /// this ([`OFF_CPU_KEEP_ALL`]: every one); its time then stands for
     /// `OFF_CPU_KEEP_ALL / off_cpu_keep` of the same.
     pub off_cpu_keep: u32,
-    pub _pad: u32,
+    /// Offset of `thread.fsbase` in `task_struct` (from the kernel's BTF),
+    /// by which a Python thread state is matched to the sampled thread; 0:
+    /// unknown, Python frames are not walked.
+    pub task_fsbase_offset: u32,
     /// Off-CPU: times shorter than this are not recorded (counted).
     pub off_cpu_min_ns: u64,
     /// Off-CPU: a thread that left the CPU before this time
@@ -279,10 +283,19 @@ pub enum Counter {
     /// switched context faster than `--off-cpu-max-switches`): its time is
     /// lost.
     OffCpuPaused = 25,
+    /// Samples of Python processes whose Python frames were walked
+    /// (informational).
+    PythonStacks = 26,
+    /// Samples of a Python process's thread that has no Python thread state
+    /// (a thread Python did not start): native frames only (informational).
+    PythonNoThreadState = 27,
+    /// Python frame walks cut short (a read failed, or the frames did not
+    /// fit): the outer Python frames are missing.
+    PythonCut = 28,
 }
 
 /// Number of entries of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = 26;
+pub const COUNTER_COUNT: u32 = 29;
 
 impl Counter {
     /// All counters, in index order.
@@ -313,6 +326,9 @@ impl Counter {
         Counter::OffCpuKernelStackLost,
         Counter::OffCpuWakerStacks,
         Counter::OffCpuPaused,
+        Counter::PythonStacks,
+        Counter::PythonNoThreadState,
+        Counter::PythonCut,
     ];
 
     /// Whether this counter counts samples lost or degraded.
@@ -333,6 +349,7 @@ impl Counter {
                 | Counter::OffCpuMapFull
                 | Counter::OffCpuKernelStackLost
                 | Counter::OffCpuPaused
+                | Counter::PythonCut
         )
     }
 
@@ -365,6 +382,9 @@ impl Counter {
             Counter::OffCpuKernelStackLost => "off_cpu_kernel_stack_lost",
             Counter::OffCpuWakerStacks => "off_cpu_waker_stacks",
             Counter::OffCpuPaused => "off_cpu_paused",
+            Counter::PythonStacks => "python_stacks",
+            Counter::PythonNoThreadState => "python_no_thread_state",
+            Counter::PythonCut => "python_cut",
         }
     }
 }
@@ -378,6 +398,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::NewPid {}
     unsafe impl aya::Pod for super::unwind::UnwindRow {}
+    unsafe impl aya::Pod for super::python::PyProc {}
     unsafe impl aya::Pod for super::unwind::TableInfo {}
     unsafe impl aya::Pod for super::unwind::RowCacheEntry {}
     unsafe impl aya::Pod for super::unwind::ExecMapping {}

@@ -23,6 +23,7 @@
 #![no_std]
 #![no_main]
 
+mod python;
 mod unwind;
 
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
@@ -42,7 +43,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    announce as announce_reason, thread_state,
+    announce as announce_reason,
+    python::{PyProc, MAX_PYTHON_PROCESSES},
+    thread_state,
     unwind::{
         ExecMapping, ProcInfo, RowCacheEntry, StackEnd, TableInfo, UnwindRow, UserStack,
         DEFAULT_USER_STACK_ENTRIES, EXEC_MAPPINGS_ENTRIES, MAX_TABLES, MAX_UNWIND_PROCESSES,
@@ -142,6 +145,13 @@ static OFF_CPU_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1
 /// Index 0: `unwind_user`, set by the agent.
 #[map]
 static UNWIND_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Index 0: `walk_python`, tail-called after the native walk of a CPU
+/// sample of a process in `PY_PROCS`.
+#[map]
+static PYTHON_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Python processes whose frames are walked, by tgid (the agent fills it).
+#[map]
+static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(MAX_PYTHON_PROCESSES, 0);
 
 /// Off-CPU time, nanoseconds per (process, thread state, stacks, comm), in
 /// the same A/B sets as the counts (stacks in the set's stack maps).
@@ -386,7 +396,34 @@ fn set_registers(state: &mut UnwindState, r: &pt_regs) {
 /// sample.
 #[perf_event]
 pub fn unwind_user(ctx: PerfEventContext) -> u32 {
-    unwind_calls(&ctx, &UNWIND_PROGS, &UNWIND_STATE, &ROW_CACHE)
+    unwind_calls(
+        &ctx,
+        &UNWIND_PROGS,
+        &UNWIND_STATE,
+        &ROW_CACHE,
+        Some(&PYTHON_PROGS),
+    )
+}
+
+/// Tail-called by `unwind_user` once the native walk of a Python process's
+/// sample is done: appends its Python frames, then stores the stack.
+#[perf_event]
+pub fn walk_python(_ctx: PerfEventContext) -> u32 {
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        bump(Counter::CountOtherError);
+        return 0;
+    };
+    // SAFETY: per-CPU value, see `try_profile`.
+    let state = unsafe { &mut *state };
+    let fsbase_offset = CONFIG.get(0).map_or(0, |c| c.task_fsbase_offset);
+    // SAFETY: a map value; the agent replaces it whole.
+    if let Some(proc) = PY_PROCS.get_ptr(state.tgid).map(|p| unsafe { *p }) {
+        python::count_outcome(python::walk(state, &proc, fsbase_offset));
+    }
+    let end = StackEnd::from_u32(state.native_end).unwrap_or(StackEnd::DepthLimit);
+    let user = store_user_stack(state, end);
+    let _ = count(state, user);
+    0
 }
 
 /// [`unwind_user`] for `off_cpu_switch`, which can only tail-call a
@@ -399,6 +436,7 @@ pub fn unwind_user_off_cpu(ctx: BtfTracePointContext) -> i32 {
         &OFF_CPU_UNWIND_PROGS,
         &OFF_CPU_STATE,
         &OFF_CPU_ROW_CACHE,
+        None,
     ) as i32
 }
 
@@ -411,6 +449,7 @@ pub fn unwind_user_waker(ctx: BtfTracePointContext) -> i32 {
         &OFF_CPU_WAKER_PROGS,
         &OFF_CPU_STATE,
         &OFF_CPU_ROW_CACHE,
+        None,
     ) as i32
 }
 
@@ -422,6 +461,7 @@ pub fn unwind_user_off_cpu_raw(ctx: RawTracePointContext) -> i32 {
         &OFF_CPU_UNWIND_PROGS,
         &OFF_CPU_STATE,
         &OFF_CPU_ROW_CACHE,
+        None,
     ) as i32
 }
 
@@ -433,6 +473,7 @@ fn unwind_calls<C: EbpfContext>(
     progs: &ProgramArray,
     states: &PerCpuArray<UnwindState>,
     cache: &PerCpuArray<RowCacheEntry>,
+    python: Option<&ProgramArray>,
 ) -> u32 {
     let Some(state) = states.get_ptr_mut(0) else {
         bump(Counter::CountOtherError);
@@ -460,6 +501,15 @@ fn unwind_calls<C: EbpfContext>(
     };
     if end == StackEnd::NoMapping {
         request_refresh(state.tgid);
+    }
+    if let Some(python) = python {
+        let fsbase_known = CONFIG.get(0).is_some_and(|c| c.task_fsbase_offset != 0);
+        if fsbase_known && PY_PROCS.get_ptr(state.tgid).is_some() {
+            state.native_end = end as u32;
+            // SAFETY: as in `try_profile`; on failure the stack is stored
+            // without Python frames.
+            unsafe { python.tail_call(ctx, 0) };
+        }
     }
     let user = store_user_stack(state, end);
     let _ = count(state, user);

@@ -55,7 +55,9 @@ pub struct UnwindState {
     pub hash: u64,
     /// What the walk is for: one of [`purpose`].
     pub purpose: u32,
-    pub _pad: u32,
+    /// How the native walk ended (a `StackEnd`), kept across the tail call
+    /// to the Python walk.
+    pub native_end: u32,
     /// Off-CPU: when the thread left the CPU (`bpf_ktime_get_ns`).
     pub off_cpu_ns: u64,
     /// Off-CPU: key of the wait's kernel stack in `OFF_CPU_KERNEL_STACKS`.
@@ -218,7 +220,7 @@ fn read_user(state: &mut UnwindState, addr: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn read_user_word(addr: u64) -> Option<u64> {
+pub fn read_user_word(addr: u64) -> Option<u64> {
     let mut value: u64 = 0;
     // SAFETY: the helper writes at most 8 bytes into `value`.
     let ret = unsafe {
@@ -229,6 +231,20 @@ fn read_user_word(addr: u64) -> Option<u64> {
         )
     };
     (ret == 0).then_some(value)
+}
+
+/// Appends a word (a Python frame) to the stack; false when it is full.
+#[inline(always)]
+pub fn push_frame(state: &mut UnwindState, word: u64) -> bool {
+    let len = state.stack.len as usize;
+    if len >= MAX_USER_FRAMES {
+        return false;
+    }
+    state.stack.frames[len] = word;
+    state.stack.len = len as u32 + 1;
+    state.hash = mix(state.hash, word, HASH_K1, 5);
+    state.stack.check = mix(state.stack.check, word, HASH_K2, 7);
+    true
 }
 
 /// Records the current frame and moves `state.regs` to its caller.

@@ -128,6 +128,35 @@ fn load_tables(pid: u32, processes: &Mutex<ProcessCache>, unwind: &Mutex<UnwindM
         return;
     }
     lock(unwind).load_process(pid, &mappings, &pid_dir);
+    load_python(pid, &mappings, processes, unwind);
+}
+
+/// Tells the program (and the symbolizer) how to read the Python frames of
+/// process `pid`, if it runs a CPython the agent reads.
+fn load_python(
+    pid: u32,
+    mappings: &[crate::process::Mapping],
+    processes: &Mutex<ProcessCache>,
+    unwind: &Mutex<UnwindMaps>,
+) {
+    use crate::python::{detect, log_unsupported_once, Detected};
+    match detect(pid, mappings) {
+        Some(Detected::Python(python))
+            if lock(unwind).set_python(pid, Some(python.kernel_view())) =>
+        {
+            lock(processes).set_python(pid, Some(python));
+        }
+        Some(Detected::Python(_)) => {
+            log_unsupported_once(&format!(
+                "more than {} Python processes",
+                profiler_common::python::MAX_PYTHON_PROCESSES
+            ));
+        }
+        Some(Detected::Unsupported(what)) => {
+            log_unsupported_once(&what);
+        }
+        None => {}
+    }
 }
 
 fn announce_loop(

@@ -63,6 +63,8 @@ pub(super) struct Loaded {
     pub unwind: UnwindMaps,
     /// Holds the unwinder in the program array for as long as it lives.
     pub programs: ProgramArray<MapData>,
+    /// Holds the Python frame walk in its program array.
+    pub python_programs: ProgramArray<MapData>,
     /// The pid filter: held until the `profile` program is loaded (the
     /// program refers to its fd), then not needed.
     pub filter: BpfHashMap<MapData, u32, u8>,
@@ -122,7 +124,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         include_idle: u32::from(options.include_idle),
         unwind_mode: options.unwind.config_value(),
         off_cpu_keep: options.off_cpu.map_or(OFF_CPU_KEEP_ALL, |o| o.keep()),
-        _pad: 0,
+        task_fsbase_offset: task_fsbase_offset(),
         off_cpu_min_ns: options
             .off_cpu
             .map_or(0, |o| o.min_block.as_nanos().min(u64::MAX as u128) as u64),
@@ -147,6 +149,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         take_map(&mut ebpf, "UNWIND_TABLES")?,
         take_batch_array(&mut ebpf, "EXEC_MAPPINGS")?,
         take_map(&mut ebpf, "PROC_INFO")?,
+        take_map(&mut ebpf, "PY_PROCS")?,
     );
 
     // The unwinder goes into the program array before `profile` runs.
@@ -161,6 +164,18 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     programs
         .set(0, fd, 0)
         .map_err(|e| ebpf_error("filling the UNWIND_PROGS program array", e))?;
+    // The Python frame walk, tail-called by the unwinder.
+    let mut python_programs: ProgramArray<MapData> = take_map(&mut ebpf, "PYTHON_PROGS")?;
+    let walker: &mut PerfEvent = program(&mut ebpf, "walk_python")?;
+    walker
+        .load()
+        .map_err(|e| ebpf_error("loading the walk_python program (verifier)", e))?;
+    let fd = walker
+        .fd()
+        .map_err(|e| ebpf_error("the walk_python program's fd", e))?;
+    python_programs
+        .set(0, fd, 0)
+        .map_err(|e| ebpf_error("filling the PYTHON_PROGS program array", e))?;
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
@@ -206,10 +221,41 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         counters,
         unwind,
         programs,
+        python_programs,
         filter,
         ring,
         logger,
     })
+}
+
+/// Offset of `thread.fsbase` in the kernel's `task_struct`, from its BTF
+/// (0 when it cannot be read: Python frames are then not walked).
+fn task_fsbase_offset() -> u32 {
+    use btf_rs::{Btf, Type};
+    let member_offset = |btf: &Btf, ty: &Type, name: &str| -> Option<(u32, Type)> {
+        let Type::Struct(s) = ty else {
+            return None;
+        };
+        s.members.iter().find_map(|m| {
+            (btf.resolve_name(m).ok()? == name)
+                .then(|| Some((m.bit_offset() / 8, btf.resolve_chained_type(m).ok()?)))
+                .flatten()
+        })
+    };
+    let offset = (|| {
+        let btf = Btf::from_file("/sys/kernel/btf/vmlinux").ok()?;
+        let task = btf.resolve_types_by_name("task_struct").ok()?;
+        let task = task.iter().find(|t| matches!(t, Type::Struct(_)))?;
+        let (thread, thread_ty) = member_offset(&btf, task, "thread")?;
+        let (fsbase, _) = member_offset(&btf, &thread_ty, "fsbase")?;
+        Some(thread + fsbase)
+    })();
+    if offset.is_none() {
+        tracing::warn!(
+            "task_struct.thread.fsbase not found in the kernel's BTF: Python frames are not read"
+        );
+    }
+    offset.unwrap_or(0)
 }
 
 /// The off-CPU programs, loaded: the `sched_switch` program of one kind

@@ -22,6 +22,8 @@ mod load;
 mod maps;
 pub mod unwind;
 
+pub(crate) use unwind::mapping_bias;
+
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -59,6 +61,7 @@ pub struct KernelSource {
     counters: PerCpuArray<MapData, u64>,
     unwind: Arc<Mutex<UnwindMaps>>,
     _programs: ProgramArray<MapData>,
+    _python_programs: ProgramArray<MapData>,
     config: Config,
     grace: Duration,
     started: Instant,
@@ -114,6 +117,7 @@ impl KernelSource {
             counters: loaded.counters,
             unwind,
             _programs: loaded.programs,
+            _python_programs: loaded.python_programs,
             config: loaded.config,
             grace: options.grace_period,
             started: Instant::now(),

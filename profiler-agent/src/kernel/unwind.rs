@@ -24,6 +24,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use profiler_common::python::PyProc;
 use profiler_common::unwind::{
     mapping_kind, ExecMapping, ProcInfo, TableInfo, UnwindRow, EXEC_MAPPINGS_ENTRIES, MAX_MAPPINGS,
     MAX_TABLES, NO_TABLE,
@@ -166,6 +167,8 @@ pub struct UnwindMaps {
     tables: Array<MapData, TableInfo>,
     mappings: BatchArray<ExecMapping>,
     procs: BpfHashMap<MapData, u32, ProcInfo>,
+    /// Python processes whose frames the program walks (`PY_PROCS`).
+    python: BpfHashMap<MapData, u32, PyProc>,
     row_space: Ranges,
     mapping_space: Ranges,
     /// Free table ids.
@@ -208,7 +211,7 @@ fn elf_layout(data: &[u8]) -> Option<ElfLayout> {
 
 /// The bias of a mapping: `address - bias` is the binary's own address.
 /// The mapping starts at file offset `offset`, inside one of `segments`.
-fn mapping_bias(start: u64, offset: u64, segments: &[(u64, u64, u64)]) -> Option<u64> {
+pub(crate) fn mapping_bias(start: u64, offset: u64, segments: &[(u64, u64, u64)]) -> Option<u64> {
     let &(seg_offset, seg_vaddr, _) = segments
         .iter()
         .find(|&&(o, _, size)| offset >= o && offset < o + size.max(1))
@@ -224,6 +227,7 @@ impl UnwindMaps {
         tables: Array<MapData, TableInfo>,
         mappings: BatchArray<ExecMapping>,
         procs: BpfHashMap<MapData, u32, ProcInfo>,
+        python: BpfHashMap<MapData, u32, PyProc>,
     ) -> Self {
         let capacity = rows.len();
         Self {
@@ -232,6 +236,7 @@ impl UnwindMaps {
             tables,
             mappings,
             procs,
+            python,
             row_space: Ranges::new(capacity),
             mapping_space: Ranges::new(EXEC_MAPPINGS_ENTRIES),
             free_ids: (0..MAX_TABLES).rev().collect(),
@@ -358,9 +363,23 @@ impl UnwindMaps {
             .insert(pid, profiler_common::announce::NEW as u8, 0);
     }
 
+    /// Tells the program how to walk the Python frames of process `pid`
+    /// (`None`: it runs no Python the agent reads). Returns false when the
+    /// map is full.
+    pub fn set_python(&mut self, pid: u32, walk: Option<PyProc>) -> bool {
+        match walk {
+            Some(walk) => self.python.insert(pid, walk, 0).is_ok(),
+            None => {
+                let _ = self.python.remove(&pid);
+                true
+            }
+        }
+    }
+
     /// Forgets a process that is gone: a reused pid is announced anew.
     pub fn forget_process(&mut self, pid: u32) {
         let _ = self.known_pids.remove(&pid);
+        let _ = self.python.remove(&pid);
         let now = Instant::now();
         if let Some(old) = self.processes.remove(&pid) {
             let _ = self.procs.remove(&pid);

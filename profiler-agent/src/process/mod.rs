@@ -246,6 +246,8 @@ pub struct ProcessCache {
     stats: ProcessStats,
     /// The kernel's process events, where the agent reads them.
     events: Option<Arc<ProcessEvents>>,
+    /// Processes running a CPython whose frames the program walks.
+    python: HashMap<u32, crate::python::PythonProcess>,
 }
 
 impl Default for ProcessCache {
@@ -260,6 +262,19 @@ impl ProcessCache {
         &self.proc_root
     }
 
+    /// Records what CPython process `pid` runs (`None`: none the agent reads).
+    pub fn set_python(&mut self, pid: u32, python: Option<crate::python::PythonProcess>) {
+        match python {
+            Some(p) => self.python.insert(pid, p),
+            None => self.python.remove(&pid),
+        };
+    }
+
+    /// The CPython process `pid` runs, if the agent reads its frames.
+    pub fn python(&self, pid: u32) -> Option<&crate::python::PythonProcess> {
+        self.python.get(&pid)
+    }
+
     pub fn new(proc_root: impl Into<PathBuf>, max_processes: usize, max_binaries: usize) -> Self {
         Self {
             proc_root: proc_root.into(),
@@ -270,6 +285,7 @@ impl ProcessCache {
             unavailable: HashSet::new(),
             stats: ProcessStats::default(),
             events: None,
+            python: HashMap::new(),
         }
     }
 
@@ -763,6 +779,9 @@ impl ProcessCache {
             closed.push((*key, binary.symbol_path.clone()));
             false
         });
+        for pid in &forgotten {
+            self.python.remove(pid);
+        }
         Swept {
             pids: forgotten,
             binaries: closed,

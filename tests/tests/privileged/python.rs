@@ -1,0 +1,287 @@
+//! CPython 3.10-3.13 without any flag: the eBPF program walks the
+//! interpreter's frames and the agent names them `qualname (file:line)`,
+//! in place of the `_PyEval_EvalFrameDefault` frames that ran them. Each
+//! version runs the same workload (pyenv's interpreters): Python chains at
+//! a known 3:1 split; a C extension (zlib) keeps its native frames under
+//! the Python frame that called it; threads, a generator and a coroutine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::support::*;
+use profiler_agent::{fold::FoldedProfile, python::PYTHON_SUFFIX};
+
+const SECONDS: f64 = 3.0;
+const FREQUENCY: u64 = 499;
+const RUN_SECONDS: &str = "120";
+const SPLIT_TOLERANCE: f64 = 5.0;
+
+const ROOTS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_main_impl",
+    "__libc_start_call_main",
+    "clone",
+    "clone3",
+    "start_thread",
+];
+
+/// pyenv's CPython 3.`minor`.
+fn python(minor: u32) -> PathBuf {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let versions = root.join("versions");
+    let prefix = format!("3.{minor}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
+        .unwrap_or_else(|e| panic!("no pyenv interpreters in {}: {e}", versions.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join(format!("bin/python3.{minor}")))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no CPython 3.{minor} under {}", versions.display()))
+}
+
+fn workload_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/python/pywork.py")
+}
+
+/// CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+    field(11) + field(12)
+}
+
+/// Runs `pywork.py MODE` under CPython 3.`minor` and records it once it
+/// has run half a second of CPU.
+fn record_python(minor: u32, mode: &str) -> FoldedProfile {
+    let w = Workload::spawn_command(
+        Command::new(python(minor))
+            .arg(workload_script())
+            .arg(mode)
+            .arg(RUN_SECONDS),
+    );
+    wait_until(Duration::from_secs(20), "the workload runs", || {
+        cpu_ticks(w.pid()) >= 50
+    });
+    let opts = options(vec![w.pid()], SECONDS, FREQUENCY);
+    let (rec, ()) = record_with(&opts, || ());
+    rec.profile
+}
+
+/// A stack's frames after the thread name.
+fn frames_of(stack: &str) -> Vec<&str> {
+    stack.split(';').skip(1).collect()
+}
+
+fn python_frames<'a>(frames: &[&'a str]) -> Vec<&'a str> {
+    frames
+        .iter()
+        .copied()
+        .filter(|f| f.ends_with(PYTHON_SUFFIX))
+        .collect()
+}
+
+/// Whether a Python frame is of function `name` (`name (file.py:line)_[py]`;
+/// a method's qualified name ends with `.name`).
+fn is_function(frame: &str, name: &str) -> bool {
+    frame
+        .split_once(" (")
+        .is_some_and(|(f, _)| f == name || f.ends_with(&format!(".{name}")))
+}
+
+fn top(profile: &FoldedProfile) -> String {
+    let mut stacks: Vec<(&str, u64)> = profile.iter().collect();
+    stacks.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    stacks
+        .iter()
+        .take(10)
+        .map(|(s, n)| format!("  {n:>6} {s}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn percent(n: u64, of: u64) -> f64 {
+    100.0 * n as f64 / of.max(1) as f64
+}
+
+fn split(minor: u32) {
+    let profile = record_python(minor, "split");
+    let (mut total, mut a, mut b, mut complete) = (0, 0, 0, 0);
+    for (stack, n) in profile.iter() {
+        let frames = frames_of(stack);
+        total += n;
+        let py = python_frames(&frames);
+        let [.., outer, work, leaf] = py[..] else {
+            continue;
+        };
+        if !is_function(work, "work") {
+            continue;
+        }
+        if is_function(leaf, "leaf_a") {
+            a += n;
+        } else if is_function(leaf, "leaf_b") {
+            b += n;
+        } else {
+            continue;
+        }
+        let whole = frames.first().is_some_and(|f| ROOTS.contains(f))
+            && is_function(outer, "<module>")
+            && !frames
+                .iter()
+                .any(|f| *f == "[unknown]" || f.starts_with("[stack cut"));
+        if whole {
+            complete += n;
+        }
+    }
+    let share = percent(a, a + b);
+    let summary = format!(
+        "CPython 3.{minor}: {total} samples, {:.1} % in <module> → work → leaf chains, split \
+         {share:.1} : {:.1} (stated 75 : 25), {:.1} % of the chains complete\n{}",
+        percent(a + b, total),
+        100.0 - share,
+        percent(complete, a + b),
+        top(&profile)
+    );
+    eprintln!("{summary}");
+    assert!(
+        total as f64 >= 0.3 * SECONDS * FREQUENCY as f64,
+        "too few samples\n{summary}"
+    );
+    assert!(percent(a + b, total) >= 80.0, "chains missing\n{summary}");
+    assert!(
+        (share - 75.0).abs() <= SPLIT_TOLERANCE,
+        "split off\n{summary}"
+    );
+    assert!(
+        percent(complete, a + b) >= 95.0,
+        "chains not whole\n{summary}"
+    );
+}
+
+fn shapes(minor: u32) {
+    let profile = record_python(minor, "shapes");
+    let (mut total, mut zlib, mut zlib_native, mut generator, mut coroutine) = (0, 0, 0, 0, 0);
+    for (stack, n) in profile.iter() {
+        let frames = frames_of(stack);
+        total += n;
+        let py = python_frames(&frames);
+        let Some(last) = py.last() else {
+            continue;
+        };
+        if is_function(last, "squeeze") {
+            zlib += n;
+            // The C extension's native frames stay, leafward of the
+            // Python frame that called it.
+            let at = frames.iter().position(|f| f == last).unwrap();
+            if frames[at + 1..]
+                .iter()
+                .any(|f| f.to_ascii_lowercase().contains("compress") || f.contains("deflate"))
+            {
+                zlib_native += n;
+            }
+        }
+        if py
+            .windows(2)
+            .any(|p| is_function(p[0], "consume") && is_function(p[1], "produce"))
+        {
+            generator += n;
+        }
+        if is_function(last, "crunch") && py.iter().any(|f| is_function(f, "run_async")) {
+            coroutine += n;
+        }
+    }
+    let summary = format!(
+        "CPython 3.{minor} shapes: {total} samples; squeeze {zlib} ({zlib_native} with zlib's \
+         native frames), consume → produce {generator}, run_async … crunch {coroutine}\n{}",
+        top(&profile)
+    );
+    eprintln!("{summary}");
+    for (what, n) in [
+        ("squeeze", zlib),
+        ("consume → produce", generator),
+        ("crunch", coroutine),
+    ] {
+        assert!(percent(n, total) >= 10.0, "{what} missing\n{summary}");
+    }
+    assert!(
+        zlib_native * 10 >= zlib * 8,
+        "zlib's native frames missing\n{summary}"
+    );
+}
+
+macro_rules! python_tests {
+    ($($minor:literal => $split:ident, $shapes:ident;)*) => {$(
+        #[test]
+        fn $split() {
+            if !privileged() {
+                return;
+            }
+            let _serial = serial();
+            split($minor);
+        }
+
+        #[test]
+        fn $shapes() {
+            if !privileged() {
+                return;
+            }
+            let _serial = serial();
+            shapes($minor);
+        }
+    )*};
+}
+
+python_tests! {
+    10 => python_3_10_split, python_3_10_shapes;
+    11 => python_3_11_split, python_3_11_shapes;
+    12 => python_3_12_split, python_3_12_shapes;
+    13 => python_3_13_split, python_3_13_shapes;
+}
+
+/// A version the agent does not read is counted (and logged), and its
+/// stacks keep their native frames only.
+#[test]
+fn an_unsupported_version_is_named_not_guessed() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let before = profiler_agent::python::unsupported_processes();
+    let profile = record_python(9, "split");
+    assert!(
+        profiler_agent::python::unsupported_processes() > before,
+        "Python 3.9 not counted as unsupported"
+    );
+    assert!(
+        !profile
+            .iter()
+            .any(|(s, _)| s.split(';').any(|f| f.ends_with(PYTHON_SUFFIX))),
+        "Python frames for an unsupported version\n{}",
+        top(&profile)
+    );
+}
+
+#[test]
+fn python_frames_are_matched_by_function() {
+    assert!(is_function("leaf_a (pywork.py:20)_[py]", "leaf_a"));
+    assert!(is_function("Worker.run (x.py:3)_[py]", "run"));
+    assert!(!is_function("leaf_ab (pywork.py:20)_[py]", "leaf_a"));
+}

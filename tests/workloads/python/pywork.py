@@ -1,0 +1,94 @@
+"""CPython workload for the Python frame tests, run without any flag.
+
+    pywork.py split SECONDS   work() calls leaf_a three times for each call
+                              of leaf_b; the leaves run the same loop, so
+                              their CPU time splits 3:1. Each call lasts
+                              several sampling periods: calls much shorter
+                              and as regular as the sampling clock alias
+                              with it and skew the split.
+    pywork.py shapes SECONDS  three threads: one compresses with zlib (a C
+                              extension) under squeeze(), one drains a
+                              generator (consume() -> produce()), one runs an
+                              asyncio coroutine (crunch()).
+"""
+
+import asyncio
+import sys
+import threading
+import time
+import zlib
+
+
+def leaf_a(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def leaf_b(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def work(deadline):
+    sink = 0
+    while time.monotonic() < deadline:
+        for _ in range(3):
+            sink += leaf_a(200000)
+        sink += leaf_b(200000)
+    return sink
+
+
+def squeeze(deadline):
+    data = bytes(range(256)) * 4096
+    sink = 0
+    while time.monotonic() < deadline:
+        sink += len(zlib.compress(data, 9))
+    return sink
+
+
+def produce(deadline):
+    i = 0
+    while time.monotonic() < deadline:
+        total = 0
+        for j in range(500):
+            total += j * j % 11
+        i += 1
+        yield total
+
+
+def consume(deadline):
+    return sum(produce(deadline))
+
+
+async def crunch(deadline):
+    sink = 0
+    while time.monotonic() < deadline:
+        for j in range(500):
+            sink += j * j % 13
+        await asyncio.sleep(0)
+    return sink
+
+
+def run_async(deadline):
+    return asyncio.run(crunch(deadline))
+
+
+def shapes(deadline):
+    threads = [
+        threading.Thread(target=consume, args=(deadline,), name="gen"),
+        threading.Thread(target=run_async, args=(deadline,), name="async"),
+    ]
+    for t in threads:
+        t.start()
+    squeeze(deadline)
+    for t in threads:
+        t.join()
+
+
+if __name__ == "__main__":
+    deadline = time.monotonic() + float(sys.argv[2])
+    {"split": work, "shapes": shapes}[sys.argv[1]](deadline)
