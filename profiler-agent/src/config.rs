@@ -29,6 +29,8 @@ pub struct SamplerOptions {
     pub unwind: UnwindMode,
     /// Kernel memory for unwind tables, in MiB (`--unwind-table-mib`).
     pub unwind_table_mib: u32,
+    /// Walk CPython's frames (`--no-python-frames` turns it off).
+    pub python_frames: bool,
     /// Off-CPU time, when recorded.
     pub off_cpu: Option<OffCpuOptions>,
 }
@@ -153,6 +155,7 @@ impl Default for SamplerOptions {
             grace_period: Duration::from_millis(50),
             unwind: UnwindMode::Cfi,
             unwind_table_mib: profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB,
+            python_frames: true,
             off_cpu: None,
         }
     }

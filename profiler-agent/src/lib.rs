@@ -17,6 +17,7 @@ pub mod kube;
 pub mod loss;
 pub mod memory;
 pub mod metrics;
+pub mod names;
 pub mod pipeline;
 pub mod privileges;
 pub mod process;

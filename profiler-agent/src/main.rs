@@ -176,6 +176,10 @@ struct SamplingArgs {
     /// evicted when it is full.
     #[arg(long, default_value_t = profiler_common::unwind::DEFAULT_UNWIND_TABLE_MIB)]
     unwind_table_mib: u32,
+    /// Do not walk CPython's frames (Python processes then show the
+    /// interpreter's native frames only).
+    #[arg(long)]
+    no_python_frames: bool,
     /// Capacity of each count map (distinct process+stack keys per drain interval).
     #[arg(long, default_value_t = profiler_common::DEFAULT_COUNT_MAP_ENTRIES)]
     count_map_entries: u32,
@@ -232,6 +236,7 @@ impl SamplingArgs {
                 count_map_entries: self.count_map_entries,
                 unwind: self.unwind,
                 unwind_table_mib: self.unwind_table_mib,
+                python_frames: !self.no_python_frames,
                 off_cpu,
                 ..SamplerOptions::default()
             },

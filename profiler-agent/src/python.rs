@@ -24,8 +24,6 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 use profiler_common::python::{layout, PyProc, PythonFrame};
 
-use crate::process::{Binary, BinaryKey, Mapping};
-
 /// Suffix of Python frames.
 pub const PYTHON_SUFFIX: &str = "_[py]";
 /// The native frame Python frames replace.
@@ -134,7 +132,7 @@ pub fn table(minor: u8) -> Option<Offsets> {
 
 /// `_Py_DebugOffsets` (3.13): the cookie, then the offsets as u64 words.
 const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
-const DEBUG_OFFSETS_BYTES: usize = 352;
+pub const DEBUG_OFFSETS_BYTES: usize = 352;
 
 /// The offsets a 3.13 interpreter publishes at the start of `_PyRuntime`.
 pub fn from_debug_offsets(bytes: &[u8]) -> Result<Offsets, String> {
@@ -211,7 +209,7 @@ pub struct PythonBinary {
     pub runtime_vaddr: u64,
     pub code_type_vaddr: u64,
     /// Loadable segments: (file offset, virtual address, size).
-    segments: Vec<(u64, u64, u64)>,
+    pub segments: Vec<(u64, u64, u64)>,
 }
 
 /// Reads `_PyRuntime` and `PyCode_Type` from a CPython binary.
@@ -270,76 +268,6 @@ pub enum Detected {
     Python(PythonProcess),
     /// A CPython the agent does not read (the version, and why).
     Unsupported(String),
-}
-
-/// Binaries already read, by identity (bounded: cleared when large).
-static BINARIES: Mutex<Option<HashMap<BinaryKey, Option<PythonBinary>>>> = Mutex::new(None);
-
-fn binary_info(binary: &Binary, minor: u8) -> Option<PythonBinary> {
-    let mut guard = BINARIES.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = guard.get_or_insert_with(HashMap::new);
-    if let Some(found) = cache.get(&binary.key) {
-        return found.clone();
-    }
-    if cache.len() > 256 {
-        cache.clear();
-    }
-    let info = File::open(&binary.symbol_path)
-        .ok()
-        .and_then(|f| read_binary(&f, minor));
-    cache.insert(binary.key, info.clone());
-    info
-}
-
-/// Looks for CPython in a process's executable mappings: the binary that
-/// holds the interpreter (`libpython3.N.so`, or a `python3.N` executable
-/// built without it).
-pub fn detect(pid: u32, mappings: &[Mapping]) -> Option<Detected> {
-    let mut unsupported = None;
-    for mapping in mappings {
-        let Some(binary) = mapping.binary.as_ref() else {
-            continue;
-        };
-        let Some(minor) = binary
-            .path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(minor_version)
-        else {
-            continue;
-        };
-        let version = format!("Python 3.{minor} ({})", binary.path.display());
-        if !(10..=13).contains(&minor) {
-            unsupported = Some(format!("{version}: versions 3.10 to 3.13 are read"));
-            continue;
-        }
-        // A `python3.N` that links libpython has no interpreter of its own.
-        let Some(info) = binary_info(binary, minor) else {
-            unsupported.get_or_insert(format!("{version}: no _PyRuntime or PyCode_Type symbol"));
-            continue;
-        };
-        let bias = crate::kernel::mapping_bias(mapping.start, mapping.offset, &info.segments)?;
-        let runtime = info.runtime_vaddr.wrapping_add(bias);
-        let code_type = info.code_type_vaddr.wrapping_add(bias);
-        let offsets = if minor == 13 {
-            let mut bytes = vec![0u8; DEBUG_OFFSETS_BYTES];
-            if !read_memory(pid, runtime, &mut bytes) {
-                return None;
-            }
-            match from_debug_offsets(&bytes) {
-                Ok(offsets) => offsets,
-                Err(why) => return Some(Detected::Unsupported(format!("{version}: {why}"))),
-            }
-        } else {
-            table(minor)?
-        };
-        return Some(Detected::Python(PythonProcess {
-            offsets,
-            runtime,
-            code_type,
-        }));
-    }
-    unsupported.map(Detected::Unsupported)
 }
 
 /// Reads `buf.len()` bytes of process `pid` at `addr`.
@@ -546,8 +474,8 @@ pub fn frame_name(minor: u8, code: &CodeInfo, index: u32) -> String {
     } else {
         line_311(&code.linetable, code.first_line, index)
     };
-    let name = crate::symbolize::sanitize(&code.name);
-    let file = crate::symbolize::sanitize(&code.file);
+    let name = crate::names::sanitize(&code.name);
+    let file = crate::names::sanitize(&code.file);
     match line {
         Some(line) => format!("{name} ({file}:{line}){PYTHON_SUFFIX}"),
         None => format!("{name} ({file}){PYTHON_SUFFIX}"),

@@ -93,6 +93,31 @@ pub fn off_cpu_line(recording: &Recording) -> Option<String> {
     ))
 }
 
+/// "Python: N samples walked (C cut, T on threads without a thread state);
+/// U processes run a CPython whose frames are not read (see the log)."
+pub fn python_line(recording: &Recording) -> Option<String> {
+    use profiler_common::Counter;
+    let k = &recording.counters;
+    let walked = k.get(Counter::PythonStacks);
+    let unsupported = crate::python::unsupported_processes();
+    if walked == 0 && unsupported == 0 {
+        return None;
+    }
+    let mut line = format!(
+        "Python: {walked} samples with Python frames walked ({} cut, {} of threads without a \
+         Python thread state)",
+        k.get(Counter::PythonCut),
+        k.get(Counter::PythonNoThreadState),
+    );
+    if unsupported > 0 {
+        line.push_str(&format!(
+            "; {unsupported} processes run a CPython whose frames are not read (see the log)"
+        ));
+    }
+    line.push('.');
+    Some(line)
+}
+
 /// Renders the summary: samples, top functions, non-zero drops, outputs.
 pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
     let mut s = String::new();
@@ -115,6 +140,9 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
         recording.processes_seen,
     );
     if let Some(line) = user_stack_quality(recording) {
+        let _ = writeln!(s, "{line}");
+    }
+    if let Some(line) = python_line(recording) {
         let _ = writeln!(s, "{line}");
     }
     if let Some(u) = &recording.unwind {

@@ -50,6 +50,8 @@ use crate::{
 };
 use profiler_common::python::PythonFrame;
 
+pub use crate::names::sanitize;
+
 /// Suffix of kernel frames.
 pub const KERNEL_SUFFIX: &str = "_[k]";
 /// A frame outside every known mapping (user) or symbol (kernel).
@@ -88,22 +90,6 @@ pub fn lookup_address(index: usize, ip: u64) -> u64 {
     } else {
         ip.saturating_sub(1)
     }
-}
-
-/// Replaces characters that would break a folded line (`;` separates frames,
-/// a newline ends the line) and trims the name.
-pub fn sanitize(name: &str) -> String {
-    let name = name.trim();
-    if name.is_empty() {
-        return "[unnamed]".into();
-    }
-    name.chars()
-        .map(|c| match c {
-            ';' => ':',
-            c if c.is_control() => ' ',
-            c => c,
-        })
-        .collect()
 }
 
 /// Names for one symbolized address: the function, then each inlined call

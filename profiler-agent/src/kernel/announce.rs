@@ -139,7 +139,8 @@ fn load_python(
     processes: &Mutex<ProcessCache>,
     unwind: &Mutex<UnwindMaps>,
 ) {
-    use crate::python::{detect, log_unsupported_once, Detected};
+    use super::python::detect;
+    use crate::python::{log_unsupported_once, Detected};
     match detect(pid, mappings) {
         Some(Detected::Python(python))
             if lock(unwind).set_python(pid, Some(python.kernel_view())) =>

@@ -124,7 +124,11 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
         include_idle: u32::from(options.include_idle),
         unwind_mode: options.unwind.config_value(),
         off_cpu_keep: options.off_cpu.map_or(OFF_CPU_KEEP_ALL, |o| o.keep()),
-        task_fsbase_offset: task_fsbase_offset(),
+        task_fsbase_offset: if options.python_frames {
+            task_fsbase_offset()
+        } else {
+            0
+        },
         off_cpu_min_ns: options
             .off_cpu
             .map_or(0, |o| o.min_block.as_nanos().min(u64::MAX as u128) as u64),

@@ -20,9 +20,8 @@ mod array;
 pub mod guard;
 mod load;
 mod maps;
+mod python;
 pub mod unwind;
-
-pub(crate) use unwind::mapping_bias;
 
 use std::{
     sync::{Arc, Mutex},

@@ -211,7 +211,7 @@ fn elf_layout(data: &[u8]) -> Option<ElfLayout> {
 
 /// The bias of a mapping: `address - bias` is the binary's own address.
 /// The mapping starts at file offset `offset`, inside one of `segments`.
-pub(crate) fn mapping_bias(start: u64, offset: u64, segments: &[(u64, u64, u64)]) -> Option<u64> {
+pub(super) fn mapping_bias(start: u64, offset: u64, segments: &[(u64, u64, u64)]) -> Option<u64> {
     let &(seg_offset, seg_vaddr, _) = segments
         .iter()
         .find(|&&(o, _, size)| offset >= o && offset < o + size.max(1))

@@ -26,6 +26,7 @@
 mod footprint;
 mod offcpu;
 mod overhead;
+mod python;
 mod suites;
 
 use std::{
@@ -46,10 +47,11 @@ use profiler_testkit::median;
 use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root, Needs};
 
 /// The benchmarks, in the order they run; `--only` names one.
-const BENCHMARKS: [&str; 8] = [
+const BENCHMARKS: [&str; 9] = [
     "overhead",
     "kernel-cost",
     "off-cpu",
+    "python",
     "footprint",
     "startup",
     "criterion",
@@ -249,6 +251,7 @@ pub fn bench(opts: Options) -> Result<()> {
             "overhead" => overhead::overhead(&ctx, &mut figures)?,
             "kernel-cost" => overhead::kernel_cost(&ctx, &mut figures)?,
             "off-cpu" => offcpu::off_cpu(&ctx)?,
+            "python" => python::python_frames(&ctx)?,
             "footprint" => footprint::footprint(&ctx, &mut figures)?,
             "startup" => footprint::startup(&ctx, &mut figures)?,
             "criterion" => suites::criterion(&ctx)?,
