@@ -24,41 +24,10 @@ const RUN_SECONDS: &str = "120";
 /// Points the measured split may be off the stated 75:25.
 const SPLIT_TOLERANCE: f64 = 5.0;
 
-/// Where a whole stack starts.
-const ROOTS: &[&str] = &[
-    "_start",
-    "__libc_start_main",
-    "__libc_start_main_impl",
-    "__libc_start_call_main",
-    "clone",
-    "clone3",
-    "start_thread",
-];
-
 fn source(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("workloads/jit")
         .join(name)
-}
-
-/// CPython 3.12 from pyenv (the set-up's interpreters).
-fn python312() -> PathBuf {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let versions = root.join("versions");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| panic!("no pyenv interpreters in {}: {e}", versions.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("3.12"))
-        .map(|e| e.path().join("bin/python3.12"))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no CPython 3.12 under {}", versions.display()))
 }
 
 /// Whether `frame` names `function`: the name stands on its own (not part
@@ -143,7 +112,7 @@ impl Chains {
             100.0 - split,
             Self::percent(self.complete, chains),
             Self::percent(self.broken, self.total),
-            top(profile),
+            heaviest(profile, 12),
         );
         eprintln!("{summary}");
         assert!(
@@ -167,18 +136,6 @@ impl Chains {
             "garbage frames\n{summary}"
         );
     }
-}
-
-/// The heaviest stacks, for assertion messages.
-fn top(profile: &FoldedProfile) -> String {
-    let mut stacks: Vec<(&str, u64)> = profile.iter().collect();
-    stacks.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    stacks
-        .iter()
-        .take(12)
-        .map(|(s, n)| format!("  {n:>6} {s}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The perf map a process writes, as the host sees it.
@@ -209,10 +166,10 @@ fn python_perf_trampolines_are_named() {
     }
     let _serial = serial();
     let w = Workload::spawn_command(
-        Command::new(python312())
+        Command::new(pyenv_python(12))
             .args(["-X", "perf"])
-            .arg(source("jit_work.py"))
-            .arg(RUN_SECONDS),
+            .arg(pywork())
+            .args(["split", RUN_SECONDS]),
     );
     let _map = RemoveOnDrop(format!("/tmp/perf-{}.map", w.pid()));
     let profile = record_when_ready(&w, "python writes its perf map", || {
@@ -346,7 +303,7 @@ fn jit_code_without_a_map_is_one_jit_frame_per_run() {
     let summary = format!(
         "node without a perf map: {total} samples, {jit} with [jit], {whole} of them whole, \
          {broken} broken\n{}",
-        top(&profile)
+        heaviest(&profile, 12)
     );
     eprintln!("{summary}");
     assert!(

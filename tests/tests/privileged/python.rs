@@ -5,11 +5,7 @@
 //! a known 3:1 split; a C extension (zlib) keeps its native frames under
 //! the Python frame that called it; threads, a generator and a coroutine.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use crate::support::*;
 use profiler_agent::{fold::FoldedProfile, python::PYTHON_SUFFIX};
@@ -18,41 +14,6 @@ const SECONDS: f64 = 3.0;
 const FREQUENCY: u64 = 499;
 const RUN_SECONDS: &str = "120";
 const SPLIT_TOLERANCE: f64 = 5.0;
-
-const ROOTS: &[&str] = &[
-    "_start",
-    "__libc_start_main",
-    "__libc_start_main_impl",
-    "__libc_start_call_main",
-    "clone",
-    "clone3",
-    "start_thread",
-];
-
-/// pyenv's CPython 3.`minor`.
-fn python(minor: u32) -> PathBuf {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let versions = root.join("versions");
-    let prefix = format!("3.{minor}.");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| panic!("no pyenv interpreters in {}: {e}", versions.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path().join(format!("bin/python3.{minor}")))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no CPython 3.{minor} under {}", versions.display()))
-}
-
-fn workload_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/python/pywork.py")
-}
 
 /// CPU time of a process so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -73,8 +34,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// has run half a second of CPU.
 fn record_python(minor: u32, mode: &str) -> FoldedProfile {
     let w = Workload::spawn_command(
-        Command::new(python(minor))
-            .arg(workload_script())
+        Command::new(pyenv_python(minor))
+            .arg(pywork())
             .arg(mode)
             .arg(RUN_SECONDS),
     );
@@ -105,17 +66,6 @@ fn is_function(frame: &str, name: &str) -> bool {
     frame
         .split_once(" (")
         .is_some_and(|(f, _)| f == name || f.ends_with(&format!(".{name}")))
-}
-
-fn top(profile: &FoldedProfile) -> String {
-    let mut stacks: Vec<(&str, u64)> = profile.iter().collect();
-    stacks.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    stacks
-        .iter()
-        .take(10)
-        .map(|(s, n)| format!("  {n:>6} {s}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn percent(n: u64, of: u64) -> f64 {
@@ -158,7 +108,7 @@ fn split(minor: u32) {
         percent(a + b, total),
         100.0 - share,
         percent(complete, a + b),
-        top(&profile)
+        heaviest(&profile, 10)
     );
     eprintln!("{summary}");
     assert!(
@@ -211,7 +161,7 @@ fn shapes(minor: u32) {
     let summary = format!(
         "CPython 3.{minor} shapes: {total} samples; squeeze {zlib} ({zlib_native} with zlib's \
          native frames), consume → produce {generator}, run_async … crunch {coroutine}\n{}",
-        top(&profile)
+        heaviest(&profile, 10)
     );
     eprintln!("{summary}");
     for (what, n) in [
@@ -275,7 +225,7 @@ fn an_unsupported_version_is_named_not_guessed() {
             .iter()
             .any(|(s, _)| s.split(';').any(|f| f.ends_with(PYTHON_SUFFIX))),
         "Python frames for an unsupported version\n{}",
-        top(&profile)
+        heaviest(&profile, 10)
     );
 }
 

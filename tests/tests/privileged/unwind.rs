@@ -22,19 +22,6 @@ use profiler_agent::{
     symbolize::{INLINED_SUFFIX, KERNEL_SUFFIX},
 };
 
-/// Outermost frames of a complete user stack: the main thread's (`_start`
-/// and glibc's start-up functions) and other threads' (glibc's `clone3` and
-/// what it calls).
-const ROOTS: &[&str] = &[
-    "_start",
-    "__libc_start_main",
-    "__libc_start_main_impl",
-    "__libc_start_call_main",
-    "clone",
-    "clone3",
-    "start_thread",
-];
-
 /// Points a part's share may be off the stated one.
 const SHARE_TOLERANCE: f64 = 2.0;
 /// Least share of the agent's samples with a complete user stack, in %.

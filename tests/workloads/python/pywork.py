@@ -1,4 +1,5 @@
-"""CPython workload for the Python frame tests, run without any flag.
+"""CPython workload of the Python frame tests (run without any flag) and of
+the JIT-frame test of `-X perf`.
 
     pywork.py split SECONDS   work() calls leaf_a three times for each call
                               of leaf_b; the leaves run the same loop, so

@@ -434,3 +434,55 @@ pub fn chromium(args: &[&str], url: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Outermost frames of a complete user stack: the main thread's (`_start`
+/// and glibc's start-up functions) and other threads' (glibc's `clone3` and
+/// what it calls).
+pub const ROOTS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_main_impl",
+    "__libc_start_call_main",
+    "clone",
+    "clone3",
+    "start_thread",
+];
+
+/// pyenv's CPython 3.`minor` (the set-up's interpreters; the newest patch
+/// release installed).
+pub fn pyenv_python(minor: u32) -> PathBuf {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let versions = root.join("versions");
+    let prefix = format!("3.{minor}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
+        .unwrap_or_else(|e| panic!("no pyenv interpreters in {}: {e}", versions.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join(format!("bin/python3.{minor}")))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no CPython 3.{minor} under {}", versions.display()))
+}
+
+/// The heaviest stacks of a profile, one a line, for assertion messages.
+pub fn heaviest(profile: &FoldedProfile, n: usize) -> String {
+    let mut stacks: Vec<(&str, u64)> = profile.iter().collect();
+    stacks.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
+    stacks
+        .iter()
+        .take(n)
+        .map(|(s, c)| format!("  {c:>6} {s}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The Python workload of the Python and JIT tests.
+pub fn pywork() -> PathBuf {
+    workloads_src().join("python/pywork.py")
+}
