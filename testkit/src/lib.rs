@@ -15,10 +15,12 @@ pub mod clickhouse;
 pub mod current;
 pub mod elf;
 pub mod net;
+pub mod pyenv;
 pub mod rng;
 pub mod stats;
 pub mod wait;
 
+pub use pyenv::pyenv_python;
 pub use rng::Rng;
 pub use stats::{median, median_duration};
 pub use wait::{wait_for, wait_until, within};

@@ -3,34 +3,11 @@
 //! version, and what the walk gives: the share of samples whose Python
 //! chain is whole (from `<module>` and a stack root) and the 3:1 split of
 //! the `pywork.py split` workload.
-use std::{
-    fmt::Write as _,
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{fmt::Write as _, fs, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
 use super::{bpf_progs_all, overhead::BpfStats, overhead::Workers, step, AgentRun, Ctx};
-
-/// pyenv's interpreter of CPython 3.`minor`, if there is one.
-fn python(minor: u32) -> Option<PathBuf> {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))?;
-    let prefix = format!("3.{minor}.");
-    let mut found: Vec<PathBuf> = fs::read_dir(root.join("versions"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path().join(format!("bin/python3.{minor}")))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
 
 /// One run of the agent on the workload.
 struct Measured {
@@ -146,7 +123,7 @@ pub(crate) fn python_frames(ctx: &Ctx) -> Result<String> {
         &[10, 11, 12, 13]
     };
     for &minor in minors {
-        let Some(python) = python(minor) else {
+        let Some(python) = profiler_testkit::pyenv_python(minor) else {
             writeln!(out, "| 3.{minor} | not installed | | | | |")?;
             continue;
         };

@@ -448,26 +448,10 @@ pub const ROOTS: &[&str] = &[
     "start_thread",
 ];
 
-/// pyenv's CPython 3.`minor` (the set-up's interpreters; the newest patch
-/// release installed).
+/// pyenv's CPython 3.`minor`; the set-up's machines have 3.10 to 3.13.
 pub fn pyenv_python(minor: u32) -> PathBuf {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let versions = root.join("versions");
-    let prefix = format!("3.{minor}.");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| panic!("no pyenv interpreters in {}: {e}", versions.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path().join(format!("bin/python3.{minor}")))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .unwrap_or_else(|| panic!("no CPython 3.{minor} under {}", versions.display()))
+    profiler_testkit::pyenv_python(minor)
+        .unwrap_or_else(|| panic!("no CPython 3.{minor} installed with pyenv"))
 }
 
 /// The heaviest stacks of a profile, one a line, for assertion messages.
