@@ -2,8 +2,9 @@
 //! `--perf-basic-prof` and a JVM with `-XX:+PreserveFramePointer` and a
 //! map written by `jcmd PID Compiler.perfmap` publish perf maps; the agent
 //! walks their code by frame pointers, names it from the map (`_[j]`) and
-//! finds each workload's `work` → leaf chains at their 3:1 split. Without a
-//! map, JIT code is one `[jit]` frame per run, in an otherwise whole stack.
+//! finds each workload's `work` → leaf chains at their 3:1 split, also for
+//! a process in its own pid namespace with its own `/tmp`. Without a map,
+//! JIT code is one `[jit]` frame per run, in an otherwise whole stack.
 
 use std::{
     path::{Path, PathBuf},
@@ -145,8 +146,13 @@ fn perf_map(pid: u32) -> String {
 
 /// Records `w` once `ready` holds.
 fn record_when_ready(w: &Workload, what: &str, ready: impl FnMut() -> bool) -> FoldedProfile {
+    record_when_ready_pid(w.pid(), what, ready)
+}
+
+/// Records process `pid` once `ready` holds.
+fn record_when_ready_pid(pid: u32, what: &str, ready: impl FnMut() -> bool) -> FoldedProfile {
     wait_until(Duration::from_secs(30), what, ready);
-    let opts = options(vec![w.pid()], SECONDS, FREQUENCY);
+    let opts = options(vec![pid], SECONDS, FREQUENCY);
     let (rec, ()) = record_with(&opts, || ());
     rec.profile
 }
@@ -327,4 +333,67 @@ fn frames_name_functions_as_whole_words() {
     assert!(names("long JitWork.work(long)_[j]", "work"));
     assert!(!names("py::leaf_ab:/x.py_[j]", "leaf_a"));
     assert!(!names("JS:*work2 /x.js_[j]", "work"));
+}
+
+/// The child of `parent` whose executable is named `name`.
+fn child_named(parent: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (ppid == parent.to_string() && exe.file_name()? == name).then_some(pid)
+    })
+}
+
+/// A JIT in a container: its own pid namespace (it is pid 1 there) and its
+/// own `/tmp`. Its map, `/tmp/perf-1.map` inside, is not on the host's
+/// `/tmp`: the agent reads it through `/proc/PID/root` with the pid the
+/// process has in its namespace.
+#[test]
+fn perf_maps_of_processes_in_containers_are_read() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let python = pyenv_python(12);
+    let w = Workload::spawn_command(
+        Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "sh",
+                "-c",
+            ])
+            .arg(r#"mount -t tmpfs tmpfs /tmp && exec "$0" -X perf "$1" split "$2""#)
+            .arg(&python)
+            .arg(pywork())
+            .arg(RUN_SECONDS),
+    );
+    let name = python.file_name().unwrap().to_str().unwrap().to_string();
+    let pid = wait_for(
+        Duration::from_secs(20),
+        "python starts in its namespace",
+        || child_named(w.pid(), &name),
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "python is not pid 1 of its namespace:\n{status}"
+    );
+    let inside = format!("/proc/{pid}/root/tmp/perf-1.map");
+    let profile = record_when_ready_pid(pid, "python writes its map in the container", || {
+        std::fs::read_to_string(&inside).is_ok_and(|m| m.contains("py::leaf_b:"))
+    });
+    assert!(
+        !Path::new(&format!("/tmp/perf-{pid}.map")).exists()
+            && !Path::new("/tmp/perf-1.map").exists(),
+        "the map must be visible inside the container only"
+    );
+    Chains::of(&profile, "work", "leaf_a", "leaf_b")
+        .check("CPython 3.12 -X perf in a container", &profile);
 }
