@@ -1,5 +1,8 @@
 //! Frame names as folded stacks need them.
 
+/// Suffix of frames of JIT-compiled code named from a perf map.
+pub const JIT_SUFFIX: &str = "_[j]";
+
 /// Replaces characters that would break a folded line (`;` separates frames,
 /// a newline ends the line) and trims the name.
 pub fn sanitize(name: &str) -> String {

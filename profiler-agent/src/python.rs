@@ -482,6 +482,12 @@ pub fn frame_name(minor: u8, code: &CodeInfo, index: u32) -> String {
     }
 }
 
+/// Whether a frame is one of CPython's `-X perf` trampolines, named from
+/// its perf map (`py::work:/srv/app.py_[j]`).
+pub fn is_perf_trampoline(frame: &str) -> bool {
+    frame.starts_with("py::") && frame.ends_with(crate::names::JIT_SUFFIX)
+}
+
 /// Python frames (innermost first, as recorded) grouped by the native eval
 /// call that ran them; each group outermost first, groups innermost first.
 pub fn eval_calls(frames: &[(PythonFrame, String)]) -> Vec<Vec<String>> {
@@ -611,6 +617,13 @@ pub fn log_unsupported_once(what: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_trampolines_are_told_apart() {
+        assert!(is_perf_trampoline("py::work:/srv/app.py_[j]"));
+        assert!(!is_perf_trampoline("JS:*work /srv/app.js:3_[j]"));
+        assert!(!is_perf_trampoline("work (app.py:3)_[py]"));
+    }
 
     #[test]
     fn versions_from_file_names() {

@@ -58,8 +58,7 @@ pub const KERNEL_SUFFIX: &str = "_[k]";
 pub const UNKNOWN_FRAME: &str = "[unknown]";
 /// Suffix of inlined frames.
 pub const INLINED_SUFFIX: &str = "_[i]";
-/// Suffix of frames of JIT-compiled code named from a perf map.
-pub const JIT_SUFFIX: &str = "_[j]";
+pub use crate::names::JIT_SUFFIX;
 /// A run of frames of JIT-compiled code that no perf map names.
 pub const JIT_FRAME: &str = "[jit]";
 
@@ -662,6 +661,11 @@ impl Symbolize for BlazeSymbolizer {
                     .filter_map(|w| PythonFrame::decode(*w))
                     .collect();
                 let named = self.python.name(pid, &process, &python);
+                // `-X perf`'s trampolines say again what the Python frames say.
+                let frames = frames
+                    .into_iter()
+                    .filter(|f| !crate::python::is_perf_trampoline(f))
+                    .collect();
                 splice(frames, eval_calls(&named))
             }
             None => frames,

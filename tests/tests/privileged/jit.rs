@@ -149,10 +149,13 @@ fn record_when_ready(w: &Workload, what: &str, ready: impl FnMut() -> bool) -> F
     record_when_ready_pid(w.pid(), what, ready)
 }
 
-/// Records process `pid` once `ready` holds.
+/// Records process `pid` once `ready` holds. CPython's frames are not
+/// walked: its `-X perf` trampolines are what is tested (with the walk, they
+/// give way to the Python frames).
 fn record_when_ready_pid(pid: u32, what: &str, ready: impl FnMut() -> bool) -> FoldedProfile {
     wait_until(Duration::from_secs(30), what, ready);
-    let opts = options(vec![pid], SECONDS, FREQUENCY);
+    let mut opts = options(vec![pid], SECONDS, FREQUENCY);
+    opts.sampler.python_frames = false;
     let (rec, ()) = record_with(&opts, || ());
     rec.profile
 }

@@ -33,8 +33,14 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// Runs `pywork.py MODE` under CPython 3.`minor` and records it once it
 /// has run half a second of CPU.
 fn record_python(minor: u32, mode: &str) -> FoldedProfile {
+    record_python_with(minor, &[], mode)
+}
+
+/// [`record_python`] with interpreter flags.
+fn record_python_with(minor: u32, flags: &[&str], mode: &str) -> FoldedProfile {
     let w = Workload::spawn_command(
         Command::new(pyenv_python(minor))
+            .args(flags)
             .arg(pywork())
             .arg(mode)
             .arg(RUN_SECONDS),
@@ -44,6 +50,8 @@ fn record_python(minor: u32, mode: &str) -> FoldedProfile {
     });
     let opts = options(vec![w.pid()], SECONDS, FREQUENCY);
     let (rec, ()) = record_with(&opts, || ());
+    // `-X perf` leaves its map behind.
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", w.pid()));
     rec.profile
 }
 
@@ -73,7 +81,10 @@ fn percent(n: u64, of: u64) -> f64 {
 }
 
 fn split(minor: u32) {
-    let profile = record_python(minor, "split");
+    check_split(minor, &record_python(minor, "split"));
+}
+
+fn check_split(minor: u32, profile: &FoldedProfile) {
     let (mut total, mut a, mut b, mut complete) = (0, 0, 0, 0);
     for (stack, n) in profile.iter() {
         let frames = frames_of(stack);
@@ -108,7 +119,7 @@ fn split(minor: u32) {
         percent(a + b, total),
         100.0 - share,
         percent(complete, a + b),
-        heaviest(&profile, 10)
+        heaviest(profile, 10)
     );
     eprintln!("{summary}");
     assert!(
@@ -227,6 +238,25 @@ fn an_unsupported_version_is_named_not_guessed() {
         "Python frames for an unsupported version\n{}",
         heaviest(&profile, 10)
     );
+}
+
+/// With `-X perf` too, each Python function shows once: its trampoline
+/// frames give way to the Python frames.
+#[test]
+fn python_3_12_with_perf_trampolines_shows_each_function_once() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let profile = record_python_with(12, &["-X", "perf"], "split");
+    assert!(
+        !profile
+            .iter()
+            .any(|(s, _)| s.split(';').any(|f| f.starts_with("py::"))),
+        "trampoline frames beside the Python frames\n{}",
+        heaviest(&profile, 10)
+    );
+    check_split(12, &profile);
 }
 
 #[test]
