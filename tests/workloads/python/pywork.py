@@ -7,10 +7,12 @@ the JIT-frame test of `-X perf`.
                               several sampling periods: calls much shorter
                               and as regular as the sampling clock alias
                               with it and skew the split.
-    pywork.py shapes SECONDS  three threads: one compresses with zlib (a C
-                              extension) under squeeze(), one drains a
-                              generator (consume() -> produce()), one runs an
-                              asyncio coroutine (crunch()).
+    pywork.py shapes SECONDS  three threads: one alternates between
+                              compressing with zlib (a C extension) under
+                              squeeze() and sorting with a Python key
+                              (order() -> sorted() in C -> weight()), one
+                              drains a generator (consume() -> produce()), one
+                              runs an asyncio coroutine (crunch()).
 """
 
 import asyncio
@@ -43,11 +45,27 @@ def work(deadline):
     return sink
 
 
-def squeeze(deadline):
+def squeeze(data):
+    return len(zlib.compress(data, 9))
+
+
+def weight(x):
+    for _ in range(20):
+        x = (x * 7919) % 1009
+    return x
+
+
+def order(items):
+    return sorted(items, key=weight)[0]
+
+
+def native_calls(deadline):
     data = bytes(range(256)) * 4096
+    items = list(range(4000))
     sink = 0
     while time.monotonic() < deadline:
-        sink += len(zlib.compress(data, 9))
+        sink += squeeze(data)
+        sink += order(items)
     return sink
 
 
@@ -85,7 +103,7 @@ def shapes(deadline):
     ]
     for t in threads:
         t.start()
-    squeeze(deadline)
+    native_calls(deadline)
     for t in threads:
         t.join()
 
