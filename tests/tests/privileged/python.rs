@@ -141,6 +141,8 @@ fn shapes(minor: u32) {
     let profile = record_python(minor, "shapes");
     let (mut total, mut zlib, mut zlib_native, mut generator, mut coroutine) = (0, 0, 0, 0, 0);
     let (mut sorting, mut sorting_native) = (0, 0);
+    // Stacks that lost the C extension's frames, for the message.
+    let mut without_native: Vec<String> = Vec::new();
     for (stack, n) in profile.iter() {
         let frames = frames_of(stack);
         total += n;
@@ -148,7 +150,10 @@ fn shapes(minor: u32) {
         let Some(last) = py.last() else {
             continue;
         };
-        if is_function(last, "squeeze") {
+        // A native walk cut short (counted by the stack-quality counters)
+        // cannot keep the C frames the Python walk puts around.
+        let cut = frames.iter().any(|f| f.starts_with("[stack cut"));
+        if is_function(last, "squeeze") && !cut {
             zlib += n;
             // The C extension's native frames stay, leafward of the
             // Python frame that called it.
@@ -158,11 +163,17 @@ fn shapes(minor: u32) {
                 .any(|f| f.to_ascii_lowercase().contains("compress") || f.contains("deflate"))
             {
                 zlib_native += n;
+            } else {
+                without_native.push(format!("{n} {stack}"));
             }
         }
         // Python → C (`sorted`) → Python (the key): each Python part
         // where its eval call was, the C frames between them.
-        if let Some(at) = frames.iter().position(|f| is_function(f, "order")) {
+        if let Some(at) = frames
+            .iter()
+            .position(|f| is_function(f, "order"))
+            .filter(|_| !cut)
+        {
             if let Some(key) = frames[at..].iter().position(|f| is_function(f, "weight")) {
                 sorting += n;
                 if frames[at + 1..at + key]
@@ -170,6 +181,8 @@ fn shapes(minor: u32) {
                     .any(|f| f.contains("sort") && !f.ends_with(PYTHON_SUFFIX))
                 {
                     sorting_native += n;
+                } else {
+                    without_native.push(format!("{n} {stack}"));
                 }
             }
         }
@@ -186,8 +199,15 @@ fn shapes(minor: u32) {
     let summary = format!(
         "CPython 3.{minor} shapes: {total} samples; squeeze {zlib} ({zlib_native} with zlib's \
          native frames), order → weight {sorting} ({sorting_native} with sorted's native \
-         frames between), consume → produce {generator}, run_async … crunch {coroutine}\n{}",
-        heaviest(&profile, 10)
+         frames between), consume → produce {generator}, run_async … crunch {coroutine}\n{}\n\
+         without the C frames:\n{}",
+        heaviest(&profile, 10),
+        without_native
+            .iter()
+            .take(8)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     eprintln!("{summary}");
     for (what, n) in [
