@@ -183,22 +183,24 @@ pub fn from_debug_offsets(bytes: &[u8]) -> Result<Offsets, String> {
     })
 }
 
-/// The minor version of a CPython binary from its file name
-/// (`libpython3.12.so.1.0`, `python3.12`, `libpython3.12d.so`).
-pub fn minor_version(file_name: &str) -> Option<u8> {
+/// The minor version and ABI flags (`d` debug, `t` free-threaded, `m`) of
+/// a CPython binary from its file name (`libpython3.12.so.1.0`,
+/// `python3.12`, `libpython3.13td.so`).
+pub fn version_of(file_name: &str) -> Option<(u8, &str)> {
     let rest = file_name
         .strip_prefix("libpython3.")
         .or_else(|| file_name.strip_prefix("python3."))?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let after = &rest[digits.len()..];
-    let shape_ok = after.is_empty()
-        || after.starts_with(".so")
-        || after.starts_with("d.so")
-        || after.starts_with("m.so");
-    if digits.is_empty() || !shape_ok {
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    let after = &rest[digits..];
+    let flags_len = after
+        .chars()
+        .take_while(|c| matches!(c, 'd' | 't' | 'm'))
+        .count();
+    let (flags, tail) = after.split_at(flags_len);
+    if digits == 0 || !(tail.is_empty() || tail.starts_with(".so")) {
         return None;
     }
-    digits.parse().ok()
+    Some((rest[..digits].parse().ok()?, flags))
 }
 
 /// What a CPython binary says of itself.
@@ -627,12 +629,13 @@ mod tests {
 
     #[test]
     fn versions_from_file_names() {
-        assert_eq!(minor_version("libpython3.12.so.1.0"), Some(12));
-        assert_eq!(minor_version("python3.10"), Some(10));
-        assert_eq!(minor_version("libpython3.13d.so.1.0"), Some(13));
-        assert_eq!(minor_version("python3.11-config"), None);
-        assert_eq!(minor_version("python3"), None);
-        assert_eq!(minor_version("libpython3.so"), None);
+        assert_eq!(version_of("libpython3.12.so.1.0"), Some((12, "")));
+        assert_eq!(version_of("python3.10"), Some((10, "")));
+        assert_eq!(version_of("libpython3.13d.so.1.0"), Some((13, "d")));
+        assert_eq!(version_of("python3.13t"), Some((13, "t")));
+        assert_eq!(version_of("python3.11-config"), None);
+        assert_eq!(version_of("python3"), None);
+        assert_eq!(version_of("libpython3.so"), None);
     }
 
     #[test]

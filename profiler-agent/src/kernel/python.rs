@@ -6,7 +6,7 @@ use std::{collections::HashMap, fs::File, sync::Mutex};
 use crate::{
     process::{Binary, BinaryKey, Mapping},
     python::{
-        from_debug_offsets, minor_version, read_binary, read_memory, table, Detected, PythonBinary,
+        from_debug_offsets, read_binary, read_memory, table, version_of, Detected, PythonBinary,
         PythonProcess, DEBUG_OFFSETS_BYTES,
     },
 };
@@ -39,17 +39,24 @@ pub fn detect(pid: u32, mappings: &[Mapping]) -> Option<Detected> {
         let Some(binary) = mapping.binary.as_ref() else {
             continue;
         };
-        let Some(minor) = binary
+        let Some((minor, flags)) = binary
             .path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(minor_version)
+            .and_then(version_of)
         else {
             continue;
         };
-        let version = format!("Python 3.{minor} ({})", binary.path.display());
+        let version = format!("Python 3.{minor}{flags} ({})", binary.path.display());
         if !(10..=13).contains(&minor) {
             unsupported = Some(format!("{version}: versions 3.10 to 3.13 are read"));
+            continue;
+        }
+        // Other object layouts than the offsets describe.
+        if flags.contains('d') || flags.contains('t') {
+            unsupported = Some(format!(
+                "{version}: debug and free-threaded builds are not read"
+            ));
             continue;
         }
         // A `python3.N` that links libpython has no interpreter of its own.
