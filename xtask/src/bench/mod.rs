@@ -217,8 +217,10 @@ pub fn bench(opts: Options) -> Result<()> {
     if wants("overhead") && !succeeds("sh", &["-c", "command -v perf && perf --version"]) {
         apt_install(&["linux-perf"])?;
     }
-    if (wants("overhead") || wants("kernel-cost")) && !succeeds("sh", &["-c", "command -v bpftool"])
-    {
+    let reads_bpf_stats = ["overhead", "kernel-cost", "off-cpu", "python", "footprint"]
+        .iter()
+        .any(|b| wants(b));
+    if reads_bpf_stats && !succeeds("sh", &["-c", "command -v bpftool"]) {
         apt_install(&["bpftool"])?;
     }
     let dir = root.join("target/bench");
