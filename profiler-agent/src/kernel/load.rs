@@ -254,6 +254,8 @@ fn task_fsbase_offset() -> u32 {
         let (fsbase, _) = member_offset(&btf, &thread_ty, "fsbase")?;
         Some(thread + fsbase)
     })();
+    // The parsed BTF (about 15 MiB) is gone: give its memory back.
+    crate::memory::trim_allocator();
     if offset.is_none() {
         tracing::warn!(
             "task_struct.thread.fsbase not found in the kernel's BTF: Python frames are not read"
