@@ -429,25 +429,20 @@ pub fn line_311(linetable: &[u8], first_line: u32, index: u32) -> Option<u32> {
         let length = (first & 7) as u32 + 1;
         let this = match code {
             15 => None,
-            14 => {
+            // Long form (line delta, then end line and columns), or no
+            // columns: a signed varint line delta first.
+            13 | 14 => {
                 let v = varint(&mut bytes)?;
                 line += if v & 1 != 0 {
                     -((v >> 1) as i64)
                 } else {
                     (v >> 1) as i64
                 };
-                for _ in 0..3 {
-                    varint(&mut bytes)?;
+                if code == 14 {
+                    for _ in 0..3 {
+                        varint(&mut bytes)?;
+                    }
                 }
-                Some(line)
-            }
-            13 => {
-                let v = varint(&mut bytes)?;
-                line += if v & 1 != 0 {
-                    -((v >> 1) as i64)
-                } else {
-                    (v >> 1) as i64
-                };
                 Some(line)
             }
             10..=12 => {

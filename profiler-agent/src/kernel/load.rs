@@ -174,12 +174,7 @@ pub(super) fn load(options: &SamplerOptions) -> Result<Loaded> {
     walker
         .load()
         .map_err(|e| ebpf_error("loading the walk_python program (verifier)", e))?;
-    let fd = walker
-        .fd()
-        .map_err(|e| ebpf_error("the walk_python program's fd", e))?;
-    python_programs
-        .set(0, fd, 0)
-        .map_err(|e| ebpf_error("filling the PYTHON_PROGS program array", e))?;
+    set_unwinder(&ebpf, &mut python_programs, "walk_python")?;
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
