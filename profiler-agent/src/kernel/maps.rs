@@ -251,9 +251,15 @@ pub(super) fn write_config(map: &mut Array<MapData, Config>, config: Config) -> 
 }
 
 /// Totals of the per-CPU counters, summed over CPUs.
+///
+/// The programs bump a total (`Samples`, `OffCpuSwitches`) before the
+/// outcome it ends in, and totals have lower indices than their outcomes;
+/// reading from the highest index down reads every outcome before its total,
+/// so a snapshot taken while the programs run never has more outcomes than
+/// events.
 pub(super) fn read_counters(counters: &PerCpuArray<MapData, u64>) -> Result<Counters> {
     let mut out = Counters::default();
-    for counter in Counter::ALL {
+    for counter in Counter::ALL.into_iter().rev() {
         let values = counters
             .get(&(counter as u32), 0)
             .map_err(|e| ebpf_error("reading COUNTERS", e))?;
