@@ -16,6 +16,8 @@
 //! # or, explicitly: plaintext = true
 //! token_file = "/etc/profiler/agent-tokens"
 //! http_token_file = "/etc/profiler/ui-tokens"
+//! # Only these client networks may connect, to any port (checked first).
+//! allow_cidr = ["10.0.0.0/8", "fd00::/8"]
 //! agent_rate_limit = 10.0   # batches per second per agent; 0: none
 //! agent_rate_burst = 60
 //! max_concurrent_batches = 8
@@ -25,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use profiler_security::ServerTlsFiles;
+use profiler_security::{AllowList, ServerTlsFiles};
 use serde::Deserialize;
 
 use crate::server::{CollectorConfig, StoreLocation};
@@ -44,6 +46,7 @@ pub struct FileConfig {
     pub plaintext: Option<bool>,
     pub token_file: Option<PathBuf>,
     pub http_token_file: Option<PathBuf>,
+    pub allow_cidr: Option<Vec<String>>,
     pub agent_rate_limit: Option<f64>,
     pub agent_rate_burst: Option<u32>,
     pub max_concurrent_batches: Option<usize>,
@@ -139,6 +142,9 @@ impl FileConfig {
         }
         if let Some(p) = &self.http_token_file {
             config.http_token_file = Some(p.clone());
+        }
+        if let Some(nets) = &self.allow_cidr {
+            config.allow = AllowList::parse(nets).map_err(|e| format!("allow_cidr: {e}"))?;
         }
         if let Some(r) = self.agent_rate_limit {
             config.agent_rate_limit = check_rate(r)?;

@@ -1,10 +1,12 @@
-//! The gRPC ingest service: validate, store once (through the group-commit
-//! [`StoreWriter`], where the store checks the retention cutoff),
-//! acknowledge after the commit. Every refusal carries
-//! its typed reason ([`Reason`]) as metadata, so agents need not read the
-//! message. A batch whose sample type the store holds in another unit is
-//! rejected like an invalid one.
-use std::sync::Arc;
+//! Storing what clients send: native batches over gRPC ([`IngestService`])
+//! and profiles in other formats converted to batches (OTLP, pprof; see
+//! [`crate::import`]). Both go through [`IngestCore`]: size limit, rate
+//! limit per sender, validation, then the group-commit [`StoreWriter`]
+//! (where the store checks the retention cutoff), acknowledged after the
+//! commit. Every refusal carries its typed reason ([`Reason`]) as metadata,
+//! so agents need not read the message. A batch whose sample type the store
+//! holds in another unit is rejected like an invalid one.
+use std::{sync::Arc, time::Duration};
 
 use profiler_proto::{
     metadata::Reason,
@@ -15,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::{Metrics, Reject},
-    model::{Stored, CPU},
+    model::{Stored, ValidBatch, CPU},
     overload::RateLimiter,
     store::StoreError,
     validate::{validate, Limits},
@@ -24,13 +26,159 @@ use crate::{
 
 pub use crate::clock::now_ns;
 
-pub struct IngestService {
+/// Why batches were not stored: the reason the client is given, the
+/// message, and the wait to ask for when it is a push-back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Reason,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Refused {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The gRPC answer.
+    pub fn status(&self) -> Status {
+        match self.retry_after {
+            Some(wait) => self.reason.push_back(self.message.clone(), wait),
+            None => self.reason.status(self.message.clone()),
+        }
+    }
+}
+
+/// What storing a set of batches did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoredCount {
+    /// Batches stored now.
+    pub new: usize,
+    /// Batches stored before (a re-send), not stored again.
+    pub duplicate: usize,
+    /// The sum of the values stored now (samples for `cpu`).
+    pub samples: u64,
+}
+
+/// The shared path of every way data comes in.
+#[derive(Clone)]
+pub struct IngestCore {
     pub writer: StoreWriter,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
-    /// Largest accepted batch, encoded, in bytes.
+    /// Largest accepted message, encoded, in bytes.
     pub max_message_bytes: usize,
-    pub rate: RateLimiter,
+    pub rate: Arc<RateLimiter>,
+}
+
+impl IngestCore {
+    /// Checks the size and the sender's rate, then validates `batch`.
+    fn admit(&self, batch: &Batch, peer: &str) -> Result<ValidBatch, Refused> {
+        let size = batch.encoded_len();
+        if size > self.max_message_bytes {
+            self.metrics.reject(Reject::TooLarge);
+            tracing::warn!(%peer, size, "batch rejected: too large");
+            return Err(Refused::new(
+                Reason::TooLarge,
+                format!(
+                    "batch too large: {size} bytes, the limit is {} bytes",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
+            self.metrics.reject(Reject::RateLimited);
+            tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: sender over its rate limit");
+            return Err(Refused {
+                retry_after: Some(wait),
+                ..Refused::new(
+                    Reason::RateLimited,
+                    format!("agent {:?} is over its rate limit", batch.agent_id),
+                )
+            });
+        }
+        validate(batch, &self.limits, now_ns()).map_err(|r| {
+            self.metrics.reject(r.kind());
+            tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
+            Refused::new(Reason::InvalidBatch, r.to_string())
+        })
+    }
+
+    /// Stores one validated batch.
+    async fn store(&self, valid: ValidBatch, peer: &str) -> Result<Stored, Refused> {
+        let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
+        // Only `cpu` values are numbers of samples.
+        let counts_samples = valid.sample_type.name == CPU;
+        match self.writer.insert(valid).await {
+            Ok(stored @ Stored::New { samples }) => {
+                self.metrics.batches_stored.inc();
+                if counts_samples {
+                    self.metrics.samples_stored.inc_by(samples);
+                }
+                Ok(stored)
+            }
+            Ok(Stored::Duplicate) => {
+                self.metrics.batches_duplicate.inc();
+                Ok(Stored::Duplicate)
+            }
+            Err(e @ StoreError::TooOld) => {
+                self.metrics.reject(Reject::OlderThanRetention);
+                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: older than the retention period");
+                Err(Refused::new(Reason::OlderThanRetention, e.to_string()))
+            }
+            Err(e @ StoreError::UnitMismatch { .. }) => {
+                self.metrics.reject(Reject::UnitMismatch);
+                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: {e}");
+                Err(Refused::new(Reason::InvalidBatch, e.to_string()))
+            }
+            Err(e) => {
+                self.metrics.reject(Reject::StoreError);
+                tracing::error!("store failed: {e}");
+                Err(Refused::new(
+                    Reason::StoreUnavailable,
+                    format!("store failed, try again: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// Stores one native batch.
+    pub async fn store_batch(&self, batch: &Batch, peer: &str) -> Result<Stored, Refused> {
+        let valid = self.admit(batch, peer)?;
+        self.store(valid, peer).await
+    }
+
+    /// Stores the batches a converted profile made: all are checked before
+    /// any is stored, so an invalid one refuses the whole profile. Their
+    /// sequences are hashes of their content, so a re-sent profile is
+    /// counted as a duplicate rather than stored twice, and a profile cut
+    /// short by a store failure is completed by sending it again.
+    pub async fn store_all(&self, batches: &[Batch], peer: &str) -> Result<StoredCount, Refused> {
+        let valid = batches
+            .iter()
+            .map(|b| self.admit(b, peer))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut count = StoredCount::default();
+        for v in valid {
+            match self.store(v, peer).await? {
+                Stored::New { samples } => {
+                    count.new += 1;
+                    count.samples = count.samples.saturating_add(samples);
+                }
+                Stored::Duplicate => count.duplicate += 1,
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// The native gRPC service (`profiler.v1.Ingest`).
+pub struct IngestService {
+    pub core: IngestCore,
 }
 
 #[tonic::async_trait]
@@ -41,69 +189,21 @@ impl Ingest for IngestService {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let batch = request.into_inner();
-        let size = batch.encoded_len();
-        if size > self.max_message_bytes {
-            self.metrics.reject(Reject::TooLarge);
-            tracing::warn!(%peer, size, "batch rejected: too large");
-            return Err(Reason::TooLarge.status(format!(
-                "batch too large: {size} bytes, the limit is {} bytes",
-                self.max_message_bytes
-            )));
-        }
-        if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
-            self.metrics.reject(Reject::RateLimited);
-            tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: agent over its rate limit");
-            return Err(Reason::RateLimited.push_back(
-                format!("agent {:?} is over its rate limit", batch.agent_id),
-                wait,
-            ));
-        }
-        let now = now_ns();
-        let valid = validate(&batch, &self.limits, now).map_err(|r| {
-            self.metrics.reject(r.kind());
-            tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
-            Reason::InvalidBatch.status(r.to_string())
-        })?;
-        let (agent_id, sequence) = (valid.agent_id.clone(), valid.sequence);
-        // Only `cpu` values are numbers of samples.
-        let counts_samples = valid.sample_type.name == CPU;
-        match self.writer.insert(valid).await {
-            Ok(Stored::New { samples }) => {
-                self.metrics.batches_stored.inc();
-                if counts_samples {
-                    self.metrics.samples_stored.inc_by(samples);
-                }
-                Ok(Response::new(Ack {
-                    agent_id,
-                    sequence,
-                    newly_stored: true,
-                    samples,
-                }))
-            }
-            Ok(Stored::Duplicate) => {
-                self.metrics.batches_duplicate.inc();
-                Ok(Response::new(Ack {
-                    agent_id,
-                    sequence,
-                    newly_stored: false,
-                    samples: 0,
-                }))
-            }
-            Err(e @ StoreError::TooOld) => {
-                self.metrics.reject(Reject::OlderThanRetention);
-                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: older than the retention period");
-                Err(Reason::OlderThanRetention.status(e.to_string()))
-            }
-            Err(e @ StoreError::UnitMismatch { .. }) => {
-                self.metrics.reject(Reject::UnitMismatch);
-                tracing::warn!(%peer, agent = %agent_id, seq = sequence, "batch rejected: {e}");
-                Err(Reason::InvalidBatch.status(e.to_string()))
-            }
-            Err(e) => {
-                self.metrics.reject(Reject::StoreError);
-                tracing::error!("store failed: {e}");
-                Err(Reason::StoreUnavailable.status(format!("store failed, try again: {e}")))
-            }
+        let (agent_id, sequence) = (batch.agent_id.clone(), batch.sequence);
+        match self.core.store_batch(&batch, &peer).await {
+            Ok(Stored::New { samples }) => Ok(Response::new(Ack {
+                agent_id,
+                sequence,
+                newly_stored: true,
+                samples,
+            })),
+            Ok(Stored::Duplicate) => Ok(Response::new(Ack {
+                agent_id,
+                sequence,
+                newly_stored: false,
+                samples: 0,
+            })),
+            Err(refused) => Err(refused.status()),
         }
     }
 }

@@ -6,6 +6,7 @@ use profiler_collector::{
     config::{check_concurrency, check_message_mib, check_rate, FileConfig, Transport},
     server::{self, CollectorConfig, StoreLocation},
 };
+use profiler_security::AllowList;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,10 @@ struct Cli {
     /// File of bearer tokens the HTTP API and UI require (browsers: any user, token as password).
     #[arg(long)]
     http_token_file: Option<PathBuf>,
+    /// Only clients in this network (ADDRESS/PREFIX or an address) may connect to
+    /// either port; repeat for more. Checked before TLS and tokens. Default: any.
+    #[arg(long = "allow-cidr", value_name = "NETWORK")]
+    allow_cidr: Vec<String>,
     /// Batches per second one agent may send; 0: no limit.
     #[arg(long, value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(check_rate))]
     agent_rate_limit: Option<f64>,
@@ -94,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(p) = cli.http_token_file {
         config.http_token_file = Some(p);
+    }
+    if !cli.allow_cidr.is_empty() {
+        config.allow = AllowList::parse(&cli.allow_cidr)?;
     }
     if let Some(r) = cli.agent_rate_limit {
         config.agent_rate_limit = r;

@@ -161,6 +161,25 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImportLabels {
+    format: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImportRejectLabels {
+    format: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScrapeLabels {
+    target: String,
+    profile: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     server: String,
     reason: String,
@@ -180,6 +199,9 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     http_rejected: Family<ReasonLabel, Counter>,
     connections_rejected: Family<ConnectionLabels, Counter>,
+    imports: Family<ImportLabels, Counter>,
+    import_rejected: Family<ImportRejectLabels, Counter>,
+    scrapes: Family<ScrapeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -207,6 +229,9 @@ impl Metrics {
             rejected: Family::default(),
             http_rejected: Family::default(),
             connections_rejected: Family::default(),
+            imports: Family::default(),
+            import_rejected: Family::default(),
+            scrapes: Family::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters and `.` to help.
@@ -248,10 +273,31 @@ impl Metrics {
             "HTTP requests refused, by reason",
             m.http_rejected.clone(),
         );
+        for server in ["gRPC", "HTTP"] {
+            let _ = m.connections_rejected.get_or_create(&ConnectionLabels {
+                server: server.into(),
+                reason: crate::server::NOT_ALLOWED_NETWORK.into(),
+            });
+        }
         r.register(
             "connections_rejected",
-            "TLS handshakes refused, by server and reason",
+            "Connections refused, by server and reason: not_allowed_network (outside --allow-cidr), or why the TLS handshake failed",
             m.connections_rejected.clone(),
+        );
+        r.register(
+            "imports",
+            "Profiles received in other formats (format: otlp, pprof), by outcome: stored, duplicate (stored before), rejected",
+            m.imports.clone(),
+        );
+        r.register(
+            "imports_rejected",
+            "Profiles in other formats refused whole, by format and reason",
+            m.import_rejected.clone(),
+        );
+        r.register(
+            "scrapes",
+            "pprof scrapes of Go services, by target, profile and outcome: stored, duplicate, failed (unreachable or an HTTP error), oversize (answer over the limit), rejected (not a valid profile)",
+            m.scrapes.clone(),
         );
         Self { registry, ..m }
     }
@@ -259,6 +305,39 @@ impl Metrics {
     /// Counts a refused batch.
     pub fn reject(&self, reason: Reject) {
         self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts a profile received in another format (`otlp`, `pprof`):
+    /// `outcome` is stored, duplicate or rejected.
+    pub fn import(&self, format: &str, outcome: &str) {
+        self.imports
+            .get_or_create(&ImportLabels {
+                format: format.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a profile in another format refused whole, with its reason.
+    pub fn import_rejected(&self, format: &str, reason: &str) {
+        self.import(format, "rejected");
+        self.import_rejected
+            .get_or_create(&ImportRejectLabels {
+                format: format.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one scrape of a target's profile.
+    pub fn scrape(&self, target: &str, profile: &str, outcome: &str) {
+        self.scrapes
+            .get_or_create(&ScrapeLabels {
+                target: target.into(),
+                profile: profile.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Counts a refused HTTP request.

@@ -10,9 +10,10 @@ use std::{
 use profiler_proto::v1::ingest_server::IngestServer;
 use profiler_security::{
     accept::{spawn_acceptor, Accepted, ServerTlsStream},
+    door::{spawn_door, Admitted},
     rustls,
     tls::server_config,
-    ServerTlsFiles, TokenFile,
+    AllowList, ServerTlsFiles, TokenFile,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -28,7 +29,7 @@ use crate::{
     auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
     clock::now_ns,
     http::{router, AppState},
-    ingest::IngestService,
+    ingest::{IngestCore, IngestService},
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
     refusal::RefusalsLayer,
@@ -85,6 +86,9 @@ pub struct CollectorConfig {
     pub token_file: Option<PathBuf>,
     /// Bearer tokens the HTTP API and UI require (not `/healthz`).
     pub http_token_file: Option<PathBuf>,
+    /// Client networks allowed to connect to either port (empty: any),
+    /// checked before TLS and tokens.
+    pub allow: AllowList,
     /// Batches per second one agent may send (0: no limit); past the burst,
     /// it is pushed back with a retry hint.
     pub agent_rate_limit: f64,
@@ -107,6 +111,7 @@ impl Default for CollectorConfig {
             tls: None,
             token_file: None,
             http_token_file: None,
+            allow: AllowList::default(),
             agent_rate_limit: 10.0,
             agent_rate_burst: 60,
             max_concurrent_batches: None,
@@ -295,17 +300,68 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpL
     }
 }
 
-/// Starts the TLS handshakes of a port, counting each rejected client.
+/// Starts the TLS handshakes of a port's admitted connections, counting
+/// each rejected client.
 fn tls_acceptor(
-    listener: TcpListener,
+    admitted: Admitted,
     config: Arc<rustls::ServerConfig>,
     server: &'static str,
     metrics: &Arc<Metrics>,
 ) -> mpsc::Receiver<Accepted> {
     let metrics = metrics.clone();
-    spawn_acceptor(listener, config, server, move |failure| {
+    spawn_acceptor(admitted, config, server, move |failure| {
         metrics.reject_connection(server, failure.reason())
     })
+}
+
+/// The first check of a port: connections from outside `allow` are closed,
+/// logged with the peer and counted (`reason="not_allowed_network"`).
+fn door(
+    listener: TcpListener,
+    allow: &AllowList,
+    server: &'static str,
+    metrics: &Arc<Metrics>,
+) -> Admitted {
+    let metrics = metrics.clone();
+    spawn_door(listener, allow.clone(), server, move |peer| {
+        metrics.reject_connection(server, NOT_ALLOWED_NETWORK);
+        tracing::warn!(
+            %peer,
+            reason = NOT_ALLOWED_NETWORK,
+            "{server}: connection refused: the client's address is outside --allow-cidr"
+        );
+    })
+}
+
+/// The reason of a connection refused by `--allow-cidr`.
+pub const NOT_ALLOWED_NETWORK: &str = "not_allowed_network";
+
+/// The plain-text HTTP listener: connections the door let in.
+struct AdmittedListener {
+    admitted: Admitted,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for AdmittedListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.admitted.recv().await {
+            Some(conn) => conn,
+            None => std::future::pending().await,
+        }
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, AdmittedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, AdmittedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
 }
 
 /// The TLS configurations of the gRPC port (client certificates when a
@@ -393,19 +449,23 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
     // One writer thread stores every batch, in groups (group commit).
     let (writer, writer_thread) = StoreWriter::spawn(store.clone(), in_flight, metrics.clone())
         .map_err(ServerError::WriterThread)?;
-    let service = IngestServer::new(IngestService {
+    let core = IngestCore {
         writer,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
-        rate: RateLimiter::new(config.agent_rate_limit, config.agent_rate_burst),
-    })
-    // tonic refuses a larger message before buffering it; `RefusalsLayer`
-    // gives that answer the code and reason agents expect.
-    .max_decoding_message_size(config.max_message_bytes)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .accept_compressed(CompressionEncoding::Zstd)
-    .send_compressed(CompressionEncoding::Zstd);
+        rate: Arc::new(RateLimiter::new(
+            config.agent_rate_limit,
+            config.agent_rate_burst,
+        )),
+    };
+    let service = IngestServer::new(IngestService { core: core.clone() })
+        // tonic refuses a larger message before buffering it; `RefusalsLayer`
+        // gives that answer the code and reason agents expect.
+        .max_decoding_message_size(config.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Zstd);
     // The token is checked on the headers, before the body is read.
     let service = tonic::service::interceptor::InterceptedService::new(
         service,
@@ -427,13 +487,13 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
     let grpc_stopped = async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
     };
+    let grpc_admitted = door(grpc_listener, &config.allow, "gRPC", &metrics);
     let grpc = match grpc_tls {
         None => tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_admitted)
+                .map(|(tcp, _)| Ok::<_, std::io::Error>(tcp));
             grpc_router
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc_listener),
-                    grpc_stopped,
-                )
+                .serve_with_incoming_shutdown(incoming, grpc_stopped)
                 .await
                 .map_err(|e| ServerError::Serve {
                     what: "gRPC",
@@ -441,7 +501,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
                 })
         }),
         Some(tls) => {
-            let accepted = tls_acceptor(grpc_listener, tls, "gRPC", &metrics);
+            let accepted = tls_acceptor(grpc_admitted, tls, "gRPC", &metrics);
             let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted)
                 .map(|(conn, _)| Ok::<_, std::io::Error>(TlsConn(conn)));
             tokio::spawn(async move {
@@ -474,9 +534,14 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
     let http_stopped = async move {
         let _ = http_stop.wait_for(|s| *s).await;
     };
+    let http_admitted = door(http_listener, &config.allow, "HTTP", &metrics);
     let http = match http_tls {
         None => tokio::spawn(async move {
-            axum::serve(http_listener, app)
+            let listener = AdmittedListener {
+                admitted: http_admitted,
+                local: http_addr,
+            };
+            axum::serve(listener, app)
                 .with_graceful_shutdown(http_stopped)
                 .await
                 .map_err(|e| ServerError::Serve {
@@ -486,7 +551,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
         }),
         Some(tls) => {
             let listener = TlsListener {
-                accepted: tls_acceptor(http_listener, tls, "HTTP", &metrics),
+                accepted: tls_acceptor(http_admitted, tls, "HTTP", &metrics),
                 local: http_addr,
             };
             tokio::spawn(async move {

@@ -5,12 +5,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::ServerConfig;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::{mpsc, Semaphore},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
-use crate::TlsFailure;
+use crate::{door::Admitted, TlsFailure};
 
 /// Longest a handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,11 +22,12 @@ const READY_QUEUE: usize = 64;
 /// An established TLS connection and its peer.
 pub type Accepted = (TlsStream<TcpStream>, SocketAddr);
 
-/// Accepts on `listener` until the receiver is dropped. `what` names the
+/// Handshakes the connections of `incoming` (those the door let in, see
+/// [`crate::door`]) until the receiver is dropped. `what` names the
 /// server in logs ("gRPC", "HTTP"); `on_reject` is told every failure (to
 /// count it).
 pub fn spawn_acceptor(
-    listener: TcpListener,
+    mut incoming: Admitted,
     config: Arc<ServerConfig>,
     what: &'static str,
     on_reject: impl Fn(&TlsFailure) + Send + Sync + 'static,
@@ -39,14 +40,9 @@ pub fn spawn_acceptor(
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = ready.closed() => return,
-                conn = listener.accept() => match conn {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait, go on.
-                        tracing::warn!("{what}: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
+                conn = incoming.recv() => match conn {
+                    Some(conn) => conn,
+                    None => return,
                 },
             };
             let Ok(permit) = handshakes.clone().acquire_owned().await else {
