@@ -261,6 +261,8 @@ pub struct RecordOptions {
     pub progress: bool,
     /// Ship every window to a collector (`run` mode).
     pub export: Option<crate::export::ExportOptions>,
+    /// Ship every window to an OTLP endpoint too, or instead (`run` mode).
+    pub otlp: Option<crate::export::ExportOptions>,
     /// Label samples with their pods' metadata from this API server.
     pub kube: Option<crate::kube::KubeConfig>,
     /// Drop the capabilities no longer needed once attached (the agent
@@ -284,6 +286,7 @@ impl Default for RecordOptions {
             folded: None,
             progress: false,
             export: None,
+            otlp: None,
             kube: None,
             drop_capabilities: false,
             metrics_listen: None,

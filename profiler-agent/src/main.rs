@@ -9,7 +9,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     config::{self, OffCpuOptions, RecordOptions, SamplerOptions},
-    export::{self, ExportOptions},
+    export::{self, ExportOptions, Protocol},
     kube::KubeConfig,
     record, summary,
     transport::Security,
@@ -50,10 +50,12 @@ enum Command {
         sampling: SamplingArgs,
         /// gRPC address of the collector: https://HOST:PORT (TLS), or
         /// http://HOST:PORT with --plaintext.
-        #[arg(long)]
-        collector: String,
+        #[arg(long, required_unless_present = "otlp_endpoint")]
+        collector: Option<String>,
         #[command(flatten)]
         security: SecurityArgs,
+        #[command(flatten)]
+        otlp: OtlpArgs,
         /// Node name for the `node` label (default: the host name).
         #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
@@ -101,6 +103,31 @@ enum Command {
     },
 }
 
+/// Where OTLP profiles go, next to or instead of the collector.
+#[derive(Args)]
+struct OtlpArgs {
+    /// Also (or, without --collector, only) send OTLP profiles
+    /// (ProfilesService/Export, v1development of OTLP 1.10) over gRPC to
+    /// https://HOST:PORT, or http://HOST:PORT with --plaintext: one profile
+    /// per window, sample type and process.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// A header sent with every OTLP request, e.g. "authorization=Bearer T"
+    /// (repeatable).
+    #[arg(long = "otlp-header", value_name = "NAME=VALUE")]
+    otlp_headers: Vec<String>,
+    /// PEM CA bundle the OTLP endpoint's certificate must chain to (default:
+    /// the public web PKI roots).
+    #[arg(long, value_name = "FILE")]
+    otlp_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for the OTLP endpoint (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    otlp_tls_cert: Option<PathBuf>,
+    /// PEM private key of --otlp-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    otlp_tls_key: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct SecurityArgs {
     /// PEM CA bundle the collector's certificate must chain to (default: the
@@ -123,16 +150,16 @@ struct SecurityArgs {
 
 impl SecurityArgs {
     /// Plain text only when asked for.
-    fn resolve(self, collector: &str) -> anyhow::Result<Security> {
-        let url = export::collector_url(collector);
+    fn resolve(self, address: &str, what: &str) -> anyhow::Result<Security> {
+        let url = export::collector_url(address);
         if url.starts_with("http://") && !self.plaintext {
             anyhow::bail!(
-                "the collector address {url} is plain text: use https:// (TLS), \
+                "the {what} address {url} is plain text: use https:// (TLS), \
                  or pass --plaintext to send profiles unencrypted"
             );
         }
         if url.starts_with("https://") && self.plaintext {
-            anyhow::bail!("--plaintext with an https:// collector address: choose one");
+            anyhow::bail!("--plaintext with an https:// {what} address: choose one");
         }
         Ok(Security {
             tls: ClientTlsFiles {
@@ -246,6 +273,7 @@ impl SamplingArgs {
             folded: self.folded,
             progress: !self.no_progress,
             export: None,
+            otlp: None,
             kube: None,
             drop_capabilities: true,
             metrics_listen: None,
@@ -293,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sampling,
             collector,
             security,
+            otlp,
             node,
             queue_bytes,
             spill_dir,
@@ -329,16 +358,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 (false, None) => KubeConfig::in_cluster(&node),
             };
-            let security = security.resolve(&collector)?;
-            options.export = Some(ExportOptions {
-                collector,
-                security,
-                node,
-                queue_bytes: queue_bytes as usize,
-                flush_timeout: Duration::from_secs(10),
-                spill_dir,
-                spill_bytes,
+            let destination =
+                |url: String, security: Security, protocol, headers, spill_dir| ExportOptions {
+                    collector: url,
+                    security,
+                    node: node.clone(),
+                    queue_bytes: queue_bytes as usize,
+                    flush_timeout: Duration::from_secs(10),
+                    spill_dir,
+                    spill_bytes,
+                    protocol,
+                    headers,
+                };
+            // Each destination keeps its own spill directory.
+            let otlp_spill = spill_dir.as_ref().map(|d| {
+                if collector.is_some() {
+                    d.join("otlp")
+                } else {
+                    d.clone()
+                }
             });
+            if let Some(url) = otlp.otlp_endpoint {
+                let otlp_security = SecurityArgs {
+                    tls_ca: otlp.otlp_tls_ca,
+                    tls_cert: otlp.otlp_tls_cert,
+                    tls_key: otlp.otlp_tls_key,
+                    token_file: None,
+                    plaintext: security.plaintext,
+                }
+                .resolve(&url, "OTLP endpoint")?;
+                options.otlp = Some(destination(
+                    url,
+                    otlp_security,
+                    Protocol::Otlp,
+                    otlp.otlp_headers,
+                    otlp_spill,
+                ));
+            }
+            if let Some(collector) = collector {
+                let security = security.resolve(&collector, "collector")?;
+                options.export = Some(destination(
+                    collector,
+                    security,
+                    Protocol::Collector,
+                    Vec::new(),
+                    spill_dir,
+                ));
+            }
             options
         }
     };

@@ -70,6 +70,7 @@ pub struct AgentMetrics {
     symbolizer: Mutex<SymbolizerStats>,
     pub memory: Arc<MemoryStats>,
     export: Option<Arc<ExportStats>>,
+    otlp_export: Option<Arc<ExportStats>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,6 +84,12 @@ impl AgentMetrics {
             memory,
             ..Self::default()
         }
+    }
+
+    /// Adds the OTLP destination's figures (`otlp_export_*`, `otlp_spill_*`).
+    pub fn with_otlp(mut self, otlp: Option<Arc<ExportStats>>) -> Self {
+        self.otlp_export = otlp;
+        self
     }
 
     /// A drained window: its samples and stack losses.
@@ -161,15 +168,19 @@ impl AgentMetrics {
             );
         out.extend(named.map(|(n, v)| (n.to_string(), v)));
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        if let Some(e) = self.export() {
-            out.push(("send_failures".into(), load(&e.send_failures)));
-            out.push(("sends_pushed_back".into(), load(&e.pushed_back)));
-            out.push(("spill_writes".into(), load(&e.spill.spilled)));
-            out.push(("spill_replays".into(), load(&e.spill.replayed)));
-            out.push(("batches_parked".into(), load(&e.parked_memory_limit)));
+        for (prefix, e) in [("", &self.export), ("otlp_", &self.otlp_export)] {
+            let Some(e) = e else { continue };
+            out.push((format!("{prefix}send_failures"), load(&e.send_failures)));
+            out.push((format!("{prefix}sends_pushed_back"), load(&e.pushed_back)));
+            out.push((format!("{prefix}spill_writes"), load(&e.spill.spilled)));
+            out.push((format!("{prefix}spill_replays"), load(&e.spill.replayed)));
+            out.push((
+                format!("{prefix}batches_parked"),
+                load(&e.parked_memory_limit),
+            ));
             for d in e.drops() {
-                out.push((format!("batches_dropped_{}", d.reason), d.batches));
-                out.push((format!("samples_dropped_{}", d.reason), d.samples));
+                out.push((format!("{prefix}batches_dropped_{}", d.reason), d.batches));
+                out.push((format!("{prefix}samples_dropped_{}", d.reason), d.samples));
             }
         }
         let m = &self.memory;
@@ -196,6 +207,7 @@ struct Scrape {
     processes: ProcessGauges,
     symbolizer: SymbolizerStats,
     export: Option<Arc<ExportStats>>,
+    otlp_export: Option<Arc<ExportStats>>,
     memory: Arc<MemoryStats>,
     reading: Option<MemoryReading>,
 }
@@ -430,7 +442,10 @@ impl Collector for Scrape {
         )?;
         t.counter("windows", "Drain windows completed.", self.windows)?;
         if let Some(e) = &self.export {
-            export_families(&mut t, e)?;
+            export_families(&mut t, e, "")?;
+        }
+        if let Some(e) = &self.otlp_export {
+            export_families(&mut t, e, "otlp_")?;
         }
         memory_families(&mut t, &self.memory, self.reading)?;
 
@@ -531,52 +546,55 @@ fn skipped_name(c: Counter) -> &'static str {
     }
 }
 
-fn export_families(t: &mut Families<'_>, e: &ExportStats) -> Encoded {
+/// The families of one destination: `export_*` and `spill_*` for the
+/// collector, `otlp_export_*` and `otlp_spill_*` (`prefix` "otlp_") for an
+/// OTLP endpoint.
+fn export_families(t: &mut Families<'_>, e: &ExportStats, prefix: &str) -> Encoded {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     t.counter(
-        "export_batches",
+        &format!("{prefix}export_batches"),
         "Batches queued for the collector (one a window).",
         load(&e.batches_queued),
     )?;
     t.counter(
-        "export_batches_acked",
+        &format!("{prefix}export_batches_acked"),
         "Batches acknowledged by the collector.",
         load(&e.batches_acked),
     )?;
     t.counter(
-        "export_batches_duplicate",
+        &format!("{prefix}export_batches_duplicate"),
         "Acknowledged batches the collector already had (re-sends).",
         load(&e.batches_duplicate),
     )?;
     t.counter(
-        "export_send_failures",
+        &format!("{prefix}export_send_failures"),
         "Sends that failed and were retried with backoff.",
         load(&e.send_failures),
     )?;
     t.counter(
-        "export_pushed_back",
+        &format!("{prefix}export_pushed_back"),
         "Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for.",
         load(&e.pushed_back),
     )?;
     let drops = e.drops();
     t.labelled(
-        "export_batches_dropped",
+        &format!("{prefix}export_batches_dropped"),
         "Batches dropped, by reason (spill_corrupt: spilled records failing their checksum).",
         "reason",
         drops.iter().map(|d| (d.reason, d.batches)),
     )?;
     t.counter(
-        "export_samples",
+        &format!("{prefix}export_samples"),
         "Samples in the batches queued.",
         load(&e.samples_queued),
     )?;
     t.counter(
-        "export_samples_acked",
+        &format!("{prefix}export_samples_acked"),
         "Samples the collector acknowledged.",
         load(&e.samples_acked),
     )?;
     t.labelled(
-        "export_samples_dropped",
+        &format!("{prefix}export_samples_dropped"),
         "Samples in the batches dropped, by reason.",
         "reason",
         drops
@@ -585,57 +603,57 @@ fn export_families(t: &mut Families<'_>, e: &ExportStats) -> Encoded {
             .map(|d| (d.reason, d.samples)),
     )?;
     t.counter(
-        "export_bytes",
+        &format!("{prefix}export_bytes"),
         "Encoded bytes (before compression) of the batches queued.",
         load(&e.bytes_queued),
     )?;
     t.counter(
-        "export_bytes_acked",
+        &format!("{prefix}export_bytes_acked"),
         "Encoded bytes of the batches acknowledged.",
         load(&e.bytes_acked),
     )?;
     t.gauge(
-        "export_largest_batch_bytes",
+        &format!("{prefix}export_largest_batch_bytes"),
         "Encoded size of the largest batch so far.",
         load(&e.largest_batch_bytes),
     )?;
     t.gauge(
-        "export_queue_batches",
+        &format!("{prefix}export_queue_batches"),
         "Unacknowledged batches held in memory.",
         load(&e.queue_batches),
     )?;
     t.gauge(
-        "export_queue_bytes",
+        &format!("{prefix}export_queue_bytes"),
         "Encoded bytes of the unacknowledged batches held in memory.",
         load(&e.queue_bytes),
     )?;
     t.gauge(
-        "export_collector_up",
+        &format!("{prefix}export_collector_up"),
         "1 if the last send reached the collector, else 0.",
         load(&e.collector_up),
     )?;
     t.counter(
-        "export_batches_parked",
+        &format!("{prefix}export_batches_parked"),
         "Batches moved from memory to the spill directory by the memory watchdog.",
         load(&e.parked_memory_limit),
     )?;
     t.counter(
-        "spill_writes",
+        &format!("{prefix}spill_writes"),
         "Batches written to the spill directory.",
         load(&e.spill.spilled),
     )?;
     t.counter(
-        "spill_replays",
+        &format!("{prefix}spill_replays"),
         "Spilled batches sent and acknowledged.",
         load(&e.spill.replayed),
     )?;
     t.gauge(
-        "spill_records",
+        &format!("{prefix}spill_records"),
         "Batches waiting in the spill directory.",
         load(&e.spill.records),
     )?;
     t.gauge(
-        "spill_bytes",
+        &format!("{prefix}spill_bytes"),
         "Bytes of the batches waiting in the spill directory.",
         load(&e.spill.bytes),
     )
@@ -725,6 +743,7 @@ pub fn render(m: &AgentMetrics, memory: Option<MemoryReading>) -> String {
         processes: lock(&m.processes).clone(),
         symbolizer: lock(&m.symbolizer).clone(),
         export: m.export.clone(),
+        otlp_export: m.otlp_export.clone(),
         memory: m.memory.clone(),
         reading: memory,
     };

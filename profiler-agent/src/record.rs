@@ -58,6 +58,8 @@ pub struct Recording {
     pub host: String,
     /// What was shipped to the collector, in `run` mode.
     pub export: Option<Arc<ExportStats>>,
+    /// What was shipped to the OTLP endpoint, when there is one.
+    pub otlp_export: Option<Arc<ExportStats>>,
 }
 
 /// The host name, for titles and labels.
@@ -81,13 +83,18 @@ pub struct Recorder {
     metrics_server: Option<MetricsServer>,
     started: Instant,
     window_start: SystemTime,
+    /// Ships windows to an OTLP endpoint (next to or instead of the
+    /// collector).
+    otlp: Option<CollectorSink>,
 }
 
 /// Whether the run has a local profile sink: always in `record`, in `run`
 /// (which ships to a collector) only with `-o` or `--folded`, so an
 /// always-on agent does not grow with every distinct stack.
 pub fn keeps_local_profile(options: &RecordOptions) -> bool {
-    options.export.is_none() || options.svg.is_some() || options.folded.is_some()
+    (options.export.is_none() && options.otlp.is_none())
+        || options.svg.is_some()
+        || options.folded.is_some()
 }
 
 /// Records until `options.duration` passes or `stop` is set (Ctrl-C), then
@@ -109,6 +116,7 @@ impl Recorder {
         let processes = Arc::new(Mutex::new(ProcessCache::default()));
         let started = (|| {
             let exporter = options.export.clone().map(Exporter::start).transpose()?;
+            let otlp = options.otlp.clone().map(Exporter::start).transpose()?;
             let pods = match &options.kube {
                 Some(kube) => {
                     let pods = PodCache::default();
@@ -123,17 +131,17 @@ impl Recorder {
                 let kept = crate::privileges::drop_unneeded()?;
                 tracing::info!(kept = %kept.join(","), "loaded and attached: dropped every other capability");
             }
-            let metrics = Arc::new(AgentMetrics::new(
-                exporter.as_ref().map(|e| e.stats().clone()),
-                Arc::default(),
-            ));
+            let metrics = Arc::new(
+                AgentMetrics::new(exporter.as_ref().map(|e| e.stats().clone()), Arc::default())
+                    .with_otlp(otlp.as_ref().map(|e| e.stats().clone())),
+            );
             let metrics_server = options
                 .metrics_listen
                 .map(|addr| MetricsServer::start(addr, metrics.clone()))
                 .transpose()?;
-            Ok((source, exporter, pods, metrics, metrics_server))
+            Ok((source, exporter, otlp, pods, metrics, metrics_server))
         })();
-        let (source, exporter, pods, metrics, metrics_server) = match started {
+        let (source, exporter, otlp, pods, metrics, metrics_server) = match started {
             Ok(s) => s,
             Err(e) => {
                 local.into_iter().for_each(LocalSink::abandon);
@@ -145,6 +153,7 @@ impl Recorder {
             host,
             local,
             collector: exporter.map(CollectorSink::new),
+            otlp: otlp.map(CollectorSink::new),
             processes,
             source,
             pods,
@@ -175,15 +184,18 @@ impl Recorder {
             metrics_server,
             started,
             window_start,
+            mut otlp,
         } = self;
         // Serves until the end of the run, final counters included.
         let _metrics_server = metrics_server;
         let mut symbolizer =
             BlazeSymbolizer::with_limits(processes.clone(), options.symbolize.clone());
         let export = collector.as_ref().map(|c| c.stats().clone());
+        let otlp_export = otlp.as_ref().map(|c| c.stats().clone());
         let node = options
             .export
             .as_ref()
+            .or(options.otlp.as_ref())
             .map_or_else(|| host.clone(), |e| e.node.clone());
         let pipeline = Pipeline {
             options: PipelineOptions {
@@ -201,6 +213,9 @@ impl Recorder {
         let mut sinks: Vec<&mut dyn Sink> = Vec::new();
         if let Some(collector) = collector.as_mut() {
             sinks.push(collector);
+        }
+        if let Some(otlp) = otlp.as_mut() {
+            sinks.push(otlp);
         }
         if let Some(local) = local.as_mut() {
             sinks.push(local);
@@ -240,6 +255,7 @@ impl Recorder {
             program_info: report.source.program_info,
             host,
             export,
+            otlp_export,
         })
     }
 }
@@ -262,6 +278,8 @@ mod tests {
                 spill_dir: None,
                 spill_bytes: 0,
                 security: Default::default(),
+                protocol: Default::default(),
+                headers: Vec::new(),
             }),
             ..RecordOptions::default()
         };

@@ -199,6 +199,26 @@ pub fn render(recording: &Recording, outputs: &Outputs, top: usize) -> String {
             let _ = writeln!(s, "Undelivered: {note}.");
         }
     }
+    if let Some(e) = &recording.otlp_export {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let drops: Vec<String> = e
+            .nonzero_drops()
+            .into_iter()
+            .map(|(name, n)| format!("{name}: {n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "OTLP endpoint: {} profiles requests sent, {} accepted ({} samples), {} send failures retried; dropped: {}.",
+            load(&e.batches_queued),
+            load(&e.batches_acked),
+            load(&e.samples_acked),
+            load(&e.send_failures),
+            if drops.is_empty() { "none".to_string() } else { drops.join(", ") },
+        );
+        if let Some(note) = e.undelivered_at_exit() {
+            let _ = writeln!(s, "Undelivered (OTLP): {note}.");
+        }
+    }
     let drops = nonzero_drops(recording);
     if drops.is_empty() {
         let _ = writeln!(s, "Drops: none.");
@@ -247,6 +267,7 @@ mod tests {
             program_info: None,
             host: "box".into(),
             export: None,
+            otlp_export: None,
         }
     }
 

@@ -16,6 +16,7 @@ use std::{
 use hyper_util::rt::TokioIo;
 use profiler_proto::{
     metadata::{retry_after, Reason},
+    otlp::collector::profiles_service_client::ProfilesServiceClient,
     v1::ingest_client::IngestClient,
 };
 use profiler_security::{
@@ -26,7 +27,7 @@ use profiler_security::{
 };
 use tonic::{
     codegen::http::Uri,
-    metadata::MetadataValue,
+    metadata::{Ascii, MetadataKey, MetadataValue},
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
     Code, Status,
@@ -84,17 +85,38 @@ pub type Client = IngestClient<InterceptedService<Channel, AddToken>>;
 
 /// Adds `authorization: Bearer TOKEN` to each request.
 #[derive(Clone)]
-pub struct AddToken(Option<Arc<TokenFile>>);
+pub struct AddToken {
+    token: Option<Arc<TokenFile>>,
+    /// Fixed headers (OTLP's `--otlp-header`), sent with every request.
+    headers: Arc<Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>>,
+}
 
 impl tonic::service::Interceptor for AddToken {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = self.0.as_ref().and_then(|t| t.current()) {
+        for (key, value) in self.headers.iter() {
+            request.metadata_mut().insert(key.clone(), value.clone());
+        }
+        if let Some(token) = self.token.as_ref().and_then(|t| t.current()) {
             let value = MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| Status::unauthenticated("the token file holds an unusable token"))?;
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)
     }
+}
+
+/// The OTLP `ProfilesService` client.
+pub type OtlpClient = ProfilesServiceClient<InterceptedService<Channel, AddToken>>;
+
+/// A header of `--otlp-header NAME=VALUE`, checked now so a bad one is an
+/// error at start-up.
+pub fn parse_header(text: &str) -> Result<(MetadataKey<Ascii>, MetadataValue<Ascii>)> {
+    let bad = |why: &str| Error::InvalidArgument(format!("header {text:?}: {why}"));
+    let (name, value) = text.split_once('=').ok_or_else(|| bad("use NAME=VALUE"))?;
+    let key = MetadataKey::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| bad("not a valid header name"))?;
+    let value = MetadataValue::try_from(value.trim()).map_err(|_| bad("not a valid value"))?;
+    Ok((key, value))
 }
 
 /// The last TLS failure seen on a connection after its handshake, and
@@ -156,6 +178,7 @@ pub struct Transport {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     token: Option<Arc<TokenFile>>,
     last_failure: LastFailure,
+    headers: Arc<Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>>,
     pub url: String,
 }
 
@@ -203,6 +226,7 @@ impl Transport {
             tls,
             token,
             last_failure: LastFailure::default(),
+            headers: Arc::default(),
             url: url.to_string(),
         })
     }
@@ -210,6 +234,31 @@ impl Transport {
     /// A client that connects on first use and reconnects by itself (needs
     /// a tokio runtime).
     pub fn client(&self) -> Client {
+        IngestClient::with_interceptor(self.channel(), self.interceptor())
+    }
+
+    /// An OTLP `ProfilesService` client, like [`Self::client`].
+    pub fn otlp_client(&self) -> OtlpClient {
+        ProfilesServiceClient::with_interceptor(self.channel(), self.interceptor())
+    }
+
+    /// Sends `headers` with every request too.
+    pub fn with_headers(
+        mut self,
+        headers: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
+    ) -> Self {
+        self.headers = Arc::new(headers);
+        self
+    }
+
+    fn interceptor(&self) -> AddToken {
+        AddToken {
+            token: self.token.clone(),
+            headers: self.headers.clone(),
+        }
+    }
+
+    fn channel(&self) -> Channel {
         let channel = match &self.tls {
             None => self.endpoint.connect_lazy(),
             Some((config, name)) => {
@@ -233,7 +282,7 @@ impl Transport {
                     }))
             }
         };
-        IngestClient::with_interceptor(channel, AddToken(self.token.clone()))
+        channel
     }
 
     /// Why a send failed: its kind, and in words; a refused token makes

@@ -16,6 +16,7 @@
 //! The collector stores a batch once per (agent id, sequence), so a re-send
 //! after a lost acknowledgement is harmless.
 pub mod batch;
+pub mod otlp;
 mod queue;
 pub mod spill;
 pub mod stats;
@@ -61,6 +62,31 @@ pub struct ExportOptions {
     pub spill_bytes: u64,
     /// TLS files and bearer token for the collector.
     pub security: Security,
+    /// What the destination speaks.
+    pub protocol: Protocol,
+    /// Headers sent with every request (`--otlp-header NAME=VALUE`).
+    pub headers: Vec<String>,
+}
+
+/// The protocol of a destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// The collector's `profiler.v1.Ingest`.
+    #[default]
+    Collector,
+    /// OTLP profiles (`ProfilesService/Export`, v1development): one
+    /// profile per window, sample type and resource.
+    Otlp,
+}
+
+impl Protocol {
+    /// What logs and the summary call the destination.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Collector => "collector",
+            Protocol::Otlp => "OTLP endpoint",
+        }
+    }
 }
 
 /// The sending side: a thread with a small runtime that owns the queue.
@@ -87,7 +113,13 @@ impl Exporter {
     /// is retried, and batches wait in the queue meanwhile.
     pub fn start(options: ExportOptions) -> Result<Self> {
         let url = collector_url(&options.collector);
-        let transport = Transport::new(&url, &options.security)?;
+        let headers = options
+            .headers
+            .iter()
+            .map(|h| crate::transport::parse_header(h))
+            .collect::<Result<Vec<_>>>()?;
+        let transport = Transport::new(&url, &options.security)?.with_headers(headers);
+        let protocol = options.protocol;
         // An id per agent run, so sequences never repeat under one id.
         let started = unix_nanos(SystemTime::now());
         let agent_id = format!("{}-{}-{:x}", options.node, std::process::id(), started);
@@ -112,6 +144,7 @@ impl Exporter {
                     runtime.block_on(upload_loop(
                         Uploader {
                             transport,
+                            protocol,
                             stats,
                             queue_bytes,
                             spill,
@@ -122,7 +155,7 @@ impl Exporter {
                 })
                 .map_err(|e| Error::io("starting the exporter thread", e))?
         };
-        tracing::info!(collector = %url, %agent_id, "exporting to the collector");
+        tracing::info!(destination = %url, %agent_id, "exporting to the {}", protocol.name());
         Ok(Self {
             tx,
             thread: Some(thread),

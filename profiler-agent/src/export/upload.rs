@@ -10,22 +10,24 @@ use std::{
 };
 
 use profiler_proto::{
-    metadata::{disposition, retry_after, Disposition},
-    v1::Batch,
+    metadata::{disposition, retry_after, Disposition, Reason},
+    v1::{Ack, Batch},
 };
 use prost::Message;
 use tokio::sync::mpsc;
-use tonic::codec::CompressionEncoding;
+use tonic::{codec::CompressionEncoding, Status};
 
 use super::{
     batch::{batch_samples, is_cpu_batch},
+    otlp::to_otlp,
     queue::Queue,
     spill::Spill,
     stats::{DropReason, ExportStats},
+    Protocol,
 };
 use crate::{
     retry::{self, Backoff},
-    transport::{FailureKind, Transport},
+    transport::{Client, FailureKind, OtlpClient, Transport},
 };
 
 /// Share of a push-back's wait added at random, so pushed-back agents do
@@ -43,10 +45,68 @@ pub(super) enum Msg {
 /// What the loop needs besides its channel.
 pub(super) struct Uploader {
     pub transport: Transport,
+    pub protocol: Protocol,
     pub stats: Arc<ExportStats>,
     pub queue_bytes: usize,
     pub spill: Option<Spill>,
     pub flush_timeout: Duration,
+}
+
+/// A client of the destination's protocol.
+enum Sender {
+    /// `profiler.v1.Ingest/PushBatch`, zstd both ways.
+    Collector(Client),
+    /// OTLP `ProfilesService/Export`, gzip (what OTLP receivers accept).
+    Otlp(OtlpClient),
+}
+
+impl Sender {
+    fn new(transport: &Transport, protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Collector => Sender::Collector(
+                transport
+                    .client()
+                    .send_compressed(CompressionEncoding::Zstd)
+                    .accept_compressed(CompressionEncoding::Zstd),
+            ),
+            Protocol::Otlp => Sender::Otlp(
+                transport
+                    .otlp_client()
+                    .send_compressed(CompressionEncoding::Gzip)
+                    .accept_compressed(CompressionEncoding::Gzip),
+            ),
+        }
+    }
+
+    /// Sends a batch (of `samples`): the acknowledgement, or why not. An
+    /// OTLP receiver does not say whether it had the profile before, nor
+    /// how much it stored: an accepted profile counts as newly stored,
+    /// whole; one it rejects (partial success) is refused as invalid.
+    async fn send(&mut self, batch: Batch, samples: u64) -> Result<Ack, Status> {
+        match self {
+            Sender::Collector(client) => client.push_batch(batch).await.map(|a| a.into_inner()),
+            Sender::Otlp(client) => {
+                let request = to_otlp(&batch).map_err(|e| {
+                    Reason::InvalidBatch.status(format!("not convertible to OTLP: {e}"))
+                })?;
+                let answer = client.export(request).await?.into_inner();
+                match answer.partial_success {
+                    Some(p) if p.rejected_profiles > 0 => {
+                        Err(Reason::InvalidBatch.status(format!(
+                            "the OTLP receiver rejected {} profiles: {}",
+                            p.rejected_profiles, p.error_message
+                        )))
+                    }
+                    _ => Ok(Ack {
+                        agent_id: batch.agent_id,
+                        sequence: batch.sequence,
+                        newly_stored: true,
+                        samples,
+                    }),
+                }
+            }
+        }
+    }
 }
 
 /// The exit warning, and the note the exit summary repeats: why batches
@@ -66,15 +126,13 @@ fn undelivered_note(last_failure: Option<FailureKind>, lost: u64, kept_on_disk: 
 pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let Uploader {
         transport,
+        protocol,
         stats,
         queue_bytes,
         spill,
         flush_timeout,
     } = up;
-    let mut client = transport
-        .client()
-        .send_compressed(CompressionEncoding::Zstd)
-        .accept_compressed(CompressionEncoding::Zstd);
+    let mut client = Sender::new(&transport, protocol);
     let mut queue = Queue::new(queue_bytes, spill);
     let mut flush_deadline: Option<Instant> = None;
     let mut backoff = Backoff::new(retry::Policy::DEFAULT);
@@ -128,10 +186,9 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
         // The collector acknowledges the sum of the values it stored: CPU
         // samples are counted, other types' values (nanoseconds) are not.
         let cpu = is_cpu_batch(&batch);
-        let status = match client.push_batch(batch).await {
+        let status = match client.send(batch, samples).await {
             Ok(ack) => {
                 reach.update(true, &stats);
-                let ack = ack.into_inner();
                 backoff.reset();
                 failing = None;
                 ExportStats::bump(&stats.batches_acked);

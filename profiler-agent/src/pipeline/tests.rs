@@ -725,6 +725,8 @@ fn the_collector_sink_sends_one_batch_per_window_and_type() {
         spill_dir: None,
         spill_bytes: 0,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     })
     .unwrap();
     let mut collector = CollectorSink::new(exporter);

@@ -231,6 +231,8 @@ fn collector_restart_mid_run_loses_and_doubles_nothing() {
         spill_dir: Some(spill.clone()),
         spill_bytes: 16 << 20,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
         ..export_to(&c)
     });
 
@@ -329,6 +331,8 @@ fn collector_killed_with_sigkill_keeps_every_acknowledged_batch_once() {
         spill_dir: None,
         spill_bytes: 0,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     });
     let (rec, _) = record_with(&opts, || ());
     let _collector = killer.join().unwrap();

@@ -169,6 +169,8 @@ fn spill_first(collector: String, spill_dir: &Path) -> ExportOptions {
         spill_dir: Some(spill_dir.to_path_buf()),
         spill_bytes: 16 << 20,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     }
 }
 

@@ -197,6 +197,8 @@ fn containerised_workload_gets_pod_labels() {
         spill_dir: None,
         spill_bytes: 0,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     });
     opts.kube = Some(KubeConfig {
         api_url: format!("http://{api}"),

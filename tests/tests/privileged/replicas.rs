@@ -180,6 +180,8 @@ fn agent_switching_between_two_collectors_with_replays_keeps_totals_exact() {
         spill_dir: Some(dir.path().join("spill")),
         spill_bytes: 16 << 20,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     });
     // Every 0.7 s: the answer to a batch is lost, then the agent is moved
     // to the other collector, where it resends that batch.

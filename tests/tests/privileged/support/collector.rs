@@ -57,6 +57,8 @@ pub fn export_to(c: &RunningCollector) -> ExportOptions {
         spill_dir: None,
         spill_bytes: 0,
         security: Default::default(),
+        protocol: Default::default(),
+        headers: Vec::new(),
     }
 }
 
