@@ -16,6 +16,8 @@
 //! | `GET /api/v1/quality` | the share of complete stacks, and of cut ones by reason (JSON) |
 //! | `GET /api/v1/diff.svg` | differential flame graph: `base_*` against the selection |
 //! | `GET /api/v1/contention` | lock contention: futex waits of the `off_cpu` profile by lock site, and Go's on-CPU lock spinning (JSON) |
+//! | `POST /api/v1/ingest/pprof` | stores a pprof profile (gzipped or plain); query parameters are its labels |
+//! | `POST /v1development/profiles` | stores OTLP profiles (OTLP/HTTP, protobuf) |
 //! | `GET /api/v1/go/gc` | Go's GC tax: per Go process (`runtime=go`), CPU shares of marking, assists, allocation, sweeping, write barriers, flags, top allocation sites (JSON) |
 //!
 //! Selections: `type=` the sample type (default `cpu`; a type with no data
@@ -81,6 +83,24 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/diff.svg", get(diff))
         .route("/api/v1/contention", get(contention))
         .route("/api/v1/go/gc", get(go_gc))
+        .with_state(state)
+}
+
+/// The ingest routes of the HTTP port (bodies up to `max_bytes`), see
+/// [`crate::receivers`].
+pub fn ingest_router(state: crate::receivers::HttpIngest, max_bytes: usize) -> Router {
+    use crate::receivers::{otlp_http, otlp_other_version, pprof_upload, OTLP_HTTP_PATH};
+    use axum::routing::post;
+    Router::new()
+        .route("/api/v1/ingest/pprof", post(pprof_upload))
+        .route(OTLP_HTTP_PATH, post(otlp_http))
+        .route("/v1experimental/profiles", post(otlp_other_version))
+        .route("/v1/profiles", post(otlp_other_version))
+        // Room for a gzip header on a body at the limit; the inflated
+        // size is checked against `max_bytes` itself.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            max_bytes.saturating_add(1 << 10),
+        ))
         .with_state(state)
 }
 

@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use profiler_proto::v1::ingest_server::IngestServer;
+use profiler_proto::{
+    otlp::collector::profiles_service_server::ProfilesServiceServer,
+    v1::ingest_server::IngestServer,
+};
 use profiler_security::{
     accept::{spawn_acceptor, Accepted, ServerTlsStream},
     door::{spawn_door, Admitted},
@@ -28,10 +31,12 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::{
     auth::{require_http_token, GrpcTokenCheck, HttpTokenCheck, PeerAddr},
     clock::now_ns,
-    http::{router, AppState},
+    http::{ingest_router, router, AppState},
+    import::OtlpLimits,
     ingest::{IngestCore, IngestService},
     metrics::Metrics,
     overload::{RateLimiter, ShedLayer},
+    receivers::{HttpIngest, OtherOtlpVersion, OtlpService},
     refusal::RefusalsLayer,
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
@@ -466,14 +471,22 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd);
+    let token_check = GrpcTokenCheck {
+        tokens: agent_tokens,
+        metrics: metrics.clone(),
+    };
     // The token is checked on the headers, before the body is read.
-    let service = tonic::service::interceptor::InterceptedService::new(
-        service,
-        GrpcTokenCheck {
-            tokens: agent_tokens,
-            metrics: metrics.clone(),
-        },
-    );
+    let service =
+        tonic::service::interceptor::InterceptedService::new(service, token_check.clone());
+    let otlp_limits = OtlpLimits::default();
+    let otlp = ProfilesServiceServer::new(OtlpService {
+        core: core.clone(),
+        limits: otlp_limits.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd);
+    let otlp = tonic::service::interceptor::InterceptedService::new(otlp, token_check);
 
     let grpc_router = tonic::transport::Server::builder()
         // Bounds the batches decoded at once, so their memory is bounded;
@@ -482,7 +495,9 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
         // Too large or undecodable messages, refused by tonic before the
         // service runs: counted, logged, and answered with their reason.
         .layer(RefusalsLayer::new(metrics.clone()))
-        .add_service(service);
+        .add_service(service)
+        .add_service(otlp)
+        .add_service(OtherOtlpVersion);
     let mut grpc_stop = stopped.clone();
     let grpc_stopped = async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
@@ -519,7 +534,14 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
     let mut app = router(AppState {
         store: query_store.clone(),
         metrics: metrics.clone(),
-    });
+    })
+    .merge(ingest_router(
+        HttpIngest {
+            core: core.clone(),
+            limits: otlp_limits,
+        },
+        config.max_message_bytes,
+    ));
     if let Some(tokens) = http_tokens {
         app = app.layer(axum::middleware::from_fn_with_state(
             HttpTokenCheck {
