@@ -21,16 +21,32 @@
 //! agent_rate_limit = 10.0   # batches per second per agent; 0: none
 //! agent_rate_burst = 60
 //! max_concurrent_batches = 8
+//!
+//! # Go services scraped for their own profiles (docs/formats.md).
+//! scrape_interval = "15s"
+//! scrape_seconds = 10
+//! [[scrape]]
+//! url = "http://10.0.0.5:6060/debug/pprof"
+//! labels = { service = "checkout", process = "checkout" }
+//! profiles = ["cpu", "mutex", "block", "allocs", "heap", "goroutine"]
+//! # and the pods that ask for it (profiler.dev/scrape annotations):
+//! [scrape_kubernetes]
+//! # api_url = "https://10.0.0.1:443"   # default: in-cluster
+//! # namespace = "shop"                  # default: all
 //! ```
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use profiler_security::{AllowList, ServerTlsFiles};
 use serde::Deserialize;
 
-use crate::server::{CollectorConfig, StoreLocation};
+use crate::{
+    scrape::{kubernetes::Discovery, GoProfile, Target},
+    server::{CollectorConfig, StoreLocation},
+};
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +66,95 @@ pub struct FileConfig {
     pub agent_rate_limit: Option<f64>,
     pub agent_rate_burst: Option<u32>,
     pub max_concurrent_batches: Option<usize>,
+    pub scrape_interval: Option<String>,
+    pub scrape_seconds: Option<u64>,
+    #[serde(default)]
+    pub scrape: Vec<ScrapeTarget>,
+    pub scrape_kubernetes: Option<ScrapeKubernetes>,
+}
+
+/// A `[[scrape]]` entry.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeTarget {
+    pub url: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub profiles: Option<Vec<String>>,
+}
+
+/// The `[scrape_kubernetes]` table.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeKubernetes {
+    pub api_url: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// A scrape target from its parts: an http(s) URL, labels, profiles
+/// (default: all).
+pub fn scrape_target(
+    url: &str,
+    labels: Vec<(String, String)>,
+    profiles: Option<&[String]>,
+) -> Result<Target, String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "scrape target {url:?}: use http://HOST:PORT/debug/pprof"
+        ));
+    }
+    for (name, _) in &labels {
+        if crate::import::label_name(name).as_deref() != Some(name.as_str()) {
+            return Err(format!(
+                "scrape target {url}: label name {name:?} must be [a-z_][a-z0-9_]*"
+            ));
+        }
+    }
+    let profiles = match profiles {
+        Some(list) => GoProfile::parse_list(&list.join(","))?,
+        None => GoProfile::ALL.to_vec(),
+    };
+    if profiles.is_empty() {
+        return Err(format!("scrape target {url}: no profiles"));
+    }
+    Ok(Target {
+        url: url.trim_end_matches('/').to_string(),
+        labels,
+        profiles,
+    })
+}
+
+/// `--scrape URL[,NAME=VALUE...][,profiles=cpu+mutex]`.
+pub fn parse_scrape_flag(text: &str) -> Result<Target, String> {
+    let mut parts = text.split(',');
+    let url = parts.next().unwrap_or_default().trim();
+    let mut labels = Vec::new();
+    let mut profiles = None;
+    for part in parts {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--scrape {text:?}: {part:?} is not NAME=VALUE"))?;
+        if name.trim() == "profiles" {
+            profiles = Some(value.split('+').map(str::to_string).collect::<Vec<_>>());
+        } else {
+            labels.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    scrape_target(url, labels, profiles.as_deref())
+}
+
+/// A scrape interval and profile length: at least 1 s, the profile no
+/// longer than the interval.
+pub fn check_scrape_timing(interval: Duration, seconds: u64) -> Result<(), String> {
+    if interval < Duration::from_secs(1) || seconds == 0 {
+        return Err("scrape_interval and scrape_seconds must be at least 1 s".into());
+    }
+    if Duration::from_secs(seconds) > interval {
+        return Err(format!(
+            "scrape_seconds ({seconds}) is longer than scrape_interval ({interval:?})"
+        ));
+    }
+    Ok(())
 }
 
 /// How the ports are secured, as asked for (file, then command line).
@@ -155,6 +260,37 @@ impl FileConfig {
         if let Some(n) = self.max_concurrent_batches {
             config.max_concurrent_batches = Some(check_concurrency(n)?);
         }
+        if let Some(i) = &self.scrape_interval {
+            config.scrape.interval =
+                humantime::parse_duration(i).map_err(|e| format!("scrape_interval {i:?}: {e}"))?;
+        }
+        if let Some(s) = self.scrape_seconds {
+            config.scrape.seconds = s;
+        }
+        for t in &self.scrape {
+            config.scrape.targets.push(scrape_target(
+                &t.url,
+                t.labels.clone().into_iter().collect(),
+                t.profiles.as_deref(),
+            )?);
+        }
+        if let Some(k) = &self.scrape_kubernetes {
+            let mut discovery = match &k.api_url {
+                Some(url) => Discovery {
+                    api_url: url.clone(),
+                    token_file: None,
+                    ca_pem: None,
+                    namespace: None,
+                },
+                None => Discovery::in_cluster().ok_or(
+                    "scrape_kubernetes without api_url needs to run in a pod \
+                     (KUBERNETES_SERVICE_HOST is not set)",
+                )?,
+            };
+            discovery.namespace = k.namespace.clone();
+            config.scrape.kubernetes = Some(discovery);
+        }
+        check_scrape_timing(config.scrape.interval, config.scrape.seconds)?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod overload;
 pub mod receivers;
 pub mod refusal;
 pub mod render;
+pub mod scrape;
 pub mod selection;
 pub mod server;
 pub mod store;

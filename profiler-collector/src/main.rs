@@ -40,6 +40,20 @@ struct Cli {
     /// either port; repeat for more. Checked before TLS and tokens. Default: any.
     #[arg(long = "allow-cidr", value_name = "NETWORK")]
     allow_cidr: Vec<String>,
+    /// Scrape a Go service's net/http/pprof handlers: URL[,NAME=VALUE...][,profiles=cpu+mutex]
+    /// e.g. http://10.0.0.5:6060/debug/pprof,service=checkout (repeatable; default profiles:
+    /// cpu, mutex, block, allocs, heap, goroutine).
+    #[arg(long = "scrape", value_name = "URL", value_parser = profiler_collector::config::parse_scrape_flag)]
+    scrape: Vec<profiler_collector::scrape::Target>,
+    /// Also scrape the pods annotated profiler.dev/scrape=true (in-cluster API).
+    #[arg(long)]
+    scrape_kubernetes: bool,
+    /// Time between two scrapes of a target (e.g. 15s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    scrape_interval: Option<Duration>,
+    /// Length of the CPU, mutex, block and allocs profiles of a scrape, in seconds.
+    #[arg(long)]
+    scrape_seconds: Option<u64>,
     /// Batches per second one agent may send; 0: no limit.
     #[arg(long, value_parser = |s: &str| s.parse::<f64>().map_err(|e| e.to_string()).and_then(check_rate))]
     agent_rate_limit: Option<f64>,
@@ -103,6 +117,22 @@ async fn main() -> anyhow::Result<()> {
     if !cli.allow_cidr.is_empty() {
         config.allow = AllowList::parse(&cli.allow_cidr)?;
     }
+    config.scrape.targets.extend(cli.scrape);
+    if cli.scrape_kubernetes {
+        config.scrape.kubernetes = Some(
+            profiler_collector::scrape::kubernetes::Discovery::in_cluster().ok_or_else(|| {
+                anyhow::anyhow!("--scrape-kubernetes needs to run in a pod (KUBERNETES_SERVICE_HOST is not set)")
+            })?,
+        );
+    }
+    if let Some(i) = cli.scrape_interval {
+        config.scrape.interval = i;
+    }
+    if let Some(s) = cli.scrape_seconds {
+        config.scrape.seconds = s;
+    }
+    profiler_collector::config::check_scrape_timing(config.scrape.interval, config.scrape.seconds)
+        .map_err(anyhow::Error::msg)?;
     if let Some(r) = cli.agent_rate_limit {
         config.agent_rate_limit = r;
     }

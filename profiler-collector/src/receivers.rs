@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use axum::{
     body::Bytes,
-    extract::{Query, State},
+    extract::{rejection::BytesRejection, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -207,8 +207,21 @@ pub struct HttpIngest {
 }
 
 /// The request body, inflated when `Content-Encoding: gzip`, at most
-/// `max` bytes either way.
-fn body_bytes(headers: &HeaderMap, body: &Bytes, max: usize) -> Result<Vec<u8>, ImportError> {
+/// `max` bytes either way. A body past the route's limit
+/// ([`axum::extract::DefaultBodyLimit`]) is refused like any too large
+/// profile: with its reason, logged and counted.
+fn body_bytes(
+    headers: &HeaderMap,
+    body: &Result<Bytes, BytesRejection>,
+    max: usize,
+) -> Result<Vec<u8>, ImportError> {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ImportError::TooLarge { limit: max })
+        }
+        Err(e) => return Err(ImportError::Undecodable(e.body_text())),
+    };
     let gzip = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -229,7 +242,7 @@ pub async fn otlp_http(
     State(state): State<HttpIngest>,
     axum::extract::ConnectInfo(PeerAddr(peer)): axum::extract::ConnectInfo<PeerAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -264,7 +277,7 @@ pub async fn pprof_upload(
     axum::extract::ConnectInfo(PeerAddr(peer)): axum::extract::ConnectInfo<PeerAddr>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let max = state.core.max_message_bytes;
     let labels: Vec<(String, String)> = {

@@ -38,6 +38,7 @@ use crate::{
     overload::{RateLimiter, ShedLayer},
     receivers::{HttpIngest, OtherOtlpVersion, OtlpService},
     refusal::RefusalsLayer,
+    scrape::ScrapeConfig,
     store::{
         clickhouse::{ClickHouseStore, ClickHouseUrl},
         sqlite::SqliteStore,
@@ -98,6 +99,8 @@ pub struct CollectorConfig {
     /// it is pushed back with a retry hint.
     pub agent_rate_limit: f64,
     pub agent_rate_burst: u32,
+    /// Go services to scrape (pull mode), see [`crate::scrape`].
+    pub scrape: ScrapeConfig,
     /// Batches decoded and stored at once; more wait briefly, then are
     /// pushed back. `None`: the store's default
     /// ([`Store::default_in_flight`]: SQLite 8, ClickHouse 64).
@@ -120,6 +123,7 @@ impl Default for CollectorConfig {
             agent_rate_limit: 10.0,
             agent_rate_burst: 60,
             max_concurrent_batches: None,
+            scrape: ScrapeConfig::default(),
         }
     }
 }
@@ -588,6 +592,16 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
         }
     };
 
+    let mut tasks_after = Vec::new();
+    if !config.scrape.is_empty() {
+        let scrapes = crate::scrape::spawn(config.scrape.clone(), core.clone(), stopped.clone());
+        tasks_after.push(tokio::spawn(async move {
+            let _ = scrapes.await;
+            Ok(())
+        }));
+    }
+    drop(core);
+
     let mut retention_stop = stopped.clone();
     // On the query handle where there is one (ClickHouse: dropping old
     // days must not hold up writes; the cutoff is shared with the writer).
@@ -629,6 +643,10 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, ServerEr
         http_addr,
         metrics,
         stop,
-        tasks: vec![grpc, http, retention, writer],
+        tasks: [grpc, http, retention]
+            .into_iter()
+            .chain(tasks_after)
+            .chain([writer])
+            .collect(),
     })
 }

@@ -20,6 +20,7 @@ mod jit;
 mod kubernetes;
 mod off_cpu;
 mod outage;
+mod pprof;
 mod python;
 mod replicas;
 mod sample_types;

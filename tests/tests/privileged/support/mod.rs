@@ -123,7 +123,7 @@ pub fn workload(name: &str) -> PathBuf {
                 .arg(src.join("rustwork.rs")),
             name,
         ),
-        "gowork" | "gcalloc" => {
+        "gowork" | "gcalloc" | "gopprof" => {
             let cache = build_dir().join("go-cache");
             run_build(
                 Command::new("go")
