@@ -15,8 +15,10 @@
 //! | `heap` | `heap` | `inuse_objects`/count, `inuse_space`/bytes at the scrape |
 //! | `goroutine` | `goroutine` | `goroutine`/count at the scrape |
 //!
-//! Every sample carries the target's labels, `instance` (host:port) and
-//! `profile` (the row above: mutex and block share their types). Each
+//! Every sample carries the target's labels, `instance` (host:port),
+//! `profile` (the row above: mutex and block share their types) and
+//! `process`, the program's name as the agent names it (from the
+//! profile's first mapping) unless the target's labels name it. Each
 //! scrape is counted per target and profile by outcome
 //! (`profiler_scrapes_total`): stored, duplicate, failed (unreachable, an
 //! HTTP error, a timeout), oversize (an answer over the size limit),
@@ -352,6 +354,7 @@ async fn scrape_one(
         if let Some(keep) = profile.keeps() {
             keep_types(&mut p, keep);
         }
+        let labels = crate::receivers::with_process(labels, &p);
         import::pprof::to_batches(&p, &labels, &source)
     });
     let batches = match converted {

@@ -36,6 +36,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The embedded ClickHouse (engine 26.9) behind testkit/chdb_shim.py.
 const CHDB_CORE_VERSION: &str = "26.9.0";
+/// OpenTelemetry's Python protobuf bindings (OTLP profiles
+/// `v1development`), which the OTLP tests decode and build requests with.
+const OTEL_PROTO_VERSION: &str = "1.45.2";
 
 #[derive(Parser)]
 #[command(about = "Developer tasks for the profiler")]
@@ -439,6 +442,21 @@ fn setup(needs: Needs) -> Result<()> {
         ));
         pip_install(&["--no-deps", &format!("chdb-core=={CHDB_CORE_VERSION}")])?;
     }
+    // OpenTelemetry's own OTLP bindings (with protobuf), for the OTLP tests
+    // (tests/workloads/otlp/): they decode what the agent sends and build
+    // what the collector receives independently of our Rust code.
+    if !succeeds(
+        "python3",
+        &[
+            "-c",
+            "import opentelemetry.proto.profiles.v1development.profiles_pb2",
+        ],
+    ) {
+        step(&format!(
+            "installing opentelemetry-proto {OTEL_PROTO_VERSION} (PyPI, with protobuf) for the OTLP tests"
+        ));
+        pip_install(&[&format!("opentelemetry-proto=={OTEL_PROTO_VERSION}")])?;
+    }
     let fuzz_ok =
         output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION));
     if !fuzz_ok {
@@ -453,7 +471,7 @@ fn setup(needs: Needs) -> Result<()> {
         .context("installing cargo-fuzz failed")?;
     }
     eprintln!(
-        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, g++, perf, binutils, libc6-dbg, go, node, a JDK, chromium, clickhouse-server, chdb-core, kubernetes-validate, cargo-fuzz)",
+        "set-up complete in {:.1} s (LLVM 22, rust-src, bpf-linker {BPF_LINKER_VERSION}, gcc, g++, perf, binutils, libc6-dbg, go, node, a JDK, chromium, clickhouse-server, chdb-core, opentelemetry-proto, kubernetes-validate, cargo-fuzz)",
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -196,16 +196,27 @@ impl Exporter {
             frequency_hz,
         });
         self.next_sequence += 1;
-        let encoded = batch.encode_to_vec();
+        // The bytes the destination is sent: the batch, or its OTLP request.
+        let encoded = match self.options.protocol {
+            Protocol::Collector => batch.encode_to_vec(),
+            Protocol::Otlp => otlp::to_otlp(&batch)
+                .map(|r| r.encode_to_vec())
+                .unwrap_or_else(|_| batch.encode_to_vec()),
+        };
         let size = encoded.len();
         let largest = self
             .stats
             .largest_batch_bytes
             .fetch_max(size as u64, Ordering::Relaxed)
             < size as u64;
-        // One window a drain interval: measuring the compressed size is cheap.
+        // One window a drain interval: measuring the compressed size is cheap
+        // (zstd for the collector, gzip for OTLP, as they are sent).
         if largest {
-            if let Ok(wire) = zstd::bulk::compress(&encoded, 0) {
+            let wire = match self.options.protocol {
+                Protocol::Collector => zstd::bulk::compress(&encoded, 0).ok(),
+                Protocol::Otlp => gzipped(&encoded),
+            };
+            if let Some(wire) = wire {
                 self.stats
                     .largest_batch_wire_bytes
                     .store(wire.len() as u64, Ordering::Relaxed);
@@ -240,6 +251,14 @@ impl Exporter {
             let _ = thread.join();
         }
     }
+}
+
+/// `bytes` gzipped.
+fn gzipped(bytes: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(bytes).ok()?;
+    gz.finish().ok()
 }
 
 impl Drop for Exporter {

@@ -78,19 +78,32 @@ impl Sender {
         }
     }
 
-    /// Sends a batch (of `samples`): the acknowledgement, or why not. An
-    /// OTLP receiver does not say whether it had the profile before, nor
-    /// how much it stored: an accepted profile counts as newly stored,
-    /// whole; one it rejects (partial success) is refused as invalid.
-    async fn send(&mut self, batch: Batch, samples: u64) -> Result<Ack, Status> {
+    /// Sends a batch (of `samples`): the encoded size of what was sent,
+    /// and the acknowledgement or why not. An OTLP receiver does not say
+    /// whether it had the profile before, nor how much it stored: an
+    /// accepted profile counts as newly stored, whole; one it rejects
+    /// (partial success) is refused as invalid.
+    async fn send(&mut self, batch: Batch, samples: u64) -> (usize, Result<Ack, Status>) {
         match self {
-            Sender::Collector(client) => client.push_batch(batch).await.map(|a| a.into_inner()),
+            Sender::Collector(client) => (
+                batch.encoded_len(),
+                client.push_batch(batch).await.map(|a| a.into_inner()),
+            ),
             Sender::Otlp(client) => {
-                let request = to_otlp(&batch).map_err(|e| {
-                    Reason::InvalidBatch.status(format!("not convertible to OTLP: {e}"))
-                })?;
-                let answer = client.export(request).await?.into_inner();
-                match answer.partial_success {
+                let request = match to_otlp(&batch) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let status =
+                            Reason::InvalidBatch.status(format!("not convertible to OTLP: {e}"));
+                        return (batch.encoded_len(), Err(status));
+                    }
+                };
+                let size = request.encoded_len();
+                let answer = match client.export(request).await {
+                    Ok(a) => a.into_inner(),
+                    Err(status) => return (size, Err(status)),
+                };
+                let acked = match answer.partial_success {
                     Some(p) if p.rejected_profiles > 0 => {
                         Err(Reason::InvalidBatch.status(format!(
                             "the OTLP receiver rejected {} profiles: {}",
@@ -103,7 +116,8 @@ impl Sender {
                         newly_stored: true,
                         samples,
                     }),
-                }
+                };
+                (size, acked)
             }
         }
     }
@@ -182,11 +196,13 @@ pub(super) async fn upload_loop(up: Uploader, mut rx: mpsc::UnboundedReceiver<Ms
             accept(msg, &mut queue, &mut flush_deadline);
             continue;
         };
-        let (size, samples) = (batch.encoded_len() as u64, batch_samples(&batch));
+        let samples = batch_samples(&batch);
         // The collector acknowledges the sum of the values it stored: CPU
         // samples are counted, other types' values (nanoseconds) are not.
         let cpu = is_cpu_batch(&batch);
-        let status = match client.send(batch, samples).await {
+        let (size, sent) = client.send(batch, samples).await;
+        let size = size as u64;
+        let status = match sent {
             Ok(ack) => {
                 reach.update(true, &stats);
                 backoff.reset();

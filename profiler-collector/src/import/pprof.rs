@@ -35,6 +35,27 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Profile, ImportError> {
     Profile::decode(bytes).map_err(|e| ImportError::Undecodable(e.to_string()))
 }
 
+/// The process name of the program a profile is of, as the agent names
+/// processes (the kernel's `comm`: the executable's file name, at most 15
+/// bytes): from the first mapping (Go puts its executable first). The root
+/// frame of an imported stack, so Go's own profile and the agent's profile
+/// of the same program line up in a diff.
+pub fn process_name(profile: &Profile) -> Option<String> {
+    let mapping = profile.mapping.first()?;
+    let path = profile
+        .string_table
+        .get(usize::try_from(mapping.filename).ok()?)?;
+    let name = path.rsplit('/').next()?.trim();
+    if name.is_empty() || name.starts_with('[') {
+        return None;
+    }
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(name[..end].to_string())
+}
+
 /// The batches of `profile`: one per sample type that has a non-zero
 /// value, labeled with `labels` (query parameters; they win over a
 /// sample's labels of the same name) and each sample's string labels.

@@ -19,6 +19,7 @@ mod hostile;
 mod jit;
 mod kubernetes;
 mod off_cpu;
+mod otlp;
 mod outage;
 mod pprof;
 mod python;

@@ -116,10 +116,8 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
     config.scrape = ScrapeConfig {
         targets: vec![Target {
             url: format!("http://{addr}/debug/pprof"),
-            labels: vec![
-                ("process".into(), "gopprof".into()),
-                ("service".into(), "gopprof".into()),
-            ],
+            // `process` is named from the profile, as the agent names it.
+            labels: vec![("service".into(), "gopprof".into())],
             profiles: vec![
                 GoProfile::Cpu,
                 GoProfile::Mutex,
@@ -297,6 +295,39 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
     }
     assert!(folded_of(c.http_addr, "cpu_nanoseconds", "{service=\"bad\"}").is_empty());
     assert_eq!(http_get(c.http_addr, "/healthz"), b"ok\n");
+
+    // Side by side: the differential flame graph of the agent's profile
+    // against Go's own, and the UI's button for it.
+    let svg = String::from_utf8(http_get(
+        c.http_addr,
+        "/api/v1/diff.svg?type=cpu&base_type=cpu_nanoseconds&start=now-1h&base_start=now-1h\
+         &query=%7Bprocess%3D%22gopprof%22%7D",
+    ))
+    .unwrap();
+    assert!(
+        svg.contains("main.spinA") && svg.contains("main.contendedLock"),
+        "{svg}"
+    );
+    let dom = chromium(
+        &["--dump-dom"],
+        &format!(
+            "http://{}/?mode=diff&type=cpu&base_type=cpu_nanoseconds&process=gopprof&base_start=now-1h",
+            c.http_addr
+        ),
+    );
+    assert!(
+        dom.contains("eBPF vs Go's own CPU profile</button>")
+            && !dom.contains("id=\"vs-go\" type=\"button\" hidden"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("base_type=cpu_nanoseconds"),
+        "the diff's baseline: {dom}"
+    );
+    assert!(
+        dom.contains("than in the cpu_nanoseconds baseline"),
+        "{dom}"
+    );
     drop(child);
     rt.block_on(c.shutdown()).unwrap();
 }
@@ -309,4 +340,100 @@ impl Drop for Child {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A fake Kubernetes API listing `pods` (JSON) at `/api/v1/pods`.
+fn fake_api(rt: &tokio::runtime::Runtime, pods: String) -> std::net::SocketAddr {
+    use axum::{routing::get, Router};
+    let app = Router::new().route("/api/v1/pods", get(move || async move { pods }));
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    })
+}
+
+#[test]
+fn pods_annotated_for_scraping_are_discovered_and_scraped() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(workload("gopprof"))
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let _child = Child(child);
+    let pods = format!(
+        r#"{{"items": [
+          {{"metadata": {{"name": "api-5f7c9-x2x", "namespace": "shop",
+                         "labels": {{"app.kubernetes.io/name": "shop-api"}},
+                         "annotations": {{"profiler.dev/scrape": "true", "profiler.dev/port": "{port}",
+                                          "profiler.dev/profiles": "goroutine,heap"}}}},
+            "spec": {{"nodeName": "n1"}}, "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}},
+          {{"metadata": {{"name": "not-asked", "namespace": "shop"}},
+            "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}}
+        ]}}"#
+    );
+    let api = fake_api(&rt, pods);
+    let mut config = collector_config(&dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    config.scrape = ScrapeConfig {
+        targets: vec![],
+        interval: Duration::from_secs(2),
+        seconds: 1,
+        kubernetes: Some(profiler_collector::scrape::kubernetes::Discovery {
+            api_url: format!("http://{api}"),
+            token_file: None,
+            ca_pem: None,
+            namespace: None,
+        }),
+    };
+    let c = rt
+        .block_on(profiler_collector::server::start(config))
+        .expect("collector starts");
+    let instance = format!("127.0.0.1:{port}");
+    let stored = within(Duration::from_secs(30), || {
+        let text = metrics_text(c.http_addr);
+        ["goroutine", "heap"]
+            .iter()
+            .all(|p| {
+                metric(
+                    &text,
+                    &format!(
+                        "profiler_scrapes_total{{target=\"{instance}\",profile=\"{p}\",outcome=\"stored\"}}"
+                    ),
+                ) >= 1
+            })
+            .then_some(())
+    });
+    assert!(stored.is_some(), "{}", metrics_text(c.http_addr));
+    let goroutines = folded_of(
+        c.http_addr,
+        "goroutine",
+        "{namespace=\"shop\",pod=\"api-5f7c9-x2x\",service=\"shop-api\",node=\"n1\",process=\"gopprof\"}",
+    );
+    assert!(
+        contains_frame(&goroutines, "main.contendedLock") > 0
+            || contains_frame(&goroutines, "main.main.func2") > 0,
+        "{goroutines:?}"
+    );
+    let inuse = folded_of(c.http_addr, "inuse_space", "{service=\"shop-api\"}");
+    assert!(!inuse.is_empty(), "no heap profile stored");
+    // Only the profiles the pod asked for.
+    let types = String::from_utf8(http_get(c.http_addr, "/api/v1/types?start=now-1h")).unwrap();
+    assert!(
+        !types.contains("cpu_nanoseconds") && !types.contains("\"delay\""),
+        "{types}"
+    );
+    rt.block_on(c.shutdown()).unwrap();
 }
