@@ -16,6 +16,9 @@ use prometheus_client::{
 
 use crate::store::StoreStats;
 
+/// The reason of a connection refused by `--allow-cidr`.
+pub const NOT_ALLOWED_NETWORK: &str = "not_allowed_network";
+
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -276,7 +279,7 @@ impl Metrics {
         for server in ["gRPC", "HTTP"] {
             let _ = m.connections_rejected.get_or_create(&ConnectionLabels {
                 server: server.into(),
-                reason: crate::server::NOT_ALLOWED_NETWORK.into(),
+                reason: NOT_ALLOWED_NETWORK.into(),
             });
         }
         r.register(

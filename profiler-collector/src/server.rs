@@ -34,7 +34,7 @@ use crate::{
     http::{ingest_router, router, AppState},
     import::OtlpLimits,
     ingest::{IngestCore, IngestService},
-    metrics::Metrics,
+    metrics::{Metrics, NOT_ALLOWED_NETWORK},
     overload::{RateLimiter, ShedLayer},
     receivers::{HttpIngest, OtherOtlpVersion, OtlpService},
     refusal::RefusalsLayer,
@@ -341,9 +341,6 @@ fn door(
         );
     })
 }
-
-/// The reason of a connection refused by `--allow-cidr`.
-pub const NOT_ALLOWED_NETWORK: &str = "not_allowed_network";
 
 /// The plain-text HTTP listener: connections the door let in.
 struct AdmittedListener {
