@@ -275,18 +275,15 @@ impl FileConfig {
             )?);
         }
         if let Some(k) = &self.scrape_kubernetes {
-            let mut discovery = match &k.api_url {
-                Some(url) => Discovery {
-                    api_url: url.clone(),
-                    token_file: None,
-                    ca_pem: None,
-                    namespace: None,
-                },
-                None => Discovery::in_cluster().ok_or(
-                    "scrape_kubernetes without api_url needs to run in a pod \
-                     (KUBERNETES_SERVICE_HOST is not set)",
-                )?,
-            };
+            let mut discovery = Discovery::in_cluster();
+            if let Some(url) = &k.api_url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!(
+                        "scrape_kubernetes.api_url {url:?}: use https://HOST:PORT"
+                    ));
+                }
+                discovery.api_url = url.clone();
+            }
             discovery.namespace = k.namespace.clone();
             config.scrape.kubernetes = Some(discovery);
         }

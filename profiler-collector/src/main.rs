@@ -119,11 +119,8 @@ async fn main() -> anyhow::Result<()> {
     }
     config.scrape.targets.extend(cli.scrape);
     if cli.scrape_kubernetes {
-        config.scrape.kubernetes = Some(
-            profiler_collector::scrape::kubernetes::Discovery::in_cluster().ok_or_else(|| {
-                anyhow::anyhow!("--scrape-kubernetes needs to run in a pod (KUBERNETES_SERVICE_HOST is not set)")
-            })?,
-        );
+        config.scrape.kubernetes =
+            Some(profiler_collector::scrape::kubernetes::Discovery::in_cluster());
     }
     if let Some(i) = cli.scrape_interval {
         config.scrape.interval = i;

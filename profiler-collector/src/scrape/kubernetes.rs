@@ -29,7 +29,8 @@ const MAX_PODS: usize = 100_000;
 /// Where the API server is and how to reach it.
 #[derive(Clone, Debug)]
 pub struct Discovery {
-    /// e.g. `https://10.0.0.1:443`, or `http://127.0.0.1:PORT` in tests.
+    /// e.g. `https://10.0.0.1:443`, or `http://127.0.0.1:PORT` in tests;
+    /// empty: in-cluster, found at each list ([`Discovery::in_cluster`]).
     pub api_url: String,
     /// Read at every list (service-account tokens rotate).
     pub token_file: Option<std::path::PathBuf>,
@@ -42,21 +43,40 @@ pub struct Discovery {
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 impl Discovery {
-    /// In-cluster: `KUBERNETES_SERVICE_HOST`/`_PORT` and the service
-    /// account; `None` outside Kubernetes.
-    pub fn in_cluster() -> Option<Self> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    /// In-cluster: the API server of `KUBERNETES_SERVICE_HOST`/`_PORT`
+    /// and the pod's service account, read when the pods are listed (so a
+    /// configuration is checked anywhere, and works in a pod).
+    pub fn in_cluster() -> Self {
+        Self {
+            api_url: String::new(),
+            token_file: None,
+            ca_pem: None,
+            namespace: None,
+        }
+    }
+
+    /// This discovery with the in-cluster API server and service account
+    /// filled in, when it names no API server.
+    fn resolved(&self) -> Result<Self, String> {
+        if !self.api_url.is_empty() {
+            return Ok(self.clone());
+        }
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+            "scrape_kubernetes without api_url needs to run in a pod \
+             (KUBERNETES_SERVICE_HOST is not set)"
+                .to_string()
+        })?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
             host
         };
-        Some(Self {
+        Ok(Self {
             api_url: format!("https://{host}:{port}"),
             token_file: Some(format!("{SERVICE_ACCOUNT}/token").into()),
             ca_pem: std::fs::read(format!("{SERVICE_ACCOUNT}/ca.crt")).ok(),
-            namespace: None,
+            namespace: self.namespace.clone(),
         })
     }
 
@@ -86,6 +106,11 @@ impl Discovery {
 
     /// The targets the pods ask for now.
     pub fn targets(&self) -> Result<Vec<Target>, String> {
+        let this = self.resolved()?;
+        this.list()
+    }
+
+    fn list(&self) -> Result<Vec<Target>, String> {
         let path = match &self.namespace {
             Some(ns) => format!("/api/v1/namespaces/{ns}/pods"),
             None => "/api/v1/pods".into(),
