@@ -158,6 +158,64 @@ fn a_proxy_that_cuts_and_stalls_connections_loses_and_doubles_nothing() {
     rt.block_on(c.shutdown()).unwrap();
 }
 
+/// The OTLP sink keeps the collector sink's guarantees: with only an OTLP
+/// endpoint (the collector's OTLP receiver), behind a proxy that cuts
+/// connections twice, and a memory queue that sends everything through
+/// the spill directory, every window arrives once and nothing is dropped.
+#[test]
+fn an_otlp_endpoint_behind_cut_connections_gets_every_window_once() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    let proxy = Proxy::start(c.grpc_addr);
+    let chain = Workload::spawn(&workload("chain"), &["12"]);
+    let mut opts = options(vec![chain.pid()], 6.0, 99);
+    opts.drain_interval = Duration::from_millis(250);
+    opts.otlp = Some(ExportOptions {
+        protocol: profiler_agent::export::Protocol::Otlp,
+        ..spill_first(format!("http://{}", proxy.addr), &dir.path().join("spill"))
+    });
+    let recorder = Recorder::start(&opts).expect("profiler attaches");
+    let metrics = {
+        let c_http = c.http_addr;
+        move || String::from_utf8(http_get(c_http, "/metrics")).unwrap()
+    };
+    let otlp_stored = move || {
+        metric(
+            &metrics(),
+            "profiler_imports_total{format=\"otlp\",outcome=\"stored\"}",
+        )
+    };
+    let faults = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let before = otlp_stored();
+            within(Duration::from_secs(30), || {
+                (otlp_stored() > before).then_some(())
+            })
+            .expect("OTLP profiles arrive");
+            proxy.cut();
+        }
+        proxy
+    });
+    let rec = recorder.run(&AtomicBool::new(false)).unwrap();
+    let _proxy = faults.join().unwrap();
+    assert!(rec.export.is_none(), "no collector sink");
+    let stats = rec.otlp_export.as_ref().expect("OTLP export stats");
+    assert!(
+        stats.spill.spilled.load(Ordering::Relaxed) > 0,
+        "the windows went through the spill directory"
+    );
+    assert_all_delivered(stats);
+    let recorded = rec.counters.get(Counter::Recorded);
+    assert!(recorded > 100, "{recorded} samples");
+    assert_eq!(stored_total(&c), recorded, "stored vs recorded samples");
+    rt.block_on(c.shutdown()).unwrap();
+}
+
 /// A memory queue that holds only the newest batch, so that everything
 /// waiting goes through the spill directory.
 fn spill_first(collector: String, spill_dir: &Path) -> ExportOptions {
