@@ -550,52 +550,61 @@ fn skipped_name(c: Counter) -> &'static str {
 /// collector, `otlp_export_*` and `otlp_spill_*` (`prefix` "otlp_") for an
 /// OTLP endpoint.
 fn export_families(t: &mut Families<'_>, e: &ExportStats, prefix: &str) -> Encoded {
+    let help = |text: &str| {
+        if prefix.is_empty() {
+            text.to_string()
+        } else {
+            format!("OTLP endpoint: {text}")
+        }
+    };
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     t.counter(
         &format!("{prefix}export_batches"),
-        "Batches queued for the collector (one a window).",
+        &help("Batches queued for the collector (one a window)."),
         load(&e.batches_queued),
     )?;
     t.counter(
         &format!("{prefix}export_batches_acked"),
-        "Batches acknowledged by the collector.",
+        &help("Batches acknowledged by the collector."),
         load(&e.batches_acked),
     )?;
     t.counter(
         &format!("{prefix}export_batches_duplicate"),
-        "Acknowledged batches the collector already had (re-sends).",
+        &help("Acknowledged batches the collector already had (re-sends)."),
         load(&e.batches_duplicate),
     )?;
     t.counter(
         &format!("{prefix}export_send_failures"),
-        "Sends that failed and were retried with backoff.",
+        &help("Sends that failed and were retried with backoff."),
         load(&e.send_failures),
     )?;
     t.counter(
         &format!("{prefix}export_pushed_back"),
-        "Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for.",
+        &help("Sends the collector pushed back (overloaded, or this agent over its rate limit), sent again after the wait it asked for."),
         load(&e.pushed_back),
     )?;
     let drops = e.drops();
     t.labelled(
         &format!("{prefix}export_batches_dropped"),
-        "Batches dropped, by reason (spill_corrupt: spilled records failing their checksum).",
+        &help(
+            "Batches dropped, by reason (spill_corrupt: spilled records failing their checksum).",
+        ),
         "reason",
         drops.iter().map(|d| (d.reason, d.batches)),
     )?;
     t.counter(
         &format!("{prefix}export_samples"),
-        "Samples in the batches queued.",
+        &help("Samples in the batches queued."),
         load(&e.samples_queued),
     )?;
     t.counter(
         &format!("{prefix}export_samples_acked"),
-        "Samples the collector acknowledged.",
+        &help("Samples the collector acknowledged."),
         load(&e.samples_acked),
     )?;
     t.labelled(
         &format!("{prefix}export_samples_dropped"),
-        "Samples in the batches dropped, by reason.",
+        &help("Samples in the batches dropped, by reason."),
         "reason",
         drops
             .iter()
@@ -604,57 +613,57 @@ fn export_families(t: &mut Families<'_>, e: &ExportStats, prefix: &str) -> Encod
     )?;
     t.counter(
         &format!("{prefix}export_bytes"),
-        "Encoded bytes (before compression) of the batches queued.",
+        &help("Encoded bytes (before compression) of the batches queued."),
         load(&e.bytes_queued),
     )?;
     t.counter(
         &format!("{prefix}export_bytes_acked"),
-        "Encoded bytes of the batches acknowledged.",
+        &help("Encoded bytes of the batches acknowledged."),
         load(&e.bytes_acked),
     )?;
     t.gauge(
         &format!("{prefix}export_largest_batch_bytes"),
-        "Encoded size of the largest batch so far.",
+        &help("Encoded size of the largest batch so far."),
         load(&e.largest_batch_bytes),
     )?;
     t.gauge(
         &format!("{prefix}export_queue_batches"),
-        "Unacknowledged batches held in memory.",
+        &help("Unacknowledged batches held in memory."),
         load(&e.queue_batches),
     )?;
     t.gauge(
         &format!("{prefix}export_queue_bytes"),
-        "Encoded bytes of the unacknowledged batches held in memory.",
+        &help("Encoded bytes of the unacknowledged batches held in memory."),
         load(&e.queue_bytes),
     )?;
     t.gauge(
         &format!("{prefix}export_collector_up"),
-        "1 if the last send reached the collector, else 0.",
+        &help("1 if the last send reached the collector, else 0."),
         load(&e.collector_up),
     )?;
     t.counter(
         &format!("{prefix}export_batches_parked"),
-        "Batches moved from memory to the spill directory by the memory watchdog.",
+        &help("Batches moved from memory to the spill directory by the memory watchdog."),
         load(&e.parked_memory_limit),
     )?;
     t.counter(
         &format!("{prefix}spill_writes"),
-        "Batches written to the spill directory.",
+        &help("Batches written to the spill directory."),
         load(&e.spill.spilled),
     )?;
     t.counter(
         &format!("{prefix}spill_replays"),
-        "Spilled batches sent and acknowledged.",
+        &help("Spilled batches sent and acknowledged."),
         load(&e.spill.replayed),
     )?;
     t.gauge(
         &format!("{prefix}spill_records"),
-        "Batches waiting in the spill directory.",
+        &help("Batches waiting in the spill directory."),
         load(&e.spill.records),
     )?;
     t.gauge(
         &format!("{prefix}spill_bytes"),
-        "Bytes of the batches waiting in the spill directory.",
+        &help("Bytes of the batches waiting in the spill directory."),
         load(&e.spill.bytes),
     )
 }
