@@ -1,10 +1,12 @@
 //! Go's own profiles next to the agent's: a real Go service with
-//! `net/http/pprof` (tests/workloads/gopprof.go) is scraped by the
-//! collector while the agent profiles it. The Go runtime's CPU profile and
+//! `net/http/pprof` (tests/workloads/gopprof.go) is profiled by the agent
+//! while its own CPU profile of the same time is fetched and uploaded, and
+//! the collector scrapes its other profiles. The uploaded CPU profile and
 //! the eBPF one must agree on the top functions; the mutex profile must
-//! name the contended function, the allocs profile the allocating one; an
-//! upload of the same service's profile is stored too, and bad uploads are
-//! refused while the collector keeps serving.
+//! name the contended function, the allocs profile the allocating one; bad
+//! uploads are refused while the collector keeps serving. A second test
+//! finds Go services from pod annotations (a fake API server) and scrapes
+//! them, counting unreachable and oversize targets.
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -118,8 +120,8 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
             url: format!("http://{addr}/debug/pprof"),
             // `process` is named from the profile, as the agent names it.
             labels: vec![("service".into(), "gopprof".into())],
+            // Go serves one CPU profile at a time: the test takes it.
             profiles: vec![
-                GoProfile::Cpu,
                 GoProfile::Mutex,
                 GoProfile::Block,
                 GoProfile::Allocs,
@@ -135,10 +137,50 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
         .block_on(profiler_collector::server::start(config))
         .expect("collector starts");
 
-    // The agent profiles the same process meanwhile, for two scrapes.
+    // The agent profiles the process while Go profiles itself, then the
+    // Go profile is uploaded.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
     let mut opts = options(vec![pid], 12.0, 199);
     opts.export = Some(export_to(&c));
-    let (_rec, ()) = record_with(&opts, || ());
+    let (_rec, cpu) = record_with(&opts, || {
+        let (agent, addr) = (agent.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let mut resp = agent
+                .get(&format!("http://{addr}/debug/pprof/profile?seconds=10"))
+                .call()
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.body_mut()
+                .with_config()
+                .limit(64 << 20)
+                .read_to_vec()
+                .unwrap()
+        })
+    });
+    let cpu = cpu.join().expect("Go's CPU profile of the run");
+    let post = |body: &[u8], query: &str| {
+        let mut resp = agent
+            .post(&format!(
+                "http://{}/api/v1/ingest/pprof?{query}",
+                c.http_addr
+            ))
+            .send(body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    };
+    let (status, body) = post(&cpu, "service=gopprof");
+    assert_eq!(status, 200, "{body}");
+    let (status, again) = post(&cpu, "service=gopprof");
+    assert_eq!(status, 200);
+    assert!(
+        again.contains("\"batches_stored\":0"),
+        "sent twice, stored once: {again}"
+    );
     let scraped = |profile: &str| {
         metric(
             &metrics_text(c.http_addr),
@@ -148,7 +190,7 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
         )
     };
     let all_scraped = within(Duration::from_secs(30), || {
-        ["cpu", "mutex", "block", "allocs", "heap", "goroutine"]
+        ["mutex", "block", "allocs", "heap", "goroutine"]
             .iter()
             .all(|p| scraped(p) >= 2)
             .then_some(())
@@ -244,47 +286,16 @@ fn go_service_scraped_and_profiled_by_the_agent_agree() {
         "{goroutines:?}"
     );
 
-    // An upload of the service's own CPU profile, and bad uploads.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    // Go serves one CPU profile at a time: between two scrapes.
-    let cpu = within(Duration::from_secs(30), || {
-        let mut resp = agent
-            .get(&format!("http://{addr}/debug/pprof/profile?seconds=1"))
-            .call()
-            .ok()?;
-        (resp.status() == 200)
-            .then(|| {
-                resp.body_mut()
-                    .with_config()
-                    .limit(64 << 20)
-                    .read_to_vec()
-                    .ok()
-            })
-            .flatten()
-    })
-    .expect("a CPU profile from the service");
-    let post = |body: &[u8], query: &str| {
-        let mut resp = agent
-            .post(&format!(
-                "http://{}/api/v1/ingest/pprof?{query}",
-                c.http_addr
-            ))
-            .send(body)
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    // Bad uploads: refused with their reason, nothing stored.
+    let bomb = {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 64 << 20]).unwrap();
+        gz.finish().unwrap()
     };
-    let (status, body) = post(&cpu, "service=uploaded&process=gopprof");
-    assert_eq!(status, 200, "{body}");
-    let uploaded = folded_of(c.http_addr, "cpu_nanoseconds", "{service=\"uploaded\"}");
-    assert!(contains_frame(&uploaded, "main.spinA") > 0, "{uploaded:?}");
-    let (status, again) = post(&cpu, "service=uploaded&process=gopprof");
-    assert_eq!(status, 200);
-    assert!(again.contains("\"batches_stored\":0"), "{again}");
+    let (status, body) = post(&bomb, "service=bad");
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("too_large"), "{body}");
     for (bad, reason) in [
         (b"not a profile at all".to_vec(), "undecodable"),
         (cpu[..cpu.len() / 2].to_vec(), "bad_gzip"),
@@ -342,16 +353,22 @@ impl Drop for Child {
     }
 }
 
-/// A fake Kubernetes API listing `pods` (JSON) at `/api/v1/pods`.
+/// A fake Kubernetes API listing `pods` (JSON, `{API}` replaced by its own
+/// port) at `/api/v1/pods`; it also serves 2 MiB answers under
+/// `/big/` (an oversize pprof endpoint).
 fn fake_api(rt: &tokio::runtime::Runtime, pods: String) -> std::net::SocketAddr {
     use axum::{routing::get, Router};
-    let app = Router::new().route("/api/v1/pods", get(move || async move { pods }));
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    })
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let pods = pods.replace("{API}", &port.to_string());
+    let app = Router::new()
+        .route("/api/v1/pods", get(move || async move { pods }))
+        .route("/big/{profile}", get(|| async { vec![0u8; 2 << 20] }));
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
 
 #[test]
@@ -374,19 +391,34 @@ fn pods_annotated_for_scraping_are_discovered_and_scraped() {
         .unwrap();
     let port = line.trim().rsplit(':').next().unwrap().to_string();
     let _child = Child(child);
+    // A port nothing listens on: a pod whose service is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let pods = format!(
         r#"{{"items": [
           {{"metadata": {{"name": "api-5f7c9-x2x", "namespace": "shop",
                          "labels": {{"app.kubernetes.io/name": "shop-api"}},
                          "annotations": {{"profiler.dev/scrape": "true", "profiler.dev/port": "{port}",
-                                          "profiler.dev/profiles": "goroutine,heap"}}}},
+                                          "profiler.dev/profiles": "cpu,goroutine,heap"}}}},
             "spec": {{"nodeName": "n1"}}, "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}},
+          {{"metadata": {{"name": "gone", "namespace": "shop",
+                         "annotations": {{"profiler.dev/scrape": "true", "profiler.dev/port": "{closed}",
+                                          "profiler.dev/profiles": "goroutine"}}}},
+            "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}},
+          {{"metadata": {{"name": "huge", "namespace": "shop",
+                         "annotations": {{"profiler.dev/scrape": "true", "profiler.dev/port": "{{API}}",
+                                          "profiler.dev/path": "/big", "profiler.dev/profiles": "goroutine"}}}},
+            "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}},
           {{"metadata": {{"name": "not-asked", "namespace": "shop"}},
             "status": {{"phase": "Running", "podIP": "127.0.0.1"}}}}
         ]}}"#
     );
     let api = fake_api(&rt, pods);
     let mut config = collector_config(&dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    config.max_message_bytes = 1 << 20;
     config.scrape = ScrapeConfig {
         targets: vec![],
         interval: Duration::from_secs(2),
@@ -404,16 +436,19 @@ fn pods_annotated_for_scraping_are_discovered_and_scraped() {
     let instance = format!("127.0.0.1:{port}");
     let stored = within(Duration::from_secs(30), || {
         let text = metrics_text(c.http_addr);
-        ["goroutine", "heap"]
+        let count = |target: &str, p: &str, outcome: &str| {
+            metric(
+                &text,
+                &format!(
+                    "profiler_scrapes_total{{target=\"{target}\",profile=\"{p}\",outcome=\"{outcome}\"}}"
+                ),
+            )
+        };
+        (["cpu", "goroutine", "heap"]
             .iter()
-            .all(|p| {
-                metric(
-                    &text,
-                    &format!(
-                        "profiler_scrapes_total{{target=\"{instance}\",profile=\"{p}\",outcome=\"stored\"}}"
-                    ),
-                ) >= 1
-            })
+            .all(|p| count(&instance, p, "stored") >= 1)
+            && count(&format!("127.0.0.1:{closed}"), "goroutine", "failed") >= 1
+            && count(&api.to_string(), "goroutine", "oversize") >= 1)
             .then_some(())
     });
     assert!(stored.is_some(), "{}", metrics_text(c.http_addr));
@@ -429,10 +464,19 @@ fn pods_annotated_for_scraping_are_discovered_and_scraped() {
     );
     let inuse = folded_of(c.http_addr, "inuse_space", "{service=\"shop-api\"}");
     assert!(!inuse.is_empty(), "no heap profile stored");
+    let cpu = folded_of(c.http_addr, "cpu_nanoseconds", "{pod=\"api-5f7c9-x2x\"}");
+    assert!(contains_frame(&cpu, "main.spinA") > 0, "{cpu:?}");
+    // Nothing of the unreachable and oversize pods.
+    let huge = String::from_utf8(http_get(
+        c.http_addr,
+        "/api/v1/labels/pod/values?start=now-1h",
+    ))
+    .unwrap();
+    assert!(!huge.contains("huge") && !huge.contains("gone"), "{huge}");
     // Only the profiles the pod asked for.
     let types = String::from_utf8(http_get(c.http_addr, "/api/v1/types?start=now-1h")).unwrap();
     assert!(
-        !types.contains("cpu_nanoseconds") && !types.contains("\"delay\""),
+        !types.contains("\"delay\"") && !types.contains("alloc_space"),
         "{types}"
     );
     rt.block_on(c.shutdown()).unwrap();
