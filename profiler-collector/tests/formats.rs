@@ -109,7 +109,13 @@ async fn http(
             .build()
             .into();
         let response = match method {
-            "GET" => agent.get(&url).call(),
+            "GET" => {
+                let mut request = agent.get(&url);
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
+                request.call()
+            }
             "POST" => {
                 let mut request = agent.post(&url);
                 for (name, value) in headers {
@@ -1133,4 +1139,117 @@ async fn the_door_lets_in_allowed_networks_only_on_every_path() {
         c.shutdown().await.unwrap();
     })
     .await
+}
+
+/// The tokens on every way in: OTLP over gRPC needs an agent token, pprof
+/// uploads and OTLP over HTTP the HTTP port's token; without one (or with
+/// a wrong one) nothing is stored and the refusal is counted.
+#[tokio::test]
+async fn tokens_guard_otlp_and_pprof_like_the_native_batches() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("agents"), "agent-token\n").unwrap();
+        std::fs::write(dir.path().join("ui"), "ui-token\n").unwrap();
+        let c = server::start(CollectorConfig {
+            grpc_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            store: StoreLocation::Sqlite(dir.path().join("p.db")),
+            token_file: Some(dir.path().join("agents")),
+            http_token_file: Some(dir.path().join("ui")),
+            ..CollectorConfig::default()
+        })
+        .await
+        .unwrap();
+
+        // OTLP over gRPC: refused without the agent token, stored with it.
+        let mut client = otlp_grpc(&c).await;
+        let refused = client
+            .export(otlp_request(now_ns() - 60 * SECOND))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let mut request = tonic::Request::new(otlp_request(now_ns() - 60 * SECOND));
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer agent-token".parse().unwrap());
+        client.export(request).await.unwrap();
+
+        // pprof and OTLP over HTTP: 401 without the HTTP token, 200 with it.
+        let body = gzipped(&go_cpu().encode_to_vec());
+        let path = "/api/v1/ingest/pprof?service=checkout";
+        let answer = http(&c, "POST", path, &[], body.clone()).await;
+        assert_eq!(answer.status, 401, "{}", answer.text());
+        let answer = http(
+            &c,
+            "POST",
+            path,
+            &[("authorization", "Bearer agent-token")],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(answer.status, 401, "an agent token is not the HTTP port's");
+        let answer = http(
+            &c,
+            "POST",
+            path,
+            &[("authorization", "Bearer ui-token")],
+            body,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let otlp = otlp_request(now_ns() - 30 * SECOND).encode_to_vec();
+        let answer = http(
+            &c,
+            "POST",
+            "/v1development/profiles",
+            &[("content-type", "application/x-protobuf")],
+            otlp.clone(),
+        )
+        .await;
+        assert_eq!(answer.status, 401, "{}", answer.text());
+        let answer = http(
+            &c,
+            "POST",
+            "/v1development/profiles",
+            &[
+                ("content-type", "application/x-protobuf"),
+                ("authorization", "Bearer ui-token"),
+            ],
+            otlp,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+
+        let metrics = http(
+            &c,
+            "GET",
+            "/metrics",
+            &[("authorization", "Bearer ui-token")],
+            vec![],
+        )
+        .await
+        .text();
+        let value = |series: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert_eq!(value(&imports("otlp", "stored")), 2.0, "{metrics}");
+        assert_eq!(value(&imports("pprof", "stored")), 1.0, "{metrics}");
+        assert_eq!(
+            value("profiler_http_requests_rejected_total{reason=\"missing_token\"}"),
+            2.0
+        );
+        assert_eq!(
+            value("profiler_http_requests_rejected_total{reason=\"wrong_token\"}"),
+            1.0
+        );
+        assert_eq!(
+            value("profiler_batches_rejected_total{reason=\"missing_token\"}"),
+            1.0
+        );
+        c.shutdown().await.unwrap();
+    })
+    .await;
 }
