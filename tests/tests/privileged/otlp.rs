@@ -523,7 +523,14 @@ fn agent_with_only_an_otlp_endpoint_is_stored_by_the_collector() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let collector = start_collector(&rt, &dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    // The collector wants an agent token: the OTLP sink sends it as a
+    // header (--otlp-header).
+    std::fs::write(dir.path().join("tokens"), "otlp-token\n").unwrap();
+    let mut config = collector_config(&dir.path().join("p.db"), "127.0.0.1:0", "127.0.0.1:0");
+    config.token_file = Some(dir.path().join("tokens"));
+    let collector = rt
+        .block_on(profiler_collector::server::start(config))
+        .expect("collector starts");
     let w = Workload::spawn(&workload("chain"), &["60"]);
     wait_for_exec(w.pid(), "chain");
     let pid = w.pid();
@@ -532,6 +539,8 @@ fn agent_with_only_an_otlp_endpoint_is_stored_by_the_collector() {
     let args = vec![
         "--otlp-endpoint".to_string(),
         format!("http://{}", collector.grpc_addr),
+        "--otlp-header".to_string(),
+        "authorization=Bearer otlp-token".to_string(),
         "--plaintext".to_string(),
         "--node".to_string(),
         node.clone(),
