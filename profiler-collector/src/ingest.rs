@@ -78,6 +78,12 @@ pub struct IngestCore {
 impl IngestCore {
     /// Checks the size and the sender's rate, then validates `batch`.
     fn admit(&self, batch: &Batch, peer: &str) -> Result<ValidBatch, Refused> {
+        self.check_size(batch, peer)?;
+        self.check_rate(&batch.agent_id, peer)?;
+        self.check(batch, peer)
+    }
+
+    fn check_size(&self, batch: &Batch, peer: &str) -> Result<(), Refused> {
         let size = batch.encoded_len();
         if size > self.max_message_bytes {
             self.metrics.reject(Reject::TooLarge);
@@ -90,17 +96,26 @@ impl IngestCore {
                 ),
             ));
         }
-        if let Err(wait) = self.rate.admit(&batch.agent_id, std::time::Instant::now()) {
+        Ok(())
+    }
+
+    /// One message of `agent_id` against its rate limit.
+    fn check_rate(&self, agent_id: &str, peer: &str) -> Result<(), Refused> {
+        if let Err(wait) = self.rate.admit(agent_id, std::time::Instant::now()) {
             self.metrics.reject(Reject::RateLimited);
-            tracing::info!(%peer, agent = %batch.agent_id, "batch pushed back: sender over its rate limit");
+            tracing::info!(%peer, agent = %agent_id, "pushed back: sender over its rate limit");
             return Err(Refused {
                 retry_after: Some(wait),
                 ..Refused::new(
                     Reason::RateLimited,
-                    format!("agent {:?} is over its rate limit", batch.agent_id),
+                    format!("agent {agent_id:?} is over its rate limit"),
                 )
             });
         }
+        Ok(())
+    }
+
+    fn check(&self, batch: &Batch, peer: &str) -> Result<ValidBatch, Refused> {
         validate(batch, &self.limits, now_ns()).map_err(|r| {
             self.metrics.reject(r.kind());
             tracing::warn!(%peer, agent = %batch.agent_id, seq = batch.sequence, "batch rejected: {r}");
@@ -152,15 +167,23 @@ impl IngestCore {
         self.store(valid, peer).await
     }
 
-    /// Stores the batches a converted profile made: all are checked before
-    /// any is stored, so an invalid one refuses the whole profile. Their
-    /// sequences are hashes of their content, so a re-sent profile is
-    /// counted as a duplicate rather than stored twice, and a profile cut
-    /// short by a store failure is completed by sending it again.
+    /// Stores the batches a converted message made (one request, one
+    /// upload, one scrape: one message against the sender's rate limit):
+    /// all are checked before any is stored, so an invalid one refuses the
+    /// whole profile. Their sequences are hashes of their content, so a
+    /// re-sent profile is counted as a duplicate rather than stored twice,
+    /// and a profile cut short by a store failure is completed by sending
+    /// it again.
     pub async fn store_all(&self, batches: &[Batch], peer: &str) -> Result<StoredCount, Refused> {
+        for b in batches {
+            self.check_size(b, peer)?;
+        }
+        if let Some(first) = batches.first() {
+            self.check_rate(&first.agent_id, peer)?;
+        }
         let valid = batches
             .iter()
-            .map(|b| self.admit(b, peer))
+            .map(|b| self.check(b, peer))
             .collect::<Result<Vec<_>, _>>()?;
         let mut count = StoredCount::default();
         for v in valid {

@@ -1253,3 +1253,34 @@ async fn tokens_guard_otlp_and_pprof_like_the_native_batches() {
     })
     .await;
 }
+
+/// One OTLP request of a busy node (a profile for each of 200 processes)
+/// is one message against the sender's rate limit, not 200.
+#[tokio::test]
+async fn a_request_of_many_processes_counts_once_against_the_rate_limit() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let c = start(&dir.path().join("p.db"), &[]).await;
+        let mut request = otlp_request(now_ns() - 60 * SECOND);
+        let one = request.resource_profiles[0].clone();
+        request.resource_profiles = (0..200)
+            .map(|pid| {
+                let mut r = one.clone();
+                let attributes = &mut r.resource.as_mut().unwrap().attributes;
+                for a in attributes.iter_mut() {
+                    if a.key == "process.pid" {
+                        a.value = Some(AnyValue {
+                            value: Some(Value::IntValue(1000 + pid)),
+                        });
+                    }
+                }
+                r
+            })
+            .collect();
+        otlp_grpc(&c).await.export(request).await.unwrap();
+        let pids = json(&c, "/api/v1/labels/pid/values?start=now-1h").await;
+        assert_eq!(pids.as_array().unwrap().len(), 200, "{pids}");
+        c.shutdown().await.unwrap();
+    })
+    .await;
+}
