@@ -878,7 +878,13 @@ fn clippy() -> Result<()> {
 }
 
 /// The targets in fuzz/fuzz_targets/ (docs/collector.md, "Fuzzing").
-const FUZZ_TARGETS: [&str; 3] = ["batch_validate", "parse_folded", "query_params"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "batch_validate",
+    "parse_folded",
+    "query_params",
+    "pprof_import",
+    "otlp_import",
+];
 /// How long CI runs each fuzz target.
 const CI_FUZZ_SECONDS: u64 = 3;
 

@@ -205,14 +205,21 @@ pub fn frequency_hz(name: &str, period_unit: Option<&str>, period: i64) -> Resul
     Ok(hz as u32)
 }
 
-/// The window `[start, start + duration]` (at least 1 ns long) of a
-/// profile collected at `start` Unix nanoseconds.
+/// The window `[start, start + duration]` (at least 1 ns long, at most
+/// the longest window of a batch) of a profile collected at `start` Unix
+/// nanoseconds.
 pub fn window(start: i64, duration: i64) -> Result<(i64, i64), String> {
     if start <= 0 {
         return Err(format!("{start} is not a collection time"));
     }
     if duration < 0 {
         return Err(format!("duration {duration} is negative"));
+    }
+    let longest = Limits::default().max_window_ns;
+    if duration > longest {
+        return Err(format!(
+            "duration {duration} ns is longer than a batch's window may be ({longest} ns)"
+        ));
     }
     let end = start
         .checked_add(duration.max(1))
@@ -284,7 +291,8 @@ pub(crate) struct Header {
 }
 
 /// Builds one batch: interns strings, stacks and label sets, and sums the
-/// values of samples with the same stack and labels.
+/// values of samples with the same stack and labels, within the limits of
+/// [`crate::validate::validate`] (the default ones).
 pub(crate) struct BatchBuilder {
     /// Where the batch comes from, for errors.
     path: String,
@@ -300,11 +308,16 @@ pub(crate) struct BatchBuilder {
     sample_ids: HashMap<(u32, u32), usize>,
     /// Bytes of the folded stacks and labels, as validation counts them.
     resolved_bytes: usize,
-    max_resolved_bytes: usize,
+    /// The sum of the values, and the most the batch's type may have.
+    total: u64,
+    max_total: u64,
+    limits: Limits,
 }
 
 impl BatchBuilder {
-    pub fn new(path: String) -> Self {
+    /// The builder of a batch of the type named `sample_type`.
+    pub fn new(path: String, sample_type: &str) -> Self {
+        let limits = Limits::default();
         Self {
             path,
             strings: vec![Vec::new()],
@@ -317,26 +330,43 @@ impl BatchBuilder {
             samples: Vec::new(),
             sample_ids: HashMap::new(),
             resolved_bytes: 0,
-            max_resolved_bytes: Limits::default().max_resolved_bytes,
+            total: 0,
+            max_total: if sample_type == CPU {
+                limits.max_batch_count
+            } else {
+                limits.max_batch_value
+            },
+            limits,
         }
     }
 
-    fn string(&mut self, s: &str) -> u32 {
+    /// The id of string `s`, a `what` (for errors).
+    fn string(&mut self, s: &str, what: &str) -> Result<u32, ImportError> {
         if let Some(id) = self.string_ids.get(s) {
-            return *id;
+            return Ok(*id);
+        }
+        if s.len() > self.limits.max_string_bytes {
+            return Err(ImportError::value(
+                self.path.clone(),
+                format!(
+                    "has a {what} of {} bytes, more than the limit of {}",
+                    s.len(),
+                    self.limits.max_string_bytes
+                ),
+            ));
         }
         let id = self.strings.len() as u32;
         self.strings.push(s.as_bytes().to_vec());
         self.string_ids.insert(s.to_string(), id);
-        id
+        Ok(id)
     }
 
     fn charge(&mut self, bytes: usize) -> Result<(), ImportError> {
         self.resolved_bytes = self.resolved_bytes.saturating_add(bytes);
-        if self.resolved_bytes > self.max_resolved_bytes {
+        if self.resolved_bytes > self.limits.max_resolved_bytes {
             return Err(ImportError::ResolvesTooLarge {
                 path: self.path.clone(),
-                limit: self.max_resolved_bytes,
+                limit: self.limits.max_resolved_bytes,
             });
         }
         Ok(())
@@ -347,7 +377,18 @@ impl BatchBuilder {
         if let Some(id) = self.stack_ids.get(ids) {
             return Ok(*id);
         }
-        let bytes = ids.iter().map(|id| frames.name(*id).len() + 1).sum();
+        let bytes: usize = ids.iter().map(|id| frames.name(*id).len() + 1).sum();
+        // At least the folded stack's length + 1, as validation counts it.
+        if bytes > self.limits.max_stack_bytes {
+            return Err(ImportError::value(
+                self.path.clone(),
+                format!(
+                    "has a stack of {} bytes (folded), more than the limit of {}",
+                    bytes - 1,
+                    self.limits.max_stack_bytes - 1
+                ),
+            ));
+        }
         self.charge(bytes)?;
         let mut stack = Vec::with_capacity(ids.len());
         for id in ids {
@@ -356,7 +397,7 @@ impl BatchBuilder {
                 self.frame_strings.resize(i + 1, u32::MAX);
             }
             if self.frame_strings[i] == u32::MAX {
-                self.frame_strings[i] = self.string(frames.name(*id));
+                self.frame_strings[i] = self.string(frames.name(*id), "frame name")?;
             }
             stack.push(self.frame_strings[i]);
         }
@@ -375,11 +416,13 @@ impl BatchBuilder {
         let set = LabelSet {
             labels: labels
                 .iter()
-                .map(|(name, value)| Label {
-                    name: self.string(name),
-                    value: self.string(value),
+                .map(|(name, value)| {
+                    Ok(Label {
+                        name: self.string(name, "label name")?,
+                        value: self.string(value, "label value")?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, ImportError>>()?,
         };
         let id = self.label_sets.len() as u32;
         self.label_sets.push(set);
@@ -394,8 +437,18 @@ impl BatchBuilder {
         label_set: u32,
         stack: u32,
         value: i64,
-        path: impl FnOnce() -> String,
+        path: impl Fn() -> String,
     ) -> Result<(), ImportError> {
+        self.total = self.total.saturating_add(value.unsigned_abs());
+        if self.total > self.max_total {
+            return Err(ImportError::value(
+                path(),
+                format!(
+                    "makes the values of its type sum to more than {}, the most of a batch",
+                    self.max_total
+                ),
+            ));
+        }
         match self.sample_ids.get(&(label_set, stack)) {
             Some(i) => {
                 let sample = &mut self.samples[*i];
@@ -404,6 +457,15 @@ impl BatchBuilder {
                 })?;
             }
             None => {
+                if self.samples.len() == self.limits.max_samples {
+                    return Err(ImportError::value(
+                        path(),
+                        format!(
+                            "makes more than {} samples (distinct stacks and labels) of its type",
+                            self.limits.max_samples
+                        ),
+                    ));
+                }
                 self.sample_ids
                     .insert((label_set, stack), self.samples.len());
                 self.samples.push(Sample {
@@ -610,6 +672,11 @@ mod tests {
         assert!(window(0, 50).is_err());
         assert!(window(100, -1).is_err());
         assert!(window(i64::MAX - 1, 5).is_err());
+        // No longer than a batch's window may be (found by the pprof_import
+        // fuzz target: such a batch was refused only by validation).
+        let day = Limits::default().max_window_ns;
+        assert_eq!(window(100, day), Ok((100, 100 + day)));
+        assert!(window(100, day + 1).is_err());
     }
 
     #[test]
@@ -638,7 +705,7 @@ mod tests {
             sample_type: ("delay".into(), "nanoseconds".into()),
         };
         let build = |value: i64| {
-            let mut builder = BatchBuilder::new("p".into());
+            let mut builder = BatchBuilder::new("p".into(), "delay");
             let set = builder.label_set(&[testing::kv("x", "1")]).unwrap();
             let stack = builder.stack(&frames, &[a, b]).unwrap();
             builder.add(set, stack, 2, String::new).unwrap();
@@ -655,10 +722,65 @@ mod tests {
         let mut other_agent = batch.clone();
         other_agent.agent_id = "b".into();
         assert_eq!(content_hash(&other_agent), batch.sequence);
-        assert!(BatchBuilder::new("p".into()).finish(header()).is_none());
-        let mut builder = BatchBuilder::new("p".into());
-        builder.add(0, 0, i64::MAX, String::new).unwrap();
-        let e = builder.add(0, 0, 1, || "samples[1]".into()).unwrap_err();
+        assert!(BatchBuilder::new("p".into(), "delay")
+            .finish(header())
+            .is_none());
+    }
+
+    /// What validation refuses is refused by name while building (found by
+    /// the import fuzz targets: such batches were refused only when stored,
+    /// as invalid batches).
+    #[test]
+    fn builder_keeps_the_limits_of_validation() {
+        let limits = Limits::default();
+        for (t, max) in [
+            ("delay", limits.max_batch_value),
+            (CPU, limits.max_batch_count),
+        ] {
+            let mut builder = BatchBuilder::new("p".into(), t);
+            builder.add(0, 0, max as i64 - 1, String::new).unwrap();
+            builder.add(0, 1, 1, String::new).unwrap();
+            let e = builder.add(0, 0, 1, || "samples[2]".into()).unwrap_err();
+            assert_eq!(e.reason(), "bad_value");
+            assert_eq!(
+                e.to_string(),
+                format!("samples[2] makes the values of its type sum to more than {max}, the most of a batch")
+            );
+        }
+
+        let mut frames = Frames::default();
+        let long = frames.id(&"f".repeat(limits.max_string_bytes + 1), "");
+        let fits = frames.id(&"g".repeat(limits.max_string_bytes), "");
+        let mut builder = BatchBuilder::new("sample_type[1]".into(), "delay");
+        builder.stack(&frames, &[fits]).unwrap();
+        let e = builder.stack(&frames, &[fits, long]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sample_type[1] has a frame name of 4097 bytes, more than the limit of 4096"
+        );
+        let e = builder
+            .label_set(&[testing::kv("x", &"v".repeat(5000))])
+            .unwrap_err();
         assert_eq!(e.reason(), "bad_value");
+
+        let mut builder = BatchBuilder::new("p".into(), "delay");
+        for stack in 0..limits.max_samples as u32 {
+            builder.add(0, stack, 1, String::new).unwrap();
+        }
+        builder.add(0, 0, 1, String::new).unwrap();
+        let e = builder.add(0, u32::MAX, 1, || "sample[7]".into());
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "sample[7] makes more than 1000000 samples (distinct stacks and labels) of its type"
+        );
+
+        // 16 frames of 4096 bytes: 65551 bytes folded.
+        let mut builder = BatchBuilder::new("p".into(), "delay");
+        builder.stack(&frames, &[fits; 15]).unwrap();
+        let e = builder.stack(&frames, &[fits; 16]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "p has a stack of 65551 bytes (folded), more than the limit of 65535"
+        );
     }
 }

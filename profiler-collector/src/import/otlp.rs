@@ -556,7 +556,7 @@ impl<'a> Dictionary<'a> {
             });
         }
 
-        let mut builder = BatchBuilder::new(path.to_string());
+        let mut builder = BatchBuilder::new(path.to_string(), &header.sample_type.0);
         // Batch stack of a (stack_index, root frame).
         let mut stacks: HashMap<(usize, Option<u32>), u32> = HashMap::new();
         let mut ids: Vec<u32> = Vec::new();
@@ -1247,6 +1247,24 @@ mod tests {
         let mut r = agent_request();
         profile(&mut r, 0).duration_nano = u64::MAX;
         assert_eq!(refuse(&r).reason(), "bad_value");
+
+        // What validation would refuse (found by the otlp_import fuzz
+        // target): a window longer than a day, values summing to more
+        // than a batch may hold (2^50 ns of off-CPU time).
+        let mut r = agent_request();
+        profile(&mut r, 1).duration_nano = 24 * 3600 * 1_000_000_000 + 1;
+        assert!(refuse(&r)
+            .to_string()
+            .contains("profiles[1].time_unix_nano duration"));
+        let mut r = agent_request();
+        profile(&mut r, 1).samples[0].values = vec![1 << 49, (1 << 49) + 1];
+        let e = refuse(&r);
+        assert!(
+            e.to_string().ends_with(
+                "profiles[1].samples[0] makes the values of its type sum to more than 1125899906842624, the most of a batch"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn to_batches(
         let sample_type = sample_type(name, unit).map_err(|e| ImportError::value(path(), e))?;
         let frequency_hz = frequency_hz(&sample_type.0, period_unit, profile.period)
             .map_err(|e| ImportError::value(path(), e))?;
-        builders.push(BatchBuilder::new(path()));
+        builders.push(BatchBuilder::new(path(), &sample_type.0));
         headers.push(Header {
             agent_id: source.agent_id.clone(),
             node: source.node.clone(),
@@ -905,6 +905,35 @@ mod tests {
         p.sample[1].value[0] = i64::MAX;
         p.sample.push(p.sample[1].clone());
         assert_eq!(refuse(&p).reason(), "bad_value");
+
+        // What validation would refuse (found by the pprof_import fuzz
+        // target): a window longer than a day, values summing to more than
+        // a batch may hold, a frame name or a folded stack too long.
+        let mut p = go_cpu();
+        p.duration_nanos = 24 * 3600 * 1_000_000_000 + 1;
+        assert!(refuse(&p)
+            .to_string()
+            .starts_with("time_nanos/duration_nanos duration 86400000000001 ns"));
+        let mut p = go_cpu();
+        p.sample[0].value[1] = 1 << 50;
+        assert_eq!(
+            refuse(&p).to_string(),
+            "sample[1] makes the values of its type sum to more than 1125899906842624, the most of a batch"
+        );
+        let mut p = go_cpu();
+        let name = p.function[0].name as usize;
+        p.string_table[name] = "f".repeat(4097);
+        assert_eq!(
+            refuse(&p).to_string(),
+            "sample_type[0] has a frame name of 4097 bytes, more than the limit of 4096"
+        );
+        let mut p = go_cpu();
+        p.string_table[name] = "f".repeat(64);
+        p.sample[0].location_id = vec![1; 1024];
+        assert_eq!(
+            refuse(&p).to_string(),
+            "sample_type[0] has a stack of 66559 bytes (folded), more than the limit of 65535"
+        );
 
         let mut p = go_cpu();
         let key = p.sample[1].label[0].key as usize;
