@@ -19,6 +19,9 @@
 //!   this crate, `collector/`) and `symbolize_bench` (an example of
 //!   profiler-agent), each of which writes a markdown section that the report
 //!   includes verbatim (`suites.rs`).
+//! - `formats`: OTLP vs native bytes, OTLP and pprof ingest rate, scraping
+//!   100 Go services; the program `formats-bench` (`formats.rs`), run as
+//!   `collector` is.
 //!
 //! The full run writes `docs/benchmarks.md`; `--quick` and `--only` write
 //! `target/bench/report.md` instead, so a smoke run never replaces the report.
@@ -47,7 +50,7 @@ use profiler_testkit::median;
 use super::{apt_install, cargo, output, setup, step, succeeds, workspace_root, Needs};
 
 /// The benchmarks, in the order they run; `--only` names one.
-const BENCHMARKS: [&str; 9] = [
+const BENCHMARKS: [&str; 10] = [
     "overhead",
     "kernel-cost",
     "off-cpu",
@@ -57,6 +60,7 @@ const BENCHMARKS: [&str; 9] = [
     "criterion",
     "collector",
     "symbolize",
+    "formats",
 ];
 
 /// How `cargo xtask bench` was asked to run.
@@ -257,7 +261,9 @@ pub fn bench(opts: Options) -> Result<()> {
             "footprint" => footprint::footprint(&ctx, &mut figures)?,
             "startup" => footprint::startup(&ctx, &mut figures)?,
             "criterion" => suites::criterion(&ctx)?,
-            "collector" | "symbolize" => suites::program_report(&ctx, name, &mut figures)?,
+            "collector" | "symbolize" | "formats" => {
+                suites::program_report(&ctx, name, &mut figures)?
+            }
             _ => unreachable!("checked above"),
         };
         let secs = t.elapsed().as_secs_f64();
@@ -325,13 +331,20 @@ fn build(ctx: &mut Ctx, wants: &dyn Fn(&str) -> bool) -> Result<()> {
     // features of about 20 dependencies differ.
     args.extend(WORKSPACE);
     args.push("--examples");
-    if ["overhead", "kernel-cost", "off-cpu", "footprint", "startup"]
-        .iter()
-        .any(|b| wants(b))
+    if [
+        "overhead",
+        "kernel-cost",
+        "off-cpu",
+        "footprint",
+        "startup",
+        "formats",
+    ]
+    .iter()
+    .any(|b| wants(b))
     {
         args.extend(["--bin", "profiler-agent"]);
     }
-    if wants("footprint") {
+    if wants("footprint") || wants("formats") {
         args.extend(["--bin", "profiler-collector"]);
     }
     // One build: the collector benchmark's feature adds only xtask's own

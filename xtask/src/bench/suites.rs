@@ -41,7 +41,7 @@ pub(crate) struct Program {
     pub(crate) source: &'static str,
 }
 
-pub(crate) const PROGRAMS: [Program; 2] = [
+pub(crate) const PROGRAMS: [Program; 3] = [
     Program {
         bench: "collector",
         package: "xtask",
@@ -57,6 +57,14 @@ pub(crate) const PROGRAMS: [Program; 2] = [
         name: "symbolize_bench",
         features: None,
         source: "profiler-agent/examples/symbolize_bench.rs",
+    },
+    Program {
+        bench: "formats",
+        package: "xtask",
+        kind: "--bin",
+        name: "formats-bench",
+        features: Some("collector-bench"),
+        source: "xtask/src/bench/formats.rs",
     },
 ];
 
