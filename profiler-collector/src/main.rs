@@ -83,8 +83,17 @@ struct Cli {
     max_message_mib: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Scrapes hold a blocking thread each while a Go service profiles
+    // itself (scrape::MAX_IN_FLIGHT); queries and the store need theirs too.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(profiler_collector::scrape::MAX_IN_FLIGHT + 512)
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -42,6 +42,32 @@ pub struct BatchBuilder {
     samples: Vec<Sample>,
 }
 
+/// Longest string the collector takes (a frame name, label name or value).
+pub const MAX_STRING_BYTES: usize = 4096;
+/// Longest frame name a batch carries: a flame graph shows less.
+pub const MAX_FRAME_BYTES: usize = 1024;
+/// Longest folded stack the collector takes, `;` included.
+pub const MAX_STACK_BYTES: usize = 64 * 1024;
+
+/// The longest name each of `frames` frames may have for their folded
+/// stack to fit [`MAX_STACK_BYTES`].
+fn frame_cap(frames: usize) -> usize {
+    MAX_FRAME_BYTES.min(MAX_STACK_BYTES / frames.max(1) - 1)
+}
+
+/// `name`, cut to at most `cap` bytes (on a character boundary) and ended
+/// with `…` when longer.
+pub fn shortened(name: &str, cap: usize) -> std::borrow::Cow<'_, str> {
+    if name.len() <= cap {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut end = cap.saturating_sub('…'.len_utf8());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &name[..end]))
+}
+
 impl BatchBuilder {
     /// A batch of CPU samples.
     pub fn new() -> Self {
@@ -69,12 +95,18 @@ impl BatchBuilder {
     }
 
     /// Adds `value` (in the batch type's unit) to `frames` (root first)
-    /// with `labels`.
+    /// with `labels`. Names too long for the collector are shortened
+    /// ([`shortened`]), so one C++ template name cannot make it refuse a
+    /// whole window.
     pub fn add(&mut self, labels: &[(&str, &str)], frames: &[String], value: u64) {
         if frames.is_empty() || value == 0 {
             return;
         }
-        let frame_ids: Vec<u32> = frames.iter().map(|f| self.intern(f)).collect();
+        let cap = frame_cap(frames.len());
+        let frame_ids: Vec<u32> = frames
+            .iter()
+            .map(|f| self.intern(&shortened(f, cap)))
+            .collect();
         let stack = match self.stack_ids.get(&frame_ids) {
             Some(id) => *id,
             None => {
@@ -88,7 +120,12 @@ impl BatchBuilder {
         };
         let mut pairs: Vec<(u32, u32)> = labels
             .iter()
-            .map(|(n, v)| (self.intern(n), self.intern(v)))
+            .map(|(n, v)| {
+                (
+                    self.intern(&shortened(n, MAX_STRING_BYTES)),
+                    self.intern(&shortened(v, MAX_STRING_BYTES)),
+                )
+            })
             .collect();
         pairs.sort_unstable();
         let label_set = match self.label_set_ids.get(&pairs) {
@@ -156,6 +193,45 @@ pub(super) fn unix_nanos(t: SystemTime) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_names_are_shortened_to_what_the_collector_takes() {
+        let mut b = BatchBuilder::new();
+        let huge = "std::vector<".repeat(1000);
+        let deep: Vec<String> = (0..200)
+            .map(|i| format!("f{i}_{}", "x".repeat(600)))
+            .collect();
+        b.add(&[("process", "app")], &["app".into(), huge.clone()], 1);
+        b.add(&[("exe", &"/".repeat(5000))], &deep, 1);
+        let batch = b.finish(BatchHeader {
+            agent_id: "a".into(),
+            sequence: 1,
+            node: "n".into(),
+            window_start: std::time::SystemTime::now(),
+            window_end: std::time::SystemTime::now(),
+            frequency_hz: 99,
+        });
+        assert!(batch.strings.iter().all(|s| s.len() <= MAX_STRING_BYTES));
+        let name = |i: u32| std::str::from_utf8(&batch.strings[i as usize]).unwrap();
+        let first = name(batch.stacks[0].frames[1]);
+        assert!(
+            first.len() <= MAX_FRAME_BYTES && first.ends_with('…'),
+            "{first}"
+        );
+        assert!(first.starts_with("std::vector<std::vector<"));
+        for stack in &batch.stacks {
+            let folded: usize = stack
+                .frames
+                .iter()
+                .map(|&f| name(f).len() + 1)
+                .sum::<usize>()
+                - 1;
+            assert!(folded <= MAX_STACK_BYTES, "{folded} bytes");
+        }
+        // Names that fit are kept whole, and cutting never splits a character.
+        assert_eq!(shortened("short", 10), "short");
+        assert_eq!(shortened("ééééé", 6), "é…");
+    }
+
     use std::time::Duration;
 
     use super::*;
