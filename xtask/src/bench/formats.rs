@@ -2281,7 +2281,7 @@ fn scrape_section(plan: &Plan, r: &ScrapeRun, keys: &mut Vec<(String, f64)>) -> 
         out,
         "\n*On time* counts the scrapes that would have ended within the {run} s had every \
          target been scraped at each of the {ticks} ticks (at 0, {interval}, … s; a CPU \
-         profile ends {seconds} s after its tick). The collector fetches at most 64 profiles at once over \
+         profile ends {seconds} s after its tick). The collector fetches at most 448 profiles at once over \
          all targets (`MAX_IN_FLIGHT` in profiler-collector/src/scrape.rs), and a CPU profile \
          holds its slot for {seconds} s: {cpu_stored:.0} CPU profiles stored of {on_time} on \
          time.",
