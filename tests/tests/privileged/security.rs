@@ -432,6 +432,57 @@ fn tls_mutual_tls_and_tokens_accept_the_right_peers_and_name_every_refusal() {
     c.proc.wait_for_log("says our certificate has expired");
 }
 
+/// The OTLP sink to an endpoint that wants mutual TLS and a token (this
+/// collector's OTLP receiver): with its own CA, client certificate and an
+/// `authorization` header it delivers; with another header it is refused
+/// and says so.
+#[test]
+fn otlp_sink_speaks_mutual_tls_and_sends_its_headers() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("profiler test CA");
+    let ca_pem = ca.write(dir, "ca");
+    let server = ca.sign(dir, "collector", true, false);
+    let agent = ca.sign(dir, "agent", false, false);
+    write_tokens(&dir.join("collector-tokens"), "otlp-token\n");
+    write_tokens(&dir.join("ui-tokens"), "ui-token\n");
+    let c = start_collector(dir, "collector", &server, &ca_pem);
+    let otlp_agent = |name: &str, header: &str| {
+        Proc::spawn(
+            Command::new(agent_binary())
+                .args(["run", "--no-kube", "--no-progress", "-F", "49"])
+                .args(["--drain-interval", "300ms", "--node", name])
+                .args(["--otlp-endpoint", &format!("https://127.0.0.1:{}", c.grpc)])
+                .arg("--otlp-tls-ca")
+                .arg(&ca_pem)
+                .arg("--otlp-tls-cert")
+                .arg(&agent.0)
+                .arg("--otlp-tls-key")
+                .arg(&agent.1)
+                .args(["--otlp-header", header])
+                .env("RUST_LOG", "warn,profiler_agent=info")
+                .env("NO_COLOR", "1"),
+            dir.join(format!("{name}.log")),
+        )
+    };
+    {
+        let a = otlp_agent("otlp-good", "authorization=Bearer otlp-token");
+        let stored = wait_for_samples(&c, &ca_pem, 0);
+        assert!(stored > 0);
+        assert!(!a.log().contains("failed"), "{}", a.log());
+    }
+    let before = samples_stored(&c, &ca_pem);
+    let a = otlp_agent("otlp-wrong-token", "authorization=Bearer nope");
+    let log = a.wait_for_log("refused our bearer token");
+    assert!(log.contains("wrong bearer token"), "{log}");
+    c.proc.wait_for_log("wrong_token");
+    assert_eq!(samples_stored(&c, &ca_pem), before, "nothing stored");
+}
+
 #[test]
 fn plain_text_must_be_asked_for_on_both_sides() {
     let tmp = tempfile::tempdir().unwrap();
