@@ -86,11 +86,14 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     // Scrapes hold a blocking thread each while a Go service profiles
     // itself (scrape::MAX_IN_FLIGHT); queries and the store need theirs too.
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(profiler_collector::scrape::MAX_IN_FLIGHT + 512)
-        .build()?
-        .block_on(serve())
+        .build()?;
+    let served = runtime.block_on(serve());
+    // A scrape still waiting on a service has nothing left to store.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 async fn serve() -> anyhow::Result<()> {
