@@ -160,8 +160,9 @@ fn a_proxy_that_cuts_and_stalls_connections_loses_and_doubles_nothing() {
 
 /// The OTLP sink keeps the collector sink's guarantees: with only an OTLP
 /// endpoint (the collector's OTLP receiver), behind a proxy that cuts
-/// connections twice, and a memory queue that sends everything through
-/// the spill directory, every window arrives once and nothing is dropped.
+/// connections and stalls for 2.5 s, and a memory queue that holds one
+/// window (the others wait in the spill directory), every window arrives
+/// once and nothing is dropped.
 #[test]
 fn an_otlp_endpoint_behind_cut_connections_gets_every_window_once() {
     if !privileged() {
@@ -191,14 +192,22 @@ fn an_otlp_endpoint_behind_cut_connections_gets_every_window_once() {
         )
     };
     let faults = std::thread::spawn(move || {
-        for _ in 0..2 {
-            let before = otlp_stored();
+        let arrive = |before: u64| {
             within(Duration::from_secs(30), || {
                 (otlp_stored() > before).then_some(())
             })
             .expect("OTLP profiles arrive");
-            proxy.cut();
-        }
+        };
+        arrive(0);
+        proxy.cut();
+        arrive(otlp_stored());
+        // Held for 2.5 s, then cut: the windows of meanwhile wait in the
+        // spill directory (the memory queue holds one).
+        proxy.stall(true);
+        std::thread::sleep(Duration::from_millis(2500));
+        proxy.cut();
+        proxy.stall(false);
+        arrive(otlp_stored());
         proxy
     });
     let rec = recorder.run(&AtomicBool::new(false)).unwrap();
