@@ -8,7 +8,7 @@ use profiler_agent::fold::{parse_folded, FoldedProfile};
 use profiler_collector::{
     import::{self, ImportError, OtlpLimits, Source},
     model::{Profile, ValidBatch},
-    receivers, render, selection,
+    render, selection,
     validate::{self, valid_label_name, validate, Limits},
 };
 use profiler_proto::{otlp::collector::ExportProfilesServiceRequest, v1::Batch};
@@ -160,7 +160,7 @@ pub fn import_source() -> Source {
 }
 
 /// Raw bytes -> `pprof::decode` (plain or gzipped) -> `pprof::to_batches`,
-/// with the caller's labels and with those of `receivers::with_process`
+/// with the caller's labels and with those of `import::pprof::with_process`
 /// (the program's name as the root of every stack). A profile converts
 /// whole or is refused with a reason; what it converts to passes
 /// validation, one batch per sample type with a non-zero sum, each value
@@ -176,7 +176,7 @@ pub fn check_pprof(data: &[u8]) {
         assert!(!name.is_empty() && name.len() <= 15, "{name:?}");
         assert!(!name.contains('/') && !name.starts_with('['), "{name:?}");
     }
-    let with_process = receivers::with_process(labels.clone(), &profile);
+    let with_process = import::pprof::with_process(labels.clone(), &profile);
     assert_eq!(label(&with_process, "process"), process.as_deref());
     assert_eq!(label(&with_process, "service"), Some("fuzz"));
     let mut variants = vec![labels];

@@ -580,7 +580,7 @@ fn import_seeds_convert_or_are_refused_as_meant() {
         assert_eq!(gzipped, Ok(profile.clone()));
         let batches = import::pprof::to_batches(&profile, &labels, &source()).unwrap();
         assert_eq!(batches.len(), 2);
-        let labels = receivers::with_process(labels.to_vec(), &profile);
+        let labels = import::pprof::with_process(labels.to_vec(), &profile);
         assert_eq!(label(&labels, "process"), Some("server"));
     }
     let cpu = import::pprof::to_batches(&go_cpu(), &labels, &source()).unwrap();

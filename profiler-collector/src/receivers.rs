@@ -288,7 +288,7 @@ pub async fn pprof_upload(
     let converted = body_bytes(&headers, &body, max)
         .and_then(|raw| import::pprof::decode(&raw, max))
         .and_then(|profile| {
-            let labels = with_process(labels, &profile);
+            let labels = import::pprof::with_process(labels, &profile);
             import::pprof::to_batches(&profile, &labels, &upload_source(&labels, &peer))
         });
     match store(&state.core, "pprof", converted, &peer.to_string()).await {
@@ -302,21 +302,6 @@ pub async fn pprof_upload(
             .into_response(),
         Err(f) => f.http(),
     }
-}
-
-/// `labels` with a `process` label, named after the profiled program
-/// ([`import::pprof::process_name`]) when the caller gave none.
-pub fn with_process(
-    mut labels: Vec<(String, String)>,
-    profile: &profiler_proto::pprof::Profile,
-) -> Vec<(String, String)> {
-    if !labels.iter().any(|(k, _)| k == "process") {
-        if let Some(name) = import::pprof::process_name(profile) {
-            labels.push(("process".into(), name));
-            labels.sort();
-        }
-    }
-    labels
 }
 
 /// Who sent an upload, for rate limits and de-duplication: the `service`

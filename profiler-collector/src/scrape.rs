@@ -358,7 +358,7 @@ async fn scrape_one(
         if let Some(keep) = profile.keeps() {
             keep_types(&mut p, keep);
         }
-        let labels = crate::receivers::with_process(labels, &p);
+        let labels = import::pprof::with_process(labels, &p);
         import::pprof::to_batches(&p, &labels, &source)
     });
     let batches = match converted {

@@ -672,8 +672,8 @@ mod tests {
         assert!(window(0, 50).is_err());
         assert!(window(100, -1).is_err());
         assert!(window(i64::MAX - 1, 5).is_err());
-        // No longer than a batch's window may be (found by the pprof_import
-        // fuzz target: such a batch was refused only by validation).
+        // No longer than a batch's window may be: validation would refuse
+        // the batch.
         let day = Limits::default().max_window_ns;
         assert_eq!(window(100, day), Ok((100, 100 + day)));
         assert!(window(100, day + 1).is_err());

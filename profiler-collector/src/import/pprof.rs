@@ -56,6 +56,18 @@ pub fn process_name(profile: &Profile) -> Option<String> {
     Some(name[..end].to_string())
 }
 
+/// `labels` with a `process` label, named after the profiled program
+/// ([`process_name`]) when the caller gave none.
+pub fn with_process(mut labels: Vec<(String, String)>, profile: &Profile) -> Vec<(String, String)> {
+    if !labels.iter().any(|(k, _)| k == "process") {
+        if let Some(name) = process_name(profile) {
+            labels.push(("process".into(), name));
+            labels.sort();
+        }
+    }
+    labels
+}
+
 /// The batches of `profile`: one per sample type that has a non-zero
 /// value, labeled with `labels` (query parameters; they win over a
 /// sample's labels of the same name) and each sample's string labels.
